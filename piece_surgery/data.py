@@ -1,0 +1,203 @@
+"""Training and scoring data: read .txt / .jsonl, tokenize, mark loss-bearing tokens, batch.
+
+Formats (one example each):
+- `.txt`: every non-empty line is one example (plain text, loss on every token).
+- `.jsonl`: one JSON object per line with `text`; or `prompt` + `response` (loss on the response
+  only); or `messages` (a chat, rendered with the tokenizer's chat template; loss on assistant turns).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from piece_surgery.errors import PieceError
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where the token carries no loss
+
+    @property
+    def loss_tokens(self) -> int:
+        # Causal LMs predict token t from tokens < t, so the first position never carries loss.
+        return sum(1 for t in self.labels[1:] if t != IGNORE)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    examples: list[Example]
+    path: str
+    sha256: str
+    read: int  # records read from the file (after --max-samples)
+    skipped: int  # records with no loss-bearing token (after truncation)
+    max_length: int
+
+    def identity(self) -> dict:
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "examples": len(self.examples),
+            "skipped": self.skipped,
+            "max_length": self.max_length,
+        }
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_records(path: Path, max_samples: int | None = None) -> list[str | dict]:
+    """Parse the file into raw records (strings for .txt, dicts for .jsonl)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PieceError(f"data file '{path}' not found")
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl", ".json"):
+        raise PieceError(f"data file '{path}' must be .txt or .jsonl")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PieceError(f"data file '{path}' is not UTF-8 text") from exc
+    records: list[str | dict] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if max_samples is not None and len(records) >= max_samples:
+            break
+        if not line.strip():
+            continue
+        if suffix == ".txt":
+            records.append(line)
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise PieceError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict) or not (
+            "text" in record or "messages" in record or {"prompt", "response"} <= record.keys()
+        ):
+            raise PieceError(
+                f"{path}:{lineno}: expected an object with 'text', 'prompt'+'response' or 'messages'"
+            )
+        records.append(record)
+    if not records:
+        raise PieceError(f"data file '{path}' has no examples")
+    return records
+
+
+def tokenize_record(record: str | dict, tokenizer, max_length: int) -> Example:
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if isinstance(record, str) or "text" in record:
+        text = record if isinstance(record, str) else str(record["text"])
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"] + eos
+        labels = list(ids)
+    elif "messages" in record:
+        ids, labels = _tokenize_chat(record["messages"], tokenizer)
+    else:
+        prompt = tokenizer(str(record["prompt"]), add_special_tokens=True)["input_ids"]
+        response = tokenizer(str(record["response"]), add_special_tokens=False)["input_ids"] + eos
+        ids = prompt + response
+        labels = [IGNORE] * len(prompt) + response
+    return Example(ids[:max_length], labels[:max_length])
+
+
+def _tokenize_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """Render with the chat template; loss on the characters of each assistant turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise PieceError("data has 'messages' but the tokenizer has no chat template")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise PieceError("'messages' must be a list of {role, content} objects")
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        spans.append((start, end))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [
+        tok if any(s <= a < e for s, e in spans) else IGNORE
+        for tok, (a, _) in zip(ids, enc["offset_mapping"], strict=True)
+    ]
+    return ids, labels
+
+
+def load_dataset(path: Path, tokenizer, *, max_length: int = 512, max_samples: int | None = None) -> Dataset:
+    """Read and tokenize a data file; examples with no loss-bearing token are skipped and counted."""
+    if max_length < 2:
+        raise PieceError("--max-length must be at least 2")
+    if max_samples is not None and max_samples < 1:
+        raise PieceError("--max-samples must be at least 1")
+    records = read_records(path, max_samples)
+    examples = [tokenize_record(r, tokenizer, max_length) for r in records]
+    kept = [e for e in examples if e.loss_tokens > 0]
+    if not kept:
+        raise PieceError(
+            f"no example in '{path}' has a loss-bearing token (after truncation to {max_length} tokens)"
+        )
+    return Dataset(
+        kept, str(path), file_sha256(Path(path)), len(records), len(records) - len(kept), max_length
+    )
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch; padding carries no loss and no attention."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def micro_batches(
+    examples: list[Example], batch_size: int, pad_id: int, order: list[int] | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    order = order if order is not None else list(range(len(examples)))
+    for start in range(0, len(order), batch_size):
+        yield collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+
+
+def pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the loss-bearing tokens of a micro-batch, and their count."""
+    shifted = labels[:, 1:].reshape(-1)
+    count = int((shifted != IGNORE).sum())
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted, ignore_index=IGNORE, reduction="sum"
+    )
+    return loss / max(count, 1), count
+
+
+def load_tokenizer(folder: Path, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise PieceError(
+            f"cannot load the tokenizer from '{folder}'; the checkpoint needs tokenizer files"
+        ) from exc

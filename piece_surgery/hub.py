@@ -1,0 +1,104 @@
+"""The Hugging Face Hub: resolve `user/name[@rev]` references to local folders, and push folders."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from piece_surgery.errors import PieceError
+
+# What a command needs from a repo: weights, configs, tokenizer files, cards. Never pickles.
+CHECKPOINT_FILES = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.md"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A local folder or file, and the Hub repo it came from (if any)."""
+
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+
+    @property
+    def name(self) -> str:
+        """How to name the source in metadata: the repo id, else the local path as given."""
+        if self.repo_id:
+            return self.repo_id if not self.revision else f"{self.repo_id}@{self.revision}"
+        return str(self.path)
+
+
+def split_repo_ref(ref: str) -> tuple[str, str | None]:
+    """`user/name@rev` -> (`user/name`, `rev`); no `@` -> revision None."""
+    repo_id, _, revision = ref.partition("@")
+    return repo_id, (revision or None)
+
+
+def looks_like_repo_id(ref: str) -> bool:
+    return bool(_REPO_ID.match(ref)) and not ref.startswith((".", "/"))
+
+
+def resolve(ref: str, *, what: str = "checkpoint", patterns: list[str] | None = None) -> Resolved:
+    """Return a local path for `ref`: an existing path as is, else a Hub repo id downloaded to cache."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return Resolved(path)
+    if not looks_like_repo_id(ref):
+        raise PieceError(f"{what} '{ref}' not found: give an existing path or a Hub repo id (user/name)")
+    repo_id, revision = split_repo_ref(ref)
+    local = download(repo_id, revision, patterns or CHECKPOINT_FILES, what=what)
+    return Resolved(Path(local), repo_id, revision)
+
+
+def download(repo_id: str, revision: str | None, patterns: list[str], *, what: str) -> str:
+    """Download (or reuse from the cache) the files of a repo matching `patterns`."""
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(f"{what} {repo_id}" + (f"@{revision}" if revision else "")):
+        return snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+
+
+class hub_errors:  # noqa: N801 - used as a context manager, reads like a statement
+    """Turn huggingface_hub exceptions into one-line PieceErrors that say what to do."""
+
+    def __init__(self, subject: str):
+        self.subject = subject
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, PieceError):
+            return False
+        from huggingface_hub import errors as hf
+
+        s = self.subject
+        if isinstance(exc, hf.RevisionNotFoundError):
+            msg = f"{s}: revision not found; check the branch, tag or commit after '@'"
+        elif isinstance(exc, hf.GatedRepoError):
+            msg = f"{s}: the repo is gated; accept its terms on the Hub and log in (HF_TOKEN)"
+        elif isinstance(exc, hf.RepositoryNotFoundError):
+            msg = (
+                f"{s}: repository not found, or private and your token cannot see it; "
+                "check the id, or log in (hf auth login / HF_TOKEN)"
+            )
+        elif isinstance(exc, hf.LocalTokenNotFoundError):
+            msg = f"{s}: no Hub token found; run `hf auth login` or set HF_TOKEN, or pass --token"
+        elif isinstance(exc, hf.LocalEntryNotFoundError | hf.OfflineModeIsEnabled):
+            msg = (
+                f"{s}: not in the local cache and the Hub cannot be reached "
+                "(offline, or HF_HUB_OFFLINE=1); connect, or download it first"
+            )
+        elif isinstance(exc, hf.HfHubHTTPError):
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if status in (401, 403):
+                msg = f"{s}: the Hub refused the token ({status}); log in with a token that has access"
+            else:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                msg = f"{s}: Hub request failed: {first}"
+        elif isinstance(exc, OSError | ConnectionError) or "Connect" in type(exc).__name__:
+            msg = f"{s}: cannot reach the Hub ({type(exc).__name__}); check the network or HF_ENDPOINT"
+        else:
+            return False
+        raise PieceError(msg) from exc

@@ -1,0 +1,185 @@
+"""PIECE importance: per-entry scores of a model's weights on a domain's data.
+
+For every micro-batch b, g_b is the gradient of that micro-batch's mean token loss.
+  piece-f   = sum_b g_b^2                        (empirical diagonal Fisher)
+  piece-s   = |sum_b g_b| / sqrt(sum_b g_b^2 + 1)  (second-order normalisation)
+  gradient  = |sum_b g_b|
+  magnitude = |theta|                            (no data pass)
+  random    = seeded uniform                      (no data pass)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from piece_surgery.data import Dataset, mean_token_loss, micro_batches
+from piece_surgery.errors import PieceError
+
+METHODS = ("piece-s", "piece-f", "gradient", "magnitude", "random")
+DEFAULT_EXCLUDE = ("embed",)
+
+
+@dataclass
+class PassStats:
+    """What the data pass saw: micro-batches, examples, loss-bearing tokens and the mean loss."""
+
+    batches: int = 0
+    examples: int = 0
+    tokens: int = 0
+    loss_sum: float = 0.0
+    losses: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.batches, 1)
+
+
+def eligible_parameters(
+    model: torch.nn.Module,
+    keys: dict[str, str],
+    *,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = DEFAULT_EXCLUDE,
+) -> dict[str, torch.nn.Parameter]:
+    """Parameters that may be selected, keyed by checkpoint tensor name.
+
+    Embedding tables are never eligible unless an --include pattern names them: besides names with
+    "embed", that covers families whose tables are called otherwise (GPT-2's `wte`/`wpe`).
+    """
+    include = [re.compile(p) for p in include]
+    exclude = [re.compile(p) for p in exclude]
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    chosen: dict[str, torch.nn.Parameter] = {}
+    for name, param in model.named_parameters():
+        key = keys.get(name)
+        if key is None or not param.dtype.is_floating_point:
+            continue
+        included = any(p.search(key) for p in include)
+        if include and not included:
+            continue
+        if any(p.search(key) for p in exclude) and not included:
+            continue
+        if id(param) in embedding_ids and not included:
+            continue
+        chosen[key] = param
+    if not chosen:
+        raise PieceError("no parameter is eligible: the --include/--exclude patterns leave nothing to score")
+    return chosen
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    params: dict[str, torch.nn.Parameter],
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    pad_id: int,
+    keep_sum: bool,
+    keep_squares: bool,
+    accumulator_device: torch.device | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], PassStats]:
+    """One pass over the data; returns (sum g_b, sum g_b^2) per eligible tensor, in fp32.
+
+    Each weight's gradient is folded into the accumulators by a hook the moment backward produces
+    it, then dropped: the peak is weights + activations + accumulators, never a dense gradient copy.
+    """
+    if batch_size < 1:
+        raise PieceError("--batch-size must be at least 1")
+    device = next(model.parameters()).device
+    acc_device = accumulator_device or device
+    sums: dict[str, torch.Tensor] = {}
+    squares: dict[str, torch.Tensor] = {}
+    for key, p in params.items():
+        if keep_sum:
+            sums[key] = torch.zeros(p.shape, dtype=torch.float32, device=acc_device)
+        if keep_squares:
+            squares[key] = torch.zeros(p.shape, dtype=torch.float32, device=acc_device)
+
+    def fold(key: str) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            g = param.grad.to(device=acc_device, dtype=torch.float32, non_blocking=True)
+            if keep_sum:
+                sums[key].add_(g)
+            if keep_squares:
+                squares[key].addcmul_(g, g)
+            param.grad = None
+
+        return hook
+
+    saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    eligible = {id(p) for p in params.values()}
+    for p in model.parameters():  # frozen weights need no gradient: saves compute and memory
+        p.requires_grad_(id(p) in eligible)
+    handles = [p.register_post_accumulate_grad_hook(fold(k)) for k, p in params.items()]
+    was_training = model.training
+    model.eval()  # no dropout: the score must be a deterministic function of weights and data
+    stats = PassStats()
+    try:
+        for batch in micro_batches(dataset.examples, batch_size, pad_id):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, count = mean_token_loss(logits, batch["labels"])
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise PieceError(
+                    f"the loss is {value} on micro-batch {stats.batches + 1}: bad data or a broken "
+                    "model (try --dtype float32)"
+                )
+            loss.backward()
+            stats.batches += 1
+            stats.examples += batch["input_ids"].shape[0]
+            stats.tokens += count
+            stats.loss_sum += value
+            if progress:
+                progress(batch["input_ids"].shape[0])
+    finally:
+        for h in handles:
+            h.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved_flags[name])
+            p.grad = None
+        model.train(was_training)
+    for key, acc in {**sums, **squares}.items():
+        if not torch.isfinite(acc).all():
+            raise PieceError(f"gradients of '{key}' overflowed to inf/nan; try --dtype float32")
+    return sums, squares, stats
+
+
+def scores_from_sums(
+    method: str, sums: dict[str, torch.Tensor], squares: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Turn the accumulators into scores, reusing their memory (the inputs are consumed)."""
+    scores = {}
+    for key in list(sums or squares):
+        if method == "piece-f":
+            scores[key] = squares.pop(key)
+        elif method == "gradient":
+            scores[key] = sums.pop(key).abs_()
+        elif method == "piece-s":
+            g2 = squares.pop(key)
+            scores[key] = sums.pop(key).abs_().div_(g2.add_(1.0).sqrt_())
+        else:
+            raise PieceError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    return scores
+
+
+def data_free_scores(
+    method: str, params: dict[str, torch.nn.Parameter], seed: int
+) -> dict[str, torch.Tensor]:
+    """magnitude = |theta|; random = uniform[0, 1) from a CPU generator seeded once, in name order."""
+    if method == "magnitude":
+        return {k: p.detach().float().abs() for k, p in params.items()}
+    generator = torch.Generator().manual_seed(seed)
+    return {k: torch.rand(params[k].shape, generator=generator) for k in sorted(params)}
+
+
+def needs_data(method: str) -> bool:
+    if method not in METHODS:
+        raise PieceError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    return method in ("piece-s", "piece-f", "gradient")

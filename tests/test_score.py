@@ -1,0 +1,181 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from piece_surgery.checkpoint import load_causal_lm, parameter_keys, read_layout
+from piece_surgery.data import load_dataset, load_tokenizer
+from piece_surgery.importance import eligible_parameters
+from piece_surgery.mask import load_mask, select_top_k
+from piece_surgery.score import ScoreOptions, score_checkpoint
+
+
+def brute_force_scores(folder, data, method, batch_size):
+    """Per-micro-batch gradients with torch.autograd.grad and explicit padding/masking."""
+    tokenizer = load_tokenizer(folder)
+    dataset = load_dataset(data, tokenizer, max_length=512)
+    model = load_causal_lm(folder, dtype=torch.float32, device=torch.device("cpu")).eval()
+    keys = parameter_keys(model, read_layout(folder))
+    params = eligible_parameters(model, keys)
+    names = list(params)
+    g1 = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+    g2 = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+    examples = dataset.examples
+    for start in range(0, len(examples), batch_size):
+        group = examples[start : start + batch_size]
+        total_loss, total_tokens = 0.0, 0
+        for e in group:  # the micro-batch loss is the mean over all its loss-bearing tokens
+            ids = torch.tensor([e.input_ids])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            targets = torch.tensor(e.labels[1:])
+            keep = targets != -100
+            total_loss = total_loss + torch.nn.functional.cross_entropy(
+                logits[keep], targets[keep], reduction="sum"
+            )
+            total_tokens += int(keep.sum())
+        grads = torch.autograd.grad(total_loss / total_tokens, [params[n] for n in names])
+        for n, g in zip(names, grads, strict=True):
+            g1[n] += g.float()
+            g2[n] += g.float() ** 2
+    if method == "piece-f":
+        return g2
+    if method == "gradient":
+        return {n: g1[n].abs() for n in names}
+    return {n: g1[n].abs() / torch.sqrt(g2[n] + 1) for n in names}
+
+
+def brute_force_top_k(scores, k):
+    """Sort every entry by (-score, tensor name, flat index) and keep the first k."""
+    entries = []
+    for name in sorted(scores):
+        for i, value in enumerate(scores[name].flatten().tolist()):
+            entries.append((-value, name, i))
+    entries.sort()
+    chosen = {}
+    for _, name, i in entries[:k]:
+        chosen.setdefault(name, []).append(i)
+    return {n: sorted(v) for n, v in chosen.items()}
+
+
+def as_lists(indices):
+    return {n: i.tolist() for n, i in indices.items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["piece-s", "piece-f", "gradient"])
+def test_estimators_match_brute_force(tiny, code_data, arch, method):
+    folder = tiny(arch)
+    mask, stats, _ = score_checkpoint(
+        str(folder), code_data, ScoreOptions(method=method, density=0.01), device="cpu"
+    )
+    expected_scores = brute_force_scores(folder, code_data, method, batch_size=1)
+    k = int(0.01 * sum(s.numel() for s in expected_scores.values()))
+    assert mask.k == k
+    assert as_lists(mask.indices) == brute_force_top_k(expected_scores, k)
+    assert stats.batches == 5
+
+
+def test_micro_batch_defines_the_gradient(tiny, code_data):
+    folder = tiny("llama")
+    options = ScoreOptions(method="piece-f", density=0.01, batch_size=2)
+    mask, stats, _ = score_checkpoint(str(folder), code_data, options, device="cpu")
+    expected = brute_force_scores(folder, code_data, "piece-f", batch_size=2)
+    assert stats.batches == 3
+    assert as_lists(mask.indices) == brute_force_top_k(expected, mask.k)
+    single, _, _ = score_checkpoint(str(folder), code_data, ScoreOptions("piece-f", 0.01), device="cpu")
+    assert as_lists(single.indices) != as_lists(mask.indices)
+
+
+def test_magnitude_selects_largest_weights(tiny):
+    folder = tiny("llama")
+    mask, _, _ = score_checkpoint(
+        str(folder), None, ScoreOptions(method="magnitude", density=0.02), device="cpu"
+    )
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        weights = {n: f.get_tensor(n).abs() for n in f.keys() if "embed" not in n}
+    assert as_lists(mask.indices) == brute_force_top_k(weights, mask.k)
+
+
+def test_random_is_seeded(tiny):
+    folder = str(tiny("llama"))
+    a, _, _ = score_checkpoint(
+        folder, None, ScoreOptions(method="random", seed=1, density=0.01), device="cpu"
+    )
+    b, _, _ = score_checkpoint(
+        folder, None, ScoreOptions(method="random", seed=1, density=0.01), device="cpu"
+    )
+    c, _, _ = score_checkpoint(
+        folder, None, ScoreOptions(method="random", seed=2, density=0.01), device="cpu"
+    )
+    assert as_lists(a.indices) == as_lists(b.indices)
+    assert as_lists(a.indices) != as_lists(c.indices)
+    assert a.k == c.k == int(0.01 * a.eligible)
+
+
+def test_select_top_k_matches_sorting_with_ties():
+    gen = torch.Generator().manual_seed(0)
+    scores = {
+        "b": torch.randint(0, 5, (7, 9), generator=gen).float() / 4,
+        "a": torch.randint(0, 5, (13,), generator=gen).float() / 4,
+        "c": torch.zeros(4, 4),
+    }
+    for k in (1, 5, 17, 40, 80, 92):
+        assert as_lists(select_top_k(scores, k)) == brute_force_top_k(scores, k)
+
+
+def test_select_top_k_handles_tiny_and_huge_values():
+    scores = {"x": torch.tensor([1e-40, 0.0, 3e38, float("inf"), 1e-30, 2.0])}
+    assert select_top_k(scores, 3)["x"].tolist() == [2, 3, 5]
+    assert select_top_k(scores, 5)["x"].tolist() == [0, 2, 3, 4, 5]
+
+
+def test_embeddings_excluded_by_default_and_include_exclude(tiny):
+    llama, gpt2 = str(tiny("llama")), str(tiny("gpt2"))
+    mask, _, _ = score_checkpoint(llama, None, ScoreOptions(method="magnitude", density=0.5), device="cpu")
+    assert not any("embed" in n for n in mask.shapes)
+    assert "lm_head.weight" in mask.shapes
+    gmask, _, _ = score_checkpoint(gpt2, None, ScoreOptions(method="magnitude", density=0.5), device="cpu")
+    # GPT-2 names its tables wte/wpe; they are excluded as embeddings, and lm_head is tied to wte
+    assert not any(n.endswith(("wte.weight", "wpe.weight")) for n in gmask.shapes)
+    only_mlp, _, _ = score_checkpoint(
+        llama, None, ScoreOptions(method="magnitude", density=0.1, include=[r"\.mlp\."]), device="cpu"
+    )
+    assert only_mlp.shapes and all(".mlp." in n for n in only_mlp.shapes)
+    no_norm, _, _ = score_checkpoint(
+        llama, None, ScoreOptions(method="magnitude", density=0.1, exclude=["embed", "norm"]), device="cpu"
+    )
+    assert not any("norm" in n for n in no_norm.shapes)
+
+
+def test_sharded_checkpoint_gives_the_same_mask(tiny, code_data):
+    single = tiny("llama")
+    sharded = tiny("llama", max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    options = ScoreOptions(method="piece-s", density=0.01)
+    a, _, _ = score_checkpoint(str(single), code_data, options, device="cpu")
+    b, _, _ = score_checkpoint(str(sharded), code_data, options, device="cpu")
+    assert as_lists(a.indices) == as_lists(b.indices)
+
+
+def test_score_cli_writes_documented_mask(tiny, code_data, tmp_path, cli):
+    out = tmp_path / "mask.safetensors"
+    code, stdout, _ = cli(
+        "score", tiny("llama"), "--data", code_data, "-o", out, "--density", "0.01", "--json", "--quiet"
+    )
+    assert code == 0
+    result = json.loads(stdout)
+    mask = load_mask(out)
+    assert result["k"] == mask.k == int(0.01 * mask.eligible)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+        for name in f.keys():
+            idx = f.get_tensor(name)
+            assert idx.dtype == torch.int32 and bool((idx[1:] > idx[:-1]).all())
+    assert meta["format"] == "piece-surgery/mask" and meta["format_version"] == "1"
+    for key in ("method", "density", "k", "eligible", "shapes", "model", "data", "seed", "tool_version"):
+        json.loads(meta[key])
+    assert json.loads(meta["data"])["examples"] == 5
+    assert len(json.loads(meta["model"])["fingerprint"]) == 64
+    code, stdout, _ = cli("inspect", out, "--json")
+    assert code == 0 and json.loads(stdout)["selected"] == mask.k

@@ -1,0 +1,106 @@
+"""Every bad input to `score` gets a one-line error, exit code 2, no traceback and no output file."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def assert_clean_failure(result, out, fragment):
+    code, _, stderr = result
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    # what a terminal shows: a progress bar redraws its line with \r, so keep each line's last part
+    lines = [line.split("\r")[-1] for line in stderr.split("\n")]
+    lines = [line for line in lines if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    assert fragment in stderr.replace("\n", " ")
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+@pytest.fixture
+def out(tmp_path):
+    return tmp_path / "mask.safetensors"
+
+
+def test_missing_checkpoint(cli, code_data, out, tmp_path):
+    assert_clean_failure(cli("score", tmp_path / "nope", "--data", code_data, "-o", out), out, "not found")
+
+
+def test_folder_without_weights(cli, code_data, out, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_failure(cli("score", empty, "--data", code_data, "-o", out), out, "no model.safetensors")
+
+
+def test_corrupt_checkpoint(cli, tiny, code_data, out, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny("llama"), broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    assert_clean_failure(cli("score", broken, "--data", code_data, "-o", out), out, "corrupt")
+
+
+def test_empty_data(cli, tiny, out, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert_clean_failure(cli("score", tiny("llama"), "--data", empty, "-o", out), out, "no examples")
+
+
+def test_no_loss_bearing_token(cli, tiny, out, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a long prompt that fills everything", "response": "x"}\n')
+    result = cli("score", tiny("llama"), "--data", data, "-o", out, "--max-length", "3")
+    assert_clean_failure(result, out, "loss-bearing")
+
+
+def test_unknown_method(cli, tiny, code_data, out):
+    result = cli("score", tiny("llama"), "--data", code_data, "-o", out, "--method", "fisher")
+    assert_clean_failure(result, out, "unknown method")
+
+
+@pytest.mark.parametrize("density", ["0", "1.5", "-0.1"])
+def test_density_out_of_range(cli, tiny, code_data, out, density):
+    result = cli("score", tiny("llama"), "--data", code_data, "-o", out, f"--density={density}")
+    assert_clean_failure(result, out, "outside (0, 1]")
+
+
+def test_exclude_everything(cli, tiny, code_data, out):
+    result = cli("score", tiny("llama"), "--data", code_data, "-o", out, "--exclude", ".")
+    assert_clean_failure(result, out, "nothing to score")
+
+
+def test_nan_loss(cli, tiny, code_data, out, tmp_path):
+    broken = tmp_path / "nan"
+    shutil.copytree(tiny("llama"), broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    assert_clean_failure(cli("score", broken, "--data", code_data, "-o", out), out, "loss is nan")
+
+
+def test_existing_output_needs_overwrite(cli, tiny, code_data, out):
+    out.write_bytes(b"keep me")
+    code, _, stderr = cli("score", tiny("llama"), "--data", code_data, "-o", out)
+    assert code == 2 and "--overwrite" in stderr and out.read_bytes() == b"keep me"
+    code, _, _ = cli("score", tiny("llama"), "--data", code_data, "-o", out, "--overwrite", "-q")
+    assert code == 0 and out.read_bytes() != b"keep me"
+
+
+def test_inputs_are_not_modified(cli, tiny, code_data, out):
+    folder = tiny("llama")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    data_before = code_data.read_bytes()
+    assert cli("score", folder, "--data", code_data, "-o", out, "-q")[0] == 0
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert code_data.read_bytes() == data_before
+
+
+def test_pickle_only_checkpoint_is_refused(cli, code_data, out, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    result = cli("score", folder, "--data", code_data, "-o", out)
+    assert_clean_failure(result, out, "pickle")
