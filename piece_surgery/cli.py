@@ -40,7 +40,7 @@ def _emit(result: dict, as_json: bool, table: Table | None = None, lines: list[s
     if table is not None:
         out.print(table)
     for line in lines:
-        out.print(line, highlight=False)
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -124,6 +124,136 @@ def score(
 
 
 @app.command()
+def diff(
+    base: Annotated[str, typer.Argument(help="Base checkpoint folder or Hub repo id.")],
+    tuned: Annotated[str, typer.Argument(help="Tuned checkpoint of the same architecture.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Delta folder to write.")],
+    density: Annotated[
+        float | None, typer.Option(help="Keep only this fraction of entries, largest |change| first.")
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help="Keep only the k entries with the largest |change|.")
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="Hub repo id of the base, for the model card.")
+    ] = None,
+    overwrite: Overwrite = False,
+    as_json: AsJson = False,
+) -> None:
+    """The sparse delta between two checkpoints (exact, or the largest changes only)."""
+    from piece_surgery.atomic import check_output
+    from piece_surgery.delta import delta_summary, diff, save_delta
+
+    check_output(output, overwrite=overwrite, inputs=(Path(base), Path(tuned)))
+    start = time.perf_counter()
+    delta = diff(base, tuned, density=density, top_k=top_k)
+    if delta.count == 0:
+        raise PieceError("the two checkpoints are identical: there is no delta to write")
+    if base_model:
+        delta.info["base"]["repo_id"] = base_model
+    save_delta(delta, output, overwrite=overwrite)
+    summary = delta_summary(delta)
+    fractions = delta.info["provenance"]["changed_fraction"]
+    result = {
+        "output": str(output),
+        "entries": delta.count,
+        "tensors": len(delta.tensors),
+        "tensor_bytes": summary["tensor_bytes"],
+        "bytes_per_entry": summary["bytes_per_entry"],
+        "changed_fraction": fractions,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    table = Table(title="changed entries per tensor")
+    table.add_column("tensor")
+    table.add_column("changed", justify="right")
+    table.add_column("fraction", justify="right")
+    for name, t in delta.tensors.items():
+        table.add_row(name, f"{t.indices.numel():,}", f"{fractions[name]:.4%}")
+    lines = [
+        f"wrote {output}: {delta.count:,} entries in {len(delta.tensors)} tensors, "
+        f"{summary['tensor_bytes']:,} bytes ({summary['bytes_per_entry']:.1f} per entry)"
+    ]
+    _emit(result, as_json, table, lines)
+
+
+def _parse_size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit):
+            try:
+                return int(float(upper[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    try:
+        return int(upper)
+    except ValueError:
+        raise PieceError(f"--shard-size '{text}' is not a size; write e.g. 2GB or 500MB") from None
+
+
+@app.command()
+def apply(
+    base: Annotated[str, typer.Argument(help="Base checkpoint folder or Hub repo id[@revision].")],
+    deltas: Annotated[list[str], typer.Argument(help="One or more delta folders or Hub repo ids.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Merged checkpoint folder to write.")],
+    scale: Annotated[
+        list[float] | None, typer.Option(help="Scale of each delta (once for all, or once per delta).")
+    ] = None,
+    on_conflict: Annotated[
+        str, typer.Option(help="Entries changed by several deltas made from one base: sum, mean or error.")
+    ] = "sum",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check and print the plan; write nothing.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Apply even where the base differs from the deltas' base.")
+    ] = False,
+    shard_size: Annotated[str | None, typer.Option(help="Re-shard the output, e.g. 2GB.")] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Merge deltas into a base: W = W_base + sum of scale_i x delta_i, streamed shard by shard."""
+    from piece_surgery.atomic import check_output
+    from piece_surgery.delta import execute_apply, plan_apply
+    from piece_surgery.progress import Progress
+
+    if not dry_run:
+        check_output(output, overwrite=overwrite, inputs=(Path(base),))
+    start = time.perf_counter()
+    plan = plan_apply(
+        base, deltas, scales=scale, on_conflict=on_conflict, force=force, shard_size=_parse_size(shard_size)
+    )
+    result = plan.describe()
+    o = plan.overlap
+    lines = [
+        f"{len(deltas)} delta(s) onto {plan.base.name}: {result['entries_touched']:,} entries in "
+        f"{result['tensors_touched']} tensors; output {result['output_bytes']:,} bytes in "
+        f"{result['output_files']} file(s)",
+        f"overlap: {o.shared:,} shared entries ({o.chained:,} chained, {o.conflicts:,} conflicting, "
+        f"{o.sign_disagreements:,} with opposite signs)",
+    ]
+    if not dry_run:
+        with Progress(len(plan.shards), "writing", quiet=quiet, unit="shard") as bar:
+            execute_apply(
+                plan, output, on_conflict=on_conflict, force=force, overwrite=overwrite, progress=bar.advance
+            )
+        lines.append(f"wrote {output}")
+    else:
+        lines.append("dry run: nothing written")
+    result.update(
+        {
+            "output": None if dry_run else str(output),
+            "dry_run": dry_run,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+    )
+    _emit(result, as_json, lines=lines)
+
+
+@app.command()
 def inspect(
     path: Annotated[str, typer.Argument(help="A mask file or a delta folder (path or Hub repo id).")],
     as_json: AsJson = False,
@@ -138,7 +268,7 @@ def inspect(
     out.print(_summary_table(summary, "by_kind", "module kind"))
     out.print(_summary_table(summary, "by_layer", "layer"))
     for line in summary["headline"]:
-        out.print(line, highlight=False)
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 def _summary_table(summary: dict, key: str, title: str) -> Table:
@@ -170,7 +300,14 @@ def tiny_model(
     out.print(f"wrote tiny {arch} model to {output}", highlight=False)
 
 
+def _warn(message, category, filename, lineno, file=None, line=None) -> None:
+    err.print(f"warning: {message}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
+    import warnings
+
+    warnings.showwarning = _warn
     try:
         app()
     except PieceError as exc:

@@ -1,0 +1,54 @@
+"""Helpers for delta tests: make 'tuned' checkpoints by changing a few entries of a base."""
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+
+def read_all(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def perturb(base: Path, out: Path, *, fraction=0.02, seed=0, names=None, hard=True) -> Path:
+    """Copy `base` to `out` and change a random `fraction` of the entries of some tensors.
+
+    With hard=True, some changes flip signs or land on tiny values, where base + (tuned - base) in
+    floating point would not give the tuned value back.
+    """
+    shutil.copytree(base, out)
+    gen = torch.Generator().manual_seed(seed)
+    for file in sorted(Path(out).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata()
+        tensors = load_file(file)
+        for name, t in tensors.items():
+            if names is not None and not any(n in name for n in names):
+                continue
+            flat = t.view(-1)
+            n = max(1, int(fraction * flat.numel()))
+            idx = torch.randperm(flat.numel(), generator=gen)[:n]
+            change = torch.randn(n, generator=gen, dtype=torch.float64) * 0.05
+            new = flat[idx].double() + change
+            if hard and n >= 4:
+                new[0] = -flat[idx[0]].double() * 1e-7  # crosses zero, lands near it
+                new[1] = 3e-8
+                new[2] = flat[idx[2]].double() * 1e6
+            flat[idx] = new.to(t.dtype)
+        save_file(tensors, file, metadata=meta)
+    return Path(out)
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(bits), b.view(bits))
+
+
+def same_checkpoint(a: Path, b: Path) -> bool:
+    ta, tb = read_all(a), read_all(b)
+    return ta.keys() == tb.keys() and all(bitwise_equal(ta[k], tb[k]) for k in ta)

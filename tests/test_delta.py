@@ -1,0 +1,183 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import bitwise_equal, perturb, read_all, same_checkpoint
+from piece_surgery.delta import (
+    apply,
+    apply_to_model,
+    diff,
+    load_delta,
+    revert_delta,
+    save_delta,
+)
+from piece_surgery.errors import PieceError
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_diff_then_apply_reproduces_tuned_bit_for_bit(tiny, tmp_path, dtype):
+    base = tiny("llama", dtype=dtype)
+    tuned = perturb(base, tmp_path / "tuned", fraction=0.03, seed=1)
+    delta = diff(str(base), str(tuned))
+    save_delta(delta, tmp_path / "delta")
+    loaded = load_delta(tmp_path / "delta")
+    apply(str(base), [str(tmp_path / "delta")], tmp_path / "merged")
+    assert same_checkpoint(tmp_path / "merged", tuned)
+    expected_changed = sum(
+        int((read_all(base)[k].view(-1) != read_all(tuned)[k].view(-1)).sum()) for k in read_all(base)
+    )
+    assert loaded.count == delta.count == expected_changed
+    assert (tmp_path / "merged" / "config.json").is_file() and (
+        tmp_path / "merged" / "tokenizer.json"
+    ).is_file()
+
+
+def test_bf16_delta_costs_8_bytes_per_entry(tiny, tmp_path):
+    base = tiny("llama", dtype=torch.bfloat16)
+    tuned = perturb(base, tmp_path / "tuned", fraction=0.01)
+    save_delta(diff(str(base), str(tuned)), tmp_path / "delta")
+    info = json.loads((tmp_path / "delta" / "delta.json").read_text())
+    assert info["tensor_bytes"] / info["count"] == 8.0
+    # readable with safetensors + numpy alone, as docs/formats.md says
+    from safetensors.numpy import load_file as np_load
+
+    arrays = np_load(str(tmp_path / "delta" / "delta.safetensors"))
+    import numpy as np
+
+    b, t = read_all(base), read_all(tuned)
+    for name, meta in info["tensors"].items():
+        idx = arrays[f"{name}::indices"]
+        assert idx.dtype == np.int32 and len(idx) == meta["count"]
+        as_float = (arrays[f"{name}::tuned"].view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        assert np.array_equal(as_float, t[name].view(-1)[torch.from_numpy(idx).long()].float().numpy())
+
+
+def test_side_by_side_deltas_stack_as_task_arithmetic(tiny, tmp_path):
+    base = tiny("llama")
+    t1 = perturb(base, tmp_path / "t1", fraction=0.05, seed=1, hard=False)
+    t2 = perturb(base, tmp_path / "t2", fraction=0.05, seed=2, hard=False)
+    for i, t in ((1, t1), (2, t2)):
+        save_delta(diff(str(base), str(t)), tmp_path / f"d{i}")
+    b, w1, w2 = read_all(base), read_all(t1), read_all(t2)
+    for policy in ("sum", "mean"):
+        plan = apply(
+            str(base),
+            [str(tmp_path / "d1"), str(tmp_path / "d2")],
+            tmp_path / policy,
+            scales=[0.5, 2.0],
+            on_conflict=policy,
+        )
+        assert plan.overlap.conflicts > 0 and plan.overlap.chained == 0
+        merged = read_all(tmp_path / policy)
+        for name in b:
+            c1 = 0.5 * (w1[name].double() - b[name].double())
+            c2 = 2.0 * (w2[name].double() - b[name].double())
+            both = (c1 != 0) & (c2 != 0)
+            total = c1 + c2
+            if policy == "mean":
+                total = torch.where(both, total / 2, total)
+            expected = (b[name].double() + total).to(b[name].dtype)
+            assert torch.equal(merged[name], expected), name
+    with pytest.raises(PieceError, match="on-conflict"):
+        apply(str(base), [str(tmp_path / "d1"), str(tmp_path / "d2")], tmp_path / "err", on_conflict="error")
+    assert not (tmp_path / "err").exists()
+
+
+def test_sequential_deltas_reproduce_the_last_model(tiny, tmp_path):
+    base = tiny("llama", dtype=torch.bfloat16)
+    t1 = perturb(base, tmp_path / "t1", fraction=0.05, seed=1)
+    t2 = perturb(t1, tmp_path / "t2", fraction=0.05, seed=2)  # task 2 trained on base + delta 1
+    save_delta(diff(str(base), str(t1)), tmp_path / "d1")
+    save_delta(diff(str(t1), str(t2)), tmp_path / "d2")
+    plan = apply(str(base), [str(tmp_path / "d1"), str(tmp_path / "d2")], tmp_path / "merged")
+    assert plan.overlap.chained > 0 and plan.overlap.conflicts == 0
+    assert same_checkpoint(tmp_path / "merged", t2)
+    # delta 2 alone does not fit the original base where delta 1 changed the same entries
+    with pytest.raises(PieceError, match="not made from this base"):
+        apply(str(base), [str(tmp_path / "d2")], tmp_path / "wrong")
+
+
+def test_sharded_base_stays_sharded_and_loads(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = tiny("llama", max_shard_size="20KB")
+    tuned = perturb(base, tmp_path / "tuned", fraction=0.02)
+    save_delta(diff(str(base), str(tuned)), tmp_path / "delta")
+    apply(str(base), [str(tmp_path / "delta")], tmp_path / "merged")
+    assert sorted(p.name for p in (tmp_path / "merged").glob("*.safetensors")) == sorted(
+        p.name for p in base.glob("*.safetensors")
+    )
+    assert same_checkpoint(tmp_path / "merged", tuned)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.equal(model.lm_head.weight, read_all(tuned)["lm_head.weight"])
+    apply(str(base), [str(tmp_path / "delta")], tmp_path / "resharded", shard_size=10**9)
+    assert [p.name for p in (tmp_path / "resharded").glob("*.safetensors")] == ["model.safetensors"]
+    assert same_checkpoint(tmp_path / "resharded", tuned)
+
+
+def test_density_keeps_largest_changes(tiny, tmp_path):
+    base = tiny("llama")
+    tuned = perturb(base, tmp_path / "tuned", fraction=0.2, hard=False)
+    delta = diff(str(base), str(tuned), top_k=50)
+    b, t = read_all(base), read_all(tuned)
+    everything = sorted(
+        (
+            (-(t[n].double() - b[n].double()).abs().view(-1)[i].item(), n, i)
+            for n in b
+            for i in torch.nonzero(t[n].view(-1) != b[n].view(-1)).flatten().tolist()
+        ),
+    )[:50]
+    expected = {}
+    for _, n, i in everything:
+        expected.setdefault(n, []).append(i)
+    assert {n: d.indices.tolist() for n, d in delta.tensors.items()} == {
+        n: sorted(v) for n, v in expected.items()
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_in_place_apply_and_revert(tiny, tmp_path, dtype):
+    from transformers import AutoModelForCausalLM
+
+    base = tiny("llama", dtype=dtype)
+    tuned = perturb(base, tmp_path / "tuned", fraction=0.03)
+    delta = diff(str(base), str(tuned))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    handle = apply_to_model(model, delta)
+    expected = read_all(tuned)
+    for name, p in model.state_dict().items():
+        if name in expected:
+            assert bitwise_equal(p, expected[name]), name
+    handle.revert()
+    assert all(bitwise_equal(p, before[n]) for n, p in model.state_dict().items())
+    apply_to_model(model, delta)
+    revert_delta(model, delta)
+    assert all(bitwise_equal(p, before[n]) for n, p in model.state_dict().items())
+
+
+def test_dry_run_writes_nothing(tiny, tmp_path, cli):
+    base = tiny("llama")
+    tuned = perturb(base, tmp_path / "tuned")
+    assert cli("diff", base, tuned, "-o", tmp_path / "delta")[0] == 0
+    code, stdout, _ = cli("apply", base, tmp_path / "delta", "-o", tmp_path / "out", "--dry-run", "--json")
+    assert code == 0
+    plan = json.loads(stdout)
+    assert plan["dry_run"] and plan["entries_touched"] > 0 and plan["output_bytes"] > 0
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_cli_apply_by_scale_and_inspect(tiny, tmp_path, cli):
+    base = tiny("llama", dtype=torch.bfloat16)
+    tuned = perturb(base, tmp_path / "tuned")
+    assert cli("diff", base, tuned, "-o", tmp_path / "delta", "--json")[0] == 0
+    assert cli("apply", base, tmp_path / "delta", "-o", tmp_path / "zero", "--scale", "0", "-q")[0] == 0
+    assert same_checkpoint(tmp_path / "zero", base)
+    code, stdout, _ = cli("inspect", tmp_path / "delta", "--json")
+    summary = json.loads(stdout)
+    assert code == 0 and summary["kind"] == "delta" and summary["bytes_per_entry"] == 8.0

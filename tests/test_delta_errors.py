@@ -1,0 +1,146 @@
+"""Bad input to diff/apply: one-line error, exit 2, nothing written, inputs untouched."""
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import perturb, same_checkpoint
+from piece_surgery.testing import make_tiny_checkpoint
+
+
+def snapshot(*folders):
+    return {str(p): p.read_bytes() for f in folders for p in sorted(f.rglob("*")) if p.is_file()}
+
+
+def assert_clean_failure(result, tmp_path, fragment, before=None, after=None):
+    code, _, stderr = result
+    lines = [line.split("\r")[-1] for line in stderr.split("\n")]
+    lines = [line for line in lines if line.strip()]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr and len(lines) == 1 and lines[0].startswith("error:"), stderr
+    assert fragment in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    if before is not None:
+        assert after() == before
+
+
+@pytest.fixture
+def made(tiny, tmp_path):
+    base = tiny("llama")
+    tuned = perturb(base, tmp_path / "tuned", fraction=0.02)
+    from piece_surgery.delta import diff, save_delta
+
+    save_delta(diff(str(base), str(tuned)), tmp_path / "delta")
+    return base, tmp_path / "delta"
+
+
+def rewrite_delta(folder, edit):
+    """Edit delta.safetensors and re-seal its digest, so only the edit itself is wrong."""
+    tensors = load_file(folder / "delta.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "delta.safetensors", metadata={"format": "piece-surgery/delta"})
+    info = json.loads((folder / "delta.json").read_text())
+    info["weights_sha256"] = hashlib.sha256((folder / "delta.safetensors").read_bytes()).hexdigest()
+    (folder / "delta.json").write_text(json.dumps(info))
+
+
+def test_base_that_is_not_the_deltas_base(cli, made, tiny, tmp_path):
+    _, delta = made
+    other = tiny("llama", seed=7)
+    before = snapshot(other, delta)
+    result = cli("apply", other, delta, "-o", tmp_path / "out")
+    assert_clean_failure(
+        result, tmp_path, "not made from this base: tensor '", before, lambda: snapshot(other, delta)
+    )
+    code, _, stderr = cli("apply", other, delta, "-o", tmp_path / "out", "--force", "-q")
+    assert code == 0 and "warning:" in stderr and (tmp_path / "out").is_dir()
+
+
+def test_delta_of_another_architecture(cli, made, tiny, tmp_path):
+    _, delta = made
+    gpt2 = tiny("gpt2")
+    assert_clean_failure(cli("apply", gpt2, delta, "-o", tmp_path / "out"), tmp_path, "does not have")
+
+
+def test_shape_mismatch(cli, made, tmp_path):
+    _, delta = made
+    wider = make_tiny_checkpoint(tmp_path / "wider", "llama", intermediate_size=48)
+    assert_clean_failure(cli("apply", wider, delta, "-o", tmp_path / "out"), tmp_path, "has shape")
+
+
+def test_dtype_mismatch(cli, made, tiny, tmp_path):
+    _, delta = made
+    bf16 = tiny("llama", dtype=torch.bfloat16)
+    assert_clean_failure(cli("apply", bf16, delta, "-o", tmp_path / "out"), tmp_path, "float32 in the delta")
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (
+            lambda t: t.__setitem__("lm_head.weight::indices", t["lm_head.weight::indices"] + 10**6),
+            "out of range",
+        ),
+        (
+            lambda t: t.__setitem__("lm_head.weight::indices", t["lm_head.weight::indices"].flip(0)),
+            "not sorted",
+        ),
+        (
+            lambda t: t["lm_head.weight::indices"].__setitem__(1, t["lm_head.weight::indices"][0]),
+            "not sorted",
+        ),
+    ],
+)
+def test_bad_indices(cli, made, tmp_path, edit, fragment):
+    base, delta = made
+    rewrite_delta(delta, edit)
+    assert_clean_failure(cli("apply", base, delta, "-o", tmp_path / "out"), tmp_path, fragment)
+
+
+def test_truncated_and_corrupt_files(cli, made, tmp_path):
+    base, delta = made
+    broken = tmp_path / "broken"
+    shutil.copytree(delta, broken)
+    data = (broken / "delta.safetensors").read_bytes()
+    (broken / "delta.safetensors").write_bytes(data[: len(data) // 2])
+    assert_clean_failure(cli("apply", base, broken, "-o", tmp_path / "out"), tmp_path, "corrupt or truncated")
+    (broken / "delta.safetensors").write_bytes(data)
+    (broken / "delta.json").write_text("{not json")
+    assert_clean_failure(cli("apply", base, broken, "-o", tmp_path / "out"), tmp_path, "not valid JSON")
+
+
+def test_output_equal_to_base(cli, made, tmp_path):
+    base, delta = made
+    before = snapshot(base)
+    code, _, stderr = cli("apply", base, delta, "-o", base, "--overwrite")
+    assert code == 2 and "overlaps input" in stderr and snapshot(base) == before
+
+
+def test_existing_output(cli, made, tmp_path):
+    base, delta = made
+    (tmp_path / "out").mkdir()
+    code, _, stderr = cli("apply", base, delta, "-o", tmp_path / "out")
+    assert code == 2 and "--overwrite" in stderr
+    assert cli("apply", base, delta, "-o", tmp_path / "out", "--overwrite", "-q")[0] == 0
+    assert same_checkpoint(tmp_path / "out", tmp_path / "tuned")
+
+
+def test_diff_of_different_architectures(cli, tiny, tmp_path):
+    result = cli("diff", tiny("llama"), tiny("gpt2"), "-o", tmp_path / "out")
+    assert_clean_failure(result, tmp_path, "not in the tuned checkpoint")
+
+
+def test_diff_of_identical_checkpoints(cli, tiny, tmp_path):
+    result = cli("diff", tiny("llama"), tiny("llama"), "-o", tmp_path / "out")
+    assert_clean_failure(result, tmp_path, "identical")
+
+
+def test_scale_count_mismatch(cli, made, tmp_path):
+    base, delta = made
+    result = cli("apply", base, delta, delta, delta, "-o", tmp_path / "out", "--scale", "1", "--scale", "2")
+    assert_clean_failure(result, tmp_path, "--scale values")
