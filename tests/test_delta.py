@@ -2,9 +2,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from helpers import bitwise_equal, perturb, read_all, same_checkpoint
+
 from piece_surgery.delta import (
     apply,
     apply_to_model,
@@ -48,7 +47,7 @@ def test_bf16_delta_costs_8_bytes_per_entry(tiny, tmp_path):
     arrays = np_load(str(tmp_path / "delta" / "delta.safetensors"))
     import numpy as np
 
-    b, t = read_all(base), read_all(tuned)
+    t = read_all(tuned)
     for name, meta in info["tensors"].items():
         idx = arrays[f"{name}::indices"]
         assert idx.dtype == np.int32 and len(idx) == meta["count"]
@@ -123,7 +122,7 @@ def test_density_keeps_largest_changes(tiny, tmp_path):
     base = tiny("llama")
     tuned = perturb(base, tmp_path / "tuned", fraction=0.2, hard=False)
     delta = diff(str(base), str(tuned), top_k=50)
-    b, t = read_all(base), read_all(tuned)
+    t = read_all(tuned)
     everything = sorted(
         (
             (-(t[n].double() - b[n].double()).abs().view(-1)[i].item(), n, i)

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
+from helpers import perturb, same_checkpoint
 from safetensors.torch import load_file, save_file
 
-from helpers import perturb, same_checkpoint
 from piece_surgery.testing import make_tiny_checkpoint
 
 
