@@ -122,7 +122,7 @@ def test_density_keeps_largest_changes(tiny, tmp_path):
     base = tiny("llama")
     tuned = perturb(base, tmp_path / "tuned", fraction=0.2, hard=False)
     delta = diff(str(base), str(tuned), top_k=50)
-    t = read_all(tuned)
+    b, t = read_all(base), read_all(tuned)
     everything = sorted(
         (
             (-(t[n].double() - b[n].double()).abs().view(-1)[i].item(), n, i)
