@@ -123,6 +123,128 @@ def score(
     _emit(result, as_json, lines=lines)
 
 
+def _parse_betas(text: str) -> tuple[float, float]:
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 2:
+        raise PieceError(f"--betas '{text}' must be two numbers, e.g. 0.9,0.95")
+    return parts
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Argument(help="Model folder or Hub repo id[@revision].")],
+    data: Annotated[Path, typer.Option(help="Training data: .txt (one example per line) or .jsonl.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Delta folder to write.")],
+    mask: Annotated[str | None, typer.Option(help="Mask from `score` (else: score first on --data).")] = None,
+    method: Annotated[str, typer.Option(help="Scoring method when no --mask is given.")] = "piece-s",
+    density: Annotated[float, typer.Option(help="Mask density when no --mask is given.")] = 0.001,
+    score_batch_size: Annotated[int, typer.Option(help="Micro-batch size for scoring.")] = 1,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Regex excluded from scoring. [default: embed]")
+    ] = None,
+    include: Annotated[
+        list[str] | None, typer.Option(help="Regex: only matching tensors are scored.")
+    ] = None,
+    lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 1e-4,
+    epochs: Annotated[int, typer.Option(help="Passes over the data (unless --max-steps).")] = 1,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per micro-batch.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 512,
+    max_samples: Annotated[int | None, typer.Option(help="Use at most this many examples.")] = None,
+    schedule: Annotated[str, typer.Option(help="constant, linear or cosine.")] = "constant",
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    betas: Annotated[str, typer.Option(help="AdamW betas.")] = "0.9,0.95",
+    clip: Annotated[float, typer.Option(help="Gradient-norm clip (0: off).")] = 1.0,
+    eval_data: Annotated[Path | None, typer.Option(help="Held-out data for eval loss.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps.")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Save a resumable state every N steps.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the saved state.")] = False,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="Trade compute for activation memory.")
+    ] = False,
+    seed: int = 0,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    trust_remote_code: TrustRemote = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Fine-tune only the masked entries and write a sparse delta."""
+    from piece_surgery.score import ScoreOptions
+    from piece_surgery.train import TrainConfig, train_checkpoint
+
+    config = TrainConfig(
+        lr=lr,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        schedule=schedule,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        betas=_parse_betas(betas),
+        clip=clip,
+        eval_every=eval_every,
+        save_every=save_every,
+        seed=seed,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    score_options = ScoreOptions(
+        method=method,
+        density=density,
+        batch_size=score_batch_size,
+        max_length=max_length,
+        max_samples=max_samples,
+        include=include or [],
+        exclude=["embed"] if exclude is None else exclude,
+        seed=seed,
+    )
+    start = time.perf_counter()
+    delta, result, used_mask = train_checkpoint(
+        model,
+        data,
+        output,
+        config,
+        mask_ref=mask,
+        score_options=score_options,
+        eval_data=eval_data,
+        max_length=max_length,
+        max_samples=max_samples,
+        device=device,
+        dtype=dtype,
+        resume=resume,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+        quiet=quiet,
+    )
+    first = result.history[0]["loss"] if result.history else None
+    result_json = {
+        "output": str(output),
+        "steps": result.steps,
+        "k": used_mask.k,
+        "changed_entries": delta.count,
+        "first_train_loss": first,
+        "final_train_loss": result.train_loss,
+        "final_eval_loss": result.eval_loss,
+        "resumed_from": result.resumed_from,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    lines = [
+        f"wrote {output}: {delta.count:,} changed entries of a {used_mask.k:,}-entry mask, "
+        f"{result.steps} steps",
+        f"train loss {first:.4f} -> {result.train_loss:.4f}" if first is not None else "no steps run",
+    ]
+    if result.eval_loss is not None:
+        lines.append(f"eval loss {result.eval_loss:.4f}")
+    _emit(result_json, as_json, lines=lines)
+
+
 @app.command()
 def diff(
     base: Annotated[str, typer.Argument(help="Base checkpoint folder or Hub repo id.")],

@@ -1,0 +1,252 @@
+import json
+
+import pytest
+import torch
+from helpers import bitwise_equal, read_all
+from safetensors.torch import load_file
+
+from piece_surgery.checkpoint import load_causal_lm, parameter_keys, read_layout
+from piece_surgery.data import load_dataset, load_tokenizer
+from piece_surgery.delta import apply, load_delta
+from piece_surgery.score import ScoreOptions, score_checkpoint
+from piece_surgery.train import TrainConfig, evaluate, train_sparse
+
+
+def setup(folder, data, density=0.02, dtype=torch.float32):
+    mask, _, _ = score_checkpoint(str(folder), data, ScoreOptions(density=density), device="cpu")
+    tokenizer = load_tokenizer(folder)
+    dataset = load_dataset(data, tokenizer)
+    model = load_causal_lm(folder, dtype=dtype, device=torch.device("cpu"))
+    keys = parameter_keys(model, read_layout(folder))
+    named = dict(model.named_parameters())
+    params = {key: named[name] for name, key in keys.items() if key in mask.indices}
+    return mask, dataset, model, params
+
+
+def test_only_masked_entries_change_and_loss_goes_down(tiny, code_data):
+    folder = tiny("llama")
+    mask, dataset, model, params = setup(folder, code_data)
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    loss_before = evaluate(model, dataset, 4, 0)
+    result = train_sparse(model, params, mask.indices, dataset, TrainConfig(lr=1e-2, epochs=8))
+    loss_after = evaluate(model, dataset, 4, 0)
+    assert loss_after < loss_before - 0.3
+    after = model.state_dict()
+    changed_total = 0
+    for name, old in before.items():
+        diff = (after[name] != old).view(-1)
+        allowed = torch.zeros_like(diff)
+        key = "lm_head.weight" if name == "lm_head.weight" else name
+        if key in mask.indices:
+            allowed[mask.indices[key]] = True
+        assert not bool((diff & ~allowed).any()), f"{name} changed outside the mask"
+        changed_total += int(diff.sum())
+    assert changed_total > 0.9 * mask.k
+    # optimizer state is two fp32 moments of the k values, plus one step counter per tensor
+    assert result.optimizer_state["exp_avg"] == result.optimizer_state["exp_avg_sq"] == mask.k
+    assert result.optimizer_state["step"] == len(mask.indices)
+
+
+def test_train_cli_writes_delta_that_applies(tiny, code_data, tmp_path, cli):
+    base = tiny("llama", dtype=torch.bfloat16)
+    code, stdout, _ = cli(
+        "train",
+        base,
+        "--data",
+        code_data,
+        "-o",
+        tmp_path / "delta",
+        "--density",
+        "0.02",
+        "--lr",
+        "1e-2",
+        "--epochs",
+        "4",
+        "--eval-data",
+        code_data,
+        "--json",
+        "-q",
+    )
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["final_train_loss"] < result["first_train_loss"]
+    delta = load_delta(tmp_path / "delta")
+    info = json.loads((tmp_path / "delta" / "delta.json").read_text())
+    assert info["provenance"]["made_by"] == "train" and info["provenance"]["final_eval_loss"] is not None
+    assert info["tensor_bytes"] / info["count"] == 8.0
+    apply(str(base), [str(tmp_path / "delta")], tmp_path / "merged")
+    b, m = read_all(base), read_all(tmp_path / "merged")
+    for name in b:
+        changed = torch.nonzero((b[name] != m[name]).view(-1)).flatten()
+        expected = delta.tensors[name].indices if name in delta.tensors else torch.empty(0, dtype=torch.long)
+        assert torch.equal(changed, expected), name
+    assert not (tmp_path / "delta.state").exists()
+
+
+def test_score_then_train_equals_train_with_mask(tiny, code_data, tmp_path, cli):
+    base = tiny("llama")
+    common = ["--lr", "1e-3", "--max-steps", "3", "--batch-size", "2", "-q"]
+    assert (
+        cli("score", base, "--data", code_data, "-o", tmp_path / "m.safetensors", "-q", "--density", "0.01")[
+            0
+        ]
+        == 0
+    )
+    assert (
+        cli(
+            "train",
+            base,
+            "--data",
+            code_data,
+            "-o",
+            tmp_path / "a",
+            "--mask",
+            tmp_path / "m.safetensors",
+            *common,
+        )[0]
+        == 0
+    )
+    assert cli("train", base, "--data", code_data, "-o", tmp_path / "b", "--density", "0.01", *common)[0] == 0
+    a, b = load_file(tmp_path / "a" / "delta.safetensors"), load_file(tmp_path / "b" / "delta.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_equals_uninterrupted(tiny, code_data, tmp_path, cli, monkeypatch):
+    import piece_surgery.train as train_module
+
+    base = tiny("llama")
+    args = [
+        "--data",
+        code_data,
+        "--density",
+        "0.02",
+        "--lr",
+        "1e-2",
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--save-every",
+        "2",
+        "--schedule",
+        "cosine",
+        "--warmup-steps",
+        "2",
+        "-q",
+    ]
+    assert cli("train", base, "-o", tmp_path / "straight", *args)[0] == 0
+    original = train_module.save_state
+
+    def save_then_crash(state_dir, sparse, optimizer, step, history, identity):
+        original(state_dir, sparse, optimizer, step, history, identity)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_state", save_then_crash)
+    code, _, stderr = cli("train", base, "-o", tmp_path / "resumed", *args)
+    assert code == 130 and not (tmp_path / "resumed").exists()
+    assert (tmp_path / "resumed.state" / "state.json").is_file()
+    monkeypatch.setattr(train_module, "save_state", original)
+    code, stdout, _ = cli("train", base, "-o", tmp_path / "resumed", *args, "--resume", "--json")
+    assert code == 0 and json.loads(stdout)["resumed_from"] == 4
+    a = load_file(tmp_path / "straight" / "delta.safetensors")
+    b = load_file(tmp_path / "resumed" / "delta.safetensors")
+    assert a.keys() == b.keys() and all(bitwise_equal(a[k], b[k]) for k in a)
+
+
+def clean_failure(result, out):
+    code, _, stderr = result
+    lines = [line.split("\r")[-1] for line in stderr.split("\n")]
+    lines = [line for line in lines if line.strip()]
+    assert code == 2 and "Traceback" not in stderr, stderr
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    assert not out.exists()
+    return lines[0]
+
+
+def test_mask_from_another_model(tiny, code_data, tmp_path, cli):
+    other = tiny("llama", seed=3)
+    cli("score", other, "--data", code_data, "-o", tmp_path / "m.safetensors", "-q")
+    out = tmp_path / "delta"
+    msg = clean_failure(
+        cli("train", tiny("llama"), "--data", code_data, "-o", out, "--mask", tmp_path / "m.safetensors"), out
+    )
+    assert "scored on another model" in msg
+    cli("score", tiny("gpt2"), "--data", code_data, "-o", tmp_path / "g.safetensors", "-q")
+    msg = clean_failure(
+        cli("train", tiny("llama"), "--data", code_data, "-o", out, "--mask", tmp_path / "g.safetensors"), out
+    )
+    assert "does not have" in msg
+
+
+def test_bad_mask_indices(tiny, code_data, tmp_path, cli):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base = tiny("llama")
+    cli("score", base, "--data", code_data, "-o", tmp_path / "m.safetensors", "-q", "--density", "0.01")
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = next(iter(tensors))
+    for bad, fragment in ((tensors[name].flip(0), "not sorted"), (tensors[name] + 10**7, "out of range")):
+        save_file({**tensors, name: bad.contiguous()}, tmp_path / "bad.safetensors", metadata=meta)
+        out = tmp_path / "delta"
+        msg = clean_failure(
+            cli("train", base, "--data", code_data, "-o", out, "--mask", tmp_path / "bad.safetensors"), out
+        )
+        assert fragment in msg
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--lr", "0"], "--lr must be positive"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--schedule", "step"], "unknown --schedule"),
+        (["--betas", "0.9"], "--betas"),
+    ],
+)
+def test_bad_options(tiny, code_data, tmp_path, cli, extra, fragment):
+    out = tmp_path / "delta"
+    assert fragment in clean_failure(cli("train", tiny("llama"), "--data", code_data, "-o", out, *extra), out)
+
+
+def test_empty_data(tiny, tmp_path, cli):
+    (tmp_path / "e.txt").write_text("")
+    out = tmp_path / "delta"
+    assert "no examples" in clean_failure(
+        cli("train", tiny("llama"), "--data", tmp_path / "e.txt", "-o", out), out
+    )
+
+
+def test_nan_loss_stops_and_keeps_last_good_state(tiny, code_data, tmp_path, cli, monkeypatch):
+    import piece_surgery.train as train_module
+
+    calls = {"n": 0}
+    real = train_module.mean_token_loss
+
+    def flaky(logits, labels):
+        calls["n"] += 1
+        loss, count = real(logits, labels)
+        return (loss * float("nan") if calls["n"] > 3 else loss), count
+
+    monkeypatch.setattr(train_module, "mean_token_loss", flaky)
+    out = tmp_path / "delta"
+    result = cli(
+        "train",
+        tiny("llama"),
+        "--data",
+        code_data,
+        "-o",
+        out,
+        "--batch-size",
+        "1",
+        "--max-steps",
+        "5",
+        "--save-every",
+        "2",
+        "-q",
+    )
+    msg = clean_failure(result, out)
+    assert "loss became nan at step 4" in msg and "last good state (step 2)" in msg
+    assert (tmp_path / "delta.state" / "state.json").is_file()
