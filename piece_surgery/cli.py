@@ -346,8 +346,19 @@ def apply(
         check_output(output, overwrite=overwrite, inputs=(Path(base),))
     start = time.perf_counter()
     plan = plan_apply(
-        base, deltas, scales=scale, on_conflict=on_conflict, force=force, shard_size=_parse_size(shard_size)
+        base,
+        deltas,
+        scales=scale,
+        on_conflict=on_conflict,
+        force=force,
+        shard_size=_parse_size(shard_size),
+        check_values=dry_run,
     )
+    if not dry_run:
+        with Progress(len(plan.shards), "writing", quiet=quiet, unit="shard") as bar:
+            execute_apply(
+                plan, output, on_conflict=on_conflict, force=force, overwrite=overwrite, progress=bar.advance
+            )
     result = plan.describe()
     o = plan.overlap
     lines = [
@@ -356,15 +367,8 @@ def apply(
         f"{result['output_files']} file(s)",
         f"overlap: {o.shared:,} shared entries ({o.chained:,} chained, {o.conflicts:,} conflicting, "
         f"{o.sign_disagreements:,} with opposite signs)",
+        "dry run: nothing written" if dry_run else f"wrote {output}",
     ]
-    if not dry_run:
-        with Progress(len(plan.shards), "writing", quiet=quiet, unit="shard") as bar:
-            execute_apply(
-                plan, output, on_conflict=on_conflict, force=force, overwrite=overwrite, progress=bar.advance
-            )
-        lines.append(f"wrote {output}")
-    else:
-        lines.append("dry run: nothing written")
     result.update(
         {
             "output": None if dry_run else str(output),

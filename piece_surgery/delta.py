@@ -443,8 +443,13 @@ def plan_apply(
     on_conflict: str = "sum",
     force: bool = False,
     shard_size: int | None = None,
+    check_values: bool = True,
 ) -> ApplyPlan:
-    """Check every delta against the base (per entry, before anything is written) and plan the shards."""
+    """Check the deltas against the base and plan the output shards.
+
+    Names, shapes and dtypes are always checked here; the per-entry base values too when
+    `check_values` (a dry run), else while writing, before the output folder is renamed into place.
+    """
     if on_conflict not in CONFLICT_POLICIES:
         raise PieceError(f"unknown --on-conflict '{on_conflict}'; use sum, mean or error")
     if not delta_refs:
@@ -474,22 +479,28 @@ def plan_apply(
                 )
     overlap = Overlap()
     touched: dict[str, int] = {}
-    reader = ShardReader(base.path, layout)
-    for name in sorted({n for d, _, _ in deltas for n in d.tensors}):
-        parts = [(d.tensors[name], s, label) for d, s, label in deltas if name in d.tensors]
-        union, _, o = combine(name, reader.get(name).reshape(-1), parts, on_conflict=on_conflict, force=force)
-        touched[name] = int(union.numel())
-        overlap.add(o)
-    reader.close()
+    if check_values:  # a dry run reads the touched tensors now; a real run checks them as it writes
+        reader = ShardReader(base.path, layout)
+        for name in sorted({n for d, _, _ in deltas for n in d.tensors}):
+            parts = [(d.tensors[name], s, label) for d, s, label in deltas if name in d.tensors]
+            flat = reader.get(name).reshape(-1)
+            union, _, o = combine(name, flat, parts, on_conflict=on_conflict, force=force)
+            touched[name] = int(union.numel())
+            overlap.add(o)
+        reader.close()
+        _warn_mismatch(overlap)
+    shards = _shard_plan(base.path, layout, shard_size)
+    size = sum(layout[n].numel * layout[n].dtype.itemsize for n in layout)
+    return ApplyPlan(base, layout, deltas, shards, touched, overlap, size)
+
+
+def _warn_mismatch(overlap: Overlap) -> None:
     if overlap.mismatched:
         warnings.warn(
             f"{overlap.mismatched} entries did not match the deltas' recorded base values; "
             "applied with --force",
-            stacklevel=2,
+            stacklevel=3,
         )
-    shards = _shard_plan(base.path, layout, shard_size)
-    size = sum(layout[n].numel * layout[n].dtype.itemsize for n in layout)
-    return ApplyPlan(base, layout, deltas, shards, touched, overlap, size)
 
 
 def _shard_plan(folder: Path, layout: dict[str, TensorInfo], shard_size: int | None) -> dict[str, list[str]]:
@@ -537,16 +548,20 @@ def execute_apply(
             if item.is_file() and not item.name.endswith(".safetensors") and item.name != INDEX_FILE:
                 shutil.copy2(item, tmp / item.name)
         weight_map: dict[str, str] = {}
+        overlap, touched = Overlap(), {}
         for file, names in plan.shards.items():
             shard: dict[str, torch.Tensor] = {}
             for name in names:
                 tensor = reader.get(name)
                 parts = [(d.tensors[name], s, label) for d, s, label in plan.deltas if name in d.tensors]
                 if parts:
+                    # a private copy: writing into the memory-mapped tensor would fault page by page
                     tensor = tensor.clone()
                     flat = tensor.view(-1)
-                    union, values, _ = combine(name, flat, parts, on_conflict=on_conflict, force=force)
+                    union, values, o = combine(name, flat, parts, on_conflict=on_conflict, force=force)
                     flat[union] = values
+                    touched[name] = int(union.numel())
+                    overlap.add(o)
                 shard[name] = tensor
                 weight_map[name] = file
             save_shard(shard, tmp / file, metadata)
@@ -556,6 +571,8 @@ def execute_apply(
         if len(plan.shards) > 1:
             write_index(tmp, weight_map, plan.output_bytes)
     reader.close()
+    plan.overlap, plan.touched = overlap, touched
+    _warn_mismatch(overlap)
     return out
 
 
@@ -572,7 +589,13 @@ def apply(
 ) -> ApplyPlan:
     """Merge deltas into a base checkpoint folder: plan (checks), then stream shard by shard."""
     plan = plan_apply(
-        base_ref, delta_refs, scales=scales, on_conflict=on_conflict, force=force, shard_size=shard_size
+        base_ref,
+        delta_refs,
+        scales=scales,
+        on_conflict=on_conflict,
+        force=force,
+        shard_size=shard_size,
+        check_values=False,
     )
     execute_apply(plan, out, on_conflict=on_conflict, force=force, overwrite=overwrite)
     return plan

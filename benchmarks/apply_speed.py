@@ -1,0 +1,135 @@
+"""apply vs a plain safetensors read+write of the same base vs transformers load+save.
+
+Targets (issue 3): apply time at most 1.25x the plain copy; peak RSS about two shards plus the
+deltas, not the whole model.  Run: python benchmarks/apply_speed.py [--big-layers 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from common import measure, smollm2_folder, table
+
+
+def plain_copy(base: Path, out: Path) -> dict:
+    """Read every shard with safetensors and write it back: the floor for any merge."""
+    from safetensors.torch import load_file, save_file
+
+    start = time.perf_counter()  # imports excluded from every timing
+    out.mkdir()
+    for item in base.iterdir():
+        if item.name.endswith(".safetensors"):
+            save_file(load_file(item), out / item.name, metadata={"format": "pt"})
+        else:
+            shutil.copy2(item, out / item.name)
+    return {"seconds": time.perf_counter() - start}
+
+
+def piece_apply(base: Path, delta: Path, out: Path) -> dict:
+    from piece_surgery.delta import apply
+
+    start = time.perf_counter()
+    plan = apply(str(base), [str(delta)], out)
+    return {"seconds": time.perf_counter() - start, "entries": sum(plan.touched.values())}
+
+
+def transformers_roundtrip(base: Path, out: Path) -> dict:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    model.save_pretrained(out)
+    return {"seconds": time.perf_counter() - start}
+
+
+def make_delta(base: Path, work: Path, fraction: float = 0.001) -> Path:
+    """Change `fraction` of the entries of every tensor, then diff: a realistic sparse delta."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from piece_surgery.delta import diff, save_delta
+
+    tuned = work / "tuned"
+    shutil.copytree(base, tuned)
+    gen = torch.Generator().manual_seed(0)
+    for file in tuned.glob("*.safetensors"):
+        tensors = load_file(file)
+        for t in tensors.values():
+            flat = t.view(-1)
+            idx = torch.randint(0, flat.numel(), (max(1, int(fraction * flat.numel())),), generator=gen)
+            flat[idx] = (flat[idx].float() + 0.01).to(t.dtype)
+        save_file(tensors, file, metadata={"format": "pt"})
+    delta = work / "delta"
+    save_delta(diff(str(base), str(tuned)), delta)
+    shutil.rmtree(tuned)
+    return delta
+
+
+def big_random(work: Path, layers: int) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    folder = work / "big"
+    model.save_pretrained(folder, max_shard_size="300MB")
+    return folder
+
+
+def run(name: str, base: Path, work: Path) -> list[dict]:
+    work.mkdir(exist_ok=True)
+    delta = make_delta(base, work)
+    size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    shards = len(list(base.glob("*.safetensors")))
+    rows = [
+        {"model": name, "run": "plain safetensors read+write", **measure(plain_copy, base, work / "copy")},
+        {"model": name, "run": "piece-surgery apply", **measure(piece_apply, base, delta, work / "merged")},
+        {
+            "model": name,
+            "run": "transformers load+save_pretrained",
+            **measure(transformers_roundtrip, base, work / "hf"),
+        },
+    ]
+    for row in rows:
+        row["time_ratio"] = row["seconds"] / rows[0]["seconds"]
+        row["model_mb"] = size / 2**20
+        row["shards"] = shards
+    for out in ("copy", "merged", "hf"):
+        shutil.rmtree(work / out, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--big-layers", type=int, default=12)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        rows += run("SmolLM2-135M bf16", smollm2_folder("bfloat16"), work / "small")
+        (work / "bigwork").mkdir()
+        rows += run(
+            f"random Llama {args.big_layers}x1024 bf16",
+            big_random(work / "bigwork", args.big_layers),
+            work / "bigwork",
+        )
+    print(table(rows, ["model", "run", "model_mb", "shards", "seconds", "time_ratio", "peak_rss_mb"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""score vs a plain forward+backward loop over the same data, on SmolLM2-135M (CPU-friendly).
+
+Target (issue 2): score costs at most 1.25x the plain loop in time; its memory is at most
+weights + activations + accumulators.  Run: python benchmarks/score_speed.py [--examples 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from common import measure, smollm2_folder, stdlib_code_lines, table, write_jsonl
+
+
+def _load(folder: Path, data: Path, max_length: int):
+    import torch
+
+    from piece_surgery.checkpoint import load_causal_lm
+    from piece_surgery.data import load_dataset, load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(folder)
+    dataset = load_dataset(data, tokenizer, max_length=max_length)
+    model = load_causal_lm(folder, dtype=torch.float32, device=torch.device("cpu"))
+    return tokenizer, dataset, model
+
+
+def plain_loop(folder: Path, data: Path, max_length: int) -> dict:
+    """What any training script does: forward, backward into .grad, drop the gradients."""
+    from piece_surgery.data import mean_token_loss, micro_batches, pad_id
+
+    tokenizer, dataset, model = _load(folder, data, max_length)
+    model.eval()
+    start = time.perf_counter()
+    for batch in micro_batches(dataset.examples, 1, pad_id(tokenizer)):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, _ = mean_token_loss(logits, batch["labels"])
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return {"loop_seconds": time.perf_counter() - start}
+
+
+def piece_score(folder: Path, data: Path, max_length: int, method: str) -> dict:
+    from piece_surgery.checkpoint import parameter_keys, read_layout
+    from piece_surgery.data import pad_id
+    from piece_surgery.score import ScoreOptions, score_model
+
+    tokenizer, dataset, model = _load(folder, data, max_length)
+    keys = parameter_keys(model, read_layout(folder))
+    start = time.perf_counter()
+    mask, _ = score_model(model, keys, dataset, ScoreOptions(method=method), pad=pad_id(tokenizer))
+    return {"loop_seconds": time.perf_counter() - start, "k": mask.k, "eligible": mask.eligible}
+
+
+def weights_only(folder: Path) -> dict:
+    import torch
+
+    from piece_surgery.checkpoint import load_causal_lm
+
+    model = load_causal_lm(folder, dtype=torch.float32, device=torch.device("cpu"))
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--examples", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=128)
+    args = parser.parse_args()
+    folder = smollm2_folder("float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_jsonl(stdlib_code_lines(args.examples), Path(tmp) / "code.jsonl")
+        rows = [{"run": "load weights only", **measure(weights_only, folder)}]
+        rows.append(
+            {"run": "plain forward+backward loop", **measure(plain_loop, folder, data, args.max_length)}
+        )
+        for method in ("piece-s", "piece-f"):
+            rows.append(
+                {
+                    "run": f"score --method {method}",
+                    **measure(piece_score, folder, data, args.max_length, method),
+                }
+            )
+    base = rows[1]
+    for row in rows[1:]:
+        row["time_ratio"] = row["loop_seconds"] / base["loop_seconds"]
+        row["extra_rss_mb_vs_loop"] = row["peak_rss_mb"] - base["peak_rss_mb"]
+    print(f"SmolLM2-135M fp32, {args.examples} examples x <= {args.max_length} tokens, micro-batch 1, CPU")
+    print(table(rows, ["run", "loop_seconds", "time_ratio", "peak_rss_mb", "extra_rss_mb_vs_loop"]))
+    eligible = rows[2].get("eligible", 0)
+    print(
+        f"accumulators: piece-s {8 * eligible / 2**20:.0f} MiB, piece-f {4 * eligible / 2**20:.0f} MiB "
+        f"({eligible:,} eligible entries)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Sparse training vs full fine-tuning (AdamW) vs LoRA (peft), side by side on SmolLM2-135M.
+
+Same data, batch, sequence length and steps. Step time excludes the first (warm-up) step.
+Targets (issue 4): peak memory at or below LoRA's; step time at or below full fine-tuning's.
+Run: python benchmarks/train_speed.py [--steps 4 --batch-size 4 --max-length 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from common import measure, smollm2_folder, stdlib_code_lines, table, write_jsonl
+
+
+def _setup(folder: Path, data: Path, max_length: int):
+    import torch
+
+    from piece_surgery.checkpoint import load_causal_lm
+    from piece_surgery.data import load_dataset, load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(folder)
+    dataset = load_dataset(data, tokenizer, max_length=max_length)
+    model = load_causal_lm(folder, dtype=torch.float32, device=torch.device("cpu"))
+    return dataset, model
+
+
+def _batches(dataset, batch_size: int, steps: int):
+    from piece_surgery.data import collate
+
+    n = len(dataset.examples)
+    for step in range(steps):
+        yield collate([dataset.examples[(step * batch_size + i) % n] for i in range(batch_size)], 0)
+
+
+def _timed_steps(step_fn, batches) -> dict:
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        step_fn(batch)
+        times.append(time.perf_counter() - start)
+    return {"step_seconds": sum(times[1:]) / max(len(times) - 1, 1)}
+
+
+def _loss(model, batch):
+    from piece_surgery.data import mean_token_loss
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return mean_token_loss(logits, batch["labels"])[0]
+
+
+def full_finetune(folder, data, steps, batch_size, max_length) -> dict:
+    import torch
+
+    dataset, model = _setup(folder, data, max_length)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def step(batch):
+        _loss(model, batch).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    result = _timed_steps(step, _batches(dataset, batch_size, steps))
+    return {**result, "trainable": sum(p.numel() for p in model.parameters())}
+
+
+def lora(folder, data, steps, batch_size, max_length, rank, modules) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    dataset, model = _setup(folder, data, max_length)
+    model = get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=modules, lora_dropout=0.0)
+    )
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def step(batch):
+        _loss(model, batch).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    result = _timed_steps(step, _batches(dataset, batch_size, steps))
+    return {**result, "trainable": sum(p.numel() for p in trainable)}
+
+
+def sparse(folder, data, steps, batch_size, max_length, method) -> dict:
+    """piece-surgery's trainer on a 0.1% mask (random: touches every eligible tensor, the worst case)."""
+    from piece_surgery.checkpoint import parameter_keys, read_layout
+    from piece_surgery.score import ScoreOptions, score_model
+    from piece_surgery.train import TrainConfig, train_sparse
+
+    dataset, model = _setup(folder, data, max_length)
+    keys = parameter_keys(model, read_layout(folder))
+    mask, _ = score_model(model, keys, dataset, ScoreOptions(method=method, density=0.001))
+    named = dict(model.named_parameters())
+    params = {key: named[name] for name, key in keys.items() if key in mask.indices}
+    times = []
+    last = [time.perf_counter()]
+
+    def tick(n, record):
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    config = TrainConfig(lr=1e-4, max_steps=steps, batch_size=batch_size)
+    last[0] = time.perf_counter()
+    train_sparse(model, params, mask.indices, dataset, config, progress=tick)
+    return {
+        "step_seconds": sum(times[1:]) / max(len(times) - 1, 1),
+        "trainable": mask.k,
+        "tensors": len(mask.indices),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128)
+    args = parser.parse_args()
+    folder = smollm2_folder("float32")
+    common = (args.steps, args.batch_size, args.max_length)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_jsonl(stdlib_code_lines(64, min_chars=600), Path(tmp) / "code.jsonl")
+        rows = [
+            {"run": "full fine-tuning (AdamW)", **measure(full_finetune, folder, data, *common)},
+            # q,v at rank 2 gives ~115K trainable values, close to the 0.1% mask's ~106K
+            {
+                "run": "LoRA r=2 on q_proj,v_proj (peft)",
+                **measure(lora, folder, data, *common, 2, ["q_proj", "v_proj"]),
+            },
+            {
+                "run": "LoRA r=1 on all linear (peft)",
+                **measure(
+                    lora,
+                    folder,
+                    data,
+                    *common,
+                    1,
+                    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                ),
+            },
+            {
+                "run": "piece-surgery sparse, random 0.1% mask",
+                **measure(sparse, folder, data, *common, "random"),
+            },
+            {
+                "run": "piece-surgery sparse, magnitude 0.1% mask",
+                **measure(sparse, folder, data, *common, "magnitude"),
+            },
+        ]
+    full, lora_row = rows[0], rows[1]
+    for row in rows:
+        row["time_vs_full"] = row["step_seconds"] / full["step_seconds"]
+        row["time_vs_lora"] = row["step_seconds"] / lora_row["step_seconds"]
+        row["rss_vs_lora"] = row["peak_rss_mb"] / lora_row["peak_rss_mb"]
+    print(f"SmolLM2-135M fp32, batch {args.batch_size} x {args.max_length} tokens, {args.steps} steps, CPU")
+    print(
+        table(
+            rows,
+            [
+                "run",
+                "trainable",
+                "step_seconds",
+                "time_vs_full",
+                "time_vs_lora",
+                "peak_rss_mb",
+                "rss_vs_lora",
+            ],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
