@@ -89,6 +89,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak() -> None:
+    """Restart this process's high-water mark (Linux: clear_refs 5), to measure one phase only."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _child(fn, args, queue):
     start = time.perf_counter()
     result = fn(*args)
