@@ -112,7 +112,6 @@ def sparse(folder, data, steps, batch_size, max_length, method) -> dict:
         last[0] = now
 
     config = TrainConfig(lr=1e-4, max_steps=steps, batch_size=batch_size)
-    del mask.shapes
     reset_peak()  # the mask was chosen before; measure the training steps only, as for the others
     last[0] = time.perf_counter()
     train_sparse(model, params, mask.indices, dataset, config, progress=tick)
