@@ -18,7 +18,6 @@ digest, and task arithmetic onto another base still has the exact change `tuned 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import warnings
@@ -41,6 +40,7 @@ from piece_surgery.checkpoint import (
     weight_files,
     write_index,
 )
+from piece_surgery.data import file_sha256
 from piece_surgery.errors import PieceError
 from piece_surgery.hub import Resolved, resolve
 from piece_surgery.mask import index_dtype, select_top_k, summarize, validate_indices
@@ -145,7 +145,7 @@ def save_delta(delta: Delta, folder: Path, *, overwrite: bool = False, card: str
             "tool_version": __version__,
             "count": delta.count,
             "tensor_bytes": sum(v.numel() * v.element_size() for v in tensors.values()),
-            "weights_sha256": _sha256(tmp / WEIGHTS),
+            "weights_sha256": file_sha256(tmp / WEIGHTS),
             **{k: v for k, v in delta.info.items() if k not in ("tensors",)},
             "tensors": described,
         }
@@ -156,14 +156,6 @@ def save_delta(delta: Delta, folder: Path, *, overwrite: bool = False, card: str
             card = delta_card(description)
         (tmp / "README.md").write_text(card)
     return folder
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_delta(ref: str | Path) -> Delta:
@@ -184,7 +176,7 @@ def load_delta(ref: str | Path) -> Delta:
             f"{where} has format version {info.get('format_version')}; this piece-surgery reads "
             f"{FORMAT_VERSION}: upgrade piece-surgery"
         )
-    if _sha256(folder / WEIGHTS) != info.get("weights_sha256"):
+    if file_sha256(folder / WEIGHTS) != info.get("weights_sha256"):
         raise PieceError(f"{where}: {WEIGHTS} does not match its recorded sha256 (corrupt or truncated)")
     tensors = {}
     try:
