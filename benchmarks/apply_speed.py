@@ -7,6 +7,7 @@ deltas, not the whole model.  Run: python benchmarks/apply_speed.py [--big-layer
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -91,42 +92,49 @@ def big_random(work: Path, layers: int) -> Path:
     return folder
 
 
-def run(name: str, base: Path, work: Path) -> list[dict]:
+def run(name: str, base: Path, work: Path, repeats: int) -> list[dict]:
+    """Each run `repeats` times, interleaved, flushing dirty pages first (a writer that follows
+    another would otherwise be throttled by the kernel for the other's writes); best time kept."""
     work.mkdir(exist_ok=True)
     delta = make_delta(base, work)
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     shards = len(list(base.glob("*.safetensors")))
-    rows = [
-        {"model": name, "run": "plain safetensors read+write", **measure(plain_copy, base, work / "copy")},
-        {"model": name, "run": "piece-surgery apply", **measure(piece_apply, base, delta, work / "merged")},
-        {
-            "model": name,
-            "run": "transformers load+save_pretrained",
-            **measure(transformers_roundtrip, base, work / "hf"),
-        },
+    runs = [
+        ("plain safetensors read+write", plain_copy, (base, work / "copy")),
+        ("piece-surgery apply", piece_apply, (base, delta, work / "merged")),
+        ("transformers load+save_pretrained", transformers_roundtrip, (base, work / "hf")),
     ]
+    best: dict[str, dict] = {}
+    for _ in range(repeats):
+        for label, fn, args in runs:
+            os.sync()
+            result = measure(fn, *args)
+            if label not in best or result["seconds"] < best[label]["seconds"]:
+                best[label] = result
+            shutil.rmtree(args[-1], ignore_errors=True)
+    rows = [{"model": name, "run": label, **best[label]} for label, _, _ in runs]
     for row in rows:
         row["time_ratio"] = row["seconds"] / rows[0]["seconds"]
         row["model_mb"] = size / 2**20
         row["shards"] = shards
-    for out in ("copy", "merged", "hf"):
-        shutil.rmtree(work / out, ignore_errors=True)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--big-layers", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows += run("SmolLM2-135M bf16", smollm2_folder("bfloat16"), work / "small")
+        rows += run("SmolLM2-135M bf16", smollm2_folder("bfloat16"), work / "small", args.repeats)
         (work / "bigwork").mkdir()
         rows += run(
             f"random Llama {args.big_layers}x1024 bf16",
             big_random(work / "bigwork", args.big_layers),
             work / "bigwork",
+            args.repeats,
         )
     print(table(rows, ["model", "run", "model_mb", "shards", "seconds", "time_ratio", "peak_rss_mb"]))
 

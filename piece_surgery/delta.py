@@ -22,6 +22,7 @@ import json
 import shutil
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from piece_surgery.atomic import atomic_path, check_output
 from piece_surgery.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
+    PatchedCopy,
     ShardReader,
     TensorInfo,
     fingerprint,
@@ -345,6 +347,8 @@ def combine(
     delta trained side by side from the same base). At scale 1 on matching weights the tuned value
     is written as is, so apply reproduces a tuned checkpoint bit for bit.
     """
+    if len(parts) == 1 and parts[0][0].dtype == base_flat.dtype:
+        return _combine_one(name, base_flat, *parts[0], force=force)
     union = torch.unique(torch.cat([d.indices for d, _, _ in parts]))
     base_u = base_flat[union]
     current = base_u.clone()
@@ -400,6 +404,26 @@ def combine(
     return union, current, overlap
 
 
+def _combine_one(
+    name: str, base_flat: torch.Tensor, delta: TensorDelta, scale: float, label: str, *, force: bool
+) -> tuple[torch.Tensor, torch.Tensor, Overlap]:
+    """combine() for the common case of one delta: no union to build, the same result."""
+    current = base_flat[delta.indices]
+    matches = same_bits(current, delta.base)
+    mismatched = int((~matches).sum())
+    if mismatched and not force:
+        raise PieceError(
+            f"{label} was not made from this base: tensor '{name}' differs at {mismatched} of its "
+            f"{delta.indices.numel()} entries; pass --force to apply it anyway (task arithmetic)"
+        )
+    if scale == 1.0 and not mismatched:
+        return delta.indices, delta.tuned, Overlap()
+    stacked = (current.double() + scale * delta.change()).to(base_flat.dtype)
+    if scale == 1.0:
+        stacked = torch.where(matches, delta.tuned, stacked)
+    return delta.indices, stacked, Overlap(mismatched=mismatched)
+
+
 # ---------------------------------------------------------------- apply to checkpoint folders
 
 
@@ -412,6 +436,7 @@ class ApplyPlan:
     touched: dict[str, int]  # tensor -> entries changed by any delta
     overlap: Overlap
     output_bytes: int
+    resharded: bool = False  # True: tensors are regrouped (--shard-size), not patched in their files
 
     def describe(self) -> dict:
         return {
@@ -483,7 +508,7 @@ def plan_apply(
         _warn_mismatch(overlap)
     shards = _shard_plan(base.path, layout, shard_size)
     size = sum(layout[n].numel * layout[n].dtype.itemsize for n in layout)
-    return ApplyPlan(base, layout, deltas, shards, touched, overlap, size)
+    return ApplyPlan(base, layout, deltas, shards, touched, overlap, size, resharded=shard_size is not None)
 
 
 def _warn_mismatch(overlap: Overlap) -> None:
@@ -541,27 +566,46 @@ def execute_apply(
                 shutil.copy2(item, tmp / item.name)
         weight_map: dict[str, str] = {}
         overlap, touched = Overlap(), {}
+
+        def merged(name: str, flat: torch.Tensor) -> None:
+            parts = [(d.tensors[name], s, label) for d, s, label in plan.deltas if name in d.tensors]
+            union, values, o = combine(name, flat, parts, on_conflict=on_conflict, force=force)
+            flat[union] = values
+            touched[name] = int(union.numel())
+            overlap.add(o)
+
         for file, names in plan.shards.items():
-            shard: dict[str, torch.Tensor] = {}
+            weight_map.update(dict.fromkeys(names, file))
+            changed = [n for n in names if any(n in d.tensors for d, _, _ in plan.deltas)]
+            if not plan.resharded:
+                # The output file is the input file with some entries changed: a kernel copy, then
+                # each changed tensor read, merged and written back at its offset.
+                copy = PatchedCopy(plan.base.path / file, tmp / file)
+                try:
+                    known = all(copy.patch(name, partial(merged, name)) for name in changed)
+                finally:
+                    copy.close()
+                if known:
+                    if progress:
+                        progress(1)
+                    continue
+            tensors: dict[str, torch.Tensor] = {}
             for name in names:
                 tensor = reader.get(name)
-                parts = [(d.tensors[name], s, label) for d, s, label in plan.deltas if name in d.tensors]
-                if parts:
+                if name in changed:
                     # a private copy: writing into the memory-mapped tensor would fault page by page
                     tensor = tensor.clone()
-                    flat = tensor.view(-1)
-                    union, values, o = combine(name, flat, parts, on_conflict=on_conflict, force=force)
-                    flat[union] = values
-                    touched[name] = int(union.numel())
-                    overlap.add(o)
-                shard[name] = tensor
-                weight_map[name] = file
-            save_shard(shard, tmp / file, metadata)
-            del shard
+                    merged(name, tensor.view(-1))
+                tensors[name] = tensor
+            save_shard(tensors, tmp / file, metadata)
+            del tensors
             if progress:
                 progress(1)
         if len(plan.shards) > 1:
-            write_index(tmp, weight_map, plan.output_bytes)
+            if not plan.resharded and (plan.base.path / INDEX_FILE).is_file():
+                shutil.copy2(plan.base.path / INDEX_FILE, tmp / INDEX_FILE)
+            else:
+                write_index(tmp, weight_map, plan.output_bytes)
     reader.close()
     plan.overlap, plan.touched = overlap, touched
     _warn_mismatch(overlap)

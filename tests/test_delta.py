@@ -180,3 +180,15 @@ def test_cli_apply_by_scale_and_inspect(tiny, tmp_path, cli):
     code, stdout, _ = cli("inspect", tmp_path / "delta", "--json")
     summary = json.loads(stdout)
     assert code == 0 and summary["kind"] == "delta" and summary["bytes_per_entry"] == 8.0
+
+
+def test_output_shards_are_the_input_files_except_changed_entries(tiny, tmp_path):
+    base = tiny("llama", dtype=torch.bfloat16, max_shard_size="20KB")
+    tuned = perturb(base, tmp_path / "tuned", fraction=0.02, hard=False)
+    save_delta(diff(str(base), str(tuned)), tmp_path / "delta")
+    apply(str(base), [str(tmp_path / "delta")], tmp_path / "zero", scales=[0.0])
+    for f in base.glob("*.safetensors"):  # header, metadata, order and every byte kept
+        assert (tmp_path / "zero" / f.name).read_bytes() == f.read_bytes()
+    assert (tmp_path / "zero" / "model.safetensors.index.json").read_bytes() == (
+        base / "model.safetensors.index.json"
+    ).read_bytes()
