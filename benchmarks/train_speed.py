@@ -92,15 +92,15 @@ def lora(folder, data, steps, batch_size, max_length, rank, modules) -> dict:
     return {**result, "trainable": sum(p.numel() for p in trainable)}
 
 
-def sparse(folder, data, steps, batch_size, max_length, method) -> dict:
-    """piece-surgery's trainer on a 0.1% mask (random: touches every eligible tensor, the worst case)."""
+def sparse(folder, data, steps, batch_size, max_length, mask_path) -> dict:
+    """piece-surgery's trainer on a 0.1% mask scored beforehand (as `score` then `train --mask`)."""
     from piece_surgery.checkpoint import parameter_keys, read_layout
-    from piece_surgery.score import ScoreOptions, score_model
+    from piece_surgery.mask import load_mask
     from piece_surgery.train import TrainConfig, train_sparse
 
     dataset, model = _setup(folder, data, max_length)
+    mask = load_mask(mask_path)
     keys = parameter_keys(model, read_layout(folder))
-    mask, _ = score_model(model, keys, dataset, ScoreOptions(method=method, density=0.001))
     named = dict(model.named_parameters())
     params = {key: named[name] for name, key in keys.items() if key in mask.indices}
     times = []
@@ -112,7 +112,7 @@ def sparse(folder, data, steps, batch_size, max_length, method) -> dict:
         last[0] = now
 
     config = TrainConfig(lr=1e-4, max_steps=steps, batch_size=batch_size)
-    reset_peak()  # the mask was chosen before; measure the training steps only, as for the others
+    reset_peak()
     last[0] = time.perf_counter()
     train_sparse(model, params, mask.indices, dataset, config, progress=tick)
     return {
@@ -120,6 +120,15 @@ def sparse(folder, data, steps, batch_size, max_length, method) -> dict:
         "trainable": mask.k,
         "tensors": len(mask.indices),
     }
+
+
+def score_mask(folder: Path, data: Path, method: str, out: Path) -> dict:
+    from piece_surgery.mask import save_mask
+    from piece_surgery.score import ScoreOptions, score_checkpoint
+
+    mask, _, _ = score_checkpoint(str(folder), data, ScoreOptions(method=method, density=0.001), device="cpu")
+    save_mask(mask, out)
+    return {}
 
 
 def main() -> None:
@@ -132,6 +141,10 @@ def main() -> None:
     common = (args.steps, args.batch_size, args.max_length)
     with tempfile.TemporaryDirectory() as tmp:
         data = write_jsonl(stdlib_code_lines(64, min_chars=600), Path(tmp) / "code.jsonl")
+        masks = {}
+        for method in ("random", "magnitude", "piece-s"):
+            masks[method] = Path(tmp) / f"{method}.safetensors"
+            measure(score_mask, folder, data, method, masks[method])
         rows = [
             {"run": "full fine-tuning (AdamW)", **measure(full_finetune, folder, data, *common)},
             # q,v at rank 2 gives ~115K trainable values, close to the 0.1% mask's ~106K
@@ -152,11 +165,15 @@ def main() -> None:
             },
             {
                 "run": "piece-surgery sparse, random 0.1% mask",
-                **measure(sparse, folder, data, *common, "random"),
+                **measure(sparse, folder, data, *common, masks["random"]),
             },
             {
                 "run": "piece-surgery sparse, magnitude 0.1% mask",
-                **measure(sparse, folder, data, *common, "magnitude"),
+                **measure(sparse, folder, data, *common, masks["magnitude"]),
+            },
+            {
+                "run": "piece-surgery sparse, piece-s 0.1% mask",
+                **measure(sparse, folder, data, *common, masks["piece-s"]),
             },
         ]
     full, lora_row = rows[0], rows[1]

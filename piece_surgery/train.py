@@ -22,6 +22,7 @@ from piece_surgery.atomic import atomic_path
 from piece_surgery.checkpoint import save_shard
 from piece_surgery.data import Dataset, collate, mean_token_loss, micro_batches
 from piece_surgery.errors import PieceError
+from piece_surgery.sparse_grad import restore, route_linear, single_linear_owner
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -109,7 +110,12 @@ def step_examples(step: int, n_examples: int, config: TrainConfig) -> list[int]:
 
 
 class SparseParameters:
-    """The k trainable values of each masked tensor, and the hooks that feed them gradients."""
+    """The k trainable values of each masked tensor, and what feeds them gradients.
+
+    Linear layers compute only the selected entries of their weight gradient (sparse_grad.py);
+    other tensors (norm gains, biases, shared or non-Linear weights) get their dense gradient
+    reduced to the k entries by a hook as soon as backward produces it, and freed.
+    """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], indices: dict[str, torch.Tensor]):
         self.params = params
@@ -119,13 +125,24 @@ class SparseParameters:
             for n in params
         }
         self._handles = []
+        self._routed: list[torch.nn.Module] = []
 
-    def attach(self, model: torch.nn.Module) -> None:
-        masked = {id(p) for p in self.params.values()}
+    def attach(self, model: torch.nn.Module, *, sparse_linear: bool = True) -> None:
+        routed = {}
+        if sparse_linear:
+            for name, p in self.params.items():
+                owner = single_linear_owner(model, p)
+                if owner is not None:
+                    routed[name] = owner
+        hooked = {id(p) for n, p in self.params.items() if n not in routed}
         for p in model.parameters():  # nothing else is trained, nor even gets a gradient
-            p.requires_grad_(id(p) in masked)
+            p.requires_grad_(id(p) in hooked)
+        for name, module in routed.items():
+            route_linear(module, self.values[name], self.indices[name])
+            self._routed.append(module)
         for name, p in self.params.items():
-            self._handles.append(p.register_post_accumulate_grad_hook(self._gather(name)))
+            if name not in routed:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._gather(name)))
 
     def _gather(self, name: str) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
@@ -146,6 +163,9 @@ class SparseParameters:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for module in self._routed:
+            restore(module)
+        self._routed.clear()
 
 
 def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int, pad_id: int) -> float:
@@ -178,12 +198,14 @@ def train_sparse(
     resume: bool = False,
     identity: dict | None = None,
     progress: Callable[[int, dict], None] | None = None,
+    sparse_linear: bool = True,
 ) -> TrainResult:
     """Train the masked entries of `params` (tensor name -> model parameter) in place.
 
     Returns the trained fp32 values; the model holds them (in its dtype) when this returns. With
     `state_dir` and `config.save_every`, a resumable state is written there atomically every
-    `save_every` steps; `resume=True` continues from it.
+    `save_every` steps; `resume=True` continues from it. `sparse_linear=False` computes every
+    masked tensor's dense gradient and keeps its k entries (the slower reference path).
     """
     config.validate()
     if not dataset.examples:
@@ -200,7 +222,7 @@ def train_sparse(
         start, history = load_state(state_dir, sparse, optimizer, identity)
     if not resume:
         torch.manual_seed(config.seed)
-    sparse.attach(model)
+    sparse.attach(model, sparse_linear=sparse_linear)
     if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
         if hasattr(model, "enable_input_require_grads"):

@@ -272,3 +272,17 @@ def test_other_families_end_to_end(tiny, code_data, tmp_path, cli, arch):
     a, b = load_file(tmp_path / "d" / "delta.safetensors"), load_file(tmp_path / "d2" / "delta.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not any("wte" in k or "embed" in k for k in a)
+
+
+def test_selected_entry_gradients_train_like_dense_gradients(tiny, code_data):
+    folder = tiny("llama")
+    runs = []
+    for sparse_linear in (True, False):
+        mask, dataset, model, params = setup(folder, code_data)
+        config = TrainConfig(lr=1e-3, max_steps=3, batch_size=2)
+        runs.append(train_sparse(model, params, mask.indices, dataset, config, sparse_linear=sparse_linear))
+    fast, dense = runs
+    assert fast.values.keys() == dense.values.keys()
+    for name in fast.values:
+        torch.testing.assert_close(fast.values[name], dense.values[name], rtol=1e-4, atol=1e-6)
+    assert abs(fast.train_loss - dense.train_loss) < 1e-4

@@ -1,0 +1,86 @@
+"""Gradients of selected entries of a linear layer's weight, without its dense weight gradient.
+
+For y = x W^T + b, dL/dW[o, i] = sum over tokens of dy[:, o] * x[:, i]. With k selected entries that
+is O(tokens x k) work instead of the O(tokens x out x in) matrix product, and backward needs only the
+input columns that selected entries use (saved alone when they are few). Layers whose weight is
+shared with another module (tied embeddings) keep the dense path: their gradient has two sources.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+
+# Cap on the (tokens x entries) products formed at once in backward, in elements.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class EntryPlan:
+    rows: torch.Tensor  # output feature of each selected entry
+    cols: torch.Tensor  # input feature of each selected entry
+    used_cols: torch.Tensor  # the distinct input features, sorted
+    col_pos: torch.Tensor  # position of each entry's input feature in used_cols
+    gather: bool  # save only x[..., used_cols] (few distinct columns) rather than x itself
+
+    @classmethod
+    def for_indices(cls, flat_indices: torch.Tensor, in_features: int) -> EntryPlan:
+        rows, cols = flat_indices // in_features, flat_indices % in_features
+        used, pos = torch.unique(cols, return_inverse=True)
+        # x itself is often saved anyway (q/k/v share it), so only a clearly smaller copy pays
+        return cls(rows, cols, used, pos, gather=used.numel() * 2 <= in_features)
+
+
+class SelectedEntryLinear(torch.autograd.Function):
+    """F.linear whose weight gradient is delivered only at the planned entries, to `values`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, plan: EntryPlan):
+        saved = x[..., plan.used_cols] if plan.gather else x
+        ctx.save_for_backward(saved, weight)
+        ctx.plan = plan
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved, weight = ctx.saved_tensors
+        plan: EntryPlan = ctx.plan
+        grad_x = dy.matmul(weight.to(dy.dtype)) if ctx.needs_input_grad[0] else None
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        x2 = saved.reshape(-1, saved.shape[-1])
+        cols = plan.col_pos if plan.gather else plan.cols
+        k = plan.rows.numel()
+        grad_values = torch.empty(k, dtype=torch.float32, device=dy.device)
+        step = max(1, _CHUNK_ELEMENTS // max(dy2.shape[0], 1))
+        for start in range(0, k, step):
+            end = min(start + step, k)
+            a = dy2[:, plan.rows[start:end]].float()
+            b = x2[:, cols[start:end]].float()
+            grad_values[start:end] = (a * b).sum(0)
+        grad_bias = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias, grad_values, None
+
+
+def route_linear(module: torch.nn.Linear, values: torch.Tensor, indices: torch.Tensor) -> None:
+    """Make `module` deliver its weight gradient at `indices` to `values` (undo with restore)."""
+    plan = EntryPlan.for_indices(indices, module.in_features)
+
+    def forward(self, x):
+        return SelectedEntryLinear.apply(x, self.weight, self.bias, values, plan)
+
+    module.forward = types.MethodType(forward, module)
+
+
+def restore(module: torch.nn.Module) -> None:
+    module.__dict__.pop("forward", None)
+
+
+def single_linear_owner(model: torch.nn.Module, param: torch.nn.Parameter) -> torch.nn.Linear | None:
+    """The nn.Linear whose weight `param` is, if no other module uses it too."""
+    owners = [m for m in model.modules() for p in m._parameters.values() if p is param]
+    if len(owners) == 1 and type(owners[0]) is torch.nn.Linear and owners[0].weight is param:
+        return owners[0]
+    return None

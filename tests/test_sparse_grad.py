@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from piece_surgery.sparse_grad import EntryPlan, SelectedEntryLinear, restore, route_linear
+
+
+@pytest.mark.parametrize("distinct_cols", [3, 40])  # few columns: gathered copy; many: x itself
+@pytest.mark.parametrize("bias", [True, False])
+def test_selected_entry_gradient_equals_dense_gradient(distinct_cols, bias):
+    gen = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(48, 24, bias=bias)
+    cols = torch.randperm(48, generator=gen)[:distinct_cols]
+    flat = torch.unique(
+        torch.randint(0, 24, (60,), generator=gen) * 48
+        + cols[torch.randint(0, distinct_cols, (60,), generator=gen)]
+    )
+    x = torch.randn(3, 7, 48, generator=gen, requires_grad=True)
+    target = torch.randn(3, 7, 24, generator=gen)
+
+    # brute force: the dense weight gradient, then its entries
+    dense_x = x.detach().clone().requires_grad_(True)
+    loss = ((layer(dense_x) - target) ** 2).sum()
+    grad_w, grad_x_dense = torch.autograd.grad(loss, [layer.weight, dense_x])
+    expected = grad_w.reshape(-1)[flat]
+
+    values = layer.weight.detach().reshape(-1)[flat].clone().requires_grad_(True)
+    plan = EntryPlan.for_indices(flat, 48)
+    assert plan.gather == (distinct_cols * 2 <= 48)
+    with torch.no_grad():
+        layer.weight.requires_grad_(False)
+    out = SelectedEntryLinear.apply(x, layer.weight, layer.bias, values, plan)
+    ((out - target) ** 2).sum().backward()
+    torch.testing.assert_close(values.grad, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, grad_x_dense, rtol=1e-5, atol=1e-6)
+
+
+def test_route_and_restore_linear():
+    layer = torch.nn.Linear(8, 4)
+    values = torch.zeros(2, requires_grad=True)
+    route_linear(layer, values, torch.tensor([1, 9]))
+    layer.weight.requires_grad_(False)
+    layer(torch.randn(2, 8)).sum().backward()
+    assert values.grad is not None and values.grad.shape == (2,)
+    restore(layer)
+    assert "forward" not in layer.__dict__
