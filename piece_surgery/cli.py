@@ -380,6 +380,39 @@ def apply(
 
 
 @app.command()
+def push(
+    path: Annotated[Path, typer.Argument(help="A delta folder (or a mask file) to upload.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo id, user/name; created if missing.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Branch to push to (created if missing).")] = None,
+    commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
+    token: Annotated[str | None, typer.Option(help="Hub token (else HF_TOKEN or the stored login).")] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead.")] = False,
+    base_model: Annotated[
+        str | None, typer.Option(help="Hub repo id of the base, for the card (when it was a local folder).")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Share a delta (or a mask) on the Hugging Face Hub."""
+    from piece_surgery.hub import push as push_to_hub
+
+    result = push_to_hub(
+        path,
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        token=token,
+        create_pr=create_pr,
+        base_model=base_model,
+    )
+    lines = [f"pushed {path} to {result['url']} ({result['revision']}, commit {result['commit'][:12]})"]
+    if result["pr_url"]:
+        lines.append(f"pull request: {result['pr_url']}")
+    _emit(result, as_json, lines=lines)
+
+
+@app.command()
 def inspect(
     path: Annotated[str, typer.Argument(help="A mask file or a delta folder (path or Hub repo id).")],
     as_json: AsJson = False,

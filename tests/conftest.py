@@ -1,9 +1,24 @@
+import os
+import socket
 import sys
+import tempfile
 
-import pytest
-import torch
+# The Hub client reads these when it is imported, so they are set before anything imports it:
+# a local Hub-compatible server (tests/hub_server.py) on a port reserved now, a private cache,
+# and no Xet (tests only; the product never disables it).
+with socket.socket() as _s:
+    _s.bind(("127.0.0.1", 0))
+    HUB_PORT = _s.getsockname()[1]
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="piece-surgery-hf-home-")
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+for _name in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+    os.environ.pop(_name, None)
 
-from piece_surgery.testing import make_tiny_checkpoint
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from piece_surgery.testing import make_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +73,23 @@ def cli(monkeypatch, capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def hub_server():
+    from http.server import ThreadingHTTPServer
+
+    from hub_server import HubServer
+
+    ThreadingHTTPServer.allow_reuse_address = True
+    server = HubServer(port=HUB_PORT)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub(hub_server, monkeypatch):
+    """The local Hub with an accepted token in HF_TOKEN; state is shared by the session."""
+    hub_server.state.tokens = {"hf_test_token"}
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    return hub_server
