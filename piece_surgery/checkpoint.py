@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,75 +129,67 @@ def open_checkpoint(folder: Path) -> Iterator[ShardReader]:
         reader.close()
 
 
-class PatchedCopy:
-    """Copy a safetensors file byte for byte into `dst`, then rewrite chosen tensors in place.
+def copy_with_patches(src: Path, dst: Path, patches: dict[str, Callable[[torch.Tensor], None]]) -> bool:
+    """Write `dst` as a byte-for-byte copy of the safetensors file `src`, except that each tensor
+    named in `patches` is read into memory, changed in place by its function, and written back.
 
-    The copy is made by the kernel (copy_file_range); each tensor to change is read into memory,
-    changed, and written back at its own offset. The output is identical to the input except at the
-    changed entries, header and metadata included, and untouched tensors never enter user memory.
+    Untouched runs of bytes are copied inside the kernel (copy_file_range); every byte is copied
+    once; header, metadata and layout are kept. Returns False, writing nothing, if a patched
+    tensor has a dtype this reader does not know.
     """
-
-    def __init__(self, src: Path, dst: Path):
-        size = Path(src).stat().st_size
-        _copy_file(Path(src), Path(dst), size)
-        self._src = open(src, "rb")  # noqa: SIM115 - closed in close()
-        self._dst = open(dst, "r+b")  # noqa: SIM115 - closed in close()
-        try:
-            header_len = int.from_bytes(self._src.read(8), "little")
-            self.header = json.loads(self._src.read(header_len))
-        except (ValueError, UnicodeDecodeError) as exc:
-            self.close()
-            raise PieceError(f"cannot read '{src}': corrupt safetensors header") from exc
-        self.start = 8 + header_len
-        self.size = size
-
-    def patch(self, name: str, change) -> bool:
-        """Read tensor `name`, let `change(flat_view)` edit it in place, write it back.
-        False (nothing done) for a dtype this reader does not know."""
-        import os
-
-        import numpy as np
-
-        entry = self.header[name]
-        dtype = _ST_DTYPES.get(entry["dtype"])
-        begin, end = entry["data_offsets"]
-        if dtype is None:
-            return False
-        if self.start + end > self.size:
-            raise PieceError(f"tensor '{name}' runs past the end of its file: truncated safetensors file")
-        buffer = np.empty(end - begin, dtype=np.uint8)
-        if os.preadv(self._src.fileno(), [buffer], self.start + begin) != end - begin:
-            raise PieceError(f"cannot read tensor '{name}': truncated safetensors file")
-        change(torch.from_numpy(buffer).view(dtype))
-        os.pwrite(self._dst.fileno(), buffer, self.start + begin)
-        return True
-
-    def close(self) -> None:
-        self._src.close()
-        self._dst.close()
-
-
-def _copy_file(src: Path, dst: Path, size: int) -> None:
-    """Copy inside the kernel where the OS can (no trip through user memory)."""
     import os
-    import shutil
 
-    if not hasattr(os, "copy_file_range"):
-        shutil.copyfile(src, dst)
-        return
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        done = 0
+    import numpy as np
+
+    size = Path(src).stat().st_size
+    with open(src, "rb") as fin:
         try:
-            while done < size:
-                step = os.copy_file_range(fin.fileno(), fout.fileno(), size - done)
-                if step == 0:
-                    raise PieceError(f"cannot read '{src}': file shrank while copying")
-                done += step
-        except OSError:  # e.g. across file systems that refuse it: copy the plain way
-            fout.seek(0)
-            fout.truncate()
-            fin.seek(0)
-            shutil.copyfileobj(fin, fout, 1 << 24)
+            header_len = int.from_bytes(fin.read(8), "little")
+            header = json.loads(fin.read(header_len))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise PieceError(f"cannot read '{src}': corrupt safetensors header") from exc
+        start = 8 + header_len
+        if any(_ST_DTYPES.get(header[name]["dtype"]) is None for name in patches):
+            return False
+        regions = sorted(
+            (start + e["data_offsets"][0], start + e["data_offsets"][1], name)
+            for name, e in header.items()
+            if name != "__metadata__"
+        )
+        if regions and regions[-1][1] > size:
+            raise PieceError(f"cannot read '{src}': truncated safetensors file")
+        with open(dst, "wb") as fout:
+            src_fd, dst_fd = fin.fileno(), fout.fileno()
+            copied = 0  # bytes [0, copied) of dst are written
+            for begin, end, name in regions:
+                if name not in patches:
+                    continue
+                _copy_range(src_fd, dst_fd, copied, begin - copied)
+                buffer = np.empty(end - begin, dtype=np.uint8)
+                if os.preadv(src_fd, [buffer], begin) != end - begin:
+                    raise PieceError(f"cannot read tensor '{name}': truncated safetensors file")
+                patches[name](torch.from_numpy(buffer).view(_ST_DTYPES[header[name]["dtype"]]))
+                os.pwrite(dst_fd, buffer, begin)
+                copied = end
+            _copy_range(src_fd, dst_fd, copied, size - copied)
+    return True
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Copy `length` bytes at `offset` of one file to the same offset of another, in the kernel
+    where the OS can."""
+    import os
+
+    done = 0
+    while done < length:
+        try:
+            step = os.copy_file_range(src_fd, dst_fd, length - done, offset + done, offset + done)
+        except (AttributeError, OSError):  # no copy_file_range here, or refused across file systems
+            chunk = os.pread(src_fd, min(length - done, 1 << 24), offset + done)
+            step = os.pwrite(dst_fd, chunk, offset + done) if chunk else 0
+        if step == 0:
+            raise PieceError("the input file shrank while it was being copied")
+        done += step
 
 
 def shard_metadata(folder: Path) -> dict[str, str]:

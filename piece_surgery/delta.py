@@ -33,9 +33,9 @@ from piece_surgery.atomic import atomic_path, check_output
 from piece_surgery.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
-    PatchedCopy,
     ShardReader,
     TensorInfo,
+    copy_with_patches,
     fingerprint,
     read_layout,
     save_shard,
@@ -578,14 +578,10 @@ def execute_apply(
             weight_map.update(dict.fromkeys(names, file))
             changed = [n for n in names if any(n in d.tensors for d, _, _ in plan.deltas)]
             if not plan.resharded:
-                # The output file is the input file with some entries changed: a kernel copy, then
-                # each changed tensor read, merged and written back at its offset.
-                copy = PatchedCopy(plan.base.path / file, tmp / file)
-                try:
-                    known = all(copy.patch(name, partial(merged, name)) for name in changed)
-                finally:
-                    copy.close()
-                if known:
+                # The output file is the input file with some entries changed: untouched bytes are
+                # copied by the kernel, changed tensors read, merged and written back in place.
+                patches = {name: partial(merged, name) for name in changed}
+                if copy_with_patches(plan.base.path / file, tmp / file, patches):
                     if progress:
                         progress(1)
                     continue
