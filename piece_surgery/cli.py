@@ -48,7 +48,12 @@ def score(
     model: Annotated[str, typer.Argument(help="Model folder or Hub repo id[@revision].")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Mask file to write (.safetensors).")],
     data: Annotated[Path | None, typer.Option(help=".txt (one example per line) or .jsonl.")] = None,
-    method: Annotated[str, typer.Option(help="piece-s, piece-f, gradient, magnitude or random.")] = "piece-s",
+    method: Annotated[
+        str, typer.Option(help="piece-s, piece-f, gradient, magnitude, random, or piece-s-rel (ours).")
+    ] = "piece-s",
+    normalize: Annotated[
+        str, typer.Option(help="none, or tensor: scores divided by each tensor's mean before the top-k.")
+    ] = "none",
     density: Annotated[float, typer.Option(help="Fraction of eligible entries to select.")] = 0.001,
     batch_size: Annotated[int, typer.Option(help="Micro-batch size: one gradient g_b per micro-batch.")] = 1,
     max_samples: Annotated[int | None, typer.Option(help="Use at most this many examples.")] = None,
@@ -90,6 +95,7 @@ def score(
         seed=seed,
         offload_accumulators=offload_accumulators,
         gradient_checkpointing=gradient_checkpointing,
+        normalize=normalize,
     )
     start = time.perf_counter()
     mask, stats, dataset = score_checkpoint(
@@ -142,6 +148,12 @@ def train(
     method: Annotated[str, typer.Option(help="Scoring method when no --mask is given.")] = "piece-s",
     density: Annotated[float, typer.Option(help="Mask density when no --mask is given.")] = 0.001,
     score_batch_size: Annotated[int, typer.Option(help="Micro-batch size for scoring.")] = 1,
+    normalize: Annotated[
+        str, typer.Option(help="Score normalisation when no --mask: none or tensor.")
+    ] = "none",
+    norm_lr_scale: Annotated[
+        float, typer.Option(help="Learning-rate multiplier for norm gains in the mask (1: same lr).")
+    ] = 1.0,
     exclude: Annotated[
         list[str] | None, typer.Option(help="Regex excluded from scoring. [default: embed]")
     ] = None,
@@ -194,6 +206,7 @@ def train(
         save_every=save_every,
         seed=seed,
         gradient_checkpointing=gradient_checkpointing,
+        norm_lr_scale=norm_lr_scale,
     )
     score_options = ScoreOptions(
         method=method,
@@ -204,6 +217,7 @@ def train(
         include=include or [],
         exclude=["embed"] if exclude is None else exclude,
         seed=seed,
+        normalize=normalize,
     )
     start = time.perf_counter()
     delta, result, used_mask = train_checkpoint(

@@ -6,6 +6,10 @@ For every micro-batch b, g_b is the gradient of that micro-batch's mean token lo
   gradient  = |sum_b g_b|
   magnitude = |theta|                            (no data pass)
   random    = seeded uniform                      (no data pass)
+Variants of our own (not in the paper):
+  piece-s-rel = |sum_b g_b| / sqrt(sum_b g_b^2 + mean(sum_b g_b^2)): PIECE-S with its "+1" replaced
+                by the mean over all eligible entries, so the damping follows the gradients' scale
+                (on small models sum g^2 is ~1e-5, and "+1" turns PIECE-S into plain |sum g|).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import torch
 from piece_surgery.data import Dataset, mean_token_loss, micro_batches
 from piece_surgery.errors import PieceError
 
-METHODS = ("piece-s", "piece-f", "gradient", "magnitude", "random")
+METHODS = ("piece-s", "piece-f", "gradient", "magnitude", "random", "piece-s-rel")
+NORMALIZATIONS = ("none", "tensor")
 DEFAULT_EXCLUDE = ("embed",)
 
 
@@ -156,14 +161,18 @@ def scores_from_sums(
 ) -> dict[str, torch.Tensor]:
     """Turn the accumulators into scores, reusing their memory (the inputs are consumed)."""
     scores = {}
+    damping = 1.0
+    if method == "piece-s-rel":
+        total = sum(float(g2.sum(dtype=torch.float64)) for g2 in squares.values())
+        damping = total / max(sum(g2.numel() for g2 in squares.values()), 1)
     for key in list(sums or squares):
         if method == "piece-f":
             scores[key] = squares.pop(key)
         elif method == "gradient":
             scores[key] = sums.pop(key).abs_()
-        elif method == "piece-s":
+        elif method in ("piece-s", "piece-s-rel"):
             g2 = squares.pop(key)
-            scores[key] = sums.pop(key).abs_().div_(g2.add_(1.0).sqrt_())
+            scores[key] = sums.pop(key).abs_().div_(g2.add_(damping).sqrt_())
         else:
             raise PieceError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     return scores
@@ -179,7 +188,20 @@ def data_free_scores(
     return {k: torch.rand(params[k].shape, generator=generator) for k in sorted(params)}
 
 
+def normalize_scores(scores: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
+    """`tensor`: divide each tensor's scores by their mean, so tensors compete on relative
+    importance rather than on the scale of their gradients (in place); `none`: as they are."""
+    if how not in NORMALIZATIONS:
+        raise PieceError(f"unknown --normalize '{how}'; use none or tensor")
+    if how == "tensor":
+        for s in scores.values():
+            mean = float(s.mean(dtype=torch.float64))
+            if mean > 0:
+                s.div_(mean)
+    return scores
+
+
 def needs_data(method: str) -> bool:
     if method not in METHODS:
         raise PieceError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
-    return method in ("piece-s", "piece-f", "gradient")
+    return method in ("piece-s", "piece-f", "gradient", "piece-s-rel")

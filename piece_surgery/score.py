@@ -27,6 +27,7 @@ from piece_surgery.importance import (
     data_free_scores,
     eligible_parameters,
     needs_data,
+    normalize_scores,
     scores_from_sums,
 )
 from piece_surgery.mask import Mask, k_for_density, select_top_k
@@ -45,10 +46,12 @@ class ScoreOptions:
     seed: int = 0
     offload_accumulators: bool = False
     gradient_checkpointing: bool = False
+    normalize: str = "none"  # "tensor": scores divided by each tensor's mean before the top-k
 
     def validate(self) -> None:
         """Check the options before any loading, so mistakes fail in milliseconds."""
         needs_data(self.method)
+        normalize_scores({}, self.normalize)
         if not (0.0 < self.density <= 1.0):
             raise PieceError(f"density {self.density} is outside (0, 1]; the paper uses 0.001")
         if self.batch_size < 1:
@@ -97,15 +100,15 @@ def score_model(
             dataset,
             batch_size=options.batch_size,
             pad_id=pad,
-            keep_sum=method in ("piece-s", "gradient"),
-            keep_squares=method in ("piece-s", "piece-f"),
+            keep_sum=method in ("piece-s", "piece-s-rel", "gradient"),
+            keep_squares=method in ("piece-s", "piece-s-rel", "piece-f"),
             accumulator_device=torch.device("cpu") if options.offload_accumulators else None,
             progress=progress.advance if progress else None,
         )
         scores = scores_from_sums(method, sums, squares)
     else:
         scores = data_free_scores(method, params, options.seed)
-    indices = select_top_k(scores, k)
+    indices = select_top_k(normalize_scores(scores, options.normalize), k)
     del scores
     info = {
         "method": method,
@@ -113,6 +116,7 @@ def score_model(
         "seed": options.seed,
         "options": {
             "batch_size": options.batch_size,
+            "normalize": options.normalize,
             "include": options.include,
             "exclude": options.exclude,
             "max_samples": options.max_samples,

@@ -22,6 +22,7 @@ from piece_surgery.atomic import atomic_path
 from piece_surgery.checkpoint import save_shard
 from piece_surgery.data import Dataset, collate, mean_token_loss, micro_batches
 from piece_surgery.errors import PieceError
+from piece_surgery.naming import is_norm
 from piece_surgery.sparse_grad import restore, route_linear, single_linear_owner
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -44,6 +45,8 @@ class TrainConfig:
     save_every: int | None = None
     seed: int = 0
     gradient_checkpointing: bool = False
+    # norm gains scale whole channels, so they may want a smaller step than matrix entries
+    norm_lr_scale: float = 1.0
 
     def validate(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -57,6 +60,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise PieceError(f"--{name.replace('_', '-')} must be at least 1")
+        if not (self.norm_lr_scale >= 0 and math.isfinite(self.norm_lr_scale)):
+            raise PieceError("--norm-lr-scale must be a number >= 0")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.clip < 0:
             raise PieceError("--warmup-steps, --weight-decay and --clip must not be negative")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -212,8 +217,16 @@ def train_sparse(
         raise PieceError("the training data has no examples")
     device = next(model.parameters()).device
     sparse = SparseParameters(params, indices)
+    norm_names = {n for n in sparse.values if is_norm(n)} if config.norm_lr_scale != 1.0 else set()
+    groups = [
+        {"params": [v for n, v in sparse.values.items() if n not in norm_names], "lr_scale": 1.0},
+        {
+            "params": [v for n, v in sparse.values.items() if n in norm_names],
+            "lr_scale": config.norm_lr_scale,
+        },
+    ]
     optimizer = torch.optim.AdamW(
-        list(sparse.values.values()), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        [g for g in groups if g["params"]], lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
     )
     total = total_steps(len(dataset.examples), config)
     identity = dict(identity or {}, config=_config_identity(config))
@@ -262,11 +275,11 @@ def train_sparse(
             if config.clip > 0:
                 torch.nn.utils.clip_grad_norm_(list(sparse.values.values()), config.clip)
             for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(step, total, config)
+                group["lr"] = config.lr * group["lr_scale"] * lr_factor(step, total, config)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             train_loss = step_loss
-            record = {"step": step + 1, "loss": step_loss, "lr": optimizer.param_groups[0]["lr"]}
+            record = {"step": step + 1, "loss": step_loss, "lr": config.lr * lr_factor(step, total, config)}
             if eval_dataset is not None and config.eval_every and (step + 1) % config.eval_every == 0:
                 sparse.write()
                 eval_loss = record["eval_loss"] = evaluate(model, eval_dataset, config.batch_size, pad_id)

@@ -42,6 +42,9 @@ def brute_force_scores(folder, data, method, batch_size):
         return g2
     if method == "gradient":
         return {n: g1[n].abs() for n in names}
+    if method == "piece-s-rel":
+        mean_g2 = sum(g2[n].double().sum() for n in names) / sum(g2[n].numel() for n in names)
+        return {n: g1[n].abs() / torch.sqrt(g2[n] + float(mean_g2)) for n in names}
     return {n: g1[n].abs() / torch.sqrt(g2[n] + 1) for n in names}
 
 
@@ -63,7 +66,7 @@ def as_lists(indices):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("method", ["piece-s", "piece-f", "gradient"])
+@pytest.mark.parametrize("method", ["piece-s", "piece-f", "gradient", "piece-s-rel"])
 def test_estimators_match_brute_force(tiny, code_data, arch, method):
     folder = tiny(arch)
     mask, stats, _ = score_checkpoint(
@@ -179,3 +182,14 @@ def test_score_cli_writes_documented_mask(tiny, code_data, tmp_path, cli):
     assert len(json.loads(meta["model"])["fingerprint"]) == 64
     code, stdout, _ = cli("inspect", out, "--json")
     assert code == 0 and json.loads(stdout)["selected"] == mask.k
+
+
+def test_per_tensor_normalisation_ranks_relative_scores(tiny, code_data):
+    folder = tiny("llama")
+    options = ScoreOptions(method="piece-f", density=0.02, normalize="tensor")
+    mask, _, _ = score_checkpoint(str(folder), code_data, options, device="cpu")
+    raw = brute_force_scores(folder, code_data, "piece-f", batch_size=1)
+    relative = {n: s / s.double().mean().float() for n, s in raw.items()}
+    assert as_lists(mask.indices) == brute_force_top_k(relative, mask.k)
+    plain, _, _ = score_checkpoint(str(folder), code_data, ScoreOptions("piece-f", 0.02), device="cpu")
+    assert as_lists(plain.indices) != as_lists(mask.indices)

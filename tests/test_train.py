@@ -12,8 +12,10 @@ from piece_surgery.score import ScoreOptions, score_checkpoint
 from piece_surgery.train import TrainConfig, evaluate, train_sparse
 
 
-def setup(folder, data, density=0.02, dtype=torch.float32):
-    mask, _, _ = score_checkpoint(str(folder), data, ScoreOptions(density=density), device="cpu")
+def setup(folder, data, density=0.02, dtype=torch.float32, method="piece-s"):
+    mask, _, _ = score_checkpoint(
+        str(folder), data, ScoreOptions(method=method, density=density), device="cpu"
+    )
     tokenizer = load_tokenizer(folder)
     dataset = load_dataset(data, tokenizer)
     model = load_causal_lm(folder, dtype=dtype, device=torch.device("cpu"))
@@ -286,3 +288,17 @@ def test_selected_entry_gradients_train_like_dense_gradients(tiny, code_data):
     for name in fast.values:
         torch.testing.assert_close(fast.values[name], dense.values[name], rtol=1e-4, atol=1e-6)
     assert abs(fast.train_loss - dense.train_loss) < 1e-4
+
+
+def test_norm_gains_can_train_at_their_own_rate(tiny, code_data):
+    folder = tiny("llama")
+    # magnitude picks the norm gains (initialised to 1) before any matrix entry (~0.02)
+    mask, dataset, model, params = setup(folder, code_data, density=0.05, method="magnitude")
+    norms = [n for n in mask.indices if "norm" in n]
+    assert norms, "the test needs norm gains in the mask"
+    train_sparse(model, params, mask.indices, dataset, TrainConfig(lr=1e-2, max_steps=3, norm_lr_scale=0.0))
+    base = load_causal_lm(folder, dtype=torch.float32, device=torch.device("cpu")).state_dict()
+    for name in norms:
+        assert torch.equal(model.state_dict()[name], base[name]), f"{name} moved at lr x 0"
+    others = [n for n in mask.indices if n not in norms]
+    assert any(not torch.equal(model.state_dict()[n], base[n]) for n in others)
