@@ -44,22 +44,35 @@ class Method:
     kind: str  # full | lora | sparse
     lrs: list[float]
     score: ScoreOptions | None = None
-    norm_lr_scale: float | None = None  # sparse only: norm weights train at lr x this (None: same lr)
+    norm_lr_scale: float | None = None  # sparse only: norm gains train at lr x this (None: same lr)
 
 
 def methods(density: float) -> list[Method]:
     s = lambda **kw: ScoreOptions(density=density, **kw)  # noqa: E731
+    sparse_lrs = [1e-4, 3e-4, 1e-3]
     return [
-        Method("full fine-tuning", "full", [1e-5, 1e-4]),
-        Method("LoRA r=2 q,v", "lora", [1e-3, 3e-3]),
-        Method("random 0.1%", "sparse", [1e-4, 1e-3], s(method="random")),
-        Method("magnitude 0.1%", "sparse", [1e-4, 1e-3], s(method="magnitude")),
-        Method("PIECE-F 0.1%", "sparse", [1e-4, 1e-3], s(method="piece-f")),
-        Method("PIECE-S 0.1%", "sparse", [1e-4, 1e-3], s(method="piece-s")),
+        Method("full fine-tuning", "full", [1e-5, 3e-5, 1e-4]),
+        Method("LoRA r=2 q,v", "lora", [1e-3, 3e-3, 1e-2]),
+        Method("random 0.1%", "sparse", [1e-4, 1e-3, 1e-2], s(method="random")),
+        Method("magnitude 0.1%", "sparse", [1e-4, 1e-3, 1e-2], s(method="magnitude")),
+        Method("PIECE-F 0.1%", "sparse", sparse_lrs, s(method="piece-f")),
+        Method("PIECE-S 0.1%", "sparse", [1e-5, 3e-5, *sparse_lrs], s(method="piece-s")),
         Method(
-            "PIECE-S 0.1%, no norms", "sparse", [1e-4, 1e-3], s(method="piece-s", exclude=["embed", "norm"])
+            "PIECE-S 0.1%, no norms", "sparse", sparse_lrs, s(method="piece-s", exclude=["embed", "norm"])
         ),
-        Method("PIECE-S 1%", "sparse", [1e-4], ScoreOptions(method="piece-s", density=10 * density)),
+        Method("PIECE-S 1%", "sparse", [3e-5, 1e-4], ScoreOptions(method="piece-s", density=10 * density)),
+        # variants of our own: may they close the gap?
+        Method("PIECE-S-rel 0.1%", "sparse", sparse_lrs, s(method="piece-s-rel")),
+        Method(
+            "PIECE-S 0.1%, per-tensor normalised",
+            "sparse",
+            sparse_lrs,
+            s(method="piece-s", normalize="tensor"),
+        ),
+        Method(
+            "PIECE-S 0.1%, norms at lr/10", "sparse", [3e-4, 1e-3], s(method="piece-s"), norm_lr_scale=0.1
+        ),
+        Method("PIECE-S 0.05%", "sparse", [3e-4, 1e-3], ScoreOptions(method="piece-s", density=density / 2)),
     ]
 
 
@@ -163,7 +176,7 @@ def train_method(
 ):
     """Train `model` in place with `method`; returns (model to evaluate, trainable count, mask or None).
     Masks are scored on `model` with `train`; `cache_key` reuses one scored on the same weights."""
-    config = TrainConfig(lr=lr, max_steps=steps, batch_size=batch)
+    config = TrainConfig(lr=lr, max_steps=steps, batch_size=batch, norm_lr_scale=method.norm_lr_scale or 1.0)
     if method.kind == "full":
         params = [p for p in model.parameters()]
         dense_train(model, params, train, config)
@@ -178,7 +191,7 @@ def train_method(
         dense_train(model, params, train, config)
         return model, sum(p.numel() for p in params), None
     keys = parameter_keys(model, read_layout(folder))
-    key = (cache_key, method.name) if cache_key else None
+    key = (cache_key, repr(method.score)) if cache_key else None  # same options, same mask
     if key is None or key not in _MASKS:
         mask, _ = score_model(model, keys, train, method.score)
         if key is not None:
@@ -211,10 +224,15 @@ def frontier(folder: Path, tasks: dict, general: Path, args) -> list[dict]:
     base_lp = log_probs(base, gen)
     del base
     rows = []
+    done = {
+        (r["method"], r["lr"]) for f in args.out.glob("frontier*.json") for r in json.loads(f.read_text())
+    }
     for method in methods(args.density):
         if args.only and not any(o.lower() in method.name.lower() for o in args.only):
             continue
         for lr in method.lrs:
+            if (method.name, lr) in done:  # measured by an earlier run into the same folder
+                continue
             start = time.perf_counter()
             model = load_causal_lm(folder, dtype=torch.float32, device=CPU)
             model, trainable, mask = train_method(
@@ -271,6 +289,45 @@ def sequential(folder: Path, tasks: dict, general: Path, args, picks: list[tuple
     return rows
 
 
+def mask_overlaps(folder: Path, tasks: dict, args) -> dict:
+    """One data pass; the top-0.1% sets of piece-s, piece-s-rel, piece-f and gradient compared."""
+    from piece_surgery.importance import accumulate_gradients, eligible_parameters, scores_from_sums
+    from piece_surgery.mask import k_for_density, select_top_k
+    from piece_surgery.naming import is_norm
+
+    tokenizer = load_tokenizer(folder)
+    train = load_dataset(tasks[args.task][0], tokenizer, max_length=args.max_length)
+    model = load_causal_lm(folder, dtype=torch.float32, device=CPU)
+    keys = parameter_keys(model, read_layout(folder))
+    params = eligible_parameters(model, keys)
+    k = k_for_density(args.density, sum(p.numel() for p in params.values()))
+    sums, squares, _ = accumulate_gradients(
+        model, params, train, batch_size=1, pad_id=0, keep_sum=True, keep_squares=True
+    )
+    g2 = torch.cat([squares[n].flatten() for n in sorted(squares)])
+    sets = {}
+    for method in ("piece-s", "piece-s-rel", "piece-f", "gradient"):
+        scores = scores_from_sums(
+            method, {n: t.clone() for n, t in sums.items()}, {n: t.clone() for n, t in squares.items()}
+        )
+        chosen = select_top_k(scores, k)
+        sets[method] = {(n, int(i)) for n, idx in chosen.items() for i in idx}
+        sets[method + ":norm_share"] = sum(1 for n, _ in sets[method] if is_norm(n)) / k
+    names = ("piece-s", "piece-s-rel", "piece-f", "gradient")
+    out = {
+        "k": k,
+        "sum_g2_median": float(g2.median()),
+        "sum_g2_p999": float(torch.quantile(g2[torch.randperm(g2.numel())[:1_000_000]], 0.999)),
+        "sum_g2_mean": float(g2.double().mean()),
+        "norm_share": {m: sets[m + ":norm_share"] for m in names},
+        "overlap": {
+            f"{a} & {b}": len(sets[a] & sets[b]) / k for i, a in enumerate(names) for b in names[i + 1 :]
+        },
+    }
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -293,6 +350,36 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def report(out: Path) -> str:
+    """Markdown tables of the results in `out` (frontier*.json, sequential.json, overlap.json)."""
+    rows = [r for f in sorted(out.glob("frontier*.json")) for r in json.loads(f.read_text())]
+    lines = [
+        "| method | lr | trainable | domain gain | KL drift | general loss change | norm share |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    order = [m.name for m in methods(0.001)]
+    for r in sorted(rows, key=lambda r: (order.index(r["method"]) if r["method"] in order else 99, r["lr"])):
+        share = "" if r["norm_share"] != r["norm_share"] else f"{r['norm_share']:.1%}"
+        lines.append(
+            f"| {r['method']} | {r['lr']:g} | {r['trainable']:,} | {r['domain_gain']:.3f} | "
+            f"{r['kl_drift']:.4f} | {r['general_loss_change']:+.3f} | {share} |"
+        )
+    if (out / "sequential.json").is_file():
+        lines += [
+            "",
+            "| method | lr | task A gain after A | task B gain after B | BWT on A | final KL drift |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in json.loads((out / "sequential.json").read_text()):
+            lines.append(
+                f"| {r['method']} | {r['lr']:g} | {r['A_gain_after_A']:.3f} | {r['B_gain_after_B']:.3f} | "
+                f"{r['BWT_A']:+.3f} | {r['final_kl_drift']:.4f} |"
+            )
+    if (out / "overlap.json").is_file():
+        lines += ["", "```json", (out / "overlap.json").read_text().strip(), "```"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, help="a local HF folder (default: SmolLM2-135M-Instruct)")
@@ -306,20 +393,37 @@ def main() -> None:
     parser.add_argument("--n-general", type=int, default=24)
     parser.add_argument("--only", nargs="*", help="run only methods whose name contains one of these")
     parser.add_argument("--no-sequential", action="store_true")
+    parser.add_argument("--overlap", action="store_true", help="also compare the estimators' masks")
+    parser.add_argument("--tag", default="", help="suffix of the result files (e.g. variants)")
+    parser.add_argument("--no-frontier", action="store_true")
+    parser.add_argument(
+        "--sequential",
+        nargs="*",
+        default=["PIECE-S 0.1%=1e-3", "full fine-tuning=1e-4", "LoRA r=2 q,v=3e-3"],
+        help="METHOD=LR pairs for the sequential setting",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--report", action="store_true", help="print the tables of earlier results and stop")
     args = parser.parse_args()
+    if args.report:
+        print(report(args.out))
+        return
     torch.manual_seed(0)
     folder = args.model or smollm2_folder("float32")
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tasks, general = default_data(Path(tmp), args.n_train, args.n_test, args.n_general)
-        rows = frontier(folder, tasks, general, args)
-        (args.out / "frontier.json").write_text(json.dumps(rows, indent=2))
-        plot(rows, args.out / "frontier.png")
+        if args.overlap:
+            (args.out / "overlap.json").write_text(json.dumps(mask_overlaps(folder, tasks, args), indent=2))
+        suffix = f"-{args.tag}" if args.tag else ""
+        rows = frontier(folder, tasks, general, args) if not args.no_frontier else []
+        (args.out / f"frontier{suffix}.json").write_text(json.dumps(rows, indent=2))
+        every = [r for f in sorted(args.out.glob("frontier*.json")) for r in json.loads(f.read_text())]
+        plot(every, args.out / "frontier.png")
         if not args.no_sequential:
-            picks = [("PIECE-S 0.1%", 1e-3), ("full fine-tuning", 1e-4), ("LoRA r=2 q,v", 3e-3)]
+            picks = [(p.rpartition("=")[0], float(p.rpartition("=")[2])) for p in args.sequential]
             seq = sequential(folder, tasks, general, args, picks)
-            (args.out / "sequential.json").write_text(json.dumps(seq, indent=2))
+            (args.out / f"sequential{suffix}.json").write_text(json.dumps(seq, indent=2))
 
 
 if __name__ == "__main__":

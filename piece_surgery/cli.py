@@ -33,6 +33,23 @@ TrustRemote = Annotated[
 ]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from piece_surgery import __version__
+
+        print(f"piece-surgery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """PIECE importance masks, sparse fine-tuning and exact sparse deltas for HF checkpoints."""
+
+
 def _emit(result: dict, as_json: bool, table: Table | None = None, lines: list[str] = ()) -> None:
     if as_json:
         print(json.dumps(result, indent=2, default=str))

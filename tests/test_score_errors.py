@@ -104,3 +104,10 @@ def test_pickle_only_checkpoint_is_refused(cli, code_data, out, tmp_path):
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
     result = cli("score", folder, "--data", code_data, "-o", out)
     assert_clean_failure(result, out, "pickle")
+
+
+def test_version_and_help(cli):
+    code, stdout, _ = cli("--version")
+    assert code == 0 and stdout.strip() == "piece-surgery 0.1.0"
+    code, stdout, _ = cli("--help")
+    assert code == 0 and all(c in stdout for c in ("score", "train", "diff", "apply", "push", "inspect"))
