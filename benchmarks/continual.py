@@ -334,10 +334,13 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in dict.fromkeys(r["method"] for r in rows):
+    fig, ax = plt.subplots(figsize=(8, 5))
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    colors = plt.get_cmap("tab20").colors
+    for i, name in enumerate(names):
         pts = sorted((r["kl_drift"], r["domain_gain"], r["lr"]) for r in rows if r["method"] == name)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        marker = "os^Dv"[i % 5]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colors[i % 20], label=name)
         for x, y, lr in pts:
             ax.annotate(f"{lr:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("symlog", linthresh=1e-4)
