@@ -89,6 +89,16 @@ def make_handler(state: HubState, endpoint: list[str]):
                 return None
             return repo
 
+        def _commit_at(self, repo_id, rev) -> str | None:
+            """The commit `rev` names in `repo_id`, or None after answering 404."""
+            repo = self._repo(repo_id)
+            if repo is None:
+                return None
+            commit = repo.resolve(rev)
+            if commit is None:
+                self._error(404, "RevisionNotFound", f"Invalid rev id: {unquote(rev)}")
+            return commit
+
         def _need_write(self) -> bool:
             if self._token() is None or not self._authorized():
                 self._error(401, None, "Invalid credentials in Authorization header")
@@ -258,13 +268,10 @@ def make_handler(state: HubState, endpoint: list[str]):
             )
 
         def info(self, repo_id, rev):
-            repo = self._repo(repo_id)
-            if repo is None:
-                return
-            commit = repo.resolve(rev)
+            commit = self._commit_at(repo_id, rev)
             if commit is None:
-                return self._error(404, "RevisionNotFound", f"Invalid rev id: {unquote(rev)}")
-            files = repo.commits[commit]
+                return
+            repo = state.repos[repo_id]
             self._send(
                 200,
                 {
@@ -272,17 +279,15 @@ def make_handler(state: HubState, endpoint: list[str]):
                     "modelId": repo_id,
                     "sha": commit,
                     "private": repo.private,
-                    "siblings": [{"rfilename": p} for p in sorted(files)],
+                    "siblings": [{"rfilename": p} for p in sorted(repo.commits[commit])],
                 },
             )
 
         def tree(self, repo_id, rev, prefix):
-            repo = self._repo(repo_id)
-            if repo is None:
-                return
-            commit = repo.resolve(rev)
+            commit = self._commit_at(repo_id, rev)
             if commit is None:
-                return self._error(404, "RevisionNotFound", f"Invalid rev id: {unquote(rev)}")
+                return
+            repo = state.repos[repo_id]
             entries = []
             for p, data in sorted(repo.commits[commit].items()):
                 if prefix and not p.startswith(prefix):
@@ -298,12 +303,10 @@ def make_handler(state: HubState, endpoint: list[str]):
             self._send(200, entries)
 
         def resolve(self, repo_id, rev, path):
-            repo = self._repo(repo_id)
-            if repo is None:
-                return
-            commit = repo.resolve(rev)
+            commit = self._commit_at(repo_id, rev)
             if commit is None:
-                return self._error(404, "RevisionNotFound", f"Invalid rev id: {unquote(rev)}")
+                return
+            repo = state.repos[repo_id]
             data = repo.commits[commit].get(unquote(path))
             if data is None:
                 return self._error(404, "EntryNotFound", "Entry not found")
