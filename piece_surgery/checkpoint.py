@@ -208,18 +208,20 @@ def write_index(out: Path, weight_map: dict[str, str], total_size: int) -> None:
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def checkpoint_dtype(folder: Path) -> torch.dtype:
+def checkpoint_dtype(folder: Path, layout: dict[str, TensorInfo] | None = None) -> torch.dtype:
     """The dtype most of the floating-point weights are stored in."""
     counts: dict[torch.dtype, int] = {}
-    for info in read_layout(folder).values():
+    for info in (layout or read_layout(folder)).values():
         if info.dtype.is_floating_point:
             counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def parse_dtype(name: str, folder: Path | None = None) -> torch.dtype:
+def parse_dtype(
+    name: str, folder: Path | None = None, layout: dict[str, TensorInfo] | None = None
+) -> torch.dtype:
     if name == "auto":
-        return checkpoint_dtype(folder) if folder is not None else torch.float32
+        return checkpoint_dtype(folder, layout) if folder is not None else torch.float32
     if name not in DTYPES:
         raise PieceError(f"unknown dtype '{name}'; use auto, float32, bfloat16 or float16")
     return DTYPES[name]
@@ -315,3 +317,13 @@ def fingerprint(folder: Path, layout: dict[str, TensorInfo] | None = None) -> st
                     for part in (sl[0:1], sl[rows - 1 : rows]) if info.shape else (sl[:],):
                         digest.update(part.contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def identity(source, layout: dict[str, TensorInfo] | None = None) -> dict:
+    """Who a checkpoint is, for masks and deltas: name, repo id, revision and weight fingerprint."""
+    return {
+        "name": source.name,
+        "repo_id": source.repo_id,
+        "revision": source.revision,
+        "fingerprint": fingerprint(source.path, layout),
+    }

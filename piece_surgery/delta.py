@@ -36,7 +36,7 @@ from piece_surgery.checkpoint import (
     ShardReader,
     TensorInfo,
     copy_with_patches,
-    fingerprint,
+    identity,
     read_layout,
     save_shard,
     weight_files,
@@ -253,13 +253,13 @@ def diff(
         if idx.numel() == 0:
             continue
         b_vals, t_vals = b[idx].clone(), t[idx].clone()
-        if limit is not None and idx.numel() > limit:  # only the tensor's own top `limit` can make it
-            keep = torch.topk((t_vals.double() - b_vals.double()).abs(), limit, sorted=False).indices
-            keep = keep.sort().values
-            idx, b_vals, t_vals = idx[keep], b_vals[keep], t_vals[keep]
-        entries[name] = (idx, b_vals, t_vals)
         if limit is not None:
-            magnitudes[name] = (t_vals.double() - b_vals.double()).abs().float()
+            size = (t_vals.double() - b_vals.double()).abs().float()
+            if idx.numel() > limit:  # only the tensor's own top `limit` can make it
+                keep = torch.topk(size, limit, sorted=False).indices.sort().values
+                idx, b_vals, t_vals, size = idx[keep], b_vals[keep], t_vals[keep], size[keep]
+            magnitudes[name] = size
+        entries[name] = (idx, b_vals, t_vals)
         del b, t
     base_reader.close()
     tuned_reader.close()
@@ -268,7 +268,7 @@ def diff(
         entries = {n: tuple(a[chosen[n]] for a in entries[n]) for n in chosen}
     shapes = {n: base_layout[n].shape for n in entries}
     info = {
-        "base": base_identity(base_src),
+        "base": identity(base_src, base_layout),
         "provenance": {
             "made_by": "diff",
             "tuned": tuned_src.name,
@@ -280,15 +280,6 @@ def diff(
         },
     }
     return delta_from_values(entries, shapes, info)
-
-
-def base_identity(source: Resolved) -> dict:
-    return {
-        "name": source.name,
-        "repo_id": source.repo_id,
-        "revision": source.revision,
-        "fingerprint": fingerprint(source.path),
-    }
 
 
 def _entry_limit(density: float | None, top_k: int | None, layout: dict[str, TensorInfo]) -> int | None:

@@ -10,7 +10,7 @@ import torch
 
 from piece_surgery import __version__
 from piece_surgery.checkpoint import (
-    fingerprint,
+    identity,
     load_causal_lm,
     parameter_keys,
     parse_dtype,
@@ -19,7 +19,7 @@ from piece_surgery.checkpoint import (
 )
 from piece_surgery.data import Dataset, load_dataset, load_tokenizer, pad_id
 from piece_surgery.errors import PieceError
-from piece_surgery.hub import Resolved, resolve
+from piece_surgery.hub import resolve
 from piece_surgery.importance import (
     DEFAULT_EXCLUDE,
     PassStats,
@@ -61,16 +61,6 @@ class ScoreOptions:
                 re.compile(pattern)
             except re.error as exc:
                 raise PieceError(f"pattern '{pattern}' is not a valid regex: {exc}") from exc
-
-
-def model_identity(source: Resolved, folder: Path) -> dict:
-    layout = read_layout(folder)
-    return {
-        "name": source.name,
-        "repo_id": source.repo_id,
-        "revision": source.revision,
-        "fingerprint": fingerprint(folder, layout),
-    }
 
 
 def score_model(
@@ -142,8 +132,9 @@ def score_checkpoint(
     options.validate()
     source = resolve(model_ref, what="model")
     folder = source.path
-    identity = model_identity(source, folder)
-    torch_dtype = parse_dtype(dtype, folder)
+    layout = read_layout(folder)
+    model_id = identity(source, layout)
+    torch_dtype = parse_dtype(dtype, folder, layout)
     target = pick_device(device)
     dataset = None
     tokenizer = None
@@ -155,13 +146,13 @@ def score_checkpoint(
             data, tokenizer, max_length=options.max_length, max_samples=options.max_samples
         )
     model = load_causal_lm(folder, dtype=torch_dtype, device=target, trust_remote_code=trust_remote_code)
-    keys = parameter_keys(model, read_layout(folder))
+    keys = parameter_keys(model, layout)
     total = len(dataset.examples) if dataset else 0
     with Progress(total, "scoring", quiet=quiet or not total) as bar:
         mask, stats = score_model(
             model, keys, dataset, options, pad=pad_id(tokenizer) if tokenizer else 0, progress=bar
         )
-    mask.info["model"] = identity
+    mask.info["model"] = model_id
     mask.info["dtype"] = str(torch_dtype).removeprefix("torch.")
     if dataset is not None:
         mask.info["data"] = dataset.identity()

@@ -431,8 +431,9 @@ def train_checkpoint(
         pick_device,
         read_layout,
     )
+    from piece_surgery.checkpoint import identity as checkpoint_identity
     from piece_surgery.data import load_dataset, load_tokenizer, pad_id
-    from piece_surgery.delta import base_identity, delta_from_values, save_delta
+    from piece_surgery.delta import delta_from_values, save_delta
     from piece_surgery.hub import resolve
     from piece_surgery.progress import Progress
     from piece_surgery.score import ScoreOptions, score_model
@@ -446,7 +447,7 @@ def train_checkpoint(
     source = resolve(model_ref, what="model")
     folder = source.path
     layout = read_layout(folder)
-    identity = base_identity(source)
+    identity = checkpoint_identity(source, layout)
     mask = None
     if mask_ref is not None:
         mask = load_mask_ref(mask_ref)
@@ -457,7 +458,7 @@ def train_checkpoint(
     pad = pad_id(tokenizer)
     model = load_causal_lm(
         folder,
-        dtype=parse_dtype(dtype, folder),
+        dtype=parse_dtype(dtype, folder, layout),
         device=pick_device(device),
         trust_remote_code=trust_remote_code,
     )
