@@ -184,10 +184,11 @@ def pad_id(tokenizer) -> int:
 
 def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the loss-bearing tokens of a micro-batch, and their count."""
-    shifted = labels[:, 1:].reshape(-1)
+    # Shift the labels, not the logits: slicing the logits would copy a (tokens x vocab) tensor.
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
     count = int((shifted != IGNORE).sum())
     loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted, ignore_index=IGNORE, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]).float(), shifted, ignore_index=IGNORE, reduction="sum"
     )
     return loss / max(count, 1), count
 

@@ -23,7 +23,14 @@ from piece_surgery.checkpoint import save_shard
 from piece_surgery.data import Dataset, collate, mean_token_loss, micro_batches
 from piece_surgery.errors import PieceError
 from piece_surgery.naming import is_norm
-from piece_surgery.sparse_grad import restore, route_linear, single_linear_owner
+from piece_surgery.sparse_grad import (
+    is_gain_module,
+    recompute_in_backward,
+    restore,
+    route_linear,
+    single_linear_owner,
+    single_owner,
+)
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -119,7 +126,8 @@ class SparseParameters:
 
     Linear layers compute only the selected entries of their weight gradient (sparse_grad.py);
     other tensors (norm gains, biases, shared or non-Linear weights) get their dense gradient
-    reduced to the k entries by a hook as soon as backward produces it, and freed.
+    reduced to the k entries by a hook as soon as backward produces it, and freed. Norms with a
+    trained gain are recomputed in backward rather than keeping their normalised output.
     """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], indices: dict[str, torch.Tensor]):
@@ -148,6 +156,12 @@ class SparseParameters:
         for name, p in self.params.items():
             if name not in routed:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._gather(name)))
+        if sparse_linear:
+            gains = {single_owner(model, p) for n, p in self.params.items() if n not in routed}
+            for module in gains:
+                if module is not None and is_gain_module(module):
+                    recompute_in_backward(module)
+                    self._routed.append(module)
 
     def _gather(self, name: str) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
@@ -257,12 +271,8 @@ def train_sparse(
             for offset in range(0, len(chosen), config.batch_size):
                 group = [dataset.examples[i] for i in chosen[offset : offset + config.batch_size]]
                 batch = {k: v.to(device) for k, v in collate(group, pad_id).items()}
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                    logits = model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    ).logits
-                loss, _ = mean_token_loss(logits, batch["labels"])
-                value = float(loss.detach())
+                parts = math.ceil(len(chosen) / config.batch_size)
+                value = _forward_backward(model, batch, parts, autocast)
                 if not math.isfinite(value):
                     kept = (
                         f"; the last good state (step {last_saved}) is in {state_dir}" if last_saved else ""
@@ -270,8 +280,7 @@ def train_sparse(
                     raise TrainingDiverged(
                         f"the loss became {value} at step {step + 1}: lower --lr or check the data{kept}"
                     )
-                (loss / math.ceil(len(chosen) / config.batch_size)).backward()
-                step_loss += value / math.ceil(len(chosen) / config.batch_size)
+                step_loss += value / parts
             if config.clip > 0:
                 torch.nn.utils.clip_grad_norm_(list(sparse.values.values()), config.clip)
             for group in optimizer.param_groups:
@@ -303,6 +312,18 @@ def train_sparse(
             if isinstance(t, torch.Tensor):
                 state_sizes[key] = state_sizes.get(key, 0) + t.numel()
     return TrainResult(values, total, train_loss, eval_loss, history, start if resume else None, state_sizes)
+
+
+def _forward_backward(model: torch.nn.Module, batch: dict, parts: int, autocast: bool) -> float:
+    """Loss of one micro-batch, with its gradient (scaled by 1/parts) accumulated; nan/inf returns
+    before backward. A function of its own so the logits are freed before the next forward."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss, _ = mean_token_loss(logits, batch["labels"])
+    value = float(loss.detach())
+    if math.isfinite(value):
+        (loss / parts).backward()
+    return value
 
 
 def _config_identity(config: TrainConfig) -> dict:

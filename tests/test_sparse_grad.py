@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from piece_surgery.sparse_grad import EntryPlan, SelectedEntryLinear, restore, route_linear
+from piece_surgery.sparse_grad import (
+    EntryPlan,
+    SelectedEntryLinear,
+    is_gain_module,
+    recompute_in_backward,
+    restore,
+    route_linear,
+)
 
 
 @pytest.mark.parametrize("distinct_cols", [3, 40])  # few columns: gathered copy; many: x itself
@@ -43,3 +50,42 @@ def test_route_and_restore_linear():
     assert values.grad is not None and values.grad.shape == (2,)
     restore(layer)
     assert "forward" not in layer.__dict__
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of distinct storages autograd keeps for backward while `fn` runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def test_recomputed_norm_gives_the_same_gradients_and_keeps_less():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    norm = LlamaRMSNorm(64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=gen) + 0.5)
+    x = torch.randn(4, 16, 64, generator=gen)
+    target = torch.randn(4, 16, 64, generator=gen)
+
+    def run():
+        inp = x.clone().requires_grad_(True)
+        out, saved = _saved_bytes(lambda: ((norm(inp * 2.0) - target) ** 2).sum())
+        grads = torch.autograd.grad(out, [inp, norm.weight])
+        return grads, saved
+
+    (dense_x, dense_w), dense_saved = run()
+    assert is_gain_module(norm) and not is_gain_module(torch.nn.Linear(4, 4))
+    recompute_in_backward(norm)
+    (re_x, re_w), re_saved = run()
+    restore(norm)
+    assert torch.equal(re_x, dense_x) and torch.equal(re_w, dense_w)
+    # the dense path keeps the normalised activation (4 x 16 x 64 floats) for the gain's gradient
+    assert re_saved <= dense_saved - x.numel() * 4
