@@ -137,8 +137,6 @@ def copy_with_patches(src: Path, dst: Path, patches: dict[str, Callable[[torch.T
     once; header, metadata and layout are kept. Returns False, writing nothing, if a patched
     tensor has a dtype this reader does not know.
     """
-    import os
-
     import numpy as np
 
     size = Path(src).stat().st_size
@@ -158,21 +156,40 @@ def copy_with_patches(src: Path, dst: Path, patches: dict[str, Callable[[torch.T
         )
         if regions and regions[-1][1] > size:
             raise PieceError(f"cannot read '{src}': truncated safetensors file")
+        patched = [region for region in regions if region[2] in patches]
+        # One reusable buffer: fresh memory per tensor would be faulted in page by page.
+        scratch = np.empty(max((end - begin for begin, end, _ in patched), default=0), dtype=np.uint8)
         with open(dst, "wb") as fout:
             src_fd, dst_fd = fin.fileno(), fout.fileno()
             copied = 0  # bytes [0, copied) of dst are written
-            for begin, end, name in regions:
-                if name not in patches:
-                    continue
+            for begin, end, name in patched:
                 _copy_range(src_fd, dst_fd, copied, begin - copied)
-                buffer = np.empty(end - begin, dtype=np.uint8)
-                if os.preadv(src_fd, [buffer], begin) != end - begin:
-                    raise PieceError(f"cannot read tensor '{name}': truncated safetensors file")
+                buffer = scratch[: end - begin]
+                _read_all(src_fd, buffer, begin, name)
                 patches[name](torch.from_numpy(buffer).view(_ST_DTYPES[header[name]["dtype"]]))
-                os.pwrite(dst_fd, buffer, begin)
+                _write_all(dst_fd, buffer, begin)
                 copied = end
             _copy_range(src_fd, dst_fd, copied, size - copied)
     return True
+
+
+def _read_all(fd: int, view, offset: int, name: str) -> None:
+    import os
+
+    done, length = 0, len(view)
+    while done < length:  # one call returns at most ~2 GiB on Linux
+        step = os.preadv(fd, [view[done:]], offset + done)
+        if step == 0:
+            raise PieceError(f"cannot read tensor '{name}': truncated safetensors file")
+        done += step
+
+
+def _write_all(fd: int, view, offset: int) -> None:
+    import os
+
+    done, length = 0, len(view)
+    while done < length:
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
