@@ -130,6 +130,7 @@ def accumulate_gradients(
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss, count = mean_token_loss(logits, batch["labels"])
+            del logits  # backward needs the log-probabilities only; free (tokens x vocab) first
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise PieceError(

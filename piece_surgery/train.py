@@ -320,6 +320,7 @@ def _forward_backward(model: torch.nn.Module, batch: dict, parts: int, autocast:
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss, _ = mean_token_loss(logits, batch["labels"])
+    del logits  # backward needs the log-probabilities, not the logits: free (tokens x vocab) now
     value = float(loss.detach())
     if math.isfinite(value):
         (loss / parts).backward()
