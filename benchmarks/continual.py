@@ -22,7 +22,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,6 +45,8 @@ class Method:
     lrs: list[float]
     score: ScoreOptions | None = None
     norm_lr_scale: float | None = None  # sparse only: norm gains train at lr x this (None: same lr)
+    schedule: str = "constant"
+    warmup_steps: int = 0
 
 
 def methods(density: float) -> list[Method]:
@@ -73,6 +75,14 @@ def methods(density: float) -> list[Method]:
             "PIECE-S 0.1%, norms at lr/10", "sparse", [3e-4, 1e-3], s(method="piece-s"), norm_lr_scale=0.1
         ),
         Method("PIECE-S 0.05%", "sparse", [3e-4, 1e-3], ScoreOptions(method="piece-s", density=density / 2)),
+        Method(
+            "PIECE-S 0.1%, cosine, 4 warm-up steps",
+            "sparse",
+            [3e-4, 1e-3],
+            s(method="piece-s"),
+            schedule="cosine",
+            warmup_steps=4,
+        ),
     ]
 
 
@@ -172,11 +182,29 @@ _MASKS: dict[tuple, object] = {}
 
 
 def train_method(
-    model, folder: Path, method: Method, lr: float, train: Dataset, steps: int, batch: int, cache_key=None
+    model,
+    folder: Path,
+    method: Method,
+    lr: float,
+    train: Dataset,
+    steps: int,
+    batch: int,
+    cache_key=None,
+    seed: int = 0,
 ):
     """Train `model` in place with `method`; returns (model to evaluate, trainable count, mask or None).
-    Masks are scored on `model` with `train`; `cache_key` reuses one scored on the same weights."""
-    config = TrainConfig(lr=lr, max_steps=steps, batch_size=batch, norm_lr_scale=method.norm_lr_scale or 1.0)
+    Masks are scored on `model` with `train`; `cache_key` reuses one scored on the same weights.
+    `seed` sets the data order, LoRA's initialisation and random masks."""
+    config = TrainConfig(
+        lr=lr,
+        max_steps=steps,
+        batch_size=batch,
+        norm_lr_scale=method.norm_lr_scale or 1.0,
+        schedule=method.schedule,
+        warmup_steps=method.warmup_steps,
+        seed=seed,
+    )
+    torch.manual_seed(seed)
     if method.kind == "full":
         params = [p for p in model.parameters()]
         dense_train(model, params, train, config)
@@ -191,9 +219,10 @@ def train_method(
         dense_train(model, params, train, config)
         return model, sum(p.numel() for p in params), None
     keys = parameter_keys(model, read_layout(folder))
-    key = (cache_key, repr(method.score)) if cache_key else None  # same options, same mask
+    options = replace(method.score, seed=seed)
+    key = (cache_key, repr(options)) if cache_key else None  # same options, same mask
     if key is None or key not in _MASKS:
-        mask, _ = score_model(model, keys, train, method.score)
+        mask, _ = score_model(model, keys, train, options)
         if key is not None:
             _MASKS[key] = mask
     mask = _MASKS[key] if key is not None else mask
@@ -214,6 +243,12 @@ def norm_share(mask) -> float:
 # ---------------------------------------------------------------- the runs
 
 
+def selected(name: str, only: list[str]) -> bool:
+    """--only: an exact method name selects that method alone, other text every name containing it."""
+    names = {m.name.lower() for m in methods(0.001)}
+    return any(o.lower() == name.lower() if o.lower() in names else o.lower() in name.lower() for o in only)
+
+
 def frontier(folder: Path, tasks: dict, general: Path, args) -> list[dict]:
     tokenizer = load_tokenizer(folder)
     ds = lambda p: load_dataset(p, tokenizer, max_length=args.max_length)  # noqa: E731
@@ -225,22 +260,27 @@ def frontier(folder: Path, tasks: dict, general: Path, args) -> list[dict]:
     del base
     rows = []
     done = {
-        (r["method"], r["lr"]) for f in args.out.glob("frontier*.json") for r in json.loads(f.read_text())
+        (r["method"], r["lr"], r.get("seed", 0))
+        for f in args.out.glob("frontier*.json")
+        for r in json.loads(f.read_text())
     }
     for method in methods(args.density):
-        if args.only and not any(o.lower() in method.name.lower() for o in args.only):
+        if args.only and not selected(method.name, args.only):
             continue
         for lr in method.lrs:
-            if (method.name, lr) in done:  # measured by an earlier run into the same folder
+            if (method.name, lr, args.seed) in done:  # measured by an earlier run into the same folder
+                continue
+            if args.lrs and lr not in args.lrs:
                 continue
             start = time.perf_counter()
             model = load_causal_lm(folder, dtype=torch.float32, device=CPU)
             model, trainable, mask = train_method(
-                model, folder, method, lr, train, args.steps, args.batch_size
+                model, folder, method, lr, train, args.steps, args.batch_size, seed=args.seed
             )
             row = {
                 "method": method.name,
                 "lr": lr,
+                "seed": args.seed,
                 "trainable": trainable,
                 "domain_gain": base_test - eval_loss(model, test),
                 "kl_drift": kl_from_base(model, gen, base_lp),
@@ -338,7 +378,13 @@ def plot(rows: list[dict], path: Path) -> None:
     names = list(dict.fromkeys(r["method"] for r in rows))
     colors = plt.get_cmap("tab20").colors
     for i, name in enumerate(names):
-        pts = sorted((r["kl_drift"], r["domain_gain"], r["lr"]) for r in rows if r["method"] == name)
+        by_lr: dict[float, list[dict]] = {}
+        for r in rows:
+            if r["method"] == name:
+                by_lr.setdefault(r["lr"], []).append(r)
+        mean = lambda g, key: sum(r[key] for r in g) / len(g)  # noqa: E731
+        # one point per learning rate: the mean over the seeds measured
+        pts = sorted((mean(g, "kl_drift"), mean(g, "domain_gain"), lr) for lr, g in by_lr.items())
         marker = "os^Dv"[i % 5]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colors[i % 20], label=name)
         for x, y, lr in pts:
@@ -357,16 +403,34 @@ def report(out: Path) -> str:
     """Markdown tables of the results in `out` (frontier*.json, sequential.json, overlap.json)."""
     rows = [r for f in sorted(out.glob("frontier*.json")) for r in json.loads(f.read_text())]
     lines = [
-        "| method | lr | trainable | domain gain | KL drift | general loss change | norm share |",
-        "|---|---|---|---|---|---|---|",
+        "| method | lr | seed | trainable | domain gain | KL drift | general loss change | norm share |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     order = [m.name for m in methods(0.001)]
-    for r in sorted(rows, key=lambda r: (order.index(r["method"]) if r["method"] in order else 99, r["lr"])):
+    rank = lambda r: (order.index(r["method"]) if r["method"] in order else 99, r["lr"])  # noqa: E731
+    for r in sorted(rows, key=lambda r: (*rank(r), r.get("seed", 0))):
         share = "" if r["norm_share"] != r["norm_share"] else f"{r['norm_share']:.1%}"
         lines.append(
-            f"| {r['method']} | {r['lr']:g} | {r['trainable']:,} | {r['domain_gain']:.3f} | "
-            f"{r['kl_drift']:.4f} | {r['general_loss_change']:+.3f} | {share} |"
+            f"| {r['method']} | {r['lr']:g} | {r.get('seed', 0)} | {r['trainable']:,} | "
+            f"{r['domain_gain']:.3f} | {r['kl_drift']:.4f} | {r['general_loss_change']:+.3f} | {share} |"
         )
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["lr"]), []).append(r)
+    repeated = {k: g for k, g in groups.items() if len(g) > 1}
+    if repeated:
+        lines += [
+            "",
+            "| method | lr | seeds | domain gain: mean (min-max) | KL drift: mean (min-max) |",
+            "|---|---|---|---|---|",
+        ]
+        for (name, lr), g in sorted(repeated.items(), key=lambda kv: rank(kv[1][0])):
+            gain, drift = [r["domain_gain"] for r in g], [r["kl_drift"] for r in g]
+            lines.append(
+                f"| {name} | {lr:g} | {len(g)} | "
+                f"{sum(gain) / len(g):.3f} ({min(gain):.3f}-{max(gain):.3f}) | "
+                f"{sum(drift) / len(drift):.4f} ({min(drift):.4f}-{max(drift):.4f}) |"
+            )
     if (out / "sequential.json").is_file():
         lines += [
             "",
@@ -395,6 +459,8 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=24)
     parser.add_argument("--n-general", type=int, default=24)
     parser.add_argument("--only", nargs="*", help="run only methods whose name contains one of these")
+    parser.add_argument("--lrs", nargs="*", type=float, help="run only these learning rates")
+    parser.add_argument("--seed", type=int, default=0, help="data order, LoRA init and random masks")
     parser.add_argument("--no-sequential", action="store_true")
     parser.add_argument("--overlap", action="store_true", help="also compare the estimators' masks")
     parser.add_argument("--tag", default="", help="suffix of the result files (e.g. variants)")
