@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import smollm2_folder, stdlib_code_lines, wiki_records, write_jsonl  # noqa: E402
 
 from piece_surgery.checkpoint import load_causal_lm, parameter_keys, read_layout  # noqa: E402
-from piece_surgery.data import Dataset, collate, load_dataset, load_tokenizer, mean_token_loss  # noqa: E402
+from piece_surgery.data import Dataset, batch_logits, collate, load_dataset, load_tokenizer, mean_token_loss  # noqa: E402
 from piece_surgery.score import ScoreOptions, score_model  # noqa: E402
 from piece_surgery.train import TrainConfig, step_examples, train_sparse  # noqa: E402
 
@@ -128,7 +128,7 @@ def eval_loss(model, dataset: Dataset) -> float:
     model.eval()
     total, tokens = 0.0, 0
     for batch in batches(dataset):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = batch_logits(model, batch)
         loss, n = mean_token_loss(logits, batch["labels"])
         total += float(loss) * n
         tokens += n
@@ -141,7 +141,7 @@ def log_probs(model, dataset: Dataset) -> list[torch.Tensor]:
     model.eval()
     out = []
     for batch in batches(dataset):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = batch_logits(model, batch)
         keep = batch["labels"][:, 1:] != -100
         out.append(torch.log_softmax(logits[:, :-1][keep].float(), dim=-1))
     return out
@@ -168,7 +168,7 @@ def dense_train(model, params, dataset: Dataset, config: TrainConfig) -> None:
     for step in range(config.max_steps):
         chosen = step_examples(step, len(dataset.examples), config)
         batch = collate([dataset.examples[i] for i in chosen], 0)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = batch_logits(model, batch)
         loss, _ = mean_token_loss(logits, batch["labels"])
         if not math.isfinite(float(loss.detach())):
             raise RuntimeError("loss diverged")

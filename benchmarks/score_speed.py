@@ -29,13 +29,13 @@ def _load(folder: Path, data: Path, max_length: int):
 
 def plain_loop(folder: Path, data: Path, max_length: int) -> dict:
     """What any training script does: forward, backward into .grad, drop the gradients."""
-    from piece_surgery.data import mean_token_loss, micro_batches, pad_id
+    from piece_surgery.data import batch_logits, mean_token_loss, micro_batches, pad_id
 
     tokenizer, dataset, model = _load(folder, data, max_length)
     model.eval()
     start = time.perf_counter()
     for batch in micro_batches(dataset.examples, 1, pad_id(tokenizer)):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = batch_logits(model, batch)
         loss, _ = mean_token_loss(logits, batch["labels"])
         loss.backward()
         model.zero_grad(set_to_none=True)

@@ -53,9 +53,9 @@ def _timed_steps(step_fn, batches) -> dict:
 
 
 def _loss(model, batch):
-    from piece_surgery.data import mean_token_loss
+    from piece_surgery.data import batch_logits, mean_token_loss
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = batch_logits(model, batch)
     return mean_token_loss(logits, batch["labels"])[0]
 
 

@@ -344,3 +344,14 @@ def identity(source, layout: dict[str, TensorInfo] | None = None) -> dict:
         "revision": source.revision,
         "fingerprint": fingerprint(source.path, layout),
     }
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in backward (transformers' own per-layer checkpointing)."""
+    # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias)
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+        model, "gradient_checkpointing_enable", None
+    )
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
+        raise PieceError(f"{type(model).__name__} does not support --gradient-checkpointing; leave it off")
+    enable()

@@ -182,6 +182,13 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
+def batch_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits on a collated batch. No key/value cache: nothing here generates, and a
+    cache would hold every layer's keys and values (and conflict with activation checkpointing)."""
+    kwargs = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) else {}
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+
+
 def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the loss-bearing tokens of a micro-batch, and their count."""
     # Shift the labels, not the logits: slicing the logits would copy a (tokens x vocab) tensor.

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from piece_surgery.data import Dataset, mean_token_loss, micro_batches
+from piece_surgery.data import Dataset, batch_logits, mean_token_loss, micro_batches
 from piece_surgery.errors import PieceError
 
 METHODS = ("piece-s", "piece-f", "gradient", "magnitude", "random", "piece-s-rel")
@@ -124,11 +124,16 @@ def accumulate_gradients(
     handles = [p.register_post_accumulate_grad_hook(fold(k)) for k, p in params.items()]
     was_training = model.training
     model.eval()  # no dropout: the score must be a deterministic function of weights and data
+    for module in model.modules():
+        # transformers checkpoints a layer only in training mode; flag the layers alone (not their
+        # dropout or attention children), so --gradient-checkpointing works with dropout still off
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.training = True
     stats = PassStats()
     try:
         for batch in micro_batches(dataset.examples, batch_size, pad_id):
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = batch_logits(model, batch)
             loss, count = mean_token_loss(logits, batch["labels"])
             del logits  # backward needs the log-probabilities only; free (tokens x vocab) first
             value = float(loss.detach())

@@ -10,6 +10,7 @@ import torch
 
 from piece_surgery import __version__
 from piece_surgery.checkpoint import (
+    enable_activation_checkpointing,
     identity,
     load_causal_lm,
     parameter_keys,
@@ -82,8 +83,8 @@ def score_model(
     if data_pass:
         if dataset is None:
             raise PieceError(f"method {method} needs --data")
-        if options.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable()
+        if options.gradient_checkpointing:
+            enable_activation_checkpointing(model)
         sums, squares, stats = accumulate_gradients(
             model,
             params,

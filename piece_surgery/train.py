@@ -19,8 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from piece_surgery.atomic import atomic_path
-from piece_surgery.checkpoint import save_shard
-from piece_surgery.data import Dataset, collate, mean_token_loss, micro_batches
+from piece_surgery.checkpoint import enable_activation_checkpointing, save_shard
+from piece_surgery.data import Dataset, batch_logits, collate, mean_token_loss, micro_batches
 from piece_surgery.errors import PieceError
 from piece_surgery.naming import is_norm
 from piece_surgery.sparse_grad import (
@@ -196,7 +196,7 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int, pad_id: 
     with torch.no_grad():
         for batch in micro_batches(dataset.examples, batch_size, pad_id):
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = batch_logits(model, batch)
             loss, count = mean_token_loss(logits, batch["labels"])
             total += float(loss) * count
             tokens += count
@@ -250,8 +250,8 @@ def train_sparse(
     if not resume:
         torch.manual_seed(config.seed)
     sparse.attach(model, sparse_linear=sparse_linear)
-    if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable()
+    if config.gradient_checkpointing:
+        enable_activation_checkpointing(model)
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     autocast = (
@@ -318,7 +318,7 @@ def _forward_backward(model: torch.nn.Module, batch: dict, parts: int, autocast:
     """Loss of one micro-batch, with its gradient (scaled by 1/parts) accumulated; nan/inf returns
     before backward. A function of its own so the logits are freed before the next forward."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = batch_logits(model, batch)
     loss, _ = mean_token_loss(logits, batch["labels"])
     del logits  # backward needs the log-probabilities, not the logits: free (tokens x vocab) now
     value = float(loss.detach())

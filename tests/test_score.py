@@ -161,6 +161,26 @@ def test_sharded_checkpoint_gives_the_same_mask(tiny, code_data):
     assert as_lists(a.indices) == as_lists(b.indices)
 
 
+def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_mask(tiny, code_data, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    calls = []
+    real_forward = modeling_llama.LlamaMLP.forward  # inside each layer (the layer's own is wrapped)
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counted)
+    folder = tiny("llama")
+    plain, _, _ = score_checkpoint(str(folder), code_data, ScoreOptions(density=0.01), device="cpu")
+    plain_calls = len(calls)
+    options = ScoreOptions(density=0.01, gradient_checkpointing=True)
+    checkpointed, _, _ = score_checkpoint(str(folder), code_data, options, device="cpu")
+    assert len(calls) - plain_calls == 2 * plain_calls  # each layer ran again in backward
+    assert as_lists(plain.indices) == as_lists(checkpointed.indices)
+
+
 def test_score_cli_writes_documented_mask(tiny, code_data, tmp_path, cli):
     out = tmp_path / "mask.safetensors"
     code, stdout, _ = cli(

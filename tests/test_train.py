@@ -302,3 +302,19 @@ def test_norm_gains_can_train_at_their_own_rate(tiny, code_data):
         assert torch.equal(model.state_dict()[name], base[name]), f"{name} moved at lr x 0"
     others = [n for n in mask.indices if n not in norms]
     assert any(not torch.equal(model.state_dict()[n], base[n]) for n in others)
+
+
+def test_gradient_checkpointing_trains_the_same_values(tiny, code_data):
+    """Whole-layer checkpointing around the norms' own recomputation: same values, same loss."""
+    folder = tiny("llama")
+    runs = []
+    for checkpointing in (False, True):
+        mask, dataset, model, params = setup(folder, code_data, density=0.05, method="magnitude")
+        assert any("norm" in n for n in mask.indices), "the test needs trained norm gains"
+        config = TrainConfig(lr=1e-3, max_steps=3, batch_size=2, gradient_checkpointing=checkpointing)
+        runs.append(train_sparse(model, params, mask.indices, dataset, config))
+        assert model.is_activation_checkpointing == checkpointing
+    plain, checkpointed = runs
+    for name in plain.values:
+        torch.testing.assert_close(checkpointed.values[name], plain.values[name], rtol=1e-5, atol=1e-7)
+    assert abs(plain.train_loss - checkpointed.train_loss) < 1e-5
