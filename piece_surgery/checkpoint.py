@@ -129,11 +129,22 @@ def open_checkpoint(folder: Path) -> Iterator[ShardReader]:
         reader.close()
 
 
-def copy_with_patches(src: Path, dst: Path, patches: dict[str, Callable[[torch.Tensor], None]]) -> bool:
-    """Write `dst` as a byte-for-byte copy of the safetensors file `src`, except that each tensor
-    named in `patches` is read into memory, changed in place by its function, and written back.
+# A patch: the sorted flat indices of the entries it changes, and a function that changes them in
+# place in the tensor it is given (reading and writing no other entry).
+Patch = tuple[torch.Tensor, Callable[[torch.Tensor], None]]
 
-    Untouched runs of bytes are copied inside the kernel (copy_file_range); every byte is copied
+_PAGE = 4096
+# Untouched gaps shorter than this are read and written with their neighbours: one system call
+# pair costs about as much as copying 64 KiB.
+MERGE_GAP = 16 * _PAGE
+
+
+def copy_with_patches(src: Path, dst: Path, patches: dict[str, Patch]) -> bool:
+    """Write `dst` as a byte-for-byte copy of the safetensors file `src`, except for the entries
+    that `patches` change.
+
+    Only the pages holding patched entries go through memory (read, patched, written back at their
+    offset); all other bytes are copied inside the kernel (copy_file_range). Every byte is copied
     once; header, metadata and layout are kept. Returns False, writing nothing, if a patched
     tensor has a dtype this reader does not know.
     """
@@ -157,20 +168,39 @@ def copy_with_patches(src: Path, dst: Path, patches: dict[str, Callable[[torch.T
         if regions and regions[-1][1] > size:
             raise PieceError(f"cannot read '{src}': truncated safetensors file")
         patched = [region for region in regions if region[2] in patches]
-        # One reusable buffer: fresh memory per tensor would be faulted in page by page.
+        # One reusable buffer: fresh memory per tensor would be faulted in page by page. Bytes of
+        # it that a tensor's spans do not cover are stale, and no patch reads them.
         scratch = np.empty(max((end - begin for begin, end, _ in patched), default=0), dtype=np.uint8)
         with open(dst, "wb") as fout:
             src_fd, dst_fd = fin.fileno(), fout.fileno()
             copied = 0  # bytes [0, copied) of dst are written
             for begin, end, name in patched:
-                _copy_range(src_fd, dst_fd, copied, begin - copied)
+                indices, patch = patches[name]
+                dtype = _ST_DTYPES[header[name]["dtype"]]
+                spans = touched_spans(indices, dtype.itemsize, begin, end)
                 buffer = scratch[: end - begin]
-                _read_all(src_fd, buffer, begin, name)
-                patches[name](torch.from_numpy(buffer).view(_ST_DTYPES[header[name]["dtype"]]))
-                _write_all(dst_fd, buffer, begin)
-                copied = end
+                for lo, hi in spans:
+                    _read_all(src_fd, buffer[lo - begin : hi - begin], lo, name)
+                patch(torch.from_numpy(buffer).view(dtype))
+                for lo, hi in spans:
+                    _copy_range(src_fd, dst_fd, copied, lo - copied)
+                    _write_all(dst_fd, buffer[lo - begin : hi - begin], lo)
+                    copied = hi
             _copy_range(src_fd, dst_fd, copied, size - copied)
     return True
+
+
+def touched_spans(indices: torch.Tensor, itemsize: int, begin: int, end: int) -> list[tuple[int, int]]:
+    """Byte ranges [lo, hi) of the file, within the tensor at [begin, end), that cover the pages
+    holding the given entries; ranges closer than MERGE_GAP are joined."""
+    if indices.numel() == 0:
+        return []
+    first = begin + indices.to(torch.int64) * itemsize
+    pages = torch.unique(torch.cat([first // _PAGE, (first + itemsize - 1) // _PAGE]))
+    breaks = torch.nonzero(pages[1:] - pages[:-1] > max(MERGE_GAP // _PAGE, 1)).flatten()
+    starts = pages[torch.cat([torch.zeros(1, dtype=torch.int64), breaks + 1])].tolist()
+    ends = pages[torch.cat([breaks, torch.tensor([pages.numel() - 1])])].tolist()
+    return [(max(s * _PAGE, begin), min((e + 1) * _PAGE, end)) for s, e in zip(starts, ends, strict=True)]
 
 
 def _read_all(fd: int, view, offset: int, name: str) -> None:

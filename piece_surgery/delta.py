@@ -571,7 +571,7 @@ def execute_apply(
             if not plan.resharded:
                 # The output file is the input file with some entries changed: untouched bytes are
                 # copied by the kernel, changed tensors read, merged and written back in place.
-                patches = {name: partial(merged, name) for name in changed}
+                patches = {name: (_union_indices(plan, name), partial(merged, name)) for name in changed}
                 if copy_with_patches(plan.base.path / file, tmp / file, patches):
                     if progress:
                         progress(1)
@@ -597,6 +597,12 @@ def execute_apply(
     plan.overlap, plan.touched = overlap, touched
     _warn_mismatch(overlap)
     return out
+
+
+def _union_indices(plan: ApplyPlan, name: str) -> torch.Tensor:
+    """The sorted flat indices of `name` that any of the plan's deltas changes."""
+    parts = [d.tensors[name].indices for d, _, _ in plan.deltas if name in d.tensors]
+    return parts[0] if len(parts) == 1 else torch.unique(torch.cat(parts))
 
 
 def apply(

@@ -227,3 +227,49 @@ def test_apply_completes_short_reads_and_writes(tiny, tmp_path, monkeypatch):
     apply(str(base), [str(tmp_path / "delta")], tmp_path / "merged")
     assert calls["read"] > 1 and calls["write"] > 1
     assert same_checkpoint(tmp_path / "merged", tuned)
+
+
+def test_touched_spans_cover_exactly_the_pages_of_the_entries(monkeypatch):
+    from piece_surgery import checkpoint
+
+    monkeypatch.setattr(checkpoint, "MERGE_GAP", 0)  # pages only, no joining
+    # a bf16 tensor at file offset 1000: entry i lives at bytes 1000 + 2i
+    indices = torch.tensor([0, 1, 1548, 1549, 5000, 30000])
+    spans = checkpoint.touched_spans(indices, 2, 1000, 1000 + 2 * 40000)
+    # brute force: the set of pages any entry's bytes fall in, clipped to the tensor
+    pages = sorted({(1000 + 2 * int(i) + b) // 4096 for i in indices for b in (0, 1)})
+    covered = sorted({p for lo, hi in spans for p in range(lo // 4096, (hi - 1) // 4096 + 1)})
+    assert covered == pages
+    assert spans[0][0] == 1000 and all(hi <= 1000 + 2 * 40000 for _, hi in spans)
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))  # sorted, disjoint
+    assert checkpoint.touched_spans(torch.tensor([], dtype=torch.int64), 2, 0, 100) == []
+
+
+@pytest.mark.parametrize("merge_gap", [0, 4096, 1 << 16])
+def test_apply_reads_only_the_pages_it_changes(tiny, tmp_path, monkeypatch, merge_gap):
+    import os
+
+    from piece_surgery import checkpoint
+
+    monkeypatch.setattr(checkpoint, "MERGE_GAP", merge_gap)
+    base = tiny("llama", dtype=torch.float32)
+    # two entries of the embedding (40 KiB, ten pages)
+    tuned = perturb(base, tmp_path / "tuned", fraction=0.0002, seed=3, hard=False, names=["embed"])
+    save_delta(diff(str(base), str(tuned)), tmp_path / "delta")
+    read = []
+    real_preadv = os.preadv
+
+    def counting_preadv(fd, buffers, offset):
+        n = real_preadv(fd, buffers, offset)
+        read.append(n)
+        return n
+
+    monkeypatch.setattr(os, "preadv", counting_preadv)
+    apply(str(base), [str(tmp_path / "delta")], tmp_path / "merged")
+    assert same_checkpoint(tmp_path / "merged", tuned)
+    embedding = read_all(base)["model.embed_tokens.weight"]
+    assert embedding.numel() * 4 >= 10 * 4096
+    if merge_gap == 0:
+        assert 0 < sum(read) <= 4 * 4096  # each entry's page (or two, if it straddles)
+    else:
+        assert 0 < sum(read) <= embedding.numel() * 4
