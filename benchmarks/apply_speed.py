@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import measure, smollm2_folder, table
+from common import measure, smollm2_folder, stdlib_code_lines, table, write_jsonl
 
 
 def plain_copy(base: Path, out: Path) -> dict:
@@ -72,6 +72,32 @@ def make_delta(base: Path, work: Path, fraction: float = 0.001) -> Path:
     return delta
 
 
+def make_piece_delta(base: Path, work: Path) -> Path:
+    """A delta on the entries a PIECE-S 0.1% mask selects on the model itself (code data): where a
+    trained delta's entries really fall, unlike make_delta's uniform spread."""
+    from safetensors.torch import load_file, save_file
+
+    from piece_surgery.delta import diff, save_delta
+    from piece_surgery.score import ScoreOptions, score_checkpoint
+
+    data = write_jsonl(stdlib_code_lines(16, min_chars=600), work / "code.jsonl")
+    options = ScoreOptions(method="piece-s", density=0.001, max_length=128)
+    mask, _, _ = score_checkpoint(str(base), data, options, device="cpu")
+    tuned = work / "tuned-piece"
+    shutil.copytree(base, tuned)
+    for file in tuned.glob("*.safetensors"):
+        tensors = load_file(file)
+        for name, t in tensors.items():
+            if name in mask.indices:
+                flat, idx = t.view(-1), mask.indices[name]
+                flat[idx] = (flat[idx].float() + 0.01).to(t.dtype)
+        save_file(tensors, file, metadata={"format": "pt"})
+    delta = work / "delta-piece"
+    save_delta(diff(str(base), str(tuned)), delta)
+    shutil.rmtree(tuned)
+    return delta
+
+
 def big_random(work: Path, layers: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -92,7 +118,7 @@ def big_random(work: Path, layers: int) -> Path:
     return folder
 
 
-def run(name: str, base: Path, work: Path, repeats: int) -> list[dict]:
+def run(name: str, base: Path, work: Path, repeats: int, piece_delta: bool = False) -> list[dict]:
     """Each run `repeats` times, interleaved, flushing dirty pages first (a writer that follows
     another would otherwise be throttled by the kernel for the other's writes); best time kept."""
     work.mkdir(exist_ok=True)
@@ -101,9 +127,18 @@ def run(name: str, base: Path, work: Path, repeats: int) -> list[dict]:
     shards = len(list(base.glob("*.safetensors")))
     runs = [
         ("plain safetensors read+write", plain_copy, (base, work / "copy")),
-        ("piece-surgery apply", piece_apply, (base, delta, work / "merged")),
+        ("piece-surgery apply, 0.1% of every tensor (uniform)", piece_apply, (base, delta, work / "merged")),
         ("transformers load+save_pretrained", transformers_roundtrip, (base, work / "hf")),
     ]
+    if piece_delta:
+        runs.insert(
+            2,
+            (
+                "piece-surgery apply, PIECE-S 0.1% entries",
+                piece_apply,
+                (base, make_piece_delta(base, work), work / "merged-piece"),
+            ),
+        )
     best: dict[str, dict] = {}
     for _ in range(repeats):
         for label, fn, args in runs:
@@ -128,7 +163,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows += run("SmolLM2-135M bf16", smollm2_folder("bfloat16"), work / "small", args.repeats)
+        rows += run("SmolLM2-135M bf16", smollm2_folder("bfloat16"), work / "small", args.repeats, True)
         (work / "bigwork").mkdir()
         rows += run(
             f"random Llama {args.big_layers}x1024 bf16",

@@ -193,13 +193,19 @@ def copy_with_patches(src: Path, dst: Path, patches: dict[str, Patch]) -> bool:
 def touched_spans(indices: torch.Tensor, itemsize: int, begin: int, end: int) -> list[tuple[int, int]]:
     """Byte ranges [lo, hi) of the file, within the tensor at [begin, end), that cover the pages
     holding the given entries; ranges closer than MERGE_GAP are joined."""
-    if indices.numel() == 0:
+    import numpy as np
+
+    # numpy, not torch: this runs once per tensor on small arrays, where torch's per-call overhead
+    # cost more than the system calls it plans
+    first = begin + indices.numpy().astype(np.int64) * itemsize
+    if first.size == 0:
         return []
-    first = begin + indices.to(torch.int64) * itemsize
-    pages = torch.unique(torch.cat([first // _PAGE, (first + itemsize - 1) // _PAGE]))
-    breaks = torch.nonzero(pages[1:] - pages[:-1] > max(MERGE_GAP // _PAGE, 1)).flatten()
-    starts = pages[torch.cat([torch.zeros(1, dtype=torch.int64), breaks + 1])].tolist()
-    ends = pages[torch.cat([breaks, torch.tensor([pages.numel() - 1])])].tolist()
+    # indices are sorted, so each entry's first and last page rise with it: a run of pages ends
+    # where the next entry starts more than the allowed gap after this one ends
+    first_page, last_page = first // _PAGE, (first + itemsize - 1) // _PAGE
+    breaks = np.flatnonzero(first_page[1:] - last_page[:-1] > max(MERGE_GAP // _PAGE, 1))
+    starts = first_page[np.concatenate([[0], breaks + 1])].tolist()
+    ends = last_page[np.concatenate([breaks, [first.size - 1]])].tolist()
     return [(max(s * _PAGE, begin), min((e + 1) * _PAGE, end)) for s, e in zip(starts, ends, strict=True)]
 
 

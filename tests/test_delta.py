@@ -243,6 +243,20 @@ def test_touched_spans_cover_exactly_the_pages_of_the_entries(monkeypatch):
     assert spans[0][0] == 1000 and all(hi <= 1000 + 2 * 40000 for _, hi in spans)
     assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))  # sorted, disjoint
     assert checkpoint.touched_spans(torch.tensor([], dtype=torch.int64), 2, 0, 100) == []
+    gen = torch.Generator().manual_seed(0)
+    for itemsize, begin in [(2, 8 + 126), (4, 4096 * 3 + 8)]:
+        n = 50_000
+        indices = torch.unique(torch.randint(0, n, (40,), generator=gen))
+        end = begin + n * itemsize
+        pages = sorted({(begin + int(i) * itemsize + b) // 4096 for i in indices for b in (0, itemsize - 1)})
+        for gap in (0, 4096, 8 * 4096):
+            monkeypatch.setattr(checkpoint, "MERGE_GAP", gap)
+            spans = checkpoint.touched_spans(indices, itemsize, begin, end)
+            covered = {p for lo, hi in spans for p in range(lo // 4096, (hi - 1) // 4096 + 1)}
+            assert covered >= set(pages) and all(begin <= lo < hi <= end for lo, hi in spans)
+            assert all(b[0] - a[1] >= max(gap, 4096) for a, b in zip(spans, spans[1:], strict=False))
+            if gap == 0:
+                assert sorted(covered) == pages
 
 
 @pytest.mark.parametrize("merge_gap", [0, 4096, 1 << 16])
