@@ -86,10 +86,10 @@ def recompute_in_backward(module: torch.nn.Module) -> None:
     """
     from torch.utils.checkpoint import checkpoint
 
-    original = type(module).forward
+    original = module.forward  # bound: keeps any wrapper already on the instance
 
     def forward(self, *args, **kwargs):
-        return checkpoint(original, self, *args, use_reentrant=False, **kwargs)
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)
 
     module.forward = types.MethodType(forward, module)
 
