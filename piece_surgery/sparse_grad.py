@@ -74,7 +74,7 @@ def route_linear(module: torch.nn.Linear, values: torch.Tensor, indices: torch.T
     def forward(self, x):
         return SelectedEntryLinear.apply(x, self.weight, self.bias, values, plan)
 
-    module.forward = types.MethodType(forward, module)
+    _replace_forward(module, types.MethodType(forward, module))
 
 
 def recompute_in_backward(module: torch.nn.Module) -> None:
@@ -91,11 +91,24 @@ def recompute_in_backward(module: torch.nn.Module) -> None:
     def forward(self, *args, **kwargs):
         return checkpoint(original, *args, use_reentrant=False, **kwargs)
 
-    module.forward = types.MethodType(forward, module)
+    _replace_forward(module, types.MethodType(forward, module))
+
+
+_SAVED = "_piece_surgery_saved_forward"
+
+
+def _replace_forward(module: torch.nn.Module, forward) -> None:
+    # keep a forward set on the instance before ours (a hook library's), for restore
+    module.__dict__[_SAVED] = module.__dict__.get("forward")
+    module.forward = forward
 
 
 def restore(module: torch.nn.Module) -> None:
+    """Undo route_linear or recompute_in_backward: the module's forward is what it was."""
     module.__dict__.pop("forward", None)
+    previous = module.__dict__.pop(_SAVED, None)
+    if previous is not None:
+        module.forward = previous
 
 
 def single_linear_owner(model: torch.nn.Module, param: torch.nn.Parameter) -> torch.nn.Linear | None:

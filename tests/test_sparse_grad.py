@@ -1,3 +1,5 @@
+import types
+
 import pytest
 import torch
 
@@ -50,6 +52,14 @@ def test_route_and_restore_linear():
     assert values.grad is not None and values.grad.shape == (2,)
     restore(layer)
     assert "forward" not in layer.__dict__
+
+    wrapped = torch.nn.Linear(8, 4)
+    own = types.MethodType(lambda self, x: torch.zeros(2, 4), wrapped)  # e.g. a hook library's
+    wrapped.forward = own
+    route_linear(wrapped, values, torch.tensor([1, 9]))
+    assert wrapped.forward != own
+    restore(wrapped)
+    assert wrapped.forward == own
 
 
 def _saved_bytes(fn) -> int:
