@@ -13,7 +13,7 @@ from piece_surgery.sparse_grad import (
 )
 
 
-@pytest.mark.parametrize("distinct_cols", [3, 40])  # few columns: gathered copy; many: x itself
+@pytest.mark.parametrize("distinct_cols", [3, 40])  # few columns: gathered copy, block; many: x, per entry
 @pytest.mark.parametrize("bias", [True, False])
 def test_selected_entry_gradient_equals_dense_gradient(distinct_cols, bias):
     gen = torch.Generator().manual_seed(0)
@@ -35,6 +35,8 @@ def test_selected_entry_gradient_equals_dense_gradient(distinct_cols, bias):
     values = layer.weight.detach().reshape(-1)[flat].clone().requires_grad_(True)
     plan = EntryPlan.for_indices(flat, 48)
     assert plan.gather == (distinct_cols * 2 <= 48)
+    # entries in 3 columns form a small block (one matrix product); in 40 they are scattered
+    assert plan.block == (distinct_cols == 3)
     with torch.no_grad():
         layer.weight.requires_grad_(False)
     out = SelectedEntryLinear.apply(x, layer.weight, layer.bias, values, plan)
