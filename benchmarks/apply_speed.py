@@ -49,53 +49,51 @@ def transformers_roundtrip(base: Path, out: Path) -> dict:
     return {"seconds": time.perf_counter() - start}
 
 
-def make_delta(base: Path, work: Path, fraction: float = 0.001) -> Path:
-    """Change `fraction` of the entries of every tensor, then diff: a realistic sparse delta."""
+def nudged_delta(base: Path, work: Path, label: str, entries) -> Path:
+    """Copy `base`, add 0.01 to the entries `entries(name, flat_tensor)` picks (indices or None)
+    in each tensor, and diff: a delta whose entries fall where the picker puts them."""
     import torch
     from safetensors.torch import load_file, save_file
 
     from piece_surgery.delta import diff, save_delta
 
-    tuned = work / "tuned"
+    tuned = work / f"tuned-{label}"
     shutil.copytree(base, tuned)
-    gen = torch.Generator().manual_seed(0)
-    for file in tuned.glob("*.safetensors"):
+    for file in sorted(tuned.glob("*.safetensors")):
         tensors = load_file(file)
-        for t in tensors.values():
-            flat = t.view(-1)
-            idx = torch.randint(0, flat.numel(), (max(1, int(fraction * flat.numel())),), generator=gen)
-            flat[idx] = (flat[idx].float() + 0.01).to(t.dtype)
+        for name, t in tensors.items():
+            idx = entries(name, t.view(-1))
+            if idx is not None:
+                flat = t.view(-1)
+                flat[idx] = (flat[idx].to(torch.float32) + 0.01).to(t.dtype)
         save_file(tensors, file, metadata={"format": "pt"})
-    delta = work / "delta"
+    delta = work / label
     save_delta(diff(str(base), str(tuned)), delta)
     shutil.rmtree(tuned)
     return delta
+
+
+def make_delta(base: Path, work: Path, fraction: float = 0.001) -> Path:
+    """Change `fraction` of the entries of every tensor, spread uniformly: the worst case for apply."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+
+    def uniform(name, flat):
+        return torch.randint(0, flat.numel(), (max(1, int(fraction * flat.numel())),), generator=gen)
+
+    return nudged_delta(base, work, "delta", uniform)
 
 
 def make_piece_delta(base: Path, work: Path) -> Path:
     """A delta on the entries a PIECE-S 0.1% mask selects on the model itself (code data): where a
     trained delta's entries really fall, unlike make_delta's uniform spread."""
-    from safetensors.torch import load_file, save_file
-
-    from piece_surgery.delta import diff, save_delta
     from piece_surgery.score import ScoreOptions, score_checkpoint
 
     data = write_jsonl(stdlib_code_lines(16, min_chars=600), work / "code.jsonl")
     options = ScoreOptions(method="piece-s", density=0.001, max_length=128)
     mask, _, _ = score_checkpoint(str(base), data, options, device="cpu")
-    tuned = work / "tuned-piece"
-    shutil.copytree(base, tuned)
-    for file in tuned.glob("*.safetensors"):
-        tensors = load_file(file)
-        for name, t in tensors.items():
-            if name in mask.indices:
-                flat, idx = t.view(-1), mask.indices[name]
-                flat[idx] = (flat[idx].float() + 0.01).to(t.dtype)
-        save_file(tensors, file, metadata={"format": "pt"})
-    delta = work / "delta-piece"
-    save_delta(diff(str(base), str(tuned)), delta)
-    shutil.rmtree(tuned)
-    return delta
+    return nudged_delta(base, work, "delta-piece", lambda name, flat: mask.indices.get(name))
 
 
 def big_random(work: Path, layers: int) -> Path:
