@@ -135,18 +135,19 @@ def restore(module: torch.nn.Module) -> None:
         module.forward = previous
 
 
-def single_linear_owner(model: torch.nn.Module, param: torch.nn.Parameter) -> torch.nn.Linear | None:
-    """The nn.Linear whose weight `param` is, if no other module uses it too."""
-    owner = single_owner(model, param)
-    if type(owner) is torch.nn.Linear and owner.weight is param:
-        return owner
-    return None
+def sole_owners(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """id(parameter) -> its module, for the parameters that exactly one module holds (a tied weight
+    has two owners and two sources of gradient, so it is left out)."""
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(module)
+    return {key: found[0] for key, found in owners.items() if len(found) == 1}
 
 
-def single_owner(model: torch.nn.Module, param: torch.nn.Parameter) -> torch.nn.Module | None:
-    """The one module holding `param`, if no other module holds it too."""
-    owners = [m for m in model.modules() for p in m._parameters.values() if p is param]
-    return owners[0] if len(owners) == 1 else None
+def is_linear_weight(module: torch.nn.Module, param: torch.nn.Parameter) -> bool:
+    return type(module) is torch.nn.Linear and module.weight is param
 
 
 def is_gain_module(module: torch.nn.Module) -> bool:

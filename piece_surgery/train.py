@@ -25,11 +25,11 @@ from piece_surgery.errors import PieceError
 from piece_surgery.naming import is_norm
 from piece_surgery.sparse_grad import (
     is_gain_module,
+    is_linear_weight,
     recompute_in_backward,
     restore,
     route_linear,
-    single_linear_owner,
-    single_owner,
+    sole_owners,
 )
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -141,12 +141,12 @@ class SparseParameters:
         self._routed: list[torch.nn.Module] = []
 
     def attach(self, model: torch.nn.Module, *, sparse_linear: bool = True) -> None:
-        routed = {}
-        if sparse_linear:
-            for name, p in self.params.items():
-                owner = single_linear_owner(model, p)
-                if owner is not None:
-                    routed[name] = owner
+        owners = sole_owners(model) if sparse_linear else {}
+        routed = {
+            name: owners[id(p)]
+            for name, p in self.params.items()
+            if id(p) in owners and is_linear_weight(owners[id(p)], p)
+        }
         hooked = {id(p) for n, p in self.params.items() if n not in routed}
         for p in model.parameters():  # nothing else is trained, nor even gets a gradient
             p.requires_grad_(id(p) in hooked)
@@ -156,12 +156,13 @@ class SparseParameters:
         for name, p in self.params.items():
             if name not in routed:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._gather(name)))
-        if sparse_linear:
-            gains = {single_owner(model, p) for n, p in self.params.items() if n not in routed}
-            for module in gains:
-                if module is not None and is_gain_module(module):
-                    recompute_in_backward(module)
-                    self._routed.append(module)
+        gains = dict.fromkeys(
+            owners[id(p)] for n, p in self.params.items() if n not in routed and id(p) in owners
+        )
+        for module in gains:  # in parameter order, each module once
+            if is_gain_module(module):
+                recompute_in_backward(module)
+                self._routed.append(module)
 
     def _gather(self, name: str) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
