@@ -318,3 +318,11 @@ def test_gradient_checkpointing_trains_the_same_values(tiny, code_data):
     for name in plain.values:
         torch.testing.assert_close(checkpointed.values[name], plain.values[name], rtol=1e-5, atol=1e-7)
     assert abs(plain.train_loss - checkpointed.train_loss) < 1e-5
+
+
+def test_gradient_checkpointing_on_a_model_without_it_is_a_clear_error():
+    from piece_surgery.checkpoint import enable_activation_checkpointing
+    from piece_surgery.errors import PieceError
+
+    with pytest.raises(PieceError, match="does not support --gradient-checkpointing"):
+        enable_activation_checkpointing(torch.nn.Linear(2, 2))
