@@ -31,11 +31,11 @@ def plain_copy(base: Path, out: Path) -> dict:
 
 
 def piece_apply(base: Path, delta: Path, out: Path) -> dict:
-    from piece_surgery.delta import apply
+    from piece_surgery.merge import apply
 
     start = time.perf_counter()
-    plan = apply(str(base), [str(delta)], out)
-    return {"seconds": time.perf_counter() - start, "entries": sum(plan.touched.values())}
+    result = apply(str(base), [str(delta)], out, overwrite=True)
+    return {"seconds": time.perf_counter() - start, "entries": sum(result.touched.values())}
 
 
 def transformers_roundtrip(base: Path, out: Path) -> dict:
@@ -91,8 +91,8 @@ def make_piece_delta(base: Path, work: Path) -> Path:
     from piece_surgery.score import ScoreOptions, score_checkpoint
 
     data = write_jsonl(stdlib_code_lines(16, min_chars=600), work / "code.jsonl")
-    options = ScoreOptions(method="piece-s", density=0.001, max_length=128)
-    mask, _, _ = score_checkpoint(str(base), data, options, device="cpu")
+    options = ScoreOptions(method="piece-s", density=0.001)
+    mask, _, _ = score_checkpoint(str(base), data, options, max_length=128, device="cpu")
     return nudged_delta(base, work, "delta-piece", lambda name, flat: mask.indices.get(name))
 
 

@@ -30,12 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import smollm2_folder, stdlib_code_lines, wiki_records, write_jsonl  # noqa: E402
 
-from piece_surgery.checkpoint import load_causal_lm, parameter_keys, read_layout  # noqa: E402
-from piece_surgery.data import Dataset, batch_logits, collate, load_dataset, load_tokenizer, mean_token_loss  # noqa: E402
+from piece_surgery.checkpoint import Checkpoint, open_checkpoint, parameter_keys  # noqa: E402
+from piece_surgery.data import Dataset, collate  # noqa: E402
+from piece_surgery.loss import batch_logits, mean_token_loss  # noqa: E402
 from piece_surgery.score import ScoreOptions, score_model  # noqa: E402
-from piece_surgery.train import TrainConfig, step_examples, train_sparse  # noqa: E402
+from piece_surgery.trainer import TrainConfig, step_examples, train_sparse  # noqa: E402
 
-CPU = torch.device("cpu")
 
 
 @dataclass
@@ -181,9 +181,14 @@ def dense_train(model, params, dataset: Dataset, config: TrainConfig) -> None:
 _MASKS: dict[tuple, object] = {}
 
 
+def fresh_model(checkpoint: Checkpoint):
+    """The base model, loaded anew in fp32 on the CPU."""
+    return checkpoint.load_model(device="cpu", dtype="float32")
+
+
 def train_method(
     model,
-    folder: Path,
+    checkpoint: Checkpoint,
     method: Method,
     lr: float,
     train: Dataset,
@@ -218,7 +223,7 @@ def train_method(
         params = [p for p in model.parameters() if p.requires_grad]
         dense_train(model, params, train, config)
         return model, sum(p.numel() for p in params), None
-    keys = parameter_keys(model, read_layout(folder))
+    keys = parameter_keys(model, checkpoint.layout)
     options = replace(method.score, seed=seed)
     key = (cache_key, repr(options)) if cache_key else None  # same options, same mask
     if key is None or key not in _MASKS:
@@ -250,11 +255,11 @@ def selected(name: str, only: list[str]) -> bool:
 
 
 def frontier(folder: Path, tasks: dict, general: Path, args) -> list[dict]:
-    tokenizer = load_tokenizer(folder)
-    ds = lambda p: load_dataset(p, tokenizer, max_length=args.max_length)  # noqa: E731
+    checkpoint = open_checkpoint(str(folder))
+    ds = lambda p: checkpoint.load_data(p, max_length=args.max_length)  # noqa: E731
     train, test = (ds(p) for p in tasks[args.task])
     gen = ds(general)
-    base = load_causal_lm(folder, dtype=torch.float32, device=CPU)
+    base = fresh_model(checkpoint)
     base_test, base_general = eval_loss(base, test), eval_loss(base, gen)
     base_lp = log_probs(base, gen)
     del base
@@ -273,9 +278,9 @@ def frontier(folder: Path, tasks: dict, general: Path, args) -> list[dict]:
             if args.lrs and lr not in args.lrs:
                 continue
             start = time.perf_counter()
-            model = load_causal_lm(folder, dtype=torch.float32, device=CPU)
+            model = fresh_model(checkpoint)
             model, trainable, mask = train_method(
-                model, folder, method, lr, train, args.steps, args.batch_size, seed=args.seed
+                model, checkpoint, method, lr, train, args.steps, args.batch_size, seed=args.seed
             )
             row = {
                 "method": method.name,
@@ -295,11 +300,11 @@ def frontier(folder: Path, tasks: dict, general: Path, args) -> list[dict]:
 
 def sequential(folder: Path, tasks: dict, general: Path, args, picks: list[tuple[str, float]]) -> list[dict]:
     """Task A (code) then task B (math) on the model left by A; BWT = loss_A after A - loss_A after B."""
-    tokenizer = load_tokenizer(folder)
-    ds = lambda p: load_dataset(p, tokenizer, max_length=args.max_length)  # noqa: E731
+    checkpoint = open_checkpoint(str(folder))
+    ds = lambda p: checkpoint.load_data(p, max_length=args.max_length)  # noqa: E731
     (a_train, a_test), (b_train, b_test) = ((ds(x), ds(y)) for x, y in (tasks["code"], tasks["math"]))
     gen = ds(general)
-    base = load_causal_lm(folder, dtype=torch.float32, device=CPU)
+    base = fresh_model(checkpoint)
     base_lp = log_probs(base, gen)
     base_a, base_b = eval_loss(base, a_test), eval_loss(base, b_test)
     del base
@@ -307,12 +312,12 @@ def sequential(folder: Path, tasks: dict, general: Path, args, picks: list[tuple
     rows = []
     for name, lr in picks:
         method = by_name[name]
-        model = load_causal_lm(folder, dtype=torch.float32, device=CPU)
-        model, _, _ = train_method(model, folder, method, lr, a_train, args.steps, args.batch_size)
+        model = fresh_model(checkpoint)
+        model, _, _ = train_method(model, checkpoint, method, lr, a_train, args.steps, args.batch_size)
         if method.kind == "lora":  # task B gets a fresh adapter on the merged task-A model
             model = model.merge_and_unload()
         a_after_a = eval_loss(model, a_test)
-        model, _, _ = train_method(model, folder, method, lr, b_train, args.steps, args.batch_size)
+        model, _, _ = train_method(model, checkpoint, method, lr, b_train, args.steps, args.batch_size)
         if method.kind == "lora":
             model = model.merge_and_unload()
         a_after_b, b_after_b = eval_loss(model, a_test), eval_loss(model, b_test)
@@ -335,10 +340,10 @@ def mask_overlaps(folder: Path, tasks: dict, args) -> dict:
     from piece_surgery.mask import k_for_density, select_top_k
     from piece_surgery.naming import is_norm
 
-    tokenizer = load_tokenizer(folder)
-    train = load_dataset(tasks[args.task][0], tokenizer, max_length=args.max_length)
-    model = load_causal_lm(folder, dtype=torch.float32, device=CPU)
-    keys = parameter_keys(model, read_layout(folder))
+    checkpoint = open_checkpoint(str(folder))
+    train = checkpoint.load_data(tasks[args.task][0], max_length=args.max_length)
+    model = fresh_model(checkpoint)
+    keys = checkpoint.keys
     params = eligible_parameters(model, keys)
     k = k_for_density(args.density, sum(p.numel() for p in params.values()))
     sums, squares, _ = accumulate_gradients(

@@ -17,49 +17,44 @@ from common import measure, smollm2_folder, stdlib_code_lines, table, write_json
 def _load(folder: Path, data: Path, max_length: int):
     import torch
 
-    from piece_surgery.checkpoint import load_causal_lm
-    from piece_surgery.data import load_dataset, load_tokenizer
+    from piece_surgery.checkpoint import open_checkpoint
 
     torch.manual_seed(0)
-    tokenizer = load_tokenizer(folder)
-    dataset = load_dataset(data, tokenizer, max_length=max_length)
-    model = load_causal_lm(folder, dtype=torch.float32, device=torch.device("cpu"))
-    return tokenizer, dataset, model
+    checkpoint = open_checkpoint(str(folder))
+    dataset = checkpoint.load_data(data, max_length=max_length)
+    checkpoint.load_model(device="cpu", dtype="float32")
+    return checkpoint, dataset
 
 
 def plain_loop(folder: Path, data: Path, max_length: int) -> dict:
     """What any training script does: forward, backward into .grad, drop the gradients."""
-    from piece_surgery.data import batch_logits, mean_token_loss, micro_batches, pad_id
+    from piece_surgery.loss import micro_batch_losses
 
-    tokenizer, dataset, model = _load(folder, data, max_length)
+    checkpoint, dataset = _load(folder, data, max_length)
+    model = checkpoint.model
     model.eval()
     start = time.perf_counter()
-    for batch in micro_batches(dataset.examples, 1, pad_id(tokenizer)):
-        logits = batch_logits(model, batch)
-        loss, _ = mean_token_loss(logits, batch["labels"])
+    for loss, _, _ in micro_batch_losses(model, dataset, 1, checkpoint.pad_id):
         loss.backward()
         model.zero_grad(set_to_none=True)
     return {"loop_seconds": time.perf_counter() - start}
 
 
 def piece_score(folder: Path, data: Path, max_length: int, method: str) -> dict:
-    from piece_surgery.checkpoint import parameter_keys, read_layout
-    from piece_surgery.data import pad_id
     from piece_surgery.score import ScoreOptions, score_model
 
-    tokenizer, dataset, model = _load(folder, data, max_length)
-    keys = parameter_keys(model, read_layout(folder))
+    checkpoint, dataset = _load(folder, data, max_length)
     start = time.perf_counter()
-    mask, _ = score_model(model, keys, dataset, ScoreOptions(method=method), pad=pad_id(tokenizer))
+    mask, _ = score_model(
+        checkpoint.model, checkpoint.keys, dataset, ScoreOptions(method=method), pad=checkpoint.pad_id
+    )
     return {"loop_seconds": time.perf_counter() - start, "k": mask.k, "eligible": mask.eligible}
 
 
 def weights_only(folder: Path) -> dict:
-    import torch
+    from piece_surgery.checkpoint import open_checkpoint
 
-    from piece_surgery.checkpoint import load_causal_lm
-
-    model = load_causal_lm(folder, dtype=torch.float32, device=torch.device("cpu"))
+    model = open_checkpoint(str(folder)).load_model(device="cpu", dtype="float32")
     return {"params": sum(p.numel() for p in model.parameters())}
 
 

@@ -24,14 +24,13 @@ from common import measure, reset_peak, smollm2_folder, stdlib_code_lines, table
 def _setup(folder: Path, data: Path, max_length: int):
     import torch
 
-    from piece_surgery.checkpoint import load_causal_lm
-    from piece_surgery.data import load_dataset, load_tokenizer
+    from piece_surgery.checkpoint import open_checkpoint
 
     torch.manual_seed(0)
-    tokenizer = load_tokenizer(folder)
-    dataset = load_dataset(data, tokenizer, max_length=max_length)
-    model = load_causal_lm(folder, dtype=torch.float32, device=torch.device("cpu"))
-    return dataset, model
+    checkpoint = open_checkpoint(str(folder))
+    dataset = checkpoint.load_data(data, max_length=max_length)
+    model = checkpoint.load_model(device="cpu", dtype="float32")
+    return dataset, model, checkpoint
 
 
 def _batches(dataset, batch_size: int, steps: int):
@@ -53,7 +52,7 @@ def _timed_steps(step_fn, batches) -> dict:
 
 
 def _loss(model, batch):
-    from piece_surgery.data import batch_logits, mean_token_loss
+    from piece_surgery.loss import batch_logits, mean_token_loss
 
     logits = batch_logits(model, batch)
     return mean_token_loss(logits, batch["labels"])[0]
@@ -62,7 +61,7 @@ def _loss(model, batch):
 def full_finetune(folder, data, steps, batch_size, max_length) -> dict:
     import torch
 
-    dataset, model = _setup(folder, data, max_length)
+    dataset, model, _ = _setup(folder, data, max_length)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
 
@@ -80,7 +79,7 @@ def lora(folder, data, steps, batch_size, max_length, rank, modules) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    dataset, model = _setup(folder, data, max_length)
+    dataset, model, _ = _setup(folder, data, max_length)
     model = get_peft_model(
         model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=modules, lora_dropout=0.0)
     )
@@ -100,15 +99,12 @@ def lora(folder, data, steps, batch_size, max_length, rank, modules) -> dict:
 
 def sparse(folder, data, steps, batch_size, max_length, mask_path) -> dict:
     """piece-surgery's trainer on a 0.1% mask scored beforehand (as `score` then `train --mask`)."""
-    from piece_surgery.checkpoint import parameter_keys, read_layout
     from piece_surgery.mask import load_mask
-    from piece_surgery.train import TrainConfig, train_sparse
+    from piece_surgery.trainer import TrainConfig, train_sparse
 
-    dataset, model = _setup(folder, data, max_length)
+    dataset, model, checkpoint = _setup(folder, data, max_length)
     mask = load_mask(mask_path)
-    keys = parameter_keys(model, read_layout(folder))
-    named = dict(model.named_parameters())
-    params = {key: named[name] for name, key in keys.items() if key in mask.indices}
+    params = checkpoint.parameters(mask.indices)
     times = []
     last = [time.perf_counter()]
 
@@ -129,11 +125,10 @@ def sparse(folder, data, steps, batch_size, max_length, mask_path) -> dict:
 
 
 def score_mask(folder: Path, data: Path, method: str, out: Path) -> dict:
-    from piece_surgery.mask import save_mask
     from piece_surgery.score import ScoreOptions, score_checkpoint
 
-    mask, _, _ = score_checkpoint(str(folder), data, ScoreOptions(method=method, density=0.001), device="cpu")
-    save_mask(mask, out)
+    options = ScoreOptions(method=method, density=0.001)
+    score_checkpoint(str(folder), data, options, output=out, overwrite=True, device="cpu")
     return {}
 
 

@@ -4,35 +4,28 @@ __version__ = "0.1.0"
 
 from piece_surgery.errors import PieceError  # noqa: E402
 
-__all__ = [
-    "PieceError",
-    "__version__",
-    "apply",
-    "apply_to_model",
-    "diff",
-    "load_delta",
-    "load_mask",
-    "push",
-    "save_delta",
-    "save_mask",
-    "score_checkpoint",
-    "train_checkpoint",
-    "train_sparse",
-]
-
+# The public API: name -> the module that defines it (see docs/architecture.md).
 _HOMES = {
-    "apply": "delta",
-    "apply_to_model": "delta",
+    "ScoreOptions": "score",
+    "score_checkpoint": "score",
+    "score_model": "score",
+    "TrainConfig": "trainer",
+    "train_sparse": "trainer",
+    "train_checkpoint": "train",
+    "open_checkpoint": "checkpoint",
+    "load_mask": "mask",
+    "save_mask": "mask",
     "diff": "delta",
     "load_delta": "delta",
     "save_delta": "delta",
-    "load_mask": "mask",
-    "save_mask": "mask",
-    "push": "hub",
-    "score_checkpoint": "score",
-    "train_checkpoint": "train",
-    "train_sparse": "train",
+    "apply": "merge",
+    "apply_to_model": "merge",
+    "plan_apply": "merge",
+    "open_artifact": "artifacts",
+    "push": "artifacts",
 }
+
+__all__ = ["PieceError", "__version__", *_HOMES]
 
 
 def __getattr__(name: str):

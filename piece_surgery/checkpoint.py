@@ -1,30 +1,31 @@
-"""Hugging Face checkpoints on disk: tensor layout, lazy shard reading, atomic sharded writing."""
+"""Hugging Face checkpoints: find one (folder or Hub id), read its layout and tensors lazily, load its
+tokenizer, data and model, and write sharded safetensors.
+
+`open_checkpoint` is the one loader every command uses: it reads headers only, and the returned
+`Checkpoint` loads the tokenizer, datasets and model when asked, so cheap checks run first.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from piece_surgery.data import Dataset, load_dataset, load_tokenizer, pad_id
+from piece_surgery.dtypes import SAFETENSORS_DTYPES, float_dtype, numel
 from piece_surgery.errors import PieceError
+from piece_surgery.hub import Resolved, resolve
+from piece_surgery.records import CheckpointIdentity
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,14 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return numel(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+# ---------------------------------------------------------------- files and layout
 
 
 def weight_files(folder: Path) -> dict[str, str]:
@@ -90,9 +95,12 @@ def read_layout(folder: Path) -> dict[str, TensorInfo]:
                     if name not in keys:
                         raise PieceError(f"shard '{file}' lacks tensor '{name}' named in the index")
                     sl = f.get_slice(name)
-                    dtype = _ST_DTYPES.get(sl.get_dtype())
+                    dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
                     if dtype is None:
-                        dtype = getattr(torch, sl.get_dtype().lower(), torch.uint8)
+                        raise PieceError(
+                            f"tensor '{name}' in '{file}' has dtype {sl.get_dtype()}, which this tool "
+                            "does not handle"
+                        )
                     layout[name] = TensorInfo(name, tuple(sl.get_shape()), dtype, file)
         except (SafetensorError, OSError) as exc:
             raise PieceError(f"cannot read '{folder / file}': corrupt or truncated safetensors file") from exc
@@ -105,7 +113,7 @@ class ShardReader:
     def __init__(self, folder: Path, layout: dict[str, TensorInfo]):
         self.folder = Path(folder)
         self.layout = layout
-        self._open: dict[str, object] = {}
+        self._open: dict[str, Any] = {}
 
     def get(self, name: str) -> torch.Tensor:
         file = self.layout[name].file
@@ -119,130 +127,11 @@ class ShardReader:
     def close(self) -> None:
         self._open.clear()
 
+    def __enter__(self) -> ShardReader:
+        return self
 
-@contextmanager
-def open_checkpoint(folder: Path) -> Iterator[ShardReader]:
-    reader = ShardReader(folder, read_layout(folder))
-    try:
-        yield reader
-    finally:
-        reader.close()
-
-
-# A patch: the sorted flat indices of the entries it changes, and a function that changes them in
-# place in the tensor it is given (reading and writing no other entry).
-Patch = tuple[torch.Tensor, Callable[[torch.Tensor], None]]
-
-_PAGE = 4096
-# Untouched gaps shorter than this are read and written with their neighbours: one system call
-# pair costs about as much as copying 64 KiB.
-MERGE_GAP = 16 * _PAGE
-
-
-def copy_with_patches(src: Path, dst: Path, patches: dict[str, Patch]) -> bool:
-    """Write `dst` as a byte-for-byte copy of the safetensors file `src`, except for the entries
-    that `patches` change.
-
-    Only the pages holding patched entries go through memory (read, patched, written back at their
-    offset); all other bytes are copied inside the kernel (copy_file_range). Every byte is copied
-    once; header, metadata and layout are kept. Returns False, writing nothing, if a patched
-    tensor has a dtype this reader does not know.
-    """
-    import numpy as np
-
-    size = Path(src).stat().st_size
-    with open(src, "rb") as fin:
-        try:
-            header_len = int.from_bytes(fin.read(8), "little")
-            header = json.loads(fin.read(header_len))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise PieceError(f"cannot read '{src}': corrupt safetensors header") from exc
-        start = 8 + header_len
-        if any(_ST_DTYPES.get(header[name]["dtype"]) is None for name in patches):
-            return False
-        regions = sorted(
-            (start + e["data_offsets"][0], start + e["data_offsets"][1], name)
-            for name, e in header.items()
-            if name != "__metadata__"
-        )
-        if regions and regions[-1][1] > size:
-            raise PieceError(f"cannot read '{src}': truncated safetensors file")
-        patched = [region for region in regions if region[2] in patches]
-        # One reusable buffer: fresh memory per tensor would be faulted in page by page. Bytes of
-        # it that a tensor's spans do not cover are stale, and no patch reads them.
-        scratch = np.empty(max((end - begin for begin, end, _ in patched), default=0), dtype=np.uint8)
-        with open(dst, "wb") as fout:
-            src_fd, dst_fd = fin.fileno(), fout.fileno()
-            copied = 0  # bytes [0, copied) of dst are written
-            for begin, end, name in patched:
-                indices, patch = patches[name]
-                dtype = _ST_DTYPES[header[name]["dtype"]]
-                spans = touched_spans(indices, dtype.itemsize, begin, end)
-                buffer = scratch[: end - begin]
-                for lo, hi in spans:
-                    _read_all(src_fd, buffer[lo - begin : hi - begin], lo, name)
-                patch(torch.from_numpy(buffer).view(dtype))
-                for lo, hi in spans:
-                    _copy_range(src_fd, dst_fd, copied, lo - copied)
-                    _write_all(dst_fd, buffer[lo - begin : hi - begin], lo)
-                    copied = hi
-            _copy_range(src_fd, dst_fd, copied, size - copied)
-    return True
-
-
-def touched_spans(indices: torch.Tensor, itemsize: int, begin: int, end: int) -> list[tuple[int, int]]:
-    """Byte ranges [lo, hi) of the file, within the tensor at [begin, end), that cover the pages
-    holding the given entries; ranges closer than MERGE_GAP are joined."""
-    import numpy as np
-
-    # numpy, not torch: this runs once per tensor on small arrays, where torch's per-call overhead
-    # cost more than the system calls it plans
-    first = begin + indices.numpy().astype(np.int64) * itemsize
-    if first.size == 0:
-        return []
-    # indices are sorted, so each entry's first and last page rise with it: a run of pages ends
-    # where the next entry starts more than the allowed gap after this one ends
-    first_page, last_page = first // _PAGE, (first + itemsize - 1) // _PAGE
-    breaks = np.flatnonzero(first_page[1:] - last_page[:-1] > max(MERGE_GAP // _PAGE, 1))
-    starts = first_page[np.concatenate([[0], breaks + 1])].tolist()
-    ends = last_page[np.concatenate([breaks, [first.size - 1]])].tolist()
-    return [(max(s * _PAGE, begin), min((e + 1) * _PAGE, end)) for s, e in zip(starts, ends, strict=True)]
-
-
-def _read_all(fd: int, view, offset: int, name: str) -> None:
-    import os
-
-    done, length = 0, len(view)
-    while done < length:  # one call returns at most ~2 GiB on Linux
-        step = os.preadv(fd, [view[done:]], offset + done)
-        if step == 0:
-            raise PieceError(f"cannot read tensor '{name}': truncated safetensors file")
-        done += step
-
-
-def _write_all(fd: int, view, offset: int) -> None:
-    import os
-
-    done, length = 0, len(view)
-    while done < length:
-        done += os.pwrite(fd, view[done:], offset + done)
-
-
-def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
-    """Copy `length` bytes at `offset` of one file to the same offset of another, in the kernel
-    where the OS can."""
-    import os
-
-    done = 0
-    while done < length:
-        try:
-            step = os.copy_file_range(src_fd, dst_fd, length - done, offset + done, offset + done)
-        except (AttributeError, OSError):  # no copy_file_range here, or refused across file systems
-            chunk = os.pread(src_fd, min(length - done, 1 << 24), offset + done)
-            step = os.pwrite(dst_fd, chunk, offset + done) if chunk else 0
-        if step == 0:
-            raise PieceError("the input file shrank while it was being copied")
-        done += step
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def shard_metadata(folder: Path) -> dict[str, str]:
@@ -261,23 +150,38 @@ def write_index(out: Path, weight_map: dict[str, str], total_size: int) -> None:
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def checkpoint_dtype(folder: Path, layout: dict[str, TensorInfo] | None = None) -> torch.dtype:
+def fingerprint(folder: Path, layout: dict[str, TensorInfo]) -> str:
+    """A cheap identity of a checkpoint's weights: names, shapes, dtypes, first and last row of each.
+
+    Reads a few KB, not the model; it tells apart different fine-tunes of one architecture.
+    """
+    digest = hashlib.sha256()
+    by_file: dict[str, list[str]] = {}
+    for name in sorted(layout):
+        by_file.setdefault(layout[name].file, []).append(name)
+    for file in sorted(by_file):
+        with safe_open(str(Path(folder) / file), "pt") as f:
+            for name in by_file[file]:
+                info = layout[name]
+                digest.update(f"{name}|{list(info.shape)}|{info.dtype}|".encode())
+                if info.numel:
+                    sl = f.get_slice(name)
+                    rows = info.shape[0] if info.shape else 1
+                    for part in (sl[0:1], sl[rows - 1 : rows]) if info.shape else (sl[:],):
+                        digest.update(part.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- devices and dtypes
+
+
+def storage_dtype(layout: dict[str, TensorInfo]) -> torch.dtype:
     """The dtype most of the floating-point weights are stored in."""
     counts: dict[torch.dtype, int] = {}
-    for info in (layout or read_layout(folder)).values():
+    for info in layout.values():
         if info.dtype.is_floating_point:
             counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
     return max(counts, key=counts.get) if counts else torch.float32
-
-
-def parse_dtype(
-    name: str, folder: Path | None = None, layout: dict[str, TensorInfo] | None = None
-) -> torch.dtype:
-    if name == "auto":
-        return checkpoint_dtype(folder, layout) if folder is not None else torch.float32
-    if name not in DTYPES:
-        raise PieceError(f"unknown dtype '{name}'; use auto, float32, bfloat16 or float16")
-    return DTYPES[name]
 
 
 def pick_device(name: str) -> torch.device:
@@ -295,6 +199,83 @@ def pick_device(name: str) -> torch.device:
     if name != "cpu" and not name.startswith(("cuda", "mps")):
         raise PieceError(f"unknown device '{name}'; use auto, cpu, cuda or mps")
     return torch.device(name)
+
+
+# ---------------------------------------------------------------- the loader
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint a command works on: where it is, its tensor layout and identity (read from the
+    headers), and, once loaded, its tokenizer and model."""
+
+    source: Resolved
+    layout: dict[str, TensorInfo]
+    identity: CheckpointIdentity
+    trust_remote_code: bool = False
+    tokenizer: Any = None
+    model: torch.nn.Module | None = None
+    keys: dict[str, str] = field(default_factory=dict)  # model parameter name -> tensor name in the files
+
+    @property
+    def folder(self) -> Path:
+        return self.source.path
+
+    def reader(self) -> ShardReader:
+        return ShardReader(self.folder, self.layout)
+
+    def dtype(self, name: str = "auto") -> torch.dtype:
+        """`auto`: the dtype the weights are stored in; else a float dtype by name."""
+        if name == "auto":
+            return storage_dtype(self.layout)
+        dtype = float_dtype(name)
+        if dtype is None or dtype == torch.float64:
+            raise PieceError(f"unknown dtype '{name}'; use auto, float32, bfloat16 or float16")
+        return dtype
+
+    def load_tokenizer(self):
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.folder, trust_remote_code=self.trust_remote_code)
+        return self.tokenizer
+
+    @property
+    def pad_id(self) -> int:
+        return pad_id(self.tokenizer) if self.tokenizer is not None else 0
+
+    def load_data(self, path: Path, *, max_length: int = 512, max_samples: int | None = None) -> Dataset:
+        return load_dataset(path, self.load_tokenizer(), max_length=max_length, max_samples=max_samples)
+
+    def load_model(self, *, device: str = "auto", dtype: str = "auto") -> torch.nn.Module:
+        """Load the causal LM (safetensors only, never pickle) and map its parameters to tensor names."""
+        self.model = load_causal_lm(
+            self.folder,
+            dtype=self.dtype(dtype),
+            device=pick_device(device),
+            trust_remote_code=self.trust_remote_code,
+        )
+        self.keys = parameter_keys(self.model, self.layout)
+        return self.model
+
+    def parameters(self, names: Iterable[str] | None = None) -> dict[str, torch.nn.Parameter]:
+        """The loaded model's parameters by checkpoint tensor name (all, or the named ones)."""
+        if self.model is None:
+            raise RuntimeError("load_model() first")
+        named = dict(self.model.named_parameters())
+        by_key = {key: named[name] for name, key in self.keys.items()}
+        return by_key if names is None else {n: by_key[n] for n in names}
+
+
+def open_checkpoint(ref: str, *, what: str = "model", trust_remote_code: bool = False) -> Checkpoint:
+    """Resolve a folder or Hub repo id and read its layout and identity (headers and a few KB only)."""
+    source = resolve(str(ref), what=what)
+    layout = read_layout(source.path)
+    identity = CheckpointIdentity(
+        name=source.name,
+        repo_id=source.repo_id,
+        revision=source.revision,
+        fingerprint=fingerprint(source.path, layout),
+    )
+    return Checkpoint(source, layout, identity, trust_remote_code=trust_remote_code)
 
 
 def load_causal_lm(
@@ -345,41 +326,6 @@ def parameter_keys(model: torch.nn.Module, layout: dict[str, TensorInfo]) -> dic
         if found is not None:
             keys[name] = found
     return keys
-
-
-def fingerprint(folder: Path, layout: dict[str, TensorInfo] | None = None) -> str:
-    """A cheap identity of a checkpoint's weights: names, shapes, dtypes, first and last row of each.
-
-    Reads a few KB, not the model; it tells apart different fine-tunes of one architecture.
-    """
-    import hashlib
-
-    layout = layout or read_layout(folder)
-    digest = hashlib.sha256()
-    by_file: dict[str, list[str]] = {}
-    for name in sorted(layout):
-        by_file.setdefault(layout[name].file, []).append(name)
-    for file in sorted(by_file):
-        with safe_open(str(Path(folder) / file), "pt") as f:
-            for name in by_file[file]:
-                info = layout[name]
-                digest.update(f"{name}|{list(info.shape)}|{info.dtype}|".encode())
-                if info.numel:
-                    sl = f.get_slice(name)
-                    rows = info.shape[0] if info.shape else 1
-                    for part in (sl[0:1], sl[rows - 1 : rows]) if info.shape else (sl[:],):
-                        digest.update(part.contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def identity(source, layout: dict[str, TensorInfo] | None = None) -> dict:
-    """Who a checkpoint is, for masks and deltas: name, repo id, revision and weight fingerprint."""
-    return {
-        "name": source.name,
-        "repo_id": source.repo_id,
-        "revision": source.revision,
-        "fingerprint": fingerprint(source.path, layout),
-    }
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:

@@ -60,8 +60,8 @@ def _emit(result: dict, as_json: bool, table: Table | None = None, lines: list[s
         out.print(line, highlight=False, soft_wrap=True)
 
 
-@app.command()
-def score(
+@app.command("score")
+def score_command(
     model: Annotated[str, typer.Argument(help="Model folder or Hub repo id[@revision].")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Mask file to write (.safetensors).")],
     data: Annotated[Path | None, typer.Option(help=".txt (one example per line) or .jsonl.")] = None,
@@ -96,17 +96,13 @@ def score(
     as_json: AsJson = False,
 ) -> None:
     """Estimate per-entry importance on a domain's data and write the top-density mask."""
-    from piece_surgery.atomic import check_output
-    from piece_surgery.mask import mask_summary, save_mask
+    from piece_surgery.artifacts import Artifact, summarize
     from piece_surgery.score import ScoreOptions, score_checkpoint
 
-    check_output(output, overwrite=overwrite, inputs=tuple(p for p in (data, Path(model)) if p))
     options = ScoreOptions(
         method=method,
         density=density,
         batch_size=batch_size,
-        max_samples=max_samples,
-        max_length=max_length,
         include=include or [],
         exclude=["embed"] if exclude is None else exclude,
         seed=seed,
@@ -116,10 +112,19 @@ def score(
     )
     start = time.perf_counter()
     mask, stats, dataset = score_checkpoint(
-        model, data, options, device=device, dtype=dtype, trust_remote_code=trust_remote_code, quiet=quiet
+        model,
+        data,
+        options,
+        output=output,
+        overwrite=overwrite,
+        max_length=max_length,
+        max_samples=max_samples,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        quiet=quiet,
     )
-    save_mask(mask, output)
-    summary = mask_summary(mask)
+    summary = summarize(Artifact.local(output, mask=mask))
     result = {
         "output": str(output),
         "method": method,
@@ -156,8 +161,8 @@ def _parse_betas(text: str) -> tuple[float, float]:
     return parts
 
 
-@app.command()
-def train(
+@app.command("train")
+def train_command(
     model: Annotated[str, typer.Argument(help="Model folder or Hub repo id[@revision].")],
     data: Annotated[Path, typer.Option(help="Training data: .txt (one example per line) or .jsonl.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Delta folder to write.")],
@@ -206,7 +211,8 @@ def train(
 ) -> None:
     """Fine-tune only the masked entries and write a sparse delta."""
     from piece_surgery.score import ScoreOptions
-    from piece_surgery.train import TrainConfig, train_checkpoint
+    from piece_surgery.train import train_checkpoint
+    from piece_surgery.trainer import TrainConfig
 
     config = TrainConfig(
         lr=lr,
@@ -229,8 +235,6 @@ def train(
         method=method,
         density=density,
         batch_size=score_batch_size,
-        max_length=max_length,
-        max_samples=max_samples,
         include=include or [],
         exclude=["embed"] if exclude is None else exclude,
         seed=seed,
@@ -276,8 +280,8 @@ def train(
     _emit(result_json, as_json, lines=lines)
 
 
-@app.command()
-def diff(
+@app.command("diff")
+def diff_command(
     base: Annotated[str, typer.Argument(help="Base checkpoint folder or Hub repo id.")],
     tuned: Annotated[str, typer.Argument(help="Tuned checkpoint of the same architecture.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Delta folder to write.")],
@@ -294,25 +298,20 @@ def diff(
     as_json: AsJson = False,
 ) -> None:
     """The sparse delta between two checkpoints (exact, or the largest changes only)."""
-    from piece_surgery.atomic import check_output
-    from piece_surgery.delta import delta_summary, diff, save_delta
+    from piece_surgery.delta import write_diff
 
-    check_output(output, overwrite=overwrite, inputs=(Path(base), Path(tuned)))
     start = time.perf_counter()
-    delta = diff(base, tuned, density=density, top_k=top_k)
-    if delta.count == 0:
-        raise PieceError("the two checkpoints are identical: there is no delta to write")
-    if base_model:
-        delta.info["base"]["repo_id"] = base_model
-    save_delta(delta, output, overwrite=overwrite)
-    summary = delta_summary(delta)
-    fractions = delta.info["provenance"]["changed_fraction"]
+    delta = write_diff(
+        base, tuned, output, density=density, top_k=top_k, base_model=base_model, overwrite=overwrite
+    )
+    fractions = delta.info.provenance.changed_fraction
+    bytes_per_entry = delta.tensor_bytes / max(delta.count, 1)
     result = {
         "output": str(output),
         "entries": delta.count,
         "tensors": len(delta.tensors),
-        "tensor_bytes": summary["tensor_bytes"],
-        "bytes_per_entry": summary["bytes_per_entry"],
+        "tensor_bytes": delta.tensor_bytes,
+        "bytes_per_entry": bytes_per_entry,
         "changed_fraction": fractions,
         "seconds": round(time.perf_counter() - start, 3),
     }
@@ -324,12 +323,13 @@ def diff(
         table.add_row(name, f"{t.indices.numel():,}", f"{fractions[name]:.4%}")
     lines = [
         f"wrote {output}: {delta.count:,} entries in {len(delta.tensors)} tensors, "
-        f"{summary['tensor_bytes']:,} bytes ({summary['bytes_per_entry']:.1f} per entry)"
+        f"{delta.tensor_bytes:,} bytes ({bytes_per_entry:.1f} per entry)"
     ]
     _emit(result, as_json, table, lines)
 
 
-def _parse_size(text: str | None) -> int | None:
+def parse_size(text: str | None) -> int | None:
+    """`2GB`, `500MB`, `1.5GiB`, `123` (bytes) -> bytes; None stays None."""
     if text is None:
         return None
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
@@ -346,8 +346,8 @@ def _parse_size(text: str | None) -> int | None:
         raise PieceError(f"--shard-size '{text}' is not a size; write e.g. 2GB or 500MB") from None
 
 
-@app.command()
-def apply(
+@app.command("apply")
+def apply_command(
     base: Annotated[str, typer.Argument(help="Base checkpoint folder or Hub repo id[@revision].")],
     deltas: Annotated[list[str], typer.Argument(help="One or more delta folders or Hub repo ids.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Merged checkpoint folder to write.")],
@@ -369,12 +369,9 @@ def apply(
     as_json: AsJson = False,
 ) -> None:
     """Merge deltas into a base: W = W_base + sum of scale_i x delta_i, streamed shard by shard."""
-    from piece_surgery.atomic import check_output
-    from piece_surgery.delta import execute_apply, plan_apply
+    from piece_surgery.merge import check_apply, execute_apply, plan_apply
     from piece_surgery.progress import Progress
 
-    if not dry_run:
-        check_output(output, overwrite=overwrite, inputs=(Path(base),))
     start = time.perf_counter()
     plan = plan_apply(
         base,
@@ -382,36 +379,41 @@ def apply(
         scales=scale,
         on_conflict=on_conflict,
         force=force,
-        shard_size=_parse_size(shard_size),
-        check_values=dry_run,
+        shard_size=parse_size(shard_size),
+        output=None if dry_run else output,
+        overwrite=overwrite,
     )
-    if not dry_run:
+    if dry_run:
+        merged = check_apply(plan)
+    else:
         with Progress(len(plan.shards), "writing", quiet=quiet, unit="shard") as bar:
-            execute_apply(
-                plan, output, on_conflict=on_conflict, force=force, overwrite=overwrite, progress=bar.advance
-            )
-    result = plan.describe()
-    o = plan.overlap
+            merged = execute_apply(plan, progress=bar.advance)
+    o = merged.overlap
+    result = {
+        "base": plan.base.identity.name,
+        "deltas": [{"delta": d.label, "scale": d.scale, "entries": d.delta.count} for d in plan.deltas],
+        "tensors_touched": len(merged.touched),
+        "entries_touched": sum(merged.touched.values()),
+        "overlap": o.__dict__,
+        "output_files": len(plan.shards),
+        "output_bytes": plan.output_bytes,
+        "output": None if dry_run else str(output),
+        "dry_run": dry_run,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
     lines = [
-        f"{len(deltas)} delta(s) onto {plan.base.name}: {result['entries_touched']:,} entries in "
+        f"{len(deltas)} delta(s) onto {plan.base.identity.name}: {result['entries_touched']:,} entries in "
         f"{result['tensors_touched']} tensors; output {result['output_bytes']:,} bytes in "
         f"{result['output_files']} file(s)",
         f"overlap: {o.shared:,} shared entries ({o.chained:,} chained, {o.conflicts:,} conflicting, "
         f"{o.sign_disagreements:,} with opposite signs)",
         "dry run: nothing written" if dry_run else f"wrote {output}",
     ]
-    result.update(
-        {
-            "output": None if dry_run else str(output),
-            "dry_run": dry_run,
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-    )
     _emit(result, as_json, lines=lines)
 
 
-@app.command()
-def push(
+@app.command("push")
+def push_command(
     path: Annotated[Path, typer.Argument(help="A delta folder (or a mask file) to upload.")],
     repo_id: Annotated[str, typer.Argument(help="Hub repo id, user/name; created if missing.")],
     private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
@@ -425,9 +427,9 @@ def push(
     as_json: AsJson = False,
 ) -> None:
     """Share a delta (or a mask) on the Hugging Face Hub."""
-    from piece_surgery.hub import push as push_to_hub
+    from piece_surgery.artifacts import push
 
-    result = push_to_hub(
+    result = push(
         path,
         repo_id,
         private=private,
@@ -443,15 +445,15 @@ def push(
     _emit(result, as_json, lines=lines)
 
 
-@app.command()
-def inspect(
+@app.command("inspect")
+def inspect_command(
     path: Annotated[str, typer.Argument(help="A mask file or a delta folder (path or Hub repo id).")],
     as_json: AsJson = False,
 ) -> None:
     """Summarise a mask or a delta: per layer, per module kind, size."""
-    from piece_surgery.inspection import describe
+    from piece_surgery.artifacts import open_artifact, summarize
 
-    summary = describe(path)
+    summary = summarize(open_artifact(path))
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
         return
@@ -473,20 +475,17 @@ def _summary_table(summary: dict, key: str, title: str) -> Table:
     return table
 
 
-@app.command("tiny-model", hidden=False)
-def tiny_model(
+@app.command("tiny-model")
+def tiny_model_command(
     output: Annotated[Path, typer.Argument(help="Folder to write the tiny random model to.")],
     arch: Annotated[str, typer.Option(help="llama, gpt2 or qwen2.")] = "llama",
     seed: int = 0,
     overwrite: Overwrite = False,
 ) -> None:
     """Write a tiny random causal LM with a tokenizer (for trying the tool offline)."""
-    from piece_surgery.atomic import atomic_path, check_output
-    from piece_surgery.testing import make_tiny_checkpoint
+    from piece_surgery.testing import write_tiny_model
 
-    check_output(output, overwrite=overwrite)
-    with atomic_path(output, is_dir=True) as tmp:
-        make_tiny_checkpoint(tmp, arch, seed=seed)
+    write_tiny_model(output, arch, seed=seed, overwrite=overwrite)
     out.print(f"wrote tiny {arch} model to {output}", highlight=False)
 
 

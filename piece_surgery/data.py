@@ -8,7 +8,6 @@ Formats (one example each):
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from piece_surgery.errors import PieceError
+from piece_surgery.records import DataRecord, file_sha256
 
 IGNORE = -100
 
@@ -41,22 +41,8 @@ class Dataset:
     skipped: int  # records with no loss-bearing token (after truncation)
     max_length: int
 
-    def identity(self) -> dict:
-        return {
-            "path": self.path,
-            "sha256": self.sha256,
-            "examples": len(self.examples),
-            "skipped": self.skipped,
-            "max_length": self.max_length,
-        }
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    def record(self) -> DataRecord:
+        return DataRecord(self.path, self.sha256, len(self.examples), self.skipped, self.max_length)
 
 
 def read_records(path: Path, max_samples: int | None = None) -> list[str | dict]:
@@ -167,12 +153,9 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def micro_batches(
-    examples: list[Example], batch_size: int, pad_id: int, order: list[int] | None = None
-) -> Iterator[dict[str, torch.Tensor]]:
-    order = order if order is not None else list(range(len(examples)))
-    for start in range(0, len(order), batch_size):
-        yield collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+def micro_batches(examples: list[Example], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    for start in range(0, len(examples), batch_size):
+        yield collate(examples[start : start + batch_size], pad_id)
 
 
 def pad_id(tokenizer) -> int:
@@ -180,24 +163,6 @@ def pad_id(tokenizer) -> int:
         if candidate is not None:
             return candidate
     return 0
-
-
-def batch_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits on a collated batch. No key/value cache: nothing here generates, and a
-    cache would hold every layer's keys and values (and conflict with activation checkpointing)."""
-    kwargs = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) else {}
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
-
-
-def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the loss-bearing tokens of a micro-batch, and their count."""
-    # Shift the labels, not the logits: slicing the logits would copy a (tokens x vocab) tensor.
-    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
-    count = int((shifted != IGNORE).sum())
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), shifted, ignore_index=IGNORE, reduction="sum"
-    )
-    return loss / max(count, 1), count
 
 
 def load_tokenizer(folder: Path, *, trust_remote_code: bool = False):

@@ -1,4 +1,5 @@
-"""The Hugging Face Hub: resolve `user/name[@rev]` references to local folders, and push folders."""
+"""The Hugging Face Hub as transport: resolve `user/name[@rev]` to local files (downloaded through
+huggingface_hub's cache), upload files in one commit, and turn Hub failures into one-line errors."""
 
 from __future__ import annotations
 
@@ -59,59 +60,23 @@ def download(repo_id: str, revision: str | None, patterns: list[str], *, what: s
         return snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
 
 
-def push(
-    path: Path,
+def upload(
     repo_id: str,
+    files: dict[str, Path | bytes],
     *,
     private: bool = False,
     revision: str | None = None,
-    commit_message: str | None = None,
+    commit_message: str,
     token: str | None = None,
     create_pr: bool = False,
-    base_model: str | None = None,
 ) -> dict:
-    """Upload a delta folder (or a mask file) to a Hub model repo, creating the repo if missing.
-
-    The model card is generated when the folder has none or has one this tool wrote; a card the
-    user wrote is uploaded as it is. The local folder is never modified.
-    """
-    import json
-
+    """Upload files (path in repo -> local file or bytes) in one commit, creating the repo (and the
+    branch) if missing. An unchanged upload makes no commit."""
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
-    from piece_surgery.card import GENERATED_MARK, delta_card, mask_card
-
-    path = Path(path)
     if not looks_like_repo_id(repo_id) or "@" in repo_id:
         raise PieceError(
             f"'{repo_id}' is not a Hub repo id; write it as user/name (and the branch as --revision)"
-        )
-    if base_model is not None and (not looks_like_repo_id(base_model) or Path(base_model).exists()):
-        raise PieceError(f"--base-model '{base_model}' must be a Hub repo id (user/name), not a local path")
-    uploads: dict[str, Path | bytes] = {}
-    if path.is_dir() and (path / "delta.json").is_file():
-        from piece_surgery.delta import load_delta
-
-        load_delta(path)  # a corrupt delta is refused here, not discovered by its users
-        for item in sorted(path.iterdir()):
-            if item.is_file() and not item.name.startswith("."):
-                uploads[item.name] = item
-        card = (path / "README.md").read_text() if (path / "README.md").is_file() else None
-        if card is None or GENERATED_MARK in card:
-            description = json.loads((path / "delta.json").read_text())
-            uploads["README.md"] = delta_card(description, base_model=base_model, repo_id=repo_id).encode()
-    elif path.is_file() and path.suffix == ".safetensors":
-        from piece_surgery.mask import load_mask
-
-        mask = load_mask(path)
-        info = {**mask.info, "k": mask.k, "eligible": mask.eligible}
-        uploads = {
-            "mask.safetensors": path,
-            "README.md": mask_card(info, base_model=base_model, repo_id=repo_id).encode(),
-        }
-    else:
-        raise PieceError(
-            f"'{path}' is neither a delta folder (with delta.json) nor a mask file (.safetensors)"
         )
     token = token or get_token()
     if not token:
@@ -119,18 +84,14 @@ def push(
     api = HfApi(token=token)
     operations = [
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(src) if isinstance(src, Path) else src)
-        for name, src in uploads.items()
+        for name, src in files.items()
     ]
     with hub_errors(f"push to {repo_id}"):
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.create_commit(
-            repo_id,
-            operations,
-            commit_message=commit_message or f"Upload {path.name} with piece-surgery",
-            revision=revision,
-            create_pr=create_pr,
+            repo_id, operations, commit_message=commit_message, revision=revision, create_pr=create_pr
         )
     return {
         "repo_id": repo_id,
@@ -139,7 +100,7 @@ def push(
         "commit": info.oid,
         "commit_url": info.commit_url,
         "pr_url": info.pr_url,
-        "files": sorted(uploads),
+        "files": sorted(files),
     }
 
 

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
-from piece_surgery.data import Dataset, batch_logits, mean_token_loss, micro_batches
+from piece_surgery.data import Dataset
 from piece_surgery.errors import PieceError
+from piece_surgery.loss import micro_batch_losses
 
 METHODS = ("piece-s", "piece-f", "gradient", "magnitude", "random", "piece-s-rel")
 NORMALIZATIONS = ("none", "tensor")
@@ -37,7 +39,6 @@ class PassStats:
     examples: int = 0
     tokens: int = 0
     loss_sum: float = 0.0
-    losses: list[float] = field(default_factory=list, repr=False)
 
     @property
     def mean_loss(self) -> float:
@@ -94,17 +95,11 @@ def accumulate_gradients(
     Each weight's gradient is folded into the accumulators by a hook the moment backward produces
     it, then dropped: the peak is weights + activations + accumulators, never a dense gradient copy.
     """
-    if batch_size < 1:
-        raise PieceError("--batch-size must be at least 1")
     device = next(model.parameters()).device
     acc_device = accumulator_device or device
-    sums: dict[str, torch.Tensor] = {}
-    squares: dict[str, torch.Tensor] = {}
-    for key, p in params.items():
-        if keep_sum:
-            sums[key] = torch.zeros(p.shape, dtype=torch.float32, device=acc_device)
-        if keep_squares:
-            squares[key] = torch.zeros(p.shape, dtype=torch.float32, device=acc_device)
+    zeros = lambda p: torch.zeros(p.shape, dtype=torch.float32, device=acc_device)  # noqa: E731
+    sums = {key: zeros(p) for key, p in params.items()} if keep_sum else {}
+    squares = {key: zeros(p) for key, p in params.items()} if keep_squares else {}
 
     def fold(key: str) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
@@ -117,49 +112,61 @@ def accumulate_gradients(
 
         return hook
 
-    saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    eligible = {id(p) for p in params.values()}
-    for p in model.parameters():  # frozen weights need no gradient: saves compute and memory
-        p.requires_grad_(id(p) in eligible)
-    handles = [p.register_post_accumulate_grad_hook(fold(k)) for k, p in params.items()]
-    was_training = model.training
-    model.eval()  # no dropout: the score must be a deterministic function of weights and data
-    for module in model.modules():
-        # transformers checkpoints a layer only in training mode; flag the layers alone (not their
-        # dropout or attention children), so --gradient-checkpointing works with dropout still off
-        if getattr(module, "gradient_checkpointing", False) is True:
-            module.training = True
     stats = PassStats()
-    try:
-        for batch in micro_batches(dataset.examples, batch_size, pad_id):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = batch_logits(model, batch)
-            loss, count = mean_token_loss(logits, batch["labels"])
-            del logits  # backward needs the log-probabilities only; free (tokens x vocab) first
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise PieceError(
-                    f"the loss is {value} on micro-batch {stats.batches + 1}: bad data or a broken "
-                    "model (try --dtype float32)"
-                )
-            loss.backward()
-            stats.batches += 1
-            stats.examples += batch["input_ids"].shape[0]
-            stats.tokens += count
-            stats.loss_sum += value
-            if progress:
-                progress(batch["input_ids"].shape[0])
-    finally:
-        for h in handles:
-            h.remove()
-        for name, p in model.named_parameters():
-            p.requires_grad_(saved_flags[name])
-            p.grad = None
-        model.train(was_training)
+    with _gradients_only_for(model, params), _deterministic_mode(model):
+        handles = [p.register_post_accumulate_grad_hook(fold(k)) for k, p in params.items()]
+        try:
+            for loss, tokens, examples in micro_batch_losses(model, dataset, batch_size, pad_id):
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise PieceError(
+                        f"the loss is {value} on micro-batch {stats.batches + 1}: bad data or a broken "
+                        "model (try --dtype float32)"
+                    )
+                loss.backward()
+                stats.batches += 1
+                stats.examples += examples
+                stats.tokens += tokens
+                stats.loss_sum += value
+                if progress:
+                    progress(examples)
+        finally:
+            for h in handles:
+                h.remove()
     for key, acc in {**sums, **squares}.items():
         if not torch.isfinite(acc).all():
             raise PieceError(f"gradients of '{key}' overflowed to inf/nan; try --dtype float32")
     return sums, squares, stats
+
+
+@contextmanager
+def _gradients_only_for(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> Iterator[None]:
+    """Only `params` get gradients (frozen weights cost no compute or memory); flags restored after."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    eligible = {id(p) for p in params.values()}
+    for p, _ in saved:
+        p.requires_grad_(id(p) in eligible)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+@contextmanager
+def _deterministic_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout: a score is a function of weights and data), except that layers flagged
+    for activation checkpointing stay in training mode: transformers checkpoints only then."""
+    was_training = model.training
+    model.eval()
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.training = True  # the layer alone, not its dropout or attention children
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def scores_from_sums(
@@ -194,11 +201,15 @@ def data_free_scores(
     return {k: torch.rand(params[k].shape, generator=generator) for k in sorted(params)}
 
 
+def check_normalization(how: str) -> None:
+    if how not in NORMALIZATIONS:
+        raise PieceError(f"unknown --normalize '{how}'; use none or tensor")
+
+
 def normalize_scores(scores: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
     """`tensor`: divide each tensor's scores by their mean, so tensors compete on relative
     importance rather than on the scale of their gradients (in place); `none`: as they are."""
-    if how not in NORMALIZATIONS:
-        raise PieceError(f"unknown --normalize '{how}'; use none or tensor")
+    check_normalization(how)
     if how == "tensor":
         for s in scores.values():
             mean = float(s.mean(dtype=torch.float64))

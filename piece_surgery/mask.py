@@ -1,37 +1,77 @@
-"""Masks: global top-k selection, the mask file (safetensors + JSON metadata), and summaries.
+"""Masks: which entries of which tensors are selected; global top-k selection; the mask file.
 
-File format (version 1): one safetensors file. Each selected tensor `NAME` is stored under the key
-`NAME` as a 1-D int32 (int64 when the tensor has 2^31 entries or more) array of sorted, unique
-flat (row-major) indices. The header metadata holds `format` = "piece-surgery/mask",
-`format_version` = "1", and JSON strings: `method`, `density`, `k`, `eligible`, `shapes`
-(every eligible tensor's shape), `model`, `data`, `seed`, `tool_version`, `options`.
+The file format is specified in docs/formats.md ("Mask file").
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from piece_surgery import __version__
 from piece_surgery.atomic import atomic_path
-from piece_surgery.checkpoint import save_shard
+from piece_surgery.checkpoint import Checkpoint, save_shard
+from piece_surgery.dtypes import index_dtype, numel
 from piece_surgery.errors import PieceError
-from piece_surgery.naming import is_norm, layer_of, module_kind
+from piece_surgery.records import CheckpointIdentity, DataRecord
 
 FORMAT = "piece-surgery/mask"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class MaskInfo:
+    """How a mask was made: the file's header metadata besides the indices and shapes."""
+
+    method: str
+    density: float
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # the scoring options as given
+    data_pass: dict[str, Any] = field(default_factory=dict)  # batches, tokens and mean loss seen
+    model: CheckpointIdentity | None = None  # the checkpoint it was scored on
+    data: DataRecord | None = None  # the data it was scored with (None: a data-free method)
+    dtype: str | None = None  # the dtype the model was scored in
+    tool_version: str = __version__
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "density": self.density,
+            "seed": self.seed,
+            "options": self.options,
+            "pass": self.data_pass,
+            "model": self.model.to_json() if self.model else None,
+            "data": self.data.to_json() if self.data else None,
+            "dtype": self.dtype,
+            "tool_version": self.tool_version,
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any]) -> MaskInfo:
+        return cls(
+            method=str(meta.get("method")),
+            density=meta.get("density"),
+            seed=meta.get("seed", 0),
+            options=meta.get("options") or {},
+            data_pass=meta.get("pass") or {},
+            model=CheckpointIdentity.from_json(meta.get("model")),
+            data=DataRecord.from_json(meta.get("data")),
+            dtype=meta.get("dtype"),
+            tool_version=meta.get("tool_version", "unknown"),
+        )
 
 
 @dataclass
 class Mask:
     indices: dict[str, torch.Tensor]  # tensor name -> sorted unique flat indices (int64 in memory)
     shapes: dict[str, tuple[int, ...]]  # every eligible tensor's shape
-    info: dict = field(default_factory=dict)  # method, density, k, eligible, model, data, seed, ...
+    info: MaskInfo
 
     @property
     def k(self) -> int:
@@ -39,19 +79,24 @@ class Mask:
 
     @property
     def eligible(self) -> int:
-        return sum(_numel(s) for s in self.shapes.values())
+        return sum(numel(s) for s in self.shapes.values())
+
+    def digest(self) -> str:
+        """sha256 of the selected entries (names and indices), e.g. to tie a training state to it."""
+        digest = hashlib.sha256()
+        for name in sorted(self.indices):
+            digest.update(name.encode())
+            digest.update(self.indices[name].to(torch.int64).numpy().tobytes())
+        return digest.hexdigest()
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
+def check_density(density: float) -> None:
+    if not (0.0 < density <= 1.0):
+        raise PieceError(f"density {density} is outside (0, 1]; the paper uses 0.001")
 
 
 def k_for_density(density: float, eligible: int) -> int:
-    if not (0.0 < density <= 1.0):
-        raise PieceError(f"density {density} is outside (0, 1]; the paper uses 0.001")
+    check_density(density)
     k = int(density * eligible)
     if k < 1:
         raise PieceError(f"density {density} of {eligible} eligible entries selects nothing; raise --density")
@@ -100,24 +145,18 @@ def select_top_k(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Ten
     return chosen
 
 
-def index_dtype(numel: int) -> torch.dtype:
-    return torch.int32 if numel < 2**31 else torch.int64
-
-
 def save_mask(mask: Mask, path: Path) -> None:
     """Write atomically: a temporary file renamed into place."""
-    tensors = {n: i.to(index_dtype(_numel(mask.shapes[n]))) for n, i in mask.indices.items()}
+    tensors = {n: i.to(index_dtype(numel(mask.shapes[n]))) for n, i in mask.indices.items()}
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "tool_version": json.dumps(__version__),
+        "format_version": json.dumps(FORMAT_VERSION),
         "k": json.dumps(mask.k),
         "eligible": json.dumps(mask.eligible),
         "shapes": json.dumps({n: list(s) for n, s in sorted(mask.shapes.items())}),
     }
-    for key, value in mask.info.items():
-        if key not in meta:
-            meta[key] = json.dumps(value, sort_keys=True)
+    for key, value in mask.info.to_metadata().items():
+        meta[key] = json.dumps(value, sort_keys=True)
     with atomic_path(Path(path), is_dir=False) as tmp:
         save_shard(tensors, tmp, meta)
 
@@ -132,23 +171,23 @@ def load_mask(path: Path) -> Mask:
             meta = dict(f.metadata() or {})
             if meta.get("format") != FORMAT:
                 raise PieceError(f"'{path}' is not a piece-surgery mask (no '{FORMAT}' header)")
-            if meta.get("format_version") != FORMAT_VERSION:
+            if str(meta.get("format_version")) != str(FORMAT_VERSION):
                 raise PieceError(
                     f"mask '{path}' has format version {meta.get('format_version')}; "
                     f"this piece-surgery reads {FORMAT_VERSION}: upgrade piece-surgery"
                 )
-            info = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "format_version")}
+            values = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "format_version")}
             indices = {name: f.get_tensor(name).to(torch.int64) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         if isinstance(exc, PieceError):
             raise
         raise PieceError(f"cannot read mask '{path}': corrupt or truncated file") from exc
-    shapes = {n: tuple(s) for n, s in info.pop("shapes").items()}
+    shapes = {n: tuple(s) for n, s in values.pop("shapes").items()}
     for name, idx in indices.items():
         if name not in shapes:
             raise PieceError(f"mask '{path}' selects '{name}' but lists no shape for it: corrupt mask")
-        validate_indices(idx, _numel(shapes[name]), f"mask '{path}', tensor '{name}'")
-    return Mask(indices, shapes, info)
+        validate_indices(idx, numel(shapes[name]), f"mask '{path}', tensor '{name}'")
+    return Mask(indices, shapes, MaskInfo.from_metadata(values))
 
 
 def validate_indices(idx: torch.Tensor, numel: int, where: str) -> None:
@@ -162,35 +201,16 @@ def validate_indices(idx: torch.Tensor, numel: int, where: str) -> None:
         raise PieceError(f"{where}: indices are not sorted and unique")
 
 
-def summarize(counts: dict[str, int], sizes: dict[str, int]) -> dict:
-    """Per-layer and per-module-kind totals of selected entries, plus the norm-weight share."""
-    by_layer: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    by_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for name, size in sizes.items():
-        selected = counts.get(name, 0)
-        layer = layer_of(name)
-        for table, key in ((by_layer, "-" if layer is None else str(layer)), (by_kind, module_kind(name))):
-            table[key][0] += selected
-            table[key][1] += size
-    total = sum(counts.values())
-    norms = sum(c for n, c in counts.items() if is_norm(n))
-    layer_order = sorted(by_layer, key=lambda s: (s == "-", int(s) if s.isdigit() else 0))
-    return {
-        "selected": total,
-        "tensors_touched": sum(1 for c in counts.values() if c),
-        "norm_share": norms / total if total else 0.0,
-        "by_layer": {k: {"selected": by_layer[k][0], "size": by_layer[k][1]} for k in layer_order},
-        "by_kind": {k: {"selected": v[0], "size": v[1]} for k, v in sorted(by_kind.items())},
-    }
-
-
-def mask_summary(mask: Mask) -> dict:
-    counts = {n: int(i.numel()) for n, i in mask.indices.items()}
-    sizes = {n: _numel(s) for n, s in mask.shapes.items()}
-    return {
-        "kind": "mask",
-        **{k: mask.info.get(k) for k in ("method", "density", "model", "data")},
-        "k": mask.k,
-        "eligible": mask.eligible,
-        **summarize(counts, sizes),
-    }
+def check_mask_fits(mask: Mask, checkpoint: Checkpoint, where: str) -> None:
+    """A mask must name tensors of this checkpoint, with their shapes, scored on these very weights."""
+    for name in mask.indices:
+        if name not in checkpoint.layout:
+            raise PieceError(f"{where} selects tensor '{name}', which this model does not have")
+        if tuple(checkpoint.layout[name].shape) != tuple(mask.shapes[name]):
+            raise PieceError(
+                f"{where}: tensor '{name}' is {list(mask.shapes[name])} in the mask but "
+                f"{list(checkpoint.layout[name].shape)} in this model"
+            )
+    scored_on = mask.info.model
+    if scored_on and scored_on.fingerprint and scored_on.fingerprint != checkpoint.identity.fingerprint:
+        raise PieceError(f"{where} was scored on another model ({scored_on.name}); score this model first")

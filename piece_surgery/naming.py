@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -23,3 +24,25 @@ def is_norm(name: str) -> bool:
     last = name.rsplit(".", 2)
     module = last[-2] if len(last) >= 2 else name
     return bool(re.search(r"(norm|^ln_|^ln$|layernorm)", module, re.IGNORECASE))
+
+
+def breakdown(counts: dict[str, int], sizes: dict[str, int]) -> dict:
+    """Per-layer and per-module-kind totals of selected entries, plus the norm-weight share."""
+    by_layer: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    by_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for name, size in sizes.items():
+        selected = counts.get(name, 0)
+        layer = layer_of(name)
+        for table, key in ((by_layer, "-" if layer is None else str(layer)), (by_kind, module_kind(name))):
+            table[key][0] += selected
+            table[key][1] += size
+    total = sum(counts.values())
+    norms = sum(c for n, c in counts.items() if is_norm(n))
+    layer_order = sorted(by_layer, key=lambda s: (s == "-", int(s) if s.isdigit() else 0))
+    return {
+        "selected": total,
+        "tensors_touched": sum(1 for c in counts.values() if c),
+        "norm_share": norms / total if total else 0.0,
+        "by_layer": {k: {"selected": by_layer[k][0], "size": by_layer[k][1]} for k in layer_order},
+        "by_kind": {k: {"selected": v[0], "size": v[1]} for k, v in sorted(by_kind.items())},
+    }

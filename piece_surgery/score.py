@@ -5,43 +5,37 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from piece_surgery import __version__
-from piece_surgery.checkpoint import (
-    enable_activation_checkpointing,
-    identity,
-    load_causal_lm,
-    parameter_keys,
-    parse_dtype,
-    pick_device,
-    read_layout,
-)
-from piece_surgery.data import Dataset, load_dataset, load_tokenizer, pad_id
+from piece_surgery.atomic import check_output
+from piece_surgery.checkpoint import enable_activation_checkpointing, open_checkpoint
+from piece_surgery.data import Dataset
+from piece_surgery.dtypes import dtype_name
 from piece_surgery.errors import PieceError
-from piece_surgery.hub import resolve
 from piece_surgery.importance import (
     DEFAULT_EXCLUDE,
     PassStats,
     accumulate_gradients,
+    check_normalization,
     data_free_scores,
     eligible_parameters,
     needs_data,
     normalize_scores,
     scores_from_sums,
 )
-from piece_surgery.mask import Mask, k_for_density, select_top_k
+from piece_surgery.mask import Mask, MaskInfo, check_density, k_for_density, save_mask, select_top_k
 from piece_surgery.progress import Progress
 
 
 @dataclass
 class ScoreOptions:
+    """How to score; checked when made, so mistakes fail in milliseconds, before any loading."""
+
     method: str = "piece-s"
     density: float = 0.001
     batch_size: int = 1
-    max_samples: int | None = None
-    max_length: int = 512
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     seed: int = 0
@@ -49,12 +43,10 @@ class ScoreOptions:
     gradient_checkpointing: bool = False
     normalize: str = "none"  # "tensor": scores divided by each tensor's mean before the top-k
 
-    def validate(self) -> None:
-        """Check the options before any loading, so mistakes fail in milliseconds."""
+    def __post_init__(self) -> None:
         needs_data(self.method)
-        normalize_scores({}, self.normalize)
-        if not (0.0 < self.density <= 1.0):
-            raise PieceError(f"density {self.density} is outside (0, 1]; the paper uses 0.001")
+        check_normalization(self.normalize)
+        check_density(self.density)
         if self.batch_size < 1:
             raise PieceError("--batch-size must be at least 1")
         for pattern in [*self.include, *self.exclude]:
@@ -62,6 +54,21 @@ class ScoreOptions:
                 re.compile(pattern)
             except re.error as exc:
                 raise PieceError(f"pattern '{pattern}' is not a valid regex: {exc}") from exc
+
+    def record(self) -> dict:
+        """The options a mask records about how it was scored."""
+        return {
+            "batch_size": self.batch_size,
+            "normalize": self.normalize,
+            "include": self.include,
+            "exclude": self.exclude,
+        }
+
+
+class Scored(NamedTuple):
+    mask: Mask
+    stats: PassStats
+    dataset: Dataset | None
 
 
 def score_model(
@@ -73,14 +80,15 @@ def score_model(
     pad: int = 0,
     progress: Progress | None = None,
 ) -> tuple[Mask, PassStats]:
-    """Score an already loaded model and select its mask (library entry point)."""
-    options.validate()
+    """Score an already loaded model and select its mask (library entry point).
+
+    `keys` maps the model's parameter names to the checkpoint's tensor names (Checkpoint.keys).
+    """
     method = options.method
-    data_pass = needs_data(method)
     params = eligible_parameters(model, keys, include=options.include, exclude=options.exclude)
     k = k_for_density(options.density, sum(p.numel() for p in params.values()))
     stats = PassStats()
-    if data_pass:
+    if needs_data(method):
         if dataset is None:
             raise PieceError(f"method {method} needs --data")
         if options.gradient_checkpointing:
@@ -101,20 +109,15 @@ def score_model(
         scores = data_free_scores(method, params, options.seed)
     indices = select_top_k(normalize_scores(scores, options.normalize), k)
     del scores
-    info = {
-        "method": method,
-        "density": options.density,
-        "seed": options.seed,
-        "options": {
-            "batch_size": options.batch_size,
-            "normalize": options.normalize,
-            "include": options.include,
-            "exclude": options.exclude,
-            "max_samples": options.max_samples,
-        },
-        "pass": {"batches": stats.batches, "tokens": stats.tokens, "mean_loss": stats.mean_loss},
-        "tool_version": __version__,
-    }
+    info = MaskInfo(
+        method=method,
+        density=options.density,
+        seed=options.seed,
+        options=options.record(),
+        data_pass={"batches": stats.batches, "tokens": stats.tokens, "mean_loss": stats.mean_loss},
+        data=dataset.record() if dataset is not None and needs_data(method) else None,
+        dtype=dtype_name(next(model.parameters()).dtype),
+    )
     shapes = {key: tuple(p.shape) for key, p in params.items()}
     return Mask(indices, shapes, info), stats
 
@@ -124,40 +127,37 @@ def score_checkpoint(
     data: Path | None,
     options: ScoreOptions,
     *,
+    output: Path | None = None,
+    overwrite: bool = False,
+    max_length: int = 512,
+    max_samples: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
     quiet: bool = True,
-) -> tuple[Mask, PassStats, Dataset | None]:
-    """Resolve, load and score a checkpoint on a data file; returns the mask and what the pass saw."""
-    options.validate()
-    source = resolve(model_ref, what="model")
-    folder = source.path
-    layout = read_layout(folder)
-    model_id = identity(source, layout)
-    torch_dtype = parse_dtype(dtype, folder, layout)
-    target = pick_device(device)
-    dataset = None
-    tokenizer = None
-    if needs_data(options.method):
-        if data is None:
-            raise PieceError(f"--data is required for method {options.method}")
-        tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
-        dataset = load_dataset(
-            data, tokenizer, max_length=options.max_length, max_samples=options.max_samples
+) -> Scored:
+    """Score a checkpoint (folder or Hub id) on a data file; with `output`, write the mask there."""
+    if output is not None:
+        check_output(
+            Path(output), overwrite=overwrite, inputs=(Path(model_ref), *([Path(data)] if data else []))
         )
-    model = load_causal_lm(folder, dtype=torch_dtype, device=target, trust_remote_code=trust_remote_code)
-    keys = parameter_keys(model, layout)
+    if needs_data(options.method) and data is None:
+        raise PieceError(f"--data is required for method {options.method}")
+    checkpoint = open_checkpoint(model_ref, trust_remote_code=trust_remote_code)
+    dataset = None
+    if needs_data(options.method):
+        dataset = checkpoint.load_data(data, max_length=max_length, max_samples=max_samples)
+    model = checkpoint.load_model(device=device, dtype=dtype)
     total = len(dataset.examples) if dataset else 0
     with Progress(total, "scoring", quiet=quiet or not total) as bar:
         mask, stats = score_model(
-            model, keys, dataset, options, pad=pad_id(tokenizer) if tokenizer else 0, progress=bar
+            model, checkpoint.keys, dataset, options, pad=checkpoint.pad_id, progress=bar
         )
-    mask.info["model"] = model_id
-    mask.info["dtype"] = str(torch_dtype).removeprefix("torch.")
-    if dataset is not None:
-        mask.info["data"] = dataset.identity()
-    return mask, stats, dataset
+    mask.info.model = checkpoint.identity
+    mask.info.options["max_samples"] = max_samples
+    if output is not None:
+        save_mask(mask, Path(output))
+    return Scored(mask, stats, dataset)
 
 
-__all__ = ["ScoreOptions", "score_checkpoint", "score_model"]
+__all__ = ["ScoreOptions", "Scored", "score_checkpoint", "score_model"]

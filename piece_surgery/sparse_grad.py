@@ -1,14 +1,17 @@
-"""Gradients of selected entries of a linear layer's weight, without its dense weight gradient.
+"""Gradients for the selected entries of a model's weights, and never a dense weight gradient.
 
-For y = x W^T + b, dL/dW[o, i] = sum over tokens of dy[:, o] * x[:, i]. With k selected entries that
-is O(tokens x k) work instead of the O(tokens x out x in) matrix product, and backward needs only the
-input columns that selected entries use (saved alone when they are few). Layers whose weight is
-shared with another module (tied embeddings) keep the dense path: their gradient has two sources.
+`SparseParameters` holds the k trainable values of each masked tensor and feeds them gradients.
+For a linear layer's weight, y = x W^T + b, dL/dW[o, i] = sum over tokens of dy[:, o] * x[:, i]: with
+k selected entries that is O(tokens x k) work instead of the O(tokens x out x in) matrix product,
+and backward needs only the input columns that selected entries use (saved alone when they are
+few). Other weights (norm gains, biases, weights shared by two modules) get their small or
+unavoidable dense gradient reduced to the k entries as soon as backward produces it.
 """
 
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -154,3 +157,70 @@ def is_gain_module(module: torch.nn.Module) -> bool:
     """A leaf module whose parameters are all vectors: a norm (gain, maybe bias), cheap to recompute."""
     params = list(module.parameters(recurse=False))
     return not list(module.children()) and bool(params) and all(p.dim() == 1 for p in params)
+
+
+class SparseParameters:
+    """The k trainable values of each masked tensor, and what feeds them gradients.
+
+    Linear layers compute only the selected entries of their weight gradient (sparse_grad.py);
+    other tensors (norm gains, biases, shared or non-Linear weights) get their dense gradient
+    reduced to the k entries by a hook as soon as backward produces it, and freed. Norms with a
+    trained gain are recomputed in backward rather than keeping their normalised output.
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], indices: dict[str, torch.Tensor]):
+        self.params = params
+        self.indices = {n: indices[n].to(params[n].device) for n in params}
+        self.values = {
+            n: params[n].detach().reshape(-1)[self.indices[n]].float().clone().requires_grad_(True)
+            for n in params
+        }
+        self._handles = []
+        self._routed: list[torch.nn.Module] = []
+
+    def attach(self, model: torch.nn.Module, *, sparse_linear: bool = True) -> None:
+        owners = sole_owners(model) if sparse_linear else {}
+        routed = {
+            name: owners[id(p)]
+            for name, p in self.params.items()
+            if id(p) in owners and is_linear_weight(owners[id(p)], p)
+        }
+        hooked = {id(p) for n, p in self.params.items() if n not in routed}
+        for p in model.parameters():  # nothing else is trained, nor even gets a gradient
+            p.requires_grad_(id(p) in hooked)
+        for name, module in routed.items():
+            route_linear(module, self.values[name], self.indices[name])
+            self._routed.append(module)
+        for name, p in self.params.items():
+            if name not in routed:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._gather(name)))
+        gains = dict.fromkeys(
+            owners[id(p)] for n, p in self.params.items() if n not in routed and id(p) in owners
+        )
+        for module in gains:  # in parameter order, each module once
+            if is_gain_module(module):
+                recompute_in_backward(module)
+                self._routed.append(module)
+
+    def _gather(self, name: str) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            g = param.grad.reshape(-1)[self.indices[name]].float()
+            value = self.values[name]
+            value.grad = g if value.grad is None else value.grad.add_(g)
+            param.grad = None
+
+        return hook
+
+    def write(self) -> None:
+        """Put the current values into the model's weights."""
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.view(-1)[self.indices[name]] = self.values[name].detach().to(p.dtype)
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for module in self._routed:
+            restore(module)
+        self._routed.clear()

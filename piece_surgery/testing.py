@@ -6,6 +6,9 @@ from pathlib import Path
 
 import torch
 
+from piece_surgery.errors import PieceError
+
+TINY_ARCHITECTURES = ("llama", "gpt2", "qwen2")
 _TOKENIZER_TEXT = """
 The quick brown fox jumps over the lazy dog. Sparse updates keep general ability.
 def add(a, b):\n    return a + b\nimport os\nclass Model:\n    pass\n
@@ -109,6 +112,18 @@ def make_tiny_checkpoint(
     model.save_pretrained(path, **kwargs)
     tokenizer.save_pretrained(path)
     return path
+
+
+def write_tiny_model(output: Path, arch: str = "llama", *, seed: int = 0, overwrite: bool = False) -> Path:
+    """The `tiny-model` recipe: a tiny checkpoint written atomically to `output`."""
+    from piece_surgery.atomic import atomic_path, check_output
+
+    if arch not in TINY_ARCHITECTURES:
+        raise PieceError(f"unknown --arch '{arch}'; use {', '.join(TINY_ARCHITECTURES)}")
+    check_output(Path(output), overwrite=overwrite)
+    with atomic_path(Path(output), is_dir=True) as tmp:
+        make_tiny_checkpoint(tmp, arch, seed=seed)
+    return Path(output)
 
 
 if __name__ == "__main__":

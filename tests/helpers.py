@@ -52,3 +52,33 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def same_checkpoint(a: Path, b: Path) -> bool:
     ta, tb = read_all(a), read_all(b)
     return ta.keys() == tb.keys() and all(bitwise_equal(ta[k], tb[k]) for k in ta)
+
+
+def snapshot(*paths: Path) -> dict[str, bytes]:
+    """The bytes of every file at or under `paths`, by path: compare before and after a command."""
+    files = []
+    for path in map(Path, paths):
+        files.extend([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()))
+    return {str(p): p.read_bytes() for p in files}
+
+
+def assert_clean_failure(result, fragment: str = "", *, output: Path | None = None, unchanged=None) -> str:
+    """A user error: exit code 2, no traceback, one line on stderr starting with `error:` (and
+    containing `fragment`); nothing at `output`, not even a hidden temporary beside it; and, with
+    `unchanged=(snapshot_before, paths)`, the inputs byte for byte as they were. Returns the line."""
+    code, _, stderr = result
+    # what a terminal shows: a progress bar redraws its line with \r, so keep each line's last part
+    lines = [line.split("\r")[-1] for line in stderr.split("\n")]
+    lines = [line for line in lines if line.strip()]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    assert fragment in lines[0], lines[0]
+    if output is not None:
+        output = Path(output)
+        assert not output.exists(), f"{output} was written"
+        assert not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.")]
+    if unchanged is not None:
+        before, paths = unchanged
+        assert snapshot(*paths) == before, "an input changed"
+    return lines[0]

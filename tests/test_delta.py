@@ -4,15 +4,9 @@ import pytest
 import torch
 from helpers import bitwise_equal, perturb, read_all, same_checkpoint
 
-from piece_surgery.delta import (
-    apply,
-    apply_to_model,
-    diff,
-    load_delta,
-    revert_delta,
-    save_delta,
-)
+from piece_surgery.delta import diff, load_delta, save_delta
 from piece_surgery.errors import PieceError
+from piece_surgery.merge import apply, apply_to_model, revert_delta
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -196,9 +190,9 @@ def test_output_shards_are_the_input_files_except_changed_entries(tiny, tmp_path
 
 def test_top_level_api_names_the_library_functions():
     import piece_surgery
-    from piece_surgery import delta, train
+    from piece_surgery import merge, trainer
 
-    assert piece_surgery.apply is delta.apply and piece_surgery.train_sparse is train.train_sparse
+    assert piece_surgery.apply is merge.apply and piece_surgery.train_sparse is trainer.train_sparse
     with pytest.raises(AttributeError):
         piece_surgery.nothing_here  # noqa: B018
 
@@ -230,19 +224,19 @@ def test_apply_completes_short_reads_and_writes(tiny, tmp_path, monkeypatch):
 
 
 def test_touched_spans_cover_exactly_the_pages_of_the_entries(monkeypatch):
-    from piece_surgery import checkpoint
+    from piece_surgery import filepatch
 
-    monkeypatch.setattr(checkpoint, "MERGE_GAP", 0)  # pages only, no joining
+    monkeypatch.setattr(filepatch, "MERGE_GAP", 0)  # pages only, no joining
     # a bf16 tensor at file offset 1000: entry i lives at bytes 1000 + 2i
     indices = torch.tensor([0, 1, 1548, 1549, 5000, 30000])
-    spans = checkpoint.touched_spans(indices, 2, 1000, 1000 + 2 * 40000)
+    spans = filepatch.touched_spans(indices, 2, 1000, 1000 + 2 * 40000)
     # brute force: the set of pages any entry's bytes fall in, clipped to the tensor
     pages = sorted({(1000 + 2 * int(i) + b) // 4096 for i in indices for b in (0, 1)})
     covered = sorted({p for lo, hi in spans for p in range(lo // 4096, (hi - 1) // 4096 + 1)})
     assert covered == pages
     assert spans[0][0] == 1000 and all(hi <= 1000 + 2 * 40000 for _, hi in spans)
     assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))  # sorted, disjoint
-    assert checkpoint.touched_spans(torch.tensor([], dtype=torch.int64), 2, 0, 100) == []
+    assert filepatch.touched_spans(torch.tensor([], dtype=torch.int64), 2, 0, 100) == []
     gen = torch.Generator().manual_seed(0)
     for itemsize, begin in [(2, 8 + 126), (4, 4096 * 3 + 8)]:
         n = 50_000
@@ -250,8 +244,8 @@ def test_touched_spans_cover_exactly_the_pages_of_the_entries(monkeypatch):
         end = begin + n * itemsize
         pages = sorted({(begin + int(i) * itemsize + b) // 4096 for i in indices for b in (0, itemsize - 1)})
         for gap in (0, 4096, 8 * 4096):
-            monkeypatch.setattr(checkpoint, "MERGE_GAP", gap)
-            spans = checkpoint.touched_spans(indices, itemsize, begin, end)
+            monkeypatch.setattr(filepatch, "MERGE_GAP", gap)
+            spans = filepatch.touched_spans(indices, itemsize, begin, end)
             covered = {p for lo, hi in spans for p in range(lo // 4096, (hi - 1) // 4096 + 1)}
             assert covered >= set(pages) and all(begin <= lo < hi <= end for lo, hi in spans)
             assert all(b[0] - a[1] >= max(gap, 4096) for a, b in zip(spans, spans[1:], strict=False))
@@ -263,9 +257,9 @@ def test_touched_spans_cover_exactly_the_pages_of_the_entries(monkeypatch):
 def test_apply_reads_only_the_pages_it_changes(tiny, tmp_path, monkeypatch, merge_gap):
     import os
 
-    from piece_surgery import checkpoint
+    from piece_surgery import filepatch
 
-    monkeypatch.setattr(checkpoint, "MERGE_GAP", merge_gap)
+    monkeypatch.setattr(filepatch, "MERGE_GAP", merge_gap)
     base = tiny("llama", dtype=torch.float32)
     # two entries of the embedding (40 KiB, ten pages)
     tuned = perturb(base, tmp_path / "tuned", fraction=0.0002, seed=3, hard=False, names=["embed"])
@@ -287,3 +281,25 @@ def test_apply_reads_only_the_pages_it_changes(tiny, tmp_path, monkeypatch, merg
         assert 0 < sum(read) <= 4 * 4096  # each entry's page (or two, if it straddles)
     else:
         assert 0 < sum(read) <= embedding.numel() * 4
+
+
+def test_diff_density_keeps_the_largest_fraction(tiny, tmp_path, cli):
+    base = tiny("llama")
+    tuned = perturb(base, tmp_path / "tuned", fraction=0.1, hard=False)
+    code, stdout, _ = cli("diff", base, tuned, "-o", tmp_path / "delta", "--density", "0.01", "--json")
+    assert code == 0
+    b, t = read_all(base), read_all(tuned)
+    k = int(0.01 * sum(x.numel() for x in b.values()))
+    ranked = sorted(
+        (-(t[n].double() - b[n].double()).abs().view(-1)[i].item(), n, i)
+        for n in b
+        for i in torch.nonzero(t[n].view(-1) != b[n].view(-1)).flatten().tolist()
+    )[:k]
+    expected = {}
+    for _, n, i in ranked:
+        expected.setdefault(n, []).append(i)
+    delta = load_delta(tmp_path / "delta")
+    assert json.loads(stdout)["entries"] == k == delta.count
+    assert {n: d.indices.tolist() for n, d in delta.tensors.items()} == {
+        n: sorted(v) for n, v in expected.items()
+    }

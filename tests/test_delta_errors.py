@@ -6,27 +6,10 @@ import shutil
 
 import pytest
 import torch
-from helpers import perturb, same_checkpoint
+from helpers import assert_clean_failure, perturb, same_checkpoint, snapshot
 from safetensors.torch import load_file, save_file
 
 from piece_surgery.testing import make_tiny_checkpoint
-
-
-def snapshot(*folders):
-    return {str(p): p.read_bytes() for f in folders for p in sorted(f.rglob("*")) if p.is_file()}
-
-
-def assert_clean_failure(result, tmp_path, fragment, before=None, after=None):
-    code, _, stderr = result
-    lines = [line.split("\r")[-1] for line in stderr.split("\n")]
-    lines = [line for line in lines if line.strip()]
-    assert code == 2, stderr
-    assert "Traceback" not in stderr and len(lines) == 1 and lines[0].startswith("error:"), stderr
-    assert fragment in lines[0], lines[0]
-    assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
-    if before is not None:
-        assert after() == before
 
 
 @pytest.fixture
@@ -55,7 +38,10 @@ def test_base_that_is_not_the_deltas_base(cli, made, tiny, tmp_path):
     before = snapshot(other, delta)
     result = cli("apply", other, delta, "-o", tmp_path / "out")
     assert_clean_failure(
-        result, tmp_path, "not made from this base: tensor '", before, lambda: snapshot(other, delta)
+        result,
+        "not made from this base: tensor '",
+        output=tmp_path / "out",
+        unchanged=(before, (other, delta)),
     )
     code, _, stderr = cli("apply", other, delta, "-o", tmp_path / "out", "--force", "-q")
     assert code == 0 and "warning:" in stderr and (tmp_path / "out").is_dir()
@@ -64,19 +50,25 @@ def test_base_that_is_not_the_deltas_base(cli, made, tiny, tmp_path):
 def test_delta_of_another_architecture(cli, made, tiny, tmp_path):
     _, delta = made
     gpt2 = tiny("gpt2")
-    assert_clean_failure(cli("apply", gpt2, delta, "-o", tmp_path / "out"), tmp_path, "does not have")
+    assert_clean_failure(
+        cli("apply", gpt2, delta, "-o", tmp_path / "out"), "does not have", output=tmp_path / "out"
+    )
 
 
 def test_shape_mismatch(cli, made, tmp_path):
     _, delta = made
     wider = make_tiny_checkpoint(tmp_path / "wider", "llama", intermediate_size=48)
-    assert_clean_failure(cli("apply", wider, delta, "-o", tmp_path / "out"), tmp_path, "has shape")
+    assert_clean_failure(
+        cli("apply", wider, delta, "-o", tmp_path / "out"), "has shape", output=tmp_path / "out"
+    )
 
 
 def test_dtype_mismatch(cli, made, tiny, tmp_path):
     _, delta = made
     bf16 = tiny("llama", dtype=torch.bfloat16)
-    assert_clean_failure(cli("apply", bf16, delta, "-o", tmp_path / "out"), tmp_path, "float32 in the delta")
+    assert_clean_failure(
+        cli("apply", bf16, delta, "-o", tmp_path / "out"), "float32 in the delta", output=tmp_path / "out"
+    )
 
 
 @pytest.mark.parametrize(
@@ -99,7 +91,7 @@ def test_dtype_mismatch(cli, made, tiny, tmp_path):
 def test_bad_indices(cli, made, tmp_path, edit, fragment):
     base, delta = made
     rewrite_delta(delta, edit)
-    assert_clean_failure(cli("apply", base, delta, "-o", tmp_path / "out"), tmp_path, fragment)
+    assert_clean_failure(cli("apply", base, delta, "-o", tmp_path / "out"), fragment, output=tmp_path / "out")
 
 
 def test_truncated_and_corrupt_files(cli, made, tmp_path):
@@ -108,10 +100,14 @@ def test_truncated_and_corrupt_files(cli, made, tmp_path):
     shutil.copytree(delta, broken)
     data = (broken / "delta.safetensors").read_bytes()
     (broken / "delta.safetensors").write_bytes(data[: len(data) // 2])
-    assert_clean_failure(cli("apply", base, broken, "-o", tmp_path / "out"), tmp_path, "corrupt or truncated")
+    assert_clean_failure(
+        cli("apply", base, broken, "-o", tmp_path / "out"), "corrupt or truncated", output=tmp_path / "out"
+    )
     (broken / "delta.safetensors").write_bytes(data)
     (broken / "delta.json").write_text("{not json")
-    assert_clean_failure(cli("apply", base, broken, "-o", tmp_path / "out"), tmp_path, "not valid JSON")
+    assert_clean_failure(
+        cli("apply", base, broken, "-o", tmp_path / "out"), "not valid JSON", output=tmp_path / "out"
+    )
 
 
 def test_output_equal_to_base(cli, made, tmp_path):
@@ -132,15 +128,15 @@ def test_existing_output(cli, made, tmp_path):
 
 def test_diff_of_different_architectures(cli, tiny, tmp_path):
     result = cli("diff", tiny("llama"), tiny("gpt2"), "-o", tmp_path / "out")
-    assert_clean_failure(result, tmp_path, "not in the tuned checkpoint")
+    assert_clean_failure(result, "not in the tuned checkpoint", output=tmp_path / "out")
 
 
 def test_diff_of_identical_checkpoints(cli, tiny, tmp_path):
     result = cli("diff", tiny("llama"), tiny("llama"), "-o", tmp_path / "out")
-    assert_clean_failure(result, tmp_path, "identical")
+    assert_clean_failure(result, "identical", output=tmp_path / "out")
 
 
 def test_scale_count_mismatch(cli, made, tmp_path):
     base, delta = made
     result = cli("apply", base, delta, delta, delta, "-o", tmp_path / "out", "--scale", "1", "--scale", "2")
-    assert_clean_failure(result, tmp_path, "--scale values")
+    assert_clean_failure(result, "--scale values", output=tmp_path / "out")

@@ -4,11 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import perturb, same_checkpoint
-
-
-def snapshot(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+from helpers import assert_clean_failure, perturb, same_checkpoint, snapshot
 
 
 @pytest.fixture
@@ -20,10 +16,7 @@ def delta_dir(tiny, tmp_path, cli):
 
 
 def one_line_error(result, fragment):
-    code, _, stderr = result
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert code == 2 and "Traceback" not in stderr and len(lines) == 1, stderr
-    assert lines[0].startswith("error:") and fragment in lines[0], lines[0]
+    assert_clean_failure(result, fragment)
 
 
 def test_push_then_apply_by_repo_id_is_bit_exact(hub, delta_dir, tmp_path, cli):

@@ -213,3 +213,12 @@ def test_per_tensor_normalisation_ranks_relative_scores(tiny, code_data):
     assert as_lists(mask.indices) == brute_force_top_k(relative, mask.k)
     plain, _, _ = score_checkpoint(str(folder), code_data, ScoreOptions("piece-f", 0.02), device="cpu")
     assert as_lists(plain.indices) != as_lists(mask.indices)
+
+
+def test_offloaded_accumulators_give_the_same_mask(tiny, code_data):
+    """--offload-accumulators keeps the sums in host memory (on CPU: the same device); same result."""
+    folder = tiny("llama")
+    options = ScoreOptions(method="piece-s", density=0.01, offload_accumulators=True)
+    offloaded, _, _ = score_checkpoint(str(folder), code_data, options, device="cpu")
+    expected = brute_force_scores(folder, code_data, "piece-s", batch_size=1)
+    assert as_lists(offloaded.indices) == brute_force_top_k(expected, offloaded.k)

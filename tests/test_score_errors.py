@@ -4,20 +4,8 @@ import shutil
 
 import pytest
 import torch
+from helpers import assert_clean_failure
 from safetensors.torch import load_file, save_file
-
-
-def assert_clean_failure(result, out, fragment):
-    code, _, stderr = result
-    assert code == 2, stderr
-    assert "Traceback" not in stderr
-    # what a terminal shows: a progress bar redraws its line with \r, so keep each line's last part
-    lines = [line.split("\r")[-1] for line in stderr.split("\n")]
-    lines = [line for line in lines if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
-    assert fragment in stderr.replace("\n", " ")
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
 
 
 @pytest.fixture
@@ -26,13 +14,17 @@ def out(tmp_path):
 
 
 def test_missing_checkpoint(cli, code_data, out, tmp_path):
-    assert_clean_failure(cli("score", tmp_path / "nope", "--data", code_data, "-o", out), out, "not found")
+    assert_clean_failure(
+        cli("score", tmp_path / "nope", "--data", code_data, "-o", out), "not found", output=out
+    )
 
 
 def test_folder_without_weights(cli, code_data, out, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_clean_failure(cli("score", empty, "--data", code_data, "-o", out), out, "no model.safetensors")
+    assert_clean_failure(
+        cli("score", empty, "--data", code_data, "-o", out), "no model.safetensors", output=out
+    )
 
 
 def test_corrupt_checkpoint(cli, tiny, code_data, out, tmp_path):
@@ -40,36 +32,36 @@ def test_corrupt_checkpoint(cli, tiny, code_data, out, tmp_path):
     shutil.copytree(tiny("llama"), broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
-    assert_clean_failure(cli("score", broken, "--data", code_data, "-o", out), out, "corrupt")
+    assert_clean_failure(cli("score", broken, "--data", code_data, "-o", out), "corrupt", output=out)
 
 
 def test_empty_data(cli, tiny, out, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    assert_clean_failure(cli("score", tiny("llama"), "--data", empty, "-o", out), out, "no examples")
+    assert_clean_failure(cli("score", tiny("llama"), "--data", empty, "-o", out), "no examples", output=out)
 
 
 def test_no_loss_bearing_token(cli, tiny, out, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a long prompt that fills everything", "response": "x"}\n')
     result = cli("score", tiny("llama"), "--data", data, "-o", out, "--max-length", "3")
-    assert_clean_failure(result, out, "loss-bearing")
+    assert_clean_failure(result, "loss-bearing", output=out)
 
 
 def test_unknown_method(cli, tiny, code_data, out):
     result = cli("score", tiny("llama"), "--data", code_data, "-o", out, "--method", "fisher")
-    assert_clean_failure(result, out, "unknown method")
+    assert_clean_failure(result, "unknown method", output=out)
 
 
 @pytest.mark.parametrize("density", ["0", "1.5", "-0.1"])
 def test_density_out_of_range(cli, tiny, code_data, out, density):
     result = cli("score", tiny("llama"), "--data", code_data, "-o", out, f"--density={density}")
-    assert_clean_failure(result, out, "outside (0, 1]")
+    assert_clean_failure(result, "outside (0, 1]", output=out)
 
 
 def test_exclude_everything(cli, tiny, code_data, out):
     result = cli("score", tiny("llama"), "--data", code_data, "-o", out, "--exclude", ".")
-    assert_clean_failure(result, out, "nothing to score")
+    assert_clean_failure(result, "nothing to score", output=out)
 
 
 def test_nan_loss(cli, tiny, code_data, out, tmp_path):
@@ -78,7 +70,7 @@ def test_nan_loss(cli, tiny, code_data, out, tmp_path):
     tensors = load_file(broken / "model.safetensors")
     tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
-    assert_clean_failure(cli("score", broken, "--data", code_data, "-o", out), out, "loss is nan")
+    assert_clean_failure(cli("score", broken, "--data", code_data, "-o", out), "loss is nan", output=out)
 
 
 def test_existing_output_needs_overwrite(cli, tiny, code_data, out):
@@ -103,7 +95,7 @@ def test_pickle_only_checkpoint_is_refused(cli, code_data, out, tmp_path):
     folder.mkdir()
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
     result = cli("score", folder, "--data", code_data, "-o", out)
-    assert_clean_failure(result, out, "pickle")
+    assert_clean_failure(result, "pickle", output=out)
 
 
 def test_version_and_help(cli):

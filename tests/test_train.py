@@ -2,27 +2,25 @@ import json
 
 import pytest
 import torch
-from helpers import bitwise_equal, read_all
+from helpers import assert_clean_failure, bitwise_equal, read_all
 from safetensors.torch import load_file
 
-from piece_surgery.checkpoint import load_causal_lm, parameter_keys, read_layout
-from piece_surgery.data import load_dataset, load_tokenizer
-from piece_surgery.delta import apply, load_delta
+from piece_surgery.checkpoint import load_causal_lm, open_checkpoint
+from piece_surgery.delta import load_delta
+from piece_surgery.loss import evaluate
+from piece_surgery.merge import apply
 from piece_surgery.score import ScoreOptions, score_checkpoint
-from piece_surgery.train import TrainConfig, evaluate, train_sparse
+from piece_surgery.trainer import TrainConfig, train_sparse
 
 
-def setup(folder, data, density=0.02, dtype=torch.float32, method="piece-s"):
+def setup(folder, data, density=0.02, dtype="float32", method="piece-s"):
     mask, _, _ = score_checkpoint(
         str(folder), data, ScoreOptions(method=method, density=density), device="cpu"
     )
-    tokenizer = load_tokenizer(folder)
-    dataset = load_dataset(data, tokenizer)
-    model = load_causal_lm(folder, dtype=dtype, device=torch.device("cpu"))
-    keys = parameter_keys(model, read_layout(folder))
-    named = dict(model.named_parameters())
-    params = {key: named[name] for name, key in keys.items() if key in mask.indices}
-    return mask, dataset, model, params
+    checkpoint = open_checkpoint(folder)
+    dataset = checkpoint.load_data(data)
+    model = checkpoint.load_model(device="cpu", dtype=dtype)
+    return mask, dataset, model, checkpoint.parameters(mask.indices)
 
 
 def test_only_masked_entries_change_and_loss_goes_down(tiny, code_data):
@@ -114,7 +112,7 @@ def test_score_then_train_equals_train_with_mask(tiny, code_data, tmp_path, cli)
 
 
 def test_resume_equals_uninterrupted(tiny, code_data, tmp_path, cli, monkeypatch):
-    import piece_surgery.train as train_module
+    import piece_surgery.trainer as train_module
 
     base = tiny("llama")
     args = [
@@ -139,8 +137,8 @@ def test_resume_equals_uninterrupted(tiny, code_data, tmp_path, cli, monkeypatch
     assert cli("train", base, "-o", tmp_path / "straight", *args)[0] == 0
     original = train_module.save_state
 
-    def save_then_crash(state_dir, sparse, optimizer, step, history, identity):
-        original(state_dir, sparse, optimizer, step, history, identity)
+    def save_then_crash(state_dir, sparse, optimizer, step, history, resume_key):
+        original(state_dir, sparse, optimizer, step, history, resume_key)
         if step == 4:
             raise KeyboardInterrupt
 
@@ -156,27 +154,19 @@ def test_resume_equals_uninterrupted(tiny, code_data, tmp_path, cli, monkeypatch
     assert a.keys() == b.keys() and all(bitwise_equal(a[k], b[k]) for k in a)
 
 
-def clean_failure(result, out):
-    code, _, stderr = result
-    lines = [line.split("\r")[-1] for line in stderr.split("\n")]
-    lines = [line for line in lines if line.strip()]
-    assert code == 2 and "Traceback" not in stderr, stderr
-    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
-    assert not out.exists()
-    return lines[0]
-
-
 def test_mask_from_another_model(tiny, code_data, tmp_path, cli):
     other = tiny("llama", seed=3)
     cli("score", other, "--data", code_data, "-o", tmp_path / "m.safetensors", "-q")
     out = tmp_path / "delta"
-    msg = clean_failure(
-        cli("train", tiny("llama"), "--data", code_data, "-o", out, "--mask", tmp_path / "m.safetensors"), out
+    msg = assert_clean_failure(
+        cli("train", tiny("llama"), "--data", code_data, "-o", out, "--mask", tmp_path / "m.safetensors"),
+        output=out,
     )
     assert "scored on another model" in msg
     cli("score", tiny("gpt2"), "--data", code_data, "-o", tmp_path / "g.safetensors", "-q")
-    msg = clean_failure(
-        cli("train", tiny("llama"), "--data", code_data, "-o", out, "--mask", tmp_path / "g.safetensors"), out
+    msg = assert_clean_failure(
+        cli("train", tiny("llama"), "--data", code_data, "-o", out, "--mask", tmp_path / "g.safetensors"),
+        output=out,
     )
     assert "does not have" in msg
 
@@ -193,8 +183,9 @@ def test_bad_mask_indices(tiny, code_data, tmp_path, cli):
     for bad, fragment in ((tensors[name].flip(0), "not sorted"), (tensors[name] + 10**7, "out of range")):
         save_file({**tensors, name: bad.contiguous()}, tmp_path / "bad.safetensors", metadata=meta)
         out = tmp_path / "delta"
-        msg = clean_failure(
-            cli("train", base, "--data", code_data, "-o", out, "--mask", tmp_path / "bad.safetensors"), out
+        msg = assert_clean_failure(
+            cli("train", base, "--data", code_data, "-o", out, "--mask", tmp_path / "bad.safetensors"),
+            output=out,
         )
         assert fragment in msg
 
@@ -210,19 +201,21 @@ def test_bad_mask_indices(tiny, code_data, tmp_path, cli):
 )
 def test_bad_options(tiny, code_data, tmp_path, cli, extra, fragment):
     out = tmp_path / "delta"
-    assert fragment in clean_failure(cli("train", tiny("llama"), "--data", code_data, "-o", out, *extra), out)
+    assert fragment in assert_clean_failure(
+        cli("train", tiny("llama"), "--data", code_data, "-o", out, *extra), output=out
+    )
 
 
 def test_empty_data(tiny, tmp_path, cli):
     (tmp_path / "e.txt").write_text("")
     out = tmp_path / "delta"
-    assert "no examples" in clean_failure(
-        cli("train", tiny("llama"), "--data", tmp_path / "e.txt", "-o", out), out
+    assert "no examples" in assert_clean_failure(
+        cli("train", tiny("llama"), "--data", tmp_path / "e.txt", "-o", out), output=out
     )
 
 
 def test_nan_loss_stops_and_keeps_last_good_state(tiny, code_data, tmp_path, cli, monkeypatch):
-    import piece_surgery.train as train_module
+    import piece_surgery.trainer as train_module
 
     calls = {"n": 0}
     real = train_module.mean_token_loss
@@ -249,7 +242,7 @@ def test_nan_loss_stops_and_keeps_last_good_state(tiny, code_data, tmp_path, cli
         "2",
         "-q",
     )
-    msg = clean_failure(result, out)
+    msg = assert_clean_failure(result, output=out)
     assert "loss became nan at step 4" in msg and "last good state (step 2)" in msg
     assert (tmp_path / "delta.state" / "state.json").is_file()
 

@@ -1,0 +1,167 @@
+"""Masks and deltas as artifacts a user names by path or Hub repo id: which kind a reference holds,
+loading and checking it, summarising it (`inspect`) and sharing it with its card (`push`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from piece_surgery import hub
+from piece_surgery.card import GENERATED_MARK, delta_card, mask_card
+from piece_surgery.delta import CARD, DESCRIPTION, Delta, load_delta
+from piece_surgery.dtypes import numel
+from piece_surgery.errors import PieceError
+from piece_surgery.mask import Mask, load_mask
+from piece_surgery.naming import breakdown
+
+MASK_FILE = "mask.safetensors"  # a mask's name inside a folder or Hub repo
+_ARTIFACT_FILES = ["*.safetensors", "*.json", "*.md"]
+
+
+@dataclass
+class Artifact:
+    """A mask or a delta, loaded and checked, and where it came from."""
+
+    ref: str  # as the user named it
+    source: hub.Resolved
+    path: Path  # the mask file, or the delta folder
+    mask: Mask | None = None
+    delta: Delta | None = None
+
+    @property
+    def kind(self) -> str:
+        return "mask" if self.mask is not None else "delta"
+
+    @classmethod
+    def local(cls, path: Path, *, mask: Mask | None = None, delta: Delta | None = None) -> Artifact:
+        """An artifact just written to `path`, already in memory."""
+        return cls(str(path), hub.Resolved(Path(path)), Path(path), mask=mask, delta=delta)
+
+
+def open_artifact(ref: str | Path, *, want: str | None = None) -> Artifact:
+    """Resolve `ref` (path or Hub repo id), tell a mask from a delta, load and check it.
+
+    `want` ("mask" or "delta") refuses the other kind with a message about the one asked for.
+    """
+    ref = str(ref)
+    source = hub.resolve(ref, what=want or "mask or delta", patterns=_ARTIFACT_FILES)
+    path = source.path
+    if path.is_dir() and (path / DESCRIPTION).is_file() and want != "mask":
+        return Artifact(ref, source, path, delta=load_delta(path, name=f"delta '{ref}'"))
+    if path.is_dir() and (path / MASK_FILE).is_file() and want != "delta":
+        path = path / MASK_FILE
+    if path.is_file() and path.suffix == ".safetensors" and want != "delta":
+        return Artifact(ref, source, path, mask=load_mask(path))
+    if want == "delta":
+        raise PieceError(f"delta '{ref}' is not a delta folder (needs {DESCRIPTION} and delta.safetensors)")
+    if want == "mask":
+        raise PieceError(f"mask '{ref}' is not a mask file (.safetensors) or a folder with {MASK_FILE}")
+    raise PieceError(f"'{ref}' is neither a mask (.safetensors) nor a delta folder (with {DESCRIPTION})")
+
+
+def open_mask(ref: str | Path) -> Mask:
+    return open_artifact(ref, want="mask").mask
+
+
+def open_delta(ref: str | Path) -> Delta:
+    return open_artifact(ref, want="delta").delta
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def summarize(artifact: Artifact) -> dict:
+    """Per layer and module kind counts, size and provenance of a mask or a delta, for `inspect`."""
+    if artifact.mask is not None:
+        mask = artifact.mask
+        counts = {n: int(i.numel()) for n, i in mask.indices.items()}
+        sizes = {n: numel(s) for n, s in mask.shapes.items()}
+        info = mask.info
+        summary = {
+            "kind": "mask",
+            "method": info.method,
+            "density": info.density,
+            "model": info.model.to_json() if info.model else None,
+            "data": info.data.to_json() if info.data else None,
+            "k": mask.k,
+            "eligible": mask.eligible,
+            **breakdown(counts, sizes),
+        }
+        summary["headline"] = [
+            f"mask {artifact.ref}: {mask.k:,} of {mask.eligible:,} eligible entries "
+            f"({info.method}, density {info.density})",
+            f"{summary['tensors_touched']} tensors touched; norm weights hold {summary['norm_share']:.1%}",
+            f"size on disk {artifact.path.stat().st_size:,} bytes",
+        ]
+        return summary
+    delta = artifact.delta
+    counts = {n: int(t.indices.numel()) for n, t in delta.tensors.items()}
+    sizes = {n: numel(t.shape) for n, t in delta.tensors.items()}
+    summary = {
+        "kind": "delta",
+        "base": delta.info.base.to_json() if delta.info.base else None,
+        "provenance": delta.info.provenance.to_json() if delta.info.provenance else None,
+        "tensor_bytes": delta.tensor_bytes,
+        "bytes_per_entry": delta.tensor_bytes / max(delta.count, 1),
+        **breakdown(counts, sizes),
+    }
+    summary["headline"] = [
+        f"delta {artifact.ref}: {delta.count:,} changed entries in {summary['tensors_touched']} tensors",
+        f"{delta.tensor_bytes:,} bytes of tensor data, "
+        f"{summary['bytes_per_entry']:.2f} bytes per changed entry",
+    ]
+    return summary
+
+
+# ---------------------------------------------------------------- push
+
+
+def push(
+    path: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    create_pr: bool = False,
+    base_model: str | None = None,
+) -> dict:
+    """Upload a delta folder (or a mask file) to a Hub model repo, creating the repo if missing.
+
+    The artifact is loaded and checked first: a corrupt one is refused before anything is uploaded.
+    The model card is generated when the folder has none or has one this tool wrote; a card the
+    user wrote is uploaded as it is. The local folder is never modified.
+    """
+    path = Path(path)
+    if base_model is not None and (not hub.looks_like_repo_id(base_model) or Path(base_model).exists()):
+        raise PieceError(f"--base-model '{base_model}' must be a Hub repo id (user/name), not a local path")
+    if not path.exists():
+        raise PieceError(f"'{path}' not found: give a delta folder or a mask file")
+    if not (path.is_dir() and (path / DESCRIPTION).is_file()) and not (
+        path.is_file() and path.suffix == ".safetensors"
+    ):
+        raise PieceError(
+            f"'{path}' is neither a delta folder (with {DESCRIPTION}) nor a mask file (.safetensors)"
+        )
+    artifact = open_artifact(path)
+    files: dict[str, Path | bytes] = {}
+    if artifact.delta is not None:
+        for item in sorted(path.iterdir()):
+            if item.is_file() and not item.name.startswith("."):
+                files[item.name] = item
+        card = (path / CARD).read_text() if (path / CARD).is_file() else None
+        if card is None or GENERATED_MARK in card:
+            files[CARD] = delta_card(artifact.delta, base_model=base_model, repo_id=repo_id).encode()
+    else:
+        files[MASK_FILE] = path
+        files[CARD] = mask_card(artifact.mask, base_model=base_model, repo_id=repo_id).encode()
+    return hub.upload(
+        repo_id,
+        files,
+        private=private,
+        revision=revision,
+        commit_message=commit_message or f"Upload {path.name} with piece-surgery",
+        token=token,
+        create_pr=create_pr,
+    )

@@ -1,0 +1,54 @@
+"""The training loss: mean token cross-entropy of a micro-batch, and passes over a dataset with it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from piece_surgery.data import IGNORE, Dataset, micro_batches
+
+
+def batch_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits on a collated batch. No key/value cache: nothing here generates, and a
+    cache would hold every layer's keys and values (and conflict with activation checkpointing)."""
+    kwargs = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) else {}
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+
+
+def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the loss-bearing tokens of a micro-batch, and their count."""
+    # Shift the labels, not the logits: slicing the logits would copy a (tokens x vocab) tensor.
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+    count = int((shifted != IGNORE).sum())
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), shifted, ignore_index=IGNORE, reduction="sum"
+    )
+    return loss / max(count, 1), count
+
+
+def micro_batch_losses(
+    model: torch.nn.Module, dataset: Dataset, batch_size: int, pad_id: int
+) -> Iterator[tuple[torch.Tensor, int, int]]:
+    """For each micro-batch in order: its mean token loss (with its graph, unless under no_grad),
+    its loss-bearing tokens and its examples."""
+    device = next(model.parameters()).device
+    for batch in micro_batches(dataset.examples, batch_size, pad_id):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = batch_logits(model, batch)
+        loss, count = mean_token_loss(logits, batch["labels"])
+        del logits  # backward needs the log-probabilities only: free (tokens x vocab) first
+        yield loss, count, batch["input_ids"].shape[0]
+
+
+def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int, pad_id: int) -> float:
+    """Token-weighted mean loss over a dataset (the model's train/eval mode is kept)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for loss, count, _ in micro_batch_losses(model, dataset, batch_size, pad_id):
+            total += float(loss) * count
+            tokens += count
+    model.train(was_training)
+    return total / max(tokens, 1)

@@ -1,0 +1,474 @@
+"""Merging deltas: W = W_base + sum_i scale_i x delta_i, into a checkpoint folder or a loaded model.
+
+`plan_apply` checks the deltas against the base's names, shapes and dtypes and decides everything
+(output shards, conflict policy, force); `check_apply` (a dry run) and `execute_apply` (the real run)
+then merge every touched tensor through the same `combine`, so both report the same overlap.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from dataclasses import dataclass, field, fields
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from piece_surgery.artifacts import open_delta
+from piece_surgery.atomic import atomic_path, check_output
+from piece_surgery.checkpoint import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    Checkpoint,
+    ShardReader,
+    open_checkpoint,
+    save_shard,
+    shard_metadata,
+    weight_files,
+    write_index,
+)
+from piece_surgery.delta import Delta, TensorDelta
+from piece_surgery.dtypes import same_bits
+from piece_surgery.errors import PieceError
+from piece_surgery.filepatch import copy_with_patches
+
+CONFLICT_POLICIES = ("sum", "mean", "error")
+
+
+@dataclass
+class ScaledDelta:
+    """One delta of a merge: its entries, its scale, and how to name it in messages."""
+
+    delta: Delta
+    scale: float
+    label: str
+
+
+@dataclass
+class TensorPart:
+    """One delta's entries of one tensor, at its scale."""
+
+    entries: TensorDelta
+    scale: float
+    label: str
+
+
+@dataclass
+class Overlap:
+    shared: int = 0  # entries touched by more than one delta
+    chained: int = 0  # ... where a later delta was made on top of an earlier one (sequential)
+    conflicts: int = 0  # ... where deltas made from the same base both change the entry
+    sign_disagreements: int = 0  # ... conflicts whose changes point in opposite directions
+    mismatched: int = 0  # entries whose base matched neither the base nor the stack so far
+
+    def add(self, other: Overlap) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+# ---------------------------------------------------------------- combining deltas on one tensor
+
+
+def combine(
+    name: str,
+    base_flat: torch.Tensor,
+    parts: list[TensorPart],
+    *,
+    on_conflict: str = "sum",
+    force: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, Overlap]:
+    """New values at the union of the deltas' indices: W = W_base + sum_i scale_i * delta_i.
+
+    Each delta's recorded base values are checked per entry against the weights it meets: the stack
+    so far (the first delta, or a delta trained on top of the earlier ones) or the original base (a
+    delta trained side by side from the same base). At scale 1 on matching weights the tuned value
+    is written as is, so apply reproduces a tuned checkpoint bit for bit.
+    """
+    if len(parts) == 1 and parts[0].entries.dtype == base_flat.dtype:
+        return _combine_one(name, base_flat, parts[0], force=force)
+    union = torch.unique(torch.cat([p.entries.indices for p in parts]))
+    base_u = base_flat[union]
+    current = base_u.clone()
+    total = torch.zeros(union.numel(), dtype=torch.float64)
+    touched = torch.zeros(union.numel(), dtype=torch.int32)
+    conflicted = torch.zeros(union.numel(), dtype=torch.bool)
+    positive = torch.zeros(union.numel(), dtype=torch.bool)
+    negative = torch.zeros(union.numel(), dtype=torch.bool)
+    overlap = Overlap()
+    for part in parts:
+        delta = part.entries
+        if delta.dtype != base_flat.dtype and not force:
+            raise PieceError(
+                f"{part.label}: tensor '{name}' is {delta.dtype} in the delta but {base_flat.dtype} in the "
+                "base; pass --force to apply it anyway"
+            )
+        pos = torch.searchsorted(union, delta.indices)
+        recorded = delta.base.to(base_flat.dtype)
+        on_current = same_bits(current[pos], recorded)
+        on_base = same_bits(base_u[pos], recorded)
+        conflict = ~on_current & on_base
+        mismatch = ~on_current & ~on_base
+        overlap.chained += int(((touched[pos] > 0) & on_current).sum())
+        overlap.mismatched += int(mismatch.sum())
+        _refuse(name, part, int(mismatch.sum()), int(conflict.sum()), on_conflict, force)
+        change = part.scale * delta.change()
+        total[pos] += change
+        touched[pos] += 1
+        conflicted[pos] |= conflict
+        positive[pos] |= change > 0
+        negative[pos] |= change < 0
+        stacked = (current[pos].double() + change).to(base_flat.dtype)
+        exact = on_current & (part.scale == 1.0) & (delta.dtype == base_flat.dtype)
+        new = torch.where(exact, delta.tuned.to(base_flat.dtype), stacked)
+        if bool(conflict.any()):
+            divisor = touched[pos].double() if on_conflict == "mean" else 1.0
+            merged = (base_u[pos].double() + total[pos] / divisor).to(base_flat.dtype)
+            new = torch.where(conflict, merged, new)
+        current[pos] = new
+    overlap.shared = int((touched > 1).sum())
+    overlap.conflicts = int(conflicted.sum())
+    overlap.sign_disagreements = int((conflicted & positive & negative).sum())
+    return union, current, overlap
+
+
+def _refuse(name: str, part: TensorPart, mismatched: int, conflicts: int, on_conflict: str, force: bool):
+    if mismatched and not force:
+        raise PieceError(
+            f"{part.label} was not made from this base: tensor '{name}' differs at {mismatched} of its "
+            f"{part.entries.indices.numel()} entries; pass --force to apply it anyway (task arithmetic)"
+        )
+    if conflicts and on_conflict == "error":
+        raise PieceError(
+            f"{part.label} changes {conflicts} entries of '{name}' that an earlier delta also changes; "
+            "choose --on-conflict sum or mean"
+        )
+
+
+def _combine_one(
+    name: str, base_flat: torch.Tensor, part: TensorPart, *, force: bool
+) -> tuple[torch.Tensor, torch.Tensor, Overlap]:
+    """combine() for the common case of one delta: no union to build, the same result."""
+    delta = part.entries
+    current = base_flat[delta.indices]
+    matches = same_bits(current, delta.base)
+    mismatched = int((~matches).sum())
+    _refuse(name, part, mismatched, 0, "sum", force)
+    if part.scale == 1.0 and not mismatched:
+        return delta.indices, delta.tuned, Overlap()
+    stacked = (current.double() + part.scale * delta.change()).to(base_flat.dtype)
+    if part.scale == 1.0:
+        stacked = torch.where(matches, delta.tuned, stacked)
+    return delta.indices, stacked, Overlap(mismatched=mismatched)
+
+
+# ---------------------------------------------------------------- apply to checkpoint folders
+
+
+@dataclass
+class ApplyPlan:
+    """Everything a merge into a checkpoint folder needs, decided before any weight is read."""
+
+    base: Checkpoint
+    deltas: list[ScaledDelta]
+    shards: dict[str, list[str]]  # output file -> tensor names, in order
+    output_bytes: int
+    on_conflict: str = "sum"
+    force: bool = False
+    output: Path | None = None  # None: a dry run
+    resharded: bool = False  # True: tensors are regrouped (--shard-size), not patched in their files
+
+    def parts(self, name: str) -> list[TensorPart]:
+        return [
+            TensorPart(d.delta.tensors[name], d.scale, d.label)
+            for d in self.deltas
+            if name in d.delta.tensors
+        ]
+
+    @property
+    def changed_tensors(self) -> list[str]:
+        return sorted({name for d in self.deltas for name in d.delta.tensors})
+
+    def union_indices(self, name: str) -> torch.Tensor:
+        """The sorted flat indices of `name` that any of the plan's deltas changes."""
+        parts = [p.entries.indices for p in self.parts(name)]
+        return parts[0] if len(parts) == 1 else torch.unique(torch.cat(parts))
+
+
+@dataclass
+class ApplyResult:
+    """What a merge changed: entries per tensor, and how the deltas overlapped."""
+
+    plan: ApplyPlan
+    touched: dict[str, int] = field(default_factory=dict)
+    overlap: Overlap = field(default_factory=Overlap)
+
+    def merge(self, name: str, flat: torch.Tensor, *, write: bool = True) -> None:
+        """Merge the deltas' entries of tensor `name` (its base values, flat) and record what
+        changed; with `write`, the merged values are written into `flat` in place."""
+        plan = self.plan
+        union, values, overlap = combine(
+            name, flat, plan.parts(name), on_conflict=plan.on_conflict, force=plan.force
+        )
+        if write:
+            flat[union] = values
+        self.touched[name] = int(union.numel())
+        self.overlap.add(overlap)
+
+
+def plan_apply(
+    base_ref: str,
+    delta_refs: list[str],
+    *,
+    scales: list[float] | None = None,
+    on_conflict: str = "sum",
+    force: bool = False,
+    shard_size: int | None = None,
+    output: Path | None = None,
+    overwrite: bool = False,
+) -> ApplyPlan:
+    """Check the deltas against the base (names, shapes) and the output, and plan the shards.
+
+    The per-entry base values are checked while merging (check_apply or execute_apply).
+    """
+    if on_conflict not in CONFLICT_POLICIES:
+        raise PieceError(f"unknown --on-conflict '{on_conflict}'; use sum, mean or error")
+    if not delta_refs:
+        raise PieceError("give at least one delta to apply")
+    scales = _scales_for(delta_refs, scales)
+    if output is not None:
+        check_output(Path(output), overwrite=overwrite, inputs=(Path(base_ref), *map(Path, delta_refs)))
+    base = open_checkpoint(base_ref, what="base")
+    deltas = [
+        ScaledDelta(open_delta(ref), s, f"delta '{ref}'") for ref, s in zip(delta_refs, scales, strict=True)
+    ]
+    for d in deltas:
+        for name, t in d.delta.tensors.items():
+            if name not in base.layout:
+                raise PieceError(f"{d.label} changes tensor '{name}', which the base does not have")
+            if tuple(base.layout[name].shape) != tuple(t.shape):
+                raise PieceError(
+                    f"{d.label}: tensor '{name}' has shape {list(t.shape)} in the delta but "
+                    f"{list(base.layout[name].shape)} in the base"
+                )
+    if shard_size is not None and shard_size < 1:
+        raise PieceError("--shard-size must be positive")
+    return ApplyPlan(
+        base=base,
+        deltas=deltas,
+        shards=_shard_plan(base, shard_size),
+        output_bytes=sum(info.nbytes for info in base.layout.values()),
+        on_conflict=on_conflict,
+        force=force,
+        output=Path(output) if output is not None else None,
+        resharded=shard_size is not None,
+    )
+
+
+def _scales_for(delta_refs: list[str], scales: list[float] | None) -> list[float]:
+    """One scale each: none given is 1 each; one given applies to all."""
+    scales = [float(s) for s in scales or []]
+    if len(scales) == 1 and len(delta_refs) > 1:
+        scales = scales * len(delta_refs)
+    if not scales:
+        scales = [1.0] * len(delta_refs)
+    if len(scales) != len(delta_refs):
+        raise PieceError(
+            f"got {len(scales)} --scale values for {len(delta_refs)} deltas; give one or one each"
+        )
+    return scales
+
+
+def _shard_plan(base: Checkpoint, shard_size: int | None) -> dict[str, list[str]]:
+    layout = base.layout
+    if shard_size is None:
+        files = weight_files(base.folder)
+        plan: dict[str, list[str]] = {}
+        for name in sorted(layout, key=lambda n: (files[n], n)):
+            plan.setdefault(files[name], []).append(name)
+        return plan
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in sorted(layout, key=lambda n: (layout[n].file, n)):
+        if groups[-1] and used + layout[name].nbytes > shard_size:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += layout[name].nbytes
+    if len(groups) == 1:
+        return {SINGLE_FILE: groups[0]}
+    n = len(groups)
+    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
+
+
+def check_apply(plan: ApplyPlan) -> ApplyResult:
+    """A dry run: merge every touched tensor in memory (checking each entry's base value), write nothing."""
+    result = ApplyResult(plan)
+    with plan.base.reader() as reader:
+        for name in plan.changed_tensors:
+            result.merge(name, reader.get(name).reshape(-1), write=False)
+    _warn_mismatch(result.overlap)
+    return result
+
+
+def execute_apply(plan: ApplyPlan, progress=None) -> ApplyResult:
+    """Write the merged checkpoint shard by shard into a temporary folder, then rename it to the
+    plan's output."""
+    if plan.output is None:
+        raise ValueError("the plan has no output: use check_apply for a dry run")
+    result = ApplyResult(plan)
+    base = plan.base
+    metadata = shard_metadata(base.folder) or {"format": "pt"}
+    changed = set(plan.changed_tensors)
+    with atomic_path(plan.output, is_dir=True) as tmp, base.reader() as reader:
+        for item in base.folder.iterdir():  # config, tokenizer, generation config, ...
+            if item.is_file() and not item.name.endswith(".safetensors") and item.name != INDEX_FILE:
+                shutil.copy2(item, tmp / item.name)
+        weight_map: dict[str, str] = {}
+        for file, names in plan.shards.items():
+            weight_map.update(dict.fromkeys(names, file))
+            touched = [n for n in names if n in changed]
+            patched = not plan.resharded and _patch_shard(plan, result, file, touched, tmp)
+            if not patched:
+                _write_shard(result, reader, names, touched, tmp / file, metadata)
+            if progress:
+                progress(1)
+        if len(plan.shards) > 1:
+            if not plan.resharded and (base.folder / INDEX_FILE).is_file():
+                shutil.copy2(base.folder / INDEX_FILE, tmp / INDEX_FILE)
+            else:
+                write_index(tmp, weight_map, plan.output_bytes)
+    _warn_mismatch(result.overlap)
+    return result
+
+
+def _patch_shard(plan: ApplyPlan, result: ApplyResult, file: str, touched: list[str], tmp: Path) -> bool:
+    """The output file is the input file with some entries changed: untouched bytes are copied by
+    the kernel, changed tensors read, merged and written back in place."""
+    patches = {name: (plan.union_indices(name), partial(result.merge, name)) for name in touched}
+    return copy_with_patches(plan.base.folder / file, tmp / file, patches)
+
+
+def _write_shard(
+    result: ApplyResult,
+    reader: ShardReader,
+    names: list[str],
+    touched: list[str],
+    path: Path,
+    metadata: dict[str, str],
+) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for name in names:
+        tensor = reader.get(name)
+        if name in touched:
+            # a private copy: writing into the memory-mapped tensor would fault page by page
+            tensor = tensor.clone()
+            result.merge(name, tensor.view(-1))
+        tensors[name] = tensor
+    save_shard(tensors, path, metadata)
+
+
+def _warn_mismatch(overlap: Overlap) -> None:
+    if overlap.mismatched:
+        warnings.warn(
+            f"{overlap.mismatched} entries did not match the deltas' recorded base values; "
+            "applied with --force",
+            stacklevel=3,
+        )
+
+
+def apply(
+    base_ref: str,
+    delta_refs: list[str],
+    output: Path,
+    *,
+    scales: list[float] | None = None,
+    on_conflict: str = "sum",
+    force: bool = False,
+    shard_size: int | None = None,
+    overwrite: bool = False,
+    progress=None,
+) -> ApplyResult:
+    """The `apply` recipe: plan (every check that needs no weights), then stream shard by shard."""
+    plan = plan_apply(
+        base_ref,
+        delta_refs,
+        scales=scales,
+        on_conflict=on_conflict,
+        force=force,
+        shard_size=shard_size,
+        output=Path(output),
+        overwrite=overwrite,
+    )
+    return execute_apply(plan, progress=progress)
+
+
+# ---------------------------------------------------------------- in place on a loaded model
+
+
+@dataclass
+class AppliedDelta:
+    """What apply_to_model changed, to restore it bit for bit with revert()."""
+
+    model: torch.nn.Module
+    saved: dict[str, tuple[torch.Tensor, torch.Tensor]]  # param name -> (indices, original values)
+
+    def revert(self) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for pname, (idx, values) in self.saved.items():
+                params[pname].view(-1)[idx.to(params[pname].device)] = values.to(params[pname].device)
+
+
+def _model_tensors(model: torch.nn.Module, delta: Delta) -> dict[str, tuple[str, torch.nn.Parameter]]:
+    params = dict(model.named_parameters())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    found = {}
+    for name in delta.tensors:
+        for candidate in (name, f"{prefix}.{name}", name.removeprefix(prefix + ".")):
+            if candidate in params:
+                found[name] = (candidate, params[candidate])
+                break
+        else:
+            raise PieceError(f"the delta changes '{name}', which the model does not have")
+    return found
+
+
+def apply_to_model(
+    model: torch.nn.Module, delta: Delta, *, scale: float = 1.0, force: bool = False
+) -> AppliedDelta:
+    """Apply a delta to a loaded model in place; returns a handle whose revert() restores it exactly."""
+    saved = {}
+    with torch.no_grad():
+        for name, (pname, param) in _model_tensors(model, delta).items():
+            t = delta.tensors[name]
+            if tuple(param.shape) != tuple(t.shape):
+                raise PieceError(
+                    f"tensor '{name}' has shape {list(param.shape)} in the model, "
+                    f"{list(t.shape)} in the delta"
+                )
+            flat = param.view(-1)
+            idx = t.indices.to(param.device)
+            original = flat[idx].detach().clone()
+            cpu_values = original.cpu().to(t.dtype)
+            mismatch = ~same_bits(cpu_values, t.base)
+            if bool(mismatch.any()) and not force:
+                raise PieceError(
+                    f"the model is not the delta's base: '{name}' differs at {int(mismatch.sum())} entries; "
+                    "pass force=True to apply anyway"
+                )
+            if scale == 1.0 and param.dtype == t.dtype and not bool(mismatch.any()):
+                new = t.tuned
+            else:
+                new = (original.cpu().double() + scale * t.change()).to(param.dtype)
+            flat[idx] = new.to(param.device, param.dtype)
+            saved[pname] = (t.indices, original)
+    return AppliedDelta(model, saved)
+
+
+def revert_delta(model: torch.nn.Module, delta: Delta) -> None:
+    """Put back the delta's recorded base values (for a model that holds the delta at scale 1)."""
+    with torch.no_grad():
+        for name, (_, param) in _model_tensors(model, delta).items():
+            t = delta.tensors[name]
+            param.view(-1)[t.indices.to(param.device)] = t.base.to(param.device, param.dtype)

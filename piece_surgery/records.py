@@ -1,0 +1,63 @@
+"""Records that masks and deltas carry: who a checkpoint is and which data a run saw.
+
+Each record is a frozen dataclass written as a JSON object (`to_json`) and read back leniently
+(`from_json` ignores keys it does not know, so newer files stay readable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any, TypeVar
+
+R = TypeVar("R", bound="JsonRecord")
+
+
+class JsonRecord:
+    """to_json / from_json for a flat dataclass of JSON values."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_json(cls: type[R], data: Any) -> R | None:
+        """None for a missing record (JSON null); ValueError for one of the wrong shape."""
+        if data is None:
+            return None
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        required = {f.name for f in fields if f.default is dataclasses.MISSING}
+        if not isinstance(data, dict) or not required <= data.keys():
+            raise ValueError(f"expected an object with {', '.join(sorted(required))}")
+        known = {f.name for f in fields}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointIdentity(JsonRecord):
+    """Who a checkpoint is: how it was named, the Hub repo and revision it came from (if any), and a
+    fingerprint of its weights (see checkpoint.fingerprint)."""
+
+    name: str
+    repo_id: str | None = None
+    revision: str | None = None
+    fingerprint: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataRecord(JsonRecord):
+    """Which data file a run read, and what it kept of it."""
+
+    path: str
+    sha256: str
+    examples: int
+    skipped: int = 0
+    max_length: int | None = None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

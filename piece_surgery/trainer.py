@@ -1,0 +1,269 @@
+"""The sparse trainer: fine-tune only the masked entries; memory and optimizer state scale with k.
+
+The model keeps its weights. For each masked tensor the trainable state is the fp32 vector of its k
+selected values (sparse_grad.SparseParameters): before every forward pass they are written into the
+weight (in the weight's dtype), backward delivers their gradient without a dense weight gradient,
+and AdamW only ever sees the values. `train_sparse` is the whole loop, top to bottom.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from piece_surgery.checkpoint import enable_activation_checkpointing
+from piece_surgery.data import Dataset, collate
+from piece_surgery.errors import PieceError
+from piece_surgery.loss import batch_logits, evaluate, mean_token_loss
+from piece_surgery.naming import is_norm
+from piece_surgery.sparse_grad import SparseParameters
+from piece_surgery.train_state import load_state, save_state
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of a sparse run; checked when made."""
+
+    # lr 1e-4: see docs/training.md for the measurements behind the default
+    lr: float = 1e-4
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip: float = 1.0
+    eval_every: int | None = None
+    save_every: int | None = None
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    # norm gains scale whole channels, so they may want a smaller step than matrix entries
+    norm_lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise PieceError(f"--lr must be positive, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise PieceError(f"unknown --schedule '{self.schedule}'; use constant, linear or cosine")
+        for name in ("epochs", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise PieceError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("max_steps", "eval_every", "save_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise PieceError(f"--{name.replace('_', '-')} must be at least 1")
+        if not (self.norm_lr_scale >= 0 and math.isfinite(self.norm_lr_scale)):
+            raise PieceError("--norm-lr-scale must be a number >= 0")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.clip < 0:
+            raise PieceError("--warmup-steps, --weight-decay and --clip must not be negative")
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise PieceError("--betas must be two numbers in [0, 1), e.g. 0.9,0.95")
+
+    def resume_key(self) -> dict:
+        """The settings a resumed run must share with the interrupted one."""
+        keep = asdict(self)
+        for free in ("max_steps", "epochs", "eval_every", "save_every"):
+            keep.pop(free)
+        keep["betas"] = list(keep["betas"])
+        return keep
+
+
+@dataclass
+class TrainResult:
+    values: dict[str, torch.Tensor]  # tensor name -> trained fp32 values at the mask's indices
+    steps: int  # optimizer steps the values have had (those before a resume included)
+    train_loss: float | None  # mean loss of the last optimizer step
+    eval_loss: float | None
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int | None = None
+    optimizer_state: dict[str, int] = field(default_factory=dict)  # state name -> total entries
+
+
+class TrainingDiverged(PieceError):
+    pass
+
+
+def steps_per_epoch(n_examples: int, config: TrainConfig) -> int:
+    return math.ceil(n_examples / (config.batch_size * config.grad_accum))
+
+
+def total_steps(n_examples: int, config: TrainConfig) -> int:
+    return config.max_steps or config.epochs * steps_per_epoch(n_examples, config)
+
+
+def lr_factor(step: int, total: int, config: TrainConfig) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based)."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    span = max(total - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    if config.schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def step_examples(step: int, n_examples: int, config: TrainConfig) -> list[int]:
+    """Which examples optimizer step `step` uses: a seeded permutation per epoch, so a resumed run
+    sees exactly the data an uninterrupted one would."""
+    per_epoch = steps_per_epoch(n_examples, config)
+    epoch, within = divmod(step, per_epoch)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
+    size = config.batch_size * config.grad_accum
+    return order[within * size : (within + 1) * size]
+
+
+def train_sparse(
+    model: torch.nn.Module,
+    params: dict[str, torch.nn.Parameter],
+    indices: dict[str, torch.Tensor],
+    dataset: Dataset,
+    config: TrainConfig,
+    *,
+    pad_id: int = 0,
+    eval_dataset: Dataset | None = None,
+    state_dir: Path | None = None,
+    resume: bool = False,
+    resume_key: dict | None = None,
+    progress: Callable[[int, dict], None] | None = None,
+    sparse_linear: bool = True,
+) -> TrainResult:
+    """Train the masked entries of `params` (tensor name -> model parameter) in place.
+
+    Returns the trained fp32 values; the model holds them (in its dtype) when this returns. With
+    `state_dir` and `config.save_every`, a resumable state is written there atomically every
+    `save_every` steps; `resume=True` continues from it (`resume_key` must match the saved one).
+    `sparse_linear=False` computes every masked tensor's dense gradient and keeps its k entries
+    (the slower reference path).
+    """
+    if not dataset.examples:
+        raise PieceError("the training data has no examples")
+    sparse = SparseParameters(params, indices)
+    optimizer = _adamw(sparse, config)
+    total = total_steps(len(dataset.examples), config)
+    resume_key = {**(resume_key or {}), "config": config.resume_key()}
+    start, history = load_state(state_dir, sparse, optimizer, resume_key) if resume else (0, [])
+    if not resume:
+        torch.manual_seed(config.seed)
+    sparse.attach(model, sparse_linear=sparse_linear)
+    if config.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+        if hasattr(model, "enable_input_require_grads"):  # checkpointed layers need a grad input
+            model.enable_input_require_grads()
+    autocast = _use_bf16_autocast(model)
+    model.train()
+    train_loss = history[-1]["loss"] if history else None
+    eval_loss = None
+    last_saved = start if resume else None
+    try:
+        for step in range(start, total):
+            sparse.write()
+            train_loss = _step_gradients(model, dataset, step, config, pad_id, autocast)
+            if not math.isfinite(train_loss):
+                kept = f"; the last good state (step {last_saved}) is in {state_dir}" if last_saved else ""
+                raise TrainingDiverged(
+                    f"the loss became {train_loss} at step {step + 1}: lower --lr or check the data{kept}"
+                )
+            if config.clip > 0:
+                torch.nn.utils.clip_grad_norm_(list(sparse.values.values()), config.clip)
+            factor = lr_factor(step, total, config)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * group["lr_scale"] * factor
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            record = {"step": step + 1, "loss": train_loss, "lr": config.lr * factor}
+            if eval_dataset is not None and config.eval_every and (step + 1) % config.eval_every == 0:
+                sparse.write()
+                eval_loss = record["eval_loss"] = evaluate(model, eval_dataset, config.batch_size, pad_id)
+            history.append(record)
+            if progress:
+                progress(1, record)
+            if state_dir is not None and config.save_every and (step + 1) % config.save_every == 0:
+                save_state(state_dir, sparse, optimizer, step + 1, history, resume_key)
+                last_saved = step + 1
+        sparse.write()
+        if eval_dataset is not None and (eval_loss is None or history[-1].get("eval_loss") is None):
+            eval_loss = evaluate(model, eval_dataset, config.batch_size, pad_id)
+    finally:
+        sparse.detach()
+        for p in model.parameters():
+            p.grad = None
+    values = {n: v.detach().cpu() for n, v in sparse.values.items()}
+    return TrainResult(
+        values,
+        max(total, start),
+        train_loss,
+        eval_loss,
+        history,
+        start if resume else None,
+        _optimizer_state_sizes(optimizer),
+    )
+
+
+def _adamw(sparse: SparseParameters, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the values; norm gains in a group of their own when they train at another rate."""
+    norms = {n for n in sparse.values if is_norm(n)} if config.norm_lr_scale != 1.0 else set()
+    groups = [
+        {"params": [v for n, v in sparse.values.items() if n not in norms], "lr_scale": 1.0},
+        {"params": [v for n, v in sparse.values.items() if n in norms], "lr_scale": config.norm_lr_scale},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+    )
+
+
+def _step_gradients(
+    model: torch.nn.Module, dataset: Dataset, step: int, config: TrainConfig, pad_id: int, autocast: bool
+) -> float:
+    """Accumulate one optimizer step's gradient over its micro-batches; returns the step's mean
+    loss, or the first non-finite micro-batch loss (whose backward is skipped)."""
+    device = next(model.parameters()).device
+    chosen = step_examples(step, len(dataset.examples), config)
+    parts = math.ceil(len(chosen) / config.batch_size)
+    step_loss = 0.0
+    for offset in range(0, len(chosen), config.batch_size):
+        group = [dataset.examples[i] for i in chosen[offset : offset + config.batch_size]]
+        batch = {k: v.to(device) for k, v in collate(group, pad_id).items()}
+        value = _forward_backward(model, batch, parts, autocast)
+        if not math.isfinite(value):
+            return value
+        step_loss += value / parts
+    return step_loss
+
+
+def _forward_backward(model: torch.nn.Module, batch: dict, parts: int, autocast: bool) -> float:
+    """Loss of one micro-batch, with its gradient (scaled by 1/parts) accumulated; nan/inf returns
+    before backward. A function of its own so the logits are freed before the next forward."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        logits = batch_logits(model, batch)
+    loss, _ = mean_token_loss(logits, batch["labels"])
+    del logits  # backward needs the log-probabilities, not the logits: free (tokens x vocab) now
+    value = float(loss.detach())
+    if math.isfinite(value):
+        (loss / parts).backward()
+    return value
+
+
+def _use_bf16_autocast(model: torch.nn.Module) -> bool:
+    """fp32 weights on a CUDA GPU with bf16: run the forward under bf16 autocast."""
+    p = next(model.parameters())
+    return p.device.type == "cuda" and torch.cuda.is_bf16_supported() and p.dtype == torch.float32
+
+
+def _optimizer_state_sizes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for state in optimizer.state.values():
+        for key, t in state.items():
+            if isinstance(t, torch.Tensor):
+                sizes[key] = sizes.get(key, 0) + t.numel()
+    return sizes
