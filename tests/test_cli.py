@@ -1,0 +1,55 @@
+"""CLI helpers and the tiny-model command."""
+
+import pytest
+import torch
+from helpers import assert_clean_failure, read_all
+
+from piece_surgery.cli import parse_size
+from piece_surgery.errors import PieceError
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("2GB", 2 * 10**9),
+        ("500MB", 500 * 10**6),
+        ("1.5GiB", 3 * 2**29),
+        ("10KiB", 10 * 1024),
+        ("64kb", 64_000),
+        (" 2gb ", 2 * 10**9),
+        ("123", 123),
+        ("7B", 7),
+        (None, None),
+    ],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["abc", "GB", "1.2.3GB", "2TB?"])
+def test_parse_size_refuses_what_is_not_a_size(text):
+    with pytest.raises(PieceError, match="is not a size"):
+        parse_size(text)
+
+
+def test_tiny_model_is_a_loadable_seeded_checkpoint(tmp_path, cli):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert cli("tiny-model", tmp_path / "a", "--arch", "gpt2", "--seed", "3")[0] == 0
+    assert cli("tiny-model", tmp_path / "b", "--arch", "gpt2", "--seed", "3")[0] == 0
+    assert cli("tiny-model", tmp_path / "c", "--arch", "gpt2", "--seed", "4")[0] == 0
+    a, b, c = (read_all(tmp_path / x) for x in "abc")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "a")
+    ids = tokenizer("def add(a, b):", return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+
+
+def test_tiny_model_refuses_an_unknown_architecture_and_an_existing_output(tmp_path, cli):
+    assert_clean_failure(
+        cli("tiny-model", tmp_path / "x", "--arch", "foo"), "unknown --arch", output=tmp_path / "x"
+    )
+    (tmp_path / "y").mkdir()
+    assert_clean_failure(cli("tiny-model", tmp_path / "y"), "--overwrite")
