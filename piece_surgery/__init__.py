@@ -22,6 +22,8 @@ _HOMES = {
     "apply_to_model": "merge",
     "plan_apply": "merge",
     "open_artifact": "artifacts",
+    "open_delta": "artifacts",
+    "open_mask": "artifacts",
     "push": "artifacts",
 }
 
