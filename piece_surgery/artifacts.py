@@ -71,46 +71,34 @@ def open_delta(ref: str | Path) -> Delta:
 
 
 def summarize(artifact: Artifact) -> dict:
-    """Per layer and module kind counts, size and provenance of a mask or a delta, for `inspect`."""
+    """What `inspect --json` prints of a mask or a delta (schema in docs/cli.md): entries per layer
+    and module kind, size and provenance."""
     if artifact.mask is not None:
         mask = artifact.mask
         counts = {n: int(i.numel()) for n, i in mask.indices.items()}
         sizes = {n: numel(s) for n, s in mask.shapes.items()}
         info = mask.info
-        summary = {
+        return {
             "kind": "mask",
+            **breakdown(counts, sizes),
             "method": info.method,
             "density": info.density,
+            "eligible": mask.eligible,
             "model": info.model.to_json() if info.model else None,
             "data": info.data.to_json() if info.data else None,
-            "k": mask.k,
-            "eligible": mask.eligible,
-            **breakdown(counts, sizes),
+            "file_bytes": artifact.path.stat().st_size,
         }
-        summary["headline"] = [
-            f"mask {artifact.ref}: {mask.k:,} of {mask.eligible:,} eligible entries "
-            f"({info.method}, density {info.density})",
-            f"{summary['tensors_touched']} tensors touched; norm weights hold {summary['norm_share']:.1%}",
-            f"size on disk {artifact.path.stat().st_size:,} bytes",
-        ]
-        return summary
     delta = artifact.delta
     counts = {n: int(t.indices.numel()) for n, t in delta.tensors.items()}
     sizes = {n: numel(t.shape) for n, t in delta.tensors.items()}
-    summary = {
+    return {
         "kind": "delta",
+        **breakdown(counts, sizes),
         "base": delta.info.base.to_json() if delta.info.base else None,
         "provenance": delta.info.provenance.to_json() if delta.info.provenance else None,
         "tensor_bytes": delta.tensor_bytes,
         "bytes_per_entry": delta.tensor_bytes / max(delta.count, 1),
-        **breakdown(counts, sizes),
     }
-    summary["headline"] = [
-        f"delta {artifact.ref}: {delta.count:,} changed entries in {summary['tensors_touched']} tensors",
-        f"{delta.tensor_bytes:,} bytes of tensor data, "
-        f"{summary['bytes_per_entry']:.2f} bytes per changed entry",
-    ]
-    return summary
 
 
 # ---------------------------------------------------------------- push
@@ -126,6 +114,7 @@ def push(
     token: str | None = None,
     create_pr: bool = False,
     base_model: str | None = None,
+    quiet: bool = True,
 ) -> dict:
     """Upload a delta folder (or a mask file) to a Hub model repo, creating the repo if missing.
 
@@ -164,4 +153,5 @@ def push(
         commit_message=commit_message or f"Upload {path.name} with piece-surgery",
         token=token,
         create_pr=create_pr,
+        quiet=quiet,
     )

@@ -22,6 +22,7 @@ from piece_surgery.data import Dataset, load_dataset, load_tokenizer, pad_id
 from piece_surgery.dtypes import SAFETENSORS_DTYPES, float_dtype, numel
 from piece_surgery.errors import PieceError
 from piece_surgery.hub import Resolved, resolve
+from piece_surgery.progress import Progress, working
 from piece_surgery.records import CheckpointIdentity
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -56,8 +57,18 @@ def weight_files(folder: Path) -> dict[str, str]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise PieceError(f"checkpoint index '{index}' is not valid JSON with a weight_map") from exc
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise PieceError(f"checkpoint index '{index}': weight_map must map tensor names to file names")
+        outside = sorted(f for f in set(weight_map.values()) if Path(f).name != f or f in ("", ".", ".."))
+        if outside:
+            # a shard is a file of this folder: never follow an index out of it
+            raise PieceError(
+                f"checkpoint index '{index}' names '{outside[0]}', which is not a file in the folder"
+            )
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
             raise PieceError(f"checkpoint '{folder}' is missing shard '{missing[0]}' named in its index")
@@ -242,17 +253,25 @@ class Checkpoint:
     def pad_id(self) -> int:
         return pad_id(self.tokenizer) if self.tokenizer is not None else 0
 
-    def load_data(self, path: Path, *, max_length: int = 512, max_samples: int | None = None) -> Dataset:
-        return load_dataset(path, self.load_tokenizer(), max_length=max_length, max_samples=max_samples)
+    def load_data(
+        self, path: Path, *, max_length: int = 512, max_samples: int | None = None, quiet: bool = True
+    ) -> Dataset:
+        tokenizer = self.load_tokenizer()
+        with Progress(None, f"reading {Path(path).name}", quiet=quiet) as bar:
+            return load_dataset(
+                path, tokenizer, max_length=max_length, max_samples=max_samples, progress=bar.advance
+            )
 
-    def load_model(self, *, device: str = "auto", dtype: str = "auto") -> torch.nn.Module:
+    def load_model(self, *, device: str = "auto", dtype: str = "auto", quiet: bool = True) -> torch.nn.Module:
         """Load the causal LM (safetensors only, never pickle) and map its parameters to tensor names."""
-        self.model = load_causal_lm(
-            self.folder,
-            dtype=self.dtype(dtype),
-            device=pick_device(device),
-            trust_remote_code=self.trust_remote_code,
-        )
+        with working(f"loading {self.identity.name}", quiet=quiet):
+            self.model = load_causal_lm(
+                self.folder,
+                dtype=self.dtype(dtype),
+                device=pick_device(device),
+                trust_remote_code=self.trust_remote_code,
+                layout=self.layout,
+            )
         self.keys = parameter_keys(self.model, self.layout)
         return self.model
 
@@ -279,33 +298,76 @@ def open_checkpoint(ref: str, *, what: str = "model", trust_remote_code: bool = 
 
 
 def load_causal_lm(
-    folder: Path, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False
+    folder: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    trust_remote_code: bool = False,
+    layout: dict[str, TensorInfo] | None = None,
 ) -> torch.nn.Module:
-    """Load a causal LM from safetensors only (never pickle), quietly, on `device`."""
+    """Load a causal LM from safetensors only (never pickle), quietly, on `device`.
+
+    Every weight the model has must come from the files: a missing one (transformers would fill
+    it with random values) or one of the wrong shape is an error that names it.
+    """
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    weight_files(folder)  # clear error for a folder without safetensors before transformers tries
+    layout = layout if layout is not None else read_layout(folder)
     transformers.utils.logging.disable_progress_bar()
     verbosity = transformers.utils.logging.get_verbosity()
     transformers.utils.logging.set_verbosity_error()
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        _check_shapes(config, layout, trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(
             folder,
             config=config,
             dtype=dtype,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
     except PieceError:
         raise
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PieceError(f"cannot load a causal LM from '{folder}': {first}") from exc
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
+    _check_loading_info(folder, info)
     return model.to(device)
+
+
+def _check_shapes(config, layout: dict[str, TensorInfo], trust_remote_code: bool) -> None:
+    """Compare the files' tensor shapes with those the config asks for (on an empty meta model)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    expected = dict(skeleton.named_parameters())
+    for name, key in parameter_keys(skeleton, layout).items():
+        if tuple(layout[key].shape) != tuple(expected[name].shape):
+            raise PieceError(
+                f"tensor '{key}' is {list(layout[key].shape)} in the checkpoint but the config expects "
+                f"{list(expected[name].shape)}: the weights and config.json do not match"
+            )
+
+
+def _check_loading_info(folder: Path, info: dict) -> None:
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if missing and unexpected:
+        raise PieceError(
+            f"the config in '{folder}' does not match its weights: {len(missing)} of the model's weights "
+            f"are not in the files (e.g. '{missing[0]}') and {len(unexpected)} tensors in the files are "
+            f"unused (e.g. '{unexpected[0]}')"
+        )
+    if missing:
+        raise PieceError(
+            f"checkpoint '{folder}' lacks {len(missing)} of the model's weights (first: '{missing[0]}'); "
+            "transformers would fill them with random values"
+        )
 
 
 def parameter_keys(model: torch.nn.Module, layout: dict[str, TensorInfo]) -> dict[str, str]:

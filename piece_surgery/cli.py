@@ -1,13 +1,19 @@
-"""The `piece-surgery` command line: parse options, call the library, print. No logic lives here."""
+"""The `piece-surgery` command line: parse options, call one library recipe, print. No logic here.
+
+Every command takes --json (its schema is in docs/cli.md) and -q/--quiet. A user error prints one
+line `error: ...` on stderr (and, under --json, {"error": ...} on stdout) and exits with code 2.
+"""
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -19,11 +25,16 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: readable at 80 columns, option names never clipped
 )
 out = Console()
 err = Console(stderr=True)
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 Device = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda or mps.")]
@@ -31,6 +42,8 @@ Dtype = Annotated[str, typer.Option(help="auto (the checkpoint's), float32, bflo
 TrustRemote = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow model code from the checkpoint (off by default).")
 ]
+Output = Annotated[Path, typer.Option("-o", "--output", help="Where to write the result.")]
+Patterns = Annotated[list[str] | None, typer.Option(help="Regex on tensor names; repeatable.")]
 
 
 def _version(value: bool) -> None:
@@ -50,9 +63,11 @@ def _root(
     """PIECE importance masks, sparse fine-tuning and exact sparse deltas for HF checkpoints."""
 
 
-def _emit(result: dict, as_json: bool, table: Table | None = None, lines: list[str] = ()) -> None:
+def _emit(
+    command: str, result: dict, as_json: bool, lines: list[str] = (), table: Table | None = None
+) -> None:
     if as_json:
-        print(json.dumps(result, indent=2, default=str))
+        print(json.dumps({"command": command, **result}, indent=2, default=str))
         return
     if table is not None:
         out.print(table)
@@ -63,7 +78,7 @@ def _emit(result: dict, as_json: bool, table: Table | None = None, lines: list[s
 @app.command("score")
 def score_command(
     model: Annotated[str, typer.Argument(help="Model folder or Hub repo id[@revision].")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Mask file to write (.safetensors).")],
+    output: Output,
     data: Annotated[Path | None, typer.Option(help=".txt (one example per line) or .jsonl.")] = None,
     method: Annotated[
         str, typer.Option(help="piece-s, piece-f, gradient, magnitude, random, or piece-s-rel (ours).")
@@ -75,17 +90,18 @@ def score_command(
     batch_size: Annotated[int, typer.Option(help="Micro-batch size: one gradient g_b per micro-batch.")] = 1,
     max_samples: Annotated[int | None, typer.Option(help="Use at most this many examples.")] = None,
     max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 512,
-    include: Annotated[
-        list[str] | None, typer.Option(help="Regex: only matching tensors are eligible.")
-    ] = None,
+    include: Patterns = None,
     exclude: Annotated[
         list[str] | None, typer.Option(help="Regex: matching tensors are not eligible. [default: embed]")
     ] = None,
     offload_accumulators: Annotated[
-        bool, typer.Option(help="Keep the fp32 accumulators in host memory (large models on a GPU).")
+        bool,
+        typer.Option(
+            "--offload-accumulators", help="Keep the fp32 sums in host memory (large models on GPU)."
+        ),
     ] = False,
     gradient_checkpointing: Annotated[
-        bool, typer.Option(help="Trade compute for activation memory.")
+        bool, typer.Option("--gradient-checkpointing", help="Trade compute for activation memory.")
     ] = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -127,28 +143,29 @@ def score_command(
     summary = summarize(Artifact.local(output, mask=mask))
     result = {
         "output": str(output),
+        "model": model,
         "method": method,
-        "k": mask.k,
-        "eligible": mask.eligible,
         "density": density,
-        "tensors_touched": summary["tensors_touched"],
+        "entries": mask.k,
+        "eligible": mask.eligible,
+        "tensors": summary["tensors"],
         "norm_share": summary["norm_share"],
-        "seconds": round(time.perf_counter() - start, 3),
         "examples": stats.examples,
         "skipped_examples": dataset.skipped if dataset else 0,
         "tokens": stats.tokens,
         "mean_loss": stats.mean_loss if stats.batches else None,
+        "seconds": round(time.perf_counter() - start, 3),
     }
     lines = [
         f"wrote {output}: {mask.k:,} of {mask.eligible:,} eligible entries ({method}, density {density})",
-        f"{summary['tensors_touched']} tensors touched; norm weights hold {summary['norm_share']:.1%}",
+        f"{summary['tensors']} tensors touched; norm weights hold {summary['norm_share']:.1%}",
     ]
     if dataset is not None:
         lines.append(
             f"{stats.examples} examples, {stats.tokens:,} loss tokens, mean loss {stats.mean_loss:.4f}"
             + (f"; skipped {dataset.skipped} with no loss-bearing token" if dataset.skipped else "")
         )
-    _emit(result, as_json, lines=lines)
+    _emit("score", result, as_json, lines)
 
 
 def _parse_betas(text: str) -> tuple[float, float]:
@@ -167,21 +184,19 @@ def train_command(
     data: Annotated[Path, typer.Option(help="Training data: .txt (one example per line) or .jsonl.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Delta folder to write.")],
     mask: Annotated[str | None, typer.Option(help="Mask from `score` (else: score first on --data).")] = None,
-    method: Annotated[str, typer.Option(help="Scoring method when no --mask is given.")] = "piece-s",
-    density: Annotated[float, typer.Option(help="Mask density when no --mask is given.")] = 0.001,
-    score_batch_size: Annotated[int, typer.Option(help="Micro-batch size for scoring.")] = 1,
-    normalize: Annotated[
-        str, typer.Option(help="Score normalisation when no --mask: none or tensor.")
-    ] = "none",
+    method: Annotated[
+        str | None, typer.Option(help="Scoring method without --mask. [default: piece-s]")
+    ] = None,
+    density: Annotated[
+        float | None, typer.Option(help="Mask density without --mask. [default: 0.001]")
+    ] = None,
+    score_batch_size: Annotated[int | None, typer.Option(help="Scoring micro-batch. [default: 1]")] = None,
+    normalize: Annotated[str | None, typer.Option(help="Score normalisation: none or tensor.")] = None,
+    include: Patterns = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Regex not scored. [default: embed]")] = None,
     norm_lr_scale: Annotated[
         float, typer.Option(help="Learning-rate multiplier for norm gains in the mask (1: same lr).")
     ] = 1.0,
-    exclude: Annotated[
-        list[str] | None, typer.Option(help="Regex excluded from scoring. [default: embed]")
-    ] = None,
-    include: Annotated[
-        list[str] | None, typer.Option(help="Regex: only matching tensors are scored.")
-    ] = None,
     lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 1e-4,
     epochs: Annotated[int, typer.Option(help="Passes over the data (unless --max-steps).")] = 1,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
@@ -190,8 +205,8 @@ def train_command(
     max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 512,
     max_samples: Annotated[int | None, typer.Option(help="Use at most this many examples.")] = None,
     schedule: Annotated[str, typer.Option(help="constant, linear or cosine.")] = "constant",
-    warmup_steps: int = 0,
-    weight_decay: float = 0.0,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 0,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
     betas: Annotated[str, typer.Option(help="AdamW betas.")] = "0.9,0.95",
     clip: Annotated[float, typer.Option(help="Gradient-norm clip (0: off).")] = 1.0,
     eval_data: Annotated[Path | None, typer.Option(help="Held-out data for eval loss.")] = None,
@@ -199,9 +214,9 @@ def train_command(
     save_every: Annotated[int | None, typer.Option(help="Save a resumable state every N steps.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the saved state.")] = False,
     gradient_checkpointing: Annotated[
-        bool, typer.Option(help="Trade compute for activation memory.")
+        bool, typer.Option("--gradient-checkpointing", help="Trade compute for activation memory.")
     ] = False,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="Data order (and the random method).")] = 0,
     device: Device = "auto",
     dtype: Dtype = "auto",
     trust_remote_code: TrustRemote = False,
@@ -231,15 +246,11 @@ def train_command(
         gradient_checkpointing=gradient_checkpointing,
         norm_lr_scale=norm_lr_scale,
     )
-    score_options = ScoreOptions(
-        method=method,
-        density=density,
-        batch_size=score_batch_size,
-        include=include or [],
-        exclude=["embed"] if exclude is None else exclude,
-        seed=seed,
-        normalize=normalize,
-    )
+    scoring = {"method": method, "density": density, "batch_size": score_batch_size, "normalize": normalize}
+    scoring = {k: v for k, v in scoring.items() if v is not None}
+    if include is not None or exclude is not None:
+        scoring.update(include=include or [], exclude=["embed"] if exclude is None else exclude)
+    score_options = ScoreOptions(seed=seed, **scoring) if scoring else None
     start = time.perf_counter()
     delta, result, used_mask = train_checkpoint(
         model,
@@ -259,15 +270,20 @@ def train_command(
         quiet=quiet,
     )
     first = result.history[0]["loss"] if result.history else None
-    result_json = {
+    report = {
         "output": str(output),
+        "model": model,
+        "mask": mask,
+        "method": used_mask.info.method,
+        "density": used_mask.info.density,
+        "mask_entries": used_mask.k,
+        "entries": delta.count,
+        "tensors": len(delta.tensors),
         "steps": result.steps,
-        "k": used_mask.k,
-        "changed_entries": delta.count,
+        "resumed_from": result.resumed_from,
         "first_train_loss": first,
         "final_train_loss": result.train_loss,
         "final_eval_loss": result.eval_loss,
-        "resumed_from": result.resumed_from,
         "seconds": round(time.perf_counter() - start, 3),
     }
     lines = [
@@ -277,7 +293,7 @@ def train_command(
     ]
     if result.eval_loss is not None:
         lines.append(f"eval loss {result.eval_loss:.4f}")
-    _emit(result_json, as_json, lines=lines)
+    _emit("train", report, as_json, lines)
 
 
 @app.command("diff")
@@ -295,6 +311,7 @@ def diff_command(
         str | None, typer.Option(help="Hub repo id of the base, for the model card.")
     ] = None,
     overwrite: Overwrite = False,
+    quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
     """The sparse delta between two checkpoints (exact, or the largest changes only)."""
@@ -302,12 +319,21 @@ def diff_command(
 
     start = time.perf_counter()
     delta = write_diff(
-        base, tuned, output, density=density, top_k=top_k, base_model=base_model, overwrite=overwrite
+        base,
+        tuned,
+        output,
+        density=density,
+        top_k=top_k,
+        base_model=base_model,
+        overwrite=overwrite,
+        quiet=quiet,
     )
     fractions = delta.info.provenance.changed_fraction
     bytes_per_entry = delta.tensor_bytes / max(delta.count, 1)
     result = {
         "output": str(output),
+        "base": base,
+        "tuned": tuned,
         "entries": delta.count,
         "tensors": len(delta.tensors),
         "tensor_bytes": delta.tensor_bytes,
@@ -325,7 +351,7 @@ def diff_command(
         f"wrote {output}: {delta.count:,} entries in {len(delta.tensors)} tensors, "
         f"{delta.tensor_bytes:,} bytes ({bytes_per_entry:.1f} per entry)"
     ]
-    _emit(result, as_json, table, lines)
+    _emit("diff", result, as_json, lines, None if quiet else table)
 
 
 def parse_size(text: str | None) -> int | None:
@@ -355,13 +381,16 @@ def apply_command(
         list[float] | None, typer.Option(help="Scale of each delta (once for all, or once per delta).")
     ] = None,
     on_conflict: Annotated[
-        str, typer.Option(help="Entries changed by several deltas made from one base: sum, mean or error.")
+        str, typer.Option(help="Entries changed by deltas made side by side: sum, mean or error.")
     ] = "sum",
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Check and print the plan; write nothing.")
     ] = False,
     force: Annotated[
         bool, typer.Option("--force", help="Apply even where the base differs from the deltas' base.")
+    ] = False,
+    allow_duplicates: Annotated[
+        bool, typer.Option("--allow-duplicates", help="Accept the same delta more than once.")
     ] = False,
     shard_size: Annotated[str | None, typer.Option(help="Re-shard the output, e.g. 2GB.")] = None,
     overwrite: Overwrite = False,
@@ -382,6 +411,7 @@ def apply_command(
         shard_size=parse_size(shard_size),
         output=None if dry_run else output,
         overwrite=overwrite,
+        allow_duplicates=allow_duplicates,
     )
     if dry_run:
         merged = check_apply(plan)
@@ -390,26 +420,28 @@ def apply_command(
             merged = execute_apply(plan, progress=bar.advance)
     o = merged.overlap
     result = {
-        "base": plan.base.identity.name,
-        "deltas": [{"delta": d.label, "scale": d.scale, "entries": d.delta.count} for d in plan.deltas],
-        "tensors_touched": len(merged.touched),
-        "entries_touched": sum(merged.touched.values()),
+        "output": None if dry_run else str(output),
+        "dry_run": dry_run,
+        "base": base,
+        "deltas": [
+            {"path": ref, "scale": d.scale, "entries": d.delta.count}
+            for ref, d in zip(deltas, plan.deltas, strict=True)
+        ],
+        "entries": sum(merged.touched.values()),
+        "tensors": len(merged.touched),
         "overlap": o.__dict__,
         "output_files": len(plan.shards),
         "output_bytes": plan.output_bytes,
-        "output": None if dry_run else str(output),
-        "dry_run": dry_run,
         "seconds": round(time.perf_counter() - start, 3),
     }
     lines = [
-        f"{len(deltas)} delta(s) onto {plan.base.identity.name}: {result['entries_touched']:,} entries in "
-        f"{result['tensors_touched']} tensors; output {result['output_bytes']:,} bytes in "
-        f"{result['output_files']} file(s)",
+        f"{len(deltas)} delta(s) onto {base}: {result['entries']:,} entries in {result['tensors']} tensors; "
+        f"output {result['output_bytes']:,} bytes in {result['output_files']} file(s)",
         f"overlap: {o.shared:,} shared entries ({o.chained:,} chained, {o.conflicts:,} conflicting, "
         f"{o.sign_disagreements:,} with opposite signs)",
         "dry run: nothing written" if dry_run else f"wrote {output}",
     ]
-    _emit(result, as_json, lines=lines)
+    _emit("apply", result, as_json, lines)
 
 
 @app.command("push")
@@ -424,6 +456,7 @@ def push_command(
     base_model: Annotated[
         str | None, typer.Option(help="Hub repo id of the base, for the card (when it was a local folder).")
     ] = None,
+    quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
     """Share a delta (or a mask) on the Hugging Face Hub."""
@@ -438,16 +471,18 @@ def push_command(
         token=token,
         create_pr=create_pr,
         base_model=base_model,
+        quiet=quiet,
     )
     lines = [f"pushed {path} to {result['url']} ({result['revision']}, commit {result['commit'][:12]})"]
     if result["pr_url"]:
         lines.append(f"pull request: {result['pr_url']}")
-    _emit(result, as_json, lines=lines)
+    _emit("push", {"path": str(path), **result}, as_json, lines)
 
 
 @app.command("inspect")
 def inspect_command(
     path: Annotated[str, typer.Argument(help="A mask file or a delta folder (path or Hub repo id).")],
+    quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
     """Summarise a mask or a delta: per layer, per module kind, size."""
@@ -455,23 +490,37 @@ def inspect_command(
 
     summary = summarize(open_artifact(path))
     if as_json:
-        print(json.dumps(summary, indent=2, default=str))
+        _emit("inspect", {"path": path, **summary}, as_json)
         return
-    out.print(_summary_table(summary, "by_kind", "module kind"))
-    out.print(_summary_table(summary, "by_layer", "layer"))
-    for line in summary["headline"]:
-        out.print(line, highlight=False, soft_wrap=True)
+    if not quiet:
+        out.print(_summary_table(summary, "by_kind", "module kind"))
+        out.print(_summary_table(summary, "by_layer", "layer"))
+    entries, tensors = summary["entries"], summary["tensors"]
+    if summary["kind"] == "mask":
+        lines = [
+            f"mask {path}: {entries:,} of {summary['eligible']:,} eligible entries "
+            f"({summary['method']}, density {summary['density']})",
+            f"{tensors} tensors touched; norm weights hold {summary['norm_share']:.1%}",
+            f"size on disk {summary['file_bytes']:,} bytes",
+        ]
+    else:
+        lines = [
+            f"delta {path}: {entries:,} changed entries in {tensors} tensors",
+            f"{summary['tensor_bytes']:,} bytes of tensor data, "
+            f"{summary['bytes_per_entry']:.2f} bytes per changed entry",
+        ]
+    _emit("inspect", summary, False, lines)
 
 
 def _summary_table(summary: dict, key: str, title: str) -> Table:
     table = Table(title=f"{summary['kind']} by {title}")
     table.add_column(title)
-    table.add_column("selected", justify="right")
+    table.add_column("entries", justify="right")
     table.add_column("of", justify="right")
     table.add_column("fraction", justify="right")
     for name, row in summary[key].items():
-        frac = row["selected"] / row["size"] if row["size"] else 0.0
-        table.add_row(name, f"{row['selected']:,}", f"{row['size']:,}", f"{frac:.4%}")
+        frac = row["entries"] / row["size"] if row["size"] else 0.0
+        table.add_row(name, f"{row['entries']:,}", f"{row['size']:,}", f"{frac:.4%}")
     return table
 
 
@@ -479,32 +528,65 @@ def _summary_table(summary: dict, key: str, title: str) -> Table:
 def tiny_model_command(
     output: Annotated[Path, typer.Argument(help="Folder to write the tiny random model to.")],
     arch: Annotated[str, typer.Option(help="llama, gpt2 or qwen2.")] = "llama",
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
 ) -> None:
     """Write a tiny random causal LM with a tokenizer (for trying the tool offline)."""
     from piece_surgery.testing import write_tiny_model
 
+    start = time.perf_counter()
     write_tiny_model(output, arch, seed=seed, overwrite=overwrite)
-    out.print(f"wrote tiny {arch} model to {output}", highlight=False)
+    result = {
+        "output": str(output),
+        "arch": arch,
+        "seed": seed,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    _emit("tiny-model", result, as_json, [f"wrote tiny {arch} model to {output}"])
+
+
+# ---------------------------------------------------------------- the entry point
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that temporaries are cleaned up as on Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 def _warn(message, category, filename, lineno, file=None, line=None) -> None:
     err.print(f"warning: {message}", highlight=False, soft_wrap=True)
 
 
+def _fail(message: str, code: int, as_json: bool) -> None:
+    err.print(f"error: {message}", highlight=False, soft_wrap=True)
+    if as_json:
+        print(json.dumps({"error": message, "exit_code": code}))
+    sys.exit(code)
+
+
 def main() -> None:
     import warnings
 
     warnings.showwarning = _warn
+    signal.signal(signal.SIGTERM, _terminate)
+    as_json = "--json" in sys.argv[1:]
     try:
-        app()
+        code = app(standalone_mode=False)
     except PieceError as exc:
-        err.print(f"error: {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted; nothing was written", highlight=False)
-        sys.exit(130)
+        _fail(str(exc), EXIT_USER_ERROR, as_json)
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        _fail(f"{exc.format_message()}{hint}", EXIT_USER_ERROR, as_json)
+    except (click.Abort, KeyboardInterrupt):
+        _fail("interrupted; nothing was written", EXIT_INTERRUPTED, as_json)
+    except Terminated:
+        _fail("terminated; nothing was written", EXIT_TERMINATED, as_json)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -35,18 +35,18 @@ class Example:
 @dataclass(frozen=True)
 class Dataset:
     examples: list[Example]
-    path: str
+    name: str  # the file's name (a record never carries a local path)
     sha256: str
     read: int  # records read from the file (after --max-samples)
     skipped: int  # records with no loss-bearing token (after truncation)
     max_length: int
 
     def record(self) -> DataRecord:
-        return DataRecord(self.path, self.sha256, len(self.examples), self.skipped, self.max_length)
+        return DataRecord(self.name, self.sha256, len(self.examples), self.skipped, self.max_length)
 
 
-def read_records(path: Path, max_samples: int | None = None) -> list[str | dict]:
-    """Parse the file into raw records (strings for .txt, dicts for .jsonl)."""
+def read_records(path: Path, max_samples: int | None = None) -> list[tuple[int, str | dict]]:
+    """Parse the file into (line number, record): strings for .txt, checked objects for .jsonl."""
     path = Path(path)
     if not path.is_file():
         raise PieceError(f"data file '{path}' not found")
@@ -57,62 +57,99 @@ def read_records(path: Path, max_samples: int | None = None) -> list[str | dict]
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise PieceError(f"data file '{path}' is not UTF-8 text") from exc
-    records: list[str | dict] = []
+    records: list[tuple[int, str | dict]] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if max_samples is not None and len(records) >= max_samples:
             break
         if not line.strip():
             continue
         if suffix == ".txt":
-            records.append(line)
+            records.append((lineno, line))
             continue
         try:
             record = json.loads(line)
         except ValueError as exc:
-            raise PieceError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or not (
-            "text" in record or "messages" in record or {"prompt", "response"} <= record.keys()
-        ):
-            raise PieceError(
-                f"{path}:{lineno}: expected an object with 'text', 'prompt'+'response' or 'messages'"
-            )
-        records.append(record)
+            raise PieceError(f"{path}:{lineno}: not valid JSON ({getattr(exc, 'msg', exc)})") from exc
+        problem = _record_problem(record)
+        if problem:
+            raise PieceError(f"{path}:{lineno}: {problem}")
+        records.append((lineno, record))
     if not records:
         raise PieceError(f"data file '{path}' has no examples")
     return records
 
 
+def _record_problem(record) -> str | None:
+    """What is wrong with a .jsonl record, or None."""
+    if not isinstance(record, dict):
+        return "expected an object with 'text', 'prompt'+'response' or 'messages'"
+    if "text" in record:
+        return None if isinstance(record["text"], str) else "'text' must be a string"
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            return "'messages' must be a non-empty list of {role, content} objects"
+        for i, m in enumerate(messages):
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
+            ):
+                return f"message {i + 1} must be an object with string 'role' and 'content'"
+        return None
+    if {"prompt", "response"} <= record.keys():
+        if isinstance(record["prompt"], str) and isinstance(record["response"], str):
+            return None
+        return "'prompt' and 'response' must be strings"
+    return "expected an object with 'text', 'prompt'+'response' or 'messages'"
+
+
+# Records are tokenized a growing prefix at a time, so a huge record costs memory in proportion to
+# --max-length, not to its size. The margin keeps the prefix cut (which can change the last few
+# tokens) past the tokens kept.
+_CHARS_PER_TOKEN_GUESS = 8
+_MARGIN = 16
+
+
+def _encode(tokenizer, text: str, limit: int, *, special: bool, offsets: bool = False) -> dict:
+    """tokenizer(text) as far as the first `limit` tokens go (exactly those tokens)."""
+    chars = (limit + _MARGIN) * _CHARS_PER_TOKEN_GUESS
+    while True:
+        enc = tokenizer(text[:chars], add_special_tokens=special, return_offsets_mapping=offsets)
+        if chars >= len(text) or len(enc["input_ids"]) > limit + _MARGIN:
+            return enc
+        chars *= 4
+
+
 def tokenize_record(record: str | dict, tokenizer, max_length: int) -> Example:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if isinstance(record, str) or "text" in record:
-        text = record if isinstance(record, str) else str(record["text"])
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"] + eos
+        text = record if isinstance(record, str) else record["text"]
+        ids = _encode(tokenizer, text, max_length, special=True)["input_ids"] + eos
         labels = list(ids)
     elif "messages" in record:
-        ids, labels = _tokenize_chat(record["messages"], tokenizer)
+        ids, labels = _tokenize_chat(record["messages"], tokenizer, max_length)
     else:
-        prompt = tokenizer(str(record["prompt"]), add_special_tokens=True)["input_ids"]
-        response = tokenizer(str(record["response"]), add_special_tokens=False)["input_ids"] + eos
+        prompt = _encode(tokenizer, record["prompt"], max_length, special=True)["input_ids"]
+        response = _encode(tokenizer, record["response"], max_length, special=False)["input_ids"] + eos
         ids = prompt + response
         labels = [IGNORE] * len(prompt) + response
     return Example(ids[:max_length], labels[:max_length])
 
 
-def _tokenize_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+def _tokenize_chat(messages: list[dict], tokenizer, max_length: int) -> tuple[list[int], list[int]]:
     """Render with the chat template; loss on the characters of each assistant turn."""
     if not getattr(tokenizer, "chat_template", None):
         raise PieceError("data has 'messages' but the tokenizer has no chat template")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise PieceError("'messages' must be a list of {role, content} objects")
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = _render(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
+        if message["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
+        end = len(_render(tokenizer, messages[: i + 1]))
         spans.append((start, end))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    enc = _encode(tokenizer, full, max_length, special=False, offsets=True)
     ids = enc["input_ids"]
     labels = [
         tok if any(s <= a < e for s, e in spans) else IGNORE
@@ -121,21 +158,40 @@ def _tokenize_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int
     return ids, labels
 
 
-def load_dataset(path: Path, tokenizer, *, max_length: int = 512, max_samples: int | None = None) -> Dataset:
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as exc:  # a template is user code: jinja errors, raise_exception(), ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PieceError(f"the tokenizer's chat template failed on this chat: {first}") from exc
+
+
+def load_dataset(
+    path: Path, tokenizer, *, max_length: int = 512, max_samples: int | None = None, progress=None
+) -> Dataset:
     """Read and tokenize a data file; examples with no loss-bearing token are skipped and counted."""
     if max_length < 2:
         raise PieceError("--max-length must be at least 2")
     if max_samples is not None and max_samples < 1:
         raise PieceError("--max-samples must be at least 1")
     records = read_records(path, max_samples)
-    examples = [tokenize_record(r, tokenizer, max_length) for r in records]
+    examples = []
+    for lineno, record in records:
+        try:
+            examples.append(tokenize_record(record, tokenizer, max_length))
+        except PieceError as exc:
+            raise PieceError(f"{path}:{lineno}: {exc}") from exc
+        if progress:
+            progress(1)
     kept = [e for e in examples if e.loss_tokens > 0]
     if not kept:
         raise PieceError(
             f"no example in '{path}' has a loss-bearing token (after truncation to {max_length} tokens)"
         )
     return Dataset(
-        kept, str(path), file_sha256(Path(path)), len(records), len(records) - len(kept), max_length
+        kept, Path(path).name, file_sha256(Path(path)), len(records), len(records) - len(kept), max_length
     )
 
 

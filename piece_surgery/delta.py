@@ -16,11 +16,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from piece_surgery import __version__
-from piece_surgery.atomic import atomic_path, check_output
 from piece_surgery.checkpoint import Checkpoint, TensorInfo, open_checkpoint, save_shard
-from piece_surgery.dtypes import as_bits, dtype_name, float_dtype, index_dtype, numel, same_bits
+from piece_surgery.dtypes import as_bits, bits_dtype, dtype_name, float_dtype, index_dtype, numel, same_bits
 from piece_surgery.errors import PieceError
-from piece_surgery.mask import check_density, select_top_k, validate_indices
+from piece_surgery.mask import check_density, is_shape, select_top_k, validate_indices
+from piece_surgery.outputs import atomic_path, check_output
+from piece_surgery.progress import Progress
 from piece_surgery.records import CheckpointIdentity, DataRecord, file_sha256
 
 FORMAT = "piece-surgery/delta"
@@ -150,6 +151,7 @@ class TensorDelta:
 class Delta:
     tensors: dict[str, TensorDelta]
     info: DeltaInfo = field(default_factory=DeltaInfo)
+    weights_sha256: str | None = None  # of delta.safetensors, once saved or loaded
 
     @property
     def count(self) -> int:
@@ -174,6 +176,7 @@ def delta_from_values(
         idx, base, tuned = entries[name]
         tuned = tuned.to(base.dtype)
         changed = ~same_bits(base, tuned)
+        check_finite_change(name, idx[changed], base[changed], tuned[changed])
         if bool(changed.any()):
             tensors[name] = TensorDelta(
                 idx[changed].to(torch.int64).cpu(),
@@ -216,22 +219,24 @@ def save_delta(delta: Delta, folder: Path, *, card: str | None = None) -> Path:
         tensors[f"{name}::tuned"] = as_bits(t.tuned)
     with atomic_path(folder, is_dir=True) as tmp:
         save_shard(tensors, tmp / WEIGHTS, {"format": FORMAT})
-        description = delta_json(delta, file_sha256(tmp / WEIGHTS))
+        delta.weights_sha256 = file_sha256(tmp / WEIGHTS)
+        description = delta_json(delta, delta.weights_sha256)
         (tmp / DESCRIPTION).write_text(json.dumps(description, indent=2, default=str) + "\n")
         (tmp / CARD).write_text(card if card is not None else delta_card(delta))
     return folder
 
 
 def load_delta(folder: Path, *, name: str | None = None) -> Delta:
-    """Read a local delta folder and check it: digest, dtypes, lengths, indices. `name` is how
-    errors call it (artifacts.open_delta also takes Hub repo ids)."""
+    """Read a local delta folder and check it against the format: delta.json's shape, the digest,
+    dtypes, lengths, indices, and no entry changed to a non-finite value. `name` is how errors call
+    it (artifacts.open_delta also takes Hub repo ids)."""
     folder = Path(folder)
     where = name or f"delta '{folder}'"
     if not (folder / DESCRIPTION).is_file() or not (folder / WEIGHTS).is_file():
         raise PieceError(f"{where} is not a delta folder (needs {DESCRIPTION} and {WEIGHTS})")
     try:
         description = json.loads((folder / DESCRIPTION).read_text())
-    except ValueError as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise PieceError(f"{where}: {DESCRIPTION} is not valid JSON") from exc
     if not isinstance(description, dict) or description.get("format") != FORMAT:
         raise PieceError(f"{where}: {DESCRIPTION} does not describe a piece-surgery delta")
@@ -240,7 +245,10 @@ def load_delta(folder: Path, *, name: str | None = None) -> Delta:
             f"{where} has format version {description.get('format_version')}; this piece-surgery reads "
             f"{FORMAT_VERSION}: upgrade piece-surgery"
         )
-    if file_sha256(folder / WEIGHTS) != description.get("weights_sha256"):
+    problem = _description_problem(description)
+    if problem:
+        raise PieceError(f"{where}: {DESCRIPTION} {problem} (corrupt or hand-edited)")
+    if file_sha256(folder / WEIGHTS) != description["weights_sha256"]:
         raise PieceError(f"{where}: {WEIGHTS} does not match its recorded sha256 (corrupt or truncated)")
     tensors = _read_tensors(folder / WEIGHTS, description["tensors"], where)
     try:
@@ -249,9 +257,32 @@ def load_delta(folder: Path, *, name: str | None = None) -> Delta:
             provenance=provenance_from_json(description.get("provenance")),
             tool_version=str(description.get("tool_version", "unknown")),
         )
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise PieceError(f"{where}: {DESCRIPTION} has a malformed record ({exc})") from exc
-    return Delta(tensors, info)
+    return Delta(tensors, info, description["weights_sha256"])
+
+
+def _description_problem(description: dict) -> str | None:
+    """What in delta.json does not follow the format (docs/formats.md), or None."""
+    if not isinstance(description.get("weights_sha256"), str):
+        return "has no 'weights_sha256' string"
+    tensors = description.get("tensors")
+    if not isinstance(tensors, dict):
+        return "'tensors' must be an object of tensor name -> {shape, dtype, count}"
+    for name, meta in tensors.items():
+        if not isinstance(meta, dict):
+            return f"entry of '{name}' must be an object with shape, dtype and count"
+        if not is_shape(meta.get("shape")):
+            return f"shape of '{name}' must be a list of sizes"
+        if not isinstance(meta.get("dtype"), str) or float_dtype(meta["dtype"]) is None:
+            return f"dtype of '{name}' must be bfloat16, float16, float32 or float64"
+        count = meta.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            return f"count of '{name}' must be a positive integer"
+    for key in ("base", "provenance"):
+        if description.get(key) is not None and not isinstance(description[key], dict):
+            return f"'{key}' must be an object"
+    return None
 
 
 def _read_tensors(path: Path, described: dict, where: str) -> dict[str, TensorDelta]:
@@ -265,17 +296,34 @@ def _read_tensors(path: Path, described: dict, where: str) -> dict[str, TensorDe
                     raise PieceError(f"{where}: tensor '{name}' lacks its indices/base/tuned arrays")
                 idx, base, tuned = (f.get_tensor(p) for p in parts)
                 dtype = float_dtype(meta["dtype"])
-                if dtype is None or base.element_size() != dtype.itemsize or base.dtype != tuned.dtype:
+                bits = bits_dtype(dtype.itemsize)
+                if idx.dtype not in (torch.int32, torch.int64) or base.dtype != bits or tuned.dtype != bits:
                     raise PieceError(f"{where}: tensor '{name}' has inconsistent dtypes")
-                base, tuned = base.view(dtype), tuned.view(dtype)
-                shape = tuple(meta["shape"])
-                validate_indices(idx, numel(shape), f"{where}, tensor '{name}'")
+                if not (idx.dim() == base.dim() == tuned.dim() == 1):
+                    raise PieceError(f"{where}: tensor '{name}' has arrays that are not 1-D")
                 if not (idx.numel() == base.numel() == tuned.numel() == meta["count"]):
                     raise PieceError(f"{where}: tensor '{name}' has arrays of different lengths")
-                tensors[name] = TensorDelta(idx.to(torch.int64), base, tuned, shape)
-    except (SafetensorError, OSError, KeyError, TypeError) as exc:
+                shape = tuple(meta["shape"])
+                validate_indices(idx, numel(shape), f"{where}, tensor '{name}'")
+                entries = TensorDelta(idx.to(torch.int64), base.view(dtype), tuned.view(dtype), shape)
+                check_finite_change(name, entries.indices, entries.base, entries.tuned, where)
+                tensors[name] = entries
+    except (SafetensorError, OSError) as exc:
         raise PieceError(f"{where}: cannot read its files (corrupt or truncated)") from exc
     return tensors
+
+
+def check_finite_change(
+    name: str, indices: torch.Tensor, base: torch.Tensor, tuned: torch.Tensor, where: str = "the delta"
+) -> None:
+    """A change may not make a finite weight NaN or infinite (a base that held one may keep it)."""
+    bad = torch.nonzero(~torch.isfinite(tuned) & torch.isfinite(base)).flatten()
+    if bad.numel():
+        first = int(bad[0])
+        raise PieceError(
+            f"{where} sets entry {int(indices[first])} of '{name}' to {float(tuned[first])}; "
+            "a delta may not make a weight non-finite"
+        )
 
 
 # ---------------------------------------------------------------- diff
@@ -288,6 +336,7 @@ def diff(
     density: float | None = None,
     top_k: int | None = None,
     base_model: str | None = None,
+    quiet: bool = True,
 ) -> Delta:
     """The sparse delta between two checkpoints of one architecture, streamed tensor by tensor.
 
@@ -298,7 +347,8 @@ def diff(
     base, tuned = open_checkpoint(base_ref, what="base"), open_checkpoint(tuned_ref, what="tuned checkpoint")
     _check_same_architecture(base.layout, tuned.layout)
     limit = _entry_limit(density, top_k, base.layout)
-    entries = _changed_entries(base, tuned, limit)
+    with Progress(len(base.layout), "comparing", quiet=quiet, unit="tensor") as bar:
+        entries = _changed_entries(base, tuned, limit, bar.advance)
     if limit is not None:
         magnitudes = {n: (t.double() - b.double()).abs().float() for n, (_, b, t) in entries.items()}
         if sum(m.numel() for m in magnitudes.values()) > limit:
@@ -318,7 +368,7 @@ def diff(
 
 
 def _changed_entries(
-    base: Checkpoint, tuned: Checkpoint, limit: int | None
+    base: Checkpoint, tuned: Checkpoint, limit: int | None, advance
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(indices, base values, tuned values) of every changed entry, tensor by tensor; with a
     limit, only each tensor's `limit` largest changes (no others can make the global top)."""
@@ -328,6 +378,7 @@ def _changed_entries(
             b = base_reader.get(name).reshape(-1)
             t = tuned_reader.get(name).reshape(-1)
             idx = torch.nonzero(~same_bits(b, t)).flatten()
+            advance(1)
             if idx.numel() == 0:
                 continue
             b_vals, t_vals = b[idx].clone(), t[idx].clone()
@@ -372,10 +423,11 @@ def write_diff(
     top_k: int | None = None,
     base_model: str | None = None,
     overwrite: bool = False,
+    quiet: bool = True,
 ) -> Delta:
     """The `diff` recipe: check the output, diff the two checkpoints, write the delta folder."""
     check_output(Path(output), overwrite=overwrite, inputs=(Path(base_ref), Path(tuned_ref)))
-    delta = diff(base_ref, tuned_ref, density=density, top_k=top_k, base_model=base_model)
+    delta = diff(base_ref, tuned_ref, density=density, top_k=top_k, base_model=base_model, quiet=quiet)
     if delta.count == 0:
         raise PieceError("the two checkpoints are identical: there is no delta to write")
     save_delta(delta, Path(output))

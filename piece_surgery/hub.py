@@ -24,10 +24,11 @@ class Resolved:
 
     @property
     def name(self) -> str:
-        """How to name the source in metadata: the repo id, else the local path as given."""
+        """How masks and deltas name the source: the repo id[@revision], else the folder's or file's
+        own name (a file that may be shared never records a local path)."""
         if self.repo_id:
             return self.repo_id if not self.revision else f"{self.repo_id}@{self.revision}"
-        return str(self.path)
+        return self.path.resolve().name or str(self.path)
 
 
 def split_repo_ref(ref: str) -> tuple[str, str | None]:
@@ -69,10 +70,12 @@ def upload(
     commit_message: str,
     token: str | None = None,
     create_pr: bool = False,
+    quiet: bool = True,
 ) -> dict:
     """Upload files (path in repo -> local file or bytes) in one commit, creating the repo (and the
     branch) if missing. An unchanged upload makes no commit."""
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     if not looks_like_repo_id(repo_id) or "@" in repo_id:
         raise PieceError(
@@ -86,13 +89,20 @@ def upload(
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(src) if isinstance(src, Path) else src)
         for name, src in files.items()
     ]
-    with hub_errors(f"push to {repo_id}"):
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.create_commit(
-            repo_id, operations, commit_message=commit_message, revision=revision, create_pr=create_pr
-        )
+    bars_were_off = are_progress_bars_disabled()
+    if quiet:
+        disable_progress_bars()
+    try:
+        with hub_errors(f"push to {repo_id}"):
+            url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if revision and revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.create_commit(
+                repo_id, operations, commit_message=commit_message, revision=revision, create_pr=create_pr
+            )
+    finally:
+        if quiet and not bars_were_off:
+            enable_progress_bars()
     return {
         "repo_id": repo_id,
         "url": str(url),

@@ -15,10 +15,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from piece_surgery import __version__
-from piece_surgery.atomic import atomic_path
 from piece_surgery.checkpoint import Checkpoint, save_shard
 from piece_surgery.dtypes import index_dtype, numel
 from piece_surgery.errors import PieceError
+from piece_surgery.outputs import atomic_path
 from piece_surgery.records import CheckpointIdentity, DataRecord
 
 FORMAT = "piece-surgery/mask"
@@ -54,6 +54,13 @@ class MaskInfo:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> MaskInfo:
+        """ValueError for values of the wrong type."""
+        for key, kind in (("method", str), ("density", (int, float)), ("seed", int)):
+            if key in meta and not isinstance(meta[key], kind):
+                raise ValueError(f"'{key}' has the wrong type")
+        for key in ("options", "pass"):
+            if meta.get(key) is not None and not isinstance(meta[key], dict):
+                raise ValueError(f"'{key}' must be an object")
         return cls(
             method=str(meta.get("method")),
             density=meta.get("density"),
@@ -162,10 +169,12 @@ def save_mask(mask: Mask, path: Path) -> None:
 
 
 def load_mask(path: Path) -> Mask:
-    """Read and validate a mask file: sorted, unique, in-range indices of known tensors."""
+    """Read and validate a mask file: its header against the format, and sorted, unique, in-range
+    integer indices of tensors whose shapes it lists."""
     path = Path(path)
+    where = f"mask '{path}'"
     if not path.is_file():
-        raise PieceError(f"mask '{path}' not found")
+        raise PieceError(f"{where} not found")
     try:
         with safe_open(str(path), "pt") as f:
             meta = dict(f.metadata() or {})
@@ -173,30 +182,54 @@ def load_mask(path: Path) -> Mask:
                 raise PieceError(f"'{path}' is not a piece-surgery mask (no '{FORMAT}' header)")
             if str(meta.get("format_version")) != str(FORMAT_VERSION):
                 raise PieceError(
-                    f"mask '{path}' has format version {meta.get('format_version')}; "
+                    f"{where} has format version {meta.get('format_version')}; "
                     f"this piece-surgery reads {FORMAT_VERSION}: upgrade piece-surgery"
                 )
             values = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "format_version")}
-            indices = {name: f.get_tensor(name).to(torch.int64) for name in f.keys()}
+            indices = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         if isinstance(exc, PieceError):
             raise
-        raise PieceError(f"cannot read mask '{path}': corrupt or truncated file") from exc
-    shapes = {n: tuple(s) for n, s in values.pop("shapes").items()}
+        raise PieceError(f"cannot read {where}: corrupt or truncated file") from exc
+    shapes = _shapes(values.get("shapes"), where)
     for name, idx in indices.items():
         if name not in shapes:
-            raise PieceError(f"mask '{path}' selects '{name}' but lists no shape for it: corrupt mask")
-        validate_indices(idx, numel(shapes[name]), f"mask '{path}', tensor '{name}'")
-    return Mask(indices, shapes, MaskInfo.from_metadata(values))
+            raise PieceError(f"{where} selects '{name}' but lists no shape for it: corrupt mask")
+        if idx.dtype not in (torch.int32, torch.int64) or idx.numel() == 0:
+            raise PieceError(f"{where}, tensor '{name}': indices must be a non-empty int32/int64 array")
+        validate_indices(idx, numel(shapes[name]), f"{where}, tensor '{name}'")
+    try:
+        info = MaskInfo.from_metadata(values)
+    except (ValueError, TypeError) as exc:
+        raise PieceError(f"{where}: malformed header metadata ({exc})") from exc
+    return Mask({n: i.to(torch.int64) for n, i in indices.items()}, shapes, info)
 
 
-def validate_indices(idx: torch.Tensor, numel: int, where: str) -> None:
+def _shapes(value, where: str) -> dict[str, tuple[int, ...]]:
+    if not isinstance(value, dict) or not value:
+        raise PieceError(f"{where}: header 'shapes' must map tensor names to shapes: corrupt mask")
+    shapes = {}
+    for name, shape in value.items():
+        if not is_shape(shape):
+            raise PieceError(f"{where}: the shape of '{name}' is not a list of sizes: corrupt mask")
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def is_shape(value) -> bool:
+    """A JSON shape: a list of non-negative integers (booleans are not sizes)."""
+    return isinstance(value, list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in value
+    )
+
+
+def validate_indices(idx: torch.Tensor, size: int, where: str) -> None:
     if idx.dim() != 1:
         raise PieceError(f"{where}: indices must be 1-D")
     if idx.numel() == 0:
         return
-    if int(idx.min()) < 0 or int(idx.max()) >= numel:
-        raise PieceError(f"{where}: index out of range for a tensor of {numel} entries")
+    if int(idx.min()) < 0 or int(idx.max()) >= size:
+        raise PieceError(f"{where}: index out of range for a tensor of {size} entries")
     if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
         raise PieceError(f"{where}: indices are not sorted and unique")
 

@@ -7,6 +7,7 @@ then merge every touched tensor through the same `combine`, so both report the s
 
 from __future__ import annotations
 
+import math
 import shutil
 import warnings
 from dataclasses import dataclass, field, fields
@@ -15,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from piece_surgery.artifacts import open_delta
-from piece_surgery.atomic import atomic_path, check_output
+from piece_surgery.artifacts import Artifact, open_artifact
 from piece_surgery.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -32,6 +32,7 @@ from piece_surgery.delta import Delta, TensorDelta
 from piece_surgery.dtypes import same_bits
 from piece_surgery.errors import PieceError
 from piece_surgery.filepatch import copy_with_patches
+from piece_surgery.outputs import atomic_path, check_output
 
 CONFLICT_POLICIES = ("sum", "mean", "error")
 
@@ -210,6 +211,12 @@ class ApplyResult:
         union, values, overlap = combine(
             name, flat, plan.parts(name), on_conflict=plan.on_conflict, force=plan.force
         )
+        overflowed = torch.nonzero(~torch.isfinite(values) & torch.isfinite(flat[union])).flatten()
+        if overflowed.numel():
+            raise PieceError(
+                f"merging sets entry {int(union[overflowed[0]])} of '{name}' to "
+                f"{float(values[overflowed[0]])}: the scales are too large for {flat.dtype}"
+            )
         if write:
             flat[union] = values
         self.touched[name] = int(union.numel())
@@ -226,6 +233,7 @@ def plan_apply(
     shard_size: int | None = None,
     output: Path | None = None,
     overwrite: bool = False,
+    allow_duplicates: bool = False,
 ) -> ApplyPlan:
     """Check the deltas against the base (names, shapes) and the output, and plan the shards.
 
@@ -239,9 +247,10 @@ def plan_apply(
     if output is not None:
         check_output(Path(output), overwrite=overwrite, inputs=(Path(base_ref), *map(Path, delta_refs)))
     base = open_checkpoint(base_ref, what="base")
-    deltas = [
-        ScaledDelta(open_delta(ref), s, f"delta '{ref}'") for ref, s in zip(delta_refs, scales, strict=True)
-    ]
+    artifacts = [open_artifact(ref, want="delta") for ref in delta_refs]
+    if not allow_duplicates:
+        _refuse_duplicates(artifacts)
+    deltas = [ScaledDelta(a.delta, s, f"delta '{a.ref}'") for a, s in zip(artifacts, scales, strict=True)]
     for d in deltas:
         for name, t in d.delta.tensors.items():
             if name not in base.layout:
@@ -265,9 +274,25 @@ def plan_apply(
     )
 
 
+def _refuse_duplicates(artifacts: list[Artifact]) -> None:
+    """The same delta twice (by path or by content) is almost always a typo, not a doubled scale."""
+    seen: dict[tuple, str] = {}
+    for a in artifacts:
+        for key in (("path", a.path.resolve()), ("digest", a.delta.weights_sha256)):
+            if key in seen:
+                raise PieceError(
+                    f"delta '{a.ref}' is the same delta as '{seen[key]}'; give it once with a --scale, "
+                    "or pass --allow-duplicates"
+                )
+            seen[key] = a.ref
+
+
 def _scales_for(delta_refs: list[str], scales: list[float] | None) -> list[float]:
     """One scale each: none given is 1 each; one given applies to all."""
     scales = [float(s) for s in scales or []]
+    for s in scales:
+        if not math.isfinite(s):
+            raise PieceError(f"--scale {s} is not a finite number")
     if len(scales) == 1 and len(delta_refs) > 1:
         scales = scales * len(delta_refs)
     if not scales:
@@ -387,6 +412,7 @@ def apply(
     force: bool = False,
     shard_size: int | None = None,
     overwrite: bool = False,
+    allow_duplicates: bool = False,
     progress=None,
 ) -> ApplyResult:
     """The `apply` recipe: plan (every check that needs no weights), then stream shard by shard."""
@@ -399,6 +425,7 @@ def apply(
         shard_size=shard_size,
         output=Path(output),
         overwrite=overwrite,
+        allow_duplicates=allow_duplicates,
     )
     return execute_apply(plan, progress=progress)
 

@@ -1,4 +1,5 @@
-"""Names of tensors: which layer and which kind of module a tensor belongs to (for summaries)."""
+"""Names of tensors: which layer and which kind of module a tensor belongs to, and counts of
+selected entries broken down by them (for summaries)."""
 
 from __future__ import annotations
 
@@ -40,9 +41,9 @@ def breakdown(counts: dict[str, int], sizes: dict[str, int]) -> dict:
     norms = sum(c for n, c in counts.items() if is_norm(n))
     layer_order = sorted(by_layer, key=lambda s: (s == "-", int(s) if s.isdigit() else 0))
     return {
-        "selected": total,
-        "tensors_touched": sum(1 for c in counts.values() if c),
+        "entries": total,
+        "tensors": sum(1 for c in counts.values() if c),
         "norm_share": norms / total if total else 0.0,
-        "by_layer": {k: {"selected": by_layer[k][0], "size": by_layer[k][1]} for k in layer_order},
-        "by_kind": {k: {"selected": v[0], "size": v[1]} for k, v in sorted(by_kind.items())},
+        "by_layer": {k: {"entries": by_layer[k][0], "size": by_layer[k][1]} for k in layer_order},
+        "by_kind": {k: {"entries": v[0], "size": v[1]} for k, v in sorted(by_kind.items())},
     }

@@ -1,14 +1,16 @@
-"""A progress bar on stderr that --quiet silences."""
+"""Progress on stderr that --quiet silences: a bar for counted work, a spinner for the rest."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
 
 class Progress:
-    def __init__(self, total: int, desc: str, *, quiet: bool = False, unit: str = "ex"):
+    def __init__(self, total: int | None, desc: str, *, quiet: bool = False, unit: str = "ex"):
         self._bar = None if quiet else tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
 
     def advance(self, n: int = 1) -> None:
@@ -25,3 +27,15 @@ class Progress:
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+@contextmanager
+def working(message: str, *, quiet: bool = False) -> Iterator[None]:
+    """A spinner with the elapsed time while uncounted work runs (loading a model), on a terminal."""
+    if quiet or not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(message):
+        yield

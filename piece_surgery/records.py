@@ -46,13 +46,19 @@ class CheckpointIdentity(JsonRecord):
 
 @dataclasses.dataclass(frozen=True)
 class DataRecord(JsonRecord):
-    """Which data file a run read, and what it kept of it."""
+    """Which data file a run read (its name and digest, never its local path), and what it kept."""
 
-    path: str
+    file: str
     sha256: str
     examples: int
     skipped: int = 0
     max_length: int | None = None
+
+    @classmethod
+    def from_json(cls, data: Any) -> DataRecord | None:
+        if isinstance(data, dict) and "file" not in data and "path" in data:  # written by 0.1.0
+            data = {**data, "file": Path(str(data["path"])).name}
+        return super().from_json(data)
 
 
 def file_sha256(path: Path) -> str:

@@ -9,7 +9,6 @@ from typing import NamedTuple
 
 import torch
 
-from piece_surgery.atomic import check_output
 from piece_surgery.checkpoint import enable_activation_checkpointing, open_checkpoint
 from piece_surgery.data import Dataset
 from piece_surgery.dtypes import dtype_name
@@ -26,6 +25,7 @@ from piece_surgery.importance import (
     scores_from_sums,
 )
 from piece_surgery.mask import Mask, MaskInfo, check_density, k_for_density, save_mask, select_top_k
+from piece_surgery.outputs import check_output
 from piece_surgery.progress import Progress
 
 
@@ -138,16 +138,17 @@ def score_checkpoint(
 ) -> Scored:
     """Score a checkpoint (folder or Hub id) on a data file; with `output`, write the mask there."""
     if output is not None:
-        check_output(
-            Path(output), overwrite=overwrite, inputs=(Path(model_ref), *([Path(data)] if data else []))
-        )
+        inputs = (Path(model_ref), *([Path(data)] if data else []))
+        check_output(Path(output), overwrite=overwrite, inputs=inputs, kind="file")
     if needs_data(options.method) and data is None:
         raise PieceError(f"--data is required for method {options.method}")
+    if not needs_data(options.method) and data is not None:
+        raise PieceError(f"method {options.method} reads no data; leave out --data")
     checkpoint = open_checkpoint(model_ref, trust_remote_code=trust_remote_code)
     dataset = None
     if needs_data(options.method):
-        dataset = checkpoint.load_data(data, max_length=max_length, max_samples=max_samples)
-    model = checkpoint.load_model(device=device, dtype=dtype)
+        dataset = checkpoint.load_data(data, max_length=max_length, max_samples=max_samples, quiet=quiet)
+    model = checkpoint.load_model(device=device, dtype=dtype, quiet=quiet)
     total = len(dataset.examples) if dataset else 0
     with Progress(total, "scoring", quiet=quiet or not total) as bar:
         mask, stats = score_model(

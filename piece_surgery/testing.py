@@ -116,11 +116,11 @@ def make_tiny_checkpoint(
 
 def write_tiny_model(output: Path, arch: str = "llama", *, seed: int = 0, overwrite: bool = False) -> Path:
     """The `tiny-model` recipe: a tiny checkpoint written atomically to `output`."""
-    from piece_surgery.atomic import atomic_path, check_output
+    from piece_surgery.outputs import atomic_path, check_output
 
     if arch not in TINY_ARCHITECTURES:
         raise PieceError(f"unknown --arch '{arch}'; use {', '.join(TINY_ARCHITECTURES)}")
-    check_output(Path(output), overwrite=overwrite)
+    check_output(Path(output), overwrite=overwrite, kind="folder")
     with atomic_path(Path(output), is_dir=True) as tmp:
         make_tiny_checkpoint(tmp, arch, seed=seed)
     return Path(output)

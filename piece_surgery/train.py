@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 from piece_surgery.artifacts import open_mask
-from piece_surgery.atomic import check_output
 from piece_surgery.checkpoint import Checkpoint, open_checkpoint
 from piece_surgery.data import Dataset
 from piece_surgery.delta import Delta, DeltaInfo, TrainProvenance, delta_from_values, save_delta
+from piece_surgery.errors import PieceError
 from piece_surgery.mask import Mask, check_mask_fits
+from piece_surgery.outputs import check_output
 from piece_surgery.progress import Progress
 from piece_surgery.score import ScoreOptions, score_model
 from piece_surgery.train_state import remove_state
@@ -51,16 +52,27 @@ def train_checkpoint(
     output = Path(output)
     inputs = [Path(model_ref), Path(data), *(Path(p) for p in (mask_ref, eval_data) if p)]
     check_output(output, overwrite=overwrite, inputs=tuple(inputs))
+    if mask_ref is not None and score_options is not None:
+        raise PieceError("scoring options (--method, --density, ...) do nothing with --mask; leave them out")
+    if config.eval_every and eval_data is None:
+        raise PieceError("--eval-every needs --eval-data (held-out data to evaluate on)")
+    state_dir = state_dir_for(output)
+    if not resume and state_dir.exists():
+        if not overwrite:
+            raise PieceError(
+                f"a saved training state is in '{state_dir}': add --resume to continue it, "
+                "or --overwrite to discard it and start afresh"
+            )
+        remove_state(state_dir)
     mask = open_mask(mask_ref) if mask_ref is not None else None
     checkpoint = open_checkpoint(model_ref, trust_remote_code=trust_remote_code)
     if mask is not None:
         check_mask_fits(mask, checkpoint, f"mask '{mask_ref}'")
-    dataset = checkpoint.load_data(data, max_length=max_length, max_samples=max_samples)
-    eval_set = checkpoint.load_data(eval_data, max_length=max_length) if eval_data else None
-    model = checkpoint.load_model(device=device, dtype=dtype)
+    dataset = checkpoint.load_data(data, max_length=max_length, max_samples=max_samples, quiet=quiet)
+    eval_set = checkpoint.load_data(eval_data, max_length=max_length, quiet=quiet) if eval_data else None
+    model = checkpoint.load_model(device=device, dtype=dtype, quiet=quiet)
     if mask is None:
         mask = _score_for_training(checkpoint, dataset, score_options or ScoreOptions(), max_samples, quiet)
-    state_dir = state_dir_for(output)
     resume_key = {"model": checkpoint.identity.fingerprint, "data": dataset.sha256, "mask": mask.digest()}
     with Progress(total_steps(len(dataset.examples), config), "training", quiet=quiet, unit="step") as bar:
 

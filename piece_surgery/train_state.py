@@ -10,10 +10,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from piece_surgery.atomic import atomic_path
 from piece_surgery.checkpoint import save_shard
 from piece_surgery.errors import PieceError
+from piece_surgery.outputs import atomic_path
+from piece_surgery.records import file_sha256
 from piece_surgery.sparse_grad import SparseParameters
+
+STATE_FILE = "state.safetensors"
+DESCRIPTION = "state.json"
 
 
 def save_state(
@@ -24,8 +28,9 @@ def save_state(
     history: list,
     resume_key: dict,
 ) -> None:
-    """Values, AdamW moments, step, RNG state: safetensors + JSON, written atomically. `resume_key`
-    names what a resumed run must share with this one (model, data, mask, settings)."""
+    """Values, AdamW moments, step, RNG state: safetensors + JSON, written atomically, with the
+    tensors' sha256. `resume_key` names what a resumed run must share with this one (model, data,
+    mask, settings)."""
     tensors = {}
     for name, value in sparse.values.items():
         tensors[f"{name}::values"] = value.detach().cpu()
@@ -34,44 +39,80 @@ def save_state(
             if key in moments:
                 tensors[f"{name}::{key}"] = moments[key].cpu()
     tensors["rng::torch"] = torch.get_rng_state()
-    description = {"step": step, "history": history, "resume_key": resume_key}
     with atomic_path(Path(state_dir), is_dir=True) as tmp:
-        save_shard(tensors, tmp / "state.safetensors", {"format": "piece-surgery/train-state"})
-        (tmp / "state.json").write_text(json.dumps(description, default=str))
+        save_shard(tensors, tmp / STATE_FILE, {"format": "piece-surgery/train-state"})
+        description = {
+            "step": step,
+            "history": history,
+            "resume_key": resume_key,
+            "state_sha256": file_sha256(tmp / STATE_FILE),
+        }
+        (tmp / DESCRIPTION).write_text(json.dumps(description, default=str))
 
 
 def load_state(
     state_dir: Path | None, sparse: SparseParameters, optimizer: torch.optim.Optimizer, resume_key: dict
 ) -> tuple[int, list]:
     """Put a saved state into the values and the optimizer; returns (step, history)."""
-    if state_dir is None or not (Path(state_dir) / "state.json").is_file():
+    if state_dir is None or not (Path(state_dir) / DESCRIPTION).is_file():
         raise PieceError(f"--resume: no saved training state in '{state_dir}'; run with --save-every first")
     state_dir = Path(state_dir)
-    try:
-        description = json.loads((state_dir / "state.json").read_text())
-    except ValueError as exc:
-        raise PieceError(f"--resume: '{state_dir}/state.json' is not valid JSON") from exc
-    saved = json.loads(json.dumps(description.get("resume_key") or {}, default=str))
+    description = _read_description(state_dir)
+    saved = json.loads(json.dumps(description["resume_key"], default=str))
     wanted = json.loads(json.dumps(resume_key, default=str))
     for key in sorted(set(saved) | set(wanted)):
         if saved.get(key) != wanted.get(key):
             raise PieceError(
                 f"--resume: the saved state was made with another {key}; start afresh without --resume"
             )
-    step = int(description["step"])
+    if (
+        not (state_dir / STATE_FILE).is_file()
+        or file_sha256(state_dir / STATE_FILE) != description["state_sha256"]
+    ):
+        raise PieceError(
+            f"--resume: '{state_dir / STATE_FILE}' does not match its recorded sha256 (changed or "
+            "truncated); start afresh without --resume"
+        )
+    step = description["step"]
     try:
-        with safe_open(str(state_dir / "state.safetensors"), "pt") as f:
-            for name, value in sparse.values.items():
-                with torch.no_grad():
-                    value.copy_(f.get_tensor(f"{name}::values"))
-                moments = {
-                    k: f.get_tensor(f"{name}::{k}").to(value.device) for k in ("exp_avg", "exp_avg_sq")
-                }
-                optimizer.state[value] = {"step": torch.tensor(float(step)), **moments}
-            torch.set_rng_state(f.get_tensor("rng::torch"))
+        with safe_open(str(state_dir / STATE_FILE), "pt") as f:
+            saved_tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError) as exc:
-        raise PieceError(f"--resume: cannot read '{state_dir}/state.safetensors' (corrupt)") from exc
-    return step, list(description.get("history", []))
+        raise PieceError(f"--resume: cannot read '{state_dir / STATE_FILE}' (corrupt)") from exc
+    with torch.no_grad():
+        for name, value in sparse.values.items():
+            parts = {k: saved_tensors.get(f"{name}::{k}") for k in ("values", "exp_avg", "exp_avg_sq")}
+            if any(t is None or t.shape != value.shape or t.dtype != value.dtype for t in parts.values()):
+                raise PieceError(f"--resume: the saved state does not hold '{name}' as this run trains it")
+            value.copy_(parts["values"])
+            moments = {k: parts[k].to(value.device) for k in ("exp_avg", "exp_avg_sq")}
+            optimizer.state[value] = {"step": torch.tensor(float(step)), **moments}
+    rng = saved_tensors.get("rng::torch")
+    if rng is None or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+        raise PieceError("--resume: the saved state has no valid random-number state; start afresh")
+    torch.set_rng_state(rng)
+    return step, list(description["history"])
+
+
+def _read_description(state_dir: Path) -> dict:
+    try:
+        description = json.loads((state_dir / DESCRIPTION).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PieceError(f"--resume: '{state_dir / DESCRIPTION}' is not valid JSON") from exc
+    well_formed = (
+        isinstance(description, dict)
+        and isinstance(description.get("step"), int)
+        and description["step"] >= 0
+        and isinstance(description.get("history"), list)
+        and isinstance(description.get("resume_key"), dict)
+        and isinstance(description.get("state_sha256"), str)
+    )
+    if not well_formed:
+        raise PieceError(
+            f"--resume: '{state_dir / DESCRIPTION}' is not a training state this version wrote; "
+            "start afresh without --resume"
+        )
+    return description
 
 
 def remove_state(state_dir: Path) -> None:

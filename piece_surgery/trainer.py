@@ -24,6 +24,8 @@ from piece_surgery.sparse_grad import SparseParameters
 from piece_surgery.train_state import load_state, save_state
 
 SCHEDULES = ("constant", "linear", "cosine")
+# AdamW moves each value by about lr per step; past 1 a single step wrecks any weight
+MAX_LR = 1.0
 
 
 @dataclass
@@ -49,8 +51,8 @@ class TrainConfig:
     norm_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise PieceError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.lr <= MAX_LR:
+            raise PieceError(f"--lr must be positive and at most {MAX_LR:g}, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise PieceError(f"unknown --schedule '{self.schedule}'; use constant, linear or cosine")
         for name in ("epochs", "batch_size", "grad_accum"):
@@ -62,8 +64,12 @@ class TrainConfig:
                 raise PieceError(f"--{name.replace('_', '-')} must be at least 1")
         if not (self.norm_lr_scale >= 0 and math.isfinite(self.norm_lr_scale)):
             raise PieceError("--norm-lr-scale must be a number >= 0")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.clip < 0:
-            raise PieceError("--warmup-steps, --weight-decay and --clip must not be negative")
+        if self.warmup_steps < 0:
+            raise PieceError("--warmup-steps must not be negative")
+        for name in ("weight_decay", "clip"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):  # also refuses nan
+                raise PieceError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise PieceError("--betas must be two numbers in [0, 1), e.g. 0.9,0.95")
@@ -153,6 +159,11 @@ def train_sparse(
     total = total_steps(len(dataset.examples), config)
     resume_key = {**(resume_key or {}), "config": config.resume_key()}
     start, history = load_state(state_dir, sparse, optimizer, resume_key) if resume else (0, [])
+    if start > total:
+        raise PieceError(
+            f"--resume: the saved state is at step {start}, past the {total} steps this run asks for; "
+            "raise --max-steps or --epochs, or start afresh without --resume"
+        )
     if not resume:
         torch.manual_seed(config.seed)
     sparse.attach(model, sparse_linear=sparse_linear)
@@ -170,9 +181,9 @@ def train_sparse(
             sparse.write()
             train_loss = _step_gradients(model, dataset, step, config, pad_id, autocast)
             if not math.isfinite(train_loss):
-                kept = f"; the last good state (step {last_saved}) is in {state_dir}" if last_saved else ""
                 raise TrainingDiverged(
-                    f"the loss became {train_loss} at step {step + 1}: lower --lr or check the data{kept}"
+                    f"the loss became {train_loss} at step {step + 1}: lower --lr or check the data"
+                    + _last_good(last_saved, state_dir)
                 )
             if config.clip > 0:
                 torch.nn.utils.clip_grad_norm_(list(sparse.values.values()), config.clip)
@@ -181,6 +192,7 @@ def train_sparse(
                 group["lr"] = config.lr * group["lr_scale"] * factor
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            _check_finite_values(sparse, step, last_saved, state_dir)
             record = {"step": step + 1, "loss": train_loss, "lr": config.lr * factor}
             if eval_dataset is not None and config.eval_every and (step + 1) % config.eval_every == 0:
                 sparse.write()
@@ -208,6 +220,21 @@ def train_sparse(
         start if resume else None,
         _optimizer_state_sizes(optimizer),
     )
+
+
+def _last_good(last_saved: int | None, state_dir: Path | None) -> str:
+    return f"; the last good state (step {last_saved}) is in {state_dir}" if last_saved else ""
+
+
+def _check_finite_values(
+    sparse: SparseParameters, step: int, last_saved: int | None, state_dir: Path | None
+) -> None:
+    for name, value in sparse.values.items():
+        if not bool(torch.isfinite(value).all()):
+            raise TrainingDiverged(
+                f"the trained values of '{name}' became non-finite at step {step + 1}: lower --lr or "
+                "--weight-decay" + _last_good(last_saved, state_dir)
+            )
 
 
 def _adamw(sparse: SparseParameters, config: TrainConfig) -> torch.optim.Optimizer:

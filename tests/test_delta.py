@@ -160,7 +160,7 @@ def test_dry_run_writes_nothing(tiny, tmp_path, cli):
     code, stdout, _ = cli("apply", base, tmp_path / "delta", "-o", tmp_path / "out", "--dry-run", "--json")
     assert code == 0
     plan = json.loads(stdout)
-    assert plan["dry_run"] and plan["entries_touched"] > 0 and plan["output_bytes"] > 0
+    assert plan["dry_run"] and plan["entries"] > 0 and plan["output_bytes"] > 0
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 

@@ -189,7 +189,7 @@ def test_score_cli_writes_documented_mask(tiny, code_data, tmp_path, cli):
     assert code == 0
     result = json.loads(stdout)
     mask = load_mask(out)
-    assert result["k"] == mask.k == int(0.01 * mask.eligible)
+    assert result["entries"] == mask.k == int(0.01 * mask.eligible)
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
         for name in f.keys():
@@ -201,7 +201,7 @@ def test_score_cli_writes_documented_mask(tiny, code_data, tmp_path, cli):
     assert json.loads(meta["data"])["examples"] == 5
     assert len(json.loads(meta["model"])["fingerprint"]) == 64
     code, stdout, _ = cli("inspect", out, "--json")
-    assert code == 0 and json.loads(stdout)["selected"] == mask.k
+    assert code == 0 and json.loads(stdout)["entries"] == mask.k
 
 
 def test_per_tensor_normalisation_ranks_relative_scores(tiny, code_data):

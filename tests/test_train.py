@@ -14,8 +14,9 @@ from piece_surgery.trainer import TrainConfig, train_sparse
 
 
 def setup(folder, data, density=0.02, dtype="float32", method="piece-s"):
+    scoring_data = None if method in ("magnitude", "random") else data
     mask, _, _ = score_checkpoint(
-        str(folder), data, ScoreOptions(method=method, density=density), device="cpu"
+        str(folder), scoring_data, ScoreOptions(method=method, density=density), device="cpu"
     )
     checkpoint = open_checkpoint(folder)
     dataset = checkpoint.load_data(data)
