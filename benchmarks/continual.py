@@ -37,7 +37,6 @@ from piece_surgery.score import ScoreOptions, score_model  # noqa: E402
 from piece_surgery.trainer import TrainConfig, step_examples, train_sparse  # noqa: E402
 
 
-
 @dataclass
 class Method:
     name: str

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -579,10 +578,14 @@ def main() -> None:
         code = app(standalone_mode=False)
     except PieceError as exc:
         _fail(str(exc), EXIT_USER_ERROR, as_json)
-    except click.UsageError as exc:
-        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+    except typer.TyperException as exc:  # a usage error: unknown option, missing argument, bad value
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `piece-surgery`: the help, as click does
+            print(exc.format_message())
+            sys.exit(EXIT_USER_ERROR)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         _fail(f"{exc.format_message()}{hint}", EXIT_USER_ERROR, as_json)
-    except (click.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         _fail("interrupted; nothing was written", EXIT_INTERRUPTED, as_json)
     except Terminated:
         _fail("terminated; nothing was written", EXIT_TERMINATED, as_json)

@@ -242,7 +242,7 @@ def load_delta(folder: Path, *, name: str | None = None) -> Delta:
         raise PieceError(f"{where}: {DESCRIPTION} does not describe a piece-surgery delta")
     if str(description.get("format_version")) != str(FORMAT_VERSION):
         raise PieceError(
-            f"{where} has format version {description.get('format_version')}; this piece-surgery reads "
+            f"{where} has format version {description.get('format_version')!r}; this piece-surgery reads "
             f"{FORMAT_VERSION}: upgrade piece-surgery"
         )
     problem = _description_problem(description)

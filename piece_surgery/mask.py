@@ -182,7 +182,7 @@ def load_mask(path: Path) -> Mask:
                 raise PieceError(f"'{path}' is not a piece-surgery mask (no '{FORMAT}' header)")
             if str(meta.get("format_version")) != str(FORMAT_VERSION):
                 raise PieceError(
-                    f"{where} has format version {meta.get('format_version')}; "
+                    f"{where} has format version {meta.get('format_version')!r}; "
                     f"this piece-surgery reads {FORMAT_VERSION}: upgrade piece-surgery"
                 )
             values = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "format_version")}

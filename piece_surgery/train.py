@@ -12,7 +12,7 @@ from piece_surgery.data import Dataset
 from piece_surgery.delta import Delta, DeltaInfo, TrainProvenance, delta_from_values, save_delta
 from piece_surgery.errors import PieceError
 from piece_surgery.mask import Mask, check_mask_fits
-from piece_surgery.outputs import check_output
+from piece_surgery.outputs import check_output, remove_stale_temporaries
 from piece_surgery.progress import Progress
 from piece_surgery.score import ScoreOptions, score_model
 from piece_surgery.train_state import remove_state
@@ -57,6 +57,7 @@ def train_checkpoint(
     if config.eval_every and eval_data is None:
         raise PieceError("--eval-every needs --eval-data (held-out data to evaluate on)")
     state_dir = state_dir_for(output)
+    remove_stale_temporaries(state_dir)  # of a run killed while saving its state
     if not resume and state_dir.exists():
         if not overwrite:
             raise PieceError(
