@@ -43,6 +43,19 @@ TrustRemote = Annotated[
 ]
 Output = Annotated[Path, typer.Option("-o", "--output", help="Where to write the result.")]
 Patterns = Annotated[list[str] | None, typer.Option(help="Regex on tensor names; repeatable.")]
+Retain = Annotated[
+    list[str] | None,
+    typer.Option(help="piece-r: text whose behaviour to keep: a data file, or self (the model's own)."),
+]
+RetainLabels = Annotated[
+    str | None, typer.Option(help="empirical (the text's tokens) or sampled (drawn from the model).")
+]
+RetainDamping = Annotated[
+    float | None, typer.Option(help="piece-r: delta = this quantile of F_retain. [default: 0.1]")
+]
+SelfSamples = Annotated[int | None, typer.Option(help="--retain self: texts to write. [default: 64]")]
+SelfLength = Annotated[int | None, typer.Option(help="--retain self: tokens per text. [default: 128]")]
+Avoid = Annotated[list[str] | None, typer.Option(help="A mask or delta whose entries to leave out.")]
 
 
 def _version(value: bool) -> None:
@@ -80,7 +93,7 @@ def score_command(
     output: Output,
     data: Annotated[Path | None, typer.Option(help=".txt (one example per line) or .jsonl.")] = None,
     method: Annotated[
-        str, typer.Option(help="piece-s, piece-f, gradient, magnitude, random, or piece-s-rel (ours).")
+        str, typer.Option(help="piece-s, piece-f, gradient, magnitude, random; ours: piece-r, piece-s-rel.")
     ] = "piece-s",
     normalize: Annotated[
         str, typer.Option(help="none, or tensor: scores divided by each tensor's mean before the top-k.")
@@ -104,7 +117,13 @@ def score_command(
     ] = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
-    seed: Annotated[int, typer.Option(help="Seed for the random method.")] = 0,
+    retain: Retain = None,
+    retain_labels: RetainLabels = None,
+    retain_damping: RetainDamping = None,
+    self_samples: SelfSamples = None,
+    self_length: SelfLength = None,
+    avoid: Avoid = None,
+    seed: Annotated[int, typer.Option(help="Seed (random method, self text, sampled labels).")] = 0,
     trust_remote_code: TrustRemote = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -114,6 +133,12 @@ def score_command(
     from piece_surgery.artifacts import Artifact, summarize
     from piece_surgery.score import ScoreOptions, score_checkpoint
 
+    retain_options = _given(
+        retain_labels=retain_labels,
+        retain_damping=retain_damping,
+        self_samples=self_samples,
+        self_length=self_length,
+    )
     options = ScoreOptions(
         method=method,
         density=density,
@@ -124,12 +149,16 @@ def score_command(
         offload_accumulators=offload_accumulators,
         gradient_checkpointing=gradient_checkpointing,
         normalize=normalize,
+        **retain_options,
     )
+    _refuse_unused_retain_options(retain, retain_options)
     start = time.perf_counter()
     mask, stats, dataset = score_checkpoint(
         model,
         data,
         options,
+        retain=retain or [],
+        avoid=avoid or [],
         output=output,
         overwrite=overwrite,
         max_length=max_length,
@@ -167,6 +196,18 @@ def score_command(
     _emit("score", result, as_json, lines)
 
 
+def _given(**options) -> dict:
+    """The options the user gave (those left at None take the library's defaults)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _refuse_unused_retain_options(retain: list[str] | None, options: dict) -> None:
+    if options and not retain:
+        raise PieceError(f"--{next(iter(options)).replace('_', '-')} needs --retain")
+    if options.keys() & {"self_samples", "self_length"} and "self" not in (retain or []):
+        raise PieceError("--self-samples and --self-length need --retain self")
+
+
 def _parse_betas(text: str) -> tuple[float, float]:
     try:
         parts = tuple(float(x) for x in text.split(","))
@@ -193,6 +234,18 @@ def train_command(
     normalize: Annotated[str | None, typer.Option(help="Score normalisation: none or tensor.")] = None,
     include: Patterns = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Regex not scored. [default: embed]")] = None,
+    retain: Retain = None,
+    retain_labels: RetainLabels = None,
+    retain_damping: RetainDamping = None,
+    self_samples: SelfSamples = None,
+    self_length: SelfLength = None,
+    avoid: Avoid = None,
+    drift_budget: Annotated[
+        float | None, typer.Option(help="Stop once the predicted drift 1/2 sum F d^2 reaches this.")
+    ] = None,
+    retain_weight: Annotated[
+        float, typer.Option(help="Add retain_weight/2 sum F d^2 to the loss (needs the retain Fisher).")
+    ] = 0.0,
     norm_lr_scale: Annotated[
         float, typer.Option(help="Learning-rate multiplier for norm gains in the mask (1: same lr).")
     ] = 1.0,
@@ -244,20 +297,32 @@ def train_command(
         seed=seed,
         gradient_checkpointing=gradient_checkpointing,
         norm_lr_scale=norm_lr_scale,
+        drift_budget=drift_budget,
+        retain_weight=retain_weight,
     )
-    scoring = {"method": method, "density": density, "batch_size": score_batch_size, "normalize": normalize}
-    scoring = {k: v for k, v in scoring.items() if v is not None}
+    retain_options = _given(
+        retain_labels=retain_labels,
+        retain_damping=retain_damping,
+        self_samples=self_samples,
+        self_length=self_length,
+    )
+    _refuse_unused_retain_options(retain, retain_options)
+    scoring = _given(
+        method=method, density=density, batch_size=score_batch_size, normalize=normalize, **retain_options
+    )
     if include is not None or exclude is not None:
         scoring.update(include=include or [], exclude=["embed"] if exclude is None else exclude)
     score_options = ScoreOptions(seed=seed, **scoring) if scoring else None
     start = time.perf_counter()
-    delta, result, used_mask = train_checkpoint(
+    trained = train_checkpoint(
         model,
         data,
         output,
         config,
         mask_ref=mask,
         score_options=score_options,
+        retain=retain or [],
+        avoid=avoid or [],
         eval_data=eval_data,
         max_length=max_length,
         max_samples=max_samples,
@@ -268,6 +333,12 @@ def train_command(
         trust_remote_code=trust_remote_code,
         quiet=quiet,
     )
+    report, lines = _train_report(trained, model, mask, output, time.perf_counter() - start)
+    _emit("train", report, as_json, lines)
+
+
+def _train_report(trained, model: str, mask: str | None, output: Path, seconds: float) -> tuple[dict, list]:
+    delta, result, used_mask = trained
     first = result.history[0]["loss"] if result.history else None
     report = {
         "output": str(output),
@@ -283,7 +354,9 @@ def train_command(
         "first_train_loss": first,
         "final_train_loss": result.train_loss,
         "final_eval_loss": result.eval_loss,
-        "seconds": round(time.perf_counter() - start, 3),
+        "predicted_drift": result.predicted_drift,
+        "stopped_by_drift_budget": result.stopped_by_drift_budget,
+        "seconds": round(seconds, 3),
     }
     lines = [
         f"wrote {output}: {delta.count:,} changed entries of a {used_mask.k:,}-entry mask, "
@@ -292,7 +365,10 @@ def train_command(
     ]
     if result.eval_loss is not None:
         lines.append(f"eval loss {result.eval_loss:.4f}")
-    _emit("train", report, as_json, lines)
+    if result.predicted_drift is not None:
+        stop = "; stopped at the drift budget" if result.stopped_by_drift_budget else ""
+        lines.append(f"predicted drift (1/2 sum F d^2, mean token KL) {result.predicted_drift:.4g}{stop}")
+    return report, lines
 
 
 @app.command("diff")

@@ -64,6 +64,8 @@ class TrainProvenance:
     steps: int
     final_train_loss: float | None
     final_eval_loss: float | None
+    predicted_drift: float | None = None  # 1/2 sum F d^2 (a mask that carries the retain Fisher)
+    stopped_by_drift_budget: bool = False
     made_by: str = "train"
 
     def to_json(self) -> dict[str, Any]:
@@ -78,6 +80,8 @@ class TrainProvenance:
             "steps": self.steps,
             "final_train_loss": self.final_train_loss,
             "final_eval_loss": self.final_eval_loss,
+            "predicted_drift": self.predicted_drift,
+            "stopped_by_drift_budget": self.stopped_by_drift_budget,
         }
 
 
@@ -105,6 +109,8 @@ def provenance_from_json(data: Any) -> Provenance | None:
             steps=int(data.get("steps") or 0),
             final_train_loss=data.get("final_train_loss"),
             final_eval_loss=data.get("final_eval_loss"),
+            predicted_drift=data.get("predicted_drift"),
+            stopped_by_drift_budget=bool(data.get("stopped_by_drift_budget", False)),
         )
     return None
 

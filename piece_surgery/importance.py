@@ -10,6 +10,10 @@ Variants of our own (not in the paper):
   piece-s-rel = |sum_b g_b| / sqrt(sum_b g_b^2 + mean(sum_b g_b^2)): PIECE-S with its "+1" replaced
                 by the mean over all eligible entries, so the damping follows the gradients' scale
                 (on small models sum g^2 is ~1e-5, and "+1" turns PIECE-S into plain |sum g|).
+  piece-r     = (sum_b g_b)^2 / (F_retain + delta): retain-aware. F_retain = sum_r g_r^2 over the
+                micro-batches r of text the model must keep (--retain), delta the --retain-damping
+                quantile of F_retain. To second order a change d costs drift 1/2 sum_i F_i d_i^2 and
+                gains sum_i g_i d_i, so an entry's gain per unit of drift ranks by g_i^2 / F_i.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from piece_surgery.data import Dataset
 from piece_surgery.errors import PieceError
 from piece_surgery.loss import micro_batch_losses
 
-METHODS = ("piece-s", "piece-f", "gradient", "magnitude", "random", "piece-s-rel")
+METHODS = ("piece-s", "piece-f", "gradient", "magnitude", "random", "piece-s-rel", "piece-r")
+LABELS = ("empirical", "sampled")
 NORMALIZATIONS = ("none", "tensor")
 DEFAULT_EXCLUDE = ("embed",)
 
@@ -39,6 +44,7 @@ class PassStats:
     examples: int = 0
     tokens: int = 0
     loss_sum: float = 0.0
+    inverse_tokens: float = 0.0  # sum over micro-batches of 1 / their loss-bearing tokens
 
     @property
     def mean_loss(self) -> float:
@@ -89,17 +95,24 @@ def accumulate_gradients(
     keep_squares: bool,
     accumulator_device: torch.device | None = None,
     progress: Callable[[int], None] | None = None,
+    labels: str = "empirical",
+    seed: int = 0,
+    squares_into: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], PassStats]:
     """One pass over the data; returns (sum g_b, sum g_b^2) per eligible tensor, in fp32.
 
     Each weight's gradient is folded into the accumulators by a hook the moment backward produces
     it, then dropped: the peak is weights + activations + accumulators, never a dense gradient copy.
+    `labels="sampled"` takes the loss on labels drawn (seeded) from the model's own distribution.
+    `squares_into` accumulates sum g_b^2 into existing buffers (several retain sets, one buffer).
     """
     device = next(model.parameters()).device
     acc_device = accumulator_device or device
     zeros = lambda p: torch.zeros(p.shape, dtype=torch.float32, device=acc_device)  # noqa: E731
     sums = {key: zeros(p) for key, p in params.items()} if keep_sum else {}
     squares = {key: zeros(p) for key, p in params.items()} if keep_squares else {}
+    if squares_into is not None:
+        keep_squares, squares = True, squares_into
 
     def fold(key: str) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
@@ -113,10 +126,13 @@ def accumulate_gradients(
         return hook
 
     stats = PassStats()
+    check_labels(labels)
+    generator = torch.Generator(device=device).manual_seed(seed) if labels == "sampled" else None
     with _gradients_only_for(model, params), _deterministic_mode(model):
         handles = [p.register_post_accumulate_grad_hook(fold(k)) for k, p in params.items()]
         try:
-            for loss, tokens, examples in micro_batch_losses(model, dataset, batch_size, pad_id):
+            batches = micro_batch_losses(model, dataset, batch_size, pad_id, sample_labels=generator)
+            for loss, tokens, examples in batches:
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise PieceError(
@@ -127,6 +143,7 @@ def accumulate_gradients(
                 stats.batches += 1
                 stats.examples += examples
                 stats.tokens += tokens
+                stats.inverse_tokens += 1.0 / max(tokens, 1)
                 stats.loss_sum += value
                 if progress:
                     progress(examples)
@@ -191,6 +208,44 @@ def scores_from_sums(
     return scores
 
 
+def piece_r_scores(
+    sums: dict[str, torch.Tensor], retain: dict[str, torch.Tensor], damping: float
+) -> tuple[dict[str, torch.Tensor], float]:
+    """(sum g)^2 / (F_retain + delta), delta the `damping` quantile of F_retain (at least the
+    smallest positive float, so an entry no retain text moves cannot divide by zero). The sums
+    become the scores in place; F_retain is kept (its values at the chosen entries go into the
+    mask). Returns the scores and delta."""
+    delta = max(quantile(retain, damping), torch.finfo(torch.float32).tiny)
+    return {key: sums.pop(key).square_().div_(retain[key] + delta) for key in list(sums)}, delta
+
+
+def quantile(tensors: dict[str, torch.Tensor], q: float) -> float:
+    """The q-quantile of the non-negative values of all tensors together, exactly: the value at
+    ascending rank floor(q x (n - 1)), found by bisection over float bit patterns (31 counting
+    passes, no sorted copy of all values)."""
+    n = sum(int(t.numel()) for t in tensors.values())
+    rank = math.floor(q * (n - 1))
+    # sums of squares are >= +0.0, so their bit patterns as int32 sort like the values: a view, no copy
+    keys = [t.detach().reshape(-1).float().view(torch.int32) for t in tensors.values()]
+
+    def count_at_most(bits: int) -> int:
+        return sum(int((k <= bits).sum()) for k in keys)
+
+    lo, hi = 0, 0x7F800000  # smallest t with count(<= t) > rank
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count_at_most(mid) > rank:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(torch.tensor(lo, dtype=torch.int32).view(torch.float32))
+
+
+def check_labels(labels: str) -> None:
+    if labels not in LABELS:
+        raise PieceError(f"unknown --retain-labels '{labels}'; use empirical or sampled")
+
+
 def data_free_scores(
     method: str, params: dict[str, torch.nn.Parameter], seed: int
 ) -> dict[str, torch.Tensor]:
@@ -221,4 +276,4 @@ def normalize_scores(scores: dict[str, torch.Tensor], how: str) -> dict[str, tor
 def needs_data(method: str) -> bool:
     if method not in METHODS:
         raise PieceError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
-    return method in ("piece-s", "piece-f", "gradient", "piece-s-rel")
+    return method in ("piece-s", "piece-f", "gradient", "piece-s-rel", "piece-r")

@@ -27,16 +27,38 @@ def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return loss / max(count, 1), count
 
 
+def sampled_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Labels drawn from the model's own next-token distribution at the loss-bearing positions.
+
+    The gradient of the loss on them is a sample of the model's Fisher (the Hessian of the KL from
+    the model), where the data's own labels give the empirical Fisher.
+    """
+    probs = torch.softmax(logits[:, :-1].detach().float(), dim=-1)
+    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    out = labels.clone()
+    out[:, 1:] = torch.where(labels[:, 1:] != IGNORE, drawn.view(labels.shape[0], -1), IGNORE)
+    return out
+
+
 def micro_batch_losses(
-    model: torch.nn.Module, dataset: Dataset, batch_size: int, pad_id: int
+    model: torch.nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    pad_id: int,
+    *,
+    sample_labels: torch.Generator | None = None,
 ) -> Iterator[tuple[torch.Tensor, int, int]]:
     """For each micro-batch in order: its mean token loss (with its graph, unless under no_grad),
-    its loss-bearing tokens and its examples."""
+    its loss-bearing tokens and its examples. With a generator in `sample_labels`, the loss is on
+    labels drawn from the model's own distribution (sampled_labels)."""
     device = next(model.parameters()).device
     for batch in micro_batches(dataset.examples, batch_size, pad_id):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = batch_logits(model, batch)
-        loss, count = mean_token_loss(logits, batch["labels"])
+        labels = batch["labels"]
+        if sample_labels is not None:
+            labels = sampled_labels(logits, labels, sample_labels)
+        loss, count = mean_token_loss(logits, labels)
         del logits  # backward needs the log-probabilities only: free (tokens x vocab) first
         yield loss, count, batch["input_ids"].shape[0]
 

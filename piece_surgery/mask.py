@@ -19,10 +19,11 @@ from piece_surgery.checkpoint import Checkpoint, save_shard
 from piece_surgery.dtypes import index_dtype, numel
 from piece_surgery.errors import PieceError
 from piece_surgery.outputs import atomic_path
-from piece_surgery.records import CheckpointIdentity, DataRecord
+from piece_surgery.records import AvoidRecord, CheckpointIdentity, DataRecord, RetainRecord
 
 FORMAT = "piece-surgery/mask"
 FORMAT_VERSION = 1
+FISHER = "::fisher"  # optional per-tensor extra: keys with "::" are extras, not tensor names
 
 
 @dataclass
@@ -37,6 +38,8 @@ class MaskInfo:
     model: CheckpointIdentity | None = None  # the checkpoint it was scored on
     data: DataRecord | None = None  # the data it was scored with (None: a data-free method)
     dtype: str | None = None  # the dtype the model was scored in
+    retain: RetainRecord | None = None  # piece-r: the text it was told to keep, and the damping
+    avoid: list[AvoidRecord] = field(default_factory=list)  # earlier tasks' entries left out
     tool_version: str = __version__
 
     def to_metadata(self) -> dict[str, Any]:
@@ -49,6 +52,8 @@ class MaskInfo:
             "model": self.model.to_json() if self.model else None,
             "data": self.data.to_json() if self.data else None,
             "dtype": self.dtype,
+            "retain": self.retain.to_json() if self.retain else None,
+            "avoid": [a.to_json() for a in self.avoid],
             "tool_version": self.tool_version,
         }
 
@@ -61,6 +66,8 @@ class MaskInfo:
         for key in ("options", "pass"):
             if meta.get(key) is not None and not isinstance(meta[key], dict):
                 raise ValueError(f"'{key}' must be an object")
+        if not isinstance(meta.get("avoid") or [], list):
+            raise ValueError("'avoid' must be a list")
         return cls(
             method=str(meta.get("method")),
             density=meta.get("density"),
@@ -70,6 +77,8 @@ class MaskInfo:
             model=CheckpointIdentity.from_json(meta.get("model")),
             data=DataRecord.from_json(meta.get("data")),
             dtype=meta.get("dtype"),
+            retain=RetainRecord.from_json(meta.get("retain")),
+            avoid=[AvoidRecord.from_json(a) for a in meta.get("avoid") or []],
             tool_version=meta.get("tool_version", "unknown"),
         )
 
@@ -79,6 +88,9 @@ class Mask:
     indices: dict[str, torch.Tensor]  # tensor name -> sorted unique flat indices (int64 in memory)
     shapes: dict[str, tuple[int, ...]]  # every eligible tensor's shape
     info: MaskInfo
+    # piece-r: the per-token retain Fisher at the selected entries (fp32, aligned with indices), from
+    # which training predicts its drift; None for other methods
+    fisher: dict[str, torch.Tensor] | None = None
 
     @property
     def k(self) -> int:
@@ -110,26 +122,26 @@ def k_for_density(density: float, eligible: int) -> int:
     return k
 
 
-def select_top_k(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+def select_top_k(
+    scores: dict[str, torch.Tensor], k: int, *, exclude: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The k largest entries over all tensors together; ties broken by tensor name, then index.
+    Entries in `exclude` (tensor name -> flat indices) are never chosen.
 
     Scores are non-negative floats, whose IEEE bit patterns sort like the values, so the k-th
     largest value is found by bisection over those integers: 31 counting passes, no concatenated
-    copy of all scores (which would not fit beside a large model).
+    or sorted copy of the scores (which would not fit beside a large model).
     """
     names = sorted(scores)
-    total = sum(int(scores[n].numel()) for n in names)
+    exclude = {n: torch.unique(exclude[n].to(torch.int64)) for n in names if exclude and n in exclude}
+    total = sum(int(scores[n].numel()) for n in names) - sum(int(e.numel()) for e in exclude.values())
     if not 0 < k <= total:
         raise PieceError(f"cannot select {k} of {total} entries")
-    keys = {}
-    for n in names:
-        s = scores[n].detach().reshape(-1).float()
-        if bool(torch.isnan(s).any()) or bool((s < 0).any()):
-            raise ValueError(f"scores of {n} must be non-negative numbers")
-        keys[n] = (s + 0.0).view(torch.int32)  # +0.0 turns -0.0 into +0.0
+    keys = {n: _score_bits(n, scores[n]) for n in names}
 
     def count_at_least(t: int) -> int:
-        return sum(int((keys[n] >= t).sum()) for n in names)
+        counted = sum(int((keys[n] >= t).sum()) for n in names)
+        return counted - sum(int((keys[n][e] >= t).sum()) for n, e in exclude.items())
 
     lo, hi = 0, 0x7F800000  # the threshold lies in [0, +inf]
     while lo < hi:  # largest t with count(>= t) >= k
@@ -139,12 +151,12 @@ def select_top_k(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Ten
         else:
             hi = mid - 1
     threshold = lo
-    above = sum(int((keys[n] > threshold).sum()) for n in names)
+    above = count_at_least(threshold + 1)
     ties_left = k - above
     chosen: dict[str, torch.Tensor] = {}
     for n in names:
-        idx_above = torch.nonzero(keys[n] > threshold).flatten()
-        idx_tie = torch.nonzero(keys[n] == threshold).flatten()[: max(ties_left, 0)]
+        idx_above = _without(torch.nonzero(keys[n] > threshold).flatten(), exclude.get(n))
+        idx_tie = _without(torch.nonzero(keys[n] == threshold).flatten(), exclude.get(n))[: max(ties_left, 0)]
         ties_left -= int(idx_tie.numel())
         idx = torch.cat([idx_above, idx_tie]).sort().values.cpu()
         if idx.numel():
@@ -152,9 +164,28 @@ def select_top_k(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Ten
     return chosen
 
 
+def _score_bits(name: str, score: torch.Tensor) -> torch.Tensor:
+    """The scores' fp32 bit patterns as int32 (a view when they already are fp32: no copy)."""
+    s = score.detach().reshape(-1).float()
+    if bool(torch.isnan(s).any()) or bool((s < 0).any()):
+        raise ValueError(f"scores of {name} must be non-negative numbers")
+    bits = s.view(torch.int32)
+    if bool((bits < 0).any()):  # -0.0 has the sign bit set: make it +0.0 (in a copy)
+        bits = (s + 0.0).view(torch.int32)
+    return bits
+
+
+def _without(indices: torch.Tensor, excluded: torch.Tensor | None) -> torch.Tensor:
+    if excluded is None or indices.numel() == 0:
+        return indices
+    return indices[~torch.isin(indices, excluded.to(indices.device))]
+
+
 def save_mask(mask: Mask, path: Path) -> None:
     """Write atomically: a temporary file renamed into place."""
     tensors = {n: i.to(index_dtype(numel(mask.shapes[n]))) for n, i in mask.indices.items()}
+    for name, values in (mask.fisher or {}).items():
+        tensors[f"{name}{FISHER}"] = values.float().contiguous()
     meta = {
         "format": FORMAT,
         "format_version": json.dumps(FORMAT_VERSION),
@@ -186,7 +217,8 @@ def load_mask(path: Path) -> Mask:
                     f"this piece-surgery reads {FORMAT_VERSION}: upgrade piece-surgery"
                 )
             values = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "format_version")}
-            indices = {name: f.get_tensor(name) for name in f.keys()}
+            indices = {name: f.get_tensor(name) for name in f.keys() if "::" not in name}
+            extras = {name: f.get_tensor(name) for name in f.keys() if name.endswith(FISHER)}
     except (SafetensorError, OSError, ValueError) as exc:
         if isinstance(exc, PieceError):
             raise
@@ -202,7 +234,22 @@ def load_mask(path: Path) -> Mask:
         info = MaskInfo.from_metadata(values)
     except (ValueError, TypeError) as exc:
         raise PieceError(f"{where}: malformed header metadata ({exc})") from exc
-    return Mask({n: i.to(torch.int64) for n, i in indices.items()}, shapes, info)
+    fisher = _fisher(extras, indices, where)
+    return Mask({n: i.to(torch.int64) for n, i in indices.items()}, shapes, info, fisher)
+
+
+def _fisher(extras: dict[str, torch.Tensor], indices: dict[str, torch.Tensor], where: str):
+    """The optional `NAME::fisher` arrays: all or none, each fp32, finite, >= 0, one per index."""
+    if not extras:
+        return None
+    fisher = {name[: -len(FISHER)]: values for name, values in extras.items()}
+    if fisher.keys() != indices.keys():
+        raise PieceError(f"{where}: '::fisher' arrays must come with every selected tensor or none")
+    for name, values in fisher.items():
+        ok = values.dtype == torch.float32 and values.shape == indices[name].shape
+        if not ok or not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+            raise PieceError(f"{where}: '{name}{FISHER}' must hold one finite value >= 0 per index")
+    return fisher
 
 
 def _shapes(value, where: str) -> dict[str, tuple[int, ...]]:

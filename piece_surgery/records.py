@@ -67,3 +67,48 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class RetainRecord:
+    """What a retain-aware mask kept in mind: the retain text, its labels, and the damping."""
+
+    sources: list[DataRecord]  # files by name and sha256; text the model wrote itself as "self"
+    labels: str  # "empirical" (the text's own next tokens) or "sampled" (drawn from the model)
+    damping: float  # the quantile of F_retain used as delta
+    delta: float  # its value
+    fisher_scale: float  # per-token Fisher = F_retain x this (1 / sum over micro-batches of 1/tokens)
+    self_sampling: dict[str, int] | None = None  # seed, samples and length of the "self" text
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "sources": [s.to_json() for s in self.sources]}
+
+    @classmethod
+    def from_json(cls, data: Any) -> RetainRecord | None:
+        if data is None:
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
+            raise ValueError("expected an object with sources, labels, damping, delta, fisher_scale")
+        for key in ("damping", "delta", "fisher_scale"):
+            if not isinstance(data.get(key), int | float) or isinstance(data.get(key), bool):
+                raise ValueError(f"'{key}' must be a number")
+        sampling = data.get("self_sampling")
+        if sampling is not None and not isinstance(sampling, dict):
+            raise ValueError("'self_sampling' must be an object")
+        return cls(
+            sources=[DataRecord.from_json(s) for s in data["sources"]],
+            labels=str(data.get("labels")),
+            damping=float(data["damping"]),
+            delta=float(data["delta"]),
+            fisher_scale=float(data["fisher_scale"]),
+            self_sampling=sampling,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class AvoidRecord(JsonRecord):
+    """A mask or delta whose entries a mask was told to avoid (an earlier task's)."""
+
+    name: str  # its repo id, or its file or folder name
+    kind: str  # "mask" or "delta"
+    entries: int

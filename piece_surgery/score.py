@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from piece_surgery.checkpoint import enable_activation_checkpointing, open_checkpoint
+from piece_surgery.checkpoint import Checkpoint, enable_activation_checkpointing, open_checkpoint
 from piece_surgery.data import Dataset
 from piece_surgery.dtypes import dtype_name
 from piece_surgery.errors import PieceError
@@ -17,16 +19,23 @@ from piece_surgery.importance import (
     DEFAULT_EXCLUDE,
     PassStats,
     accumulate_gradients,
+    check_labels,
     check_normalization,
     data_free_scores,
     eligible_parameters,
     needs_data,
     normalize_scores,
+    piece_r_scores,
     scores_from_sums,
 )
 from piece_surgery.mask import Mask, MaskInfo, check_density, k_for_density, save_mask, select_top_k
 from piece_surgery.outputs import check_output
 from piece_surgery.progress import Progress
+from piece_surgery.records import RetainRecord
+from piece_surgery.retain import SELF, ScoringInputs, read_scoring_inputs, sample_self
+
+# delta = this quantile of F_retain; docs/evidence.md has the frontier behind it
+DEFAULT_RETAIN_DAMPING = 0.1
 
 
 @dataclass
@@ -42,13 +51,23 @@ class ScoreOptions:
     offload_accumulators: bool = False
     gradient_checkpointing: bool = False
     normalize: str = "none"  # "tensor": scores divided by each tensor's mean before the top-k
+    # piece-r: how the retain Fisher is taken and damped, and what `--retain self` samples
+    retain_labels: str = "empirical"
+    retain_damping: float = DEFAULT_RETAIN_DAMPING
+    self_samples: int = 64
+    self_length: int = 128
 
     def __post_init__(self) -> None:
         needs_data(self.method)
         check_normalization(self.normalize)
         check_density(self.density)
+        check_labels(self.retain_labels)
         if self.batch_size < 1:
             raise PieceError("--batch-size must be at least 1")
+        if not (0.0 <= self.retain_damping <= 1.0):  # also refuses nan
+            raise PieceError(f"--retain-damping {self.retain_damping} is a quantile: give a number in [0, 1]")
+        if self.self_samples < 1 or self.self_length < 2:
+            raise PieceError("--self-samples must be at least 1 and --self-length at least 2")
         for pattern in [*self.include, *self.exclude]:
             try:
                 re.compile(pattern)
@@ -77,38 +96,54 @@ def score_model(
     dataset: Dataset | None,
     options: ScoreOptions,
     *,
+    retain: Sequence[Dataset] = (),
+    avoid: dict[str, torch.Tensor] | None = None,
     pad: int = 0,
     progress: Progress | None = None,
 ) -> tuple[Mask, PassStats]:
     """Score an already loaded model and select its mask (library entry point).
 
     `keys` maps the model's parameter names to the checkpoint's tensor names (Checkpoint.keys).
+    `retain` is the text piece-r keeps the model's behaviour on; `avoid` (tensor name -> flat
+    indices) entries are never selected.
     """
     method = options.method
+    if method == "piece-r" and not retain:
+        raise PieceError("--method piece-r needs --retain (a data file of what to keep, or self)")
+    if retain and method != "piece-r":
+        raise PieceError(f"--retain is used by --method piece-r only (got {method}); see docs/training.md")
     params = eligible_parameters(model, keys, include=options.include, exclude=options.exclude)
     k = k_for_density(options.density, sum(p.numel() for p in params.values()))
-    stats = PassStats()
+    stats, fisher, retain_record = PassStats(), None, None
     if needs_data(method):
         if dataset is None:
             raise PieceError(f"method {method} needs --data")
         if options.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        sums, squares, stats = accumulate_gradients(
-            model,
-            params,
-            dataset,
-            batch_size=options.batch_size,
-            pad_id=pad,
-            keep_sum=method in ("piece-s", "piece-s-rel", "gradient"),
-            keep_squares=method in ("piece-s", "piece-s-rel", "piece-f"),
-            accumulator_device=torch.device("cpu") if options.offload_accumulators else None,
-            progress=progress.advance if progress else None,
-        )
-        scores = scores_from_sums(method, sums, squares)
+        passes = _GradientPasses(model, params, options, pad, progress)
+        if method == "piece-r":
+            retained, retain_stats = passes.retain_fisher(retain)
+            sums, _, stats = passes.run(dataset, keep_sum=True, keep_squares=False)
+            scores, delta = piece_r_scores(sums, retained, options.retain_damping)
+            retain_record = _retain_record(retain, retain_stats, options, delta)
+        else:
+            sums, squares, stats = passes.run(
+                dataset,
+                keep_sum=method in ("piece-s", "piece-s-rel", "gradient"),
+                keep_squares=method in ("piece-s", "piece-s-rel", "piece-f"),
+            )
+            scores = scores_from_sums(method, sums, squares)
     else:
         scores = data_free_scores(method, params, options.seed)
-    indices = select_top_k(normalize_scores(scores, options.normalize), k)
+    indices = select_top_k(normalize_scores(scores, options.normalize), k, exclude=avoid)
     del scores
+    if retain_record is not None:
+        scale = retain_record.fisher_scale
+        fisher = {
+            n: retained[n].reshape(-1)[i.to(retained[n].device)].float().cpu() * scale
+            for n, i in indices.items()
+        }
+        del retained
     info = MaskInfo(
         method=method,
         density=options.density,
@@ -117,9 +152,109 @@ def score_model(
         data_pass={"batches": stats.batches, "tokens": stats.tokens, "mean_loss": stats.mean_loss},
         data=dataset.record() if dataset is not None and needs_data(method) else None,
         dtype=dtype_name(next(model.parameters()).dtype),
+        retain=retain_record,
     )
     shapes = {key: tuple(p.shape) for key, p in params.items()}
-    return Mask(indices, shapes, info), stats
+    return Mask(indices, shapes, info, fisher), stats
+
+
+@dataclass
+class _GradientPasses:
+    """Passes over data that fold each micro-batch's gradient into accumulators (importance.py)."""
+
+    model: torch.nn.Module
+    params: dict[str, torch.nn.Parameter]
+    options: ScoreOptions
+    pad: int
+    progress: Progress | None
+
+    def run(self, dataset: Dataset, *, labels: str = "empirical", **keep) -> tuple[dict, dict, PassStats]:
+        return accumulate_gradients(
+            self.model,
+            self.params,
+            dataset,
+            batch_size=self.options.batch_size,
+            pad_id=self.pad,
+            accumulator_device=torch.device("cpu") if self.options.offload_accumulators else None,
+            progress=self.progress.advance if self.progress else None,
+            labels=labels,
+            seed=self.options.seed,
+            **keep,
+        )
+
+    def retain_fisher(self, retain: Sequence[Dataset]) -> tuple[dict[str, torch.Tensor], PassStats]:
+        """F_retain = sum over every retain micro-batch of g^2, in one buffer."""
+        fisher: dict[str, torch.Tensor] | None = None
+        total = PassStats()
+        for data in retain:
+            _, fisher, stats = self.run(
+                data,
+                labels=self.options.retain_labels,
+                keep_sum=False,
+                keep_squares=True,
+                squares_into=fisher,
+            )
+            total.batches += stats.batches
+            total.tokens += stats.tokens
+            total.inverse_tokens += stats.inverse_tokens
+        return fisher, total
+
+
+def _retain_record(retain: Sequence[Dataset], stats: PassStats, options: ScoreOptions, delta: float):
+    self_text = any(d.name == SELF for d in retain)
+    return RetainRecord(
+        sources=[d.record() for d in retain],
+        labels=options.retain_labels,
+        damping=options.retain_damping,
+        delta=delta,
+        # sum_b g_b^2 ~ sum_b F / T_b for a per-token Fisher F when token gradients are independent
+        fisher_scale=1.0 / stats.inverse_tokens if stats.inverse_tokens else math.nan,
+        self_sampling=(
+            {"seed": options.seed, "samples": options.self_samples, "length": options.self_length}
+            if self_text
+            else None
+        ),
+    )
+
+
+def score_loaded(
+    checkpoint: Checkpoint,
+    dataset: Dataset | None,
+    options: ScoreOptions,
+    inputs: ScoringInputs,
+    *,
+    quiet: bool = True,
+) -> tuple[Mask, PassStats]:
+    """Score a checkpoint whose model is loaded, with its retain data and avoided entries; the mask
+    records the model, the retain text (text the model writes itself is sampled here) and what it
+    avoided."""
+    retain = [
+        sample_self(
+            checkpoint,
+            samples=options.self_samples,
+            length=options.self_length,
+            seed=options.seed,
+            quiet=quiet,
+        )
+        if source == SELF
+        else source
+        for source in inputs.retain
+    ]
+    total = sum(len(d.examples) for d in [*([dataset] if dataset else []), *retain])
+    with Progress(total, "scoring", quiet=quiet or not total) as bar:
+        mask, stats = score_model(
+            checkpoint.model,
+            checkpoint.keys,
+            dataset,
+            options,
+            retain=retain,
+            avoid=inputs.avoid,
+            pad=checkpoint.pad_id,
+            progress=bar,
+        )
+    mask.info.model = checkpoint.identity
+    mask.info.avoid = inputs.avoid_records
+    return mask, stats
 
 
 def score_checkpoint(
@@ -127,6 +262,8 @@ def score_checkpoint(
     data: Path | None,
     options: ScoreOptions,
     *,
+    retain: Sequence[str | Path] = (),
+    avoid: Sequence[str] = (),
     output: Path | None = None,
     overwrite: bool = False,
     max_length: int = 512,
@@ -136,9 +273,13 @@ def score_checkpoint(
     trust_remote_code: bool = False,
     quiet: bool = True,
 ) -> Scored:
-    """Score a checkpoint (folder or Hub id) on a data file; with `output`, write the mask there."""
+    """Score a checkpoint (folder or Hub id) on a data file; with `output`, write the mask there.
+
+    `retain` (piece-r) holds data files or "self"; `avoid` masks or deltas whose entries to leave out.
+    """
     if output is not None:
-        inputs = (Path(model_ref), *([Path(data)] if data else []))
+        files = [data, *(r for r in retain if str(r) != SELF), *avoid]
+        inputs = (Path(model_ref), *(Path(f) for f in files if f is not None))
         check_output(Path(output), overwrite=overwrite, inputs=inputs, kind="file")
     if needs_data(options.method) and data is None:
         raise PieceError(f"--data is required for method {options.method}")
@@ -148,17 +289,13 @@ def score_checkpoint(
     dataset = None
     if needs_data(options.method):
         dataset = checkpoint.load_data(data, max_length=max_length, max_samples=max_samples, quiet=quiet)
-    model = checkpoint.load_model(device=device, dtype=dtype, quiet=quiet)
-    total = len(dataset.examples) if dataset else 0
-    with Progress(total, "scoring", quiet=quiet or not total) as bar:
-        mask, stats = score_model(
-            model, checkpoint.keys, dataset, options, pad=checkpoint.pad_id, progress=bar
-        )
-    mask.info.model = checkpoint.identity
+    inputs = read_scoring_inputs(checkpoint, retain, avoid, max_length=max_length, quiet=quiet)
+    checkpoint.load_model(device=device, dtype=dtype, quiet=quiet)
+    mask, stats = score_loaded(checkpoint, dataset, options, inputs, quiet=quiet)
     mask.info.options["max_samples"] = max_samples
     if output is not None:
         save_mask(mask, Path(output))
     return Scored(mask, stats, dataset)
 
 
-__all__ = ["ScoreOptions", "Scored", "score_checkpoint", "score_model"]
+__all__ = ["ScoreOptions", "Scored", "score_checkpoint", "score_loaded", "score_model"]

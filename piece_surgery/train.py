@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
@@ -14,7 +15,8 @@ from piece_surgery.errors import PieceError
 from piece_surgery.mask import Mask, check_mask_fits
 from piece_surgery.outputs import check_output, remove_stale_temporaries
 from piece_surgery.progress import Progress
-from piece_surgery.score import ScoreOptions, score_model
+from piece_surgery.retain import SELF, read_scoring_inputs
+from piece_surgery.score import ScoreOptions, score_loaded
 from piece_surgery.train_state import remove_state
 from piece_surgery.trainer import TrainConfig, TrainResult, total_steps, train_sparse
 
@@ -38,6 +40,8 @@ def train_checkpoint(
     *,
     mask_ref: str | None = None,
     score_options: ScoreOptions | None = None,
+    retain: Sequence[str | Path] = (),
+    avoid: Sequence[str] = (),
     eval_data: Path | None = None,
     max_length: int = 512,
     max_samples: int | None = None,
@@ -48,12 +52,17 @@ def train_checkpoint(
     trust_remote_code: bool = False,
     quiet: bool = True,
 ) -> Trained:
-    """Score (unless `mask_ref` names a mask), train the masked entries, write the delta folder."""
+    """Score (unless `mask_ref` names a mask; `retain` and `avoid` as for score_checkpoint), train
+    the masked entries, write the delta folder."""
     output = Path(output)
-    inputs = [Path(model_ref), Path(data), *(Path(p) for p in (mask_ref, eval_data) if p)]
+    files = [mask_ref, eval_data, *(r for r in retain if str(r) != SELF), *avoid]
+    inputs = [Path(model_ref), Path(data), *(Path(p) for p in files if p)]
     check_output(output, overwrite=overwrite, inputs=tuple(inputs))
-    if mask_ref is not None and score_options is not None:
-        raise PieceError("scoring options (--method, --density, ...) do nothing with --mask; leave them out")
+    if mask_ref is not None and (score_options is not None or retain or avoid):
+        raise PieceError(
+            "scoring options (--method, --density, --retain, --avoid, ...) do nothing with --mask; "
+            "leave them out"
+        )
     if config.eval_every and eval_data is None:
         raise PieceError("--eval-every needs --eval-data (held-out data to evaluate on)")
     state_dir = state_dir_for(output)
@@ -71,14 +80,19 @@ def train_checkpoint(
         check_mask_fits(mask, checkpoint, f"mask '{mask_ref}'")
     dataset = checkpoint.load_data(data, max_length=max_length, max_samples=max_samples, quiet=quiet)
     eval_set = checkpoint.load_data(eval_data, max_length=max_length, quiet=quiet) if eval_data else None
+    scoring = read_scoring_inputs(checkpoint, retain, avoid, max_length=max_length, quiet=quiet)
     model = checkpoint.load_model(device=device, dtype=dtype, quiet=quiet)
     if mask is None:
-        mask = _score_for_training(checkpoint, dataset, score_options or ScoreOptions(), max_samples, quiet)
+        mask, _ = score_loaded(checkpoint, dataset, score_options or ScoreOptions(), scoring, quiet=quiet)
+        mask.info.options["max_samples"] = max_samples
     resume_key = {"model": checkpoint.identity.fingerprint, "data": dataset.sha256, "mask": mask.digest()}
     with Progress(total_steps(len(dataset.examples), config), "training", quiet=quiet, unit="step") as bar:
 
         def report(n: int, record: dict) -> None:
-            bar.note(loss=f"{record['loss']:.4f}")
+            notes = {"loss": f"{record['loss']:.4f}"}
+            if "predicted_drift" in record:
+                notes["drift"] = f"{record['predicted_drift']:.3g}"
+            bar.note(**notes)
             bar.advance(n)
 
         result = train_sparse(
@@ -93,6 +107,7 @@ def train_checkpoint(
             resume=resume,
             resume_key=resume_key,
             progress=report,
+            fisher=mask.fisher,
         )
     delta = _delta_of(
         checkpoint, mask, result, _provenance(mask, config, dataset, eval_set, result, max_length)
@@ -100,19 +115,6 @@ def train_checkpoint(
     save_delta(delta, output)
     remove_state(state_dir)
     return Trained(delta, result, mask)
-
-
-def _score_for_training(
-    checkpoint: Checkpoint, dataset: Dataset, options: ScoreOptions, max_samples: int | None, quiet: bool
-) -> Mask:
-    """Score the loaded model on the training data, as the paper does before training."""
-    with Progress(len(dataset.examples), "scoring", quiet=quiet) as bar:
-        mask, _ = score_model(
-            checkpoint.model, checkpoint.keys, dataset, options, pad=checkpoint.pad_id, progress=bar
-        )
-    mask.info.model = checkpoint.identity
-    mask.info.options["max_samples"] = max_samples
-    return mask
 
 
 def _delta_of(checkpoint: Checkpoint, mask: Mask, result: TrainResult, provenance: TrainProvenance) -> Delta:
@@ -151,4 +153,6 @@ def _provenance(
         steps=result.steps,
         final_train_loss=result.train_loss,
         final_eval_loss=result.eval_loss,
+        predicted_drift=result.predicted_drift,
+        stopped_by_drift_budget=result.stopped_by_drift_budget,
     )

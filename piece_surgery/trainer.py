@@ -49,6 +49,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # norm gains scale whole channels, so they may want a smaller step than matrix entries
     norm_lr_scale: float = 1.0
+    # with a mask that carries the retain Fisher F (piece-r): stop once the predicted drift
+    # 1/2 sum F d^2 reaches this, and/or add the penalty retain_weight/2 sum F d^2 to the loss
+    drift_budget: float | None = None
+    retain_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.lr <= MAX_LR:
@@ -70,6 +74,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):  # also refuses nan
                 raise PieceError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if self.drift_budget is not None and not (self.drift_budget > 0 and math.isfinite(self.drift_budget)):
+            raise PieceError(f"--drift-budget must be a positive number, got {self.drift_budget}")
+        if not (self.retain_weight >= 0 and math.isfinite(self.retain_weight)):
+            raise PieceError(f"--retain-weight must be a finite number >= 0, got {self.retain_weight}")
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise PieceError("--betas must be two numbers in [0, 1), e.g. 0.9,0.95")
@@ -92,6 +100,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     resumed_from: int | None = None
     optimizer_state: dict[str, int] = field(default_factory=dict)  # state name -> total entries
+    predicted_drift: float | None = None  # 1/2 sum F d^2 at the end (a mask with the retain Fisher)
+    stopped_by_drift_budget: bool = False
 
 
 class TrainingDiverged(PieceError):
@@ -143,6 +153,7 @@ def train_sparse(
     resume_key: dict | None = None,
     progress: Callable[[int, dict], None] | None = None,
     sparse_linear: bool = True,
+    fisher: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train the masked entries of `params` (tensor name -> model parameter) in place.
 
@@ -150,32 +161,22 @@ def train_sparse(
     `state_dir` and `config.save_every`, a resumable state is written there atomically every
     `save_every` steps; `resume=True` continues from it (`resume_key` must match the saved one).
     `sparse_linear=False` computes every masked tensor's dense gradient and keeps its k entries
-    (the slower reference path).
+    (the slower reference path). `fisher` (tensor name -> the retain Fisher at the mask's entries)
+    gives the predicted drift of every step, for `drift_budget` and `retain_weight`.
     """
-    if not dataset.examples:
-        raise PieceError("the training data has no examples")
+    _check_inputs(dataset, config, fisher)
     sparse = SparseParameters(params, indices)
+    drift = DriftEstimate(sparse, fisher) if fisher is not None else None
     optimizer = _adamw(sparse, config)
     total = total_steps(len(dataset.examples), config)
     resume_key = {**(resume_key or {}), "config": config.resume_key()}
-    start, history = load_state(state_dir, sparse, optimizer, resume_key) if resume else (0, [])
-    if start > total:
-        raise PieceError(
-            f"--resume: the saved state is at step {start}, past the {total} steps this run asks for; "
-            "raise --max-steps or --epochs, or start afresh without --resume"
-        )
-    if not resume:
-        torch.manual_seed(config.seed)
-    sparse.attach(model, sparse_linear=sparse_linear)
-    if config.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-        if hasattr(model, "enable_input_require_grads"):  # checkpointed layers need a grad input
-            model.enable_input_require_grads()
+    start, history = _starting_point(state_dir, sparse, optimizer, resume_key, resume, total, config.seed)
+    _prepare_model(model, sparse, config, sparse_linear)
     autocast = _use_bf16_autocast(model)
-    model.train()
     train_loss = history[-1]["loss"] if history else None
     eval_loss = None
     last_saved = start if resume else None
+    stopped = False
     try:
         for step in range(start, total):
             sparse.write()
@@ -185,15 +186,12 @@ def train_sparse(
                     f"the loss became {train_loss} at step {step + 1}: lower --lr or check the data"
                     + _last_good(last_saved, state_dir)
                 )
-            if config.clip > 0:
-                torch.nn.utils.clip_grad_norm_(list(sparse.values.values()), config.clip)
             factor = lr_factor(step, total, config)
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * group["lr_scale"] * factor
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            _optimizer_step(sparse, optimizer, config, factor, drift)
             _check_finite_values(sparse, step, last_saved, state_dir)
             record = {"step": step + 1, "loss": train_loss, "lr": config.lr * factor}
+            if drift is not None:
+                record["predicted_drift"] = drift.value()
             if eval_dataset is not None and config.eval_every and (step + 1) % config.eval_every == 0:
                 sparse.write()
                 eval_loss = record["eval_loss"] = evaluate(model, eval_dataset, config.batch_size, pad_id)
@@ -203,6 +201,9 @@ def train_sparse(
             if state_dir is not None and config.save_every and (step + 1) % config.save_every == 0:
                 save_state(state_dir, sparse, optimizer, step + 1, history, resume_key)
                 last_saved = step + 1
+            if config.drift_budget and record.get("predicted_drift", 0.0) >= config.drift_budget:
+                stopped = True
+                break
         sparse.write()
         if eval_dataset is not None and (eval_loss is None or history[-1].get("eval_loss") is None):
             eval_loss = evaluate(model, eval_dataset, config.batch_size, pad_id)
@@ -210,16 +211,101 @@ def train_sparse(
         sparse.detach()
         for p in model.parameters():
             p.grad = None
-    values = {n: v.detach().cpu() for n, v in sparse.values.items()}
     return TrainResult(
-        values,
-        max(total, start),
-        train_loss,
-        eval_loss,
-        history,
-        start if resume else None,
-        _optimizer_state_sizes(optimizer),
+        values={n: v.detach().cpu() for n, v in sparse.values.items()},
+        steps=history[-1]["step"] if stopped else max(total, start),
+        train_loss=train_loss,
+        eval_loss=eval_loss,
+        history=history,
+        resumed_from=start if resume else None,
+        optimizer_state=_optimizer_state_sizes(optimizer),
+        predicted_drift=drift.value() if drift is not None else None,
+        stopped_by_drift_budget=stopped,
     )
+
+
+def _check_inputs(dataset: Dataset, config: TrainConfig, fisher) -> None:
+    if not dataset.examples:
+        raise PieceError("the training data has no examples")
+    if (config.drift_budget or config.retain_weight) and fisher is None:
+        raise PieceError(
+            "--drift-budget and --retain-weight need a mask that carries the retain Fisher: "
+            "score with --method piece-r --retain ..."
+        )
+
+
+def _starting_point(
+    state_dir: Path | None,
+    sparse: SparseParameters,
+    optimizer: torch.optim.Optimizer,
+    resume_key: dict,
+    resume: bool,
+    total: int,
+    seed: int,
+) -> tuple[int, list]:
+    """(first step, history): 0 and none for a fresh run (seeded), the saved ones on --resume."""
+    if not resume:
+        torch.manual_seed(seed)
+        return 0, []
+    start, history = load_state(state_dir, sparse, optimizer, resume_key)
+    if start > total:
+        raise PieceError(
+            f"--resume: the saved state is at step {start}, past the {total} steps this run asks for; "
+            "raise --max-steps or --epochs, or start afresh without --resume"
+        )
+    return start, history
+
+
+def _prepare_model(
+    model: torch.nn.Module, sparse: SparseParameters, config: TrainConfig, sparse_linear: bool
+):
+    sparse.attach(model, sparse_linear=sparse_linear)
+    if config.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+        if hasattr(model, "enable_input_require_grads"):  # checkpointed layers need a grad input
+            model.enable_input_require_grads()
+    model.train()
+
+
+def _optimizer_step(
+    sparse: SparseParameters,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    factor: float,
+    drift: DriftEstimate | None,
+) -> None:
+    """Penalty, clipping, the scheduled learning rate, one AdamW step over the values."""
+    if drift is not None and config.retain_weight:
+        drift.add_penalty_gradient(config.retain_weight)
+    if config.clip > 0:
+        torch.nn.utils.clip_grad_norm_(list(sparse.values.values()), config.clip)
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * group["lr_scale"] * factor
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class DriftEstimate:
+    """The drift a change d of the trained values is predicted to cost: 1/2 sum_i F_i d_i^2, with F
+    the per-token retain Fisher at the mask's entries (the second-order KL from the base), O(k)."""
+
+    def __init__(self, sparse: SparseParameters, fisher: dict[str, torch.Tensor]):
+        self.values = sparse.values
+        self.start = {n: v.detach().clone() for n, v in sparse.values.items()}  # the base values
+        self.fisher = {n: fisher[n].to(v.device, torch.float32) for n, v in sparse.values.items()}
+
+    def value(self) -> float:
+        total = 0.0
+        for name, v in self.values.items():
+            d = v.detach() - self.start[name]
+            total += 0.5 * float((self.fisher[name] * d * d).sum(dtype=torch.float64))
+        return total
+
+    def add_penalty_gradient(self, weight: float) -> None:
+        """The gradient of weight/2 sum F d^2 (weight F d), added to the values' gradients."""
+        for name, v in self.values.items():
+            penalty = weight * self.fisher[name] * (v.detach() - self.start[name])
+            v.grad = penalty if v.grad is None else v.grad.add_(penalty)
 
 
 def _last_good(last_saved: int | None, state_dir: Path | None) -> str:

@@ -1,0 +1,111 @@
+"""What selection must respect: the text a model must keep (retain files, or text the model writes
+itself) and the entries of earlier tasks to leave alone (--avoid)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from piece_surgery.artifacts import open_artifact
+from piece_surgery.checkpoint import Checkpoint
+from piece_surgery.data import Dataset, Example
+from piece_surgery.errors import PieceError
+from piece_surgery.progress import working
+from piece_surgery.records import AvoidRecord
+
+SELF = "self"  # --retain self: text sampled from the model itself
+
+
+@dataclass
+class ScoringInputs:
+    """Retain data and avoided entries, read and checked before the model is loaded."""
+
+    retain: list[Dataset | str] = field(default_factory=list)  # datasets, and SELF where it goes
+    avoid: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor name -> flat indices
+    avoid_records: list[AvoidRecord] = field(default_factory=list)
+
+
+def read_scoring_inputs(
+    checkpoint: Checkpoint,
+    retain: Sequence[str | Path] = (),
+    avoid: Sequence[str] = (),
+    *,
+    max_length: int = 512,
+    quiet: bool = True,
+) -> ScoringInputs:
+    inputs = ScoringInputs()
+    for ref in retain:
+        if str(ref) == SELF:
+            inputs.retain.append(SELF)
+        else:
+            inputs.retain.append(checkpoint.load_data(Path(ref), max_length=max_length, quiet=quiet))
+    for ref in avoid:
+        entries, record = _avoided(ref, checkpoint)
+        for name, idx in entries.items():
+            inputs.avoid[name] = torch.unique(torch.cat([inputs.avoid.get(name, idx), idx]))
+        inputs.avoid_records.append(record)
+    return inputs
+
+
+def _avoided(ref: str, checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], AvoidRecord]:
+    """The entries a mask selects or a delta changes, checked against this model's tensors."""
+    artifact = open_artifact(ref)
+    if artifact.mask is not None:
+        entries = artifact.mask.indices
+        shapes = {n: artifact.mask.shapes[n] for n in entries}
+    else:
+        entries = {n: t.indices for n, t in artifact.delta.tensors.items()}
+        shapes = {n: t.shape for n, t in artifact.delta.tensors.items()}
+    for name in entries:
+        if name not in checkpoint.layout:
+            raise PieceError(f"--avoid '{ref}' names tensor '{name}', which this model does not have")
+        if tuple(checkpoint.layout[name].shape) != tuple(shapes[name]):
+            raise PieceError(
+                f"--avoid '{ref}': tensor '{name}' is {list(shapes[name])} there but "
+                f"{list(checkpoint.layout[name].shape)} in this model"
+            )
+    count = sum(int(i.numel()) for i in entries.values())
+    return dict(entries), AvoidRecord(artifact.source.name, artifact.kind, count)
+
+
+def sample_self(
+    checkpoint: Checkpoint, *, samples: int, length: int, seed: int, batch_size: int = 8, quiet: bool = True
+) -> Dataset:
+    """`samples` texts of `length` tokens the loaded model writes itself (temperature 1, no top-k or
+    top-p), each from the tokenizer's BOS token (else EOS); the same texts for the same seed."""
+    from transformers import GenerationConfig
+
+    model, tokenizer = checkpoint.model, checkpoint.load_tokenizer()
+    start = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        min_new_tokens=length,
+        max_new_tokens=length,
+        pad_token_id=checkpoint.pad_id,
+    )
+    device = next(model.parameters()).device
+    texts: list[list[int]] = []
+    was_training = model.training
+    model.eval()
+    with (
+        working(f"writing {samples} retain texts with the model", quiet=quiet),
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+    ):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for begin in range(0, samples, batch_size):
+                n = min(batch_size, samples - begin)
+                prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
+                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+                texts.extend(out.cpu().tolist())
+    model.train(was_training)
+    digest = hashlib.sha256(torch.tensor(texts, dtype=torch.int64).numpy().tobytes()).hexdigest()
+    examples = [Example(ids, list(ids)) for ids in texts]
+    return Dataset(examples, SELF, digest, len(examples), 0, length + 1)

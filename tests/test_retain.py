@@ -1,0 +1,287 @@
+"""Retain-aware selection (piece-r), --retain self, --avoid, and the O(k) drift estimate, against
+independent brute-force computations."""
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import assert_clean_failure
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_score import as_lists, brute_force_top_k
+
+from piece_surgery.checkpoint import open_checkpoint
+from piece_surgery.importance import eligible_parameters, quantile
+from piece_surgery.mask import load_mask, save_mask
+from piece_surgery.score import ScoreOptions, score_checkpoint
+
+TINY = torch.finfo(torch.float32).tiny
+
+
+@pytest.fixture
+def general_data(tmp_path):
+    """The retain set: text unlike the code data."""
+    path = tmp_path / "general.txt"
+    path.write_text(
+        "Mathematics studies numbers, shapes and structure.\n"
+        "Biology studies living things and how they grow.\n"
+        "The quick brown fox jumps over the lazy dog.\n"
+        "Sparse updates keep general ability.\n"
+    )
+    return path
+
+
+def per_batch_gradients(folder, data, *, sampled_seed=None):
+    """torch.autograd.grad of each micro-batch's (size 1) mean token loss, on the data's labels or
+    on labels drawn from the model (one seeded generator, draws in micro-batch order); also each
+    micro-batch's loss-bearing tokens."""
+    checkpoint = open_checkpoint(folder)
+    dataset = checkpoint.load_data(data)
+    model = checkpoint.load_model(device="cpu", dtype="float32").eval()
+    params = eligible_parameters(model, checkpoint.keys)
+    generator = torch.Generator().manual_seed(sampled_seed) if sampled_seed is not None else None
+    grads, tokens = [], []
+    for example in dataset.examples:
+        ids = torch.tensor([example.input_ids])
+        logits = model(input_ids=ids).logits[0].float()
+        targets = torch.tensor(example.labels[1:])
+        if generator is not None:
+            drawn = torch.multinomial(
+                torch.softmax(logits[:-1].detach(), -1), 1, generator=generator
+            ).flatten()
+            targets = torch.where(targets != -100, drawn, targets)
+        keep = targets != -100
+        loss = torch.nn.functional.cross_entropy(logits[:-1][keep], targets[keep])
+        grads.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True)))
+        tokens.append(int(keep.sum()))
+    return grads, tokens
+
+
+def brute_force_piece_r(folder, data, retain, damping, labels):
+    domain, _ = per_batch_gradients(folder, data)
+    retained, tokens = per_batch_gradients(folder, retain, sampled_seed=0 if labels == "sampled" else None)
+    names = list(domain[0])
+    g = {n: sum(b[n] for b in domain) for n in names}
+    fisher = {n: sum(b[n] ** 2 for b in retained) for n in names}
+    everything = torch.cat([fisher[n].flatten() for n in names]).sort().values
+    delta = max(float(everything[math.floor(damping * (everything.numel() - 1))]), TINY)
+    scores = {n: g[n] ** 2 / (fisher[n] + delta) for n in names}
+    return scores, fisher, delta, 1.0 / sum(1.0 / t for t in tokens)
+
+
+@pytest.mark.parametrize("labels", ["empirical", "sampled"])
+@pytest.mark.parametrize("damping", [0.1, 0.9])
+def test_piece_r_matches_brute_force(tiny, code_data, general_data, labels, damping):
+    folder = tiny("llama")
+    options = ScoreOptions(method="piece-r", density=0.02, retain_labels=labels, retain_damping=damping)
+    mask, _, _ = score_checkpoint(str(folder), code_data, options, retain=[general_data], device="cpu")
+    scores, fisher, delta, scale = brute_force_piece_r(folder, code_data, general_data, damping, labels)
+    assert mask.info.retain.delta == pytest.approx(delta, rel=1e-5)
+    assert as_lists(mask.indices) == brute_force_top_k(scores, mask.k)
+    for name, idx in mask.indices.items():  # the mask carries the per-token Fisher of its entries
+        torch.testing.assert_close(
+            mask.fisher[name], fisher[name].flatten()[idx] * scale, rtol=1e-4, atol=1e-12
+        )
+    record = mask.info.retain
+    assert record.labels == labels and record.damping == damping
+    assert record.sources[0].file == "general.txt" and record.sources[0].examples == 4
+
+
+def test_sampled_and_empirical_labels_differ(tiny, code_data, general_data):
+    folder = str(tiny("llama"))
+    masks = [
+        score_checkpoint(
+            folder,
+            code_data,
+            ScoreOptions(method="piece-r", density=0.02, retain_labels=lab),
+            retain=[general_data],
+        ).mask
+        for lab in ("empirical", "sampled")
+    ]
+    assert masks[0].info.retain.delta != masks[1].info.retain.delta
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    values=st.lists(
+        st.sampled_from([0.0, 1e-30, 1e-8, 0.5, 0.5, 2.0, 3e38]) | st.floats(0, 10), min_size=1, max_size=40
+    ),
+    q=st.floats(0, 1),
+    split=st.integers(0, 40),
+)
+def test_quantile_matches_sorting(values, q, split):
+    t = torch.tensor(values, dtype=torch.float32)
+    tensors = {"a": t[:split], "b": t[split:]}
+    expected = float(t.sort().values[math.floor(q * (t.numel() - 1))])
+    assert quantile(tensors, q) == expected
+
+
+def test_self_text_is_seeded_and_recorded(tiny, code_data, tmp_path):
+    from piece_surgery.retain import sample_self
+
+    checkpoint = open_checkpoint(tiny("llama"))
+    checkpoint.load_model(device="cpu", dtype="float32")
+    a = sample_self(checkpoint, samples=5, length=7, seed=3)
+    b = sample_self(checkpoint, samples=5, length=7, seed=3)
+    c = sample_self(checkpoint, samples=5, length=7, seed=4)
+    assert [e.input_ids for e in a.examples] == [e.input_ids for e in b.examples]
+    assert [e.input_ids for e in a.examples] != [e.input_ids for e in c.examples]
+    assert len(a.examples) == 5 and all(len(e.input_ids) == 8 for e in a.examples)
+    assert a.sha256 == b.sha256 != c.sha256
+    options = ScoreOptions(method="piece-r", density=0.02, self_samples=5, self_length=7, seed=3)
+    out = tmp_path / "m.safetensors"
+    score_checkpoint(str(tiny("llama")), code_data, options, retain=["self"], output=out, device="cpu")
+    record = load_mask(out).info.retain
+    assert record.self_sampling == {"seed": 3, "samples": 5, "length": 7}
+    assert record.sources[0].file == "self" and record.sources[0].sha256 == a.sha256
+
+
+def test_avoid_excludes_exactly_the_avoided_entries(tiny, code_data, tmp_path, cli):
+    from test_score import brute_force_scores
+
+    folder = tiny("llama")
+    first = tmp_path / "first.safetensors"
+    assert cli("score", folder, "--data", code_data, "-o", first, "--density", "0.01", "-q")[0] == 0
+    avoided = load_mask(first).indices
+    options = ScoreOptions(method="piece-s", density=0.01)
+    mask, _, _ = score_checkpoint(str(folder), code_data, options, avoid=[str(first)], device="cpu")
+    scores = brute_force_scores(folder, code_data, "piece-s", batch_size=1)
+    for name, idx in avoided.items():
+        scores[name].view(-1)[idx] = -1.0  # below every real score: never among the top k
+    assert as_lists(mask.indices) == brute_force_top_k(scores, mask.k)
+    for name, idx in mask.indices.items():
+        assert not set(idx.tolist()) & set(avoided.get(name, torch.tensor([])).tolist())
+    assert mask.info.avoid[0].kind == "mask" and mask.info.avoid[0].entries == sum(
+        i.numel() for i in avoided.values()
+    )
+
+
+def piece_r_mask(folder, code_data, general_data, path):
+    options = ScoreOptions(method="piece-r", density=0.05)
+    score_checkpoint(str(folder), code_data, options, retain=[general_data], output=path, device="cpu")
+    return load_mask(path)
+
+
+def test_predicted_drift_is_half_sum_of_fisher_times_squared_change(
+    tiny, code_data, general_data, tmp_path, cli
+):
+    from piece_surgery.delta import load_delta
+
+    folder = tiny("llama")
+    mask = piece_r_mask(folder, code_data, general_data, tmp_path / "m.safetensors")
+    code, stdout, err = cli(
+        "train", folder, "--data", code_data, "--mask", tmp_path / "m.safetensors", "-o", tmp_path / "d",
+        "--lr", "1e-2", "--max-steps", "4", "--json", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    delta = load_delta(tmp_path / "d")
+    expected = 0.0
+    for name, t in delta.tensors.items():
+        fisher = mask.fisher[name][torch.searchsorted(mask.indices[name], t.indices)]
+        expected += 0.5 * float((fisher.double() * t.change() ** 2).sum())
+    reported = json.loads(stdout)["predicted_drift"]
+    assert expected > 0 and reported == pytest.approx(expected, rel=1e-5)
+    assert delta.info.provenance.predicted_drift == pytest.approx(expected, rel=1e-5)
+
+
+def test_drift_budget_stops_training(tiny, code_data, general_data, tmp_path, cli):
+    folder = tiny("llama")
+    piece_r_mask(folder, code_data, general_data, tmp_path / "m.safetensors")
+    common = [
+        "--data",
+        code_data,
+        "--mask",
+        tmp_path / "m.safetensors",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "1",
+        "-q",
+    ]
+    code, stdout, _ = cli("train", folder, *common, "-o", tmp_path / "full", "--max-steps", "10", "--json")
+    full = json.loads(stdout)
+    assert code == 0 and full["steps"] == 10 and not full["stopped_by_drift_budget"]
+    budget = full["predicted_drift"] / 3
+    code, stdout, _ = cli(
+        "train",
+        folder,
+        *common,
+        "-o",
+        tmp_path / "cut",
+        "--max-steps",
+        "10",
+        "--json",
+        "--drift-budget",
+        str(budget),
+    )
+    cut = json.loads(stdout)
+    assert code == 0 and cut["stopped_by_drift_budget"] and cut["steps"] < 10
+    assert cut["predicted_drift"] >= budget
+
+
+def test_retain_weight_adds_its_gradient_and_drifts_less(tiny, code_data, general_data, tmp_path):
+    from piece_surgery.sparse_grad import SparseParameters
+    from piece_surgery.trainer import DriftEstimate
+
+    params = {"w": torch.nn.Parameter(torch.zeros(4, 3))}
+    sparse = SparseParameters(params, {"w": torch.tensor([1, 4, 10])})
+    drift = DriftEstimate(sparse, {"w": torch.tensor([2.0, 0.5, 3.0])})
+    with torch.no_grad():
+        sparse.values["w"] += torch.tensor([0.1, -0.2, 0.3])
+    drift.add_penalty_gradient(4.0)
+    torch.testing.assert_close(
+        sparse.values["w"].grad, 4.0 * torch.tensor([2.0, 0.5, 3.0]) * torch.tensor([0.1, -0.2, 0.3])
+    )
+    assert drift.value() == pytest.approx(0.5 * (2.0 * 0.01 + 0.5 * 0.04 + 3.0 * 0.09))
+
+    from piece_surgery.train import train_checkpoint
+    from piece_surgery.trainer import TrainConfig
+
+    folder = tiny("llama")
+    piece_r_mask(folder, code_data, general_data, tmp_path / "m.safetensors")
+    runs = {}
+    for weight in (0.0, 1e4):
+        config = TrainConfig(lr=1e-2, max_steps=4, batch_size=2, retain_weight=weight)
+        runs[weight] = train_checkpoint(
+            str(folder), code_data, tmp_path / f"d{weight}", config, mask_ref=str(tmp_path / "m.safetensors")
+        ).result.predicted_drift
+    assert runs[1e4] < runs[0.0]
+
+
+def test_the_fisher_travels_in_the_mask_file(tiny, code_data, general_data, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    mask = piece_r_mask(tiny("llama"), code_data, general_data, tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert {f"{n}::fisher" for n in mask.indices} <= keys
+    save_mask(mask, tmp_path / "again.safetensors")
+    again = load_mask(tmp_path / "again.safetensors")
+    assert all(torch.equal(again.fisher[n], mask.fisher[n]) for n in mask.indices)
+    tensors["model.norm.weight::a-future-extra"] = torch.zeros(3)  # extras a reader does not know
+    save_file(tensors, tmp_path / "extra.safetensors", metadata=meta)
+    assert as_lists(load_mask(tmp_path / "extra.safetensors").indices) == as_lists(mask.indices)
+
+
+def test_bad_retain_input(tiny, code_data, general_data, tmp_path, cli):
+    folder = tiny("llama")
+    out = tmp_path / "m.safetensors"
+    base = ["score", folder, "--data", code_data, "-o", out, "-q", "--method", "piece-r"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert_clean_failure(cli(*base, "--retain", tmp_path / "missing.txt"), "not found", output=out)
+    assert_clean_failure(cli(*base, "--retain", empty), "has no examples", output=out)
+    for damping in ("-0.1", "1.5", "nan"):
+        result = cli(*base, "--retain", general_data, f"--retain-damping={damping}")
+        assert_clean_failure(result, "is a quantile: give a number in [0, 1]", output=out)
+    assert_clean_failure(cli(*base), "needs --retain", output=out)
+    result = cli("score", folder, "--data", code_data, "-o", out, "--retain", general_data, "-q")
+    assert_clean_failure(result, "--retain is used by --method piece-r only", output=out)
+    result = cli(*base, "--retain", general_data, "--self-samples", "4")
+    assert_clean_failure(result, "need --retain self", output=out)
+    assert cli("score", tiny("gpt2"), "--data", code_data, "-o", tmp_path / "g.safetensors", "-q")[0] == 0
+    result = cli(*base, "--retain", general_data, "--avoid", tmp_path / "g.safetensors")
+    assert_clean_failure(result, "which this model does not have", output=out)
