@@ -7,7 +7,11 @@ FOLDER), train each method on the same domain data, steps, batch and sequence le
   domain topics), and the general loss itself;
 - the frontier: one point per method x learning rate, domain gain against drift.
 Then the sequential setting: task B trained on the model left by task A (the mask rescored on it),
-reporting backward transfer on task A and the final drift.
+reporting backward transfer on task A and the final drift. piece-r (retain-aware) runs also record
+the drift their mask's retain Fisher predicts, next to the measured one.
+
+Retain sets (piece-r): "general" is Wikipedia summaries disjoint from the drift set; "self" is text
+the model writes itself; "taskA" (sequential only) is task A's training data.
 
 Run: python benchmarks/continual.py [--steps 24 --max-length 96] [--out benchmarks/results]
 Plug other data in with --task NAME=TRAIN.jsonl:TEST.jsonl and --general FILE.
@@ -33,6 +37,7 @@ from common import smollm2_folder, stdlib_code_lines, wiki_records, write_jsonl 
 from piece_surgery.checkpoint import Checkpoint, open_checkpoint, parameter_keys  # noqa: E402
 from piece_surgery.data import Dataset, collate  # noqa: E402
 from piece_surgery.loss import batch_logits, mean_token_loss  # noqa: E402
+from piece_surgery.retain import sample_self  # noqa: E402
 from piece_surgery.score import ScoreOptions, score_model  # noqa: E402
 from piece_surgery.trainer import TrainConfig, step_examples, train_sparse  # noqa: E402
 
@@ -46,6 +51,10 @@ class Method:
     norm_lr_scale: float | None = None  # sparse only: norm gains train at lr x this (None: same lr)
     schedule: str = "constant"
     warmup_steps: int = 0
+    retain: tuple[str, ...] = ()  # piece-r: names of retain sets ("general", "self", "taskA")
+    retain_weight: float = 0.0  # piece-r: the penalty retain_weight/2 sum F d^2 while training
+    avoid_previous: bool = False  # sequential: task B's mask leaves out task A's entries
+    frontier: bool = True  # False: a sequential-only variant
 
 
 def methods(density: float) -> list[Method]:
@@ -82,13 +91,74 @@ def methods(density: float) -> list[Method]:
             schedule="cosine",
             warmup_steps=4,
         ),
+        *retain_aware_methods(density),
+    ]
+
+
+def retain_aware_methods(density: float) -> list[Method]:
+    """piece-r (issue 13): retain sets, damping quantiles, labels, density, penalty."""
+    r = lambda q=0.1, d=density, **kw: ScoreOptions(method="piece-r", density=d, retain_damping=q, **kw)  # noqa: E731
+    lrs = [1e-4, 3e-4, 1e-3, 3e-3]
+    own = {"self_samples": 64, "self_length": 96}
+    return [
+        Method("piece-r q10, retain wiki", "sparse", lrs, r(), retain=("general",)),
+        Method("piece-r q01, retain wiki", "sparse", [1e-3, 3e-3, 1e-2], r(0.01), retain=("general",)),
+        Method("piece-r q50, retain wiki", "sparse", [3e-4, 1e-3, 3e-3], r(0.5), retain=("general",)),
+        Method("piece-r q10, retain self", "sparse", lrs, r(**own), retain=("self",)),
+        Method(
+            "piece-r q10, retain self, sampled labels",
+            "sparse",
+            [1e-3, 3e-3],
+            r(retain_labels="sampled", **own),
+            retain=("self",),
+        ),
+        Method(
+            "piece-r q10, retain wiki, sampled labels",
+            "sparse",
+            [1e-3, 3e-3],
+            r(retain_labels="sampled"),
+            retain=("general",),
+        ),
+        Method(
+            "piece-r q10 1%, retain wiki",
+            "sparse",
+            [1e-4, 3e-4, 1e-3],
+            r(d=10 * density),
+            retain=("general",),
+        ),
+        Method(
+            "piece-r q10, retain wiki, weight 10",
+            "sparse",
+            [1e-3, 3e-3, 1e-2],
+            r(),
+            retain=("general",),
+            retain_weight=10.0,
+        ),
+        Method(
+            "piece-r q10, retain wiki + task A",
+            "sparse",
+            lrs,
+            r(),
+            retain=("general", "taskA"),
+            frontier=False,
+        ),
+        Method(
+            "piece-r q10, retain wiki + task A, avoid A",
+            "sparse",
+            lrs,
+            r(),
+            retain=("general", "taskA"),
+            avoid_previous=True,
+            frontier=False,
+        ),
     ]
 
 
 # ---------------------------------------------------------------- data
 
 
-def default_data(work: Path, n_train: int, n_test: int, n_general: int) -> tuple[dict, Path]:
+def default_data(work: Path, n_train: int, n_test: int, n_general: int) -> tuple[dict, Path, Path]:
+    """Tasks (train, test), the general drift set, and a general retain set disjoint from it."""
     rng = random.Random(0)
     code = stdlib_code_lines(n_train + n_test, min_chars=400)
     rng.shuffle(code)
@@ -111,7 +181,12 @@ def default_data(work: Path, n_train: int, n_test: int, n_general: int) -> tuple
             write_jsonl(math_rows[n_train : n_train + n_test], work / "math-test.jsonl"),
         ),
     }
-    return tasks, write_jsonl(general[:n_general], work / "general.jsonl")
+    retain = general[n_general : n_general + n_train]  # never a drift-set text
+    return (
+        tasks,
+        write_jsonl(general[:n_general], work / "general.jsonl"),
+        write_jsonl(retain, work / "retain.jsonl"),
+    )
 
 
 # ---------------------------------------------------------------- measuring
@@ -185,6 +260,14 @@ def fresh_model(checkpoint: Checkpoint):
     return checkpoint.load_model(device="cpu", dtype="float32")
 
 
+@dataclass
+class Trained:
+    model: torch.nn.Module  # the model to evaluate (LoRA: wrapped)
+    trainable: int
+    mask: object = None
+    predicted_drift: float | None = None
+
+
 def train_method(
     model,
     checkpoint: Checkpoint,
@@ -195,10 +278,13 @@ def train_method(
     batch: int,
     cache_key=None,
     seed: int = 0,
-):
-    """Train `model` in place with `method`; returns (model to evaluate, trainable count, mask or None).
-    Masks are scored on `model` with `train`; `cache_key` reuses one scored on the same weights.
-    `seed` sets the data order, LoRA's initialisation and random masks."""
+    retain_sets: dict[str, Dataset] | None = None,
+    avoid: dict[str, torch.Tensor] | None = None,
+) -> Trained:
+    """Train `model` in place with `method`. Masks are scored on `model` with `train` (and, for
+    piece-r, the method's retain sets; "self" is sampled from `model`); `cache_key` reuses one
+    scored on the same weights. `seed` sets the data order, LoRA's initialisation, random masks
+    and the self text."""
     config = TrainConfig(
         lr=lr,
         max_steps=steps,
@@ -207,12 +293,13 @@ def train_method(
         schedule=method.schedule,
         warmup_steps=method.warmup_steps,
         seed=seed,
+        retain_weight=method.retain_weight,
     )
     torch.manual_seed(seed)
     if method.kind == "full":
         params = [p for p in model.parameters()]
         dense_train(model, params, train, config)
-        return model, sum(p.numel() for p in params), None
+        return Trained(model, sum(p.numel() for p in params))
     if method.kind == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -221,19 +308,35 @@ def train_method(
         )
         params = [p for p in model.parameters() if p.requires_grad]
         dense_train(model, params, train, config)
-        return model, sum(p.numel() for p in params), None
+        return Trained(model, sum(p.numel() for p in params))
     keys = parameter_keys(model, checkpoint.layout)
     options = replace(method.score, seed=seed)
-    key = (cache_key, repr(options)) if cache_key else None  # same options, same mask
+    key = (cache_key, repr(options), method.retain) if cache_key else None  # same options, same mask
     if key is None or key not in _MASKS:
-        mask, _ = score_model(model, keys, train, options)
+        retain = [_retain_set(name, model, checkpoint, options, retain_sets) for name in method.retain]
+        mask, _ = score_model(model, keys, train, options, retain=retain, avoid=avoid)
         if key is not None:
             _MASKS[key] = mask
     mask = _MASKS[key] if key is not None else mask
     named = dict(model.named_parameters())
     params = {key: named[name] for name, key in keys.items() if key in mask.indices}
-    train_sparse(model, params, mask.indices, train, config)
-    return model, mask.k, mask
+    result = train_sparse(model, params, mask.indices, train, config, fisher=mask.fisher)
+    return Trained(model, mask.k, mask, result.predicted_drift)
+
+
+def _retain_set(
+    name: str, model, checkpoint: Checkpoint, options: ScoreOptions, sets: dict | None
+) -> Dataset:
+    if name == "self":
+        return sample_self(
+            model,
+            checkpoint.load_tokenizer(),
+            samples=options.self_samples,
+            length=options.self_length,
+            seed=options.seed,
+            pad_id=checkpoint.pad_id,
+        )
+    return (sets or {})[name]
 
 
 def norm_share(mask) -> float:
@@ -253,11 +356,12 @@ def selected(name: str, only: list[str]) -> bool:
     return any(o.lower() == name.lower() if o.lower() in names else o.lower() in name.lower() for o in only)
 
 
-def frontier(folder: Path, tasks: dict, general: Path, args) -> list[dict]:
+def frontier(folder: Path, tasks: dict, general: Path, retain: Path, args) -> list[dict]:
     checkpoint = open_checkpoint(str(folder))
     ds = lambda p: checkpoint.load_data(p, max_length=args.max_length)  # noqa: E731
     train, test = (ds(p) for p in tasks[args.task])
     gen = ds(general)
+    retain_sets = {"general": ds(retain)}
     base = fresh_model(checkpoint)
     base_test, base_general = eval_loss(base, test), eval_loss(base, gen)
     base_lp = log_probs(base, gen)
@@ -269,7 +373,7 @@ def frontier(folder: Path, tasks: dict, general: Path, args) -> list[dict]:
         for r in json.loads(f.read_text())
     }
     for method in methods(args.density):
-        if args.only and not selected(method.name, args.only):
+        if not method.frontier or (args.only and not selected(method.name, args.only)):
             continue
         for lr in method.lrs:
             if (method.name, lr, args.seed) in done:  # measured by an earlier run into the same folder
@@ -277,19 +381,29 @@ def frontier(folder: Path, tasks: dict, general: Path, args) -> list[dict]:
             if args.lrs and lr not in args.lrs:
                 continue
             start = time.perf_counter()
-            model = fresh_model(checkpoint)
-            model, trainable, mask = train_method(
-                model, checkpoint, method, lr, train, args.steps, args.batch_size, seed=args.seed
+            trained = train_method(
+                fresh_model(checkpoint),
+                checkpoint,
+                method,
+                lr,
+                train,
+                args.steps,
+                args.batch_size,
+                cache_key="base",
+                seed=args.seed,
+                retain_sets=retain_sets,
             )
+            model = trained.model
             row = {
                 "method": method.name,
                 "lr": lr,
                 "seed": args.seed,
-                "trainable": trainable,
+                "trainable": trained.trainable,
                 "domain_gain": base_test - eval_loss(model, test),
                 "kl_drift": kl_from_base(model, gen, base_lp),
                 "general_loss_change": eval_loss(model, gen) - base_general,
-                "norm_share": norm_share(mask),
+                "norm_share": norm_share(trained.mask),
+                "predicted_drift": trained.predicted_drift,
                 "seconds": time.perf_counter() - start,
             }
             rows.append(row)
@@ -297,12 +411,16 @@ def frontier(folder: Path, tasks: dict, general: Path, args) -> list[dict]:
     return rows
 
 
-def sequential(folder: Path, tasks: dict, general: Path, args, picks: list[tuple[str, float]]) -> list[dict]:
-    """Task A (code) then task B (math) on the model left by A; BWT = loss_A after A - loss_A after B."""
+def sequential(
+    folder: Path, tasks: dict, general: Path, retain: Path, args, picks: list[tuple[str, float]]
+) -> list[dict]:
+    """Task A (code) then task B (math) on the model left by A; BWT = loss_A after A - loss_A after B.
+    piece-r's task B may keep task A's data in its retain set, and leave A's entries alone."""
     checkpoint = open_checkpoint(str(folder))
     ds = lambda p: checkpoint.load_data(p, max_length=args.max_length)  # noqa: E731
     (a_train, a_test), (b_train, b_test) = ((ds(x), ds(y)) for x, y in (tasks["code"], tasks["math"]))
     gen = ds(general)
+    retain_sets = {"general": ds(retain), "taskA": a_train}
     base = fresh_model(checkpoint)
     base_lp = log_probs(base, gen)
     base_a, base_b = eval_loss(base, a_test), eval_loss(base, b_test)
@@ -311,18 +429,23 @@ def sequential(folder: Path, tasks: dict, general: Path, args, picks: list[tuple
     rows = []
     for name, lr in picks:
         method = by_name[name]
-        model = fresh_model(checkpoint)
-        model, _, _ = train_method(model, checkpoint, method, lr, a_train, args.steps, args.batch_size)
-        if method.kind == "lora":  # task B gets a fresh adapter on the merged task-A model
-            model = model.merge_and_unload()
+        first = replace(method, retain=tuple(r for r in method.retain if r != "taskA"))
+        common = {"seed": args.seed, "retain_sets": retain_sets}
+        a = train_method(
+            fresh_model(checkpoint), checkpoint, first, lr, a_train, args.steps, args.batch_size, **common
+        )
+        model = a.model.merge_and_unload() if method.kind == "lora" else a.model  # task B: a fresh adapter
         a_after_a = eval_loss(model, a_test)
-        model, _, _ = train_method(model, checkpoint, method, lr, b_train, args.steps, args.batch_size)
-        if method.kind == "lora":
-            model = model.merge_and_unload()
+        avoid = a.mask.indices if method.avoid_previous else None
+        b = train_method(
+            model, checkpoint, method, lr, b_train, args.steps, args.batch_size, avoid=avoid, **common
+        )
+        model = b.model.merge_and_unload() if method.kind == "lora" else b.model
         a_after_b, b_after_b = eval_loss(model, a_test), eval_loss(model, b_test)
         row = {
             "method": name,
             "lr": lr,
+            "seed": args.seed,
             "A_gain_after_A": base_a - a_after_a,
             "B_gain_after_B": base_b - b_after_b,
             "BWT_A": a_after_a - a_after_b,  # negative: task A got worse while learning B
@@ -372,35 +495,105 @@ def mask_overlaps(folder: Path, tasks: dict, args) -> dict:
     return out
 
 
+# The frontier plot: the earlier methods thin, the retain-aware ones bold.
+BASELINES = (
+    "full fine-tuning",
+    "LoRA r=2 q,v",
+    "random 0.1%",
+    "magnitude 0.1%",
+    "PIECE-S 0.1%",
+    "PIECE-S-rel 0.1%",
+)
+
+
+def _mean_points(rows: list[dict], name: str) -> list[tuple[float, float, float]]:
+    """(drift, gain, lr) per learning rate: the mean over the seeds measured."""
+    by_lr: dict[float, list[dict]] = {}
+    for r in rows:
+        if r["method"] == name:
+            by_lr.setdefault(r["lr"], []).append(r)
+    mean = lambda g, key: sum(r[key] for r in g) / len(g)  # noqa: E731
+    return sorted((mean(g, "kl_drift"), mean(g, "domain_gain"), lr) for lr, g in by_lr.items())
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    names = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(9, 6))
+    names = [n for n in dict.fromkeys(r["method"] for r in rows) if n in BASELINES or n.startswith("piece-r")]
     colors = plt.get_cmap("tab20").colors
     for i, name in enumerate(names):
-        by_lr: dict[float, list[dict]] = {}
-        for r in rows:
-            if r["method"] == name:
-                by_lr.setdefault(r["lr"], []).append(r)
-        mean = lambda g, key: sum(r[key] for r in g) / len(g)  # noqa: E731
-        # one point per learning rate: the mean over the seeds measured
-        pts = sorted((mean(g, "kl_drift"), mean(g, "domain_gain"), lr) for lr, g in by_lr.items())
-        marker = "os^Dv"[i % 5]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colors[i % 20], label=name)
+        pts = _mean_points(rows, name)
+        bold = name.startswith("piece-r")
+        style = {
+            "linewidth": 2.2 if bold else 1.0,
+            "alpha": 1.0 if bold else 0.55,
+            "markersize": 6 if bold else 4,
+        }
+        marker = "os^Dv<>p"[i % 8]
+        ax.plot(
+            [p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colors[i % 20], label=name, **style
+        )
         for x, y, lr in pts:
-            ax.annotate(f"{lr:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("symlog", linthresh=1e-4)
+            ax.annotate(f"{lr:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_xlabel("drift: mean token KL(base || tuned) on general text (lower is better)")
     ax.set_ylabel("domain gain: test-loss drop (higher is better)")
-    ax.set_title("Learning vs forgetting, SmolLM2-135M-Instruct, code domain")
+    ax.set_title("Learning vs forgetting, SmolLM2-135M-Instruct, code domain (bold: retain-aware piece-r)")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_drift_prediction(rows: list[dict], path: Path) -> dict:
+    """Predicted (1/2 sum F d^2 from the mask's retain Fisher) against measured drift, per labels
+    mode; returns the correlations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    stats = {}
+    for label, test in (
+        ("sampled labels", lambda n: "sampled" in n),
+        ("empirical labels", lambda n: "sampled" not in n),
+    ):
+        pts = [
+            (r["kl_drift"], r["predicted_drift"])
+            for r in rows
+            if r.get("predicted_drift") and test(r["method"])
+        ]
+        if len(pts) < 3:
+            continue
+        measured, predicted = torch.tensor([p[0] for p in pts]), torch.tensor([p[1] for p in pts])
+        stats[label] = {
+            "runs": len(pts),
+            "pearson_log": float(torch.corrcoef(torch.stack([measured.log(), predicted.log()]))[0, 1]),
+            "spearman": _spearman(measured, predicted),
+            "median_ratio_predicted_over_measured": float((predicted / measured).median()),
+        }
+        ax.scatter(measured, predicted, label=f"{label}: Spearman {stats[label]['spearman']:.2f}", s=18)
+    low = min(min(r["kl_drift"], r.get("predicted_drift") or 1) for r in rows if r.get("predicted_drift"))
+    ax.plot([low, 1], [low, 1], color="grey", linewidth=0.8, label="predicted = measured")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured drift: mean token KL on the general set")
+    ax.set_ylabel("predicted drift: 1/2 sum F d^2 (retain Fisher)")
+    ax.set_title("piece-r runs: predicted vs measured drift")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return stats
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ranks = lambda t: torch.argsort(torch.argsort(t)).double()  # noqa: E731
+    return float(torch.corrcoef(torch.stack([ranks(a), ranks(b)]))[0, 1])
 
 
 def report(out: Path) -> str:
@@ -435,16 +628,29 @@ def report(out: Path) -> str:
                 f"{sum(gain) / len(g):.3f} ({min(gain):.3f}-{max(gain):.3f}) | "
                 f"{sum(drift) / len(drift):.4f} ({min(drift):.4f}-{max(drift):.4f}) |"
             )
-    if (out / "sequential.json").is_file():
+    predicted = [r for r in rows if r.get("predicted_drift")]
+    if predicted:
         lines += [
             "",
-            "| method | lr | task A gain after A | task B gain after B | BWT on A | final KL drift |",
+            "| method | lr | seed | measured KL drift | predicted drift | ratio |",
             "|---|---|---|---|---|---|",
         ]
-        for r in json.loads((out / "sequential.json").read_text()):
+        for r in sorted(predicted, key=lambda r: (*rank(r), r.get("seed", 0))):
             lines.append(
-                f"| {r['method']} | {r['lr']:g} | {r['A_gain_after_A']:.3f} | {r['B_gain_after_B']:.3f} | "
-                f"{r['BWT_A']:+.3f} | {r['final_kl_drift']:.4f} |"
+                f"| {r['method']} | {r['lr']:g} | {r.get('seed', 0)} | {r['kl_drift']:.4f} | "
+                f"{r['predicted_drift']:.4f} | {r['predicted_drift'] / r['kl_drift']:.2f} |"
+            )
+    seq = [r for f in sorted(out.glob("sequential*.json")) for r in json.loads(f.read_text())]
+    if seq:
+        lines += [
+            "",
+            "| method | lr | seed | task A gain after A | task B gain after B | BWT on A | final KL drift |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in seq:
+            lines.append(
+                f"| {r['method']} | {r['lr']:g} | {r.get('seed', 0)} | {r['A_gain_after_A']:.3f} | "
+                f"{r['B_gain_after_B']:.3f} | {r['BWT_A']:+.3f} | {r['final_kl_drift']:.4f} |"
             )
     if (out / "overlap.json").is_file():
         lines += ["", "```json", (out / "overlap.json").read_text().strip(), "```"]
@@ -485,17 +691,21 @@ def main() -> None:
     folder = args.model or smollm2_folder("float32")
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        tasks, general = default_data(Path(tmp), args.n_train, args.n_test, args.n_general)
+        tasks, general, retain = default_data(Path(tmp), args.n_train, args.n_test, args.n_general)
         if args.overlap:
             (args.out / "overlap.json").write_text(json.dumps(mask_overlaps(folder, tasks, args), indent=2))
         suffix = f"-{args.tag}" if args.tag else ""
-        rows = frontier(folder, tasks, general, args) if not args.no_frontier else []
-        (args.out / f"frontier{suffix}.json").write_text(json.dumps(rows, indent=2))
+        if not args.no_frontier:
+            rows = frontier(folder, tasks, general, retain, args)
+            (args.out / f"frontier{suffix}.json").write_text(json.dumps(rows, indent=2))
         every = [r for f in sorted(args.out.glob("frontier*.json")) for r in json.loads(f.read_text())]
         plot(every, args.out / "frontier.png")
+        if any(r.get("predicted_drift") for r in every):
+            stats = plot_drift_prediction(every, args.out / "drift-prediction.png")
+            (args.out / "drift-prediction.json").write_text(json.dumps(stats, indent=2))
         if not args.no_sequential:
             picks = [(p.rpartition("=")[0], float(p.rpartition("=")[2])) for p in args.sequential]
-            seq = sequential(folder, tasks, general, args, picks)
+            seq = sequential(folder, tasks, general, retain, args, picks)
             (args.out / f"sequential{suffix}.json").write_text(json.dumps(seq, indent=2))
 
 
