@@ -32,11 +32,6 @@ class Artifact:
     def kind(self) -> str:
         return "mask" if self.mask is not None else "delta"
 
-    @classmethod
-    def local(cls, path: Path, *, mask: Mask | None = None, delta: Delta | None = None) -> Artifact:
-        """An artifact just written to `path`, already in memory."""
-        return cls(str(path), hub.Resolved(Path(path)), Path(path), mask=mask, delta=delta)
-
 
 def open_artifact(ref: str | Path, *, want: str | None = None) -> Artifact:
     """Resolve `ref` (path or Hub repo id), tell a mask from a delta, load and check it.
@@ -70,17 +65,21 @@ def open_delta(ref: str | Path) -> Delta:
 # ---------------------------------------------------------------- inspect
 
 
+def mask_breakdown(mask: Mask) -> dict:
+    """Entries, tensors and norm share of a mask, and per layer and module kind (naming.breakdown)."""
+    counts = {n: int(i.numel()) for n, i in mask.indices.items()}
+    return breakdown(counts, {n: numel(s) for n, s in mask.shapes.items()})
+
+
 def summarize(artifact: Artifact) -> dict:
     """What `inspect --json` prints of a mask or a delta (schema in docs/cli.md): entries per layer
     and module kind, size and provenance."""
     if artifact.mask is not None:
         mask = artifact.mask
-        counts = {n: int(i.numel()) for n, i in mask.indices.items()}
-        sizes = {n: numel(s) for n, s in mask.shapes.items()}
         info = mask.info
         return {
             "kind": "mask",
-            **breakdown(counts, sizes),
+            **mask_breakdown(mask),
             "method": info.method,
             "density": info.density,
             "eligible": mask.eligible,

@@ -78,6 +78,11 @@ def _root(
 def _emit(
     command: str, result: dict, as_json: bool, lines: list[str] = (), table: Table | None = None
 ) -> None:
+    from piece_surgery import distributed
+
+    world = distributed.current()
+    if world is not None and not world.is_main:  # rank 0 speaks for every rank
+        return
     if as_json:
         print(json.dumps({"command": command, **result}, indent=2, default=str))
         return
@@ -130,7 +135,7 @@ def score_command(
     as_json: AsJson = False,
 ) -> None:
     """Estimate per-entry importance on a domain's data and write the top-density mask."""
-    from piece_surgery.artifacts import Artifact, summarize
+    from piece_surgery.artifacts import mask_breakdown
     from piece_surgery.score import ScoreOptions, score_checkpoint
 
     retain_options = _given(
@@ -168,7 +173,7 @@ def score_command(
         trust_remote_code=trust_remote_code,
         quiet=quiet,
     )
-    summary = summarize(Artifact.local(output, mask=mask))
+    summary = mask_breakdown(mask)
     result = {
         "output": str(output),
         "model": model,
@@ -637,35 +642,50 @@ def _warn(message, category, filename, lineno, file=None, line=None) -> None:
     err.print(f"warning: {message}", highlight=False, soft_wrap=True)
 
 
-def _fail(message: str, code: int, as_json: bool) -> None:
-    err.print(f"error: {message}", highlight=False, soft_wrap=True)
-    if as_json:
+def _report(message: str, code: int, as_json: bool) -> int:
+    import os
+
+    err.print(f"error: {message}", highlight=False, soft_wrap=True)  # every rank says it
+    if as_json and os.environ.get("RANK", "0") == "0":  # one JSON object, as on success
         print(json.dumps({"error": message, "exit_code": code}))
-    sys.exit(code)
+    return code
+
+
+def _run(as_json: bool) -> int:
+    """The command, with user errors, interrupts and termination reported as one line."""
+    try:
+        code = app(standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except PieceError as exc:
+        return _report(str(exc), EXIT_USER_ERROR, as_json)
+    except typer.TyperException as exc:  # a usage error: unknown option, missing argument, bad value
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `piece-surgery`: the help, as click does
+            print(exc.format_message())
+            return EXIT_USER_ERROR
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        return _report(f"{exc.format_message()}{hint}", EXIT_USER_ERROR, as_json)
+    except (typer.Abort, KeyboardInterrupt):
+        return _report("interrupted; nothing was written", EXIT_INTERRUPTED, as_json)
+    except Terminated:
+        return _report("terminated; nothing was written", EXIT_TERMINATED, as_json)
 
 
 def main() -> None:
     import warnings
 
+    from piece_surgery import distributed
+
     warnings.showwarning = _warn
     signal.signal(signal.SIGTERM, _terminate)
-    as_json = "--json" in sys.argv[1:]
     try:
-        code = app(standalone_mode=False)
-    except PieceError as exc:
-        _fail(str(exc), EXIT_USER_ERROR, as_json)
-    except typer.TyperException as exc:  # a usage error: unknown option, missing argument, bad value
-        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `piece-surgery`: the help, as click does
-            print(exc.format_message())
-            sys.exit(EXIT_USER_ERROR)
-        ctx = getattr(exc, "ctx", None)
-        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        _fail(f"{exc.format_message()}{hint}", EXIT_USER_ERROR, as_json)
-    except (typer.Abort, KeyboardInterrupt):
-        _fail("interrupted; nothing was written", EXIT_INTERRUPTED, as_json)
-    except Terminated:
-        _fail("terminated; nothing was written", EXIT_TERMINATED, as_json)
-    sys.exit(code if isinstance(code, int) else 0)
+        code = _run("--json" in sys.argv[1:])
+    finally:
+        # the command is over and reported: a launcher that stops the other ranks now may just end
+        # this one, and every exit path leaves the process group
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        distributed.stop()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

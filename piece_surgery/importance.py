@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from piece_surgery.data import Dataset
+from piece_surgery.distributed import World
 from piece_surgery.errors import PieceError
 from piece_surgery.loss import micro_batch_losses
 
@@ -98,6 +99,8 @@ def accumulate_gradients(
     labels: str = "empirical",
     seed: int = 0,
     squares_into: dict[str, torch.Tensor] | None = None,
+    world: World | None = None,
+    reduce: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], PassStats]:
     """One pass over the data; returns (sum g_b, sum g_b^2) per eligible tensor, in fp32.
 
@@ -105,6 +108,8 @@ def accumulate_gradients(
     it, then dropped: the peak is weights + activations + accumulators, never a dense gradient copy.
     `labels="sampled"` takes the loss on labels drawn (seeded) from the model's own distribution.
     `squares_into` accumulates sum g_b^2 into existing buffers (several retain sets, one buffer).
+    With a `world`, each rank passes over its share of the micro-batches, and the sums are added
+    up over the ranks at the end (unless `reduce=False`: the caller reduces once, later).
     """
     device = next(model.parameters()).device
     acc_device = accumulator_device or device
@@ -128,10 +133,14 @@ def accumulate_gradients(
     stats = PassStats()
     check_labels(labels)
     generator = torch.Generator(device=device).manual_seed(seed) if labels == "sampled" else None
+    shard = (world.rank, world.size) if world is not None else None
+    error = None
     with _gradients_only_for(model, params), _deterministic_mode(model):
         handles = [p.register_post_accumulate_grad_hook(fold(k)) for k, p in params.items()]
         try:
-            batches = micro_batch_losses(model, dataset, batch_size, pad_id, sample_labels=generator)
+            batches = micro_batch_losses(
+                model, dataset, batch_size, pad_id, sample_labels=generator, shard=shard
+            )
             for loss, tokens, examples in batches:
                 value = float(loss.detach())
                 if not math.isfinite(value):
@@ -147,13 +156,31 @@ def accumulate_gradients(
                 stats.loss_sum += value
                 if progress:
                     progress(examples)
+        except PieceError as exc:
+            if world is None:
+                raise
+            error = exc  # raised on every rank, below, so that none waits for the others in vain
         finally:
             for h in handles:
                 h.remove()
+    if world is not None:
+        world.agree(error)
+        if reduce:
+            reduce_pass(world, [*sums.values(), *squares.values()], stats)
     for key, acc in {**sums, **squares}.items():
         if not torch.isfinite(acc).all():
             raise PieceError(f"gradients of '{key}' overflowed to inf/nan; try --dtype float32")
     return sums, squares, stats
+
+
+def reduce_pass(world: World, accumulators: list[torch.Tensor], stats: PassStats) -> None:
+    """Add up the ranks' accumulators (in place) and what their passes saw."""
+    for acc in accumulators:
+        world.all_reduce(acc)
+    for name in ("batches", "examples", "tokens"):
+        setattr(stats, name, int(world.sum(getattr(stats, name))))
+    stats.loss_sum = world.sum(stats.loss_sum)
+    stats.inverse_tokens = world.sum(stats.inverse_tokens)
 
 
 @contextmanager

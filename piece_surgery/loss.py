@@ -47,12 +47,16 @@ def micro_batch_losses(
     pad_id: int,
     *,
     sample_labels: torch.Generator | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, int, int]]:
     """For each micro-batch in order: its mean token loss (with its graph, unless under no_grad),
     its loss-bearing tokens and its examples. With a generator in `sample_labels`, the loss is on
-    labels drawn from the model's own distribution (sampled_labels)."""
+    labels drawn from the model's own distribution (sampled_labels). With `shard=(rank, ranks)`,
+    only micro-batches rank, rank + ranks, ... (each rank its share; micro-batches as in one process)."""
     device = next(model.parameters()).device
-    for batch in micro_batches(dataset.examples, batch_size, pad_id):
+    for b, batch in enumerate(micro_batches(dataset.examples, batch_size, pad_id)):
+        if shard is not None and b % shard[1] != shard[0]:
+            continue
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = batch_logits(model, batch)
         labels = batch["labels"]

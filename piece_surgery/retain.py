@@ -73,13 +73,20 @@ def _avoided(ref: str, checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor],
 
 
 def sample_self(
-    checkpoint: Checkpoint, *, samples: int, length: int, seed: int, batch_size: int = 8, quiet: bool = True
+    model: torch.nn.Module,
+    tokenizer,
+    *,
+    samples: int,
+    length: int,
+    seed: int,
+    pad_id: int = 0,
+    batch_size: int = 8,
+    quiet: bool = True,
 ) -> Dataset:
-    """`samples` texts of `length` tokens the loaded model writes itself (temperature 1, no top-k or
+    """`samples` texts of `length` tokens the model writes itself (temperature 1, no top-k or
     top-p), each from the tokenizer's BOS token (else EOS); the same texts for the same seed."""
     from transformers import GenerationConfig
 
-    model, tokenizer = checkpoint.model, checkpoint.load_tokenizer()
     start = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), 0)
     config = GenerationConfig(
         do_sample=True,
@@ -88,7 +95,7 @@ def sample_self(
         top_p=1.0,
         min_new_tokens=length,
         max_new_tokens=length,
-        pad_token_id=checkpoint.pad_id,
+        pad_token_id=pad_id,
     )
     device = next(model.parameters()).device
     texts: list[list[int]] = []

@@ -11,8 +11,10 @@ from typing import NamedTuple
 
 import torch
 
+from piece_surgery import distributed
 from piece_surgery.checkpoint import Checkpoint, enable_activation_checkpointing, open_checkpoint
 from piece_surgery.data import Dataset
+from piece_surgery.distributed import World
 from piece_surgery.dtypes import dtype_name
 from piece_surgery.errors import PieceError
 from piece_surgery.importance import (
@@ -26,6 +28,7 @@ from piece_surgery.importance import (
     needs_data,
     normalize_scores,
     piece_r_scores,
+    reduce_pass,
     scores_from_sums,
 )
 from piece_surgery.mask import Mask, MaskInfo, check_density, k_for_density, save_mask, select_top_k
@@ -100,12 +103,14 @@ def score_model(
     avoid: dict[str, torch.Tensor] | None = None,
     pad: int = 0,
     progress: Progress | None = None,
+    world: World | None = None,
 ) -> tuple[Mask, PassStats]:
     """Score an already loaded model and select its mask (library entry point).
 
     `keys` maps the model's parameter names to the checkpoint's tensor names (Checkpoint.keys).
     `retain` is the text piece-r keeps the model's behaviour on; `avoid` (tensor name -> flat
-    indices) entries are never selected.
+    indices) entries are never selected. With a `world`, each rank passes over its share of the
+    micro-batches and every rank selects the same mask from the summed accumulators.
     """
     method = options.method
     if method == "piece-r" and not retain:
@@ -120,7 +125,7 @@ def score_model(
             raise PieceError(f"method {method} needs --data")
         if options.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        passes = _GradientPasses(model, params, options, pad, progress)
+        passes = _GradientPasses(model, params, options, pad, progress, world)
         if method == "piece-r":
             retained, retain_stats = passes.retain_fisher(retain)
             sums, _, stats = passes.run(dataset, keep_sum=True, keep_squares=False)
@@ -167,6 +172,7 @@ class _GradientPasses:
     options: ScoreOptions
     pad: int
     progress: Progress | None
+    world: World | None = None
 
     def run(self, dataset: Dataset, *, labels: str = "empirical", **keep) -> tuple[dict, dict, PassStats]:
         return accumulate_gradients(
@@ -179,6 +185,7 @@ class _GradientPasses:
             progress=self.progress.advance if self.progress else None,
             labels=labels,
             seed=self.options.seed,
+            world=self.world,
             **keep,
         )
 
@@ -193,10 +200,13 @@ class _GradientPasses:
                 keep_sum=False,
                 keep_squares=True,
                 squares_into=fisher,
+                reduce=False,  # several sets add into one buffer: add the ranks' buffers once, below
             )
             total.batches += stats.batches
             total.tokens += stats.tokens
             total.inverse_tokens += stats.inverse_tokens
+        if self.world is not None:
+            reduce_pass(self.world, list(fisher.values()), total)
         return fisher, total
 
 
@@ -224,13 +234,16 @@ def score_loaded(
     inputs: ScoringInputs,
     *,
     quiet: bool = True,
+    world: World | None = None,
 ) -> tuple[Mask, PassStats]:
     """Score a checkpoint whose model is loaded, with its retain data and avoided entries; the mask
-    records the model, the retain text (text the model writes itself is sampled here) and what it
-    avoided."""
+    records the model, the retain text (text the model writes itself is sampled here: every rank
+    writes the same, from the same seed) and what it avoided."""
     retain = [
         sample_self(
-            checkpoint,
+            checkpoint.model,
+            checkpoint.load_tokenizer(),
+            pad_id=checkpoint.pad_id,
             samples=options.self_samples,
             length=options.self_length,
             seed=options.seed,
@@ -241,6 +254,7 @@ def score_loaded(
         for source in inputs.retain
     ]
     total = sum(len(d.examples) for d in [*([dataset] if dataset else []), *retain])
+    total = math.ceil(total / world.size) if world is not None else total  # about this rank's share
     with Progress(total, "scoring", quiet=quiet or not total) as bar:
         mask, stats = score_model(
             checkpoint.model,
@@ -251,6 +265,7 @@ def score_loaded(
             avoid=inputs.avoid,
             pad=checkpoint.pad_id,
             progress=bar,
+            world=world,
         )
     mask.info.model = checkpoint.identity
     mask.info.avoid = inputs.avoid_records
@@ -276,7 +291,10 @@ def score_checkpoint(
     """Score a checkpoint (folder or Hub id) on a data file; with `output`, write the mask there.
 
     `retain` (piece-r) holds data files or "self"; `avoid` masks or deltas whose entries to leave out.
+    Under a launcher (torchrun, ...) every rank scores its share of the data and rank 0 writes.
     """
+    world = distributed.start(device)
+    quiet = quiet or (world is not None and not world.is_main)
     if output is not None:
         files = [data, *(r for r in retain if str(r) != SELF), *avoid]
         inputs = (Path(model_ref), *(Path(f) for f in files if f is not None))
@@ -290,11 +308,13 @@ def score_checkpoint(
     if needs_data(options.method):
         dataset = checkpoint.load_data(data, max_length=max_length, max_samples=max_samples, quiet=quiet)
     inputs = read_scoring_inputs(checkpoint, retain, avoid, max_length=max_length, quiet=quiet)
-    checkpoint.load_model(device=device, dtype=dtype, quiet=quiet)
-    mask, stats = score_loaded(checkpoint, dataset, options, inputs, quiet=quiet)
+    checkpoint.load_model(device=distributed.device_name(world, device), dtype=dtype, quiet=quiet)
+    mask, stats = score_loaded(checkpoint, dataset, options, inputs, quiet=quiet, world=world)
     mask.info.options["max_samples"] = max_samples
-    if output is not None:
+    if output is not None and (world is None or world.is_main):
         save_mask(mask, Path(output))
+    if world is not None:
+        world.barrier()  # every rank ends once the mask is written
     return Scored(mask, stats, dataset)
 
 

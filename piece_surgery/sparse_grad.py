@@ -4,17 +4,18 @@
 For a linear layer's weight, y = x W^T + b, dL/dW[o, i] = sum over tokens of dy[:, o] * x[:, i]: with
 k selected entries that is O(tokens x k) work instead of the O(tokens x out x in) matrix product,
 and backward needs only the input columns that selected entries use (saved alone when they are
-few). Other weights (norm gains, biases, weights shared by two modules) get their small or
-unavoidable dense gradient reduced to the k entries as soon as backward produces it.
+few). Other weights (norm gains, biases, weights shared by two modules) run with the values
+injected, and their small or unavoidable dense gradient is reduced to the k entries at once.
 """
 
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from piece_surgery.errors import PieceError
 
 # Cap on the (tokens x entries) gathers formed at once in backward, in elements (16 MiB in fp32),
 # so a tensor with many selected entries does not add a large transient to the backward peak.
@@ -121,32 +122,70 @@ def recompute_in_backward(module: torch.nn.Module) -> None:
     _replace_forward(module, types.MethodType(forward, module))
 
 
-_SAVED = "_piece_surgery_saved_forward"
+class InjectEntries(torch.autograd.Function):
+    """The weight with `values` at its flat `indices`; backward delivers the gradient at those
+    entries to `values` (the weight itself is frozen)."""
+
+    @staticmethod
+    def forward(ctx, weight, values, indices):
+        out = weight.detach().clone()
+        out.view(-1)[indices] = values.to(weight.dtype)
+        ctx.save_for_backward(indices)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (indices,) = ctx.saved_tensors
+        return None, grad_out.reshape(-1)[indices].float(), None
+
+
+def inject_values(module: torch.nn.Module, attr: str, values: torch.Tensor, indices: torch.Tensor) -> None:
+    """Make `module` run with its parameter `attr` carrying `values` at `indices` (an autograd path
+    to the values; undo with restore). For small tensors (norm gains) and weights that several
+    modules share, whose dense gradient cannot be avoided anyway."""
+    original = module.forward  # bound: keeps any wrapper already on the instance
+
+    def forward(self, *args, **kwargs):
+        frozen = self._parameters[attr]
+        # the module reads self.<attr> from _parameters: a tensor there for one call is how
+        # torch.func.functional_call substitutes parameters too
+        self._parameters[attr] = InjectEntries.apply(frozen, values, indices)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            self._parameters[attr] = frozen
+
+    _replace_forward(module, types.MethodType(forward, module))
+
+
+_SAVED = "_piece_surgery_saved_forwards"
 
 
 def _replace_forward(module: torch.nn.Module, forward) -> None:
-    # keep a forward set on the instance before ours (a hook library's), for restore
-    module.__dict__[_SAVED] = module.__dict__.get("forward")
+    # a stack of what was on the instance before each of ours (a hook library's forward, or None)
+    module.__dict__.setdefault(_SAVED, []).append(module.__dict__.get("forward"))
     module.forward = forward
 
 
 def restore(module: torch.nn.Module) -> None:
-    """Undo route_linear or recompute_in_backward: the module's forward is what it was."""
+    """Undo the last route_linear, inject_values or recompute_in_backward on `module`."""
+    stack = module.__dict__.get(_SAVED)
+    previous = stack.pop() if stack else None
     module.__dict__.pop("forward", None)
-    previous = module.__dict__.pop(_SAVED, None)
     if previous is not None:
         module.forward = previous
+    if stack is not None and not stack:
+        del module.__dict__[_SAVED]
 
 
-def sole_owners(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """id(parameter) -> its module, for the parameters that exactly one module holds (a tied weight
-    has two owners and two sources of gradient, so it is left out)."""
-    owners: dict[int, list[torch.nn.Module]] = {}
+def owners(model: torch.nn.Module) -> dict[int, list[tuple[torch.nn.Module, str]]]:
+    """id(parameter) -> every (module, attribute name) that holds it (two for tied weights)."""
+    found: dict[int, list[tuple[torch.nn.Module, str]]] = {}
     for module in model.modules():
-        for p in module._parameters.values():
+        for attr, p in module._parameters.items():
             if p is not None:
-                owners.setdefault(id(p), []).append(module)
-    return {key: found[0] for key, found in owners.items() if len(found) == 1}
+                found.setdefault(id(p), []).append((module, attr))
+    return found
 
 
 def is_linear_weight(module: torch.nn.Module, param: torch.nn.Parameter) -> bool:
@@ -160,56 +199,71 @@ def is_gain_module(module: torch.nn.Module) -> bool:
 
 
 class SparseParameters:
-    """The k trainable values of each masked tensor, and what feeds them gradients.
+    """The k trainable values of each masked tensor (fp32 nn.Parameters: what the optimizer, and
+    DistributedDataParallel, see), and what feeds them gradients.
 
-    Linear layers compute only the selected entries of their weight gradient (sparse_grad.py);
-    other tensors (norm gains, biases, shared or non-Linear weights) get their dense gradient
-    reduced to the k entries by a hook as soon as backward produces it, and freed. Norms with a
-    trained gain are recomputed in backward rather than keeping their normalised output.
+    Linear layers compute only the selected entries of their weight gradient (SelectedEntryLinear);
+    other tensors (norm gains, biases, weights two modules share) run with the values injected, and
+    autograd reduces their gradient to the k entries at once. Norms with a trained gain are
+    recomputed in backward rather than keeping their normalised output. Every model weight stays
+    frozen: no dense weight gradient is ever kept.
     """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], indices: dict[str, torch.Tensor]):
         self.params = params
         self.indices = {n: indices[n].to(params[n].device) for n in params}
         self.values = {
-            n: params[n].detach().reshape(-1)[self.indices[n]].float().clone().requires_grad_(True)
+            n: torch.nn.Parameter(params[n].detach().reshape(-1)[self.indices[n]].float().clone())
             for n in params
         }
-        self._handles = []
-        self._routed: list[torch.nn.Module] = []
+        self._wrapped: list[torch.nn.Module] = []
+        self._flags: list[tuple[torch.nn.Parameter, bool]] = []
 
     def attach(self, model: torch.nn.Module, *, sparse_linear: bool = True) -> None:
-        owners = sole_owners(model) if sparse_linear else {}
-        routed = {
-            name: owners[id(p)]
-            for name, p in self.params.items()
-            if id(p) in owners and is_linear_weight(owners[id(p)], p)
-        }
-        hooked = {id(p) for n, p in self.params.items() if n not in routed}
-        for p in model.parameters():  # nothing else is trained, nor even gets a gradient
-            p.requires_grad_(id(p) in hooked)
-        for name, module in routed.items():
-            route_linear(module, self.values[name], self.indices[name])
-            self._routed.append(module)
+        """Route every masked tensor's gradient to its values; `sparse_linear=False` injects into
+        linear layers too (their dense gradient is formed: the slower reference path)."""
+        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in self._flags:  # nothing is trained but the values
+            p.requires_grad_(False)
+        holders = owners(model)
         for name, p in self.params.items():
-            if name not in routed:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._gather(name)))
-        gains = dict.fromkeys(
-            owners[id(p)] for n, p in self.params.items() if n not in routed and id(p) in owners
-        )
-        for module in gains:  # in parameter order, each module once
-            if is_gain_module(module):
-                recompute_in_backward(module)
-                self._routed.append(module)
+            if not holders.get(id(p)):
+                raise PieceError(f"masked tensor '{name}' is not a parameter of this model")
+        routed = {
+            name
+            for name, p in self.params.items()
+            if sparse_linear and len(holders[id(p)]) == 1 and is_linear_weight(holders[id(p)][0][0], p)
+        }
+        # routed linear forwards first: they compute F.linear themselves, so injections (a bias
+        # of the same layer, say) must wrap them, not be wrapped by them
+        for name in routed:
+            self._wrap(
+                route_linear, holders[id(self.params[name])][0][0], self.values[name], self.indices[name]
+            )
+        gains = {}
+        for name, p in self.params.items():
+            if name in routed:
+                continue
+            for module, attr in holders[id(p)]:
+                self._wrap(inject_values, module, attr, self.values[name], self.indices[name])
+                if is_gain_module(module):
+                    gains[id(module)] = module
+        for module in gains.values():  # in parameter order, each module once
+            self._wrap(recompute_in_backward, module)
 
-    def _gather(self, name: str) -> Callable[[torch.Tensor], None]:
-        def hook(param: torch.Tensor) -> None:
-            g = param.grad.reshape(-1)[self.indices[name]].float()
-            value = self.values[name]
-            value.grad = g if value.grad is None else value.grad.add_(g)
-            param.grad = None
+    def _wrap(self, how, module: torch.nn.Module, *args) -> None:
+        how(module, *args)
+        self._wrapped.append(module)
 
-        return hook
+    def check_gradients(self) -> None:
+        """After a backward: every value got a gradient (a tensor used outside its own module's
+        forward would not)."""
+        missing = [n for n, v in self.values.items() if v.grad is None]
+        if missing:
+            raise PieceError(
+                f"masked tensor '{missing[0]}' gets no gradient through its module (the model uses it "
+                "elsewhere); leave it out with --exclude"
+            )
 
     def write(self) -> None:
         """Put the current values into the model's weights."""
@@ -218,9 +272,10 @@ class SparseParameters:
                 p.view(-1)[self.indices[name]] = self.values[name].detach().to(p.dtype)
 
     def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        for module in self._routed:
+        """Undo attach: the modules' forwards and the parameters' requires_grad as they were."""
+        for module in reversed(self._wrapped):
             restore(module)
-        self._routed.clear()
+        self._wrapped.clear()
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+        self._flags.clear()

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
+from piece_surgery import distributed
 from piece_surgery.artifacts import open_mask
 from piece_surgery.checkpoint import Checkpoint, open_checkpoint
 from piece_surgery.data import Dataset
@@ -53,7 +54,11 @@ def train_checkpoint(
     quiet: bool = True,
 ) -> Trained:
     """Score (unless `mask_ref` names a mask; `retain` and `avoid` as for score_checkpoint), train
-    the masked entries, write the delta folder."""
+    the masked entries, write the delta folder. Under a launcher (torchrun, ...) every rank trains
+    on its share of each step and rank 0 writes."""
+    world = distributed.start(device)
+    main = world is None or world.is_main
+    quiet = quiet or not main
     output = Path(output)
     files = [mask_ref, eval_data, *(r for r in retain if str(r) != SELF), *avoid]
     inputs = [Path(model_ref), Path(data), *(Path(p) for p in files if p)]
@@ -73,7 +78,10 @@ def train_checkpoint(
                 f"a saved training state is in '{state_dir}': add --resume to continue it, "
                 "or --overwrite to discard it and start afresh"
             )
-        remove_state(state_dir)
+        if main:
+            remove_state(state_dir)
+        if world is not None:
+            world.barrier()
     mask = open_mask(mask_ref) if mask_ref is not None else None
     checkpoint = open_checkpoint(model_ref, trust_remote_code=trust_remote_code)
     if mask is not None:
@@ -81,12 +89,16 @@ def train_checkpoint(
     dataset = checkpoint.load_data(data, max_length=max_length, max_samples=max_samples, quiet=quiet)
     eval_set = checkpoint.load_data(eval_data, max_length=max_length, quiet=quiet) if eval_data else None
     scoring = read_scoring_inputs(checkpoint, retain, avoid, max_length=max_length, quiet=quiet)
-    model = checkpoint.load_model(device=device, dtype=dtype, quiet=quiet)
+    model = checkpoint.load_model(device=distributed.device_name(world, device), dtype=dtype, quiet=quiet)
     if mask is None:
-        mask, _ = score_loaded(checkpoint, dataset, score_options or ScoreOptions(), scoring, quiet=quiet)
+        options = score_options or ScoreOptions()
+        mask, _ = score_loaded(checkpoint, dataset, options, scoring, quiet=quiet, world=world)
         mask.info.options["max_samples"] = max_samples
     resume_key = {"model": checkpoint.identity.fingerprint, "data": dataset.sha256, "mask": mask.digest()}
-    with Progress(total_steps(len(dataset.examples), config), "training", quiet=quiet, unit="step") as bar:
+    ranks = world.size if world is not None else 1
+    with Progress(
+        total_steps(len(dataset.examples), config, ranks), "training", quiet=quiet, unit="step"
+    ) as bar:
 
         def report(n: int, record: dict) -> None:
             notes = {"loss": f"{record['loss']:.4f}"}
@@ -108,12 +120,16 @@ def train_checkpoint(
             resume_key=resume_key,
             progress=report,
             fisher=mask.fisher,
+            world=world,
         )
     delta = _delta_of(
         checkpoint, mask, result, _provenance(mask, config, dataset, eval_set, result, max_length)
     )
-    save_delta(delta, output)
-    remove_state(state_dir)
+    if main:
+        save_delta(delta, output)
+        remove_state(state_dir)
+    if world is not None:
+        world.barrier()  # every rank ends once the delta is written
     return Trained(delta, result, mask)
 
 

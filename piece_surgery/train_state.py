@@ -17,6 +17,11 @@ from piece_surgery.records import file_sha256
 from piece_surgery.sparse_grad import SparseParameters
 
 STATE_FILE = "state.safetensors"
+_KEY_NAMES = {
+    "data": "data file",
+    "config": "set of training options",
+    "ranks": "number of processes (resume with the world size it was saved with)",
+}
 DESCRIPTION = "state.json"
 
 
@@ -27,6 +32,7 @@ def save_state(
     step: int,
     history: list,
     resume_key: dict,
+    rng_states: list[torch.Tensor] | None = None,
 ) -> None:
     """Values, AdamW moments, step, RNG state: safetensors + JSON, written atomically, with the
     tensors' sha256. `resume_key` names what a resumed run must share with this one (model, data,
@@ -38,7 +44,10 @@ def save_state(
         for key in ("exp_avg", "exp_avg_sq"):
             if key in moments:
                 tensors[f"{name}::{key}"] = moments[key].cpu()
-    tensors["rng::torch"] = torch.get_rng_state()
+    rng_states = rng_states or [torch.get_rng_state()]
+    tensors["rng::torch"] = rng_states[0]
+    for rank, rng in enumerate(rng_states[1:], 1):  # each rank's own random state (dropout)
+        tensors[f"rng::torch::rank{rank}"] = rng
     with atomic_path(Path(state_dir), is_dir=True) as tmp:
         save_shard(tensors, tmp / STATE_FILE, {"format": "piece-surgery/train-state"})
         description = {
@@ -51,7 +60,11 @@ def save_state(
 
 
 def load_state(
-    state_dir: Path | None, sparse: SparseParameters, optimizer: torch.optim.Optimizer, resume_key: dict
+    state_dir: Path | None,
+    sparse: SparseParameters,
+    optimizer: torch.optim.Optimizer,
+    resume_key: dict,
+    rank: int = 0,
 ) -> tuple[int, list]:
     """Put a saved state into the values and the optimizer; returns (step, history)."""
     if state_dir is None or not (Path(state_dir) / DESCRIPTION).is_file():
@@ -62,8 +75,9 @@ def load_state(
     wanted = json.loads(json.dumps(resume_key, default=str))
     for key in sorted(set(saved) | set(wanted)):
         if saved.get(key) != wanted.get(key):
+            what = _KEY_NAMES.get(key, key)
             raise PieceError(
-                f"--resume: the saved state was made with another {key}; start afresh without --resume"
+                f"--resume: the saved state was made with another {what}; start afresh without --resume"
             )
     if (
         not (state_dir / STATE_FILE).is_file()
@@ -87,7 +101,7 @@ def load_state(
             value.copy_(parts["values"])
             moments = {k: parts[k].to(value.device) for k in ("exp_avg", "exp_avg_sq")}
             optimizer.state[value] = {"step": torch.tensor(float(step)), **moments}
-    rng = saved_tensors.get("rng::torch")
+    rng = saved_tensors.get(f"rng::torch::rank{rank}" if rank else "rng::torch")
     if rng is None or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
         raise PieceError("--resume: the saved state has no valid random-number state; start afresh")
     torch.set_rng_state(rng)

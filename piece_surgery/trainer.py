@@ -17,6 +17,7 @@ import torch
 
 from piece_surgery.checkpoint import enable_activation_checkpointing
 from piece_surgery.data import Dataset, collate
+from piece_surgery.distributed import World, register_error
 from piece_surgery.errors import PieceError
 from piece_surgery.loss import batch_logits, evaluate, mean_token_loss
 from piece_surgery.naming import is_norm
@@ -104,16 +105,17 @@ class TrainResult:
     stopped_by_drift_budget: bool = False
 
 
+@register_error
 class TrainingDiverged(PieceError):
     pass
 
 
-def steps_per_epoch(n_examples: int, config: TrainConfig) -> int:
-    return math.ceil(n_examples / (config.batch_size * config.grad_accum))
+def steps_per_epoch(n_examples: int, config: TrainConfig, ranks: int = 1) -> int:
+    return math.ceil(n_examples / (config.batch_size * config.grad_accum * ranks))
 
 
-def total_steps(n_examples: int, config: TrainConfig) -> int:
-    return config.max_steps or config.epochs * steps_per_epoch(n_examples, config)
+def total_steps(n_examples: int, config: TrainConfig, ranks: int = 1) -> int:
+    return config.max_steps or config.epochs * steps_per_epoch(n_examples, config, ranks)
 
 
 def lr_factor(step: int, total: int, config: TrainConfig) -> float:
@@ -129,13 +131,14 @@ def lr_factor(step: int, total: int, config: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def step_examples(step: int, n_examples: int, config: TrainConfig) -> list[int]:
-    """Which examples optimizer step `step` uses: a seeded permutation per epoch, so a resumed run
-    sees exactly the data an uninterrupted one would."""
-    per_epoch = steps_per_epoch(n_examples, config)
+def step_examples(step: int, n_examples: int, config: TrainConfig, ranks: int = 1) -> list[int]:
+    """Which examples optimizer step `step` uses (all ranks together): a seeded permutation per
+    epoch, so a resumed run sees exactly the data an uninterrupted one would, and N ranks see what
+    one process with N times the gradient accumulation would."""
+    per_epoch = steps_per_epoch(n_examples, config, ranks)
     epoch, within = divmod(step, per_epoch)
     order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
-    size = config.batch_size * config.grad_accum
+    size = config.batch_size * config.grad_accum * ranks
     return order[within * size : (within + 1) * size]
 
 
@@ -154,6 +157,7 @@ def train_sparse(
     progress: Callable[[int, dict], None] | None = None,
     sparse_linear: bool = True,
     fisher: dict[str, torch.Tensor] | None = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Train the masked entries of `params` (tensor name -> model parameter) in place.
 
@@ -162,52 +166,70 @@ def train_sparse(
     `save_every` steps; `resume=True` continues from it (`resume_key` must match the saved one).
     `sparse_linear=False` computes every masked tensor's dense gradient and keeps its k entries
     (the slower reference path). `fisher` (tensor name -> the retain Fisher at the mask's entries)
-    gives the predicted drift of every step, for `drift_budget` and `retain_weight`.
+    gives the predicted drift of every step, for `drift_budget` and `retain_weight`. With a
+    `world` (several processes), each rank trains on its share of every step's micro-batches and
+    DistributedDataParallel keeps the values equal; rank 0 evaluates and saves the state.
     """
     _check_inputs(dataset, config, fisher)
     sparse = SparseParameters(params, indices)
     drift = DriftEstimate(sparse, fisher) if fisher is not None else None
     optimizer = _adamw(sparse, config)
-    total = total_steps(len(dataset.examples), config)
-    resume_key = {**(resume_key or {}), "config": config.resume_key()}
-    start, history = _starting_point(state_dir, sparse, optimizer, resume_key, resume, total, config.seed)
+    ranks = world.size if world is not None else 1
+    total = total_steps(len(dataset.examples), config, ranks)
+    resume_key = {**(resume_key or {}), "config": config.resume_key(), "ranks": ranks}
+    start, history = _starting_point(
+        state_dir, sparse, optimizer, resume_key, resume, total, config.seed, world
+    )
     _prepare_model(model, sparse, config, sparse_linear)
-    autocast = _use_bf16_autocast(model)
+    main = world is None or world.is_main
     train_loss = history[-1]["loss"] if history else None
     eval_loss = None
     last_saved = start if resume else None
     stopped = False
+    forward = None
     try:
+        forward = _MicroBatchLoss(model, sparse, world)
         for step in range(start, total):
             sparse.write()
-            train_loss = _step_gradients(model, dataset, step, config, pad_id, autocast)
+            train_loss = _step_gradients(forward, dataset, step, config, pad_id)
             if not math.isfinite(train_loss):
                 raise TrainingDiverged(
                     f"the loss became {train_loss} at step {step + 1}: lower --lr or check the data"
                     + _last_good(last_saved, state_dir)
                 )
+            if step == start:
+                sparse.check_gradients()
             factor = lr_factor(step, total, config)
             _optimizer_step(sparse, optimizer, config, factor, drift)
             _check_finite_values(sparse, step, last_saved, state_dir)
             record = {"step": step + 1, "loss": train_loss, "lr": config.lr * factor}
             if drift is not None:
                 record["predicted_drift"] = drift.value()
-            if eval_dataset is not None and config.eval_every and (step + 1) % config.eval_every == 0:
+            if (
+                main
+                and eval_dataset is not None
+                and config.eval_every
+                and (step + 1) % config.eval_every == 0
+            ):
                 sparse.write()
                 eval_loss = record["eval_loss"] = evaluate(model, eval_dataset, config.batch_size, pad_id)
             history.append(record)
             if progress:
                 progress(1, record)
             if state_dir is not None and config.save_every and (step + 1) % config.save_every == 0:
-                save_state(state_dir, sparse, optimizer, step + 1, history, resume_key)
+                rng = world.gather(torch.get_rng_state()) if world is not None else [torch.get_rng_state()]
+                if main:
+                    save_state(state_dir, sparse, optimizer, step + 1, history, resume_key, rng)
                 last_saved = step + 1
             if config.drift_budget and record.get("predicted_drift", 0.0) >= config.drift_budget:
                 stopped = True
                 break
         sparse.write()
-        if eval_dataset is not None and (eval_loss is None or history[-1].get("eval_loss") is None):
+        if main and eval_dataset is not None and (eval_loss is None or history[-1].get("eval_loss") is None):
             eval_loss = evaluate(model, eval_dataset, config.batch_size, pad_id)
     finally:
+        if forward is not None:
+            forward.close()
         sparse.detach()
         for p in model.parameters():
             p.grad = None
@@ -242,12 +264,13 @@ def _starting_point(
     resume: bool,
     total: int,
     seed: int,
+    world: World | None,
 ) -> tuple[int, list]:
     """(first step, history): 0 and none for a fresh run (seeded), the saved ones on --resume."""
     if not resume:
         torch.manual_seed(seed)
         return 0, []
-    start, history = load_state(state_dir, sparse, optimizer, resume_key)
+    start, history = load_state(state_dir, sparse, optimizer, resume_key, rank=world.rank if world else 0)
     if start > total:
         raise PieceError(
             f"--resume: the saved state is at step {start}, past the {total} steps this run asks for; "
@@ -335,36 +358,93 @@ def _adamw(sparse: SparseParameters, config: TrainConfig) -> torch.optim.Optimiz
     )
 
 
+class _ValuesModule(torch.nn.Module):
+    """The trained values as the one module DistributedDataParallel synchronises (its gradients,
+    4 bytes x k per step); the model runs inside its forward but is not its submodule, so its
+    frozen weights are neither broadcast nor reduced."""
+
+    def __init__(self, sparse: SparseParameters, model: torch.nn.Module):
+        super().__init__()
+        self.values = torch.nn.ParameterList([sparse.values[n] for n in sorted(sparse.values)])
+        object.__setattr__(self, "model", model)
+
+    def forward(self, batch: dict | None = None) -> torch.Tensor:
+        if batch is None:  # the synchronising pass: zero, with every value in its graph
+            return sum(v.sum() for v in self.values) * 0.0
+        return batch_logits(self.model, batch)
+
+
+class _MicroBatchLoss:
+    """A micro-batch's loss: the model's own forward in one process, under DDP through it."""
+
+    def __init__(self, model: torch.nn.Module, sparse: SparseParameters, world: World | None):
+        self.model = model
+        self.world = world
+        self.device = next(model.parameters()).device
+        self.autocast = _use_bf16_autocast(model)
+        self.ddp = None
+        if world is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [world.device.index] if world.device.type == "cuda" else None
+            # the values module has no buffers: nothing to broadcast but the values at the start
+            self.ddp = DistributedDataParallel(_ValuesModule(sparse, model), device_ids=device_ids)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        # the model's own forward even under DDP: a backward without a DDP forward only adds to
+        # the local gradients (DDP's hooks expect none), and DDP's own collectives (its bucket
+        # rebuild) then run in synchronise() alone, once per step on every rank
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            logits = batch_logits(self.model, batch)
+        loss, _ = mean_token_loss(logits, batch["labels"])
+        return loss  # the logits die here: backward needs only the log-probabilities
+
+    def synchronise(self) -> None:
+        """A backward of zero through DDP: it all-reduces the values' accumulated gradients."""
+        self.ddp().backward()
+
+    def close(self) -> None:
+        # DDP's reducer must go while the process group lives: destroyed after it (at exit), its
+        # threads end the process with std::terminate
+        self.ddp = None
+
+
 def _step_gradients(
-    model: torch.nn.Module, dataset: Dataset, step: int, config: TrainConfig, pad_id: int, autocast: bool
+    forward: _MicroBatchLoss, dataset: Dataset, step: int, config: TrainConfig, pad_id: int
 ) -> float:
-    """Accumulate one optimizer step's gradient over its micro-batches; returns the step's mean
-    loss, or the first non-finite micro-batch loss (whose backward is skipped)."""
-    device = next(model.parameters()).device
-    chosen = step_examples(step, len(dataset.examples), config)
-    parts = math.ceil(len(chosen) / config.batch_size)
-    step_loss = 0.0
-    for offset in range(0, len(chosen), config.batch_size):
-        group = [dataset.examples[i] for i in chosen[offset : offset + config.batch_size]]
-        batch = {k: v.to(device) for k, v in collate(group, pad_id).items()}
-        value = _forward_backward(model, batch, parts, autocast)
+    """Accumulate one optimizer step's gradient over its micro-batches; returns the step's mean loss
+    over every micro-batch, or the first non-finite loss (whose backward is skipped).
+
+    Under DDP each rank takes every size-th micro-batch and accumulates locally; once every rank
+    is known to be fine, one synchronised backward of a zero loss adds up the accumulated values'
+    gradients over the ranks (4 bytes x k). A rank that failed makes every rank return its loss,
+    so none waits in vain for the others."""
+    world = forward.world
+    ranks = world.size if world is not None else 1
+    chosen = step_examples(step, len(dataset.examples), config, ranks)
+    groups = [chosen[i : i + config.batch_size] for i in range(0, len(chosen), config.batch_size)]
+    weight = ranks / len(groups)  # a micro-batch's share of the mean; DDP averages over the ranks
+    mine = groups[world.rank :: ranks] if world is not None else groups
+    total, bad = 0.0, None
+    for group in mine:
+        examples = [dataset.examples[i] for i in group]
+        batch = {k: v.to(forward.device) for k, v in collate(examples, pad_id).items()}
+        loss = forward.loss(batch)
+        value = float(loss.detach())
         if not math.isfinite(value):
-            return value
-        step_loss += value / parts
-    return step_loss
-
-
-def _forward_backward(model: torch.nn.Module, batch: dict, parts: int, autocast: bool) -> float:
-    """Loss of one micro-batch, with its gradient (scaled by 1/parts) accumulated; nan/inf returns
-    before backward. A function of its own so the logits are freed before the next forward."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        logits = batch_logits(model, batch)
-    loss, _ = mean_token_loss(logits, batch["labels"])
-    del logits  # backward needs the log-probabilities, not the logits: free (tokens x vocab) now
-    value = float(loss.detach())
-    if math.isfinite(value):
-        (loss / parts).backward()
-    return value
+            bad = value
+            break
+        total += value
+        (loss * weight).backward()
+        del loss  # before the next forward
+    if world is None:
+        return bad if bad is not None else total / len(groups)
+    bad = next((v for v in world.gather(bad) if v is not None), None)
+    if bad is not None:
+        world.barrier()  # leave together: a rank that quits first cuts the others' last transfers
+        return bad
+    forward.synchronise()
+    return world.sum(total) / len(groups)
 
 
 def _use_bf16_autocast(model: torch.nn.Module) -> bool:

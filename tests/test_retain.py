@@ -121,10 +121,8 @@ def test_self_text_is_seeded_and_recorded(tiny, code_data, tmp_path):
     from piece_surgery.retain import sample_self
 
     checkpoint = open_checkpoint(tiny("llama"))
-    checkpoint.load_model(device="cpu", dtype="float32")
-    a = sample_self(checkpoint, samples=5, length=7, seed=3)
-    b = sample_self(checkpoint, samples=5, length=7, seed=3)
-    c = sample_self(checkpoint, samples=5, length=7, seed=4)
+    model, tokenizer = checkpoint.load_model(device="cpu", dtype="float32"), checkpoint.load_tokenizer()
+    a, b, c = (sample_self(model, tokenizer, samples=5, length=7, seed=seed) for seed in (3, 3, 4))
     assert [e.input_ids for e in a.examples] == [e.input_ids for e in b.examples]
     assert [e.input_ids for e in a.examples] != [e.input_ids for e in c.examples]
     assert len(a.examples) == 5 and all(len(e.input_ids) == 8 for e in a.examples)

@@ -138,8 +138,8 @@ def test_resume_equals_uninterrupted(tiny, code_data, tmp_path, cli, monkeypatch
     assert cli("train", base, "-o", tmp_path / "straight", *args)[0] == 0
     original = train_module.save_state
 
-    def save_then_crash(state_dir, sparse, optimizer, step, history, resume_key):
-        original(state_dir, sparse, optimizer, step, history, resume_key)
+    def save_then_crash(state_dir, sparse, optimizer, step, *rest):
+        original(state_dir, sparse, optimizer, step, *rest)
         if step == 4:
             raise KeyboardInterrupt
 

@@ -289,8 +289,8 @@ def interrupted_run(model, code_data, out, cli, monkeypatch, *extra):
 
     original = trainer.save_state
 
-    def save_then_stop(state_dir, sparse, optimizer, step, history, resume_key):
-        original(state_dir, sparse, optimizer, step, history, resume_key)
+    def save_then_stop(state_dir, sparse, optimizer, step, *rest):
+        original(state_dir, sparse, optimizer, step, *rest)
         if step == 4:
             raise KeyboardInterrupt
 
