@@ -61,7 +61,7 @@ def methods(density: float) -> list[Method]:
     s = lambda **kw: ScoreOptions(density=density, **kw)  # noqa: E731
     sparse_lrs = [1e-4, 3e-4, 1e-3]
     return [
-        Method("full fine-tuning", "full", [1e-5, 3e-5, 1e-4]),
+        Method("full fine-tuning", "full", [1e-5, 3e-5, 1e-4, 3e-4]),
         Method("LoRA r=2 q,v", "lora", [1e-3, 3e-3, 1e-2]),
         Method("random 0.1%", "sparse", [1e-4, 1e-3, 1e-2], s(method="random")),
         Method("magnitude 0.1%", "sparse", [1e-4, 1e-3, 1e-2], s(method="magnitude")),
@@ -98,57 +98,77 @@ def methods(density: float) -> list[Method]:
 def retain_aware_methods(density: float) -> list[Method]:
     """piece-r (issue 13): retain sets, damping quantiles, labels, density, penalty."""
     r = lambda q=0.1, d=density, **kw: ScoreOptions(method="piece-r", density=d, retain_damping=q, **kw)  # noqa: E731
-    lrs = [1e-4, 3e-4, 1e-3, 3e-3]
     own = {"self_samples": 64, "self_length": 96}
+    wiki, self_text = ("general",), ("self",)
     return [
-        Method("piece-r q10, retain wiki", "sparse", lrs, r(), retain=("general",)),
-        Method("piece-r q01, retain wiki", "sparse", [1e-3, 3e-3, 1e-2], r(0.01), retain=("general",)),
-        Method("piece-r q50, retain wiki", "sparse", [3e-4, 1e-3, 3e-3], r(0.5), retain=("general",)),
-        Method("piece-r q10, retain self", "sparse", lrs, r(**own), retain=("self",)),
+        Method("piece-r q10, retain wiki", "sparse", [1e-4, 3e-4, 1e-3, 3e-3], r(), retain=wiki),
+        Method("piece-r q01, retain wiki", "sparse", [1e-3, 3e-3, 1e-2, 3e-2], r(0.01), retain=wiki),
+        Method("piece-r q001, retain wiki", "sparse", [3e-3, 1e-2, 3e-2], r(0.001), retain=wiki),
+        Method("piece-r q50, retain wiki", "sparse", [3e-4, 1e-3, 3e-3], r(0.5), retain=wiki),
         Method(
-            "piece-r q10, retain self, sampled labels",
+            "piece-r q01 1%, retain wiki", "sparse", [1e-3, 3e-3, 1e-2], r(0.01, 10 * density), retain=wiki
+        ),
+        Method(
+            "piece-r q01, retain wiki, weight 10",
             "sparse",
-            [1e-3, 3e-3],
-            r(retain_labels="sampled", **own),
-            retain=("self",),
+            [3e-3, 1e-2, 3e-2],
+            r(0.01),
+            retain=wiki,
+            retain_weight=10.0,
         ),
         Method(
             "piece-r q10, retain wiki, sampled labels",
             "sparse",
             [1e-3, 3e-3],
             r(retain_labels="sampled"),
-            retain=("general",),
+            retain=wiki,
         ),
+        Method("piece-r q10, retain self", "sparse", [1e-4, 3e-4, 1e-3, 3e-3], r(**own), retain=self_text),
+        Method("piece-r q01, retain self", "sparse", [1e-3, 3e-3, 1e-2], r(0.01, **own), retain=self_text),
         Method(
-            "piece-r q10 1%, retain wiki",
+            "piece-r q10, retain self, sampled labels",
             "sparse",
-            [1e-4, 3e-4, 1e-3],
-            r(d=10 * density),
-            retain=("general",),
+            [1e-3, 3e-3],
+            r(retain_labels="sampled", **own),
+            retain=self_text,
         ),
         Method(
-            "piece-r q10, retain wiki, weight 10",
+            "piece-r q01, retain self, sampled labels",
             "sparse",
             [1e-3, 3e-3, 1e-2],
-            r(),
-            retain=("general",),
-            retain_weight=10.0,
+            r(0.01, retain_labels="sampled", **own),
+            retain=self_text,
         ),
         Method(
-            "piece-r q10, retain wiki + task A",
+            "piece-r q01, retain self x256",
             "sparse",
-            lrs,
-            r(),
+            [3e-3, 1e-2],
+            r(0.01, self_samples=256, self_length=96),
+            retain=self_text,
+        ),
+        Method(
+            "piece-r q01, retain wiki + task A",
+            "sparse",
+            [1e-3, 3e-3, 1e-2],
+            r(0.01),
             retain=("general", "taskA"),
             frontier=False,
         ),
         Method(
-            "piece-r q10, retain wiki + task A, avoid A",
+            "piece-r q01, retain wiki + task A, avoid A",
             "sparse",
-            lrs,
-            r(),
+            [1e-3, 3e-3, 1e-2],
+            r(0.01),
             retain=("general", "taskA"),
             avoid_previous=True,
+            frontier=False,
+        ),
+        Method(
+            "piece-r q01, retain wiki, sequential",
+            "sparse",
+            [1e-3, 3e-3, 1e-2],
+            r(0.01),
+            retain=wiki,
             frontier=False,
         ),
     ]

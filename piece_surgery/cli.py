@@ -56,6 +56,12 @@ RetainDamping = Annotated[
 SelfSamples = Annotated[int | None, typer.Option(help="--retain self: texts to write. [default: 64]")]
 SelfLength = Annotated[int | None, typer.Option(help="--retain self: tokens per text. [default: 128]")]
 Avoid = Annotated[list[str] | None, typer.Option(help="A mask or delta whose entries to leave out.")]
+Fsdp = Annotated[
+    bool,
+    typer.Option(
+        "--fsdp", help="Shard the model over the ranks (torchrun): for models one device cannot hold."
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -120,6 +126,7 @@ def score_command(
     gradient_checkpointing: Annotated[
         bool, typer.Option("--gradient-checkpointing", help="Trade compute for activation memory.")
     ] = False,
+    fsdp: Fsdp = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
     retain: Retain = None,
@@ -172,6 +179,7 @@ def score_command(
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         quiet=quiet,
+        fsdp=fsdp,
     )
     summary = mask_breakdown(mask)
     result = {
@@ -273,6 +281,7 @@ def train_command(
     gradient_checkpointing: Annotated[
         bool, typer.Option("--gradient-checkpointing", help="Trade compute for activation memory.")
     ] = False,
+    fsdp: Fsdp = False,
     seed: Annotated[int, typer.Option(help="Data order (and the random method).")] = 0,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -337,6 +346,7 @@ def train_command(
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
         quiet=quiet,
+        fsdp=fsdp,
     )
     report, lines = _train_report(trained, model, mask, output, time.perf_counter() - start)
     _emit("train", report, as_json, lines)

@@ -128,3 +128,11 @@ def stop() -> None:
 def device_name(world: World | None, device: str) -> str:
     """The device a rank works on: its own GPU under a launcher, else what the user asked."""
     return str(world.device) if world is not None else device
+
+
+def load_device(world: World | None, device: str, fsdp: bool) -> str:
+    """Where to load the model: with --fsdp on the CPU (fully_shard then moves each rank's shard
+    to its device, so no device ever holds the whole model), else the rank's own device."""
+    if fsdp and world is None:
+        raise PieceError("--fsdp shards the model over several processes: launch with torchrun")
+    return "cpu" if fsdp else device_name(world, device)

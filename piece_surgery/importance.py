@@ -30,6 +30,7 @@ from piece_surgery.data import Dataset
 from piece_surgery.distributed import World
 from piece_surgery.errors import PieceError
 from piece_surgery.loss import micro_batch_losses
+from piece_surgery.sharding import is_sharded, local_part
 
 METHODS = ("piece-s", "piece-f", "gradient", "magnitude", "random", "piece-s-rel", "piece-r")
 LABELS = ("empirical", "sampled")
@@ -109,23 +110,32 @@ def accumulate_gradients(
     `labels="sampled"` takes the loss on labels drawn (seeded) from the model's own distribution.
     `squares_into` accumulates sum g_b^2 into existing buffers (several retain sets, one buffer).
     With a `world`, each rank passes over its share of the micro-batches, and the sums are added
-    up over the ranks at the end (unless `reduce=False`: the caller reduces once, later).
+    up over the ranks at the end (unless `reduce=False`: the caller reduces once, later). With
+    weights sharded by FSDP (--fsdp), every rank passes over every micro-batch instead and keeps
+    the sums of its own shard: rank 0's loss alone is back-propagated, so FSDP's summing
+    reduce-scatter hands each rank exactly its shard of g_b.
     """
     device = next(model.parameters()).device
     acc_device = accumulator_device or device
-    zeros = lambda p: torch.zeros(p.shape, dtype=torch.float32, device=acc_device)  # noqa: E731
+    sharded = any(is_sharded(p) for p in params.values())
+    zeros = lambda p: torch.zeros(  # noqa: E731
+        p.to_local().shape if sharded else p.shape, dtype=torch.float32, device=acc_device
+    )
     sums = {key: zeros(p) for key, p in params.items()} if keep_sum else {}
     squares = {key: zeros(p) for key, p in params.items()} if keep_squares else {}
     if squares_into is not None:
         keep_squares, squares = True, squares_into
 
+    def add(key: str, grad: torch.Tensor) -> None:
+        g = grad.to(device=acc_device, dtype=torch.float32, non_blocking=True)
+        if keep_sum:
+            sums[key].add_(g)
+        if keep_squares:
+            squares[key].addcmul_(g, g)
+
     def fold(key: str) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
-            g = param.grad.to(device=acc_device, dtype=torch.float32, non_blocking=True)
-            if keep_sum:
-                sums[key].add_(g)
-            if keep_squares:
-                squares[key].addcmul_(g, g)
+            add(key, param.grad)
             param.grad = None
 
         return hook
@@ -133,10 +143,13 @@ def accumulate_gradients(
     stats = PassStats()
     check_labels(labels)
     generator = torch.Generator(device=device).manual_seed(seed) if labels == "sampled" else None
-    shard = (world.rank, world.size) if world is not None else None
+    shard = (world.rank, world.size) if world is not None and not sharded else None
+    backward_scale = 0.0 if sharded and world.rank != 0 else 1.0
     error = None
     with _gradients_only_for(model, params), _deterministic_mode(model):
-        handles = [p.register_post_accumulate_grad_hook(fold(k)) for k, p in params.items()]
+        handles = (
+            [] if sharded else [p.register_post_accumulate_grad_hook(fold(k)) for k, p in params.items()]
+        )
         try:
             batches = micro_batch_losses(
                 model, dataset, batch_size, pad_id, sample_labels=generator, shard=shard
@@ -148,7 +161,11 @@ def accumulate_gradients(
                         f"the loss is {value} on micro-batch {stats.batches + 1}: bad data or a broken "
                         "model (try --dtype float32)"
                     )
-                loss.backward()
+                (loss * backward_scale if sharded else loss).backward()
+                if sharded:  # FSDP has reduce-scattered each gradient: this rank's shard is here
+                    for key, p in params.items():
+                        add(key, p.grad.to_local())
+                        p.grad = None
                 stats.batches += 1
                 stats.examples += examples
                 stats.tokens += tokens
@@ -165,7 +182,7 @@ def accumulate_gradients(
                 h.remove()
     if world is not None:
         world.agree(error)
-        if reduce:
+        if reduce and not sharded:
             reduce_pass(world, [*sums.values(), *squares.values()], stats)
     for key, acc in {**sums, **squares}.items():
         if not torch.isfinite(acc).all():
@@ -214,14 +231,15 @@ def _deterministic_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def scores_from_sums(
-    method: str, sums: dict[str, torch.Tensor], squares: dict[str, torch.Tensor]
+    method: str, sums: dict[str, torch.Tensor], squares: dict[str, torch.Tensor], *, total=float
 ) -> dict[str, torch.Tensor]:
-    """Turn the accumulators into scores, reusing their memory (the inputs are consumed)."""
+    """Turn the accumulators into scores, reusing their memory (the inputs are consumed).
+    `total` adds a number up over the ranks when the accumulators are shards (FSDP)."""
     scores = {}
     damping = 1.0
     if method == "piece-s-rel":
-        total = sum(float(g2.sum(dtype=torch.float64)) for g2 in squares.values())
-        damping = total / max(sum(g2.numel() for g2 in squares.values()), 1)
+        summed = total(sum(float(g2.sum(dtype=torch.float64)) for g2 in squares.values()))
+        damping = summed / max(total(sum(g2.numel() for g2 in squares.values())), 1)
     for key in list(sums or squares):
         if method == "piece-f":
             scores[key] = squares.pop(key)
@@ -236,27 +254,27 @@ def scores_from_sums(
 
 
 def piece_r_scores(
-    sums: dict[str, torch.Tensor], retain: dict[str, torch.Tensor], damping: float
+    sums: dict[str, torch.Tensor], retain: dict[str, torch.Tensor], damping: float, *, total=float
 ) -> tuple[dict[str, torch.Tensor], float]:
     """(sum g)^2 / (F_retain + delta), delta the `damping` quantile of F_retain (at least the
     smallest positive float, so an entry no retain text moves cannot divide by zero). The sums
     become the scores in place; F_retain is kept (its values at the chosen entries go into the
     mask). Returns the scores and delta."""
-    delta = max(quantile(retain, damping), torch.finfo(torch.float32).tiny)
+    delta = max(quantile(retain, damping, total=total), torch.finfo(torch.float32).tiny)
     return {key: sums.pop(key).square_().div_(retain[key] + delta) for key in list(sums)}, delta
 
 
-def quantile(tensors: dict[str, torch.Tensor], q: float) -> float:
+def quantile(tensors: dict[str, torch.Tensor], q: float, *, total=float) -> float:
     """The q-quantile of the non-negative values of all tensors together, exactly: the value at
     ascending rank floor(q x (n - 1)), found by bisection over float bit patterns (31 counting
-    passes, no sorted copy of all values)."""
-    n = sum(int(t.numel()) for t in tensors.values())
+    passes, no sorted copy of all values). `total` sums counts over the ranks (FSDP shards)."""
+    n = int(total(sum(int(t.numel()) for t in tensors.values())))
     rank = math.floor(q * (n - 1))
     # sums of squares are >= +0.0, so their bit patterns as int32 sort like the values: a view, no copy
     keys = [t.detach().reshape(-1).float().view(torch.int32) for t in tensors.values()]
 
     def count_at_most(bits: int) -> int:
-        return sum(int((k <= bits).sum()) for k in keys)
+        return int(total(sum(int((k <= bits).sum()) for k in keys)))
 
     lo, hi = 0, 0x7F800000  # smallest t with count(<= t) > rank
     while lo < hi:
@@ -274,13 +292,19 @@ def check_labels(labels: str) -> None:
 
 
 def data_free_scores(
-    method: str, params: dict[str, torch.nn.Parameter], seed: int
+    method: str, params: dict[str, torch.nn.Parameter], seed: int, world: World | None = None
 ) -> dict[str, torch.Tensor]:
-    """magnitude = |theta|; random = uniform[0, 1) from a CPU generator seeded once, in name order."""
+    """magnitude = |theta|; random = uniform[0, 1) from a CPU generator seeded once, in name order.
+    For FSDP shards, each rank's own part of what one process would draw."""
+    parts = {k: local_part(p, world) for k, p in params.items()}
     if method == "magnitude":
-        return {k: p.detach().float().abs() for k, p in params.items()}
+        return {k: part.values.float().abs() for k, part in parts.items()}
     generator = torch.Generator().manual_seed(seed)
-    return {k: torch.rand(params[k].shape, generator=generator) for k in sorted(params)}
+    scores = {}
+    for k in sorted(params):
+        drawn = torch.rand(params[k].shape, generator=generator).view(-1)
+        scores[k] = drawn[parts[k].start : parts[k].stop].clone() if is_sharded(params[k]) else drawn
+    return scores
 
 
 def check_normalization(how: str) -> None:
@@ -288,13 +312,17 @@ def check_normalization(how: str) -> None:
         raise PieceError(f"unknown --normalize '{how}'; use none or tensor")
 
 
-def normalize_scores(scores: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
+def normalize_scores(
+    scores: dict[str, torch.Tensor], how: str, *, total=float, sizes: dict[str, int] | None = None
+) -> dict[str, torch.Tensor]:
     """`tensor`: divide each tensor's scores by their mean, so tensors compete on relative
-    importance rather than on the scale of their gradients (in place); `none`: as they are."""
+    importance rather than on the scale of their gradients (in place); `none`: as they are.
+    For shards, `total` sums over the ranks and `sizes` are the whole tensors' sizes."""
     check_normalization(how)
     if how == "tensor":
-        for s in scores.values():
-            mean = float(s.mean(dtype=torch.float64))
+        for name, s in scores.items():
+            size = sizes[name] if sizes else s.numel()
+            mean = total(float(s.sum(dtype=torch.float64))) / max(size, 1)
             if mean > 0:
                 s.div_(mean)
     return scores

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from piece_surgery import __version__
 from piece_surgery.checkpoint import Checkpoint, save_shard
+from piece_surgery.distributed import World
 from piece_surgery.dtypes import index_dtype, numel
 from piece_surgery.errors import PieceError
 from piece_surgery.outputs import atomic_path
@@ -123,25 +124,36 @@ def k_for_density(density: float, eligible: int) -> int:
 
 
 def select_top_k(
-    scores: dict[str, torch.Tensor], k: int, *, exclude: dict[str, torch.Tensor] | None = None
+    scores: dict[str, torch.Tensor],
+    k: int,
+    *,
+    exclude: dict[str, torch.Tensor] | None = None,
+    world: World | None = None,
+    offsets: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The k largest entries over all tensors together; ties broken by tensor name, then index.
     Entries in `exclude` (tensor name -> flat indices) are never chosen.
 
     Scores are non-negative floats, whose IEEE bit patterns sort like the values, so the k-th
     largest value is found by bisection over those integers: 31 counting passes, no concatenated
-    or sorted copy of the scores (which would not fit beside a large model).
+    or sorted copy of the scores (which would not fit beside a large model). With `offsets`, each
+    rank of `world` holds the flat entries [offset, offset + numel) of every tensor (FSDP shards):
+    counts are summed over the ranks, and every rank returns the same whole selection.
     """
     names = sorted(scores)
-    exclude = {n: torch.unique(exclude[n].to(torch.int64)) for n in names if exclude and n in exclude}
-    total = sum(int(scores[n].numel()) for n in names) - sum(int(e.numel()) for e in exclude.values())
+    total_of = world.sum if offsets is not None else float
+    local = {n: _local_indices(exclude, n, offsets, scores[n].numel()) for n in names}
+    local = {n: e for n, e in local.items() if e is not None}
+    size = sum(int(scores[n].numel()) for n in names) - sum(int(e.numel()) for e in local.values())
+    total = int(total_of(size))
     if not 0 < k <= total:
         raise PieceError(f"cannot select {k} of {total} entries")
     keys = {n: _score_bits(n, scores[n]) for n in names}
 
     def count_at_least(t: int) -> int:
         counted = sum(int((keys[n] >= t).sum()) for n in names)
-        return counted - sum(int((keys[n][e] >= t).sum()) for n, e in exclude.items())
+        counted -= sum(int((keys[n][e] >= t).sum()) for n, e in local.items())
+        return int(total_of(counted))
 
     lo, hi = 0, 0x7F800000  # the threshold lies in [0, +inf]
     while lo < hi:  # largest t with count(>= t) >= k
@@ -151,17 +163,43 @@ def select_top_k(
         else:
             hi = mid - 1
     threshold = lo
-    above = count_at_least(threshold + 1)
-    ties_left = k - above
+    ties_left = k - count_at_least(threshold + 1)
     chosen: dict[str, torch.Tensor] = {}
     for n in names:
-        idx_above = _without(torch.nonzero(keys[n] > threshold).flatten(), exclude.get(n))
-        idx_tie = _without(torch.nonzero(keys[n] == threshold).flatten(), exclude.get(n))[: max(ties_left, 0)]
-        ties_left -= int(idx_tie.numel())
-        idx = torch.cat([idx_above, idx_tie]).sort().values.cpu()
+        idx_above = _without(torch.nonzero(keys[n] > threshold).flatten(), local.get(n))
+        idx_tie = _without(torch.nonzero(keys[n] == threshold).flatten(), local.get(n))
+        if offsets is None:
+            take = max(ties_left, 0)
+            ties_left -= min(int(idx_tie.numel()), take)
+        else:  # ties go to lower flat indices first: to lower ranks first
+            counts = world.gather(int(idx_tie.numel()))
+            take = min(max(ties_left - sum(counts[: world.rank]), 0), counts[world.rank])
+            ties_left -= min(sum(counts), max(ties_left, 0))
+        idx = torch.cat([idx_above, idx_tie[:take]]).sort().values.cpu()
+        if offsets is not None:
+            idx = idx + offsets[n]
         if idx.numel():
             chosen[n] = idx
-    return chosen
+    return _gathered(chosen, world) if offsets is not None else chosen
+
+
+def _local_indices(exclude, name: str, offsets, size: int) -> torch.Tensor | None:
+    """The excluded flat indices of `name` that lie in this rank's part, made local."""
+    if not exclude or name not in exclude:
+        return None
+    idx = torch.unique(exclude[name].to(torch.int64))
+    if offsets is None:
+        return idx
+    idx = idx - offsets[name]
+    return idx[(idx >= 0) & (idx < size)]
+
+
+def _gathered(chosen: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:
+    merged: dict[str, list[torch.Tensor]] = {}
+    for part in world.gather(chosen):
+        for name, idx in part.items():
+            merged.setdefault(name, []).append(idx)
+    return {n: torch.cat(merged[n]).sort().values for n in sorted(merged)}
 
 
 def _score_bits(name: str, score: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ from piece_surgery.outputs import check_output
 from piece_surgery.progress import Progress
 from piece_surgery.records import RetainRecord
 from piece_surgery.retain import SELF, ScoringInputs, read_scoring_inputs, sample_self
+from piece_surgery.sharding import is_sharded, local_part, shard_model
 
 # delta = this quantile of F_retain; docs/evidence.md has the frontier behind it
 DEFAULT_RETAIN_DAMPING = 0.1
@@ -119,6 +120,7 @@ def score_model(
         raise PieceError(f"--retain is used by --method piece-r only (got {method}); see docs/training.md")
     params = eligible_parameters(model, keys, include=options.include, exclude=options.exclude)
     k = k_for_density(options.density, sum(p.numel() for p in params.values()))
+    shards = _Shards.of(params, world)
     stats, fisher, retain_record = PassStats(), None, None
     if needs_data(method):
         if dataset is None:
@@ -129,7 +131,7 @@ def score_model(
         if method == "piece-r":
             retained, retain_stats = passes.retain_fisher(retain)
             sums, _, stats = passes.run(dataset, keep_sum=True, keep_squares=False)
-            scores, delta = piece_r_scores(sums, retained, options.retain_damping)
+            scores, delta = piece_r_scores(sums, retained, options.retain_damping, total=shards.total)
             retain_record = _retain_record(retain, retain_stats, options, delta)
         else:
             sums, squares, stats = passes.run(
@@ -137,17 +139,14 @@ def score_model(
                 keep_sum=method in ("piece-s", "piece-s-rel", "gradient"),
                 keep_squares=method in ("piece-s", "piece-s-rel", "piece-f"),
             )
-            scores = scores_from_sums(method, sums, squares)
+            scores = scores_from_sums(method, sums, squares, total=shards.total)
     else:
-        scores = data_free_scores(method, params, options.seed)
-    indices = select_top_k(normalize_scores(scores, options.normalize), k, exclude=avoid)
+        scores = data_free_scores(method, params, options.seed, world)
+    normalize_scores(scores, options.normalize, total=shards.total, sizes=shards.sizes)
+    indices = select_top_k(scores, k, exclude=avoid, world=world, offsets=shards.offsets)
     del scores
     if retain_record is not None:
-        scale = retain_record.fisher_scale
-        fisher = {
-            n: retained[n].reshape(-1)[i.to(retained[n].device)].float().cpu() * scale
-            for n, i in indices.items()
-        }
+        fisher = shards.values_at(retained, indices, scale=retain_record.fisher_scale)
         del retained
     info = MaskInfo(
         method=method,
@@ -161,6 +160,54 @@ def score_model(
     )
     shapes = {key: tuple(p.shape) for key, p in params.items()}
     return Mask(indices, shapes, info, fisher), stats
+
+
+@dataclass
+class _Shards:
+    """Where each rank's part of the accumulators lies when FSDP shards the weights (else: all
+    of every tensor is here, and numbers need no adding up over ranks)."""
+
+    world: World | None
+    offsets: dict[str, int] | None  # tensor name -> flat index of this rank's first entry
+    sizes: dict[str, int]
+
+    @classmethod
+    def of(cls, params: dict[str, torch.nn.Parameter], world: World | None) -> _Shards:
+        sizes = {n: p.numel() for n, p in params.items()}
+        if not any(is_sharded(p) for p in params.values()):
+            return cls(None, None, sizes)
+        return cls(world, {n: local_part(p, world).start for n, p in params.items()}, sizes)
+
+    def total(self, value: float) -> float:
+        return self.world.sum(value) if self.offsets is not None else float(value)
+
+    def values_at(
+        self, tensors: dict[str, torch.Tensor], indices: dict[str, torch.Tensor], *, scale: float
+    ) -> dict[str, torch.Tensor]:
+        """tensors' values at the (whole-tensor) flat indices, x scale, on every rank."""
+        if self.offsets is None:
+            return {
+                n: tensors[n].reshape(-1)[i.to(tensors[n].device)].float().cpu() * scale
+                for n, i in indices.items()
+            }
+        mine = {}
+        for n, idx in indices.items():
+            local = idx - self.offsets[n]
+            here = (local >= 0) & (local < tensors[n].numel())
+            mine[n] = (
+                idx[here],
+                tensors[n].reshape(-1)[local[here].to(tensors[n].device)].float().cpu() * scale,
+            )
+        merged: dict[str, list] = {}
+        for part in self.world.gather(mine):
+            for n, pair in part.items():
+                merged.setdefault(n, []).append(pair)
+        out = {}
+        for n in indices:
+            found = torch.cat([p[0] for p in merged[n]])
+            values = torch.cat([p[1] for p in merged[n]])
+            out[n] = values[torch.argsort(found)]
+        return out
 
 
 @dataclass
@@ -205,8 +252,8 @@ class _GradientPasses:
             total.batches += stats.batches
             total.tokens += stats.tokens
             total.inverse_tokens += stats.inverse_tokens
-        if self.world is not None:
-            reduce_pass(self.world, list(fisher.values()), total)
+        if self.world is not None and not any(is_sharded(p) for p in self.params.values()):
+            reduce_pass(self.world, list(fisher.values()), total)  # (FSDP shards stay apart)
         return fisher, total
 
 
@@ -287,13 +334,16 @@ def score_checkpoint(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     quiet: bool = True,
+    fsdp: bool = False,
 ) -> Scored:
     """Score a checkpoint (folder or Hub id) on a data file; with `output`, write the mask there.
 
     `retain` (piece-r) holds data files or "self"; `avoid` masks or deltas whose entries to leave out.
-    Under a launcher (torchrun, ...) every rank scores its share of the data and rank 0 writes.
+    Under a launcher (torchrun, ...) every rank scores its share of the data and rank 0 writes;
+    with `fsdp`, the weights and accumulators are sharded over the ranks (docs/distributed.md).
     """
     world = distributed.start(device)
+    distributed.load_device(world, device, fsdp)  # --fsdp without a launcher fails here, early
     quiet = quiet or (world is not None and not world.is_main)
     if output is not None:
         files = [data, *(r for r in retain if str(r) != SELF), *avoid]
@@ -308,7 +358,11 @@ def score_checkpoint(
     if needs_data(options.method):
         dataset = checkpoint.load_data(data, max_length=max_length, max_samples=max_samples, quiet=quiet)
     inputs = read_scoring_inputs(checkpoint, retain, avoid, max_length=max_length, quiet=quiet)
-    checkpoint.load_model(device=distributed.device_name(world, device), dtype=dtype, quiet=quiet)
+    model = checkpoint.load_model(
+        device=distributed.load_device(world, device, fsdp), dtype=dtype, quiet=quiet
+    )
+    if fsdp:
+        shard_model(model, world)
     mask, stats = score_loaded(checkpoint, dataset, options, inputs, quiet=quiet, world=world)
     mask.info.options["max_samples"] = max_samples
     if output is not None and (world is None or world.is_main):

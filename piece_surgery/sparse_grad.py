@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from piece_surgery.distributed import World
 from piece_surgery.errors import PieceError
+from piece_surgery.sharding import full, local_part
 
 # Cap on the (tokens x entries) gathers formed at once in backward, in elements (16 MiB in fp32),
 # so a tensor with many selected entries does not add a large transient to the backward peak.
@@ -209,11 +211,18 @@ class SparseParameters:
     frozen: no dense weight gradient is ever kept.
     """
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], indices: dict[str, torch.Tensor]):
+    def __init__(
+        self,
+        params: dict[str, torch.nn.Parameter],
+        indices: dict[str, torch.Tensor],
+        world: World | None = None,
+    ):
         self.params = params
+        self.world = world
         self.indices = {n: indices[n].to(params[n].device) for n in params}
+        # a weight FSDP shards is read whole once (a collective, in the same order on every rank)
         self.values = {
-            n: torch.nn.Parameter(params[n].detach().reshape(-1)[self.indices[n]].float().clone())
+            n: torch.nn.Parameter(full(params[n]).detach().reshape(-1)[self.indices[n]].float().clone())
             for n in params
         }
         self._wrapped: list[torch.nn.Module] = []
@@ -266,10 +275,13 @@ class SparseParameters:
             )
 
     def write(self) -> None:
-        """Put the current values into the model's weights."""
+        """Put the current values into the model's weights (into this rank's shard of a weight
+        FSDP shards: the next all-gather brings them to the others)."""
         with torch.no_grad():
             for name, p in self.params.items():
-                p.view(-1)[self.indices[name]] = self.values[name].detach().to(p.dtype)
+                part = local_part(p, self.world)
+                positions, offsets = part.select(self.indices[name])
+                part.values[offsets] = self.values[name].detach()[positions].to(p.dtype)
 
     def detach(self) -> None:
         """Undo attach: the modules' forwards and the parameters' requires_grad as they were."""

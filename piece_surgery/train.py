@@ -18,6 +18,7 @@ from piece_surgery.outputs import check_output, remove_stale_temporaries
 from piece_surgery.progress import Progress
 from piece_surgery.retain import SELF, read_scoring_inputs
 from piece_surgery.score import ScoreOptions, score_loaded
+from piece_surgery.sharding import shard_model
 from piece_surgery.train_state import remove_state
 from piece_surgery.trainer import TrainConfig, TrainResult, total_steps, train_sparse
 
@@ -52,11 +53,13 @@ def train_checkpoint(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     quiet: bool = True,
+    fsdp: bool = False,
 ) -> Trained:
     """Score (unless `mask_ref` names a mask; `retain` and `avoid` as for score_checkpoint), train
     the masked entries, write the delta folder. Under a launcher (torchrun, ...) every rank trains
     on its share of each step and rank 0 writes."""
     world = distributed.start(device)
+    distributed.load_device(world, device, fsdp)  # --fsdp without a launcher fails here, early
     main = world is None or world.is_main
     quiet = quiet or not main
     output = Path(output)
@@ -89,7 +92,11 @@ def train_checkpoint(
     dataset = checkpoint.load_data(data, max_length=max_length, max_samples=max_samples, quiet=quiet)
     eval_set = checkpoint.load_data(eval_data, max_length=max_length, quiet=quiet) if eval_data else None
     scoring = read_scoring_inputs(checkpoint, retain, avoid, max_length=max_length, quiet=quiet)
-    model = checkpoint.load_model(device=distributed.device_name(world, device), dtype=dtype, quiet=quiet)
+    model = checkpoint.load_model(
+        device=distributed.load_device(world, device, fsdp), dtype=dtype, quiet=quiet
+    )
+    if fsdp:
+        shard_model(model, world)
     if mask is None:
         options = score_options or ScoreOptions()
         mask, _ = score_loaded(checkpoint, dataset, options, scoring, quiet=quiet, world=world)

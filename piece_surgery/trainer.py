@@ -171,7 +171,7 @@ def train_sparse(
     DistributedDataParallel keeps the values equal; rank 0 evaluates and saves the state.
     """
     _check_inputs(dataset, config, fisher)
-    sparse = SparseParameters(params, indices)
+    sparse = SparseParameters(params, indices, world)
     drift = DriftEstimate(sparse, fisher) if fisher is not None else None
     optimizer = _adamw(sparse, config)
     ranks = world.size if world is not None else 1
@@ -205,12 +205,8 @@ def train_sparse(
             record = {"step": step + 1, "loss": train_loss, "lr": config.lr * factor}
             if drift is not None:
                 record["predicted_drift"] = drift.value()
-            if (
-                main
-                and eval_dataset is not None
-                and config.eval_every
-                and (step + 1) % config.eval_every == 0
-            ):
+            # every rank evaluates (the same values): a model FSDP shards runs on all ranks or none
+            if eval_dataset is not None and config.eval_every and (step + 1) % config.eval_every == 0:
                 sparse.write()
                 eval_loss = record["eval_loss"] = evaluate(model, eval_dataset, config.batch_size, pad_id)
             history.append(record)
@@ -225,7 +221,7 @@ def train_sparse(
                 stopped = True
                 break
         sparse.write()
-        if main and eval_dataset is not None and (eval_loss is None or history[-1].get("eval_loss") is None):
+        if eval_dataset is not None and (eval_loss is None or history[-1].get("eval_loss") is None):
             eval_loss = evaluate(model, eval_dataset, config.batch_size, pad_id)
     finally:
         if forward is not None:

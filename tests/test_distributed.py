@@ -145,3 +145,59 @@ def test_resume_under_ddp_and_on_another_world_size(tiny, data, mask, tmp_path, 
     assert resumed.returncode == 0, resumed.stderr
     a, b = load_file(tmp_path / "straight" / "delta.safetensors"), load_file(out / "delta.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("extra", [["--method", "piece-s"], ["--method", "piece-r", "--retain", "CODE"]])
+def test_fsdp_score_is_the_one_process_mask(tiny, data, code_data, tmp_path, cli, extra):
+    """Weights and accumulators sharded over the ranks (FSDP2); the global top-k from summed counts."""
+    extra = [str(code_data) if e == "CODE" else e for e in extra]
+    args = ["score", tiny("llama"), "--data", data, "--density", "0.02", *extra, "-q"]
+    assert cli(*args, "-o", tmp_path / "one.safetensors")[0] == 0
+    run = torchrun(*args, "-o", tmp_path / "fsdp.safetensors", "--fsdp")
+    assert run.returncode == 0, run.stderr
+    assert indices(tmp_path / "one.safetensors") == indices(tmp_path / "fsdp.safetensors")
+
+
+def test_fsdp_train_matches_one_process(tiny, data, tmp_path, cli):
+    """A magnitude mask (it holds norm gains: values injected into sharded modules too)."""
+    model = tiny("llama")
+    mask = tmp_path / "magnitude.safetensors"
+    assert cli("score", model, "-o", mask, "--method", "magnitude", "--density", "0.05", "-q")[0] == 0
+    assert any("norm" in k for k in indices(mask))
+    assert (
+        cli(
+            *train_args(
+                model,
+                data,
+                mask,
+                tmp_path / "one",
+                "--batch-size",
+                "1",
+                "--grad-accum",
+                "2",
+                "--max-steps",
+                "4",
+            )
+        )[0]
+        == 0
+    )
+    run = torchrun(
+        *train_args(model, data, mask, tmp_path / "fsdp", "--batch-size", "1", "--max-steps", "4", "--fsdp")
+    )
+    assert run.returncode == 0, run.stderr
+    one, two = (
+        load_file(tmp_path / "one" / "delta.safetensors"),
+        load_file(tmp_path / "fsdp" / "delta.safetensors"),
+    )
+    assert one.keys() == two.keys()
+    for key in (k for k in one if k.endswith("::tuned")):
+        torch.testing.assert_close(
+            two[key].view(torch.float32), one[key].view(torch.float32), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_fsdp_without_a_launcher_is_one_line(tiny, data, tmp_path, cli):
+    out = tmp_path / "m.safetensors"
+    assert_clean_failure(
+        cli("score", tiny("llama"), "--data", data, "-o", out, "--fsdp"), "launch with torchrun", output=out
+    )
