@@ -6,6 +6,7 @@ line `error: ...` on stderr (and, under --json, {"error": ...} on stdout) and ex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -56,6 +57,9 @@ RetainDamping = Annotated[
 SelfSamples = Annotated[int | None, typer.Option(help="--retain self: texts to write. [default: 64]")]
 SelfLength = Annotated[int | None, typer.Option(help="--retain self: tokens per text. [default: 128]")]
 Avoid = Annotated[list[str] | None, typer.Option(help="A mask or delta whose entries to leave out.")]
+Compact = Annotated[
+    bool, typer.Option("--compact", help="Write format 2: index gaps and tuned values, ~half the bytes.")
+]
 Fsdp = Annotated[
     bool,
     typer.Option(
@@ -282,6 +286,7 @@ def train_command(
         bool, typer.Option("--gradient-checkpointing", help="Trade compute for activation memory.")
     ] = False,
     fsdp: Fsdp = False,
+    compact: Compact = False,
     seed: Annotated[int, typer.Option(help="Data order (and the random method).")] = 0,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -347,6 +352,7 @@ def train_command(
         trust_remote_code=trust_remote_code,
         quiet=quiet,
         fsdp=fsdp,
+        compact=compact,
     )
     report, lines = _train_report(trained, model, mask, output, time.perf_counter() - start)
     _emit("train", report, as_json, lines)
@@ -400,6 +406,7 @@ def diff_command(
     base_model: Annotated[
         str | None, typer.Option(help="Hub repo id of the base, for the model card.")
     ] = None,
+    compact: Compact = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
@@ -417,6 +424,7 @@ def diff_command(
         base_model=base_model,
         overwrite=overwrite,
         quiet=quiet,
+        compact=compact,
     )
     fractions = delta.info.provenance.changed_fraction
     bytes_per_entry = delta.tensor_bytes / max(delta.count, 1)
@@ -464,15 +472,26 @@ def parse_size(text: str | None) -> int | None:
 
 @app.command("apply")
 def apply_command(
-    base: Annotated[str, typer.Argument(help="Base checkpoint folder or Hub repo id[@revision].")],
-    deltas: Annotated[list[str], typer.Argument(help="One or more delta folders or Hub repo ids.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Merged checkpoint folder to write.")],
+    base: Annotated[
+        str | None, typer.Argument(help="Base checkpoint folder or Hub repo id[@revision].")
+    ] = None,
+    deltas: Annotated[
+        list[str] | None, typer.Argument(help="One or more delta folders or Hub repo ids.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Merged checkpoint folder to write.")
+    ] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(help="A YAML recipe: base, deltas, scales, policy, output (instead of the rest)."),
+    ] = None,
     scale: Annotated[
         list[float] | None, typer.Option(help="Scale of each delta (once for all, or once per delta).")
     ] = None,
     on_conflict: Annotated[
-        str, typer.Option(help="Entries changed by deltas made side by side: sum, mean or error.")
-    ] = "sum",
+        str | None,
+        typer.Option(help="Entries changed by deltas made side by side: sum, mean, ties or error."),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Check and print the plan; write nothing.")
     ] = False,
@@ -483,6 +502,9 @@ def apply_command(
         bool, typer.Option("--allow-duplicates", help="Accept the same delta more than once.")
     ] = False,
     shard_size: Annotated[str | None, typer.Option(help="Re-shard the output, e.g. 2GB.")] = None,
+    original_base: Annotated[
+        str | None, typer.Option(help="The base compact deltas were made from (to apply them onto another).")
+    ] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
@@ -490,48 +512,101 @@ def apply_command(
     """Merge deltas into a base: W = W_base + sum of scale_i x delta_i, streamed shard by shard."""
     from piece_surgery.merge import check_apply, execute_apply, plan_apply
     from piece_surgery.progress import Progress
+    from piece_surgery.recipe import load_recipe
 
+    given = {
+        "BASE": base,
+        "DELTAS": deltas,
+        "--output": output,
+        "--scale": scale,
+        "--on-conflict": on_conflict,
+    }
+    given.update(
+        {"--force": force or None, "--allow-duplicates": allow_duplicates or None, "--shard-size": shard_size}
+    )
+    given["--original-base"] = original_base
+    if recipe is not None:
+        mixed = [name for name, value in given.items() if value]
+        if mixed:
+            raise PieceError(f"--recipe says everything {mixed[0]} would; give one or the other")
+        plan_recipe = load_recipe(recipe)
+    else:
+        plan_recipe = _recipe_of(
+            base, deltas, output, scale, on_conflict, force, allow_duplicates, shard_size
+        )
+        plan_recipe = dataclasses.replace(plan_recipe, original_base=original_base)
     start = time.perf_counter()
     plan = plan_apply(
-        base,
-        deltas,
-        scales=scale,
-        on_conflict=on_conflict,
-        force=force,
-        shard_size=parse_size(shard_size),
-        output=None if dry_run else output,
+        plan_recipe.resolve(plan_recipe.base),
+        [plan_recipe.resolve(path) for path, _ in plan_recipe.deltas],
+        scales=[s for _, s in plan_recipe.deltas],
+        on_conflict=plan_recipe.on_conflict,
+        force=plan_recipe.force,
+        shard_size=parse_size(plan_recipe.shard_size),
+        output=None if dry_run else plan_recipe.folder / plan_recipe.output,
         overwrite=overwrite,
-        allow_duplicates=allow_duplicates,
+        allow_duplicates=plan_recipe.allow_duplicates,
+        recipe=plan_recipe,
+        original_base=plan_recipe.resolve(plan_recipe.original_base) if plan_recipe.original_base else None,
     )
     if dry_run:
         merged = check_apply(plan)
     else:
         with Progress(len(plan.shards), "writing", quiet=quiet, unit="shard") as bar:
             merged = execute_apply(plan, progress=bar.advance)
+    report, lines = _apply_report(plan, merged, dry_run, time.perf_counter() - start)
+    _emit("apply", report, as_json, lines)
+
+
+def _recipe_of(base, deltas, output, scale, on_conflict, force, allow_duplicates, shard_size):
+    """The recipe the command line amounts to (every merged folder carries one)."""
+    from piece_surgery.merge import scales_for
+    from piece_surgery.recipe import Recipe
+
+    missing = [
+        name for name, value in (("BASE", base), ("DELTAS", deltas), ("--output", output)) if not value
+    ]
+    if missing:
+        raise PieceError(f"apply needs {', '.join(missing)} (or --recipe)")
+    scales = scales_for(deltas, scale)
+    return Recipe(
+        base=base,
+        deltas=list(zip(deltas, scales, strict=True)),
+        output=str(output),
+        on_conflict=on_conflict or "sum",
+        force=force,
+        allow_duplicates=allow_duplicates,
+        shard_size=shard_size,
+    )
+
+
+def _apply_report(plan, merged, dry_run: bool, seconds: float) -> tuple[dict, list[str]]:
     o = merged.overlap
-    result = {
-        "output": None if dry_run else str(output),
+    recipe = plan.recipe
+    report = {
+        "output": None if dry_run else str(plan.output),
         "dry_run": dry_run,
-        "base": base,
+        "base": recipe.base,
         "deltas": [
-            {"path": ref, "scale": d.scale, "entries": d.delta.count}
-            for ref, d in zip(deltas, plan.deltas, strict=True)
+            {"path": path, "scale": d.scale, "entries": d.delta.count}
+            for (path, _), d in zip(recipe.deltas, plan.deltas, strict=True)
         ],
         "entries": sum(merged.touched.values()),
         "tensors": len(merged.touched),
         "overlap": o.__dict__,
         "output_files": len(plan.shards),
         "output_bytes": plan.output_bytes,
-        "seconds": round(time.perf_counter() - start, 3),
+        "seconds": round(seconds, 3),
     }
     lines = [
-        f"{len(deltas)} delta(s) onto {base}: {result['entries']:,} entries in {result['tensors']} tensors; "
-        f"output {result['output_bytes']:,} bytes in {result['output_files']} file(s)",
+        f"{len(plan.deltas)} delta(s) onto {recipe.base}: {report['entries']:,} entries in "
+        f"{report['tensors']} tensors; output {report['output_bytes']:,} bytes in "
+        f"{report['output_files']} file(s)",
         f"overlap: {o.shared:,} shared entries ({o.chained:,} chained, {o.conflicts:,} conflicting, "
         f"{o.sign_disagreements:,} with opposite signs)",
-        "dry run: nothing written" if dry_run else f"wrote {output}",
+        "dry run: nothing written" if dry_run else f"wrote {plan.output}",
     ]
-    _emit("apply", result, as_json, lines)
+    return report, lines
 
 
 @app.command("push")

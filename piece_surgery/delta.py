@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from piece_surgery import __version__
 from piece_surgery.checkpoint import Checkpoint, TensorInfo, open_checkpoint, save_shard
+from piece_surgery.codec import ENCODINGS, decode_indices, encode_indices, values_digest
 from piece_surgery.dtypes import as_bits, bits_dtype, dtype_name, float_dtype, index_dtype, numel, same_bits
 from piece_surgery.errors import PieceError
 from piece_surgery.mask import check_density, is_shape, select_top_k, validate_indices
@@ -26,6 +27,7 @@ from piece_surgery.records import CheckpointIdentity, DataRecord, file_sha256
 
 FORMAT = "piece-surgery/delta"
 FORMAT_VERSION = 1
+COMPACT_VERSION = 2  # --compact: index gaps and tuned values only, a digest of the base values
 WEIGHTS = "delta.safetensors"
 DESCRIPTION = "delta.json"
 CARD = "README.md"
@@ -134,23 +136,49 @@ class DeltaInfo:
 @dataclass
 class TensorDelta:
     indices: torch.Tensor  # int64, sorted unique flat indices
-    base: torch.Tensor  # base values at those indices (checkpoint dtype)
+    base: torch.Tensor | None  # base values at those indices; None for a compact delta, until matched
     tuned: torch.Tensor  # tuned values at those indices (checkpoint dtype)
     shape: tuple[int, ...]
+    base_sha256: str | None = None  # compact: the digest of the base values at the indices
+    index_bytes: int | None = None  # compact: bytes of the encoded index gaps
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.base.dtype
+        return self.tuned.dtype
 
     def change(self) -> torch.Tensor:
         """tuned - base, in float64 (exact for bf16, fp16 and fp32 values)."""
+        if self.base is None:
+            raise ValueError("a compact delta's change needs its base values: match it first (with_base)")
         return self.tuned.double() - self.base.double()
+
+    def digest(self) -> str:
+        """The digest of the base values (recorded for a compact delta, computed otherwise)."""
+        return self.base_sha256 or values_digest(as_bits(self.base).numpy())
+
+    def matches(self, values: torch.Tensor) -> bool:
+        """Whether `values` (at the indices, in the delta's dtype) are the base it was made from."""
+        if self.base is not None:
+            return bool(same_bits(values.to(self.dtype), self.base).all())
+        return values_digest(as_bits(values.detach().cpu().to(self.dtype)).numpy()) == self.base_sha256
+
+    def with_base(self, values: torch.Tensor) -> TensorDelta:
+        """This delta with its base values known (a compact delta, matched against a base)."""
+        return TensorDelta(
+            self.indices,
+            values.detach().cpu().to(self.dtype).clone(),
+            self.tuned,
+            self.shape,
+            self.base_sha256,
+        )
 
     @property
     def stored_bytes(self) -> int:
-        """Bytes this tensor's arrays take in delta.safetensors."""
+        """Bytes this tensor's arrays take in delta.safetensors (format 1, or compact if loaded so)."""
         n = int(self.indices.numel())
-        return n * index_dtype(numel(self.shape)).itemsize + 2 * n * self.base.element_size()
+        if self.index_bytes is not None:
+            return self.index_bytes + n * self.tuned.element_size()
+        return n * index_dtype(numel(self.shape)).itemsize + 2 * n * self.tuned.element_size()
 
 
 @dataclass
@@ -193,42 +221,65 @@ def delta_from_values(
     return Delta(tensors, info or DeltaInfo())
 
 
-def delta_json(delta: Delta, weights_sha256: str) -> dict[str, Any]:
-    """The delta.json object for a delta whose delta.safetensors has the given digest."""
+def delta_json(
+    delta: Delta, weights_sha256: str, tensor_bytes: int, *, compact: dict[str, dict] | None = None
+) -> dict[str, Any]:
+    """The delta.json object for a delta whose delta.safetensors has the given digest and tensor
+    bytes; `compact` holds each tensor's index encoding and base digest (format 2)."""
     info = delta.info
+    tensors = {}
+    for name, t in sorted(delta.tensors.items()):
+        tensors[name] = {
+            "shape": list(t.shape),
+            "dtype": dtype_name(t.dtype),
+            "count": int(t.indices.numel()),
+        }
+        if compact is not None:
+            tensors[name].update(compact[name])
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": COMPACT_VERSION if compact is not None else FORMAT_VERSION,
         "tool_version": info.tool_version,
         "count": delta.count,
-        "tensor_bytes": delta.tensor_bytes,
+        "tensor_bytes": tensor_bytes,
         "weights_sha256": weights_sha256,
         "base": info.base.to_json() if info.base else None,
         "provenance": info.provenance.to_json() if info.provenance else None,
-        "tensors": {
-            name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype), "count": int(t.indices.numel())}
-            for name, t in sorted(delta.tensors.items())
-        },
+        "tensors": tensors,
     }
 
 
-def save_delta(delta: Delta, folder: Path, *, card: str | None = None) -> Path:
+def save_delta(delta: Delta, folder: Path, *, compact: bool = False, card: str | None = None) -> Path:
     """Write the delta folder atomically (a temporary folder renamed at the end), replacing any
-    folder already there; `card` is the README.md (default: a generated model card)."""
+    folder already there; `card` is the README.md (default: a generated model card). `compact`
+    writes format 2: index gaps and tuned values, with a digest of the base values."""
     from piece_surgery.card import delta_card
 
     folder = Path(folder)
     tensors: dict[str, torch.Tensor] = {}
+    encodings: dict[str, dict] = {}
     for name, t in sorted(delta.tensors.items()):
-        tensors[f"{name}::indices"] = t.indices.to(index_dtype(numel(t.shape)))
-        tensors[f"{name}::base"] = as_bits(t.base)
+        if compact:
+            data, encoding = encode_indices(t.indices.numpy())
+            tensors[f"{name}::gaps"] = torch.from_numpy(data)
+            encodings[name] = {"gaps": encoding, "base_sha256": t.digest()}
+        else:
+            if t.base is None:
+                raise PieceError(
+                    f"tensor '{name}' comes from a compact delta: format 1 needs its base values"
+                )
+            tensors[f"{name}::indices"] = t.indices.to(index_dtype(numel(t.shape)))
+            tensors[f"{name}::base"] = as_bits(t.base)
         tensors[f"{name}::tuned"] = as_bits(t.tuned)
+    tensor_bytes = sum(v.numel() * v.element_size() for v in tensors.values())
     with atomic_path(folder, is_dir=True) as tmp:
         save_shard(tensors, tmp / WEIGHTS, {"format": FORMAT})
         delta.weights_sha256 = file_sha256(tmp / WEIGHTS)
-        description = delta_json(delta, delta.weights_sha256)
+        description = delta_json(
+            delta, delta.weights_sha256, tensor_bytes, compact=encodings if compact else None
+        )
         (tmp / DESCRIPTION).write_text(json.dumps(description, indent=2, default=str) + "\n")
-        (tmp / CARD).write_text(card if card is not None else delta_card(delta))
+        (tmp / CARD).write_text(card if card is not None else delta_card(delta, tensor_bytes=tensor_bytes))
     return folder
 
 
@@ -246,17 +297,19 @@ def load_delta(folder: Path, *, name: str | None = None) -> Delta:
         raise PieceError(f"{where}: {DESCRIPTION} is not valid JSON") from exc
     if not isinstance(description, dict) or description.get("format") != FORMAT:
         raise PieceError(f"{where}: {DESCRIPTION} does not describe a piece-surgery delta")
-    if str(description.get("format_version")) != str(FORMAT_VERSION):
+    version = str(description.get("format_version"))
+    if version not in (str(FORMAT_VERSION), str(COMPACT_VERSION)):
         raise PieceError(
             f"{where} has format version {description.get('format_version')!r}; this piece-surgery reads "
-            f"{FORMAT_VERSION}: upgrade piece-surgery"
+            f"{FORMAT_VERSION} and {COMPACT_VERSION}: upgrade piece-surgery"
         )
-    problem = _description_problem(description)
+    compact = version == str(COMPACT_VERSION)
+    problem = _description_problem(description, compact)
     if problem:
         raise PieceError(f"{where}: {DESCRIPTION} {problem} (corrupt or hand-edited)")
     if file_sha256(folder / WEIGHTS) != description["weights_sha256"]:
         raise PieceError(f"{where}: {WEIGHTS} does not match its recorded sha256 (corrupt or truncated)")
-    tensors = _read_tensors(folder / WEIGHTS, description["tensors"], where)
+    tensors = _read_tensors(folder / WEIGHTS, description["tensors"], where, compact)
     try:
         info = DeltaInfo(
             base=CheckpointIdentity.from_json(description.get("base")),
@@ -268,7 +321,7 @@ def load_delta(folder: Path, *, name: str | None = None) -> Delta:
     return Delta(tensors, info, description["weights_sha256"])
 
 
-def _description_problem(description: dict) -> str | None:
+def _description_problem(description: dict, compact: bool = False) -> str | None:
     """What in delta.json does not follow the format (docs/formats.md), or None."""
     if not isinstance(description.get("weights_sha256"), str):
         return "has no 'weights_sha256' string"
@@ -285,38 +338,64 @@ def _description_problem(description: dict) -> str | None:
         count = meta.get("count")
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             return f"count of '{name}' must be a positive integer"
+        if compact and meta.get("gaps") not in ENCODINGS:
+            return f"gaps of '{name}' must be one of {', '.join(ENCODINGS)}"
+        digest = meta.get("base_sha256")
+        if compact and not (isinstance(digest, str) and len(digest) == 64):
+            return f"base_sha256 of '{name}' must be a sha256 hex digest"
     for key in ("base", "provenance"):
         if description.get(key) is not None and not isinstance(description[key], dict):
             return f"'{key}' must be an object"
     return None
 
 
-def _read_tensors(path: Path, described: dict, where: str) -> dict[str, TensorDelta]:
+def _read_tensors(path: Path, described: dict, where: str, compact: bool = False) -> dict[str, TensorDelta]:
     tensors = {}
     try:
         with safe_open(str(path), "pt") as f:
             keys = set(f.keys())
             for name, meta in described.items():
-                parts = [f"{name}::indices", f"{name}::base", f"{name}::tuned"]
+                parts = [f"{name}::gaps" if compact else f"{name}::indices", f"{name}::tuned"]
+                parts += [] if compact else [f"{name}::base"]
                 if not all(p in keys for p in parts):
-                    raise PieceError(f"{where}: tensor '{name}' lacks its indices/base/tuned arrays")
-                idx, base, tuned = (f.get_tensor(p) for p in parts)
-                dtype = float_dtype(meta["dtype"])
-                bits = bits_dtype(dtype.itemsize)
-                if idx.dtype not in (torch.int32, torch.int64) or base.dtype != bits or tuned.dtype != bits:
-                    raise PieceError(f"{where}: tensor '{name}' has inconsistent dtypes")
-                if not (idx.dim() == base.dim() == tuned.dim() == 1):
-                    raise PieceError(f"{where}: tensor '{name}' has arrays that are not 1-D")
-                if not (idx.numel() == base.numel() == tuned.numel() == meta["count"]):
-                    raise PieceError(f"{where}: tensor '{name}' has arrays of different lengths")
-                shape = tuple(meta["shape"])
-                validate_indices(idx, numel(shape), f"{where}, tensor '{name}'")
-                entries = TensorDelta(idx.to(torch.int64), base.view(dtype), tuned.view(dtype), shape)
-                check_finite_change(name, entries.indices, entries.base, entries.tuned, where)
-                tensors[name] = entries
+                    arrays = "/".join(p.split("::")[1] for p in parts)
+                    raise PieceError(f"{where}: tensor '{name}' lacks its {arrays} arrays")
+                tensors[name] = _tensor_delta(name, meta, [f.get_tensor(p) for p in parts], where, compact)
     except (SafetensorError, OSError) as exc:
         raise PieceError(f"{where}: cannot read its files (corrupt or truncated)") from exc
     return tensors
+
+
+def _tensor_delta(name: str, meta: dict, arrays: list, where: str, compact: bool) -> TensorDelta:
+    dtype = float_dtype(meta["dtype"])
+    bits = bits_dtype(dtype.itemsize)
+    shape = tuple(meta["shape"])
+    if compact:
+        gaps, tuned = arrays
+        if gaps.dtype != torch.uint8 or gaps.dim() != 1 or tuned.dtype != bits or tuned.dim() != 1:
+            raise PieceError(f"{where}: tensor '{name}' has inconsistent dtypes")
+        try:
+            idx = torch.from_numpy(decode_indices(gaps.numpy(), meta["gaps"]))
+        except ValueError as exc:
+            raise PieceError(f"{where}: tensor '{name}': its index gaps do not decode ({exc})") from exc
+        base = None
+    else:
+        idx, tuned, base = arrays
+        if idx.dtype not in (torch.int32, torch.int64) or base.dtype != bits or tuned.dtype != bits:
+            raise PieceError(f"{where}: tensor '{name}' has inconsistent dtypes")
+        if not (idx.dim() == base.dim() == tuned.dim() == 1) or base.numel() != idx.numel():
+            raise PieceError(f"{where}: tensor '{name}' has arrays of different lengths")
+        base = base.view(dtype)
+    if not (idx.numel() == tuned.numel() == meta["count"]):
+        raise PieceError(f"{where}: tensor '{name}' has arrays of different lengths")
+    validate_indices(idx, numel(shape), f"{where}, tensor '{name}'")
+    tuned = tuned.view(dtype)
+    idx = idx.to(torch.int64)
+    # a compact delta has no base values: none of its tuned values may be non-finite
+    check_finite_change(name, idx, base if base is not None else torch.zeros_like(tuned), tuned, where)
+    if compact:
+        return TensorDelta(idx, None, tuned, shape, meta["base_sha256"], arrays[0].numel())
+    return TensorDelta(idx, base, tuned, shape)
 
 
 def check_finite_change(
@@ -430,11 +509,13 @@ def write_diff(
     base_model: str | None = None,
     overwrite: bool = False,
     quiet: bool = True,
+    compact: bool = False,
 ) -> Delta:
-    """The `diff` recipe: check the output, diff the two checkpoints, write the delta folder."""
+    """The `diff` recipe: check the output, diff the two checkpoints, write the delta folder
+    (format 2 with `compact`)."""
     check_output(Path(output), overwrite=overwrite, inputs=(Path(base_ref), Path(tuned_ref)))
     delta = diff(base_ref, tuned_ref, density=density, top_k=top_k, base_model=base_model, quiet=quiet)
     if delta.count == 0:
         raise PieceError("the two checkpoints are identical: there is no delta to write")
-    save_delta(delta, Path(output))
+    save_delta(delta, Path(output), compact=compact)
     return delta

@@ -33,8 +33,9 @@ from piece_surgery.dtypes import same_bits
 from piece_surgery.errors import PieceError
 from piece_surgery.filepatch import copy_with_patches
 from piece_surgery.outputs import atomic_path, check_output
+from piece_surgery.recipe import RECIPE_FILE, Recipe, card_section
 
-CONFLICT_POLICIES = ("sum", "mean", "error")
+CONFLICT_POLICIES = ("sum", "mean", "ties", "error")
 
 
 @dataclass
@@ -84,7 +85,10 @@ def combine(
     Each delta's recorded base values are checked per entry against the weights it meets: the stack
     so far (the first delta, or a delta trained on top of the earlier ones) or the original base (a
     delta trained side by side from the same base). At scale 1 on matching weights the tuned value
-    is written as is, so apply reproduces a tuned checkpoint bit for bit.
+    is written as is, so apply reproduces a tuned checkpoint bit for bit. An entry several deltas
+    made side by side change (a conflict) gets base + the sum of their changes ("sum"), their mean
+    ("mean"), or the sum of those that agree with the sign of the sum ("ties", as TIES-merging
+    elects a sign per entry).
     """
     if len(parts) == 1 and parts[0].entries.dtype == base_flat.dtype:
         return _combine_one(name, base_flat, parts[0], force=force)
@@ -94,17 +98,17 @@ def combine(
     total = torch.zeros(union.numel(), dtype=torch.float64)
     touched = torch.zeros(union.numel(), dtype=torch.int32)
     conflicted = torch.zeros(union.numel(), dtype=torch.bool)
-    positive = torch.zeros(union.numel(), dtype=torch.bool)
-    negative = torch.zeros(union.numel(), dtype=torch.bool)
+    positive = torch.zeros(union.numel(), dtype=torch.float64)  # sums of the positive changes
+    negative = torch.zeros(union.numel(), dtype=torch.float64)  # ... and of the negative ones
     overlap = Overlap()
     for part in parts:
-        delta = part.entries
+        pos = torch.searchsorted(union, part.entries.indices)
+        delta = _matched(name, part, current[pos], base_u[pos])
         if delta.dtype != base_flat.dtype and not force:
             raise PieceError(
                 f"{part.label}: tensor '{name}' is {delta.dtype} in the delta but {base_flat.dtype} in the "
                 "base; pass --force to apply it anyway"
             )
-        pos = torch.searchsorted(union, delta.indices)
         recorded = delta.base.to(base_flat.dtype)
         on_current = same_bits(current[pos], recorded)
         on_base = same_bits(base_u[pos], recorded)
@@ -117,20 +121,43 @@ def combine(
         total[pos] += change
         touched[pos] += 1
         conflicted[pos] |= conflict
-        positive[pos] |= change > 0
-        negative[pos] |= change < 0
+        positive[pos] += change.clamp(min=0)
+        negative[pos] += change.clamp(max=0)
         stacked = (current[pos].double() + change).to(base_flat.dtype)
         exact = on_current & (part.scale == 1.0) & (delta.dtype == base_flat.dtype)
         new = torch.where(exact, delta.tuned.to(base_flat.dtype), stacked)
         if bool(conflict.any()):
-            divisor = touched[pos].double() if on_conflict == "mean" else 1.0
-            merged = (base_u[pos].double() + total[pos] / divisor).to(base_flat.dtype)
-            new = torch.where(conflict, merged, new)
+            merged = base_u[pos].double() + _resolved(on_conflict, pos, total, touched, positive, negative)
+            new = torch.where(conflict, merged.to(base_flat.dtype), new)
         current[pos] = new
     overlap.shared = int((touched > 1).sum())
     overlap.conflicts = int(conflicted.sum())
-    overlap.sign_disagreements = int((conflicted & positive & negative).sum())
+    overlap.sign_disagreements = int((conflicted & (positive > 0) & (negative < 0)).sum())
     return union, current, overlap
+
+
+def _resolved(on_conflict, pos, total, touched, positive, negative) -> torch.Tensor:
+    """The change a conflicted entry gets, from the changes the deltas made to it."""
+    if on_conflict == "mean":
+        return total[pos] / touched[pos].double()
+    if on_conflict == "ties":
+        return torch.where(total[pos] > 0, positive[pos], torch.where(total[pos] < 0, negative[pos], 0.0))
+    return total[pos]
+
+
+def _matched(name: str, part: TensorPart, *candidates: torch.Tensor) -> TensorDelta:
+    """A compact delta records a digest of its base values, not the values: they are the first of
+    the candidates (the stack so far, the original base) the digest matches."""
+    delta = part.entries
+    if delta.base is not None:
+        return delta
+    for values in candidates:
+        if delta.matches(values):
+            return delta.with_base(values)
+    raise PieceError(
+        f"{part.label} was not made from this base: tensor '{name}' differs from the base values its "
+        "digest records (a compact delta; to apply it onto another base, give --original-base)"
+    )
 
 
 def _refuse(name: str, part: TensorPart, mismatched: int, conflicts: int, on_conflict: str, force: bool):
@@ -142,7 +169,7 @@ def _refuse(name: str, part: TensorPart, mismatched: int, conflicts: int, on_con
     if conflicts and on_conflict == "error":
         raise PieceError(
             f"{part.label} changes {conflicts} entries of '{name}' that an earlier delta also changes; "
-            "choose --on-conflict sum or mean"
+            "choose --on-conflict sum, mean or ties"
         )
 
 
@@ -150,8 +177,8 @@ def _combine_one(
     name: str, base_flat: torch.Tensor, part: TensorPart, *, force: bool
 ) -> tuple[torch.Tensor, torch.Tensor, Overlap]:
     """combine() for the common case of one delta: no union to build, the same result."""
-    delta = part.entries
-    current = base_flat[delta.indices]
+    current = base_flat[part.entries.indices]
+    delta = _matched(name, part, current)
     matches = same_bits(current, delta.base)
     mismatched = int((~matches).sum())
     _refuse(name, part, mismatched, 0, "sum", force)
@@ -178,6 +205,7 @@ class ApplyPlan:
     force: bool = False
     output: Path | None = None  # None: a dry run
     resharded: bool = False  # True: tensors are regrouped (--shard-size), not patched in their files
+    recipe: Recipe | None = None  # what the output records about how it was made
 
     def parts(self, name: str) -> list[TensorPart]:
         return [
@@ -234,16 +262,18 @@ def plan_apply(
     output: Path | None = None,
     overwrite: bool = False,
     allow_duplicates: bool = False,
+    recipe: Recipe | None = None,
+    original_base: str | None = None,
 ) -> ApplyPlan:
     """Check the deltas against the base (names, shapes) and the output, and plan the shards.
 
     The per-entry base values are checked while merging (check_apply or execute_apply).
     """
     if on_conflict not in CONFLICT_POLICIES:
-        raise PieceError(f"unknown --on-conflict '{on_conflict}'; use sum, mean or error")
+        raise PieceError(f"unknown --on-conflict '{on_conflict}'; use sum, mean, ties or error")
     if not delta_refs:
         raise PieceError("give at least one delta to apply")
-    scales = _scales_for(delta_refs, scales)
+    scales = scales_for(delta_refs, scales)
     if output is not None:
         check_output(Path(output), overwrite=overwrite, inputs=(Path(base_ref), *map(Path, delta_refs)))
     base = open_checkpoint(base_ref, what="base")
@@ -251,6 +281,8 @@ def plan_apply(
     if not allow_duplicates:
         _refuse_duplicates(artifacts)
     deltas = [ScaledDelta(a.delta, s, f"delta '{a.ref}'") for a, s in zip(artifacts, scales, strict=True)]
+    if original_base is not None:
+        _recover_base_values(deltas, original_base)
     for d in deltas:
         for name, t in d.delta.tensors.items():
             if name not in base.layout:
@@ -271,7 +303,25 @@ def plan_apply(
         force=force,
         output=Path(output) if output is not None else None,
         resharded=shard_size is not None,
+        recipe=recipe,
     )
+
+
+def _recover_base_values(deltas: list[ScaledDelta], original_base: str) -> None:
+    """Compact deltas record a digest of their base values; read the values from the base they
+    were made from (checked against the digest), so they apply onto another base too."""
+    original = open_checkpoint(original_base, what="original base")
+    with original.reader() as reader:
+        for d in deltas:
+            for name, t in list(d.delta.tensors.items()):
+                if t.base is not None:
+                    continue
+                if name not in original.layout:
+                    raise PieceError(f"--original-base has no tensor '{name}' that {d.label} changes")
+                values = reader.get(name).reshape(-1)[t.indices].clone()
+                if not t.matches(values):
+                    raise PieceError(f"{d.label} was not made from --original-base: tensor '{name}' differs")
+                d.delta.tensors[name] = t.with_base(values)
 
 
 def _refuse_duplicates(artifacts: list[Artifact]) -> None:
@@ -287,7 +337,7 @@ def _refuse_duplicates(artifacts: list[Artifact]) -> None:
             seen[key] = a.ref
 
 
-def _scales_for(delta_refs: list[str], scales: list[float] | None) -> list[float]:
+def scales_for(delta_refs: list[str], scales: list[float] | None) -> list[float]:
     """One scale each: none given is 1 each; one given applies to all."""
     scales = [float(s) for s in scales or []]
     for s in scales:
@@ -349,6 +399,8 @@ def execute_apply(plan: ApplyPlan, progress=None) -> ApplyResult:
         for item in base.folder.iterdir():  # config, tokenizer, generation config, ...
             if item.is_file() and not item.name.endswith(".safetensors") and item.name != INDEX_FILE:
                 shutil.copy2(item, tmp / item.name)
+        if plan.recipe is not None:
+            _record_recipe(plan, tmp)
         weight_map: dict[str, str] = {}
         for file, names in plan.shards.items():
             weight_map.update(dict.fromkeys(names, file))
@@ -365,6 +417,22 @@ def execute_apply(plan: ApplyPlan, progress=None) -> ApplyResult:
                 write_index(tmp, weight_map, plan.output_bytes)
     _warn_mismatch(result.overlap)
     return result
+
+
+def _record_recipe(plan: ApplyPlan, folder: Path) -> None:
+    """The recipe beside the weights, and a section of the card (the base's card, or a new one)."""
+    (folder / RECIPE_FILE).write_text(plan.recipe.to_yaml())
+    card = folder / "README.md"
+    if card.is_file():
+        text = card.read_text(encoding="utf-8", errors="replace").rstrip("\n") + "\n"
+    else:
+        base_model = plan.base.identity.repo_id
+        text = (
+            "---\n"
+            + (f"base_model: {base_model}\n" if base_model else "")
+            + "tags:\n- piece-surgery\n- merge\n---\n"
+        )
+    card.write_text(text + card_section(plan.recipe))
 
 
 def _patch_shard(plan: ApplyPlan, result: ApplyResult, file: str, touched: list[str], tmp: Path) -> bool:
@@ -414,6 +482,8 @@ def apply(
     overwrite: bool = False,
     allow_duplicates: bool = False,
     progress=None,
+    recipe: Recipe | None = None,
+    original_base: str | None = None,
 ) -> ApplyResult:
     """The `apply` recipe: plan (every check that needs no weights), then stream shard by shard."""
     plan = plan_apply(
@@ -426,6 +496,8 @@ def apply(
         output=Path(output),
         overwrite=overwrite,
         allow_duplicates=allow_duplicates,
+        recipe=recipe,
+        original_base=original_base,
     )
     return execute_apply(plan, progress=progress)
 
@@ -478,6 +550,12 @@ def apply_to_model(
             idx = t.indices.to(param.device)
             original = flat[idx].detach().clone()
             cpu_values = original.cpu().to(t.dtype)
+            if t.base is None:  # compact: its base values are the model's, if the digest matches
+                if not t.matches(cpu_values) and not force:
+                    raise PieceError(
+                        f"the model is not the delta's base: '{name}' differs from its base digest"
+                    )
+                t = t.with_base(cpu_values)
             mismatch = ~same_bits(cpu_values, t.base)
             if bool(mismatch.any()) and not force:
                 raise PieceError(
@@ -495,6 +573,10 @@ def apply_to_model(
 
 def revert_delta(model: torch.nn.Module, delta: Delta) -> None:
     """Put back the delta's recorded base values (for a model that holds the delta at scale 1)."""
+    if any(t.base is None for t in delta.tensors.values()):
+        raise PieceError(
+            "a compact delta does not hold its base values: revert with the handle apply_to_model gave"
+        )
     with torch.no_grad():
         for name, (_, param) in _model_tensors(model, delta).items():
             t = delta.tensors[name]

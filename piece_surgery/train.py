@@ -54,6 +54,7 @@ def train_checkpoint(
     trust_remote_code: bool = False,
     quiet: bool = True,
     fsdp: bool = False,
+    compact: bool = False,
 ) -> Trained:
     """Score (unless `mask_ref` names a mask; `retain` and `avoid` as for score_checkpoint), train
     the masked entries, write the delta folder. Under a launcher (torchrun, ...) every rank trains
@@ -133,7 +134,7 @@ def train_checkpoint(
         checkpoint, mask, result, _provenance(mask, config, dataset, eval_set, result, max_length)
     )
     if main:
-        save_delta(delta, output)
+        save_delta(delta, output, compact=compact)
         remove_state(state_dir)
     if world is not None:
         world.barrier()  # every rank ends once the delta is written

@@ -303,3 +303,35 @@ def test_diff_density_keeps_the_largest_fraction(tiny, tmp_path, cli):
     assert {n: d.indices.tolist() for n, d in delta.tensors.items()} == {
         n: sorted(v) for n, v in expected.items()
     }
+
+
+def test_ties_keeps_the_changes_that_agree_with_the_summed_sign(tiny, tmp_path):
+    base = tiny("llama")
+    tuned = [perturb(base, tmp_path / f"t{i}", fraction=0.3, seed=i, hard=False) for i in range(3)]
+    for i, t in enumerate(tuned):
+        save_delta(diff(str(base), str(t)), tmp_path / f"d{i}")
+    scales = [1.0, 0.5, 2.0]
+    result = apply(
+        str(base),
+        [str(tmp_path / f"d{i}") for i in range(3)],
+        tmp_path / "ties",
+        scales=scales,
+        on_conflict="ties",
+    )
+    assert result.overlap.sign_disagreements > 0
+    b, merged = read_all(base), read_all(tmp_path / "ties")
+    weights = [read_all(t) for t in tuned]
+    for name in b:
+        flat = b[name].view(-1).double()
+        changes = torch.stack(
+            [s * (w[name].view(-1).double() - flat) for s, w in zip(scales, weights, strict=True)]
+        )
+        expected = flat.clone()
+        for i in range(flat.numel()):  # brute force, entry by entry
+            c = [float(x) for x in changes[:, i] if x != 0]
+            if len(c) > 1:
+                sign = (sum(c) > 0) - (sum(c) < 0)
+                expected[i] = flat[i] + sum(x for x in c if (x > 0) - (x < 0) == sign)
+            elif c:
+                expected[i] = flat[i] + c[0]
+        assert torch.equal(merged[name].view(-1), expected.to(b[name].dtype)), name
