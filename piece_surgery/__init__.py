@@ -21,6 +21,7 @@ _HOMES = {
     "apply": "merge",
     "apply_to_model": "merge",
     "plan_apply": "merge",
+    "DeltaSwitcher": "switcher",
     "open_artifact": "artifacts",
     "open_delta": "artifacts",
     "open_mask": "artifacts",

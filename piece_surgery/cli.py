@@ -689,6 +689,79 @@ def _summary_table(summary: dict, key: str, title: str) -> Table:
     return table
 
 
+@app.command("export")
+def export_command(
+    delta: Annotated[str, typer.Argument(help="A delta folder or Hub repo id.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Adapter folder to write.")],
+    to: Annotated[str, typer.Option("--to", help="The format: peft (a SHiRA adapter).")] = "peft",
+    base: Annotated[
+        str | None, typer.Option(help="The delta's base (default: the Hub repo it records).")
+    ] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Write a delta as an adapter other tools load: PEFT's PeftModel.from_pretrained."""
+    from piece_surgery.peft_interop import export_peft
+
+    if to != "peft":
+        raise PieceError(f"unknown --to '{to}'; the one format is peft")
+    start = time.perf_counter()
+    exported = export_peft(delta, output, base_ref=base, overwrite=overwrite)
+    result = {
+        "output": str(output),
+        "delta": delta,
+        "to": to,
+        "entries": exported.entries,
+        "padding_entries": exported.padding,
+        "r": exported.r,
+        "linear_layers": exported.linear_layers,
+        "saved_modules": exported.saved_modules,
+        "adapter_bytes": exported.adapter_bytes,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    saved = exported.adapter_bytes
+    lines = [
+        f"wrote {output}: a SHiRA adapter (r={exported.r}) of {exported.entries:,} entries in "
+        f"{exported.linear_layers} linear layers, padded with {exported.padding:,} unchanged ones",
+        f"{saved:,} bytes ({saved / max(exported.entries, 1):.1f} per entry)"
+        + (f"; norm gains saved whole: {len(exported.saved_modules)}" if exported.saved_modules else ""),
+    ]
+    _emit("export", result, as_json, lines)
+
+
+@app.command("import")
+def import_command(
+    adapter: Annotated[str, typer.Argument(help="A PEFT adapter folder or Hub repo id (SHiRA, LoRA, ...).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Delta folder to write.")],
+    base: Annotated[
+        str | None, typer.Option(help="The adapter's base (default: the one its config names).")
+    ] = None,
+    compact: Compact = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """A delta from a PEFT adapter that merges into its base: every entry the merge changes."""
+    from piece_surgery.peft_interop import import_peft
+
+    start = time.perf_counter()
+    delta = import_peft(adapter, output, base_ref=base, overwrite=overwrite, compact=compact)
+    result = {
+        "output": str(output),
+        "adapter": adapter,
+        "entries": delta.count,
+        "tensors": len(delta.tensors),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    _emit(
+        "import",
+        result,
+        as_json,
+        [f"wrote {output}: {delta.count:,} entries in {len(delta.tensors)} tensors"],
+    )
+
+
 @app.command("tiny-model")
 def tiny_model_command(
     output: Annotated[Path, typer.Argument(help="Folder to write the tiny random model to.")],

@@ -519,7 +519,7 @@ class AppliedDelta:
                 params[pname].view(-1)[idx.to(params[pname].device)] = values.to(params[pname].device)
 
 
-def _model_tensors(model: torch.nn.Module, delta: Delta) -> dict[str, tuple[str, torch.nn.Parameter]]:
+def model_tensors(model: torch.nn.Module, delta: Delta) -> dict[str, tuple[str, torch.nn.Parameter]]:
     params = dict(model.named_parameters())
     prefix = getattr(model, "base_model_prefix", "") or ""
     found = {}
@@ -539,7 +539,7 @@ def apply_to_model(
     """Apply a delta to a loaded model in place; returns a handle whose revert() restores it exactly."""
     saved = {}
     with torch.no_grad():
-        for name, (pname, param) in _model_tensors(model, delta).items():
+        for name, (pname, param) in model_tensors(model, delta).items():
             t = delta.tensors[name]
             if tuple(param.shape) != tuple(t.shape):
                 raise PieceError(
@@ -578,6 +578,6 @@ def revert_delta(model: torch.nn.Module, delta: Delta) -> None:
             "a compact delta does not hold its base values: revert with the handle apply_to_model gave"
         )
     with torch.no_grad():
-        for name, (_, param) in _model_tensors(model, delta).items():
+        for name, (_, param) in model_tensors(model, delta).items():
             t = delta.tensors[name]
             param.view(-1)[t.indices.to(param.device)] = t.base.to(param.device, param.dtype)

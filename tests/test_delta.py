@@ -335,3 +335,42 @@ def test_ties_keeps_the_changes_that_agree_with_the_summed_sign(tiny, tmp_path):
             elif c:
                 expected[i] = flat[i] + c[0]
         assert torch.equal(merged[name].view(-1), expected.to(b[name].dtype)), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_switching_between_deltas_is_exact(tiny, tmp_path, dtype):
+    from transformers import AutoModelForCausalLM
+
+    from piece_surgery.switcher import DeltaSwitcher
+
+    base = tiny("llama", dtype=dtype)
+    t1 = perturb(base, tmp_path / "t1", fraction=0.05, seed=1)
+    t2 = perturb(base, tmp_path / "t2", fraction=0.05, seed=2)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    original = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    switcher = DeltaSwitcher(model)
+    switcher.add("one", diff(str(base), str(t1)))
+    save_delta(diff(str(base), str(t2)), tmp_path / "d2", compact=True)
+    switcher.add("two", load_delta(tmp_path / "d2"))
+    switcher.add("half", diff(str(base), str(t1)), scale=0.5)
+    expected = {"one": read_all(t1), "two": read_all(t2)}
+    for name in ["one", "two", "one", None, "two", "one"]:
+        switcher.activate(name)
+        state = model.state_dict()
+        target = expected[name] if name else original
+        assert all(bitwise_equal(state[k], target[k]) for k in target if k in state), name
+    with switcher.using("two"):
+        assert bitwise_equal(model.state_dict()["lm_head.weight"], expected["two"]["lm_head.weight"])
+    assert switcher.active == "one"
+    switcher.activate("half")  # base + 0.5 x change, rounded once
+    b, t = read_all(base), read_all(t1)
+    for k in b:
+        halfway = (b[k].double() + 0.5 * (t[k].double() - b[k].double())).to(b[k].dtype)
+        assert torch.equal(model.state_dict()[k], halfway), k
+    switcher.activate(None)
+    assert all(bitwise_equal(p, original[n]) for n, p in model.state_dict().items())
+    assert 0 < switcher.resident_bytes("one") < 16 * diff(str(base), str(t1)).count
+    with pytest.raises(PieceError, match="not made from this model"):
+        DeltaSwitcher(AutoModelForCausalLM.from_pretrained(t2, dtype=dtype)).add(
+            "one", diff(str(base), str(t1))
+        )

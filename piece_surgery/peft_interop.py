@@ -1,0 +1,233 @@
+"""Deltas and PEFT adapters: `export --to peft` writes a SHiRA adapter (PEFT's sparse adapter) that
+stock PEFT loads with PeftModel.from_pretrained; `import` turns an adapter that merges into its base
+(SHiRA, LoRA, ...) back into a delta, by comparing the merged weights with the base's.
+
+SHiRA holds, per linear layer, r x (in + out) entries (one r for every layer): the export picks the
+smallest r that holds the busiest layer and pads the others with entries that change nothing. Norm
+gains (vectors) go into `modules_to_save` (the whole vector, a few KB). Anything else (embedding
+tables, GPT-2's Conv1D, weights two modules share, biases) has no place in SHiRA: the export
+refuses, naming it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from piece_surgery.artifacts import open_artifact
+from piece_surgery.checkpoint import Checkpoint, open_checkpoint
+from piece_surgery.delta import Delta, DeltaInfo, DiffProvenance, delta_from_values, save_delta
+from piece_surgery.errors import PieceError
+from piece_surgery.hub import resolve
+from piece_surgery.merge import model_tensors
+from piece_surgery.outputs import atomic_path, check_output
+from piece_surgery.sparse_grad import is_gain_module, owners
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class Exported:
+    entries: int  # the delta's entries
+    padding: int  # entries SHiRA's one-r-for-all layout adds, changing nothing
+    r: int
+    linear_layers: int
+    saved_modules: list[str]  # norms whose whole gain vector is saved
+    adapter_bytes: int  # size of adapter_model.safetensors
+
+
+@contextmanager
+def _quiet_libraries():
+    """PEFT and transformers warn each other about deprecations: nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as exc:
+        raise PieceError("PEFT is not installed: pip install 'piece-surgery[peft]'") from exc
+    if not hasattr(peft, "ShiraConfig"):
+        raise PieceError(f"PEFT {peft.__version__} has no SHiRA adapters: pip install -U 'peft>=0.17'")
+    return peft
+
+
+def export_peft(
+    delta_ref: str, output: Path, *, base_ref: str | None = None, overwrite: bool = False
+) -> Exported:
+    """Write the delta as a SHiRA adapter folder that PeftModel.from_pretrained loads onto its base."""
+    peft = _peft()
+    output = Path(output)
+    check_output(output, overwrite=overwrite, inputs=tuple(Path(p) for p in (delta_ref, base_ref) if p))
+    delta = open_artifact(delta_ref, want="delta").delta
+    base_ref = base_ref or (delta.info.base.repo_id if delta.info.base else None)
+    if base_ref is None:
+        raise PieceError("the delta's base was a local folder: name it with --base")
+    checkpoint = open_checkpoint(base_ref, what="base")
+    model = checkpoint.load_model(device="cpu")
+    plan = _shira_plan(model, delta)
+    config = peft.ShiraConfig(
+        r=plan.r,
+        target_modules=sorted(plan.linear),
+        modules_to_save=sorted(plan.gains) or None,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=checkpoint.identity.repo_id or checkpoint.identity.name,
+        init_weights=True,
+    )
+    with _quiet_libraries():
+        adapted = peft.get_peft_model(model, config)
+    padding = 0
+    with torch.no_grad():
+        for module_name, (tensor_name, _) in plan.linear.items():
+            layer = adapted.get_submodule(f"base_model.model.{module_name}")
+            padding += _fill_shira(layer, delta.tensors[tensor_name], plan.r)
+        for module_name, tensor_names in plan.gains.items():
+            saved = adapted.get_submodule(f"base_model.model.{module_name}").modules_to_save["default"]
+            for attr, tensor_name in tensor_names:
+                t = delta.tensors[tensor_name]
+                getattr(saved, attr).view(-1)[t.indices] = t.tuned.to(getattr(saved, attr).dtype)
+    with atomic_path(output, is_dir=True) as tmp, _quiet_libraries():
+        # lm_head is a linear layer here: its SHiRA entries are the adapter, not the whole table
+        adapted.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+    return Exported(
+        entries=delta.count,
+        padding=padding,
+        r=plan.r,
+        linear_layers=len(plan.linear),
+        saved_modules=sorted(plan.gains),
+        adapter_bytes=(output / ADAPTER_WEIGHTS).stat().st_size,
+    )
+
+
+@dataclass
+class _ShiraPlan:
+    r: int
+    linear: dict[str, tuple[str, torch.nn.Linear]]  # module name -> (tensor name, layer)
+    gains: dict[str, list[tuple[str, str]]]  # module name -> [(attribute, tensor name)]
+
+
+def _shira_plan(model: torch.nn.Module, delta: Delta) -> _ShiraPlan:
+    """Which tensors go where; checks each against the model's weights (the delta's base)."""
+    module_names = {id(m): name for name, m in model.named_modules()}
+    holders = owners(model)
+    linear, gains = {}, {}
+    for tensor_name, (_, param) in model_tensors(model, delta).items():
+        t = delta.tensors[tensor_name]
+        values = param.detach().view(-1)[t.indices].cpu()
+        if not t.matches(values):
+            raise PieceError(f"the base is not the delta's base: tensor '{tensor_name}' differs")
+        delta.tensors[tensor_name] = t if t.base is not None else t.with_base(values)
+        held = holders.get(id(param), [])
+        module, attr = held[0] if len(held) == 1 else (None, None)
+        if module is not None and type(module) is torch.nn.Linear and attr == "weight":
+            linear[module_names[id(module)]] = (tensor_name, module)
+        elif module is not None and is_gain_module(module):
+            gains.setdefault(module_names[id(module)], []).append((attr, tensor_name))
+        else:
+            raise PieceError(
+                f"tensor '{tensor_name}' is not a linear layer's weight or a norm's gain: a SHiRA adapter "
+                "cannot hold it; score without it (--exclude) to export"
+            )
+    r = max(
+        (
+            math.ceil(delta.tensors[t].indices.numel() / (m.in_features + m.out_features))
+            for t, m in linear.values()
+        ),
+        default=1,
+    )
+    for module_name, (_, m) in linear.items():
+        if r * (m.in_features + m.out_features) > m.in_features * m.out_features:
+            raise PieceError(
+                f"SHiRA needs r={r} for this delta, more entries than '{module_name}' has "
+                f"({m.out_features} x {m.in_features}); export a sparser delta"
+            )
+    return _ShiraPlan(r, linear, gains)
+
+
+def _fill_shira(layer, t, r: int) -> int:
+    """Set a SHiRA layer's entries to the delta's changes, padded with unchanged entries up to
+    r x (in + out); returns the padding count."""
+    rows_total, cols = layer.out_features, layer.in_features
+    capacity = r * (rows_total + cols)
+    padding = capacity - int(t.indices.numel())
+    used = torch.zeros(rows_total * cols, dtype=torch.bool)
+    used[t.indices] = True
+    extra = torch.nonzero(~used).flatten()[:padding]  # the first free entries, deterministically
+    flat = torch.cat([t.indices, extra])
+    change = torch.cat([t.change().float(), torch.zeros(padding)])
+    layer.shira_indices["default"] = torch.stack([flat // cols, flat % cols]).to(torch.int)
+    layer.shira_weight["default"].data = change
+    return padding
+
+
+def import_peft(
+    adapter_ref: str,
+    output: Path,
+    *,
+    base_ref: str | None = None,
+    overwrite: bool = False,
+    compact: bool = False,
+) -> Delta:
+    """A delta from a PEFT adapter: its weights merged into the base, compared entry by entry."""
+    import json
+
+    peft = _peft()
+    output = Path(output)
+    check_output(output, overwrite=overwrite, inputs=tuple(Path(p) for p in (adapter_ref, base_ref) if p))
+    source = resolve(adapter_ref, what="adapter", patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, "*.md"])
+    folder = source.path
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise PieceError(f"adapter '{adapter_ref}' has no {ADAPTER_CONFIG}: is it a PEFT adapter folder?")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise PieceError(
+            f"adapter '{adapter_ref}' has no {ADAPTER_WEIGHTS} (pickle weights are not read for safety)"
+        )
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PieceError(f"adapter '{adapter_ref}': {ADAPTER_CONFIG} is not valid JSON") from exc
+    base_ref = base_ref or (config.get("base_model_name_or_path") if isinstance(config, dict) else None)
+    if not base_ref:
+        raise PieceError("the adapter names no base model: give --base")
+    checkpoint = open_checkpoint(base_ref, what="base")
+    model = checkpoint.load_model(device="cpu")
+    try:
+        with _quiet_libraries():
+            merged = peft.PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PieceError(f"PEFT cannot load adapter '{adapter_ref}' onto this base: {first}") from exc
+    delta = _delta_against_files(checkpoint, merged, source.name)
+    if delta.count == 0:
+        raise PieceError("the adapter changes nothing in the base: there is no delta to write")
+    save_delta(delta, output, compact=compact)
+    return delta
+
+
+def _delta_against_files(checkpoint: Checkpoint, merged: torch.nn.Module, name: str) -> Delta:
+    """Every entry where the merged model's weights differ from the base checkpoint's files."""
+    from piece_surgery.checkpoint import parameter_keys
+    from piece_surgery.dtypes import same_bits
+
+    entries = {}
+    keys = parameter_keys(merged, checkpoint.layout)
+    tensors = {keys[n]: p for n, p in merged.named_parameters() if n in keys}
+    with checkpoint.reader() as reader:
+        for key, param in sorted(tensors.items()):
+            base = reader.get(key).reshape(-1)
+            tuned = param.detach().reshape(-1).to(base.dtype)
+            idx = torch.nonzero(~same_bits(base, tuned)).flatten()
+            if idx.numel():
+                entries[key] = (idx, base[idx].clone(), tuned[idx].clone())
+    shapes = {k: checkpoint.layout[k].shape for k in entries}
+    fractions = {k: entries[k][0].numel() / checkpoint.layout[k].numel for k in entries}
+    provenance = DiffProvenance(tuned=f"PEFT adapter {name}", changed_fraction=fractions)
+    return delta_from_values(entries, shapes, DeltaInfo(checkpoint.identity, provenance))
