@@ -48,7 +48,10 @@ def temporaries(out):
 
 
 def folder_bytes(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    """Every file, but those that name the output itself (a merge records its recipe, output
+    included, beside the weights and in its card)."""
+    named = ("piece-surgery-recipe.yaml", "README.md") if (folder / "piece-surgery-recipe.yaml").exists() else ()
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name not in named}
 
 
 # Where a signal can land: the count-th call of module:function, before to after the work.
