@@ -4,6 +4,7 @@ errors that end every rank with the same line instead of a hang."""
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -121,6 +122,9 @@ def stop() -> None:
     """Leave the process group (every exit path of the CLI calls this)."""
     global _world
     if dist.is_available() and dist.is_initialized():
+        # objects that hold the group (DDP's reducer, kept alive by reference cycles) must go first:
+        # destroyed after it, at exit, their threads end the process with std::terminate
+        gc.collect()
         dist.destroy_process_group()
     _world = None
 
