@@ -50,7 +50,18 @@ def check(result: dict, schema: dict, kind: str | None = None) -> None:
 @pytest.fixture(scope="module")
 def schemas():
     found = documented_schemas()
-    assert {"score", "train", "diff", "apply", "push", "inspect", "tiny-model", "Errors"} <= set(found)
+    assert {
+        "score",
+        "train",
+        "diff",
+        "apply",
+        "push",
+        "inspect",
+        "export",
+        "import",
+        "tiny-model",
+        "Errors",
+    } <= set(found)
     return found
 
 
@@ -88,6 +99,13 @@ def test_every_command_matches_its_documented_schema(schemas, tiny, code_data, t
     check(run_json(cli, "push", tmp_path / "d", "user/json-schema"), schemas["push"])
     check(run_json(cli, "inspect", mask), schemas["inspect"], "mask")
     check(run_json(cli, "inspect", tmp_path / "d"), schemas["inspect"], "delta")
+    check(
+        run_json(cli, "export", tmp_path / "d", "--base", base, "-o", tmp_path / "adapter"), schemas["export"]
+    )
+    check(
+        run_json(cli, "import", tmp_path / "adapter", "--base", base, "-o", tmp_path / "back"),
+        schemas["import"],
+    )
 
 
 def test_errors_under_json_are_an_object_on_stdout(schemas, tmp_path, cli):
@@ -102,6 +120,6 @@ def test_errors_under_json_are_an_object_on_stdout(schemas, tmp_path, cli):
 
 
 def test_every_command_takes_quiet_and_json(cli):
-    for command in ("score", "train", "diff", "apply", "push", "inspect", "tiny-model"):
+    for command in ("score", "train", "diff", "apply", "push", "inspect", "export", "import", "tiny-model"):
         code, stdout, _ = cli(command, "--help")
         assert code == 0 and "--json" in stdout and "--quiet" in stdout, command

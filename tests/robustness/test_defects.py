@@ -445,7 +445,7 @@ def test_a_huge_record_is_tokenized_a_bounded_prefix_at_a_time():
 
 def test_help_fits_80_columns(cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
-    for command in ("score", "train", "diff", "apply", "push", "inspect", "tiny-model"):
+    for command in ("score", "train", "diff", "apply", "push", "inspect", "export", "import", "tiny-model"):
         code, stdout, _ = cli(command, "--help")
         assert code == 0 and "…" not in stdout
         assert max(len(line) for line in stdout.splitlines()) <= 80, command

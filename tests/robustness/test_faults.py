@@ -50,7 +50,9 @@ def temporaries(out):
 def folder_bytes(folder):
     """Every file, but those that name the output itself (a merge records its recipe, output
     included, beside the weights and in its card)."""
-    named = ("piece-surgery-recipe.yaml", "README.md") if (folder / "piece-surgery-recipe.yaml").exists() else ()
+    named = (
+        ("piece-surgery-recipe.yaml", "README.md") if (folder / "piece-surgery-recipe.yaml").exists() else ()
+    )
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name not in named}
 
 
