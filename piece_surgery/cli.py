@@ -20,6 +20,9 @@ from rich.table import Table
 
 from piece_surgery.errors import PieceError
 
+# score.DEFAULT_METHOD, repeated: the library (and torch) is imported only once a command runs
+DEFAULT_METHOD = "piece-r"
+
 app = typer.Typer(
     help="PIECE importance masks, sparse fine-tuning and exact sparse deltas for HF checkpoints.",
     no_args_is_help=True,
@@ -46,13 +49,13 @@ Output = Annotated[Path, typer.Option("-o", "--output", help="Where to write the
 Patterns = Annotated[list[str] | None, typer.Option(help="Regex on tensor names; repeatable.")]
 Retain = Annotated[
     list[str] | None,
-    typer.Option(help="piece-r: text whose behaviour to keep: a data file, or self (the model's own)."),
+    typer.Option(help="piece-r: text whose behaviour to keep: a data file, or self. [default: self]"),
 ]
 RetainLabels = Annotated[
     str | None, typer.Option(help="empirical (the text's tokens) or sampled (drawn from the model).")
 ]
 RetainDamping = Annotated[
-    float | None, typer.Option(help="piece-r: delta = this quantile of F_retain. [default: 0.1]")
+    float | None, typer.Option(help="piece-r: delta = this quantile of F_retain. [default: 0.01]")
 ]
 SelfSamples = Annotated[int | None, typer.Option(help="--retain self: texts to write. [default: 64]")]
 SelfLength = Annotated[int | None, typer.Option(help="--retain self: tokens per text. [default: 128]")]
@@ -108,8 +111,8 @@ def score_command(
     output: Output,
     data: Annotated[Path | None, typer.Option(help=".txt (one example per line) or .jsonl.")] = None,
     method: Annotated[
-        str, typer.Option(help="piece-s, piece-f, gradient, magnitude, random; ours: piece-r, piece-s-rel.")
-    ] = "piece-s",
+        str, typer.Option(help="piece-r (ours), piece-s, piece-f, gradient, magnitude, random, piece-s-rel.")
+    ] = DEFAULT_METHOD,
     normalize: Annotated[
         str, typer.Option(help="none, or tensor: scores divided by each tensor's mean before the top-k.")
     ] = "none",
@@ -167,7 +170,7 @@ def score_command(
         normalize=normalize,
         **retain_options,
     )
-    _refuse_unused_retain_options(retain, retain_options)
+    _refuse_unused_retain_options(method, retain, retain_options)
     start = time.perf_counter()
     mask, stats, dataset = score_checkpoint(
         model,
@@ -218,11 +221,13 @@ def _given(**options) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def _refuse_unused_retain_options(retain: list[str] | None, options: dict) -> None:
-    if options and not retain:
-        raise PieceError(f"--{next(iter(options)).replace('_', '-')} needs --retain")
-    if options.keys() & {"self_samples", "self_length"} and "self" not in (retain or []):
-        raise PieceError("--self-samples and --self-length need --retain self")
+def _refuse_unused_retain_options(method: str, retain: list[str] | None, options: dict) -> None:
+    """Options that would do nothing: retain options without piece-r, self options without self."""
+    if (options or retain) and method != "piece-r":
+        given = f"--{next(iter(options)).replace('_', '-')}" if options else "--retain"
+        raise PieceError(f"{given} is for --method piece-r (got {method}); leave it out")
+    if options.keys() & {"self_samples", "self_length"} and retain and "self" not in retain:
+        raise PieceError("--self-samples and --self-length need --retain self (or no --retain)")
 
 
 def _parse_betas(text: str) -> tuple[float, float]:
@@ -242,7 +247,7 @@ def train_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="Delta folder to write.")],
     mask: Annotated[str | None, typer.Option(help="Mask from `score` (else: score first on --data).")] = None,
     method: Annotated[
-        str | None, typer.Option(help="Scoring method without --mask. [default: piece-s]")
+        str | None, typer.Option(help="Scoring method without --mask. [default: piece-r]")
     ] = None,
     density: Annotated[
         float | None, typer.Option(help="Mask density without --mask. [default: 0.001]")
@@ -266,7 +271,9 @@ def train_command(
     norm_lr_scale: Annotated[
         float, typer.Option(help="Learning-rate multiplier for norm gains in the mask (1: same lr).")
     ] = 1.0,
-    lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 1e-4,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate (AdamW). [default: 1e-3 for piece-r masks, else 1e-4]")
+    ] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the data (unless --max-steps).")] = 1,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per micro-batch.")] = 4,
@@ -325,7 +332,7 @@ def train_command(
         self_samples=self_samples,
         self_length=self_length,
     )
-    _refuse_unused_retain_options(retain, retain_options)
+    _refuse_unused_retain_options(method or DEFAULT_METHOD, retain, retain_options)
     scoring = _given(
         method=method, density=density, batch_size=score_batch_size, normalize=normalize, **retain_options
     )

@@ -27,6 +27,7 @@ class ScoringInputs:
     retain: list[Dataset | str] = field(default_factory=list)  # datasets, and SELF where it goes
     avoid: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor name -> flat indices
     avoid_records: list[AvoidRecord] = field(default_factory=list)
+    max_length: int = 512  # tokens per example: self text is written no longer than this
 
 
 def read_scoring_inputs(
@@ -37,7 +38,7 @@ def read_scoring_inputs(
     max_length: int = 512,
     quiet: bool = True,
 ) -> ScoringInputs:
-    inputs = ScoringInputs()
+    inputs = ScoringInputs(max_length=max_length)
     for ref in retain:
         if str(ref) == SELF:
             inputs.retain.append(SELF)
@@ -84,10 +85,14 @@ def sample_self(
     quiet: bool = True,
 ) -> Dataset:
     """`samples` texts of `length` tokens the model writes itself (temperature 1, no top-k or
-    top-p), each from the tokenizer's BOS token (else EOS); the same texts for the same seed."""
+    top-p), each after the tokenizer's BOS token (else EOS); the same texts for the same seed.
+    A text never outgrows the model's context: `length` is cut to its positions less the start."""
     from transformers import GenerationConfig
 
     start = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 1:
+        length = min(length, positions - 1)
     config = GenerationConfig(
         do_sample=True,
         temperature=1.0,
@@ -110,7 +115,17 @@ def sample_self(
             for begin in range(0, samples, batch_size):
                 n = min(batch_size, samples - begin)
                 prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
-                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+                try:
+                    out = model.generate(
+                        prompt, attention_mask=torch.ones_like(prompt), generation_config=config
+                    )
+                except RuntimeError as exc:
+                    if "probability tensor" not in str(exc):
+                        raise
+                    raise PieceError(
+                        "the model's next-token probabilities are nan or inf, so it cannot write its "
+                        "own retain text (--retain self): check the checkpoint's weights"
+                    ) from exc
                 texts.extend(out.cpu().tolist())
     model.train(was_training)
     digest = hashlib.sha256(torch.tensor(texts, dtype=torch.int64).numpy().tobytes()).hexdigest()

@@ -38,15 +38,17 @@ from piece_surgery.records import RetainRecord
 from piece_surgery.retain import SELF, ScoringInputs, read_scoring_inputs, sample_self
 from piece_surgery.sharding import is_sharded, local_part, shard_model
 
-# delta = this quantile of F_retain; docs/evidence.md has the frontier behind it
-DEFAULT_RETAIN_DAMPING = 0.1
+# piece-r with the model's own text as the retain set drifted far less than PIECE-S for the same
+# domain gain, and delta = the 1st percentile of F_retain less than the 10th (docs/evidence.md)
+DEFAULT_METHOD = "piece-r"
+DEFAULT_RETAIN_DAMPING = 0.01
 
 
 @dataclass
 class ScoreOptions:
     """How to score; checked when made, so mistakes fail in milliseconds, before any loading."""
 
-    method: str = "piece-s"
+    method: str = DEFAULT_METHOD
     density: float = 0.001
     batch_size: int = 1
     include: list[str] = field(default_factory=list)
@@ -86,6 +88,11 @@ class ScoreOptions:
             "include": self.include,
             "exclude": self.exclude,
         }
+
+
+def retain_sources(method: str, retain: Sequence[str | Path]) -> list[str | Path]:
+    """The retain sets a recipe scores with: piece-r without any keeps the model's own text."""
+    return [SELF] if method == "piece-r" and not retain else list(retain)
 
 
 class Scored(NamedTuple):
@@ -258,7 +265,7 @@ class _GradientPasses:
 
 
 def _retain_record(retain: Sequence[Dataset], stats: PassStats, options: ScoreOptions, delta: float):
-    self_text = any(d.name == SELF for d in retain)
+    self_text = next((d for d in retain if d.name == SELF), None)
     return RetainRecord(
         sources=[d.record() for d in retain],
         labels=options.retain_labels,
@@ -267,7 +274,8 @@ def _retain_record(retain: Sequence[Dataset], stats: PassStats, options: ScoreOp
         # sum_b g_b^2 ~ sum_b F / T_b for a per-token Fisher F when token gradients are independent
         fisher_scale=1.0 / stats.inverse_tokens if stats.inverse_tokens else math.nan,
         self_sampling=(
-            {"seed": options.seed, "samples": options.self_samples, "length": options.self_length}
+            # the length written: --self-length, or less where the model's context is shorter
+            {"seed": options.seed, "samples": options.self_samples, "length": self_text.max_length - 1}
             if self_text
             else None
         ),
@@ -292,7 +300,7 @@ def score_loaded(
             checkpoint.load_tokenizer(),
             pad_id=checkpoint.pad_id,
             samples=options.self_samples,
-            length=options.self_length,
+            length=min(options.self_length, inputs.max_length - 1),  # the start token is one
             seed=options.seed,
             quiet=quiet,
         )
@@ -338,13 +346,15 @@ def score_checkpoint(
 ) -> Scored:
     """Score a checkpoint (folder or Hub id) on a data file; with `output`, write the mask there.
 
-    `retain` (piece-r) holds data files or "self"; `avoid` masks or deltas whose entries to leave out.
+    `retain` (piece-r) holds data files or "self" (without any: self); `avoid` masks or deltas whose
+    entries to leave out.
     Under a launcher (torchrun, ...) every rank scores its share of the data and rank 0 writes;
     with `fsdp`, the weights and accumulators are sharded over the ranks (docs/distributed.md).
     """
     world = distributed.start(device)
     distributed.load_device(world, device, fsdp)  # --fsdp without a launcher fails here, early
     quiet = quiet or (world is not None and not world.is_main)
+    retain = retain_sources(options.method, retain)
     if output is not None:
         files = [data, *(r for r in retain if str(r) != SELF), *avoid]
         inputs = (Path(model_ref), *(Path(f) for f in files if f is not None))
@@ -372,4 +382,4 @@ def score_checkpoint(
     return Scored(mask, stats, dataset)
 
 
-__all__ = ["ScoreOptions", "Scored", "score_checkpoint", "score_loaded", "score_model"]
+__all__ = ["ScoreOptions", "Scored", "retain_sources", "score_checkpoint", "score_loaded", "score_model"]

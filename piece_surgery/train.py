@@ -12,12 +12,13 @@ from piece_surgery.artifacts import open_mask
 from piece_surgery.checkpoint import Checkpoint, open_checkpoint
 from piece_surgery.data import Dataset
 from piece_surgery.delta import Delta, DeltaInfo, TrainProvenance, delta_from_values, save_delta
+from piece_surgery.distributed import World
 from piece_surgery.errors import PieceError
 from piece_surgery.mask import Mask, check_mask_fits
 from piece_surgery.outputs import check_output, remove_stale_temporaries
 from piece_surgery.progress import Progress
 from piece_surgery.retain import SELF, read_scoring_inputs
-from piece_surgery.score import ScoreOptions, score_loaded
+from piece_surgery.score import ScoreOptions, retain_sources, score_loaded
 from piece_surgery.sharding import shard_model
 from piece_surgery.train_state import remove_state
 from piece_surgery.trainer import TrainConfig, TrainResult, total_steps, train_sparse
@@ -74,24 +75,16 @@ def train_checkpoint(
         )
     if config.eval_every and eval_data is None:
         raise PieceError("--eval-every needs --eval-data (held-out data to evaluate on)")
-    state_dir = state_dir_for(output)
-    remove_stale_temporaries(state_dir)  # of a run killed while saving its state
-    if not resume and state_dir.exists():
-        if not overwrite:
-            raise PieceError(
-                f"a saved training state is in '{state_dir}': add --resume to continue it, "
-                "or --overwrite to discard it and start afresh"
-            )
-        if main:
-            remove_state(state_dir)
-        if world is not None:
-            world.barrier()
+    state_dir = _state_dir(output, resume=resume, overwrite=overwrite, world=world)
     mask = open_mask(mask_ref) if mask_ref is not None else None
     checkpoint = open_checkpoint(model_ref, trust_remote_code=trust_remote_code)
     if mask is not None:
         check_mask_fits(mask, checkpoint, f"mask '{mask_ref}'")
     dataset = checkpoint.load_data(data, max_length=max_length, max_samples=max_samples, quiet=quiet)
     eval_set = checkpoint.load_data(eval_data, max_length=max_length, quiet=quiet) if eval_data else None
+    options = score_options or ScoreOptions()
+    if mask is None:
+        retain = retain_sources(options.method, retain)
     scoring = read_scoring_inputs(checkpoint, retain, avoid, max_length=max_length, quiet=quiet)
     model = checkpoint.load_model(
         device=distributed.load_device(world, device, fsdp), dtype=dtype, quiet=quiet
@@ -99,9 +92,9 @@ def train_checkpoint(
     if fsdp:
         shard_model(model, world)
     if mask is None:
-        options = score_options or ScoreOptions()
         mask, _ = score_loaded(checkpoint, dataset, options, scoring, quiet=quiet, world=world)
         mask.info.options["max_samples"] = max_samples
+    config = config.for_method(mask.info.method)
     resume_key = {"model": checkpoint.identity.fingerprint, "data": dataset.sha256, "mask": mask.digest()}
     ranks = world.size if world is not None else 1
     with Progress(
@@ -139,6 +132,24 @@ def train_checkpoint(
     if world is not None:
         world.barrier()  # every rank ends once the delta is written
     return Trained(delta, result, mask)
+
+
+def _state_dir(output: Path, *, resume: bool, overwrite: bool, world: World | None) -> Path:
+    """Where this run's resumable state goes; a state left by an earlier run is continued
+    (--resume), discarded (--overwrite) or refused."""
+    state_dir = state_dir_for(output)
+    remove_stale_temporaries(state_dir)  # of a run killed while saving its state
+    if not resume and state_dir.exists():
+        if not overwrite:
+            raise PieceError(
+                f"a saved training state is in '{state_dir}': add --resume to continue it, "
+                "or --overwrite to discard it and start afresh"
+            )
+        if world is None or world.is_main:
+            remove_state(state_dir)
+        if world is not None:
+            world.barrier()
+    return state_dir
 
 
 def _delta_of(checkpoint: Checkpoint, mask: Mask, result: TrainResult, provenance: TrainProvenance) -> Delta:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,14 +27,23 @@ from piece_surgery.train_state import load_state, save_state
 SCHEDULES = ("constant", "linear", "cosine")
 # AdamW moves each value by about lr per step; past 1 a single step wrecks any weight
 MAX_LR = 1.0
+# The learning rate a mask's method trains best at (docs/training.md has the frontier behind them):
+# piece-r keeps to entries the model's other behaviour barely uses, which move little per step.
+DEFAULT_LRS = {"piece-r": 1e-3}
+DEFAULT_LR = 1e-4
+
+
+def default_lr(method: str | None) -> float:
+    """The default learning rate for a mask scored with `method` (None: unknown)."""
+    return DEFAULT_LRS.get(method or "", DEFAULT_LR)
 
 
 @dataclass
 class TrainConfig:
     """Hyperparameters of a sparse run; checked when made."""
 
-    # lr 1e-4: see docs/training.md for the measurements behind the default
-    lr: float = 1e-4
+    # None: default_lr(the mask's method), chosen by train_checkpoint; train_sparse needs a number
+    lr: float | None = None
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 4
@@ -55,8 +64,12 @@ class TrainConfig:
     drift_budget: float | None = None
     retain_weight: float = 0.0
 
+    def for_method(self, method: str | None) -> TrainConfig:
+        """This config, with the default learning rate of `method` if none was given."""
+        return self if self.lr is not None else replace(self, lr=default_lr(method))
+
     def __post_init__(self) -> None:
-        if not 0 < self.lr <= MAX_LR:
+        if self.lr is not None and not 0 < self.lr <= MAX_LR:
             raise PieceError(f"--lr must be positive and at most {MAX_LR:g}, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise PieceError(f"unknown --schedule '{self.schedule}'; use constant, linear or cosine")
@@ -243,6 +256,11 @@ def train_sparse(
 
 
 def _check_inputs(dataset: Dataset, config: TrainConfig, fisher) -> None:
+    if config.lr is None:
+        raise PieceError(
+            "TrainConfig.lr is not set: train_sparse does not know the mask's method; "
+            "give lr, or TrainConfig.for_method(mask.info.method) for its default"
+        )
     if not dataset.examples:
         raise PieceError("the training data has no examples")
     if (config.drift_budget or config.retain_weight) and fisher is None:

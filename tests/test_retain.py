@@ -135,6 +135,55 @@ def test_self_text_is_seeded_and_recorded(tiny, code_data, tmp_path):
     assert record.sources[0].file == "self" and record.sources[0].sha256 == a.sha256
 
 
+def test_the_default_is_piece_r_keeping_the_models_own_text(tiny, code_data, tmp_path, cli):
+    """Without --method or --retain, score and train select with piece-r on self text; a text
+    is never longer than the model's context (GPT-2's 128 positions) or --max-length."""
+    from piece_surgery.cli import DEFAULT_METHOD
+    from piece_surgery.score import DEFAULT_METHOD as LIBRARY_DEFAULT
+
+    assert DEFAULT_METHOD == LIBRARY_DEFAULT == ScoreOptions().method == "piece-r"
+    out = tmp_path / "m.safetensors"
+    assert cli("score", tiny("gpt2"), "--data", code_data, "-o", out, "-q", "--self-samples", "2")[0] == 0
+    info = load_mask(out).info
+    assert info.method == "piece-r" and info.retain.sources[0].file == "self"
+    assert info.retain.self_sampling == {"seed": 0, "samples": 2, "length": 127}  # 128 positions
+    short = ["--max-length", "32", "--self-samples", "2", "--overwrite"]
+    assert cli("score", tiny("llama"), "--data", code_data, "-o", out, "-q", *short)[0] == 0
+    assert load_mask(out).info.retain.self_sampling["length"] == 31
+    delta = tmp_path / "delta"
+    code, report, _ = cli(
+        "train", tiny("llama"), "--data", code_data, "-o", delta, "--max-steps", "1", "--json"
+    )
+    report = json.loads(report)
+    assert code == 0 and report["method"] == "piece-r"
+    hyper = json.loads((delta / "delta.json").read_text())["provenance"]["hyperparameters"]
+    assert hyper["lr"] == 1e-3  # piece-r's default learning rate; PIECE-S masks train at 1e-4
+    assert (
+        cli(
+            "score", tiny("llama"), "--data", code_data, "-o", out, "-q", "--method", "piece-s", "--overwrite"
+        )[0]
+        == 0
+    )
+    assert (
+        cli(
+            "train",
+            tiny("llama"),
+            "--data",
+            code_data,
+            "-o",
+            delta,
+            "--mask",
+            out,
+            "--max-steps",
+            "1",
+            "-q",
+            "--overwrite",
+        )[0]
+        == 0
+    )
+    assert json.loads((delta / "delta.json").read_text())["provenance"]["hyperparameters"]["lr"] == 1e-4
+
+
 def test_avoid_excludes_exactly_the_avoided_entries(tiny, code_data, tmp_path, cli):
     from test_score import brute_force_scores
 
@@ -275,11 +324,11 @@ def test_bad_retain_input(tiny, code_data, general_data, tmp_path, cli):
     for damping in ("-0.1", "1.5", "nan"):
         result = cli(*base, "--retain", general_data, f"--retain-damping={damping}")
         assert_clean_failure(result, "is a quantile: give a number in [0, 1]", output=out)
-    assert_clean_failure(cli(*base), "needs --retain", output=out)
-    result = cli("score", folder, "--data", code_data, "-o", out, "--retain", general_data, "-q")
-    assert_clean_failure(result, "--retain is used by --method piece-r only", output=out)
+    other = ["score", folder, "--data", code_data, "-o", out, "-q", "--method", "piece-s"]
+    for extra in (["--retain", general_data], ["--retain-damping", "0.5"], ["--self-samples", "4"]):
+        assert_clean_failure(cli(*other, *extra), "is for --method piece-r (got piece-s)", output=out)
     result = cli(*base, "--retain", general_data, "--self-samples", "4")
-    assert_clean_failure(result, "need --retain self", output=out)
+    assert_clean_failure(result, "need --retain self (or no --retain)", output=out)
     assert cli("score", tiny("gpt2"), "--data", code_data, "-o", tmp_path / "g.safetensors", "-q")[0] == 0
     result = cli(*base, "--retain", general_data, "--avoid", tmp_path / "g.safetensors")
     assert_clean_failure(result, "which this model does not have", output=out)

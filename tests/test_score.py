@@ -173,9 +173,11 @@ def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_mask(tiny, 
 
     monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counted)
     folder = tiny("llama")
-    plain, _, _ = score_checkpoint(str(folder), code_data, ScoreOptions(density=0.01), device="cpu")
+    plain, _, _ = score_checkpoint(
+        str(folder), code_data, ScoreOptions(method="piece-s", density=0.01), device="cpu"
+    )
     plain_calls = len(calls)
-    options = ScoreOptions(density=0.01, gradient_checkpointing=True)
+    options = ScoreOptions(method="piece-s", density=0.01, gradient_checkpointing=True)
     checkpointed, _, _ = score_checkpoint(str(folder), code_data, options, device="cpu")
     assert len(calls) - plain_calls == 2 * plain_calls  # each layer ran again in backward
     assert as_lists(plain.indices) == as_lists(checkpointed.indices)
@@ -192,9 +194,13 @@ def test_score_cli_writes_documented_mask(tiny, code_data, tmp_path, cli):
     assert result["entries"] == mask.k == int(0.01 * mask.eligible)
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
-        for name in f.keys():
+        names = [n for n in f.keys() if "::" not in n]
+        for name in names:
             idx = f.get_tensor(name)
             assert idx.dtype == torch.int32 and bool((idx[1:] > idx[:-1]).all())
+            fisher = f.get_tensor(f"{name}::fisher")  # the default, piece-r, carries the retain Fisher
+            assert fisher.dtype == torch.float32 and fisher.shape == idx.shape and bool((fisher >= 0).all())
+        assert sorted(f.keys()) == sorted([*names, *(f"{n}::fisher" for n in names)])
     assert meta["format"] == "piece-surgery/mask" and meta["format_version"] == "1"
     for key in ("method", "density", "k", "eligible", "shapes", "model", "data", "seed", "tool_version"):
         json.loads(meta[key])
