@@ -197,7 +197,7 @@ def main() -> None:
         score_checkpoint(
             str(folder),
             data,
-            ScoreOptions(density=0.001),
+            ScoreOptions(method="piece-s", density=0.001),  # any 0.1% mask: bytes depend on k only
             output=mask,
             max_length=args.max_length,
             device="cpu",

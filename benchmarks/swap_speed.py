@@ -31,7 +31,8 @@ def _delta_on_mask(folder: Path, data: Path, work: Path, label: str, dtype: str)
     from piece_surgery.delta import DeltaInfo, delta_from_values, save_delta
     from piece_surgery.score import ScoreOptions, score_checkpoint
 
-    mask = score_checkpoint(str(folder), data, ScoreOptions(), max_length=128, device="cpu").mask
+    options = ScoreOptions(method="piece-s")  # where trained entries fall; swap time depends on k
+    mask = score_checkpoint(str(folder), data, options, max_length=128, device="cpu").mask
     checkpoint = open_checkpoint(str(folder))
     gen = torch.Generator().manual_seed(len(label))
     entries = {}

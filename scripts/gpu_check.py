@@ -136,6 +136,8 @@ def main() -> int:
                 work / f"mask-{dtype}-{side}.safetensors",
                 "--density",
                 "0.05",
+                "--retain",  # not self: its text is drawn by each device's own random generator
+                data,
                 "--device",
                 device,
                 "--dtype",
@@ -197,6 +199,8 @@ def main() -> int:
             work / "mask-nccl.safetensors",
             "--density",
             "0.05",
+            "--retain",  # not self: its text is drawn by each device's own random generator
+            data,
             "--dtype",
             "float32",
         )
