@@ -536,7 +536,21 @@ def _mean_points(rows: list[dict], name: str) -> list[tuple[float, float, float]
     return sorted((mean(g, "kl_drift"), mean(g, "domain_gain"), lr) for lr, g in by_lr.items())
 
 
-def plot(rows: list[dict], path: Path) -> None:
+# The README's plot: the published method, the alternatives, and piece-r as shipped and with a file.
+MAIN = {
+    "full fine-tuning": "full fine-tuning",
+    "LoRA r=2 q,v": "LoRA r=2 q,v",
+    "random 0.1%": "random 0.1%",
+    "PIECE-S 0.1%": "PIECE-S 0.1% (the paper's)",
+    "piece-r q01, retain self": "piece-r 0.1%, the model's own text (default)",
+    "piece-r q01, retain wiki": "piece-r 0.1%, a general-text retain file",
+    "piece-r q01 1%, retain wiki": "piece-r 1%, a general-text retain file",
+}
+
+
+def plot(rows: list[dict], path: Path, only: dict[str, str] | None = None) -> None:
+    """Gain against drift, one line per method (the mean over seeds at each learning rate); `only`
+    maps the methods to draw to their legend labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -544,25 +558,33 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 6))
     names = [n for n in dict.fromkeys(r["method"] for r in rows) if n in BASELINES or n.startswith("piece-r")]
+    if only is not None:
+        names = [n for n in only if n in names]
     colors = plt.get_cmap("tab20").colors
     for i, name in enumerate(names):
         pts = _mean_points(rows, name)
         bold = name.startswith("piece-r")
         style = {
             "linewidth": 2.2 if bold else 1.0,
-            "alpha": 1.0 if bold else 0.55,
+            "alpha": 1.0 if bold else (0.8 if only else 0.55),
             "markersize": 6 if bold else 4,
         }
         marker = "os^Dv<>p"[i % 8]
         ax.plot(
-            [p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colors[i % 20], label=name, **style
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker=marker,
+            color=colors[i % 20],
+            label=only[name] if only else name,
+            **style,
         )
         for x, y, lr in pts:
             ax.annotate(f"{lr:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_xlabel("drift: mean token KL(base || tuned) on general text (lower is better)")
     ax.set_ylabel("domain gain: test-loss drop (higher is better)")
-    ax.set_title("Learning vs forgetting, SmolLM2-135M-Instruct, code domain (bold: retain-aware piece-r)")
+    title = "Learning vs forgetting, SmolLM2-135M-Instruct, code domain"
+    ax.set_title(f"{title} (bold: retain-aware piece-r; labels: lr)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
@@ -580,8 +602,10 @@ def plot_drift_prediction(rows: list[dict], path: Path) -> dict:
     fig, ax = plt.subplots(figsize=(6, 5))
     stats = {}
     for label, test in (
+        ("retain wiki, 0.1%", lambda n: "wiki" in n and "sampled" not in n and "1%" not in n),
+        ("retain self, 0.1%", lambda n: "self" in n and "sampled" not in n),
         ("sampled labels", lambda n: "sampled" in n),
-        ("empirical labels", lambda n: "sampled" not in n),
+        ("1% density", lambda n: "1%" in n),
     ):
         pts = [
             (r["kl_drift"], r["predicted_drift"])
@@ -677,6 +701,16 @@ def report(out: Path) -> str:
     return "\n".join(lines)
 
 
+def draw(out: Path) -> None:
+    """The plots (and drift-prediction statistics) of every frontier*.json in `out`."""
+    every = [r for f in sorted(out.glob("frontier*.json")) for r in json.loads(f.read_text())]
+    plot(every, out / "frontier.png")
+    plot(every, out / "frontier-main.png", only=MAIN)
+    if any(r.get("predicted_drift") for r in every):
+        stats = plot_drift_prediction(every, out / "drift-prediction.png")
+        (out / "drift-prediction.json").write_text(json.dumps(stats, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, help="a local HF folder (default: SmolLM2-135M-Instruct)")
@@ -702,9 +736,12 @@ def main() -> None:
         help="METHOD=LR pairs for the sequential setting",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--report", action="store_true", help="print the tables of earlier results and stop")
+    parser.add_argument(
+        "--report", action="store_true", help="redraw the plots, print the tables of earlier results, stop"
+    )
     args = parser.parse_args()
     if args.report:
+        draw(args.out)
         print(report(args.out))
         return
     torch.manual_seed(0)
@@ -718,11 +755,7 @@ def main() -> None:
         if not args.no_frontier:
             rows = frontier(folder, tasks, general, retain, args)
             (args.out / f"frontier{suffix}.json").write_text(json.dumps(rows, indent=2))
-        every = [r for f in sorted(args.out.glob("frontier*.json")) for r in json.loads(f.read_text())]
-        plot(every, args.out / "frontier.png")
-        if any(r.get("predicted_drift") for r in every):
-            stats = plot_drift_prediction(every, args.out / "drift-prediction.png")
-            (args.out / "drift-prediction.json").write_text(json.dumps(stats, indent=2))
+        draw(args.out)
         if not args.no_sequential:
             picks = [(p.rpartition("=")[0], float(p.rpartition("=")[2])) for p in args.sequential]
             seq = sequential(folder, tasks, general, retain, args, picks)

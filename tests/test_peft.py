@@ -61,7 +61,7 @@ def test_peft_loads_the_export_and_gives_the_merged_outputs(trained, tmp_path, c
     ids = torch.tensor([[1, 5, 9, 30, 100, 7, 8, 11]])
     with torch.no_grad():
         a, b = adapted(ids).logits, merged(ids).logits
-    # the stated tolerance (docs/peft.md): equal up to the dtype's rounding of base + change
+    # the stated tolerance (docs/interop.md): equal up to the dtype's rounding of base + change
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 0.0}[dtype]
     assert float((a - b).abs().max()) <= tolerance * float(b.abs().max())
     weights = read_all(tmp_path / "merged")
