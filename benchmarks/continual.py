@@ -164,6 +164,15 @@ def retain_aware_methods(density: float) -> list[Method]:
             frontier=False,
         ),
         Method(
+            "piece-r q01, retain wiki + task A, weight 10",
+            "sparse",
+            [3e-3, 1e-2],
+            r(0.01),
+            retain=("general", "taskA"),
+            retain_weight=10.0,
+            frontier=False,
+        ),
+        Method(
             "piece-r q01, retain wiki, sequential",
             "sparse",
             [1e-3, 3e-3, 1e-2],
@@ -754,7 +763,8 @@ def main() -> None:
         suffix = f"-{args.tag}" if args.tag else ""
         if not args.no_frontier:
             rows = frontier(folder, tasks, general, retain, args)
-            (args.out / f"frontier{suffix}.json").write_text(json.dumps(rows, indent=2))
+            if rows:  # (every run asked for measured before: nothing new, nothing overwritten)
+                (args.out / f"frontier{suffix}.json").write_text(json.dumps(rows, indent=2))
         draw(args.out)
         if not args.no_sequential:
             picks = [(p.rpartition("=")[0], float(p.rpartition("=")[2])) for p in args.sequential]
