@@ -705,9 +705,35 @@ def report(out: Path) -> str:
                 f"| {r['method']} | {r['lr']:g} | {r.get('seed', 0)} | {r['A_gain_after_A']:.3f} | "
                 f"{r['B_gain_after_B']:.3f} | {r['BWT_A']:+.3f} | {r['final_kl_drift']:.4f} |"
             )
+        lines += _seeds_table(seq)
     if (out / "overlap.json").is_file():
         lines += ["", "```json", (out / "overlap.json").read_text().strip(), "```"]
     return "\n".join(lines)
+
+
+def _seeds_table(seq: list[dict]) -> list[str]:
+    """Sequential settings run with several seeds: the mean (min-max) of each measure."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in seq:
+        groups.setdefault((r["method"], r["lr"]), []).append(r)
+    repeated = {k: g for k, g in groups.items() if len(g) > 1}
+    if not repeated:
+        return []
+    keys = ("A_gain_after_A", "B_gain_after_B", "BWT_A", "final_kl_drift")
+    lines = [
+        "",
+        "| method | lr | seeds | task A gain after A | task B gain after B | BWT on A | final KL drift |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (method, lr), g in repeated.items():
+        cells = []
+        for key in keys:
+            values = [r[key] for r in g]
+            f = "{:+.3f}" if key == "BWT_A" else "{:.3f}"
+            mean, low, high = sum(values) / len(values), min(values), max(values)
+            cells.append(f"{f.format(mean)} ({f.format(low)} to {f.format(high)})")
+        lines.append(f"| {method} | {lr:g} | {len(g)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def draw(out: Path) -> None:
