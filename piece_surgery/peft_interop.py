@@ -2,11 +2,11 @@
 stock PEFT loads with PeftModel.from_pretrained; `import` turns an adapter that merges into its base
 (SHiRA, LoRA, ...) back into a delta, by comparing the merged weights with the base's.
 
-SHiRA holds, per linear layer, r x (in + out) entries (one r for every layer): the export picks the
-smallest r that holds the busiest layer and pads the others with entries that change nothing. Norm
-gains (vectors) go into `modules_to_save` (the whole vector, a few KB). Anything else (embedding
-tables, GPT-2's Conv1D, weights two modules share, biases) has no place in SHiRA: the export
-refuses, naming it.
+SHiRA holds, per adapted linear layer, r x (in + out) entries (one r for every layer), padded with
+entries that change nothing. The export picks the r, and the few busiest layers to save whole in
+`modules_to_save` instead, that make the smallest file. Norm gains (vectors) go into
+`modules_to_save` too (the whole vector, a few KB). Anything else (embedding tables, GPT-2's
+Conv1D, weights two modules share, biases) has no place in SHiRA: the export refuses, naming it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Exported:
     padding: int  # entries SHiRA's one-r-for-all layout adds, changing nothing
     r: int
     linear_layers: int
-    saved_modules: list[str]  # norms whose whole gain vector is saved
+    saved_modules: list[str]  # modules saved whole: norms, and linear layers too busy for SHiRA
     adapter_bytes: int  # size of adapter_model.safetensors
 
 
@@ -77,7 +77,7 @@ def export_peft(
     config = peft.ShiraConfig(
         r=plan.r,
         target_modules=sorted(plan.linear),
-        modules_to_save=sorted(plan.gains) or None,
+        modules_to_save=sorted(plan.saved) or None,
         task_type="CAUSAL_LM",
         base_model_name_or_path=checkpoint.identity.repo_id or checkpoint.identity.name,
         init_weights=True,
@@ -89,11 +89,11 @@ def export_peft(
         for module_name, (tensor_name, _) in plan.linear.items():
             layer = adapted.get_submodule(f"base_model.model.{module_name}")
             padding += _fill_shira(layer, delta.tensors[tensor_name], plan.r)
-        for module_name, tensor_names in plan.gains.items():
-            saved = adapted.get_submodule(f"base_model.model.{module_name}").modules_to_save["default"]
+        for module_name, tensor_names in plan.saved.items():
+            copy = adapted.get_submodule(f"base_model.model.{module_name}").modules_to_save["default"]
             for attr, tensor_name in tensor_names:
                 t = delta.tensors[tensor_name]
-                getattr(saved, attr).view(-1)[t.indices] = t.tuned.to(getattr(saved, attr).dtype)
+                getattr(copy, attr).view(-1)[t.indices] = t.tuned.to(getattr(copy, attr).dtype)
     with atomic_path(output, is_dir=True) as tmp, _quiet_libraries():
         # lm_head is a linear layer here: its SHiRA entries are the adapter, not the whole table
         adapted.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
@@ -102,7 +102,7 @@ def export_peft(
         padding=padding,
         r=plan.r,
         linear_layers=len(plan.linear),
-        saved_modules=sorted(plan.gains),
+        saved_modules=sorted(plan.saved),
         adapter_bytes=(output / ADAPTER_WEIGHTS).stat().st_size,
     )
 
@@ -111,14 +111,14 @@ def export_peft(
 class _ShiraPlan:
     r: int
     linear: dict[str, tuple[str, torch.nn.Linear]]  # module name -> (tensor name, layer)
-    gains: dict[str, list[tuple[str, str]]]  # module name -> [(attribute, tensor name)]
+    saved: dict[str, list[tuple[str, str]]]  # modules saved whole: name -> [(attribute, tensor name)]
 
 
 def _shira_plan(model: torch.nn.Module, delta: Delta) -> _ShiraPlan:
     """Which tensors go where; checks each against the model's weights (the delta's base)."""
     module_names = {id(m): name for name, m in model.named_modules()}
     holders = owners(model)
-    linear, gains = {}, {}
+    linear, saved = {}, {}
     for tensor_name, (_, param) in model_tensors(model, delta).items():
         t = delta.tensors[tensor_name]
         values = param.detach().view(-1)[t.indices].cpu()
@@ -130,26 +130,43 @@ def _shira_plan(model: torch.nn.Module, delta: Delta) -> _ShiraPlan:
         if module is not None and type(module) is torch.nn.Linear and attr == "weight":
             linear[module_names[id(module)]] = (tensor_name, module)
         elif module is not None and is_gain_module(module):
-            gains.setdefault(module_names[id(module)], []).append((attr, tensor_name))
+            saved.setdefault(module_names[id(module)], []).append((attr, tensor_name))
         else:
             raise PieceError(
                 f"tensor '{tensor_name}' is not a linear layer's weight or a norm's gain: a SHiRA adapter "
                 "cannot hold it; score without it (--exclude) to export"
             )
-    r = max(
-        (
-            math.ceil(delta.tensors[t].indices.numel() / (m.in_features + m.out_features))
-            for t, m in linear.values()
-        ),
-        default=1,
-    )
-    for module_name, (_, m) in linear.items():
-        if r * (m.in_features + m.out_features) > m.in_features * m.out_features:
-            raise PieceError(
-                f"SHiRA needs r={r} for this delta, more entries than '{module_name}' has "
-                f"({m.out_features} x {m.in_features}); export a sparser delta"
-            )
-    return _ShiraPlan(r, linear, gains)
+    counts = {name: delta.tensors[t].indices.numel() for name, (t, _) in linear.items()}
+    r, whole = _cheapest_layout({name: m for name, (_, m) in linear.items()}, counts)
+    for name in whole:
+        tensor_name, _ = linear.pop(name)
+        saved.setdefault(name, []).append(("weight", tensor_name))
+    return _ShiraPlan(r, linear, saved)
+
+
+# bytes per SHiRA slot as PEFT saves it: a (row, column) pair of int32 and an fp32 change
+_SLOT_BYTES = 12
+
+
+def _cheapest_layout(layers: dict[str, torch.nn.Linear], counts: dict[str, int]) -> tuple[int, set[str]]:
+    """SHiRA gives every adapted layer r x (in + out) slots, one r for all, so a few busy layers
+    would pad every other one. Choose the r, and the layers saved whole instead (modules_to_save:
+    every weight, in its dtype), that make the smallest adapter."""
+
+    def slots(m: torch.nn.Linear, r: int) -> int:
+        return r * (m.in_features + m.out_features)
+
+    def whole_bytes(m: torch.nn.Linear) -> int:
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    def cost(r: int) -> tuple[int, set[str]]:
+        fits = {n for n, m in layers.items() if counts[n] <= slots(m, r) <= m.in_features * m.out_features}
+        size = sum(slots(layers[n], r) * _SLOT_BYTES for n in fits)
+        return size + sum(whole_bytes(m) for n, m in layers.items() if n not in fits), set(layers) - fits
+
+    needed = {math.ceil(counts[n] / (m.in_features + m.out_features)) for n, m in layers.items()} or {1}
+    best = min(sorted(needed), key=lambda r: cost(r)[0])
+    return best, cost(best)[1]
 
 
 def _fill_shira(layer, t, r: int) -> int:

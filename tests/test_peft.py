@@ -166,3 +166,64 @@ def test_export_and_import_errors(trained, tmp_path, cli, tiny):
     assert_clean_failure(
         cli("import", tmp_path / "fake", "--base", base, "-o", tmp_path / "d"), "not read for safety"
     )
+
+
+def test_a_busy_layer_is_saved_whole_rather_than_padding_every_other(tiny, tmp_path, cli):
+    """One r for every SHiRA layer: a layer with a third of its entries changed would make every
+    other layer pad to that size, so it travels whole in modules_to_save; the merge stays exact."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from piece_surgery.peft_interop import _SLOT_BYTES, _cheapest_layout
+
+    base = tiny("llama")
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    for f in base.iterdir():
+        (tuned / f.name).write_bytes(f.read_bytes())
+    weights = load_file(base / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    for name, w in weights.items():
+        if name.endswith("proj.weight"):
+            share = 0.3 if name == "model.layers.0.mlp.down_proj.weight" else 0.002
+            chosen = torch.rand(w.numel(), generator=gen) < share
+            w.view(-1)[chosen] += 0.01
+    save_file(weights, tuned / "model.safetensors", metadata={"format": "pt"})
+    delta = tmp_path / "delta"
+    assert cli("diff", base, tuned, "-o", delta, "-q")[0] == 0
+    code, stdout, err = cli("export", delta, "--base", base, "-o", tmp_path / "adapter", "--json", "-q")
+    assert code == 0, err
+    report = json.loads(stdout)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["model.layers.0.mlp.down_proj"] == report["saved_modules"]
+    assert "model.layers.0.mlp.down_proj" not in config["target_modules"]
+
+    # the layout chosen is the cheapest of every r, by brute force over r and the layers that fit
+    model = AutoModelForCausalLM.from_pretrained(base)
+    counts = {n: int(c) for n, c in _changed_per_layer(base, tuned).items()}
+    layers = {n: model.get_submodule(n) for n in counts}
+
+    def size(r):
+        total = 0
+        for n, m in layers.items():
+            slots = r * (m.in_features + m.out_features)
+            fits = counts[n] <= slots <= m.in_features * m.out_features
+            total += slots * _SLOT_BYTES if fits else m.weight.numel() * m.weight.element_size()
+        return total
+
+    r, whole = _cheapest_layout(layers, counts)
+    assert r == report["r"] and size(r) == min(size(x) for x in range(1, 200))
+    assert whole == {"model.layers.0.mlp.down_proj"}
+
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter")
+    folded = adapted.merge_and_unload().state_dict()
+    for name, w in load_file(tuned / "model.safetensors").items():
+        assert torch.allclose(folded[name], w, rtol=2e-7, atol=0), name
+
+
+def _changed_per_layer(base, tuned):
+    from safetensors.torch import load_file
+
+    a, b = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
+    return {k.removesuffix(".weight"): (a[k] != b[k]).sum() for k in a if (a[k] != b[k]).any()}
