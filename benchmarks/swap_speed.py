@@ -165,7 +165,14 @@ def main() -> None:
 
         exported = export_peft(str(deltas["code"]), work / "adapter", base_ref=str(folder))
         sizes["code as a SHiRA adapter"] = exported.adapter_bytes / exported.entries
-        shira = {"r": exported.r, "padding_entries": exported.padding, "entries": exported.entries}
+        shira = {
+            "r": exported.r,
+            "padding_entries": exported.padding,
+            "entries": exported.entries,
+            "linear_layers_in_shira": exported.linear_layers,
+            "modules_saved_whole": len(exported.saved_modules),
+            "adapter_MB": exported.adapter_bytes / 1e6,
+        }
     print(f"SmolLM2-135M {args.dtype}, CPU, median of {args.swaps - 1} swaps, forward batch 4 x 128")
     print(table(rows, ["run", "trainable", "swap_ms", "resident_MB", "forward_ms"]))
     print("bytes of tensor data per entry on disk:", json.dumps({k: round(v, 2) for k, v in sizes.items()}))
