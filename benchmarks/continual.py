@@ -106,7 +106,11 @@ def retain_aware_methods(density: float) -> list[Method]:
         Method("piece-r q001, retain wiki", "sparse", [3e-3, 1e-2, 3e-2], r(0.001), retain=wiki),
         Method("piece-r q50, retain wiki", "sparse", [3e-4, 1e-3, 3e-3], r(0.5), retain=wiki),
         Method(
-            "piece-r q01 1%, retain wiki", "sparse", [1e-3, 3e-3, 1e-2], r(0.01, 10 * density), retain=wiki
+            "piece-r q01 1%, retain wiki",
+            "sparse",
+            [1e-3, 2e-3, 3e-3, 1e-2],
+            r(0.01, 10 * density),
+            retain=wiki,
         ),
         Method(
             "piece-r q01, retain wiki, weight 10",
