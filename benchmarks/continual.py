@@ -668,10 +668,7 @@ def report(out: Path) -> str:
             f"| {r['method']} | {r['lr']:g} | {r.get('seed', 0)} | {r['trainable']:,} | "
             f"{r['domain_gain']:.3f} | {r['kl_drift']:.4f} | {r['general_loss_change']:+.3f} | {share} |"
         )
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["lr"]), []).append(r)
-    repeated = {k: g for k, g in groups.items() if len(g) > 1}
+    repeated = _repeated_over_seeds(rows)
     if repeated:
         lines += [
             "",
@@ -715,12 +712,21 @@ def report(out: Path) -> str:
     return "\n".join(lines)
 
 
+def _repeated_over_seeds(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Settings (method, lr) measured with more than one seed: one row per seed each.
+
+    A setting re-run with the same seed (an older result file) counts once, the later file winning,
+    so that a mean over "seeds" never averages a run with itself.
+    """
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["lr"]), {})[r.get("seed", 0)] = r
+    return {k: list(g.values()) for k, g in groups.items() if len(g) > 1}
+
+
 def _seeds_table(seq: list[dict]) -> list[str]:
     """Sequential settings run with several seeds: the mean (min-max) of each measure."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in seq:
-        groups.setdefault((r["method"], r["lr"]), []).append(r)
-    repeated = {k: g for k, g in groups.items() if len(g) > 1}
+    repeated = _repeated_over_seeds(seq)
     if not repeated:
         return []
     keys = ("A_gain_after_A", "B_gain_after_B", "BWT_A", "final_kl_drift")
