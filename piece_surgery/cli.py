@@ -266,8 +266,12 @@ def train_command(
         float | None, typer.Option(help="Stop once the predicted drift 1/2 sum F d^2 reaches this.")
     ] = None,
     retain_weight: Annotated[
-        float, typer.Option(help="Add retain_weight/2 sum F d^2 to the loss (needs the retain Fisher).")
-    ] = 0.0,
+        float | None,
+        typer.Option(
+            help="Add retain_weight/2 sum F d^2 to the loss. "
+            "[default: 100 with a mask that carries the retain Fisher (piece-r), else 0]"
+        ),
+    ] = None,
     norm_lr_scale: Annotated[
         float, typer.Option(help="Learning-rate multiplier for norm gains in the mask (1: same lr).")
     ] = 1.0,

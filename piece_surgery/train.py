@@ -94,7 +94,7 @@ def train_checkpoint(
     if mask is None:
         mask, _ = score_loaded(checkpoint, dataset, options, scoring, quiet=quiet, world=world)
         mask.info.options["max_samples"] = max_samples
-    config = config.for_method(mask.info.method)
+    config = config.for_mask(mask.info.method, mask.fisher is not None)
     resume_key = {"model": checkpoint.identity.fingerprint, "data": dataset.sha256, "mask": mask.digest()}
     ranks = world.size if world is not None else 1
     with Progress(

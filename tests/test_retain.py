@@ -158,6 +158,7 @@ def test_the_default_is_piece_r_keeping_the_models_own_text(tiny, code_data, tmp
     assert code == 0 and report["method"] == "piece-r"
     hyper = json.loads((delta / "delta.json").read_text())["provenance"]["hyperparameters"]
     assert hyper["lr"] == 1e-3  # piece-r's default learning rate; PIECE-S masks train at 1e-4
+    assert hyper["retain_weight"] == 100.0  # the mask carries the retain Fisher: the penalty is on
     assert (
         cli(
             "score", tiny("llama"), "--data", code_data, "-o", out, "-q", "--method", "piece-s", "--overwrite"
@@ -181,7 +182,8 @@ def test_the_default_is_piece_r_keeping_the_models_own_text(tiny, code_data, tmp
         )[0]
         == 0
     )
-    assert json.loads((delta / "delta.json").read_text())["provenance"]["hyperparameters"]["lr"] == 1e-4
+    hyper = json.loads((delta / "delta.json").read_text())["provenance"]["hyperparameters"]
+    assert hyper["lr"] == 1e-4 and hyper["retain_weight"] == 0.0  # no Fisher, no penalty
 
 
 def test_avoid_excludes_exactly_the_avoided_entries(tiny, code_data, tmp_path, cli):
@@ -332,3 +334,14 @@ def test_bad_retain_input(tiny, code_data, general_data, tmp_path, cli):
     assert cli("score", tiny("gpt2"), "--data", code_data, "-o", tmp_path / "g.safetensors", "-q")[0] == 0
     result = cli(*base, "--retain", general_data, "--avoid", tmp_path / "g.safetensors")
     assert_clean_failure(result, "which this model does not have", output=out)
+
+
+def test_defaults_fill_only_what_was_not_given():
+    from piece_surgery.trainer import DEFAULT_RETAIN_WEIGHT, TrainConfig
+
+    filled = TrainConfig().for_mask("piece-r", carries_fisher=True)
+    assert (filled.lr, filled.retain_weight) == (1e-3, DEFAULT_RETAIN_WEIGHT)
+    assert TrainConfig().for_mask("piece-r", carries_fisher=False).retain_weight == 0.0
+    assert TrainConfig().for_mask("piece-s", carries_fisher=False).lr == 1e-4
+    given = TrainConfig(lr=5e-3, retain_weight=0.0).for_mask("piece-r", carries_fisher=True)
+    assert (given.lr, given.retain_weight) == (5e-3, 0.0)
