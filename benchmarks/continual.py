@@ -121,6 +121,14 @@ def retain_aware_methods(density: float) -> list[Method]:
             retain_weight=10.0,
         ),
         Method(
+            "piece-r q01, retain wiki, weight 100",
+            "sparse",
+            [3e-3, 1e-2, 3e-2],
+            r(0.01),
+            retain=wiki,
+            retain_weight=100.0,
+        ),
+        Method(
             "piece-r q10, retain wiki, sampled labels",
             "sparse",
             [1e-3, 3e-3],
@@ -142,6 +150,14 @@ def retain_aware_methods(density: float) -> list[Method]:
             [1e-3, 3e-3, 1e-2],
             r(0.01, retain_labels="sampled", **own),
             retain=self_text,
+        ),
+        Method(
+            "piece-r q01, retain self, weight 100",
+            "sparse",
+            [1e-3, 3e-3, 1e-2],
+            r(0.01, **own),
+            retain=self_text,
+            retain_weight=100.0,
         ),
         Method(
             "piece-r q01, retain self x256",
@@ -174,6 +190,15 @@ def retain_aware_methods(density: float) -> list[Method]:
             r(0.01),
             retain=("general", "taskA"),
             retain_weight=10.0,
+            frontier=False,
+        ),
+        Method(
+            "piece-r q01, retain wiki + task A, weight 100",
+            "sparse",
+            [3e-3, 1e-2],
+            r(0.01),
+            retain=("general", "taskA"),
+            retain_weight=100.0,
             frontier=False,
         ),
         Method(
@@ -555,9 +580,11 @@ MAIN = {
     "LoRA r=2 q,v": "LoRA r=2 q,v",
     "random 0.1%": "random 0.1%",
     "PIECE-S 0.1%": "PIECE-S 0.1% (the paper's)",
-    "piece-r q01, retain self": "piece-r 0.1%, the model's own text (default)",
-    "piece-r q01, retain wiki": "piece-r 0.1%, a general-text retain file",
-    "piece-r q01 1%, retain wiki": "piece-r 1%, a general-text retain file",
+    "piece-r q01, retain self, weight 100": "piece-r 0.1%, the model's own text, penalty 100 (default)",
+    "piece-r q01, retain self": "piece-r 0.1%, the model's own text, no penalty",
+    "piece-r q01, retain wiki, weight 100": "piece-r 0.1%, a general-text retain file, penalty 100",
+    "piece-r q01, retain wiki": "piece-r 0.1%, a general-text retain file, no penalty",
+    "piece-r q01 1%, retain wiki": "piece-r 1%, a general-text retain file, no penalty",
 }
 
 
@@ -615,10 +642,11 @@ def plot_drift_prediction(rows: list[dict], path: Path) -> dict:
     fig, ax = plt.subplots(figsize=(6, 5))
     stats = {}
     for label, test in (
-        ("retain wiki, 0.1%", lambda n: "wiki" in n and "sampled" not in n and "1%" not in n),
-        ("retain self, 0.1%", lambda n: "self" in n and "sampled" not in n),
+        ("retain wiki, 0.1%", lambda n: "wiki" in n and not any(w in n for w in ("sampled", "1%", "weight"))),
+        ("retain self, 0.1%", lambda n: "self" in n and not any(w in n for w in ("sampled", "weight"))),
         ("sampled labels", lambda n: "sampled" in n),
         ("1% density", lambda n: "1%" in n),
+        ("with the penalty (weight 10 or 100)", lambda n: "weight" in n),
     ):
         pts = [
             (r["kl_drift"], r["predicted_drift"])
@@ -633,6 +661,8 @@ def plot_drift_prediction(rows: list[dict], path: Path) -> dict:
             "pearson_log": float(torch.corrcoef(torch.stack([measured.log(), predicted.log()]))[0, 1]),
             "spearman": _spearman(measured, predicted),
             "median_ratio_predicted_over_measured": float((predicted / measured).median()),
+            "within_2x": int(((predicted / measured - 1.25).abs() <= 0.75).sum()),  # ratio in [0.5, 2]
+            "ratio_range": [float((predicted / measured).min()), float((predicted / measured).max())],
         }
         ax.scatter(measured, predicted, label=f"{label}: Spearman {stats[label]['spearman']:.2f}", s=18)
     low = min(min(r["kl_drift"], r.get("predicted_drift") or 1) for r in rows if r.get("predicted_drift"))
