@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,30 +22,14 @@ from pathlib import Path
 
 from common import smollm2_folder, stdlib_code_lines, table, write_jsonl
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from piece_surgery.testing import local_torchrun
 
 
 def _launch(ranks: int, *args: str) -> dict:
     """Run this script's worker under torchrun; returns rank 0's JSON report."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         report = Path(f.name)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={ranks}",
-        "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}",
-        __file__,
-        "--worker",
-        "--report",
-        str(report),
-        *args,
-    ]
+    command = [*local_torchrun(ranks), __file__, "--worker", "--report", str(report), *args]
     threads = str(max(1, (os.cpu_count() or 2) // ranks))  # the cores split between the ranks
     run = subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -131,3 +133,19 @@ if __name__ == "__main__":
 
     out = make_tiny_checkpoint(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "llama")
     print(out)
+
+
+def local_torchrun(ranks: int) -> list[str]:
+    """The command that starts `ranks` processes on this machine under torchrun, on a free local
+    port (add the script or `-m module` and its arguments)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={ranks}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={port}",
+    ]

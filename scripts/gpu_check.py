@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,18 +37,10 @@ def cli(*args, env=None) -> None:
 
 
 def torchrun(ranks: int, *args) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={ranks}",
-        f"--master-port={port}",
-    ]
+    from piece_surgery.testing import local_torchrun
+
     run = subprocess.run(
-        [*command, "-m", "piece_surgery", *map(str, args), "-q"], capture_output=True, text=True
+        [*local_torchrun(ranks), "-m", "piece_surgery", *map(str, args), "-q"], capture_output=True, text=True
     )
     if run.returncode:
         FAILURES.append(f"torchrun piece-surgery {' '.join(map(str, args))}: {run.stderr.strip()[-800:]}")

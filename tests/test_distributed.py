@@ -3,9 +3,7 @@ process gives, only the k trained values travel, a failing rank ends every rank,
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,27 +11,14 @@ import torch
 from helpers import assert_clean_failure
 from safetensors.torch import load_file
 
+from piece_surgery.testing import local_torchrun
+
 DRIVER = Path(__file__).parent / "distributed_driver.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args, ranks=2, env=None, timeout=180):
     """`torchrun --nproc-per-node RANKS piece-surgery ARGS` (through the test driver)."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={ranks}",
-        "--master-addr=127.0.0.1",
-        f"--master-port={free_port()}",
-        str(DRIVER),
-        *map(str, args),
-    ]
+    command = [*local_torchrun(ranks), str(DRIVER), *map(str, args)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PIECE_DIST_TIMEOUT": "60", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
 
