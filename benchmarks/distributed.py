@@ -158,7 +158,7 @@ def single_process(folder: Path, data: Path, mask: Path, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="at least 2 (the first is not timed)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -168,6 +168,8 @@ def main() -> None:
     parser.add_argument("--mask", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: the first step is warm-up and is not timed")
     if args.worker:
         worker(args)
         return
