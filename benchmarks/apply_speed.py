@@ -15,6 +15,8 @@ from pathlib import Path
 
 from common import measure, smollm2_folder, stdlib_code_lines, table, write_jsonl
 
+from piece_surgery.options import RunOptions
+
 
 def plain_copy(base: Path, out: Path) -> dict:
     """Read every shard with safetensors and write it back: the floor for any merge."""
@@ -92,7 +94,7 @@ def make_piece_delta(base: Path, work: Path) -> Path:
 
     data = write_jsonl(stdlib_code_lines(16, min_chars=600), work / "code.jsonl")
     options = ScoreOptions(method="piece-s", density=0.001)
-    mask, _, _ = score_checkpoint(str(base), data, options, max_length=128, device="cpu")
+    mask, _, _ = score_checkpoint(str(base), data, options, run=RunOptions(max_length=128, device="cpu"))
     return nudged_delta(base, work, "delta-piece", lambda name, flat: mask.indices.get(name))
 
 

@@ -34,10 +34,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import smollm2_folder, stdlib_code_lines, wiki_records, write_jsonl  # noqa: E402
 
-from piece_surgery.checkpoint import Checkpoint, open_checkpoint, parameter_keys  # noqa: E402
+from piece_surgery.checkpoint import Checkpoint, LoadedModel, open_checkpoint, parameter_keys  # noqa: E402
 from piece_surgery.data import Dataset, collate  # noqa: E402
 from piece_surgery.loss import batch_logits, mean_token_loss  # noqa: E402
-from piece_surgery.retain import sample_self  # noqa: E402
+from piece_surgery.retain import Avoided, sample_self  # noqa: E402
 from piece_surgery.score import ScoreOptions, score_model  # noqa: E402
 from piece_surgery.trainer import TrainConfig, step_examples, train_sparse  # noqa: E402
 
@@ -315,7 +315,7 @@ _MASKS: dict[tuple, object] = {}
 
 def fresh_model(checkpoint: Checkpoint):
     """The base model, loaded anew in fp32 on the CPU."""
-    return checkpoint.load_model(device="cpu", dtype="float32")
+    return checkpoint.load_model(device="cpu", dtype="float32").module
 
 
 @dataclass
@@ -367,12 +367,13 @@ def train_method(
         params = [p for p in model.parameters() if p.requires_grad]
         dense_train(model, params, train, config)
         return Trained(model, sum(p.numel() for p in params))
-    keys = parameter_keys(model, checkpoint.layout)
+    loaded = LoadedModel(model, parameter_keys(model, checkpoint.layout))
+    keys = loaded.keys
     options = replace(method.score, seed=seed)
     key = (cache_key, repr(options), method.retain) if cache_key else None  # same options, same mask
     if key is None or key not in _MASKS:
         retain = [_retain_set(name, model, checkpoint, options, retain_sets) for name in method.retain]
-        mask, _ = score_model(model, keys, train, options, retain=retain, avoid=avoid)
+        mask, _ = score_model(loaded, train, options, retain=retain, avoid=Avoided(avoid or {}))
         if key is not None:
             _MASKS[key] = mask
     mask = _MASKS[key] if key is not None else mask
@@ -516,15 +517,15 @@ def sequential(
 
 def mask_overlaps(folder: Path, tasks: dict, args) -> dict:
     """One data pass; the top-0.1% sets of piece-s, piece-s-rel, piece-f and gradient compared."""
-    from piece_surgery.importance import accumulate_gradients, eligible_parameters, scores_from_sums
+    from piece_surgery.importance import accumulate_gradients, eligible_parameters
     from piece_surgery.mask import k_for_density, select_top_k
+    from piece_surgery.methods import METHODS, ScoreInputs
     from piece_surgery.naming import is_norm
 
     checkpoint = open_checkpoint(str(folder))
     train = checkpoint.load_data(tasks[args.task][0], max_length=args.max_length)
     model = fresh_model(checkpoint)
-    keys = checkpoint.keys
-    params = eligible_parameters(model, keys)
+    params = eligible_parameters(model, parameter_keys(model, checkpoint.layout))
     k = k_for_density(args.density, sum(p.numel() for p in params.values()))
     sums, squares, _ = accumulate_gradients(
         model, params, train, batch_size=1, pad_id=0, keep_sum=True, keep_squares=True
@@ -532,9 +533,10 @@ def mask_overlaps(folder: Path, tasks: dict, args) -> dict:
     g2 = torch.cat([squares[n].flatten() for n in sorted(squares)])
     sets = {}
     for method in ("piece-s", "piece-s-rel", "piece-f", "gradient"):
-        scores = scores_from_sums(
-            method, {n: t.clone() for n, t in sums.items()}, {n: t.clone() for n, t in squares.items()}
+        copies = ScoreInputs(
+            params, {n: t.clone() for n, t in sums.items()}, {n: t.clone() for n, t in squares.items()}
         )
+        scores, _ = METHODS[method].score(copies)
         chosen = select_top_k(scores, k)
         sets[method] = {(n, int(i)) for n, idx in chosen.items() for i in idx}
         sets[method + ":norm_share"] = sum(1 for n, _ in sets[method] if is_norm(n)) / k

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from common import smollm2_folder, stdlib_code_lines, table, write_jsonl
 
+from piece_surgery.options import RunOptions
 from piece_surgery.testing import local_torchrun
 
 
@@ -58,7 +59,8 @@ def worker(args) -> None:
     world = distributed.start("cpu")
     checkpoint = open_checkpoint(str(args.model))
     dataset = checkpoint.load_data(args.data, max_length=args.max_length)
-    model = checkpoint.load_model(device="cpu", dtype="float32")
+    loaded = checkpoint.load_model(device="cpu", dtype="float32")
+    model = loaded.module
     sent: list[int] = []
 
     def counting(state, bucket):
@@ -89,7 +91,7 @@ def worker(args) -> None:
         last[0] = time.perf_counter()
         train_sparse(
             model,
-            checkpoint.parameters(mask.indices),
+            loaded.parameters(mask.indices),
             mask.indices,
             dataset,
             config,
@@ -152,7 +154,9 @@ def single_process(folder: Path, data: Path, mask: Path, args) -> dict:
     # one process with twice the accumulation: the same global batch as two ranks
     config = TrainConfig(lr=1e-4, max_steps=args.steps, batch_size=args.batch_size, grad_accum=2)
     last[0] = time.perf_counter()
-    train_sparse(model, checkpoint.parameters(loaded.indices), loaded.indices, dataset, config, progress=tick)
+    train_sparse(
+        model.module, model.parameters(loaded.indices), loaded.indices, dataset, config, progress=tick
+    )
     return {"step_seconds": sum(times[1:]) / max(len(times) - 1, 1), "trainable": loaded.k}
 
 
@@ -184,8 +188,7 @@ def main() -> None:
             data,
             ScoreOptions(method="piece-s", density=0.001),  # any 0.1% mask: bytes depend on k only
             output=mask,
-            max_length=args.max_length,
-            device="cpu",
+            run=RunOptions(max_length=args.max_length, device="cpu"),
         )
         common = [
             "--model",

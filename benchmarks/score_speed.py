@@ -22,16 +22,15 @@ def _load(folder: Path, data: Path, max_length: int):
     torch.manual_seed(0)
     checkpoint = open_checkpoint(str(folder))
     dataset = checkpoint.load_data(data, max_length=max_length)
-    checkpoint.load_model(device="cpu", dtype="float32")
-    return checkpoint, dataset
+    return checkpoint, dataset, checkpoint.load_model(device="cpu", dtype="float32")
 
 
 def plain_loop(folder: Path, data: Path, max_length: int) -> dict:
     """What any training script does: forward, backward into .grad, drop the gradients."""
     from piece_surgery.loss import micro_batch_losses
 
-    checkpoint, dataset = _load(folder, data, max_length)
-    model = checkpoint.model
+    checkpoint, dataset, loaded = _load(folder, data, max_length)
+    model = loaded.module
     model.eval()
     start = time.perf_counter()
     for loss, _, _ in micro_batch_losses(model, dataset, 1, checkpoint.pad_id):
@@ -43,10 +42,11 @@ def plain_loop(folder: Path, data: Path, max_length: int) -> dict:
 def piece_score(folder: Path, data: Path, max_length: int, method: str) -> dict:
     from piece_surgery.score import ScoreOptions, score_model
 
-    checkpoint, dataset = _load(folder, data, max_length)
+    checkpoint, dataset, loaded = _load(folder, data, max_length)
     start = time.perf_counter()
+    retain = [dataset] if method == "piece-r" else []  # the retain pass costs what the data pass does
     mask, _ = score_model(
-        checkpoint.model, checkpoint.keys, dataset, ScoreOptions(method=method), pad=checkpoint.pad_id
+        loaded, dataset, ScoreOptions(method=method), retain=retain, pad_id=checkpoint.pad_id
     )
     return {"loop_seconds": time.perf_counter() - start, "k": mask.k, "eligible": mask.eligible}
 
@@ -54,7 +54,7 @@ def piece_score(folder: Path, data: Path, max_length: int, method: str) -> dict:
 def weights_only(folder: Path) -> dict:
     from piece_surgery.checkpoint import open_checkpoint
 
-    model = open_checkpoint(str(folder)).load_model(device="cpu", dtype="float32")
+    model = open_checkpoint(str(folder)).load_model(device="cpu", dtype="float32").module
     return {"params": sum(p.numel() for p in model.parameters())}
 
 

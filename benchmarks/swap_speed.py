@@ -22,6 +22,8 @@ from pathlib import Path
 
 from common import smollm2_folder, stdlib_code_lines, table, wiki_records, write_jsonl
 
+from piece_surgery.options import RunOptions
+
 
 def _delta_on_mask(folder: Path, data: Path, work: Path, label: str, dtype: str) -> Path:
     """A PIECE-S 0.1% mask scored on `data`, its entries nudged by +-1% (a trained delta's shape)."""
@@ -32,7 +34,7 @@ def _delta_on_mask(folder: Path, data: Path, work: Path, label: str, dtype: str)
     from piece_surgery.score import ScoreOptions, score_checkpoint
 
     options = ScoreOptions(method="piece-s")  # where trained entries fall; swap time depends on k
-    mask = score_checkpoint(str(folder), data, options, max_length=128, device="cpu").mask
+    mask = score_checkpoint(str(folder), data, options, run=RunOptions(max_length=128, device="cpu")).mask
     checkpoint = open_checkpoint(str(folder))
     gen = torch.Generator().manual_seed(len(label))
     entries = {}

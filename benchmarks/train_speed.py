@@ -20,6 +20,8 @@ from pathlib import Path
 
 from common import measure, reset_peak, smollm2_folder, stdlib_code_lines, table, write_jsonl
 
+from piece_surgery.options import RunOptions
+
 
 def _setup(folder: Path, data: Path, max_length: int):
     import torch
@@ -29,8 +31,8 @@ def _setup(folder: Path, data: Path, max_length: int):
     torch.manual_seed(0)
     checkpoint = open_checkpoint(str(folder))
     dataset = checkpoint.load_data(data, max_length=max_length)
-    model = checkpoint.load_model(device="cpu", dtype="float32")
-    return dataset, model, checkpoint
+    loaded = checkpoint.load_model(device="cpu", dtype="float32")
+    return dataset, loaded.module, loaded
 
 
 def _batches(dataset, batch_size: int, steps: int):
@@ -102,9 +104,9 @@ def sparse(folder, data, steps, batch_size, max_length, mask_path) -> dict:
     from piece_surgery.mask import load_mask
     from piece_surgery.trainer import TrainConfig, train_sparse
 
-    dataset, model, checkpoint = _setup(folder, data, max_length)
+    dataset, model, loaded = _setup(folder, data, max_length)
     mask = load_mask(mask_path)
-    params = checkpoint.parameters(mask.indices)
+    params = loaded.parameters(mask.indices)
     times = []
     last = [time.perf_counter()]
 
@@ -128,7 +130,7 @@ def score_mask(folder: Path, data: Path, method: str, out: Path) -> dict:
     from piece_surgery.score import ScoreOptions, score_checkpoint
 
     options = ScoreOptions(method=method, density=0.001)
-    score_checkpoint(str(folder), data, options, output=out, overwrite=True, device="cpu")
+    score_checkpoint(str(folder), data, options, output=out, overwrite=True, run=RunOptions(device="cpu"))
     return {}
 
 

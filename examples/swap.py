@@ -22,9 +22,9 @@ HERE = Path(__file__).parent / "data"
 
 def make_demo(work: Path) -> tuple[str, str, str]:
     """A tiny random model and one delta per domain, trained for a few steps."""
+    from piece_surgery.options import TrainConfig
     from piece_surgery.testing import write_tiny_model
     from piece_surgery.train import train_checkpoint
-    from piece_surgery.trainer import TrainConfig
 
     base = write_tiny_model(work / "base")
     config = TrainConfig(lr=1e-2, epochs=5, batch_size=2)
@@ -37,7 +37,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base, code, prose = sys.argv[1:4] if len(sys.argv) == 4 else make_demo(Path(tmp))
         checkpoint = open_checkpoint(base)
-        model = checkpoint.load_model(device="auto").eval()
+        model = checkpoint.load_model(device="auto").module.eval()
         texts = {
             "code": checkpoint.load_data(HERE / "code.jsonl"),
             "prose": checkpoint.load_data(HERE / "prose.txt"),

@@ -6,10 +6,10 @@ from piece_surgery.errors import PieceError  # noqa: E402
 
 # The public API: name -> the module that defines it (see docs/architecture.md).
 _HOMES = {
-    "ScoreOptions": "score",
+    "ScoreOptions": "options",
     "score_checkpoint": "score",
     "score_model": "score",
-    "TrainConfig": "trainer",
+    "TrainConfig": "options",
     "train_sparse": "trainer",
     "train_checkpoint": "train",
     "open_checkpoint": "checkpoint",
@@ -19,6 +19,9 @@ _HOMES = {
     "load_delta": "delta",
     "save_delta": "delta",
     "apply": "merge",
+    "apply_recipe": "merge",
+    "load_recipe": "recipe",
+    "RunOptions": "options",
     "apply_to_model": "merge",
     "plan_apply": "merge",
     "DeltaSwitcher": "switcher",

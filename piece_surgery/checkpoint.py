@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 
 from piece_surgery.data import Dataset, load_dataset, load_tokenizer, pad_id
 from piece_surgery.dtypes import SAFETENSORS_DTYPES, float_dtype, numel
-from piece_surgery.errors import PieceError
+from piece_surgery.errors import PieceError, first_line, no_device
 from piece_surgery.hub import Resolved, resolve
+from piece_surgery.options import check_device_name
 from piece_surgery.progress import Progress, working
 from piece_surgery.records import CheckpointIdentity
 
@@ -200,33 +201,48 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
+    check_device_name(name)
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PieceError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise PieceError("--device mps asked for, but MPS is not available; use --device cpu")
-    if name != "cpu" and not name.startswith(("cuda", "mps")):
-        raise PieceError(f"unknown device '{name}'; use auto, cpu, cuda or mps")
+        raise no_device(name)
+    if name == "mps" and not _mps_available():
+        raise no_device(name)
     return torch.device(name)
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 # ---------------------------------------------------------------- the loader
 
 
 @dataclass
+class LoadedModel:
+    """A model loaded from a checkpoint's files, and where each of its parameters is stored."""
+
+    module: torch.nn.Module
+    keys: dict[str, str]  # model parameter name -> tensor name in the checkpoint's files
+
+    def parameters(self, names: Iterable[str] | None = None) -> dict[str, torch.nn.Parameter]:
+        """The parameters by stored tensor name (all, or the named ones: KeyError for another)."""
+        named = dict(self.module.named_parameters())
+        by_key = {key: named[name] for name, key in self.keys.items()}
+        return by_key if names is None else {n: by_key[n] for n in names}
+
+
+@dataclass
 class Checkpoint:
-    """A checkpoint a command works on: where it is, its tensor layout and identity (read from the
-    headers), and, once loaded, its tokenizer and model."""
+    """A checkpoint a command works on: where it is, and its tensor layout and identity (read from
+    the headers). The tokenizer, data and model are loaded when asked for."""
 
     source: Resolved
     layout: dict[str, TensorInfo]
     identity: CheckpointIdentity
     trust_remote_code: bool = False
-    tokenizer: Any = None
-    model: torch.nn.Module | None = None
-    keys: dict[str, str] = field(default_factory=dict)  # model parameter name -> tensor name in the files
+    _tokenizer: Any = field(default=None, init=False, repr=False)  # loaded once, on first use
 
     @property
     def folder(self) -> Path:
@@ -239,19 +255,17 @@ class Checkpoint:
         """`auto`: the dtype the weights are stored in; else a float dtype by name."""
         if name == "auto":
             return storage_dtype(self.layout)
-        dtype = float_dtype(name)
-        if dtype is None or dtype == torch.float64:
-            raise PieceError(f"unknown dtype '{name}'; use auto, float32, bfloat16 or float16")
-        return dtype
+        return model_dtype(name)
 
     def load_tokenizer(self):
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.folder, trust_remote_code=self.trust_remote_code)
-        return self.tokenizer
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.folder, trust_remote_code=self.trust_remote_code)
+        return self._tokenizer
 
     @property
     def pad_id(self) -> int:
-        return pad_id(self.tokenizer) if self.tokenizer is not None else 0
+        """The token id batches are padded with (the tokenizer's pad token, else EOS, else 0)."""
+        return pad_id(self.load_tokenizer())
 
     def load_data(
         self, path: Path, *, max_length: int = 512, max_samples: int | None = None, quiet: bool = True
@@ -262,26 +276,34 @@ class Checkpoint:
                 path, tokenizer, max_length=max_length, max_samples=max_samples, progress=bar.advance
             )
 
-    def load_model(self, *, device: str = "auto", dtype: str = "auto", quiet: bool = True) -> torch.nn.Module:
-        """Load the causal LM (safetensors only, never pickle) and map its parameters to tensor names."""
+    def load_model(
+        self,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        quiet: bool = True,
+        attn_implementation: str | None = None,
+    ) -> LoadedModel:
+        """Load the causal LM (safetensors only, never pickle) and map its parameters to the tensor
+        names of the files."""
         with working(f"loading {self.identity.name}", quiet=quiet):
-            self.model = load_causal_lm(
+            module = load_causal_lm(
                 self.folder,
                 dtype=self.dtype(dtype),
                 device=pick_device(device),
                 trust_remote_code=self.trust_remote_code,
                 layout=self.layout,
+                attn_implementation=attn_implementation,
             )
-        self.keys = parameter_keys(self.model, self.layout)
-        return self.model
+        return LoadedModel(module, parameter_keys(module, self.layout))
 
-    def parameters(self, names: Iterable[str] | None = None) -> dict[str, torch.nn.Parameter]:
-        """The loaded model's parameters by checkpoint tensor name (all, or the named ones)."""
-        if self.model is None:
-            raise RuntimeError("load_model() first")
-        named = dict(self.model.named_parameters())
-        by_key = {key: named[name] for name, key in self.keys.items()}
-        return by_key if names is None else {n: by_key[n] for n in names}
+
+def model_dtype(name: str) -> torch.dtype:
+    """A dtype a model may be loaded in, by name (float32, bfloat16, float16 and their short names)."""
+    dtype = float_dtype(name)
+    if dtype is None or dtype == torch.float64:
+        raise PieceError(f"unknown dtype '{name}'; use auto, float32, bfloat16 or float16")
+    return dtype
 
 
 def open_checkpoint(ref: str, *, what: str = "model", trust_remote_code: bool = False) -> Checkpoint:
@@ -304,6 +326,7 @@ def load_causal_lm(
     device: torch.device,
     trust_remote_code: bool = False,
     layout: dict[str, TensorInfo] | None = None,
+    attn_implementation: str | None = None,
 ) -> torch.nn.Module:
     """Load a causal LM from safetensors only (never pickle), quietly, on `device`.
 
@@ -327,12 +350,12 @@ def load_causal_lm(
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             output_loading_info=True,
+            **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
     except PieceError:
         raise
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PieceError(f"cannot load a causal LM from '{folder}': {first}") from exc
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        raise PieceError(f"cannot load a causal LM from '{folder}': {first_line(exc)}") from exc
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     _check_loading_info(folder, info)

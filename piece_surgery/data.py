@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from piece_surgery.errors import PieceError
+from piece_surgery.errors import PieceError, first_line
 from piece_surgery.records import DataRecord, file_sha256
 
 IGNORE = -100
@@ -164,8 +164,7 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
     except Exception as exc:  # a template is user code: jinja errors, raise_exception(), ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PieceError(f"the tokenizer's chat template failed on this chat: {first}") from exc
+        raise PieceError(f"the tokenizer's chat template failed on this chat: {first_line(exc)}") from exc
 
 
 def load_dataset(

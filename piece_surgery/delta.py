@@ -20,10 +20,11 @@ from piece_surgery.checkpoint import Checkpoint, TensorInfo, open_checkpoint, sa
 from piece_surgery.codec import ENCODINGS, decode_indices, encode_indices, values_digest
 from piece_surgery.dtypes import as_bits, bits_dtype, dtype_name, float_dtype, index_dtype, numel, same_bits
 from piece_surgery.errors import PieceError
-from piece_surgery.mask import check_density, is_shape, select_top_k, validate_indices
+from piece_surgery.mask import is_shape, select_top_k, validate_indices
+from piece_surgery.options import check_density
 from piece_surgery.outputs import atomic_path, check_output
 from piece_surgery.progress import Progress
-from piece_surgery.records import CheckpointIdentity, DataRecord, file_sha256
+from piece_surgery.records import CheckpointIdentity, DataRecord, JsonRecord, file_sha256
 
 FORMAT = "piece-surgery/delta"
 FORMAT_VERSION = 1
@@ -34,8 +35,8 @@ CARD = "README.md"
 
 
 @dataclass
-class DiffProvenance:
-    """A delta made by `diff` of two checkpoints."""
+class DiffProvenance(JsonRecord):
+    """A delta made by `diff` of two checkpoints (or `import` of an adapter)."""
 
     tuned: str  # how the tuned checkpoint was named
     density: float | None = None
@@ -43,24 +44,15 @@ class DiffProvenance:
     changed_fraction: dict[str, float] = field(default_factory=dict)  # per tensor, of its entries
     made_by: str = "diff"
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "made_by": self.made_by,
-            "tuned": self.tuned,
-            "density": self.density,
-            "top_k": self.top_k,
-            "changed_fraction": self.changed_fraction,
-        }
-
 
 @dataclass
-class TrainProvenance:
+class TrainProvenance(JsonRecord):
     """A delta made by `train`: the mask it trained, the hyperparameters, the data, the losses."""
 
     method: str | None
     density: float | None
     mask: dict[str, Any]  # method, density, data, seed and k of the mask
-    hyperparameters: dict[str, Any]
+    hyperparameters: dict[str, Any]  # TrainConfig.to_json() and max_length
     data: DataRecord | None
     eval_data: DataRecord | None
     steps: int
@@ -70,51 +62,16 @@ class TrainProvenance:
     stopped_by_drift_budget: bool = False
     made_by: str = "train"
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "made_by": self.made_by,
-            "method": self.method,
-            "density": self.density,
-            "mask": self.mask,
-            "hyperparameters": self.hyperparameters,
-            "data": self.data.to_json() if self.data else None,
-            "eval_data": self.eval_data.to_json() if self.eval_data else None,
-            "steps": self.steps,
-            "final_train_loss": self.final_train_loss,
-            "final_eval_loss": self.final_eval_loss,
-            "predicted_drift": self.predicted_drift,
-            "stopped_by_drift_budget": self.stopped_by_drift_budget,
-        }
-
 
 Provenance = DiffProvenance | TrainProvenance
+_PROVENANCES = {"diff": DiffProvenance, "train": TrainProvenance}
 
 
 def provenance_from_json(data: Any) -> Provenance | None:
-    if not isinstance(data, dict):
+    """The provenance record delta.json holds (None for one this version does not know)."""
+    if not isinstance(data, dict) or data.get("made_by") not in _PROVENANCES:
         return None
-    if data.get("made_by") == "diff":
-        return DiffProvenance(
-            tuned=str(data.get("tuned")),
-            density=data.get("density"),
-            top_k=data.get("top_k"),
-            changed_fraction=dict(data.get("changed_fraction") or {}),
-        )
-    if data.get("made_by") == "train":
-        return TrainProvenance(
-            method=data.get("method"),
-            density=data.get("density"),
-            mask=dict(data.get("mask") or {}),
-            hyperparameters=dict(data.get("hyperparameters") or {}),
-            data=DataRecord.from_json(data.get("data")),
-            eval_data=DataRecord.from_json(data.get("eval_data")),
-            steps=int(data.get("steps") or 0),
-            final_train_loss=data.get("final_train_loss"),
-            final_eval_loss=data.get("final_eval_loss"),
-            predicted_drift=data.get("predicted_drift"),
-            stopped_by_drift_budget=bool(data.get("stopped_by_drift_budget", False)),
-        )
-    return None
+    return _PROVENANCES[data["made_by"]].from_json(data)
 
 
 @dataclass
@@ -161,6 +118,33 @@ class TensorDelta:
         if self.base is not None:
             return bool(same_bits(values.to(self.dtype), self.base).all())
         return values_digest(as_bits(values.detach().cpu().to(self.dtype)).numpy()) == self.base_sha256
+
+    def matched(self, *candidates: torch.Tensor) -> TensorDelta | None:
+        """This delta with its base values known: itself if it holds them, else (a compact delta)
+        built on the first candidate whose values its digest matches; None if none does."""
+        if self.base is not None:
+            return self
+        for values in candidates:
+            if self.matches(values):
+                return self.with_base(values)
+        return None
+
+    def applied_to(self, current: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(new values, on_base): the values the entries take when this delta is applied at `scale`
+        onto weights whose values there are `current` (1-D, the weight's dtype, on the CPU), and
+        which of them are the recorded base, bit for bit.
+
+        The exactness rule, the one place it is written: where the scale is 1, the dtypes agree and
+        the current value is the recorded base, the tuned value itself is written, so a delta on its
+        own base gives the tuned weights bit for bit (base + (tuned - base) in floating point is not
+        always tuned, e.g. for a weight that crosses zero); elsewhere current + scale x (tuned -
+        base), computed in float64 and rounded once to the weight's dtype. Needs the base values
+        (a compact delta: `matched` first)."""
+        on_base = same_bits(current, self.base.to(current.dtype))
+        new = (current.double() + scale * self.change()).to(current.dtype)
+        if scale == 1.0 and self.dtype == current.dtype:
+            new = torch.where(on_base, self.tuned, new)
+        return new, on_base
 
     def with_base(self, values: torch.Tensor) -> TensorDelta:
         """This delta with its base values known (a compact delta, matched against a base)."""
@@ -249,10 +233,11 @@ def delta_json(
     }
 
 
-def save_delta(delta: Delta, folder: Path, *, compact: bool = False, card: str | None = None) -> Path:
+def save_delta(delta: Delta, folder: Path, *, compact: bool = False, card: str | None = None) -> int:
     """Write the delta folder atomically (a temporary folder renamed at the end), replacing any
     folder already there; `card` is the README.md (default: a generated model card). `compact`
-    writes format 2: index gaps and tuned values, with a digest of the base values."""
+    writes format 2: index gaps and tuned values, with a digest of the base values. Returns the
+    bytes of tensor data written (what delta.json records as `tensor_bytes`)."""
     from piece_surgery.card import delta_card
 
     folder = Path(folder)
@@ -280,7 +265,7 @@ def save_delta(delta: Delta, folder: Path, *, compact: bool = False, card: str |
         )
         (tmp / DESCRIPTION).write_text(json.dumps(description, indent=2, default=str) + "\n")
         (tmp / CARD).write_text(card if card is not None else delta_card(delta, tensor_bytes=tensor_bytes))
-    return folder
+    return tensor_bytes
 
 
 def load_delta(folder: Path, *, name: str | None = None) -> Delta:
@@ -499,6 +484,29 @@ def _check_same_architecture(base: dict[str, TensorInfo], tuned: dict[str, Tenso
             )
 
 
+@dataclass
+class Diffed:
+    """What `diff` wrote: the delta and the bytes of tensor data its folder holds."""
+
+    delta: Delta
+    tensor_bytes: int
+
+    def to_json(self, *, base: str, tuned: str, output: Path, seconds: float) -> dict:
+        """What `diff --json` prints (schema in docs/cli.md)."""
+        delta = self.delta
+        return {
+            "output": str(output),
+            "base": base,
+            "tuned": tuned,
+            "entries": delta.count,
+            "tensors": len(delta.tensors),
+            "tensor_bytes": self.tensor_bytes,
+            "bytes_per_entry": self.tensor_bytes / max(delta.count, 1),
+            "changed_fraction": delta.info.provenance.changed_fraction,
+            "seconds": round(seconds, 3),
+        }
+
+
 def write_diff(
     base_ref: str,
     tuned_ref: str,
@@ -510,12 +518,11 @@ def write_diff(
     overwrite: bool = False,
     quiet: bool = True,
     compact: bool = False,
-) -> Delta:
+) -> Diffed:
     """The `diff` recipe: check the output, diff the two checkpoints, write the delta folder
     (format 2 with `compact`)."""
     check_output(Path(output), overwrite=overwrite, inputs=(Path(base_ref), Path(tuned_ref)))
     delta = diff(base_ref, tuned_ref, density=density, top_k=top_k, base_model=base_model, quiet=quiet)
     if delta.count == 0:
         raise PieceError("the two checkpoints are identical: there is no delta to write")
-    save_delta(delta, Path(output), compact=compact)
-    return delta
+    return Diffed(delta, save_delta(delta, Path(output), compact=compact))

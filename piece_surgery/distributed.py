@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from piece_surgery.errors import PieceError
+from piece_surgery.errors import PieceError, no_device
 
 # A collective that waits longer than this fails instead of hanging (PIECE_DIST_TIMEOUT, seconds).
 DEFAULT_TIMEOUT_S = 600
@@ -96,7 +96,7 @@ def start(device: str = "auto") -> World | None:
         raise PieceError(f"WORLD_SIZE is set but RANK is not a number ({exc}); launch with torchrun") from exc
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise PieceError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+        raise no_device(device)
     if use_cuda:
         target = torch.device("cuda", local_rank)
         torch.cuda.set_device(target)

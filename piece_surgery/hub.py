@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from piece_surgery.errors import PieceError
+from piece_surgery.errors import PieceError, first_line
 
 # What a command needs from a repo: weights, configs, tokenizer files, cards. Never pickles.
 CHECKPOINT_FILES = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.md"]
@@ -151,8 +151,7 @@ class hub_errors:  # noqa: N801 - used as a context manager, reads like a statem
                 "(offline, or HF_HUB_OFFLINE=1); connect, or download it first"
             )
         elif isinstance(exc, hf.HfHubHTTPError):
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            msg = f"{s}: Hub request failed: {first}"
+            msg = f"{s}: Hub request failed: {first_line(exc)}"
         elif isinstance(exc, OSError | ConnectionError) or "Connect" in type(exc).__name__:
             msg = f"{s}: cannot reach the Hub ({type(exc).__name__}); check the network or HF_ENDPOINT"
         else:

@@ -1,19 +1,8 @@
-"""PIECE importance: per-entry scores of a model's weights on a domain's data.
+"""PIECE importance: the gradient pass that accumulates sum_b g_b and sum_b g_b^2 per eligible entry,
+and the arithmetic of the estimators (which method uses which: the table in methods.py).
 
-For every micro-batch b, g_b is the gradient of that micro-batch's mean token loss.
-  piece-f   = sum_b g_b^2                        (empirical diagonal Fisher)
-  piece-s   = |sum_b g_b| / sqrt(sum_b g_b^2 + 1)  (second-order normalisation)
-  gradient  = |sum_b g_b|
-  magnitude = |theta|                            (no data pass)
-  random    = seeded uniform                      (no data pass)
-Variants of our own (not in the paper):
-  piece-s-rel = |sum_b g_b| / sqrt(sum_b g_b^2 + mean(sum_b g_b^2)): PIECE-S with its "+1" replaced
-                by the mean over all eligible entries, so the damping follows the gradients' scale
-                (on small models sum g^2 is ~1e-5, and "+1" turns PIECE-S into plain |sum g|).
-  piece-r     = (sum_b g_b)^2 / (F_retain + delta): retain-aware. F_retain = sum_r g_r^2 over the
-                micro-batches r of text the model must keep (--retain), delta the --retain-damping
-                quantile of F_retain. To second order a change d costs drift 1/2 sum_i F_i d_i^2 and
-                gains sum_i g_i d_i, so an entry's gain per unit of drift ranks by g_i^2 / F_i.
+For every micro-batch b, g_b is the gradient of that micro-batch's mean token loss (PIECE's
+definition: the micro-batch size, --batch-size, defines g_b).
 """
 
 from __future__ import annotations
@@ -30,12 +19,8 @@ from piece_surgery.data import Dataset
 from piece_surgery.distributed import World
 from piece_surgery.errors import PieceError
 from piece_surgery.loss import micro_batch_losses
+from piece_surgery.options import DEFAULT_EXCLUDE, check_labels, check_normalization
 from piece_surgery.sharding import is_sharded, local_part
-
-METHODS = ("piece-s", "piece-f", "gradient", "magnitude", "random", "piece-s-rel", "piece-r")
-LABELS = ("empirical", "sampled")
-NORMALIZATIONS = ("none", "tensor")
-DEFAULT_EXCLUDE = ("embed",)
 
 
 @dataclass
@@ -103,17 +88,26 @@ def accumulate_gradients(
     world: World | None = None,
     reduce: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], PassStats]:
-    """One pass over the data; returns (sum g_b, sum g_b^2) per eligible tensor, in fp32.
+    """One pass over `dataset` in micro-batches of `batch_size` examples; returns (sums, squares,
+    stats): per eligible tensor (keys of `params`), sum_b g_b and sum_b g_b^2, fp32 tensors of the
+    parameter's shape (of this rank's shard under FSDP) on `accumulator_device` (default: the
+    model's device), and what the pass saw. A kind not kept (`keep_sum`, `keep_squares`) is {}.
 
-    Each weight's gradient is folded into the accumulators by a hook the moment backward produces
-    it, then dropped: the peak is weights + activations + accumulators, never a dense gradient copy.
-    `labels="sampled"` takes the loss on labels drawn (seeded) from the model's own distribution.
-    `squares_into` accumulates sum g_b^2 into existing buffers (several retain sets, one buffer).
-    With a `world`, each rank passes over its share of the micro-batches, and the sums are added
-    up over the ranks at the end (unless `reduce=False`: the caller reduces once, later). With
-    weights sharded by FSDP (--fsdp), every rank passes over every micro-batch instead and keeps
-    the sums of its own shard: rank 0's loss alone is back-propagated, so FSDP's summing
+    g_b is the gradient of micro-batch b's mean token loss (loss-bearing tokens only, padding
+    excluded; `pad_id` pads). Each weight's gradient is folded into the accumulators by a hook the
+    moment backward produces it, then dropped: the peak is weights + activations + accumulators
+    (4 bytes per eligible entry and kind kept), never a dense gradient copy. Only `params` get
+    gradients; the model runs in eval mode (no dropout) and its flags are restored after.
+    `labels="sampled"` takes the loss on labels drawn (seeded by `seed`) from the model's own
+    distribution. `squares_into` accumulates sum g_b^2 into existing buffers (several retain sets,
+    one buffer). With a `world`, each rank passes over its share of the micro-batches, and the sums
+    are added up over the ranks at the end (unless `reduce=False`: the caller reduces once, later).
+    With weights sharded by FSDP (--fsdp), every rank passes over every micro-batch instead and
+    keeps the sums of its own shard: rank 0's loss alone is back-propagated, so FSDP's summing
     reduce-scatter hands each rank exactly its shard of g_b.
+
+    Raises PieceError for a non-finite loss or accumulator (bad data, or an overflow in a
+    16-bit dtype: try float32).
     """
     device = next(model.parameters()).device
     acc_device = accumulator_device or device
@@ -230,51 +224,60 @@ def _deterministic_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def scores_from_sums(
-    method: str, sums: dict[str, torch.Tensor], squares: dict[str, torch.Tensor], *, total=float
+def piece_s_scores(
+    sums: dict[str, torch.Tensor], squares: dict[str, torch.Tensor], *, damping: float
 ) -> dict[str, torch.Tensor]:
-    """Turn the accumulators into scores, reusing their memory (the inputs are consumed).
-    `total` adds a number up over the ranks when the accumulators are shards (FSDP)."""
+    """PIECE-S, |sum_b g_b| / sqrt(sum_b g_b^2 + damping) (the paper's damping is 1), computed in
+    the accumulators' memory: both inputs are consumed."""
     scores = {}
-    damping = 1.0
-    if method == "piece-s-rel":
-        summed = total(sum(float(g2.sum(dtype=torch.float64)) for g2 in squares.values()))
-        damping = summed / max(total(sum(g2.numel() for g2 in squares.values())), 1)
-    for key in list(sums or squares):
-        if method == "piece-f":
-            scores[key] = squares.pop(key)
-        elif method == "gradient":
-            scores[key] = sums.pop(key).abs_()
-        elif method in ("piece-s", "piece-s-rel"):
-            g2 = squares.pop(key)
-            scores[key] = sums.pop(key).abs_().div_(g2.add_(damping).sqrt_())
-        else:
-            raise PieceError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    for key in list(sums):
+        g2 = squares.pop(key)
+        scores[key] = sums.pop(key).abs_().div_(g2.add_(damping).sqrt_())
     return scores
 
 
+def mean_of(tensors: dict[str, torch.Tensor], sum_over_ranks: Callable[[float], float] = float) -> float:
+    """The mean of every entry of every tensor (of the whole tensors, for FSDP shards)."""
+    total = sum_over_ranks(sum(float(t.sum(dtype=torch.float64)) for t in tensors.values()))
+    return total / max(sum_over_ranks(sum(t.numel() for t in tensors.values())), 1)
+
+
 def piece_r_scores(
-    sums: dict[str, torch.Tensor], retain: dict[str, torch.Tensor], damping: float, *, total=float
+    sums: dict[str, torch.Tensor],
+    retain_fisher: dict[str, torch.Tensor],
+    damping: float,
+    *,
+    sum_over_ranks: Callable[[float], float] = float,
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """(sum g)^2 / (F_retain + delta), delta the `damping` quantile of F_retain (at least the
-    smallest positive float, so an entry no retain text moves cannot divide by zero). The sums
-    become the scores in place; F_retain is kept (its values at the chosen entries go into the
-    mask). Returns the scores and delta."""
-    delta = max(quantile(retain, damping, total=total), torch.finfo(torch.float32).tiny)
-    return {key: sums.pop(key).square_().div_(retain[key] + delta) for key in list(sums)}, delta
+    """piece-r, (sum_b g_b)^2 / (F_retain + delta), with delta the `damping` quantile of F_retain (at
+    least the smallest positive float, so an entry no retain text moves cannot divide by zero).
+
+    `sums` (fp32, per eligible tensor) become the scores in place; `retain_fisher` is kept (its
+    values at the chosen entries go into the mask). Returns the scores and delta.
+    Source: to second order a change d gains sum_i g_i d_i on the domain and costs drift
+    1/2 sum_i F_i d_i^2 (the KL from the model on the retain text), so the entries with the most
+    gain per unit of drift have the largest g_i^2 / F_i.
+    """
+    delta = max(
+        quantile(retain_fisher, damping, sum_over_ranks=sum_over_ranks), torch.finfo(torch.float32).tiny
+    )
+    return {key: sums.pop(key).square_().div_(retain_fisher[key] + delta) for key in list(sums)}, delta
 
 
-def quantile(tensors: dict[str, torch.Tensor], q: float, *, total=float) -> float:
+def quantile(
+    tensors: dict[str, torch.Tensor], q: float, *, sum_over_ranks: Callable[[float], float] = float
+) -> float:
     """The q-quantile of the non-negative values of all tensors together, exactly: the value at
     ascending rank floor(q x (n - 1)), found by bisection over float bit patterns (31 counting
-    passes, no sorted copy of all values). `total` sums counts over the ranks (FSDP shards)."""
-    n = int(total(sum(int(t.numel()) for t in tensors.values())))
+    passes, no sorted copy of all values). `sum_over_ranks` adds counts up over the ranks (FSDP
+    shards)."""
+    n = int(sum_over_ranks(sum(int(t.numel()) for t in tensors.values())))
     rank = math.floor(q * (n - 1))
     # sums of squares are >= +0.0, so their bit patterns as int32 sort like the values: a view, no copy
     keys = [t.detach().reshape(-1).float().view(torch.int32) for t in tensors.values()]
 
     def count_at_most(bits: int) -> int:
-        return int(total(sum(int((k <= bits).sum()) for k in keys)))
+        return int(sum_over_ranks(sum(int((k <= bits).sum()) for k in keys)))
 
     lo, hi = 0, 0x7F800000  # smallest t with count(<= t) > rank
     while lo < hi:
@@ -286,49 +289,44 @@ def quantile(tensors: dict[str, torch.Tensor], q: float, *, total=float) -> floa
     return float(torch.tensor(lo, dtype=torch.int32).view(torch.float32))
 
 
-def check_labels(labels: str) -> None:
-    if labels not in LABELS:
-        raise PieceError(f"unknown --retain-labels '{labels}'; use empirical or sampled")
-
-
-def data_free_scores(
-    method: str, params: dict[str, torch.nn.Parameter], seed: int, world: World | None = None
+def magnitude_scores(
+    params: dict[str, torch.nn.Parameter], world: World | None = None
 ) -> dict[str, torch.Tensor]:
-    """magnitude = |theta|; random = uniform[0, 1) from a CPU generator seeded once, in name order.
-    For FSDP shards, each rank's own part of what one process would draw."""
-    parts = {k: local_part(p, world) for k, p in params.items()}
-    if method == "magnitude":
-        return {k: part.values.float().abs() for k, part in parts.items()}
+    """|theta| per entry, fp32 (for FSDP shards, this rank's part)."""
+    return {k: local_part(p, world).values.float().abs() for k, p in params.items()}
+
+
+def random_scores(
+    params: dict[str, torch.nn.Parameter], seed: int, world: World | None = None
+) -> dict[str, torch.Tensor]:
+    """Uniform [0, 1) per entry from a CPU generator seeded once, drawn in tensor-name order (for
+    FSDP shards, each rank's own part of what one process would draw)."""
     generator = torch.Generator().manual_seed(seed)
     scores = {}
     for k in sorted(params):
         drawn = torch.rand(params[k].shape, generator=generator).view(-1)
-        scores[k] = drawn[parts[k].start : parts[k].stop].clone() if is_sharded(params[k]) else drawn
+        if is_sharded(params[k]):
+            part = local_part(params[k], world)
+            drawn = drawn[part.start : part.stop].clone()
+        scores[k] = drawn
     return scores
 
 
-def check_normalization(how: str) -> None:
-    if how not in NORMALIZATIONS:
-        raise PieceError(f"unknown --normalize '{how}'; use none or tensor")
-
-
 def normalize_scores(
-    scores: dict[str, torch.Tensor], how: str, *, total=float, sizes: dict[str, int] | None = None
+    scores: dict[str, torch.Tensor],
+    how: str,
+    *,
+    sum_over_ranks: Callable[[float], float] = float,
+    sizes: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """`tensor`: divide each tensor's scores by their mean, so tensors compete on relative
     importance rather than on the scale of their gradients (in place); `none`: as they are.
-    For shards, `total` sums over the ranks and `sizes` are the whole tensors' sizes."""
+    For shards, `sum_over_ranks` adds up over the ranks and `sizes` are the whole tensors' sizes."""
     check_normalization(how)
     if how == "tensor":
         for name, s in scores.items():
             size = sizes[name] if sizes else s.numel()
-            mean = total(float(s.sum(dtype=torch.float64))) / max(size, 1)
+            mean = sum_over_ranks(float(s.sum(dtype=torch.float64))) / max(size, 1)
             if mean > 0:
                 s.div_(mean)
     return scores
-
-
-def needs_data(method: str) -> bool:
-    if method not in METHODS:
-        raise PieceError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
-    return method in ("piece-s", "piece-f", "gradient", "piece-s-rel", "piece-r")

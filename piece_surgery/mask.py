@@ -19,8 +19,9 @@ from piece_surgery.checkpoint import Checkpoint, save_shard
 from piece_surgery.distributed import World
 from piece_surgery.dtypes import index_dtype, numel
 from piece_surgery.errors import PieceError
+from piece_surgery.options import check_density
 from piece_surgery.outputs import atomic_path
-from piece_surgery.records import AvoidRecord, CheckpointIdentity, DataRecord, RetainRecord
+from piece_surgery.records import AvoidRecord, CheckpointIdentity, DataRecord, JsonRecord, RetainRecord
 
 FORMAT = "piece-surgery/mask"
 FORMAT_VERSION = 1
@@ -28,14 +29,15 @@ FISHER = "::fisher"  # optional per-tensor extra: keys with "::" are extras, not
 
 
 @dataclass
-class MaskInfo:
+class MaskInfo(JsonRecord):
     """How a mask was made: the file's header metadata besides the indices and shapes."""
 
     method: str
     density: float
     seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)  # the scoring options as given
-    data_pass: dict[str, Any] = field(default_factory=dict)  # batches, tokens and mean loss seen
+    options: dict[str, Any] = field(default_factory=dict)  # the scoring and run options
+    # batches, tokens and mean loss seen (header key `pass`)
+    data_pass: dict[str, Any] = field(default_factory=dict, metadata={"json": "pass"})
     model: CheckpointIdentity | None = None  # the checkpoint it was scored on
     data: DataRecord | None = None  # the data it was scored with (None: a data-free method)
     dtype: str | None = None  # the dtype the model was scored in
@@ -43,45 +45,11 @@ class MaskInfo:
     avoid: list[AvoidRecord] = field(default_factory=list)  # earlier tasks' entries left out
     tool_version: str = __version__
 
-    def to_metadata(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "density": self.density,
-            "seed": self.seed,
-            "options": self.options,
-            "pass": self.data_pass,
-            "model": self.model.to_json() if self.model else None,
-            "data": self.data.to_json() if self.data else None,
-            "dtype": self.dtype,
-            "retain": self.retain.to_json() if self.retain else None,
-            "avoid": [a.to_json() for a in self.avoid],
-            "tool_version": self.tool_version,
-        }
-
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> MaskInfo:
-        """ValueError for values of the wrong type."""
-        for key, kind in (("method", str), ("density", (int, float)), ("seed", int)):
-            if key in meta and not isinstance(meta[key], kind):
-                raise ValueError(f"'{key}' has the wrong type")
-        for key in ("options", "pass"):
-            if meta.get(key) is not None and not isinstance(meta[key], dict):
-                raise ValueError(f"'{key}' must be an object")
-        if not isinstance(meta.get("avoid") or [], list):
-            raise ValueError("'avoid' must be a list")
-        return cls(
-            method=str(meta.get("method")),
-            density=meta.get("density"),
-            seed=meta.get("seed", 0),
-            options=meta.get("options") or {},
-            data_pass=meta.get("pass") or {},
-            model=CheckpointIdentity.from_json(meta.get("model")),
-            data=DataRecord.from_json(meta.get("data")),
-            dtype=meta.get("dtype"),
-            retain=RetainRecord.from_json(meta.get("retain")),
-            avoid=[AvoidRecord.from_json(a) for a in meta.get("avoid") or []],
-            tool_version=meta.get("tool_version", "unknown"),
-        )
+        """From the header's decoded values; ValueError for values of the wrong type."""
+        meta = {k: v for k, v in meta.items() if v is not None or k in ("model", "data", "retain", "dtype")}
+        return cls.from_json(meta)
 
 
 @dataclass
@@ -110,11 +78,6 @@ class Mask:
         return digest.hexdigest()
 
 
-def check_density(density: float) -> None:
-    if not (0.0 < density <= 1.0):
-        raise PieceError(f"density {density} is outside (0, 1]; the paper uses 0.001")
-
-
 def k_for_density(density: float, eligible: int) -> int:
     check_density(density)
     k = int(density * eligible)
@@ -127,12 +90,16 @@ def select_top_k(
     scores: dict[str, torch.Tensor],
     k: int,
     *,
-    exclude: dict[str, torch.Tensor] | None = None,
+    avoid: dict[str, torch.Tensor] | None = None,
     world: World | None = None,
     offsets: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The k largest entries over all tensors together; ties broken by tensor name, then index.
-    Entries in `exclude` (tensor name -> flat indices) are never chosen.
+
+    `scores` maps tensor names to non-negative fp32 (or castable) scores of any shape, on any
+    device; entries in `avoid` (tensor name -> flat indices) are never chosen. Returns tensor name
+    -> sorted unique int64 flat indices on the CPU, for the tensors with a chosen entry. Raises
+    PieceError if fewer than k entries can be chosen, ValueError for a negative or NaN score.
 
     Scores are non-negative floats, whose IEEE bit patterns sort like the values, so the k-th
     largest value is found by bisection over those integers: 31 counting passes, no concatenated
@@ -142,7 +109,7 @@ def select_top_k(
     """
     names = sorted(scores)
     total_of = world.sum if offsets is not None else float
-    local = {n: _local_indices(exclude, n, offsets, scores[n].numel()) for n in names}
+    local = {n: _local_indices(avoid, n, offsets, scores[n].numel()) for n in names}
     local = {n: e for n, e in local.items() if e is not None}
     size = sum(int(scores[n].numel()) for n in names) - sum(int(e.numel()) for e in local.values())
     total = int(total_of(size))
@@ -183,11 +150,11 @@ def select_top_k(
     return _gathered(chosen, world) if offsets is not None else chosen
 
 
-def _local_indices(exclude, name: str, offsets, size: int) -> torch.Tensor | None:
-    """The excluded flat indices of `name` that lie in this rank's part, made local."""
-    if not exclude or name not in exclude:
+def _local_indices(avoid, name: str, offsets, size: int) -> torch.Tensor | None:
+    """The avoided flat indices of `name` that lie in this rank's part, made local."""
+    if not avoid or name not in avoid:
         return None
-    idx = torch.unique(exclude[name].to(torch.int64))
+    idx = torch.unique(avoid[name].to(torch.int64))
     if offsets is None:
         return idx
     idx = idx - offsets[name]
@@ -213,10 +180,10 @@ def _score_bits(name: str, score: torch.Tensor) -> torch.Tensor:
     return bits
 
 
-def _without(indices: torch.Tensor, excluded: torch.Tensor | None) -> torch.Tensor:
-    if excluded is None or indices.numel() == 0:
+def _without(indices: torch.Tensor, avoided: torch.Tensor | None) -> torch.Tensor:
+    if avoided is None or indices.numel() == 0:
         return indices
-    return indices[~torch.isin(indices, excluded.to(indices.device))]
+    return indices[~torch.isin(indices, avoided.to(indices.device))]
 
 
 def save_mask(mask: Mask, path: Path) -> None:
@@ -231,7 +198,7 @@ def save_mask(mask: Mask, path: Path) -> None:
         "eligible": json.dumps(mask.eligible),
         "shapes": json.dumps({n: list(s) for n, s in sorted(mask.shapes.items())}),
     }
-    for key, value in mask.info.to_metadata().items():
+    for key, value in mask.info.to_json().items():
         meta[key] = json.dumps(value, sort_keys=True)
     with atomic_path(Path(path), is_dir=False) as tmp:
         save_shard(tensors, tmp, meta)

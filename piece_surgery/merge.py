@@ -7,8 +7,9 @@ then merge every touched tensor through the same `combine`, so both report the s
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import shutil
+import time
 import warnings
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -33,7 +34,7 @@ from piece_surgery.dtypes import same_bits
 from piece_surgery.errors import PieceError
 from piece_surgery.filepatch import copy_with_patches
 from piece_surgery.outputs import atomic_path, check_output
-from piece_surgery.recipe import RECIPE_FILE, Recipe, card_section
+from piece_surgery.recipe import RECIPE_FILE, Recipe, card_section, parse_size, scales_for
 
 CONFLICT_POLICIES = ("sum", "mean", "ties", "error")
 
@@ -49,11 +50,20 @@ class ScaledDelta:
 
 @dataclass
 class TensorPart:
-    """One delta's entries of one tensor, at its scale."""
+    """One delta's entries of one tensor, at its scale; how messages name it, what it is applied
+    to, and how a user applies it anyway (empty: there is no way)."""
 
     entries: TensorDelta
     scale: float
     label: str
+    target: str = "this base"
+    force_hint: str = "pass --force to apply it anyway (task arithmetic)"
+    refused_as: str | None = None  # the start of a refusal, if not "<label> was not made from <target>"
+
+    def refusal(self, what: str) -> PieceError:
+        hint = f"; {self.force_hint}" if self.force_hint else ""
+        start = self.refused_as or f"{self.label} was not made from {self.target}"
+        return PieceError(f"{start}: {what}{hint}")
 
 
 @dataclass
@@ -88,9 +98,14 @@ def combine(
     is written as is, so apply reproduces a tuned checkpoint bit for bit. An entry several deltas
     made side by side change (a conflict) gets base + the sum of their changes ("sum"), their mean
     ("mean"), or the sum of those that agree with the sign of the sum ("ties", as TIES-merging
-    elects a sign per entry).
+    elects a sign per entry; Yadav et al. 2023).
+
+    `base_flat` is the tensor's base values, 1-D in its dtype, on the CPU. Returns (union of the
+    parts' flat indices, sorted int64; the values there in the base's dtype; the overlap counts).
+    Raises PieceError for an entry on neither the stack nor the base, a dtype that differs from
+    the base's (both unless `force`), or a conflict under `on_conflict="error"`.
     """
-    if len(parts) == 1 and parts[0].entries.dtype == base_flat.dtype:
+    if len(parts) == 1:
         return _combine_one(name, base_flat, parts[0], force=force)
     union = torch.unique(torch.cat([p.entries.indices for p in parts]))
     base_u = base_flat[union]
@@ -104,14 +119,9 @@ def combine(
     for part in parts:
         pos = torch.searchsorted(union, part.entries.indices)
         delta = _matched(name, part, current[pos], base_u[pos])
-        if delta.dtype != base_flat.dtype and not force:
-            raise PieceError(
-                f"{part.label}: tensor '{name}' is {delta.dtype} in the delta but {base_flat.dtype} in the "
-                "base; pass --force to apply it anyway"
-            )
-        recorded = delta.base.to(base_flat.dtype)
-        on_current = same_bits(current[pos], recorded)
-        on_base = same_bits(base_u[pos], recorded)
+        _check_dtype(name, part, base_flat.dtype, force)
+        new, on_current = delta.applied_to(current[pos], part.scale)
+        on_base = same_bits(base_u[pos], delta.base.to(base_flat.dtype))
         conflict = ~on_current & on_base
         mismatch = ~on_current & ~on_base
         overlap.chained += int(((touched[pos] > 0) & on_current).sum())
@@ -123,9 +133,6 @@ def combine(
         conflicted[pos] |= conflict
         positive[pos] += change.clamp(min=0)
         negative[pos] += change.clamp(max=0)
-        stacked = (current[pos].double() + change).to(base_flat.dtype)
-        exact = on_current & (part.scale == 1.0) & (delta.dtype == base_flat.dtype)
-        new = torch.where(exact, delta.tuned.to(base_flat.dtype), stacked)
         if bool(conflict.any()):
             merged = base_u[pos].double() + _resolved(on_conflict, pos, total, touched, positive, negative)
             new = torch.where(conflict, merged.to(base_flat.dtype), new)
@@ -148,23 +155,23 @@ def _resolved(on_conflict, pos, total, touched, positive, negative) -> torch.Ten
 def _matched(name: str, part: TensorPart, *candidates: torch.Tensor) -> TensorDelta:
     """A compact delta records a digest of its base values, not the values: they are the first of
     the candidates (the stack so far, the original base) the digest matches."""
-    delta = part.entries
-    if delta.base is not None:
-        return delta
-    for values in candidates:
-        if delta.matches(values):
-            return delta.with_base(values)
-    raise PieceError(
-        f"{part.label} was not made from this base: tensor '{name}' differs from the base values its "
-        "digest records (a compact delta; to apply it onto another base, give --original-base)"
-    )
+    delta = part.entries.matched(*candidates)
+    if delta is None:
+        raise dataclasses.replace(
+            part, force_hint="to apply a compact delta onto another base, give --original-base"
+        ).refusal(f"tensor '{name}' differs from the base values its digest records")
+    return delta
+
+
+def _check_dtype(name: str, part: TensorPart, dtype: torch.dtype, force: bool) -> None:
+    if part.entries.dtype != dtype and not force:
+        raise part.refusal(f"tensor '{name}' is {part.entries.dtype} in the delta but {dtype} there")
 
 
 def _refuse(name: str, part: TensorPart, mismatched: int, conflicts: int, on_conflict: str, force: bool):
     if mismatched and not force:
-        raise PieceError(
-            f"{part.label} was not made from this base: tensor '{name}' differs at {mismatched} of its "
-            f"{part.entries.indices.numel()} entries; pass --force to apply it anyway (task arithmetic)"
+        raise part.refusal(
+            f"tensor '{name}' differs at {mismatched} of its {part.entries.indices.numel()} entries"
         )
     if conflicts and on_conflict == "error":
         raise PieceError(
@@ -173,21 +180,28 @@ def _refuse(name: str, part: TensorPart, mismatched: int, conflicts: int, on_con
         )
 
 
+def merge_one(
+    name: str, current: torch.Tensor, part: TensorPart, *, force: bool
+) -> tuple[TensorDelta, torch.Tensor, int]:
+    """One delta's entries of one tensor onto the weights' `current` values there (1-D, the weights'
+    dtype, CPU): its base resolved (a compact delta's digest), checked (dtype and per-entry base
+    values: refused unless `force`), and the exactness rule applied (TensorDelta.applied_to).
+    Returns the resolved delta, the new values and the count of entries not on its base. Every
+    way of applying a delta (a folder, a loaded model, DeltaSwitcher) goes through here."""
+    delta = _matched(name, part, current)
+    _check_dtype(name, part, current.dtype, force)
+    new, on_base = delta.applied_to(current, part.scale)
+    mismatched = int((~on_base).sum())
+    _refuse(name, part, mismatched, 0, "sum", force)
+    return delta, new, mismatched
+
+
 def _combine_one(
     name: str, base_flat: torch.Tensor, part: TensorPart, *, force: bool
 ) -> tuple[torch.Tensor, torch.Tensor, Overlap]:
     """combine() for the common case of one delta: no union to build, the same result."""
-    current = base_flat[part.entries.indices]
-    delta = _matched(name, part, current)
-    matches = same_bits(current, delta.base)
-    mismatched = int((~matches).sum())
-    _refuse(name, part, mismatched, 0, "sum", force)
-    if part.scale == 1.0 and not mismatched:
-        return delta.indices, delta.tuned, Overlap()
-    stacked = (current.double() + part.scale * delta.change()).to(base_flat.dtype)
-    if part.scale == 1.0:
-        stacked = torch.where(matches, delta.tuned, stacked)
-    return delta.indices, stacked, Overlap(mismatched=mismatched)
+    delta, new, mismatched = merge_one(name, base_flat[part.entries.indices], part, force=force)
+    return delta.indices, new, Overlap(mismatched=mismatched)
 
 
 # ---------------------------------------------------------------- apply to checkpoint folders
@@ -206,6 +220,7 @@ class ApplyPlan:
     output: Path | None = None  # None: a dry run
     resharded: bool = False  # True: tensors are regrouped (--shard-size), not patched in their files
     recipe: Recipe | None = None  # what the output records about how it was made
+    delta_refs: list[str] = field(default_factory=list)  # the deltas as the user named them
 
     def parts(self, name: str) -> list[TensorPart]:
         return [
@@ -231,6 +246,31 @@ class ApplyResult:
     plan: ApplyPlan
     touched: dict[str, int] = field(default_factory=dict)
     overlap: Overlap = field(default_factory=Overlap)
+    seconds: float = 0.0
+
+    @property
+    def dry_run(self) -> bool:
+        return self.plan.output is None
+
+    def to_json(self) -> dict:
+        """What `apply --json` prints (schema in docs/cli.md)."""
+        plan = self.plan
+        recipe = plan.recipe
+        return {
+            "output": None if self.dry_run else str(plan.output),
+            "dry_run": self.dry_run,
+            "base": recipe.base if recipe else plan.base.identity.name,
+            "deltas": [
+                {"path": label, "scale": d.scale, "entries": d.delta.count}
+                for label, d in zip(plan.delta_refs, plan.deltas, strict=True)
+            ],
+            "entries": sum(self.touched.values()),
+            "tensors": len(self.touched),
+            "overlap": dataclasses.asdict(self.overlap),
+            "output_files": len(plan.shards),
+            "output_bytes": plan.output_bytes,
+            "seconds": round(self.seconds, 3),
+        }
 
     def merge(self, name: str, flat: torch.Tensor, *, write: bool = True) -> None:
         """Merge the deltas' entries of tensor `name` (its base values, flat) and record what
@@ -297,6 +337,7 @@ def plan_apply(
     return ApplyPlan(
         base=base,
         deltas=deltas,
+        delta_refs=[recipe_path for recipe_path, _ in recipe.deltas] if recipe else list(delta_refs),
         shards=_shard_plan(base, shard_size),
         output_bytes=sum(info.nbytes for info in base.layout.values()),
         on_conflict=on_conflict,
@@ -335,23 +376,6 @@ def _refuse_duplicates(artifacts: list[Artifact]) -> None:
                     "or pass --allow-duplicates"
                 )
             seen[key] = a.ref
-
-
-def scales_for(delta_refs: list[str], scales: list[float] | None) -> list[float]:
-    """One scale each: none given is 1 each; one given applies to all."""
-    scales = [float(s) for s in scales or []]
-    for s in scales:
-        if not math.isfinite(s):
-            raise PieceError(f"--scale {s} is not a finite number")
-    if len(scales) == 1 and len(delta_refs) > 1:
-        scales = scales * len(delta_refs)
-    if not scales:
-        scales = [1.0] * len(delta_refs)
-    if len(scales) != len(delta_refs):
-        raise PieceError(
-            f"got {len(scales)} --scale values for {len(delta_refs)} deltas; give one or one each"
-        )
-    return scales
 
 
 def _shard_plan(base: Checkpoint, shard_size: int | None) -> dict[str, list[str]]:
@@ -470,6 +494,37 @@ def _warn_mismatch(overlap: Overlap) -> None:
         )
 
 
+def apply_recipe(
+    recipe: Recipe, *, dry_run: bool = False, overwrite: bool = False, quiet: bool = True
+) -> ApplyResult:
+    """Plan and run a merge recipe (from `load_recipe(path)` or `Recipe.from_arguments`): paths
+    resolve against the recipe's folder; with `dry_run`, every check runs and nothing is written.
+    The merged folder records the recipe."""
+    from piece_surgery.progress import Progress
+
+    start = time.perf_counter()
+    plan = plan_apply(
+        recipe.resolve(recipe.base),
+        [recipe.resolve(path) for path, _ in recipe.deltas],
+        scales=[s for _, s in recipe.deltas],
+        on_conflict=recipe.on_conflict,
+        force=recipe.force,
+        shard_size=parse_size(recipe.shard_size),
+        output=None if dry_run else recipe.output_path,
+        overwrite=overwrite,
+        allow_duplicates=recipe.allow_duplicates,
+        recipe=recipe,
+        original_base=recipe.resolve(recipe.original_base) if recipe.original_base else None,
+    )
+    if dry_run:
+        result = check_apply(plan)
+    else:
+        with Progress(len(plan.shards), "writing", quiet=quiet, unit="shard") as bar:
+            result = execute_apply(plan, progress=bar.advance)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
 def apply(
     base_ref: str,
     delta_refs: list[str],
@@ -478,28 +533,26 @@ def apply(
     scales: list[float] | None = None,
     on_conflict: str = "sum",
     force: bool = False,
-    shard_size: int | None = None,
+    shard_size: str | int | None = None,
     overwrite: bool = False,
     allow_duplicates: bool = False,
-    progress=None,
-    recipe: Recipe | None = None,
     original_base: str | None = None,
+    quiet: bool = True,
 ) -> ApplyResult:
-    """The `apply` recipe: plan (every check that needs no weights), then stream shard by shard."""
-    plan = plan_apply(
+    """The `apply` recipe from arguments: W = W_base + sum_i scale_i x delta_i, written to `output`
+    shard by shard (see apply_recipe; `shard_size` as `--shard-size` takes it, e.g. "2GB")."""
+    recipe = Recipe.from_arguments(
         base_ref,
-        delta_refs,
+        list(delta_refs),
+        output,
         scales=scales,
         on_conflict=on_conflict,
         force=force,
-        shard_size=shard_size,
-        output=Path(output),
-        overwrite=overwrite,
         allow_duplicates=allow_duplicates,
-        recipe=recipe,
+        shard_size=shard_size,
         original_base=original_base,
     )
-    return execute_apply(plan, progress=progress)
+    return apply_recipe(recipe, overwrite=overwrite, quiet=quiet)
 
 
 # ---------------------------------------------------------------- in place on a loaded model
@@ -536,8 +589,11 @@ def model_tensors(model: torch.nn.Module, delta: Delta) -> dict[str, tuple[str, 
 def apply_to_model(
     model: torch.nn.Module, delta: Delta, *, scale: float = 1.0, force: bool = False
 ) -> AppliedDelta:
-    """Apply a delta to a loaded model in place; returns a handle whose revert() restores it exactly."""
-    saved = {}
+    """Apply a delta to a loaded model in place, exactly as `apply` writes a folder (merge_one: the
+    same per-entry base check and exactness rule); returns a handle whose revert() restores the
+    weights bit for bit. PieceError for a delta of another model (names, shapes, base values or
+    dtype, unless `force`)."""
+    planned = []
     with torch.no_grad():
         for name, (pname, param) in model_tensors(model, delta).items():
             t = delta.tensors[name]
@@ -546,29 +602,15 @@ def apply_to_model(
                     f"tensor '{name}' has shape {list(param.shape)} in the model, "
                     f"{list(t.shape)} in the delta"
                 )
-            flat = param.view(-1)
             idx = t.indices.to(param.device)
-            original = flat[idx].detach().clone()
-            cpu_values = original.cpu().to(t.dtype)
-            if t.base is None:  # compact: its base values are the model's, if the digest matches
-                if not t.matches(cpu_values) and not force:
-                    raise PieceError(
-                        f"the model is not the delta's base: '{name}' differs from its base digest"
-                    )
-                t = t.with_base(cpu_values)
-            mismatch = ~same_bits(cpu_values, t.base)
-            if bool(mismatch.any()) and not force:
-                raise PieceError(
-                    f"the model is not the delta's base: '{name}' differs at {int(mismatch.sum())} entries; "
-                    "pass force=True to apply anyway"
-                )
-            if scale == 1.0 and param.dtype == t.dtype and not bool(mismatch.any()):
-                new = t.tuned
-            else:
-                new = (original.cpu().double() + scale * t.change()).to(param.dtype)
-            flat[idx] = new.to(param.device, param.dtype)
-            saved[pname] = (t.indices, original)
-    return AppliedDelta(model, saved)
+            original = param.view(-1)[idx].detach().clone()
+            part = TensorPart(t, scale, "the delta", "this model", "pass force=True to apply it anyway")
+            _, new, _ = merge_one(name, original.cpu(), part, force=force)
+            planned.append((pname, param, idx, original, new))
+        # every tensor checked before any is written: a refused delta leaves the model as it was
+        for _, param, idx, _, new in planned:
+            param.view(-1)[idx] = new.to(param.device)
+    return AppliedDelta(model, {pname: (idx.cpu(), original) for pname, _, idx, original, _ in planned})
 
 
 def revert_delta(model: torch.nn.Module, delta: Delta) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from piece_surgery.errors import PieceError
+from piece_surgery.errors import PieceError, first_line
 
 _DISK_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
@@ -48,11 +48,6 @@ def check_output(path: Path, *, overwrite: bool, inputs: tuple[Path, ...] = (), 
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PieceError(f"output folder '{parent}' is not writable; choose another output path")
     remove_stale_temporaries(path)
-
-
-def _temporary_name(path: Path, suffix: str) -> str:
-    # the pid tells a live run's temporary from one that a killed run left behind
-    return f".{path.name}.{os.getpid()}.{{}}{suffix}"
 
 
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]*\.(tmp|old)$")
@@ -132,7 +127,7 @@ def _reason(exc: BaseException) -> str:
         return exc.strerror.lower()
     text = str(exc)
     match = re.search(r"I/O error: ([^(]+)", text)
-    return match[1].strip().lower() if match else text.splitlines()[0] if text else type(exc).__name__
+    return match[1].strip().lower() if match else first_line(exc)
 
 
 def _default_permissions(tmp: Path) -> None:

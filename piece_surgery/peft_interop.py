@@ -21,10 +21,10 @@ import torch
 
 from piece_surgery.artifacts import open_artifact
 from piece_surgery.checkpoint import Checkpoint, open_checkpoint
-from piece_surgery.delta import Delta, DeltaInfo, DiffProvenance, delta_from_values, save_delta
-from piece_surgery.errors import PieceError
+from piece_surgery.delta import Delta, DeltaInfo, DiffProvenance, TensorDelta, delta_from_values, save_delta
+from piece_surgery.errors import PieceError, first_line
 from piece_surgery.hub import resolve
-from piece_surgery.merge import model_tensors
+from piece_surgery.merge import TensorPart, merge_one, model_tensors
 from piece_surgery.outputs import atomic_path, check_output
 from piece_surgery.sparse_grad import is_gain_module, owners
 
@@ -40,6 +40,39 @@ class Exported:
     linear_layers: int
     saved_modules: list[str]  # modules saved whole: norms, and linear layers too busy for SHiRA
     adapter_bytes: int  # size of adapter_model.safetensors
+
+    def to_json(self, *, delta: str, output: Path, seconds: float) -> dict:
+        """What `export --json` prints (schema in docs/cli.md)."""
+        return {
+            "output": str(output),
+            "delta": delta,
+            "to": "peft",
+            "entries": self.entries,
+            "padding_entries": self.padding,
+            "r": self.r,
+            "linear_layers": self.linear_layers,
+            "saved_modules": self.saved_modules,
+            "adapter_bytes": self.adapter_bytes,
+            "seconds": round(seconds, 3),
+        }
+
+
+@dataclass(frozen=True)
+class Imported:
+    """What `import` wrote: the delta, and the bytes of tensor data its folder holds."""
+
+    delta: Delta
+    tensor_bytes: int
+
+    def to_json(self, *, adapter: str, output: Path, seconds: float) -> dict:
+        """What `import --json` prints (schema in docs/cli.md)."""
+        return {
+            "output": str(output),
+            "adapter": adapter,
+            "entries": self.delta.count,
+            "tensors": len(self.delta.tensors),
+            "seconds": round(seconds, 3),
+        }
 
 
 @contextmanager
@@ -72,7 +105,7 @@ def export_peft(
     if base_ref is None:
         raise PieceError("the delta's base was a local folder: name it with --base")
     checkpoint = open_checkpoint(base_ref, what="base")
-    model = checkpoint.load_model(device="cpu")
+    model = checkpoint.load_model(device="cpu").module
     plan = _shira_plan(model, delta)
     config = peft.ShiraConfig(
         r=plan.r,
@@ -88,11 +121,11 @@ def export_peft(
     with torch.no_grad():
         for module_name, (tensor_name, _) in plan.linear.items():
             layer = adapted.get_submodule(f"base_model.model.{module_name}")
-            padding += _fill_shira(layer, delta.tensors[tensor_name], plan.r)
+            padding += _fill_shira(layer, plan.tensors[tensor_name], plan.r)
         for module_name, tensor_names in plan.saved.items():
             copy = adapted.get_submodule(f"base_model.model.{module_name}").modules_to_save["default"]
             for attr, tensor_name in tensor_names:
-                t = delta.tensors[tensor_name]
+                t = plan.tensors[tensor_name]
                 getattr(copy, attr).view(-1)[t.indices] = t.tuned.to(getattr(copy, attr).dtype)
     with atomic_path(output, is_dir=True) as tmp, _quiet_libraries():
         # lm_head is a linear layer here: its SHiRA entries are the adapter, not the whole table
@@ -112,19 +145,20 @@ class _ShiraPlan:
     r: int
     linear: dict[str, tuple[str, torch.nn.Linear]]  # module name -> (tensor name, layer)
     saved: dict[str, list[tuple[str, str]]]  # modules saved whole: name -> [(attribute, tensor name)]
+    tensors: dict[str, TensorDelta]  # the delta's tensors, checked against the base (base values known)
 
 
 def _shira_plan(model: torch.nn.Module, delta: Delta) -> _ShiraPlan:
     """Which tensors go where; checks each against the model's weights (the delta's base)."""
     module_names = {id(m): name for name, m in model.named_modules()}
     holders = owners(model)
-    linear, saved = {}, {}
+    linear, saved, tensors = {}, {}, {}
     for tensor_name, (_, param) in model_tensors(model, delta).items():
         t = delta.tensors[tensor_name]
-        values = param.detach().view(-1)[t.indices].cpu()
-        if not t.matches(values):
-            raise PieceError(f"the base is not the delta's base: tensor '{tensor_name}' differs")
-        delta.tensors[tensor_name] = t if t.base is not None else t.with_base(values)
+        current = param.detach().view(-1)[t.indices].cpu()
+        # the identity rule of apply: dtype and every entry's base value, or a one-line refusal
+        part = TensorPart(t, 1.0, "the delta", force_hint="", refused_as="the base is not the delta's base")
+        tensors[tensor_name], _, _ = merge_one(tensor_name, current, part, force=False)
         held = holders.get(id(param), [])
         module, attr = held[0] if len(held) == 1 else (None, None)
         if module is not None and type(module) is torch.nn.Linear and attr == "weight":
@@ -141,7 +175,7 @@ def _shira_plan(model: torch.nn.Module, delta: Delta) -> _ShiraPlan:
     for name in whole:
         tensor_name, _ = linear.pop(name)
         saved.setdefault(name, []).append(("weight", tensor_name))
-    return _ShiraPlan(r, linear, saved)
+    return _ShiraPlan(r, linear, saved, tensors)
 
 
 # bytes per SHiRA slot as PEFT saves it: a (row, column) pair of int32 and an fp32 change
@@ -192,7 +226,7 @@ def import_peft(
     base_ref: str | None = None,
     overwrite: bool = False,
     compact: bool = False,
-) -> Delta:
+) -> Imported:
     """A delta from a PEFT adapter: its weights merged into the base, compared entry by entry."""
     import json
 
@@ -215,18 +249,18 @@ def import_peft(
     if not base_ref:
         raise PieceError("the adapter names no base model: give --base")
     checkpoint = open_checkpoint(base_ref, what="base")
-    model = checkpoint.load_model(device="cpu")
+    model = checkpoint.load_model(device="cpu").module
     try:
         with _quiet_libraries():
             merged = peft.PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PieceError(f"PEFT cannot load adapter '{adapter_ref}' onto this base: {first}") from exc
+        raise PieceError(
+            f"PEFT cannot load adapter '{adapter_ref}' onto this base: {first_line(exc)}"
+        ) from exc
     delta = _delta_against_files(checkpoint, merged, source.name)
     if delta.count == 0:
         raise PieceError("the adapter changes nothing in the base: there is no delta to write")
-    save_delta(delta, output, compact=compact)
-    return delta
+    return Imported(delta, save_delta(delta, output, compact=compact))
 
 
 def _delta_against_files(checkpoint: Checkpoint, merged: torch.nn.Module, name: str) -> Delta:

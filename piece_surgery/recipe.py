@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from piece_surgery.errors import PieceError
+from piece_surgery.errors import PieceError, first_line
 
 RECIPE_FILE = "piece-surgery-recipe.yaml"
 _KEYS = {
@@ -48,6 +48,41 @@ class Recipe:
     shard_size: str | None = None
     original_base: str | None = None  # compact deltas onto another base: the base they were made from
     folder: Path = field(default=Path("."), compare=False)  # relative paths are relative to this
+
+    @classmethod
+    def from_arguments(
+        cls,
+        base: str | None,
+        deltas: list[str] | None,
+        output: str | Path | None,
+        *,
+        scales: list[float] | None = None,
+        on_conflict: str | None = None,
+        force: bool = False,
+        allow_duplicates: bool = False,
+        shard_size: str | int | None = None,
+        original_base: str | None = None,
+    ) -> Recipe:
+        """The recipe an `apply` command line amounts to (every merged folder records one)."""
+        missing = [
+            name for name, value in (("BASE", base), ("DELTAS", deltas), ("--output", output)) if not value
+        ]
+        if missing:
+            raise PieceError(f"apply needs {', '.join(missing)} (or --recipe)")
+        return cls(
+            base=base,
+            deltas=list(zip(deltas, scales_for(deltas, scales), strict=True)),
+            output=str(output),
+            on_conflict=on_conflict or "sum",
+            force=force,
+            allow_duplicates=allow_duplicates,
+            shard_size=None if shard_size is None else str(shard_size),
+            original_base=original_base,
+        )
+
+    @property
+    def output_path(self) -> Path:
+        return self.folder / self.output
 
     def resolve(self, ref: str) -> str:
         """A local path relative to the recipe's folder (a Hub repo id stays as it is)."""
@@ -80,7 +115,7 @@ def load_recipe(path: Path) -> Recipe:
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise PieceError(f"recipe '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise PieceError(f"recipe '{path}' is not valid YAML: {first_line(exc)}") from exc
     where = f"recipe '{path}'"
     if not isinstance(document, dict):
         raise PieceError(f"{where} must be a mapping with base, deltas and output")
@@ -134,3 +169,40 @@ def card_section(recipe: Recipe) -> str:
         f"(`piece-surgery apply --recipe {RECIPE_FILE}` makes it again):\n\n"
         f"```yaml\n{recipe.to_yaml()}```\n"
     )
+
+
+def scales_for(delta_refs: list[str], scales: list[float] | None) -> list[float]:
+    """One scale each: none given is 1 each; one given applies to all."""
+    scales = [float(s) for s in scales or []]
+    for s in scales:
+        if not math.isfinite(s):
+            raise PieceError(f"--scale {s} is not a finite number")
+    if len(scales) == 1 and len(delta_refs) > 1:
+        scales = scales * len(delta_refs)
+    if not scales:
+        scales = [1.0] * len(delta_refs)
+    if len(scales) != len(delta_refs):
+        raise PieceError(
+            f"got {len(scales)} --scale values for {len(delta_refs)} deltas; give one or one each"
+        )
+    return scales
+
+
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """`2GB`, `500MB`, `1.5GiB`, `123` (bytes) -> bytes; an int is bytes; None stays None."""
+    if text is None or (isinstance(text, int) and not isinstance(text, bool)):
+        return text
+    upper = text.strip().upper()
+    for unit, factor in _UNITS.items():
+        if upper.endswith(unit):
+            try:
+                return int(float(upper[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    try:
+        return int(upper)
+    except ValueError:
+        raise PieceError(f"--shard-size '{text}' is not a size; write e.g. 2GB or 500MB") from None

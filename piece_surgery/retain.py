@@ -16,8 +16,17 @@ from piece_surgery.data import Dataset, Example
 from piece_surgery.errors import PieceError
 from piece_surgery.progress import working
 from piece_surgery.records import AvoidRecord
+from piece_surgery.run import Run
 
 SELF = "self"  # --retain self: text sampled from the model itself
+
+
+@dataclass
+class Avoided:
+    """Entries selection must leave alone (--avoid): earlier tasks' masks or deltas."""
+
+    entries: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor name -> sorted flat indices
+    records: list[AvoidRecord] = field(default_factory=list)  # what they came from
 
 
 @dataclass
@@ -25,30 +34,24 @@ class ScoringInputs:
     """Retain data and avoided entries, read and checked before the model is loaded."""
 
     retain: list[Dataset | str] = field(default_factory=list)  # datasets, and SELF where it goes
-    avoid: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor name -> flat indices
-    avoid_records: list[AvoidRecord] = field(default_factory=list)
-    max_length: int = 512  # tokens per example: self text is written no longer than this
+    avoid: Avoided = field(default_factory=Avoided)
 
 
 def read_scoring_inputs(
-    checkpoint: Checkpoint,
-    retain: Sequence[str | Path] = (),
-    avoid: Sequence[str] = (),
-    *,
-    max_length: int = 512,
-    quiet: bool = True,
+    checkpoint: Checkpoint, retain: Sequence[str | Path], avoid: Sequence[str], run: Run
 ) -> ScoringInputs:
-    inputs = ScoringInputs(max_length=max_length)
+    """Read the retain files (tokenized as the run says) and the entries to avoid."""
+    inputs = ScoringInputs()
     for ref in retain:
-        if str(ref) == SELF:
-            inputs.retain.append(SELF)
-        else:
-            inputs.retain.append(checkpoint.load_data(Path(ref), max_length=max_length, quiet=quiet))
+        inputs.retain.append(
+            SELF if str(ref) == SELF else run.data(checkpoint, Path(ref), every_example=True)
+        )
     for ref in avoid:
         entries, record = _avoided(ref, checkpoint)
         for name, idx in entries.items():
-            inputs.avoid[name] = torch.unique(torch.cat([inputs.avoid.get(name, idx), idx]))
-        inputs.avoid_records.append(record)
+            known = inputs.avoid.entries.get(name)
+            inputs.avoid.entries[name] = idx if known is None else torch.unique(torch.cat([known, idx]))
+        inputs.avoid.records.append(record)
     return inputs
 
 

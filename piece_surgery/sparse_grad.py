@@ -60,7 +60,14 @@ class EntryPlan:
 
 
 class SelectedEntryLinear(torch.autograd.Function):
-    """F.linear whose weight gradient is delivered only at the planned entries, to `values`."""
+    """F.linear whose weight gradient is delivered only at the planned entries, to `values`.
+
+    forward(x: (..., in), weight: (out, in), bias: (out,) or None, values: (k,) fp32, plan) returns
+    x W^T + b, (..., out) in x's dtype; the weight itself gets no gradient. backward returns
+    dL/dx = dy W (..., in) and, for `values`, dL/dW at the plan's k entries: sum over tokens of
+    dy[:, row] x x[:, col], fp32 (k,), formed from gathers of at most _CHUNK_ELEMENTS at once
+    (or one small matrix product over the block of rows x columns the entries span).
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, values, plan: EntryPlan):

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from piece_surgery.delta import Delta
-from piece_surgery.dtypes import same_bits
 from piece_surgery.errors import PieceError
-from piece_surgery.merge import model_tensors
+from piece_surgery.merge import TensorPart, merge_one, model_tensors
 
 
 @dataclass
@@ -67,17 +66,12 @@ class DeltaSwitcher:
                     )
                 idx = t.indices.to(param.device)
                 current = param.view(-1)[idx].detach().clone()
-                if not t.matches(current.cpu()):
-                    raise PieceError(f"delta '{name}' was not made from this model: '{tensor_name}' differs")
-                t = t if t.base is not None else t.with_base(current.cpu())
-                exact = (
-                    scale == 1.0 and param.dtype == t.dtype and bool(same_bits(current.cpu(), t.base).all())
-                )
-                new = t.tuned if exact else (current.cpu().double() + scale * t.change()).to(param.dtype)
+                part = TensorPart(t, scale, f"delta '{name}'", target="this model", force_hint="")
+                _, new, _ = merge_one(tensor_name, current.cpu(), part, force=False)
                 small = param.numel() < 2**31
                 resident.params.append(param)
                 resident.indices.append(idx.to(torch.int32) if small else idx)
-                resident.new.append(new.to(param.device, param.dtype))
+                resident.new.append(new.to(param.device))
                 resident.base.append(current)
         self._resident[name] = resident
 

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
-from piece_surgery import distributed
 from piece_surgery.artifacts import open_mask
-from piece_surgery.checkpoint import Checkpoint, open_checkpoint
+from piece_surgery.checkpoint import Checkpoint
 from piece_surgery.data import Dataset
 from piece_surgery.delta import Delta, DeltaInfo, TrainProvenance, delta_from_values, save_delta
-from piece_surgery.distributed import World
 from piece_surgery.errors import PieceError
 from piece_surgery.mask import Mask, check_mask_fits
-from piece_surgery.outputs import check_output, remove_stale_temporaries
+from piece_surgery.methods import method_named
+from piece_surgery.outputs import remove_stale_temporaries
 from piece_surgery.progress import Progress
 from piece_surgery.retain import SELF, read_scoring_inputs
-from piece_surgery.score import ScoreOptions, retain_sources, score_loaded
-from piece_surgery.sharding import shard_model
+from piece_surgery.run import Run, RunOptions
+from piece_surgery.score import ScoreOptions, check_retain, retain_sources, score_loaded
 from piece_surgery.train_state import remove_state
 from piece_surgery.trainer import TrainConfig, TrainResult, total_steps, train_sparse
 
@@ -28,6 +26,29 @@ class Trained(NamedTuple):
     delta: Delta
     result: TrainResult
     mask: Mask
+    tensor_bytes: int = 0  # bytes of tensor data the delta folder holds (format 1 or 2)
+
+    def to_json(self, *, model: str, mask_ref: str | None, output: Path, seconds: float) -> dict:
+        """What `train --json` prints (schema in docs/cli.md)."""
+        delta, result, mask = self.delta, self.result, self.mask
+        return {
+            "output": str(output),
+            "model": model,
+            "mask": mask_ref,
+            "method": mask.info.method,
+            "density": mask.info.density,
+            "mask_entries": mask.k,
+            "entries": delta.count,
+            "tensors": len(delta.tensors),
+            "steps": result.steps,
+            "resumed_from": result.resumed_from,
+            "first_train_loss": result.history[0]["loss"] if result.history else None,
+            "final_train_loss": result.train_loss,
+            "final_eval_loss": result.eval_loss,
+            "predicted_drift": result.predicted_drift,
+            "stopped_by_drift_budget": result.stopped_by_drift_budget,
+            "seconds": round(seconds, 3),
+        }
 
 
 def state_dir_for(output: Path) -> Path:
@@ -40,66 +61,45 @@ def train_checkpoint(
     data: Path,
     output: Path,
     config: TrainConfig,
+    run: RunOptions | None = None,
     *,
     mask_ref: str | None = None,
     score_options: ScoreOptions | None = None,
     retain: Sequence[str | Path] = (),
     avoid: Sequence[str] = (),
     eval_data: Path | None = None,
-    max_length: int = 512,
-    max_samples: int | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
     resume: bool = False,
     overwrite: bool = False,
-    trust_remote_code: bool = False,
-    quiet: bool = True,
-    fsdp: bool = False,
     compact: bool = False,
 ) -> Trained:
     """Score (unless `mask_ref` names a mask; `retain` and `avoid` as for score_checkpoint), train
-    the masked entries, write the delta folder. Under a launcher (torchrun, ...) every rank trains
-    on its share of each step and rank 0 writes."""
-    world = distributed.start(device)
-    distributed.load_device(world, device, fsdp)  # --fsdp without a launcher fails here, early
-    main = world is None or world.is_main
-    quiet = quiet or not main
+    the masked entries, write the delta folder. `run` says where and how to load. Under a launcher
+    (torchrun, ...) every rank trains on its share of each step and rank 0 writes."""
     output = Path(output)
-    files = [mask_ref, eval_data, *(r for r in retain if str(r) != SELF), *avoid]
-    inputs = [Path(model_ref), Path(data), *(Path(p) for p in files if p)]
-    check_output(output, overwrite=overwrite, inputs=tuple(inputs))
-    if mask_ref is not None and (score_options is not None or retain or avoid):
-        raise PieceError(
-            "scoring options (--method, --density, --retain, --avoid, ...) do nothing with --mask; "
-            "leave them out"
-        )
-    if config.eval_every and eval_data is None:
-        raise PieceError("--eval-every needs --eval-data (held-out data to evaluate on)")
-    state_dir = _state_dir(output, resume=resume, overwrite=overwrite, world=world)
+    _check_options(config, mask_ref, score_options, retain, avoid, eval_data)
+    session = Run(run)
+    extra = [mask_ref, eval_data, *(r for r in retain if str(r) != SELF), *avoid]
+    session.check_output(output, inputs=[model_ref, data, *extra], overwrite=overwrite)
+    state_dir = _state_dir(output, resume=resume, overwrite=overwrite, session=session)
     mask = open_mask(mask_ref) if mask_ref is not None else None
-    checkpoint = open_checkpoint(model_ref, trust_remote_code=trust_remote_code)
+    checkpoint = session.open(model_ref)
     if mask is not None:
         check_mask_fits(mask, checkpoint, f"mask '{mask_ref}'")
-    dataset = checkpoint.load_data(data, max_length=max_length, max_samples=max_samples, quiet=quiet)
-    eval_set = checkpoint.load_data(eval_data, max_length=max_length, quiet=quiet) if eval_data else None
+        config = config.for_mask(mask.info.method, mask.fisher is not None)
+    dataset = session.data(checkpoint, data)
+    eval_set = session.data(checkpoint, eval_data, every_example=True) if eval_data else None
     options = score_options or ScoreOptions()
     if mask is None:
         retain = retain_sources(options.method, retain)
-    scoring = read_scoring_inputs(checkpoint, retain, avoid, max_length=max_length, quiet=quiet)
-    model = checkpoint.load_model(
-        device=distributed.load_device(world, device, fsdp), dtype=dtype, quiet=quiet
-    )
-    if fsdp:
-        shard_model(model, world)
+    scoring = read_scoring_inputs(checkpoint, retain, avoid, session)
+    model = session.load_model(checkpoint)
     if mask is None:
-        mask, _ = score_loaded(checkpoint, dataset, options, scoring, quiet=quiet, world=world)
-        mask.info.options["max_samples"] = max_samples
-    config = config.for_mask(mask.info.method, mask.fisher is not None)
+        mask, _ = score_loaded(checkpoint, model, dataset, options, scoring, session)
+        config = config.for_mask(mask.info.method, mask.fisher is not None)
     resume_key = {"model": checkpoint.identity.fingerprint, "data": dataset.sha256, "mask": mask.digest()}
-    ranks = world.size if world is not None else 1
-    with Progress(
-        total_steps(len(dataset.examples), config, ranks), "training", quiet=quiet, unit="step"
-    ) as bar:
+    ranks = session.world.size if session.world is not None else 1
+    steps = total_steps(len(dataset.examples), config, ranks)
+    with Progress(steps, "training", quiet=session.quiet, unit="step") as bar:
 
         def report(n: int, record: dict) -> None:
             notes = {"loss": f"{record['loss']:.4f}"}
@@ -109,8 +109,8 @@ def train_checkpoint(
             bar.advance(n)
 
         result = train_sparse(
-            model,
-            checkpoint.parameters(mask.indices),
+            model.module,
+            model.parameters(mask.indices),
             mask.indices,
             dataset,
             config,
@@ -121,20 +121,46 @@ def train_checkpoint(
             resume_key=resume_key,
             progress=report,
             fisher=mask.fisher,
-            world=world,
+            world=session.world,
         )
-    delta = _delta_of(
-        checkpoint, mask, result, _provenance(mask, config, dataset, eval_set, result, max_length)
-    )
-    if main:
-        save_delta(delta, output, compact=compact)
+    provenance = _provenance(mask, config, session.options, dataset, eval_set, result)
+    delta = _delta_of(checkpoint, mask, result, provenance)
+
+    def write() -> int:
+        tensor_bytes = save_delta(delta, output, compact=compact)
         remove_state(state_dir)
-    if world is not None:
-        world.barrier()  # every rank ends once the delta is written
-    return Trained(delta, result, mask)
+        return tensor_bytes
+
+    return Trained(delta, result, mask, session.write(write) or 0)
 
 
-def _state_dir(output: Path, *, resume: bool, overwrite: bool, world: World | None) -> Path:
+def _check_options(
+    config: TrainConfig,
+    mask_ref: str | None,
+    score_options: ScoreOptions | None,
+    retain: Sequence[str | Path],
+    avoid: Sequence[str],
+    eval_data: Path | None,
+) -> None:
+    """Options that contradict each other, refused before anything is read."""
+    if mask_ref is not None and (score_options is not None or retain or avoid):
+        raise PieceError(
+            "scoring options (--method, --density, --retain, --avoid, ...) do nothing with --mask; "
+            "leave them out"
+        )
+    if config.eval_every and eval_data is None:
+        raise PieceError("--eval-every needs --eval-data (held-out data to evaluate on)")
+    if mask_ref is None:
+        method = (score_options or ScoreOptions()).method
+        check_retain(method, retain)
+        if (config.drift_budget or config.retain_weight) and not method_named(method).uses_retain:
+            raise PieceError(
+                f"--drift-budget and --retain-weight need a mask that carries the retain Fisher "
+                f"(--method piece-r); --method {method} has none"
+            )
+
+
+def _state_dir(output: Path, *, resume: bool, overwrite: bool, session: Run) -> Path:
     """Where this run's resumable state goes; a state left by an earlier run is continued
     (--resume), discarded (--overwrite) or refused."""
     state_dir = state_dir_for(output)
@@ -145,10 +171,7 @@ def _state_dir(output: Path, *, resume: bool, overwrite: bool, world: World | No
                 f"a saved training state is in '{state_dir}': add --resume to continue it, "
                 "or --overwrite to discard it and start afresh"
             )
-        if world is None or world.is_main:
-            remove_state(state_dir)
-        if world is not None:
-            world.barrier()
+        session.write(lambda: remove_state(state_dir))
     return state_dir
 
 
@@ -166,10 +189,10 @@ def _delta_of(checkpoint: Checkpoint, mask: Mask, result: TrainResult, provenanc
 def _provenance(
     mask: Mask,
     config: TrainConfig,
+    run: RunOptions,
     dataset: Dataset,
     eval_set: Dataset | None,
     result: TrainResult,
-    max_length: int,
 ) -> TrainProvenance:
     info = mask.info
     return TrainProvenance(
@@ -182,7 +205,8 @@ def _provenance(
             "seed": info.seed,
             "k": mask.k,
         },
-        hyperparameters={**asdict(config), "betas": list(config.betas), "max_length": max_length},
+        # TrainConfig.from_json reads these back into the config that made the delta
+        hyperparameters={**config.to_json(), "max_length": run.max_length},
         data=dataset.record(),
         eval_data=eval_set.record() if eval_set else None,
         steps=result.steps,

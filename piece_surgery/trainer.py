@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,99 +21,9 @@ from piece_surgery.distributed import World, register_error
 from piece_surgery.errors import PieceError
 from piece_surgery.loss import batch_logits, evaluate, mean_token_loss
 from piece_surgery.naming import is_norm
+from piece_surgery.options import TrainConfig
 from piece_surgery.sparse_grad import SparseParameters
 from piece_surgery.train_state import load_state, save_state
-
-SCHEDULES = ("constant", "linear", "cosine")
-# AdamW moves each value by about lr per step; past 1 a single step wrecks any weight
-MAX_LR = 1.0
-# The learning rate a mask's method trains best at (docs/training.md has the frontier behind them):
-# piece-r keeps to entries the model's other behaviour barely uses, which move little per step.
-DEFAULT_LRS = {"piece-r": 1e-3}
-DEFAULT_LR = 1e-4
-# The penalty retain_weight/2 sum F d^2 for a mask that carries the retain Fisher (piece-r): on the
-# benchmark it cut drift at equal gain several-fold with the model's own text as the retain set
-DEFAULT_RETAIN_WEIGHT = 100.0
-
-
-def default_lr(method: str | None) -> float:
-    """The default learning rate for a mask scored with `method` (None: unknown)."""
-    return DEFAULT_LRS.get(method or "", DEFAULT_LR)
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters of a sparse run; checked when made."""
-
-    # None: default_lr(the mask's method), chosen by train_checkpoint; train_sparse needs a number
-    lr: float | None = None
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip: float = 1.0
-    eval_every: int | None = None
-    save_every: int | None = None
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    # norm gains scale whole channels, so they may want a smaller step than matrix entries
-    norm_lr_scale: float = 1.0
-    # with a mask that carries the retain Fisher F (piece-r): stop once the predicted drift
-    # 1/2 sum F d^2 reaches this, and/or add the penalty retain_weight/2 sum F d^2 to the loss
-    drift_budget: float | None = None
-    # None: DEFAULT_RETAIN_WEIGHT with a mask that carries the Fisher, else 0 (see for_mask);
-    # train_sparse reads None as 0
-    retain_weight: float | None = None
-
-    def for_mask(self, method: str | None, carries_fisher: bool) -> TrainConfig:
-        """This config, with the defaults of a mask scored with `method` for what was not given:
-        its learning rate, and the retain penalty where the mask carries the retain Fisher."""
-        lr = default_lr(method) if self.lr is None else self.lr
-        weight = self.retain_weight
-        if weight is None:
-            weight = DEFAULT_RETAIN_WEIGHT if carries_fisher else 0.0
-        return replace(self, lr=lr, retain_weight=weight)
-
-    def __post_init__(self) -> None:
-        if self.lr is not None and not 0 < self.lr <= MAX_LR:
-            raise PieceError(f"--lr must be positive and at most {MAX_LR:g}, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise PieceError(f"unknown --schedule '{self.schedule}'; use constant, linear or cosine")
-        for name in ("epochs", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise PieceError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("max_steps", "eval_every", "save_every"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise PieceError(f"--{name.replace('_', '-')} must be at least 1")
-        if not (self.norm_lr_scale >= 0 and math.isfinite(self.norm_lr_scale)):
-            raise PieceError("--norm-lr-scale must be a number >= 0")
-        if self.warmup_steps < 0:
-            raise PieceError("--warmup-steps must not be negative")
-        for name in ("weight_decay", "clip"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):  # also refuses nan
-                raise PieceError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        if self.drift_budget is not None and not (self.drift_budget > 0 and math.isfinite(self.drift_budget)):
-            raise PieceError(f"--drift-budget must be a positive number, got {self.drift_budget}")
-        weight = self.retain_weight
-        if weight is not None and not (weight >= 0 and math.isfinite(weight)):
-            raise PieceError(f"--retain-weight must be a finite number >= 0, got {self.retain_weight}")
-        self.betas = tuple(self.betas)
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise PieceError("--betas must be two numbers in [0, 1), e.g. 0.9,0.95")
-
-    def resume_key(self) -> dict:
-        """The settings a resumed run must share with the interrupted one."""
-        keep = asdict(self)
-        for free in ("max_steps", "epochs", "eval_every", "save_every"):
-            keep.pop(free)
-        keep["betas"] = list(keep["betas"])
-        return keep
 
 
 @dataclass
@@ -185,14 +95,23 @@ def train_sparse(
 ) -> TrainResult:
     """Train the masked entries of `params` (tensor name -> model parameter) in place.
 
-    Returns the trained fp32 values; the model holds them (in its dtype) when this returns. With
-    `state_dir` and `config.save_every`, a resumable state is written there atomically every
-    `save_every` steps; `resume=True` continues from it (`resume_key` must match the saved one).
-    `sparse_linear=False` computes every masked tensor's dense gradient and keeps its k entries
-    (the slower reference path). `fisher` (tensor name -> the retain Fisher at the mask's entries)
-    gives the predicted drift of every step, for `drift_budget` and `retain_weight`. With a
-    `world` (several processes), each rank trains on its share of every step's micro-batches and
-    DistributedDataParallel keeps the values equal; rank 0 evaluates and saves the state.
+    `indices` maps each masked tensor's name to its sorted int64 flat indices (k_t entries); the
+    trainable state is one fp32 vector of k_t values per tensor, on the parameter's device, and
+    AdamW's moments are as large. Returns the trained fp32 values (on the CPU) and what the run saw;
+    the model holds them (rounded to its dtype) when this returns. `config.lr` must be set
+    (TrainConfig.for_mask fills the default of a mask's method).
+
+    Each optimizer step's loss is the mean of its micro-batches' mean token losses. With `state_dir` and
+    `config.save_every`, a resumable state is written there atomically every `save_every` steps;
+    `resume=True` continues from it (`resume_key` must match the saved one). `sparse_linear=False`
+    computes every masked tensor's dense gradient and keeps its k entries (the slower reference
+    path). `fisher` (tensor name -> the per-token retain Fisher at the mask's entries, fp32) gives
+    the predicted drift of every step (nats per token), for `drift_budget` and `retain_weight`.
+    With a `world` (several processes), each rank trains on its share of every step's
+    micro-batches and DistributedDataParallel keeps the values equal; rank 0 saves the state.
+
+    Raises PieceError for empty data or options the mask cannot serve, TrainingDiverged for a
+    non-finite loss or value (naming the last good saved state).
     """
     _check_inputs(dataset, config, fisher)
     sparse = SparseParameters(params, indices, world)
@@ -334,8 +253,9 @@ def _optimizer_step(
 
 
 class DriftEstimate:
-    """The drift a change d of the trained values is predicted to cost: 1/2 sum_i F_i d_i^2, with F
-    the per-token retain Fisher at the mask's entries (the second-order KL from the base), O(k)."""
+    """The drift a change d of the trained values is predicted to cost: 1/2 sum_i F_i d_i^2 in nats
+    per token (the mean token KL(base || tuned) on the retain text, to second order), with F the
+    per-token retain Fisher at the mask's entries (fp32, aligned with the values). O(k) a call."""
 
     def __init__(self, sparse: SparseParameters, fisher: dict[str, torch.Tensor]):
         self.values = sparse.values

@@ -4,8 +4,8 @@ import pytest
 import torch
 from helpers import assert_clean_failure, read_all
 
-from piece_surgery.cli import parse_size
 from piece_surgery.errors import PieceError
+from piece_surgery.recipe import parse_size
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from test_score import as_lists, brute_force_top_k
 from piece_surgery.checkpoint import open_checkpoint
 from piece_surgery.importance import eligible_parameters, quantile
 from piece_surgery.mask import load_mask, save_mask
+from piece_surgery.options import RunOptions
 from piece_surgery.score import ScoreOptions, score_checkpoint
 
 TINY = torch.finfo(torch.float32).tiny
@@ -38,8 +39,9 @@ def per_batch_gradients(folder, data, *, sampled_seed=None):
     micro-batch's loss-bearing tokens."""
     checkpoint = open_checkpoint(folder)
     dataset = checkpoint.load_data(data)
-    model = checkpoint.load_model(device="cpu", dtype="float32").eval()
-    params = eligible_parameters(model, checkpoint.keys)
+    loaded = checkpoint.load_model(device="cpu", dtype="float32")
+    model = loaded.module.eval()
+    params = eligible_parameters(model, loaded.keys)
     generator = torch.Generator().manual_seed(sampled_seed) if sampled_seed is not None else None
     grads, tokens = [], []
     for example in dataset.examples:
@@ -75,9 +77,11 @@ def brute_force_piece_r(folder, data, retain, damping, labels):
 def test_piece_r_matches_brute_force(tiny, code_data, general_data, labels, damping):
     folder = tiny("llama")
     options = ScoreOptions(method="piece-r", density=0.02, retain_labels=labels, retain_damping=damping)
-    mask, _, _ = score_checkpoint(str(folder), code_data, options, retain=[general_data], device="cpu")
+    mask, _, _ = score_checkpoint(
+        str(folder), code_data, options, retain=[general_data], run=RunOptions(device="cpu")
+    )
     scores, fisher, delta, scale = brute_force_piece_r(folder, code_data, general_data, damping, labels)
-    assert mask.info.retain.delta == pytest.approx(delta, rel=1e-5)
+    assert mask.info.retain.damping_value == pytest.approx(delta, rel=1e-5)
     assert as_lists(mask.indices) == brute_force_top_k(scores, mask.k)
     for name, idx in mask.indices.items():  # the mask carries the per-token Fisher of its entries
         torch.testing.assert_close(
@@ -99,7 +103,7 @@ def test_sampled_and_empirical_labels_differ(tiny, code_data, general_data):
         ).mask
         for lab in ("empirical", "sampled")
     ]
-    assert masks[0].info.retain.delta != masks[1].info.retain.delta
+    assert masks[0].info.retain.damping_value != masks[1].info.retain.damping_value
 
 
 @settings(max_examples=50, deadline=None)
@@ -121,7 +125,10 @@ def test_self_text_is_seeded_and_recorded(tiny, code_data, tmp_path):
     from piece_surgery.retain import sample_self
 
     checkpoint = open_checkpoint(tiny("llama"))
-    model, tokenizer = checkpoint.load_model(device="cpu", dtype="float32"), checkpoint.load_tokenizer()
+    model, tokenizer = (
+        checkpoint.load_model(device="cpu", dtype="float32").module,
+        checkpoint.load_tokenizer(),
+    )
     a, b, c = (sample_self(model, tokenizer, samples=5, length=7, seed=seed) for seed in (3, 3, 4))
     assert [e.input_ids for e in a.examples] == [e.input_ids for e in b.examples]
     assert [e.input_ids for e in a.examples] != [e.input_ids for e in c.examples]
@@ -129,7 +136,9 @@ def test_self_text_is_seeded_and_recorded(tiny, code_data, tmp_path):
     assert a.sha256 == b.sha256 != c.sha256
     options = ScoreOptions(method="piece-r", density=0.02, self_samples=5, self_length=7, seed=3)
     out = tmp_path / "m.safetensors"
-    score_checkpoint(str(tiny("llama")), code_data, options, retain=["self"], output=out, device="cpu")
+    score_checkpoint(
+        str(tiny("llama")), code_data, options, retain=["self"], output=out, run=RunOptions(device="cpu")
+    )
     record = load_mask(out).info.retain
     assert record.self_sampling == {"seed": 3, "samples": 5, "length": 7}
     assert record.sources[0].file == "self" and record.sources[0].sha256 == a.sha256
@@ -138,10 +147,9 @@ def test_self_text_is_seeded_and_recorded(tiny, code_data, tmp_path):
 def test_the_default_is_piece_r_keeping_the_models_own_text(tiny, code_data, tmp_path, cli):
     """Without --method or --retain, score and train select with piece-r on self text; a text
     is never longer than the model's context (GPT-2's 128 positions) or --max-length."""
-    from piece_surgery.cli import DEFAULT_METHOD
-    from piece_surgery.score import DEFAULT_METHOD as LIBRARY_DEFAULT
+    from piece_surgery.methods import DEFAULT_METHOD
 
-    assert DEFAULT_METHOD == LIBRARY_DEFAULT == ScoreOptions().method == "piece-r"
+    assert DEFAULT_METHOD == ScoreOptions().method == "piece-r"
     out = tmp_path / "m.safetensors"
     assert cli("score", tiny("gpt2"), "--data", code_data, "-o", out, "-q", "--self-samples", "2")[0] == 0
     info = load_mask(out).info
@@ -194,7 +202,9 @@ def test_avoid_excludes_exactly_the_avoided_entries(tiny, code_data, tmp_path, c
     assert cli("score", folder, "--data", code_data, "-o", first, "--density", "0.01", "-q")[0] == 0
     avoided = load_mask(first).indices
     options = ScoreOptions(method="piece-s", density=0.01)
-    mask, _, _ = score_checkpoint(str(folder), code_data, options, avoid=[str(first)], device="cpu")
+    mask, _, _ = score_checkpoint(
+        str(folder), code_data, options, avoid=[str(first)], run=RunOptions(device="cpu")
+    )
     scores = brute_force_scores(folder, code_data, "piece-s", batch_size=1)
     for name, idx in avoided.items():
         scores[name].view(-1)[idx] = -1.0  # below every real score: never among the top k
@@ -208,7 +218,9 @@ def test_avoid_excludes_exactly_the_avoided_entries(tiny, code_data, tmp_path, c
 
 def piece_r_mask(folder, code_data, general_data, path):
     options = ScoreOptions(method="piece-r", density=0.05)
-    score_checkpoint(str(folder), code_data, options, retain=[general_data], output=path, device="cpu")
+    score_checkpoint(
+        str(folder), code_data, options, retain=[general_data], output=path, run=RunOptions(device="cpu")
+    )
     return load_mask(path)
 
 
@@ -337,7 +349,7 @@ def test_bad_retain_input(tiny, code_data, general_data, tmp_path, cli):
 
 
 def test_defaults_fill_only_what_was_not_given():
-    from piece_surgery.trainer import DEFAULT_RETAIN_WEIGHT, TrainConfig
+    from piece_surgery.options import DEFAULT_RETAIN_WEIGHT, TrainConfig
 
     filled = TrainConfig().for_mask("piece-r", carries_fisher=True)
     assert (filled.lr, filled.retain_weight) == (1e-3, DEFAULT_RETAIN_WEIGHT)

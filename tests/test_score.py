@@ -8,6 +8,7 @@ from piece_surgery.checkpoint import load_causal_lm, parameter_keys, read_layout
 from piece_surgery.data import load_dataset, load_tokenizer
 from piece_surgery.importance import eligible_parameters
 from piece_surgery.mask import load_mask, select_top_k
+from piece_surgery.options import RunOptions
 from piece_surgery.score import ScoreOptions, score_checkpoint
 
 
@@ -70,7 +71,7 @@ def as_lists(indices):
 def test_estimators_match_brute_force(tiny, code_data, arch, method):
     folder = tiny(arch)
     mask, stats, _ = score_checkpoint(
-        str(folder), code_data, ScoreOptions(method=method, density=0.01), device="cpu"
+        str(folder), code_data, ScoreOptions(method=method, density=0.01), run=RunOptions(device="cpu")
     )
     expected_scores = brute_force_scores(folder, code_data, method, batch_size=1)
     k = int(0.01 * sum(s.numel() for s in expected_scores.values()))
@@ -82,18 +83,20 @@ def test_estimators_match_brute_force(tiny, code_data, arch, method):
 def test_micro_batch_defines_the_gradient(tiny, code_data):
     folder = tiny("llama")
     options = ScoreOptions(method="piece-f", density=0.01, batch_size=2)
-    mask, stats, _ = score_checkpoint(str(folder), code_data, options, device="cpu")
+    mask, stats, _ = score_checkpoint(str(folder), code_data, options, run=RunOptions(device="cpu"))
     expected = brute_force_scores(folder, code_data, "piece-f", batch_size=2)
     assert stats.batches == 3
     assert as_lists(mask.indices) == brute_force_top_k(expected, mask.k)
-    single, _, _ = score_checkpoint(str(folder), code_data, ScoreOptions("piece-f", 0.01), device="cpu")
+    single, _, _ = score_checkpoint(
+        str(folder), code_data, ScoreOptions("piece-f", 0.01), run=RunOptions(device="cpu")
+    )
     assert as_lists(single.indices) != as_lists(mask.indices)
 
 
 def test_magnitude_selects_largest_weights(tiny):
     folder = tiny("llama")
     mask, _, _ = score_checkpoint(
-        str(folder), None, ScoreOptions(method="magnitude", density=0.02), device="cpu"
+        str(folder), None, ScoreOptions(method="magnitude", density=0.02), run=RunOptions(device="cpu")
     )
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         weights = {n: f.get_tensor(n).abs() for n in f.keys() if "embed" not in n}
@@ -103,13 +106,13 @@ def test_magnitude_selects_largest_weights(tiny):
 def test_random_is_seeded(tiny):
     folder = str(tiny("llama"))
     a, _, _ = score_checkpoint(
-        folder, None, ScoreOptions(method="random", seed=1, density=0.01), device="cpu"
+        folder, None, ScoreOptions(method="random", seed=1, density=0.01), run=RunOptions(device="cpu")
     )
     b, _, _ = score_checkpoint(
-        folder, None, ScoreOptions(method="random", seed=1, density=0.01), device="cpu"
+        folder, None, ScoreOptions(method="random", seed=1, density=0.01), run=RunOptions(device="cpu")
     )
     c, _, _ = score_checkpoint(
-        folder, None, ScoreOptions(method="random", seed=2, density=0.01), device="cpu"
+        folder, None, ScoreOptions(method="random", seed=2, density=0.01), run=RunOptions(device="cpu")
     )
     assert as_lists(a.indices) == as_lists(b.indices)
     assert as_lists(a.indices) != as_lists(c.indices)
@@ -135,18 +138,28 @@ def test_select_top_k_handles_tiny_and_huge_values():
 
 def test_embeddings_excluded_by_default_and_include_exclude(tiny):
     llama, gpt2 = str(tiny("llama")), str(tiny("gpt2"))
-    mask, _, _ = score_checkpoint(llama, None, ScoreOptions(method="magnitude", density=0.5), device="cpu")
+    mask, _, _ = score_checkpoint(
+        llama, None, ScoreOptions(method="magnitude", density=0.5), run=RunOptions(device="cpu")
+    )
     assert not any("embed" in n for n in mask.shapes)
     assert "lm_head.weight" in mask.shapes
-    gmask, _, _ = score_checkpoint(gpt2, None, ScoreOptions(method="magnitude", density=0.5), device="cpu")
+    gmask, _, _ = score_checkpoint(
+        gpt2, None, ScoreOptions(method="magnitude", density=0.5), run=RunOptions(device="cpu")
+    )
     # GPT-2 names its tables wte/wpe; they are excluded as embeddings, and lm_head is tied to wte
     assert not any(n.endswith(("wte.weight", "wpe.weight")) for n in gmask.shapes)
     only_mlp, _, _ = score_checkpoint(
-        llama, None, ScoreOptions(method="magnitude", density=0.1, include=[r"\.mlp\."]), device="cpu"
+        llama,
+        None,
+        ScoreOptions(method="magnitude", density=0.1, include=[r"\.mlp\."]),
+        run=RunOptions(device="cpu"),
     )
     assert only_mlp.shapes and all(".mlp." in n for n in only_mlp.shapes)
     no_norm, _, _ = score_checkpoint(
-        llama, None, ScoreOptions(method="magnitude", density=0.1, exclude=["embed", "norm"]), device="cpu"
+        llama,
+        None,
+        ScoreOptions(method="magnitude", density=0.1, exclude=["embed", "norm"]),
+        run=RunOptions(device="cpu"),
     )
     assert not any("norm" in n for n in no_norm.shapes)
 
@@ -156,8 +169,8 @@ def test_sharded_checkpoint_gives_the_same_mask(tiny, code_data):
     sharded = tiny("llama", max_shard_size="20KB")
     assert (sharded / "model.safetensors.index.json").is_file()
     options = ScoreOptions(method="piece-s", density=0.01)
-    a, _, _ = score_checkpoint(str(single), code_data, options, device="cpu")
-    b, _, _ = score_checkpoint(str(sharded), code_data, options, device="cpu")
+    a, _, _ = score_checkpoint(str(single), code_data, options, run=RunOptions(device="cpu"))
+    b, _, _ = score_checkpoint(str(sharded), code_data, options, run=RunOptions(device="cpu"))
     assert as_lists(a.indices) == as_lists(b.indices)
 
 
@@ -174,11 +187,11 @@ def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_mask(tiny, 
     monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counted)
     folder = tiny("llama")
     plain, _, _ = score_checkpoint(
-        str(folder), code_data, ScoreOptions(method="piece-s", density=0.01), device="cpu"
+        str(folder), code_data, ScoreOptions(method="piece-s", density=0.01), run=RunOptions(device="cpu")
     )
     plain_calls = len(calls)
     options = ScoreOptions(method="piece-s", density=0.01, gradient_checkpointing=True)
-    checkpointed, _, _ = score_checkpoint(str(folder), code_data, options, device="cpu")
+    checkpointed, _, _ = score_checkpoint(str(folder), code_data, options, run=RunOptions(device="cpu"))
     assert len(calls) - plain_calls == 2 * plain_calls  # each layer ran again in backward
     assert as_lists(plain.indices) == as_lists(checkpointed.indices)
 
@@ -213,11 +226,13 @@ def test_score_cli_writes_documented_mask(tiny, code_data, tmp_path, cli):
 def test_per_tensor_normalisation_ranks_relative_scores(tiny, code_data):
     folder = tiny("llama")
     options = ScoreOptions(method="piece-f", density=0.02, normalize="tensor")
-    mask, _, _ = score_checkpoint(str(folder), code_data, options, device="cpu")
+    mask, _, _ = score_checkpoint(str(folder), code_data, options, run=RunOptions(device="cpu"))
     raw = brute_force_scores(folder, code_data, "piece-f", batch_size=1)
     relative = {n: s / s.double().mean().float() for n, s in raw.items()}
     assert as_lists(mask.indices) == brute_force_top_k(relative, mask.k)
-    plain, _, _ = score_checkpoint(str(folder), code_data, ScoreOptions("piece-f", 0.02), device="cpu")
+    plain, _, _ = score_checkpoint(
+        str(folder), code_data, ScoreOptions("piece-f", 0.02), run=RunOptions(device="cpu")
+    )
     assert as_lists(plain.indices) != as_lists(mask.indices)
 
 
@@ -225,6 +240,6 @@ def test_offloaded_accumulators_give_the_same_mask(tiny, code_data):
     """--offload-accumulators keeps the sums in host memory (on CPU: the same device); same result."""
     folder = tiny("llama")
     options = ScoreOptions(method="piece-s", density=0.01, offload_accumulators=True)
-    offloaded, _, _ = score_checkpoint(str(folder), code_data, options, device="cpu")
+    offloaded, _, _ = score_checkpoint(str(folder), code_data, options, run=RunOptions(device="cpu"))
     expected = brute_force_scores(folder, code_data, "piece-s", batch_size=1)
     assert as_lists(offloaded.indices) == brute_force_top_k(expected, offloaded.k)

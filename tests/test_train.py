@@ -9,6 +9,7 @@ from piece_surgery.checkpoint import load_causal_lm, open_checkpoint
 from piece_surgery.delta import load_delta
 from piece_surgery.loss import evaluate
 from piece_surgery.merge import apply
+from piece_surgery.options import RunOptions
 from piece_surgery.score import ScoreOptions, score_checkpoint
 from piece_surgery.trainer import TrainConfig, train_sparse
 
@@ -16,12 +17,12 @@ from piece_surgery.trainer import TrainConfig, train_sparse
 def setup(folder, data, density=0.02, dtype="float32", method="piece-s"):
     scoring_data = None if method in ("magnitude", "random") else data
     mask, _, _ = score_checkpoint(
-        str(folder), scoring_data, ScoreOptions(method=method, density=density), device="cpu"
+        str(folder), scoring_data, ScoreOptions(method=method, density=density), run=RunOptions(device="cpu")
     )
     checkpoint = open_checkpoint(folder)
     dataset = checkpoint.load_data(data)
-    model = checkpoint.load_model(device="cpu", dtype=dtype)
-    return mask, dataset, model, checkpoint.parameters(mask.indices)
+    loaded = checkpoint.load_model(device="cpu", dtype=dtype)
+    return mask, dataset, loaded.module, loaded.parameters(mask.indices)
 
 
 def test_only_masked_entries_change_and_loss_goes_down(tiny, code_data):

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from piece_surgery.errors import PieceError
+from piece_surgery.options import RunOptions
 from piece_surgery.testing import tiny_tokenizer
 
 EXAMPLES = int(os.environ.get("PIECE_FUZZ_EXAMPLES", "60"))
@@ -156,7 +157,9 @@ def work(tmp_path_factory, tiny):
 
     root = tmp_path_factory.mktemp("fuzz")
     model = shutil.copytree(tiny("llama", dtype=torch.bfloat16), root / "model")
-    mask, _, _ = score_checkpoint(str(model), None, ScoreOptions(method="random", density=0.01), device="cpu")
+    mask, _, _ = score_checkpoint(
+        str(model), None, ScoreOptions(method="random", density=0.01), run=RunOptions(device="cpu")
+    )
     save_mask(mask, root / "mask.safetensors")
     tuned = shutil.copytree(model, root / "tuned")
     tensors = load_file(tuned / "model.safetensors")

@@ -1,0 +1,103 @@
+"""The `piece-surgery` command line: parse options, call one library recipe, print. No logic here.
+
+Every command takes --json (its schema is in docs/cli.md) and -q/--quiet. A user error prints one
+line `error: ...` on stderr (and, under --json, {"error": ...} on stdout) and exits with code 2.
+The commands live in model_commands (score, train) and artifact_commands (diff, apply, inspect,
+push, export, import, tiny-model); this module is the entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from typing import Annotated
+
+import typer
+
+from piece_surgery.cli import (
+    artifact_commands,  # noqa: F401 - registers the other commands
+    model_commands,  # noqa: F401, I001 - registers score and train first
+)
+from piece_surgery.cli.common import app, err
+from piece_surgery.errors import PieceError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+def _version(value: bool) -> None:
+    if value:
+        from piece_surgery import __version__
+
+        print(f"piece-surgery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """PIECE importance masks, sparse fine-tuning and exact sparse deltas for HF checkpoints."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that temporaries are cleaned up as on Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _warn(message, category, filename, lineno, file=None, line=None) -> None:
+    err.print(f"warning: {message}", markup=False)
+
+
+def _report(message: str, code: int, as_json: bool) -> int:
+    err.print(f"error: {message}", markup=False)  # every rank says it
+    if as_json and os.environ.get("RANK", "0") == "0":  # one JSON object, as on success
+        print(json.dumps({"error": message, "exit_code": code}))
+    return code
+
+
+def _run(as_json: bool) -> int:
+    """The command, with user errors, interrupts and termination reported as one line."""
+    try:
+        code = app(standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except PieceError as exc:
+        return _report(str(exc), EXIT_USER_ERROR, as_json)
+    except typer.TyperException as exc:  # a usage error: unknown option, missing argument, bad value
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `piece-surgery`: the help, as click does
+            print(exc.format_message())
+            return EXIT_USER_ERROR
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        return _report(f"{exc.format_message()}{hint}", EXIT_USER_ERROR, as_json)
+    except (typer.Abort, KeyboardInterrupt):
+        return _report("interrupted; nothing was written", EXIT_INTERRUPTED, as_json)
+    except Terminated:
+        return _report("terminated; nothing was written", EXIT_TERMINATED, as_json)
+
+
+def main() -> None:
+    import warnings
+
+    warnings.showwarning = _warn
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        code = _run("--json" in sys.argv[1:])
+    finally:
+        # the command is over and reported: a launcher that stops the other ranks now may just end
+        # this one, and every exit path leaves the process group
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if "piece_surgery.distributed" in sys.modules:  # (--help never imports torch)
+            sys.modules["piece_surgery.distributed"].stop()
+    sys.exit(code)
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,311 @@
+"""Commands over masks and deltas: `diff`, `apply`, `inspect`, `push`, `export`, `import`, and
+`tiny-model` for trying the tool offline. Each parses its options, calls one library recipe and
+prints the record it returns."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from piece_surgery.cli.common import (
+    AsJson,
+    Compact,
+    OutputFolder,
+    Overwrite,
+    Quiet,
+    app,
+    emit,
+    out,
+    summary_table,
+)
+from piece_surgery.errors import PieceError
+
+
+@app.command("diff", short_help="The sparse delta between two checkpoints.")
+def diff_command(
+    base: Annotated[str, typer.Argument(help="Base checkpoint folder or Hub repo id.")],
+    tuned: Annotated[str, typer.Argument(help="Tuned checkpoint of the same architecture.")],
+    output: OutputFolder,
+    density: Annotated[
+        float | None,
+        typer.Option(help="Keep only this fraction of the floating-point entries, largest |change| first."),
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help="Keep only the k entries with the largest |change|.")
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="Hub repo id of the base, for the model card.")
+    ] = None,
+    compact: Compact = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """The sparse delta between two checkpoints (exact, or the largest changes only)."""
+    from piece_surgery.delta import write_diff
+
+    start = time.perf_counter()
+    written = write_diff(
+        base,
+        tuned,
+        output,
+        density=density,
+        top_k=top_k,
+        base_model=base_model,
+        overwrite=overwrite,
+        quiet=quiet,
+        compact=compact,
+    )
+    result = written.to_json(base=base, tuned=tuned, output=output, seconds=time.perf_counter() - start)
+    table = Table(title="changed entries per tensor")
+    table.add_column("tensor")
+    table.add_column("changed", justify="right")
+    table.add_column("fraction", justify="right")
+    for name, t in written.delta.tensors.items():
+        table.add_row(Text(name), f"{t.indices.numel():,}", f"{result['changed_fraction'][name]:.4%}")
+    lines = [
+        f"wrote {output}: {result['entries']:,} entries in {result['tensors']} tensors, "
+        f"{result['tensor_bytes']:,} bytes ({result['bytes_per_entry']:.1f} per entry)"
+    ]
+    emit("diff", result, as_json, lines, None if quiet else table)
+
+
+@app.command("apply", short_help="Merge deltas into a base checkpoint.")
+def apply_command(
+    base: Annotated[
+        str | None, typer.Argument(help="Base checkpoint folder or Hub repo id[@revision].")
+    ] = None,
+    deltas: Annotated[
+        list[str] | None, typer.Argument(help="One or more delta folders or Hub repo ids.")
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Merged checkpoint folder to write. [required unless --recipe]"),
+    ] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(help="A YAML recipe: base, deltas, scales, policy, output (instead of the rest)."),
+    ] = None,
+    scale: Annotated[
+        list[float] | None,
+        typer.Option(help="Scale of each delta (once for all, or once per delta). [default: 1]"),
+    ] = None,
+    on_conflict: Annotated[
+        str | None,
+        typer.Option(
+            help="Entries changed by deltas made side by side: sum, mean, ties or error. [default: sum]"
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check and print the plan; write nothing.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Apply even where the base differs from the deltas' base.")
+    ] = False,
+    allow_duplicates: Annotated[
+        bool, typer.Option("--allow-duplicates", help="Accept the same delta more than once.")
+    ] = False,
+    shard_size: Annotated[str | None, typer.Option(help="Re-shard the output, e.g. 2GB.")] = None,
+    original_base: Annotated[
+        str | None, typer.Option(help="The base compact deltas were made from (to apply them onto another).")
+    ] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Merge deltas into a base: W = W_base + sum of scale_i x delta_i, streamed shard by shard."""
+    from piece_surgery.merge import apply_recipe
+    from piece_surgery.recipe import Recipe, load_recipe
+
+    if recipe is not None:
+        arguments = {
+            "BASE": base,
+            "DELTAS": deltas,
+            "--output": output,
+            "--scale": scale,
+            "--on-conflict": on_conflict,
+            "--force": force,
+            "--allow-duplicates": allow_duplicates,
+            "--shard-size": shard_size,
+            "--original-base": original_base,
+        }
+        mixed = [name for name, value in arguments.items() if value]
+        if mixed:
+            raise PieceError(f"--recipe says everything {mixed[0]} would; give one or the other")
+        plan_recipe = load_recipe(recipe)
+    else:
+        plan_recipe = Recipe.from_arguments(
+            base,
+            deltas,
+            output,
+            scales=scale,
+            on_conflict=on_conflict,
+            force=force,
+            allow_duplicates=allow_duplicates,
+            shard_size=shard_size,
+            original_base=original_base,
+        )
+    merged = apply_recipe(plan_recipe, dry_run=dry_run, overwrite=overwrite, quiet=quiet)
+    report = merged.to_json()
+    o = merged.overlap
+    lines = [
+        f"{len(report['deltas'])} delta(s) onto {report['base']}: {report['entries']:,} entries in "
+        f"{report['tensors']} tensors; output {report['output_bytes']:,} bytes in "
+        f"{report['output_files']} file(s)",
+        f"overlap: {o.shared:,} shared entries ({o.chained:,} chained, {o.conflicts:,} conflicting, "
+        f"{o.sign_disagreements:,} with opposite signs)",
+        "dry run: nothing written" if dry_run else f"wrote {report['output']}",
+    ]
+    emit("apply", report, as_json, lines)
+
+
+@app.command("push", short_help="Share a delta or a mask on the Hub.")
+def push_command(
+    path: Annotated[Path, typer.Argument(help="A delta folder (or a mask file) to upload.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo id, user/name; created if missing.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Branch to push to (created if missing).")] = None,
+    commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
+    token: Annotated[str | None, typer.Option(help="Hub token (else HF_TOKEN or the stored login).")] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead.")] = False,
+    base_model: Annotated[
+        str | None, typer.Option(help="Hub repo id of the base, for the card (when it was a local folder).")
+    ] = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Share a delta (or a mask) on the Hugging Face Hub."""
+    from piece_surgery.artifacts import push
+
+    result = push(
+        path,
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        token=token,
+        create_pr=create_pr,
+        base_model=base_model,
+        quiet=quiet,
+    )
+    lines = [f"pushed {path} to {result['url']} ({result['revision']}, commit {result['commit'][:12]})"]
+    if result["pr_url"]:
+        lines.append(f"pull request: {result['pr_url']}")
+    emit("push", {"path": str(path), **result}, as_json, lines)
+
+
+@app.command("inspect", short_help="Summarise a mask or a delta.")
+def inspect_command(
+    path: Annotated[str, typer.Argument(help="A mask file or a delta folder (path or Hub repo id).")],
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Summarise a mask or a delta: per layer, per module kind, size."""
+    from piece_surgery.artifacts import open_artifact, summarize
+
+    summary = summarize(open_artifact(path))
+    if as_json:
+        emit("inspect", {"path": path, **summary}, as_json)
+        return
+    if not quiet:
+        out.print(summary_table(summary, "by_kind", "module kind"))
+        out.print(summary_table(summary, "by_layer", "layer"))
+    entries, tensors = summary["entries"], summary["tensors"]
+    if summary["kind"] == "mask":
+        lines = [
+            f"mask {path}: {entries:,} of {summary['eligible']:,} eligible entries "
+            f"({summary['method']}, density {summary['density']})",
+            f"{tensors} tensors touched; norm weights hold {summary['norm_share']:.1%}",
+            f"size on disk {summary['file_bytes']:,} bytes",
+        ]
+    else:
+        lines = [
+            f"delta {path}: {entries:,} changed entries in {tensors} tensors",
+            f"{summary['tensor_bytes']:,} bytes of tensor data, "
+            f"{summary['bytes_per_entry']:.2f} bytes per changed entry",
+        ]
+    emit("inspect", summary, False, lines)
+
+
+@app.command("export", short_help="Write a delta as a PEFT adapter.")
+def export_command(
+    delta: Annotated[str, typer.Argument(help="A delta folder or Hub repo id.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Adapter folder to write.")],
+    to: Annotated[str, typer.Option("--to", help="The format: peft (a SHiRA adapter).")] = "peft",
+    base: Annotated[
+        str | None, typer.Option(help="The delta's base (default: the Hub repo it records).")
+    ] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Write a delta as an adapter other tools load: PEFT's PeftModel.from_pretrained."""
+    from piece_surgery.peft_interop import export_peft
+
+    if to != "peft":
+        raise PieceError(f"unknown --to '{to}'; the one format is peft")
+    start = time.perf_counter()
+    exported = export_peft(delta, output, base_ref=base, overwrite=overwrite)
+    result = exported.to_json(delta=delta, output=output, seconds=time.perf_counter() - start)
+    saved = exported.adapter_bytes
+    lines = [
+        f"wrote {output}: a SHiRA adapter (r={exported.r}) of {exported.entries:,} entries in "
+        f"{exported.linear_layers} linear layers, padded with {exported.padding:,} unchanged ones",
+        f"{saved:,} bytes ({saved / max(exported.entries, 1):.1f} per entry)"
+        + (f"; norm gains saved whole: {len(exported.saved_modules)}" if exported.saved_modules else ""),
+    ]
+    emit("export", result, as_json, lines)
+
+
+@app.command("import", short_help="Turn a PEFT adapter into a delta.")
+def import_command(
+    adapter: Annotated[str, typer.Argument(help="A PEFT adapter folder or Hub repo id (SHiRA, LoRA, ...).")],
+    output: OutputFolder,
+    base: Annotated[
+        str | None, typer.Option(help="The adapter's base (default: the one its config names).")
+    ] = None,
+    compact: Compact = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """A delta from a PEFT adapter that merges into its base: every entry the merge changes."""
+    from piece_surgery.peft_interop import import_peft
+
+    start = time.perf_counter()
+    imported = import_peft(adapter, output, base_ref=base, overwrite=overwrite, compact=compact)
+    result = imported.to_json(adapter=adapter, output=output, seconds=time.perf_counter() - start)
+    emit(
+        "import",
+        result,
+        as_json,
+        [f"wrote {output}: {result['entries']:,} entries in {result['tensors']} tensors"],
+    )
+
+
+@app.command("tiny-model", short_help="Write a tiny random model (offline).")
+def tiny_model_command(
+    output: Annotated[Path, typer.Argument(help="Folder to write the tiny random model to.")],
+    arch: Annotated[str, typer.Option(help="llama, gpt2 or qwen2.")] = "llama",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Write a tiny random causal LM with a tokenizer (for trying the tool offline)."""
+    from piece_surgery.testing import write_tiny_model
+
+    start = time.perf_counter()
+    write_tiny_model(output, arch, seed=seed, overwrite=overwrite)
+    result = {
+        "output": str(output),
+        "arch": arch,
+        "seed": seed,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    emit("tiny-model", result, as_json, [f"wrote tiny {arch} model to {output}"])

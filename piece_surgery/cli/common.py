@@ -1,0 +1,115 @@
+"""What every command shares: the Typer app, the output consoles, the options several commands take
+(their help text comes from the library's records), and printing a result once, from rank 0."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import typing
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="PIECE importance masks, sparse fine-tuning and exact sparse deltas for HF checkpoints.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode=None,  # plain help: readable at 80 columns, option names never clipped
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+Compact = Annotated[
+    bool, typer.Option("--compact", help="Write format 2: index gaps and tuned values, ~half the bytes.")
+]
+
+
+def say(line: str) -> None:
+    """Print a line as it is: user text (paths, names) may hold `[...]`, which is never markup."""
+    out.print(line, markup=False)
+
+
+def emit(
+    command: str, result: dict, as_json: bool, lines: list[str] = (), table: Table | None = None
+) -> None:
+    """Print a command's result: one JSON object with --json, else the table and the lines. Under
+    a launcher, rank 0 speaks for every rank."""
+    from piece_surgery import distributed
+
+    world = distributed.current()
+    if world is not None and not world.is_main:
+        return
+    if as_json:
+        print(json.dumps({"command": command, **result}, indent=2, default=str))
+        return
+    if table is not None:
+        out.print(table)
+    for line in lines:
+        say(line)
+
+
+def given(**options) -> dict:
+    """The options the user gave (those left at None take the library's defaults)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def option_help(record: type, name: str) -> str:
+    """An option's help text, as the library's record declares it on the field."""
+    from piece_surgery.records import help_of
+
+    return help_of(record, name)
+
+
+def takes_run_options(command):
+    """Give a command every field of RunOptions as an option (--device, --dtype, --max-length, ...),
+    with the help text the field declares; the command receives them as one `run` argument. A new
+    run option is then one field of RunOptions and nothing here."""
+    from piece_surgery.options import RunOptions
+
+    hints = typing.get_type_hints(RunOptions)
+    added = []
+    for f in dataclasses.fields(RunOptions):
+        if f.metadata.get("cli", True) is False:
+            continue
+        option = typer.Option(f"--{f.name.replace('_', '-')}", help=f.metadata.get("help", ""))
+        added.append(
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=f.default,
+                annotation=Annotated[hints[f.name], option],
+            )
+        )
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "run"]
+
+    @functools.wraps(command)
+    def with_run_options(**kwargs):
+        values = {p.name: kwargs.pop(p.name) for p in added}
+        return command(run=RunOptions(quiet=kwargs.get("quiet", False), **values), **kwargs)
+
+    with_run_options.__signature__ = inspect.Signature([*own, *added])
+    return with_run_options
+
+
+def summary_table(summary: dict, key: str, title: str) -> Table:
+    table = Table(title=f"{summary['kind']} by {title}")
+    table.add_column(title)
+    table.add_column("entries", justify="right")
+    table.add_column("of", justify="right")
+    table.add_column("fraction", justify="right")
+    for name, row in summary[key].items():
+        frac = row["entries"] / row["size"] if row["size"] else 0.0
+        table.add_row(name, f"{row['entries']:,}", f"{row['size']:,}", f"{frac:.4%}")
+    return table
+
+
+OutputFolder = Annotated[Path, typer.Option("-o", "--output", help="Delta folder to write.")]
