@@ -374,3 +374,50 @@ def test_switching_between_deltas_is_exact(tiny, tmp_path, dtype):
         DeltaSwitcher(AutoModelForCausalLM.from_pretrained(t2, dtype=dtype)).add(
             "one", diff(str(base), str(t1))
         )
+
+
+def _edit(folder, name, edit):
+    """Change tensor `name` of a checkpoint folder in place: edit(flat view)."""
+    from safetensors.torch import load_file, save_file
+
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(file)
+        if name in tensors:
+            edit(tensors[name].view(-1))
+            save_file(tensors, file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_partly_mismatched_base_gives_the_same_weights_in_memory_and_in_a_folder(tiny, tmp_path, dtype):
+    """--force onto a base that differs at some of a tensor's delta entries: the entries still on the
+    recorded base get the tuned bits, the others base + change; apply_to_model and the merged
+    folder agree bit for bit (one exactness rule, decided per entry)."""
+    import shutil
+
+    from piece_surgery.checkpoint import open_checkpoint
+
+    base = shutil.copytree(tiny("llama", dtype=dtype), tmp_path / "base")
+    name = "model.layers.0.mlp.down_proj.weight"
+    _edit(base, name, lambda flat: flat.__setitem__(0, 0.0))  # +0.0 in the base ...
+    tuned = perturb(base, tmp_path / "tuned", fraction=0.05, seed=1, names=[name])
+    _edit(tuned, name, lambda flat: flat.__setitem__(0, -0.0))  # ... -0.0 tuned: base + change is +0.0
+    save_delta(diff(str(base), str(tuned)), tmp_path / "delta")
+    t = load_delta(tmp_path / "delta").tensors[name]
+    assert int(t.indices[0]) == 0
+    moved, kept = t.indices[1::2], t.indices[0::2]
+    other = perturb(base, tmp_path / "other", fraction=0.0, seed=9)
+    _edit(other, name, lambda flat: flat.__setitem__(moved, (flat[moved].double() + 0.25).to(flat.dtype)))
+
+    apply(str(other), [str(tmp_path / "delta")], tmp_path / "merged", force=True)
+    on_disk = read_all(tmp_path / "merged")
+    model = open_checkpoint(str(other)).load_model(device="cpu").module
+    apply_to_model(model, load_delta(tmp_path / "delta"), force=True)
+    in_memory = model.state_dict()
+    assert all(bitwise_equal(in_memory[k], on_disk[k]) for k in on_disk if k in in_memory)
+    # the rule, per entry: tuned bits where the base matched (the -0.0 included) ...
+    got, w = on_disk[name].view(-1), read_all(tuned)[name].view(-1)
+    assert bitwise_equal(got[kept], w[kept]) and str(float(got[0])) == "-0.0"
+    # ... and base + change, rounded once, where it did not
+    o, b = read_all(other)[name].view(-1), read_all(base)[name].view(-1)
+    expected = (o[moved].double() + (w[moved].double() - b[moved].double())).to(dtype)
+    assert bitwise_equal(got[moved], expected)
