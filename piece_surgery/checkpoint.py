@@ -268,12 +268,23 @@ class Checkpoint:
         return pad_id(self.load_tokenizer())
 
     def load_data(
-        self, path: Path, *, max_length: int = 512, max_samples: int | None = None, quiet: bool = True
+        self,
+        path: Path,
+        *,
+        max_length: int = 512,
+        max_samples: int | None = None,
+        quiet: bool = True,
+        name: str | None = None,
     ) -> Dataset:
         tokenizer = self.load_tokenizer()
-        with Progress(None, f"reading {Path(path).name}", quiet=quiet) as bar:
+        with Progress(None, f"reading {name or Path(path).name}", quiet=quiet) as bar:
             return load_dataset(
-                path, tokenizer, max_length=max_length, max_samples=max_samples, progress=bar.advance
+                path,
+                tokenizer,
+                max_length=max_length,
+                max_samples=max_samples,
+                progress=bar.advance,
+                name=name,
             )
 
     def load_model(

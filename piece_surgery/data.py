@@ -168,9 +168,16 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
 
 
 def load_dataset(
-    path: Path, tokenizer, *, max_length: int = 512, max_samples: int | None = None, progress=None
+    path: Path,
+    tokenizer,
+    *,
+    max_length: int = 512,
+    max_samples: int | None = None,
+    progress=None,
+    name: str | None = None,
 ) -> Dataset:
-    """Read and tokenize a data file; examples with no loss-bearing token are skipped and counted."""
+    """Read and tokenize a data file; examples with no loss-bearing token are skipped and counted.
+    `name` is how records name it (default: the file's name)."""
     if max_length < 2:
         raise PieceError("--max-length must be at least 2")
     if max_samples is not None and max_samples < 1:
@@ -190,7 +197,12 @@ def load_dataset(
             f"no example in '{path}' has a loss-bearing token (after truncation to {max_length} tokens)"
         )
     return Dataset(
-        kept, Path(path).name, file_sha256(Path(path)), len(records), len(records) - len(kept), max_length
+        kept,
+        name or Path(path).name,
+        file_sha256(Path(path)),
+        len(records),
+        len(records) - len(kept),
+        max_length,
     )
 
 

@@ -19,6 +19,13 @@ from piece_surgery.records import AvoidRecord
 from piece_surgery.run import Run
 
 SELF = "self"  # --retain self: text sampled from the model itself
+GENERAL = "general"  # --retain general: the general-text set shipped with the package
+NAMED_SETS = (SELF, GENERAL)  # retain sources named by a word, not a path
+
+
+def general_text() -> Path:
+    """The shipped general-text retain set (piece_surgery/resources/README.md says what it is)."""
+    return Path(__file__).parent / "resources" / "general.jsonl"
 
 
 @dataclass
@@ -43,9 +50,12 @@ def read_scoring_inputs(
     """Read the retain files (tokenized as the run says) and the entries to avoid."""
     inputs = ScoringInputs()
     for ref in retain:
-        inputs.retain.append(
-            SELF if str(ref) == SELF else run.data(checkpoint, Path(ref), every_example=True)
-        )
+        if str(ref) == SELF:
+            inputs.retain.append(SELF)
+        elif str(ref) == GENERAL:
+            inputs.retain.append(run.data(checkpoint, general_text(), every_example=True, name=GENERAL))
+        else:
+            inputs.retain.append(run.data(checkpoint, Path(ref), every_example=True))
     for ref in avoid:
         entries, record = _avoided(ref, checkpoint)
         for name, idx in entries.items():

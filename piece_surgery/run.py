@@ -61,13 +61,16 @@ class Run:
     def open(self, ref: str, *, what: str = "model") -> Checkpoint:
         return open_checkpoint(ref, what=what, trust_remote_code=self.options.trust_remote_code)
 
-    def data(self, checkpoint: Checkpoint, path: Path, *, every_example: bool = False) -> Dataset:
+    def data(
+        self, checkpoint: Checkpoint, path: Path, *, every_example: bool = False, name: str | None = None
+    ) -> Dataset:
         """A data file tokenized for this run (--max-samples applies unless `every_example`)."""
         return checkpoint.load_data(
             Path(path),
             max_length=self.options.max_length,
             max_samples=None if every_example else self.options.max_samples,
             quiet=self.quiet,
+            name=name,
         )
 
     def load_model(self, checkpoint: Checkpoint) -> LoadedModel:

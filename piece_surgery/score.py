@@ -27,7 +27,7 @@ from piece_surgery.methods import ScoreInputs, method_named
 from piece_surgery.options import RunOptions, ScoreOptions
 from piece_surgery.progress import Progress
 from piece_surgery.records import CheckpointIdentity, RetainRecord
-from piece_surgery.retain import SELF, Avoided, ScoringInputs, read_scoring_inputs, sample_self
+from piece_surgery.retain import NAMED_SETS, SELF, Avoided, ScoringInputs, read_scoring_inputs, sample_self
 from piece_surgery.run import Run
 from piece_surgery.sharding import is_sharded, local_part
 
@@ -340,7 +340,7 @@ def score_checkpoint(
     session = Run(run)
     retain = retain_sources(options.method, retain)
     if output is not None:
-        inputs = [model_ref, data, *(r for r in retain if str(r) != SELF), *avoid]
+        inputs = [model_ref, data, *(r for r in retain if str(r) not in NAMED_SETS), *avoid]
         session.check_output(Path(output), inputs=inputs, overwrite=overwrite, kind="file")
     checkpoint = session.open(model_ref)
     dataset = session.data(checkpoint, data) if method_named(options.method).needs_data else None

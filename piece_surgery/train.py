@@ -15,7 +15,7 @@ from piece_surgery.mask import Mask, check_mask_fits
 from piece_surgery.methods import method_named
 from piece_surgery.outputs import remove_stale_temporaries
 from piece_surgery.progress import Progress
-from piece_surgery.retain import SELF, read_scoring_inputs
+from piece_surgery.retain import NAMED_SETS, read_scoring_inputs
 from piece_surgery.run import Run, RunOptions
 from piece_surgery.score import ScoreOptions, check_retain, retain_sources, score_loaded
 from piece_surgery.train_state import remove_state
@@ -78,7 +78,7 @@ def train_checkpoint(
     output = Path(output)
     _check_options(config, mask_ref, score_options, retain, avoid, eval_data)
     session = Run(run)
-    extra = [mask_ref, eval_data, *(r for r in retain if str(r) != SELF), *avoid]
+    extra = [mask_ref, eval_data, *(r for r in retain if str(r) not in NAMED_SETS), *avoid]
     session.check_output(output, inputs=[model_ref, data, *extra], overwrite=overwrite)
     state_dir = _state_dir(output, resume=resume, overwrite=overwrite, session=session)
     mask = open_mask(mask_ref) if mask_ref is not None else None

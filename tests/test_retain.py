@@ -357,3 +357,23 @@ def test_defaults_fill_only_what_was_not_given():
     assert TrainConfig().for_mask("piece-s", carries_fisher=False).lr == 1e-4
     given = TrainConfig(lr=5e-3, retain_weight=0.0).for_mask("piece-r", carries_fisher=True)
     assert (given.lr, given.retain_weight) == (5e-3, 0.0)
+
+
+def test_the_shipped_general_text_is_a_retain_set(tiny, code_data):
+    """--retain general reads the set shipped in the package, and the mask records it by name and
+    by the file's sha256 (every text of it, none cut by --max-samples)."""
+    from piece_surgery.records import file_sha256
+    from piece_surgery.retain import general_text
+
+    options = ScoreOptions(method="piece-r", density=0.02)
+    mask = score_checkpoint(
+        str(tiny("llama")),
+        code_data,
+        options,
+        RunOptions(device="cpu", max_length=64, max_samples=2),
+        retain=["general"],
+    ).mask
+    (source,) = mask.info.retain.sources
+    lines = [line for line in general_text().read_text().splitlines() if line.strip()]
+    assert source.file == "general" and source.sha256 == file_sha256(general_text())
+    assert source.examples == len(lines) == 128 and mask.info.retain.self_sampling is None
