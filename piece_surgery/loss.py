@@ -16,14 +16,22 @@ def batch_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
 
 
-def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the loss-bearing tokens of a micro-batch, and their count."""
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The summed cross-entropy (nats, fp32 scalar) over a micro-batch's loss-bearing tokens, and
+    their count. `logits` (batch, length, vocab) predict the next token; `labels` (batch, length)
+    carry IGNORE where a token bears no loss (prompt, padding)."""
     # Shift the labels, not the logits: slicing the logits would copy a (tokens x vocab) tensor.
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
     count = int((shifted != IGNORE).sum())
     loss = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), shifted, ignore_index=IGNORE, reduction="sum"
     )
+    return loss, count
+
+
+def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the loss-bearing tokens of a micro-batch, and their count."""
+    loss, count = token_loss_sum(logits, labels)
     return loss / max(count, 1), count
 
 

@@ -19,7 +19,7 @@ from piece_surgery.checkpoint import enable_activation_checkpointing
 from piece_surgery.data import Dataset, collate
 from piece_surgery.distributed import World, register_error
 from piece_surgery.errors import PieceError
-from piece_surgery.loss import batch_logits, evaluate, mean_token_loss
+from piece_surgery.loss import batch_logits, evaluate, token_loss_sum
 from piece_surgery.naming import is_norm
 from piece_surgery.options import TrainConfig
 from piece_surgery.sparse_grad import SparseParameters
@@ -101,7 +101,9 @@ def train_sparse(
     the model holds them (rounded to its dtype) when this returns. `config.lr` must be set
     (TrainConfig.for_mask fills the default of a mask's method).
 
-    Each optimizer step's loss is the mean of its micro-batches' mean token losses. With `state_dir` and
+    Each optimizer step's loss is the mean token loss over the step's loss-bearing tokens (summed
+    over its micro-batches and ranks), so any split of a global batch trains the same values. With
+    `state_dir` and
     `config.save_every`, a resumable state is written there atomically every `save_every` steps;
     `resume=True` continues from it (`resume_key` must match the saved one). `sparse_linear=False`
     computes every masked tensor's dense gradient and keeps its k entries (the slower reference
@@ -335,13 +337,14 @@ class _MicroBatchLoss:
             # the values module has no buffers: nothing to broadcast but the values at the start
             self.ddp = DistributedDataParallel(_ValuesModule(sparse, model), device_ids=device_ids)
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def loss_sum(self, batch: dict) -> torch.Tensor:
+        """The micro-batch's summed token loss (nats), with its graph."""
         # the model's own forward even under DDP: a backward without a DDP forward only adds to
         # the local gradients (DDP's hooks expect none), and DDP's own collectives (its bucket
         # rebuild) then run in synchronise() alone, once per step on every rank
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             logits = batch_logits(self.model, batch)
-        loss, _ = mean_token_loss(logits, batch["labels"])
+        loss, _ = token_loss_sum(logits, batch["labels"])
         return loss  # the logits die here: backward needs only the log-probabilities
 
     def synchronise(self) -> None:
@@ -357,8 +360,14 @@ class _MicroBatchLoss:
 def _step_gradients(
     forward: _MicroBatchLoss, dataset: Dataset, step: int, config: TrainConfig, pad_id: int
 ) -> float:
-    """Accumulate one optimizer step's gradient over its micro-batches; returns the step's mean loss
-    over every micro-batch, or the first non-finite loss (whose backward is skipped).
+    """Accumulate one optimizer step's gradient over its micro-batches; returns the step's mean token
+    loss, or the first non-finite loss (whose backward is skipped).
+
+    The step's loss is the mean over every loss-bearing token of the step: each micro-batch adds its
+    summed token loss divided by the step's token count (summed over micro-batches and ranks, known
+    to every rank from the data), so any split of the same global batch (--batch-size x
+    --grad-accum x ranks) trains the same values, up to float rounding. (Scoring keeps PIECE's
+    per-micro-batch mean: there the micro-batch defines g_b.)
 
     Under DDP each rank takes every size-th micro-batch and accumulates locally; once every rank
     is known to be fine, one synchronised backward of a zero loss adds up the accumulated values'
@@ -367,14 +376,15 @@ def _step_gradients(
     world = forward.world
     ranks = world.size if world is not None else 1
     chosen = step_examples(step, len(dataset.examples), config, ranks)
+    step_tokens = sum(dataset.examples[i].loss_tokens for i in chosen)
     groups = [chosen[i : i + config.batch_size] for i in range(0, len(chosen), config.batch_size)]
-    weight = ranks / len(groups)  # a micro-batch's share of the mean; DDP averages over the ranks
+    weight = ranks / step_tokens  # DDP averages the ranks' gradients: x ranks makes it their sum
     mine = groups[world.rank :: ranks] if world is not None else groups
     total, bad = 0.0, None
     for group in mine:
         examples = [dataset.examples[i] for i in group]
         batch = {k: v.to(forward.device) for k, v in collate(examples, pad_id).items()}
-        loss = forward.loss(batch)
+        loss = forward.loss_sum(batch)
         value = float(loss.detach())
         if not math.isfinite(value):
             bad = value
@@ -383,13 +393,13 @@ def _step_gradients(
         (loss * weight).backward()
         del loss  # before the next forward
     if world is None:
-        return bad if bad is not None else total / len(groups)
+        return bad if bad is not None else total / step_tokens
     bad = next((v for v in world.gather(bad) if v is not None), None)
     if bad is not None:
         world.barrier()  # leave together: a rank that quits first cuts the others' last transfers
         return bad
     forward.synchronise()
-    return world.sum(total) / len(groups)
+    return world.sum(total) / step_tokens
 
 
 def _use_bf16_autocast(model: torch.nn.Module) -> bool:

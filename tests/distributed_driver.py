@@ -39,7 +39,7 @@ def instrument() -> None:
 
         trainer._MicroBatchLoss.__init__ = with_hook
     if os.environ.get("PIECE_TEST_NAN_RANK") == str(rank):
-        real_loss = trainer.mean_token_loss
+        real_loss = trainer.token_loss_sum
         calls = [0]
 
         def nan_loss(logits, labels):
@@ -47,7 +47,7 @@ def instrument() -> None:
             loss, count = real_loss(logits, labels)
             return (loss * float("nan") if calls[0] >= 3 else loss), count
 
-        trainer.mean_token_loss = nan_loss
+        trainer.token_loss_sum = nan_loss
     if os.environ.get("PIECE_TEST_STOP_AT"):
         stop_at, every = int(os.environ["PIECE_TEST_STOP_AT"]), int(os.environ["PIECE_TEST_SAVE_EVERY"])
         real_save, real_gather = trainer.save_state, trainer.World.gather

@@ -86,6 +86,25 @@ def test_distributed_train_matches_one_process_with_the_same_global_batch(tiny, 
         )
 
 
+def test_ranks_split_a_global_batch_like_one_process(tiny, tmp_path, mask, cli):
+    """2 ranks x batch 2 against 1 process x batch 4, on examples of very different lengths: the
+    step's loss is the mean over all the step's tokens, over ranks too, so the values agree."""
+    data = tmp_path / "mixed.txt"
+    data.write_text("\n".join(("x = 1", "import os " * 9, "a", "def f(x): return x * 2 " * 3)) + "\n")
+    model = tiny("llama")
+    assert (
+        cli(*train_args(model, data, mask, tmp_path / "one", "--batch-size", "4", "--max-steps", "3"))[0] == 0
+    )
+    run = torchrun(*train_args(model, data, mask, tmp_path / "two", "--batch-size", "2", "--max-steps", "3"))
+    assert run.returncode == 0, run.stderr
+    one, two = (load_file(tmp_path / d / "delta.safetensors") for d in ("one", "two"))
+    assert one.keys() == two.keys()
+    for key in (k for k in one if k.endswith("::tuned")):
+        torch.testing.assert_close(
+            two[key].view(torch.float32), one[key].view(torch.float32), rtol=1e-5, atol=1e-6
+        )
+
+
 def test_only_the_k_trained_values_are_communicated(tiny, data, mask, tmp_path):
     log = tmp_path / "comm.jsonl"
     run = torchrun(
