@@ -28,6 +28,40 @@ from piece_surgery.records import CheckpointIdentity
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# Besides its weights and index, the files that belong to a model: its config, generation config,
+# tokenizer, chat template, processor (image, video) configs, card and licence. A merged folder
+# copies these from its base and nothing else (no stale pickle weights, adapters, optimizer states).
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "README.md",
+    "LICENSE",
+    "LICENSE.md",
+    "LICENSE.txt",
+    "NOTICE",
+    "NOTICE.txt",
+)
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files of `folder` that belong to the model besides its weights (MODEL_FILES)."""
+    return [folder / name for name in MODEL_FILES if (folder / name).is_file()]
 
 
 @dataclass(frozen=True)
@@ -225,6 +259,8 @@ class LoadedModel:
 
     module: torch.nn.Module
     keys: dict[str, str]  # model parameter name -> tensor name in the checkpoint's files
+    # a tied parameter stored under several names: the name in `keys` -> the others (stored_aliases)
+    aliases: dict[str, list[str]] = field(default_factory=dict)
 
     def parameters(self, names: Iterable[str] | None = None) -> dict[str, torch.nn.Parameter]:
         """The parameters by stored tensor name (all, or the named ones: KeyError for another)."""
@@ -287,6 +323,62 @@ class Checkpoint:
                 name=name,
             )
 
+    def skeleton(self) -> torch.nn.Module:
+        """The model of this checkpoint's config on the meta device (names, shapes, ties; no
+        weights): PieceError for a config transformers cannot build."""
+        import transformers
+        from transformers import AutoConfig
+
+        verbosity = transformers.utils.logging.get_verbosity()
+        transformers.utils.logging.set_verbosity_error()
+        try:
+            config = AutoConfig.from_pretrained(self.folder, trust_remote_code=self.trust_remote_code)
+            return model_skeleton(config, trust_remote_code=self.trust_remote_code)
+        except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+            raise PieceError(
+                f"cannot read the model config of '{self.identity.name}': {first_line(exc)}"
+            ) from exc
+        finally:
+            transformers.utils.logging.set_verbosity(verbosity)
+
+    def vocab_size(self) -> int | None:
+        """Rows of the model's input embedding table, as its config says (None if it does not)."""
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(self.folder, trust_remote_code=self.trust_remote_code)
+        except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+            raise PieceError(
+                f"cannot read the model config of '{self.identity.name}': {first_line(exc)}"
+            ) from exc
+        size = getattr(config.get_text_config(), "vocab_size", None)
+        return size if isinstance(size, int) and size > 0 else None
+
+    def check_token_ids(self, dataset: Dataset) -> None:
+        """Every token id of `dataset` is a row of the model's embedding table (a tokenizer with
+        added tokens and a model not resized would index past it: a crash, or on a GPU a device
+        assert, in the middle of a run)."""
+        rows = self.vocab_size()
+        largest = max((max(e.input_ids) for e in dataset.examples if e.input_ids), default=-1)
+        if rows is not None and largest >= rows:
+            raise PieceError(
+                f"'{dataset.name}' has token id {largest}, but the model's embedding table has {rows} "
+                "rows: the tokenizer has tokens the model lacks; resize the model's embeddings "
+                "(and save it), or use the tokenizer the model was trained with"
+            )
+
+    def used_names(self) -> dict[str, str]:
+        """The stored tensors the model uses (its parameters and persistent buffers): stored name ->
+        the model's name for it. A stored tensor not here is one loading ignores."""
+        skeleton = self.skeleton()
+        prefix = getattr(skeleton, "base_model_prefix", "") or ""
+        found = {}
+        for name in skeleton.state_dict(keep_vars=True):
+            stored = stored_name(name, prefix, self.layout)
+            if stored is not None:
+                found.setdefault(stored, name)
+        return found
+
     def load_model(
         self,
         *,
@@ -306,7 +398,7 @@ class Checkpoint:
                 layout=self.layout,
                 attn_implementation=attn_implementation,
             )
-        return LoadedModel(module, parameter_keys(module, self.layout))
+        return LoadedModel(module, parameter_keys(module, self.layout), stored_aliases(module, self.layout))
 
 
 def model_dtype(name: str) -> torch.dtype:
@@ -318,8 +410,17 @@ def model_dtype(name: str) -> torch.dtype:
 
 
 def open_checkpoint(ref: str, *, what: str = "model", trust_remote_code: bool = False) -> Checkpoint:
-    """Resolve a folder or Hub repo id and read its layout and identity (headers and a few KB only)."""
+    """Resolve a folder or Hub repo id and read its layout and identity (headers and a few KB only).
+
+    A folder that also holds a PEFT adapter is refused before any work: transformers, given such a
+    folder, loads the base the adapter names and the adapter, not the folder's own weights."""
     source = resolve(str(ref), what=what)
+    if (source.path / ADAPTER_CONFIG).is_file():
+        raise PieceError(
+            f"{what} '{ref}' also holds a PEFT adapter ({ADAPTER_CONFIG}): transformers would load the "
+            "base the adapter names and the adapter, not this folder's weights; move the adapter's "
+            "files out (or give the adapter to `piece-surgery import`)"
+        )
     layout = read_layout(source.path)
     identity = CheckpointIdentity(
         name=source.name,
@@ -353,6 +454,12 @@ def load_causal_lm(
     transformers.utils.logging.set_verbosity_error()
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        if getattr(config, "quantization_config", None):
+            raise PieceError(
+                f"'{folder}' has a quantization_config in config.json: transformers would quantize the "
+                "weights on loading, so the model would not be the files' weights; give an unquantized "
+                "checkpoint"
+            )
         _check_shapes(config, layout, trust_remote_code)
         model, info = AutoModelForCausalLM.from_pretrained(
             folder,
@@ -373,12 +480,17 @@ def load_causal_lm(
     return model.to(device)
 
 
-def _check_shapes(config, layout: dict[str, TensorInfo], trust_remote_code: bool) -> None:
-    """Compare the files' tensor shapes with those the config asks for (on an empty meta model)."""
+def model_skeleton(config, *, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model a config describes, on the meta device: its names, shapes and ties, no weights."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _check_shapes(config, layout: dict[str, TensorInfo], trust_remote_code: bool) -> None:
+    """Compare the files' tensor shapes with those the config asks for (on an empty meta model)."""
+    skeleton = model_skeleton(config, trust_remote_code=trust_remote_code)
     expected = dict(skeleton.named_parameters())
     for name, key in parameter_keys(skeleton, layout).items():
         if tuple(layout[key].shape) != tuple(expected[name].shape):
@@ -407,21 +519,50 @@ def _check_loading_info(folder: Path, info: dict) -> None:
 def parameter_keys(model: torch.nn.Module, layout: dict[str, TensorInfo]) -> dict[str, str]:
     """Map each (deduplicated) model parameter name to its tensor name in the checkpoint files.
 
-    Tied parameters appear once in named_parameters() and once in the file; older files may drop or
-    add the base-model prefix (e.g. `transformer.`), which is matched here explicitly.
+    A tied parameter (one tensor under several names, e.g. the input embedding and the LM head)
+    appears once in named_parameters(): it maps to the first of its names the files store. Older
+    files may drop or add the base-model prefix (e.g. `transformer.`), which is matched explicitly.
     """
+    return {names[0]: stored[0] for names, stored in _tied_groups(model, layout) if stored}
+
+
+def stored_aliases(model: torch.nn.Module, layout: dict[str, TensorInfo]) -> dict[str, list[str]]:
+    """For a tied parameter whose files store several of its names (common after fine-tuning):
+    the stored name parameter_keys maps it to -> the other stored names. transformers ties them
+    again on loading only while their stored values agree, so a change to one is a change to all."""
+    return {stored[0]: stored[1:] for _, stored in _tied_groups(model, layout) if len(stored) > 1}
+
+
+def tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Parameter name -> the other names of the same tensor, for tied parameters."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return {n: [o for o in names if o != n] for names in groups.values() if len(names) > 1 for n in names}
+
+
+def _tied_groups(model: torch.nn.Module, layout: dict[str, TensorInfo]) -> list[tuple[list[str], list[str]]]:
+    """(every name of a parameter, in named_parameters order; those of them the files store)."""
     prefix = getattr(model, "base_model_prefix", "") or ""
-    keys: dict[str, str] = {}
-    for name, _ in model.named_parameters():
-        candidates = [name]
-        if prefix and name.startswith(prefix + "."):
-            candidates.append(name[len(prefix) + 1 :])
-        elif prefix:
-            candidates.append(f"{prefix}.{name}")
-        found = next((c for c in candidates if c in layout), None)
-        if found is not None:
-            keys[name] = found
-    return keys
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    out = []
+    for names in groups.values():
+        stored = [key for key in (stored_name(n, prefix, layout) for n in names) if key is not None]
+        out.append((names, list(dict.fromkeys(stored))))
+    return out
+
+
+def stored_name(name: str, prefix: str, layout: dict[str, TensorInfo]) -> str | None:
+    """The name the files store parameter `name` under: as it is, or with the base-model prefix
+    dropped or added (files written by older versions); None if they do not store it."""
+    candidates = [name]
+    if prefix and name.startswith(prefix + "."):
+        candidates.append(name[len(prefix) + 1 :])
+    elif prefix:
+        candidates.append(f"{prefix}.{name}")
+    return next((c for c in candidates if c in layout), None)
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:

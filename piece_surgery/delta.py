@@ -415,10 +415,10 @@ def diff(
     `base_model` names the base's Hub repo id when it was given as a local folder (for the card).
     """
     base, tuned = open_checkpoint(base_ref, what="base"), open_checkpoint(tuned_ref, what="tuned checkpoint")
-    _check_same_architecture(base.layout, tuned.layout)
+    pairs = paired_tensors(base, tuned)
     limit = _entry_limit(density, top_k, base.layout)
-    with Progress(len(base.layout), "comparing", quiet=quiet, unit="tensor") as bar:
-        entries = _changed_entries(base, tuned, limit, bar.advance)
+    with Progress(len(pairs), "comparing", quiet=quiet, unit="tensor") as bar:
+        entries = _changed_entries(base, tuned, pairs, limit, bar.advance)
     if limit is not None:
         magnitudes = {n: (t.double() - b.double()).abs().float() for n, (_, b, t) in entries.items()}
         if sum(m.numel() for m in magnitudes.values()) > limit:
@@ -438,15 +438,16 @@ def diff(
 
 
 def _changed_entries(
-    base: Checkpoint, tuned: Checkpoint, limit: int | None, advance
+    base: Checkpoint, tuned: Checkpoint, pairs: dict[str, str], limit: int | None, advance
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(indices, base values, tuned values) of every changed entry, tensor by tensor; with a
-    limit, only each tensor's `limit` largest changes (no others can make the global top)."""
+    """(indices, base values, tuned values) of every changed entry, tensor by tensor (under the
+    base's names); with a limit, only each tensor's `limit` largest changes (no others can make
+    the global top)."""
     entries = {}
     with base.reader() as base_reader, tuned.reader() as tuned_reader:
-        for name in sorted(base.layout):
+        for name in sorted(pairs):
             b = base_reader.get(name).reshape(-1)
-            t = tuned_reader.get(name).reshape(-1)
+            t = tuned_reader.get(pairs[name]).reshape(-1)
             idx = torch.nonzero(~same_bits(b, t)).flatten()
             advance(1)
             if idx.numel() == 0:
@@ -471,17 +472,33 @@ def _entry_limit(density: float | None, top_k: int | None, layout: dict[str, Ten
     return top_k
 
 
-def _check_same_architecture(base: dict[str, TensorInfo], tuned: dict[str, TensorInfo]) -> None:
-    for name in sorted(set(base) | set(tuned)):
-        if name not in tuned:
-            raise PieceError(f"tensor '{name}' is in the base but not in the tuned checkpoint")
-        if name not in base:
-            raise PieceError(f"tensor '{name}' is in the tuned checkpoint but not in the base")
-        if base[name].shape != tuned[name].shape or base[name].dtype != tuned[name].dtype:
+def paired_tensors(base: Checkpoint, tuned: Checkpoint) -> dict[str, str]:
+    """Which stored tensor of `tuned` is which of `base`: base name -> tuned name, matched as loading
+    matches them. The same name, or the same model weight under another spelling (one file with
+    the base-model prefix, one without, as older files are written); a tensor only one side stores
+    that the model never uses (a buffer older files keep beside the weights) is left out. Anything
+    else, and a shape or dtype that differs, is a PieceError naming the tensor."""
+    pairs = {name: name for name in base.layout if name in tuned.layout}
+    if len(pairs) < max(len(base.layout), len(tuned.layout)):
+        used_base, used_tuned = base.used_names(), tuned.used_names()
+        by_model_name = {model_name: stored for stored, model_name in used_tuned.items()}
+        for name in sorted(set(base.layout) - set(pairs)):
+            other = by_model_name.get(used_base.get(name, ""))
+            if other is not None and other not in pairs.values():
+                pairs[name] = other
+            elif name in used_base:
+                raise PieceError(f"tensor '{name}' is in the base but not in the tuned checkpoint")
+        unpaired = sorted(set(tuned.layout) - set(pairs.values()))
+        for name in unpaired:
+            if name in used_tuned:
+                raise PieceError(f"tensor '{name}' is in the tuned checkpoint but not in the base")
+    for name, other in sorted(pairs.items()):
+        b, t = base.layout[name], tuned.layout[other]
+        if b.shape != t.shape or b.dtype != t.dtype:
             raise PieceError(
-                f"tensor '{name}' differs: base {list(base[name].shape)} {base[name].dtype}, "
-                f"tuned {list(tuned[name].shape)} {tuned[name].dtype}"
+                f"tensor '{name}' differs: base {list(b.shape)} {b.dtype}, tuned {list(t.shape)} {t.dtype}"
             )
+    return pairs
 
 
 @dataclass

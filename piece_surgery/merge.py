@@ -23,6 +23,7 @@ from piece_surgery.checkpoint import (
     SINGLE_FILE,
     Checkpoint,
     ShardReader,
+    model_files,
     open_checkpoint,
     save_shard,
     shard_metadata,
@@ -110,6 +111,9 @@ def combine(
     union = torch.unique(torch.cat([p.entries.indices for p in parts]))
     base_u = base_flat[union]
     current = base_u.clone()
+    # what the deltas themselves record: the base they start from (the first delta at an entry
+    # sets it) and the stack so far, so the conflict policy holds with --force on another base too
+    recorded_base, recorded_stack = base_u.clone(), base_u.clone()
     total = torch.zeros(union.numel(), dtype=torch.float64)
     touched = torch.zeros(union.numel(), dtype=torch.int32)
     conflicted = torch.zeros(union.numel(), dtype=torch.bool)
@@ -121,22 +125,27 @@ def combine(
         delta = _matched(name, part, current[pos], base_u[pos])
         _check_dtype(name, part, base_flat.dtype, force)
         new, on_current = delta.applied_to(current[pos], part.scale)
-        on_base = same_bits(base_u[pos], delta.base.to(base_flat.dtype))
-        conflict = ~on_current & on_base
+        recorded = delta.base.to(base_flat.dtype)
+        first = touched[pos] == 0
+        on_base = same_bits(base_u[pos], recorded)
+        chained = ~first & (on_current | same_bits(recorded_stack[pos], recorded))
+        side_by_side = ~first & ~chained & (on_base | same_bits(recorded_base[pos], recorded))
         mismatch = ~on_current & ~on_base
-        overlap.chained += int(((touched[pos] > 0) & on_current).sum())
+        overlap.chained += int(chained.sum())
         overlap.mismatched += int(mismatch.sum())
-        _refuse(name, part, int(mismatch.sum()), int(conflict.sum()), on_conflict, force)
+        _refuse(name, part, int(mismatch.sum()), int(side_by_side.sum()), on_conflict, force)
         change = part.scale * delta.change()
         total[pos] += change
         touched[pos] += 1
-        conflicted[pos] |= conflict
+        conflicted[pos] |= side_by_side
         positive[pos] += change.clamp(min=0)
         negative[pos] += change.clamp(max=0)
-        if bool(conflict.any()):
+        if bool(side_by_side.any()):
             merged = base_u[pos].double() + _resolved(on_conflict, pos, total, touched, positive, negative)
-            new = torch.where(conflict, merged.to(base_flat.dtype), new)
+            new = torch.where(side_by_side, merged.to(base_flat.dtype), new)
         current[pos] = new
+        recorded_base[pos] = torch.where(first, recorded, recorded_base[pos])
+        recorded_stack[pos] = delta.tuned.to(base_flat.dtype)
     overlap.shared = int((touched > 1).sum())
     overlap.conflicts = int(conflicted.sum())
     overlap.sign_disagreements = int((conflicted & (positive > 0) & (negative < 0)).sum())
@@ -420,9 +429,8 @@ def execute_apply(plan: ApplyPlan, progress=None) -> ApplyResult:
     metadata = shard_metadata(base.folder) or {"format": "pt"}
     changed = set(plan.changed_tensors)
     with atomic_path(plan.output, is_dir=True) as tmp, base.reader() as reader:
-        for item in base.folder.iterdir():  # config, tokenizer, generation config, ...
-            if item.is_file() and not item.name.endswith(".safetensors") and item.name != INDEX_FILE:
-                shutil.copy2(item, tmp / item.name)
+        for item in model_files(base.folder):  # config, tokenizer, card: what belongs to the model
+            shutil.copy2(item, tmp / item.name)
         if plan.recipe is not None:
             _record_recipe(plan, tmp)
         weight_map: dict[str, str] = {}
@@ -434,11 +442,12 @@ def execute_apply(plan: ApplyPlan, progress=None) -> ApplyResult:
                 _write_shard(result, reader, names, touched, tmp / file, metadata)
             if progress:
                 progress(1)
-        if len(plan.shards) > 1:
-            if not plan.resharded and (base.folder / INDEX_FILE).is_file():
-                shutil.copy2(base.folder / INDEX_FILE, tmp / INDEX_FILE)
-            else:
-                write_index(tmp, weight_map, plan.output_bytes)
+        # the output keeps the base's layout family (an index, even over one shard, as mergekit
+        # writes) unless --shard-size regroups it
+        if not plan.resharded and (base.folder / INDEX_FILE).is_file():
+            shutil.copy2(base.folder / INDEX_FILE, tmp / INDEX_FILE)
+        elif len(plan.shards) > 1:
+            write_index(tmp, weight_map, plan.output_bytes)
     _warn_mismatch(result.overlap)
     return result
 
@@ -573,17 +582,40 @@ class AppliedDelta:
 
 
 def model_tensors(model: torch.nn.Module, delta: Delta) -> dict[str, tuple[str, torch.nn.Parameter]]:
-    params = dict(model.named_parameters())
+    """The model parameter each of the delta's tensors is (by name, with the base-model prefix
+    matched as the loader does): delta tensor name -> (parameter name, parameter).
+
+    Tied weights are one parameter under several names: a delta that changes several of them (a
+    checkpoint that stores both copies) lists each, and here the parameter appears once, under the
+    first; the copies must change alike. PieceError for a tensor the model lacks, or tied copies
+    changed differently."""
+    params = dict(model.named_parameters(remove_duplicate=False))
     prefix = getattr(model, "base_model_prefix", "") or ""
-    found = {}
-    for name in delta.tensors:
-        for candidate in (name, f"{prefix}.{name}", name.removeprefix(prefix + ".")):
-            if candidate in params:
-                found[name] = (candidate, params[candidate])
-                break
-        else:
+    found: dict[str, tuple[str, torch.nn.Parameter]] = {}
+    first_of: dict[int, str] = {}  # id(parameter) -> the delta tensor that stands for it
+    for name in sorted(delta.tensors):
+        pname = next(
+            (c for c in (name, f"{prefix}.{name}", name.removeprefix(prefix + ".")) if c in params), None
+        )
+        if pname is None:
             raise PieceError(f"the delta changes '{name}', which the model does not have")
+        param = params[pname]
+        if id(param) in first_of:
+            _check_same_change(delta, first_of[id(param)], name)
+            continue
+        first_of[id(param)] = name
+        found[name] = (pname, param)
     return found
+
+
+def _check_same_change(delta: Delta, kept: str, other: str) -> None:
+    a, b = delta.tensors[kept], delta.tensors[other]
+    same = torch.equal(a.indices, b.indices) and bool(same_bits(a.tuned, b.tuned).all())
+    if not same:
+        raise PieceError(
+            f"the delta changes '{kept}' and '{other}' differently, but this model ties them (one "
+            "weight): load the model with them untied (both stored, as the merged folder holds them)"
+        )
 
 
 def apply_to_model(

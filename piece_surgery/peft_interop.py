@@ -18,14 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from piece_surgery.artifacts import open_artifact
-from piece_surgery.checkpoint import Checkpoint, open_checkpoint
+from piece_surgery.checkpoint import Checkpoint, open_checkpoint, stored_name, tied_names
 from piece_surgery.delta import Delta, DeltaInfo, DiffProvenance, TensorDelta, delta_from_values, save_delta
+from piece_surgery.dtypes import same_bits
 from piece_surgery.errors import PieceError, first_line
 from piece_surgery.hub import resolve
 from piece_surgery.merge import TensorPart, merge_one, model_tensors
 from piece_surgery.outputs import atomic_path, check_output
+from piece_surgery.records import read_json
 from piece_surgery.sparse_grad import is_gain_module, owners
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -175,6 +178,17 @@ def _shira_plan(model: torch.nn.Module, delta: Delta) -> _ShiraPlan:
     for name in whole:
         tensor_name, _ = linear.pop(name)
         saved.setdefault(name, []).append(("weight", tensor_name))
+    if not linear:  # PEFT refuses an adapter without a layer of its own type
+        if not whole:
+            raise PieceError(
+                "the delta changes no linear layer (only norm gains): a SHiRA adapter needs at least one "
+                "sparse linear layer; apply the delta with `piece-surgery apply` instead"
+            )
+        raise PieceError(
+            f"every linear layer the delta changes is too dense for SHiRA ({len(whole)} saved whole would "
+            "be the whole adapter; a LoRA's change touches every entry): keep the original adapter, or "
+            "apply the delta with `piece-surgery apply`"
+        )
     return _ShiraPlan(r, linear, saved, tensors)
 
 
@@ -227,50 +241,94 @@ def import_peft(
     overwrite: bool = False,
     compact: bool = False,
 ) -> Imported:
-    """A delta from a PEFT adapter: its weights merged into the base, compared entry by entry."""
-    import json
-
+    """A delta from a PEFT adapter: its weights merged into the base, compared entry by entry with
+    the base's files. Refused in one line: an adapter whose file lacks tensors its config needs (PEFT
+    would fill them with random values) or holds others, and a merge that a delta cannot express
+    (a tied weight the base stores once, trained apart from its twin)."""
     peft = _peft()
     output = Path(output)
     check_output(output, overwrite=overwrite, inputs=tuple(Path(p) for p in (adapter_ref, base_ref) if p))
     source = resolve(adapter_ref, what="adapter", patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, "*.md"])
-    folder = source.path
-    if not (folder / ADAPTER_CONFIG).is_file():
-        raise PieceError(f"adapter '{adapter_ref}' has no {ADAPTER_CONFIG}: is it a PEFT adapter folder?")
-    if not (folder / ADAPTER_WEIGHTS).is_file():
-        raise PieceError(
-            f"adapter '{adapter_ref}' has no {ADAPTER_WEIGHTS} (pickle weights are not read for safety)"
-        )
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PieceError(f"adapter '{adapter_ref}': {ADAPTER_CONFIG} is not valid JSON") from exc
-    base_ref = base_ref or (config.get("base_model_name_or_path") if isinstance(config, dict) else None)
-    if not base_ref:
+    config, stored = _read_adapter(source.path, adapter_ref)
+    base_ref = base_ref or config.get("base_model_name_or_path")
+    if not isinstance(base_ref, str) or not base_ref:
         raise PieceError("the adapter names no base model: give --base")
     checkpoint = open_checkpoint(base_ref, what="base")
     model = checkpoint.load_model(device="cpu").module
+    ties = tied_names(model)  # before PEFT replaces any module
     try:
         with _quiet_libraries():
-            merged = peft.PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            adapted = peft.PeftModel.from_pretrained(model, str(source.path))
+            # an adapter may or may not save the embedding layers it targets (save_embedding_layers)
+            needed = set(peft.get_peft_model_state_dict(adapted, save_embedding_layers=False))
+            allowed = needed | set(peft.get_peft_model_state_dict(adapted, save_embedding_layers=True))
+    except Exception as exc:  # PEFT reading a user's files: any failure is the adapter's
         raise PieceError(
             f"PEFT cannot load adapter '{adapter_ref}' onto this base: {first_line(exc)}"
         ) from exc
-    delta = _delta_against_files(checkpoint, merged, source.name)
+    _check_adapter_tensors(adapter_ref, needed, allowed, stored)
+    with _quiet_libraries():
+        merged = adapted.merge_and_unload()
+    delta = _delta_against_files(checkpoint, merged, ties, source.name)
     if delta.count == 0:
         raise PieceError("the adapter changes nothing in the base: there is no delta to write")
     return Imported(delta, save_delta(delta, output, compact=compact))
 
 
-def _delta_against_files(checkpoint: Checkpoint, merged: torch.nn.Module, name: str) -> Delta:
-    """Every entry where the merged model's weights differ from the base checkpoint's files."""
-    from piece_surgery.checkpoint import parameter_keys
-    from piece_surgery.dtypes import same_bits
+def _read_adapter(folder: Path, ref: str) -> tuple[dict, set[str]]:
+    """The adapter's config (a JSON object naming its PEFT type) and the names in its weights file."""
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise PieceError(f"adapter '{ref}' has no {ADAPTER_CONFIG}: is it a PEFT adapter folder?")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise PieceError(f"adapter '{ref}' has no {ADAPTER_WEIGHTS} (pickle weights are not read for safety)")
+    config = read_json(folder / ADAPTER_CONFIG, f"adapter '{ref}': {ADAPTER_CONFIG}")
+    if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
+        raise PieceError(f"adapter '{ref}': {ADAPTER_CONFIG} must be an object with a 'peft_type' string")
+    try:
+        with safe_open(str(folder / ADAPTER_WEIGHTS), "pt") as f:
+            stored = set(f.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PieceError(f"adapter '{ref}': {ADAPTER_WEIGHTS} is not a readable safetensors file") from exc
+    return config, stored
 
+
+def _check_adapter_tensors(ref: str, needed: set[str], allowed: set[str], stored: set[str]) -> None:
+    missing, unexpected = sorted(needed - stored), sorted(stored - allowed)
+    if missing:
+        raise PieceError(
+            f"adapter '{ref}' lacks {len(missing)} of the tensors its config needs (first: '{missing[0]}'); "
+            "PEFT would fill them with random values: the adapter file is incomplete"
+        )
+    if unexpected:
+        raise PieceError(
+            f"adapter '{ref}' holds {len(unexpected)} tensors its config does not use (first: "
+            f"'{unexpected[0]}'): {ADAPTER_WEIGHTS} does not belong to its {ADAPTER_CONFIG}"
+        )
+
+
+def _delta_against_files(
+    checkpoint: Checkpoint, merged: torch.nn.Module, ties: dict[str, list[str]], name: str
+) -> Delta:
+    """Every entry where the merged model's weights differ from the base checkpoint's files, under
+    the names the files store. A parameter the files do not store loads as its tied twin: the merge
+    must have left the two equal, or the delta (which changes stored tensors only) would load as
+    another model."""
+    prefix = getattr(merged, "base_model_prefix", "") or ""
+    params = dict(merged.named_parameters(remove_duplicate=False))
+    tensors: dict[str, torch.Tensor] = {}
+    for pname, param in params.items():
+        key = stored_name(pname, prefix, checkpoint.layout)
+        if key is not None:
+            tensors.setdefault(key, param)
+            continue
+        twin = next((t for t in ties.get(pname, []) if stored_name(t, prefix, checkpoint.layout)), None)
+        if twin is not None and not bool(same_bits(params[twin].detach(), param.detach()).all()):
+            raise PieceError(
+                f"the adapter changes '{pname}' apart from '{twin}', which this base ties to it and stores "
+                "once: a delta changes stored tensors only, so it cannot untie them; save the base with "
+                f"both tensors stored (tie_word_embeddings false) and import onto that"
+            )
     entries = {}
-    keys = parameter_keys(merged, checkpoint.layout)
-    tensors = {keys[n]: p for n, p in merged.named_parameters() if n in keys}
     with checkpoint.reader() as reader:
         for key, param in sorted(tensors.items()):
             base = reader.get(key).reshape(-1)

@@ -65,13 +65,15 @@ class Run:
         self, checkpoint: Checkpoint, path: Path, *, every_example: bool = False, name: str | None = None
     ) -> Dataset:
         """A data file tokenized for this run (--max-samples applies unless `every_example`)."""
-        return checkpoint.load_data(
+        dataset = checkpoint.load_data(
             Path(path),
             max_length=self.options.max_length,
             max_samples=None if every_example else self.options.max_samples,
             quiet=self.quiet,
             name=name,
         )
+        checkpoint.check_token_ids(dataset)
+        return dataset
 
     def load_model(self, checkpoint: Checkpoint) -> LoadedModel:
         """The model on this rank's device, or sharded over the ranks with FSDP2 (--fsdp)."""

@@ -10,7 +10,7 @@ import torch
 
 from piece_surgery.errors import PieceError
 
-TINY_ARCHITECTURES = ("llama", "gpt2", "qwen2")
+TINY_ARCHITECTURES = ("llama", "gpt2", "qwen2", "gemma3")
 _TOKENIZER_TEXT = """
 The quick brown fox jumps over the lazy dog. Sparse updates keep general ability.
 def add(a, b):\n    return a + b\nimport os\nclass Model:\n    pass\n
@@ -44,8 +44,9 @@ def tiny_tokenizer(vocab_size: int = 384):
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides):
-    """A config a few hundred KB big for the given family: llama, gpt2 or qwen2."""
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    """A config a few hundred KB big for the given family: llama, gpt2, qwen2 or gemma3 (its text
+    model; tied embeddings, as every Gemma 3)."""
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config
 
     special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     if arch == "llama":
@@ -84,8 +85,21 @@ def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides):
             tie_word_embeddings=True,
             **special,
         )
+    elif arch == "gemma3":
+        config = Gemma3TextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=128,
+            sliding_window=16,
+            **special,
+        )
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; use llama, gpt2 or qwen2")
+        raise ValueError(f"unknown tiny architecture {arch!r}; use {', '.join(TINY_ARCHITECTURES)}")
     for key, value in overrides.items():
         setattr(config, key, value)
     return config

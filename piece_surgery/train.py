@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from piece_surgery.artifacts import open_mask
-from piece_surgery.checkpoint import Checkpoint
+from piece_surgery.checkpoint import Checkpoint, LoadedModel
 from piece_surgery.data import Dataset
 from piece_surgery.delta import Delta, DeltaInfo, TrainProvenance, delta_from_values, save_delta
 from piece_surgery.errors import PieceError
@@ -124,7 +124,7 @@ def train_checkpoint(
             world=session.world,
         )
     provenance = _provenance(mask, config, session.options, dataset, eval_set, result)
-    delta = _delta_of(checkpoint, mask, result, provenance)
+    delta = _delta_of(checkpoint, model, mask, result, provenance)
 
     def write() -> int:
         tensor_bytes = save_delta(delta, output, compact=compact)
@@ -175,14 +175,19 @@ def _state_dir(output: Path, *, resume: bool, overwrite: bool, session: Run) -> 
     return state_dir
 
 
-def _delta_of(checkpoint: Checkpoint, mask: Mask, result: TrainResult, provenance: TrainProvenance) -> Delta:
-    """The trained values against the base values read from the checkpoint files."""
+def _delta_of(
+    checkpoint: Checkpoint, model: LoadedModel, mask: Mask, result: TrainResult, provenance: TrainProvenance
+) -> Delta:
+    """The trained values against the base values read from the checkpoint files. A trained tensor
+    that the files also store under another name (a tied pair stored twice) changes under every
+    name: transformers ties the copies on loading only while they agree."""
     entries = {}
     with checkpoint.reader() as reader:
         for name, idx in mask.indices.items():
-            base_values = reader.get(name).reshape(-1)[idx].clone()
-            entries[name] = (idx, base_values, result.values[name].to(base_values.dtype))
-    shapes = {n: mask.shapes[n] for n in entries}
+            for stored in (name, *model.aliases.get(name, [])):
+                base_values = reader.get(stored).reshape(-1)[idx].clone()
+                entries[stored] = (idx, base_values, result.values[name].to(base_values.dtype))
+    shapes = {n: checkpoint.layout[n].shape for n in entries}
     return delta_from_values(entries, shapes, DeltaInfo(checkpoint.identity, provenance))
 
 

@@ -291,7 +291,7 @@ def import_command(
 @app.command("tiny-model", short_help="Write a tiny random model (offline).")
 def tiny_model_command(
     output: Annotated[Path, typer.Argument(help="Folder to write the tiny random model to.")],
-    arch: Annotated[str, typer.Option(help="llama, gpt2 or qwen2.")] = "llama",
+    arch: Annotated[str, typer.Option(help="llama, gpt2, qwen2 or gemma3.")] = "llama",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,

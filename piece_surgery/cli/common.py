@@ -25,7 +25,22 @@ app = typer.Typer(
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+def _silence_libraries(quiet: bool) -> bool:
+    """-q silences the libraries' own progress bars too (huggingface_hub's downloads)."""
+    if quiet:
+        import os
+        import sys
+
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is imported
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    return quiet
+
+
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress output.", callback=_silence_libraries)
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 Compact = Annotated[
