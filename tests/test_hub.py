@@ -31,7 +31,12 @@ def test_push_then_apply_by_repo_id_is_bit_exact(hub, delta_dir, tmp_path, cli):
     api.create_repo("user/base-exact", exist_ok=True)
     api.upload_folder(folder_path=str(base), repo_id="user/base-exact")
     assert cli("apply", base, delta, "-o", tmp_path / "local", "-q")[0] == 0
-    assert cli("apply", "user/base-exact", "user/delta-exact", "-o", tmp_path / "remote", "-q")[0] == 0
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+    enable_progress_bars()
+    code, _, stderr = cli("apply", "user/base-exact", "user/delta-exact", "-o", tmp_path / "remote", "-q")
+    assert code == 0 and stderr == "" and are_progress_bars_disabled()  # -q silences the Hub's bars too
+    enable_progress_bars()
     assert same_checkpoint(tmp_path / "local", tmp_path / "remote")
     # a revision pinned with @ resolves too
     commit = result["commit"]

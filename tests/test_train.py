@@ -323,7 +323,8 @@ def test_gradient_checkpointing_on_a_model_without_it_is_a_clear_error():
         enable_activation_checkpointing(torch.nn.Linear(2, 2))
 
 
-def test_every_split_of_a_global_batch_trains_the_same_values(tiny, tmp_path, cli):
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2", "gemma3"])
+def test_every_split_of_a_global_batch_trains_the_same_values(tiny, tmp_path, cli, arch):
     """--batch-size 4 against 2 x --grad-accum 2 against 1 x 4, on examples of very different
     lengths: the step's loss is the mean over the step's tokens, so the values agree to rounding."""
     data = tmp_path / "mixed.txt"
@@ -337,7 +338,7 @@ def test_every_split_of_a_global_batch_trains_the_same_values(tiny, tmp_path, cl
         + "\n"
     )
     mask = tmp_path / "mask.safetensors"
-    model = tiny("qwen2")
+    model = tiny(arch)
     assert cli("score", model, "-o", mask, "--method", "magnitude", "--density", "0.05", "-q")[0] == 0
     values = []
     for batch, accum in ((4, 1), (2, 2), (1, 4)):
