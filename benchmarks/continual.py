@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import smollm2_folder, stdlib_code_lines, wiki_records, write_jsonl  # noqa: E402
+from common import require_extras, smollm2_folder, stdlib_code_lines, wiki_records, write_jsonl  # noqa: E402
 
 from piece_surgery.checkpoint import Checkpoint, LoadedModel, open_checkpoint, parameter_keys  # noqa: E402
 from piece_surgery.data import Dataset, collate  # noqa: E402
@@ -817,6 +817,7 @@ def main() -> None:
         "--report", action="store_true", help="redraw the plots, print the tables of earlier results, stop"
     )
     args = parser.parse_args()
+    require_extras()
     if args.report:
         draw(args.out)
         print(report(args.out))

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import smollm2_folder, stdlib_code_lines, table, write_jsonl
+from common import require_extras, smollm2_folder, stdlib_code_lines, table, write_jsonl
 
 from piece_surgery.options import RunOptions
 from piece_surgery.testing import local_torchrun
@@ -172,6 +172,7 @@ def main() -> None:
     parser.add_argument("--mask", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    require_extras()
     if args.steps < 2:
         parser.error("--steps must be at least 2: the first step is warm-up and is not timed")
     if args.worker:

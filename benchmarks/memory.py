@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import smollm2_folder, stdlib_code_lines, table, write_jsonl
+from common import require_extras, smollm2_folder, stdlib_code_lines, table, write_jsonl
 
 MB = 1e6
 
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
     args = parser.parse_args()
+    require_extras()
     folder = smollm2_folder("float32")
     cli = [sys.executable, "-m", "piece_surgery"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import smollm2_folder, stdlib_code_lines, wiki_records, write_jsonl  # noqa: E402
+from common import require_extras, smollm2_folder, stdlib_code_lines, wiki_records, write_jsonl  # noqa: E402
 
 DOMAINS = ("code", "math", "recipes", "french", "chat", "science", "legal")
 DRIFT_TOPICS = ("Biology and health sciences", "Physical sciences", "Society and social sciences")
@@ -371,6 +371,9 @@ def main() -> None:
     if args.report:
         print(report(args.out))
         return
+    from domains import DOMAINS as PACKAGES
+
+    require_extras(*sorted({spec for spec, _ in PACKAGES.values()}))
     run(args)
 
 

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import measure, smollm2_folder, stdlib_code_lines, table, write_jsonl
+from common import measure, require_extras, smollm2_folder, stdlib_code_lines, table, write_jsonl
 
 
 def _load(folder: Path, data: Path, max_length: int):
@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
     args = parser.parse_args()
+    require_extras()
     folder = smollm2_folder("float32")
     with tempfile.TemporaryDirectory() as tmp:
         data = write_jsonl(stdlib_code_lines(args.examples), Path(tmp) / "code.jsonl")

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import smollm2_folder, stdlib_code_lines, table, wiki_records, write_jsonl
+from common import require_extras, smollm2_folder, stdlib_code_lines, table, wiki_records, write_jsonl
 
 from piece_surgery.options import RunOptions
 
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--swaps", type=int, default=50)
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
+    require_extras()
     torch.manual_seed(0)
     folder = smollm2_folder(args.dtype)
     dtype = getattr(torch, args.dtype)

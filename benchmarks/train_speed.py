@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import measure, reset_peak, smollm2_folder, stdlib_code_lines, table, write_jsonl
+from common import measure, require_extras, reset_peak, smollm2_folder, stdlib_code_lines, table, write_jsonl
 
 from piece_surgery.options import RunOptions
 
@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--fixed-mmap-threshold", action="store_true")
     args = parser.parse_args()
+    require_extras()
     if args.fixed_mmap_threshold:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc when each child starts
     folder = smollm2_folder("float32")

@@ -24,44 +24,57 @@ from piece_surgery.errors import PieceError, first_line, no_device
 from piece_surgery.hub import Resolved, resolve
 from piece_surgery.options import check_device_name
 from piece_surgery.progress import Progress, working
-from piece_surgery.records import CheckpointIdentity
+from piece_surgery.records import CheckpointIdentity, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 # Besides its weights and index, the files that belong to a model: its config, generation config,
-# tokenizer, chat template, processor (image, video) configs, card and licence. A merged folder
-# copies these from its base and nothing else (no stale pickle weights, adapters, optimizer states).
+# tokenizer (in any of its forms), chat template, processor (image, video) configs, card and licence,
+# and the code of a model with custom code. A merged folder copies these from its base and nothing
+# else: no stale pickle weights, adapters or optimizer states a loader might pick up instead.
 MODEL_FILES = (
     "config.json",
     "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
     "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.json",
-    "chat_template.jinja",
     "preprocessor_config.json",
     "processor_config.json",
     "video_preprocessor_config.json",
     "README.md",
-    "LICENSE",
-    "LICENSE.md",
-    "LICENSE.txt",
-    "NOTICE",
-    "NOTICE.txt",
 )
+_MODEL_FILE_PREFIXES = ("tokenizer", "vocab", "spiece", "sentencepiece", "chat_template", "LICENSE", "NOTICE")
+_MODEL_FILE_SUFFIXES = (".tiktoken", ".jinja")
 
 
 def model_files(folder: Path) -> list[Path]:
-    """The files of `folder` that belong to the model besides its weights (MODEL_FILES)."""
-    return [folder / name for name in MODEL_FILES if (folder / name).is_file()]
+    """The files of `folder` that belong to the model besides its weights (MODEL_FILES, tokenizer
+    and licence files by name; `.py` files when the config names custom code in `auto_map`)."""
+    custom_code = any(
+        isinstance(document, dict) and "auto_map" in document
+        for document in (_json_or_none(folder / name) for name in ("config.json", "tokenizer_config.json"))
+    )
+    found = []
+    for item in sorted(Path(folder).iterdir()):
+        name = item.name
+        if not item.is_file() or name.startswith("."):
+            continue
+        if (
+            name in MODEL_FILES
+            or name.startswith(_MODEL_FILE_PREFIXES)
+            or name.endswith(_MODEL_FILE_SUFFIXES)
+            or (custom_code and name.endswith(".py"))
+        ):
+            found.append(item)
+    return found
+
+
+def _json_or_none(path: Path):
+    try:
+        return read_json(path, str(path)) if path.is_file() else None
+    except PieceError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -90,10 +103,8 @@ def weight_files(folder: Path) -> dict[str, str]:
         raise PieceError(f"checkpoint '{folder}' is not a folder; give a Hugging Face model folder")
     index = folder / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise PieceError(f"checkpoint index '{index}' is not valid JSON with a weight_map") from exc
+        document = read_json(index, f"checkpoint index '{index}'")
+        weight_map = document.get("weight_map") if isinstance(document, dict) else None
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
@@ -210,10 +221,12 @@ def fingerprint(folder: Path, layout: dict[str, TensorInfo]) -> str:
             for name in by_file[file]:
                 info = layout[name]
                 digest.update(f"{name}|{list(info.shape)}|{info.dtype}|".encode())
-                if info.numel:
+                if info.numel and not info.shape:  # a scalar (a stored buffer): read whole
+                    digest.update(f.get_tensor(name).reshape(1).view(torch.uint8).numpy().tobytes())
+                elif info.numel:
                     sl = f.get_slice(name)
-                    rows = info.shape[0] if info.shape else 1
-                    for part in (sl[0:1], sl[rows - 1 : rows]) if info.shape else (sl[:],):
+                    rows = info.shape[0]
+                    for part in (sl[0:1], sl[rows - 1 : rows]):
                         digest.update(part.contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
@@ -261,6 +274,8 @@ class LoadedModel:
     keys: dict[str, str]  # model parameter name -> tensor name in the checkpoint's files
     # a tied parameter stored under several names: the name in `keys` -> the others (stored_aliases)
     aliases: dict[str, list[str]] = field(default_factory=dict)
+    # a tied parameter stored under fewer names than it has: stored name -> the others (unstored_twins)
+    twins: dict[str, list[str]] = field(default_factory=dict)
 
     def parameters(self, names: Iterable[str] | None = None) -> dict[str, torch.nn.Parameter]:
         """The parameters by stored tensor name (all, or the named ones: KeyError for another)."""
@@ -367,6 +382,10 @@ class Checkpoint:
                 "(and save it), or use the tokenizer the model was trained with"
             )
 
+    def twins(self) -> dict[str, list[str]]:
+        """unstored_twins of this checkpoint's model, from its meta-device skeleton."""
+        return unstored_twins(self.skeleton(), self.layout)
+
     def used_names(self) -> dict[str, str]:
         """The stored tensors the model uses (its parameters and persistent buffers): stored name ->
         the model's name for it. A stored tensor not here is one loading ignores."""
@@ -398,7 +417,13 @@ class Checkpoint:
                 layout=self.layout,
                 attn_implementation=attn_implementation,
             )
-        return LoadedModel(module, parameter_keys(module, self.layout), stored_aliases(module, self.layout))
+        layout = self.layout
+        return LoadedModel(
+            module,
+            parameter_keys(module, layout),
+            stored_aliases(module, layout),
+            unstored_twins(module, layout),
+        )
 
 
 def model_dtype(name: str) -> torch.dtype:
@@ -500,6 +525,15 @@ def _check_shapes(config, layout: dict[str, TensorInfo], trust_remote_code: bool
             )
 
 
+def check_weights_match(skeleton: torch.nn.Module, layout: dict[str, TensorInfo], folder: Path) -> None:
+    """What loading would find, told from the names alone (on the meta-device skeleton, before any
+    weight is read): every weight the model has is stored, under one of its tied names."""
+    missing = [names[0] for names, stored in _tied_groups(skeleton, layout) if not stored]
+    used = set(parameter_keys(skeleton, layout).values())
+    unexpected = [name for name in layout if name not in used] if missing else []
+    _check_loading_info(folder, {"missing_keys": missing, "unexpected_keys": unexpected})
+
+
 def _check_loading_info(folder: Path, info: dict) -> None:
     missing = sorted(info.get("missing_keys") or [])
     unexpected = sorted(info.get("unexpected_keys") or [])
@@ -531,6 +565,22 @@ def stored_aliases(model: torch.nn.Module, layout: dict[str, TensorInfo]) -> dic
     the stored name parameter_keys maps it to -> the other stored names. transformers ties them
     again on loading only while their stored values agree, so a change to one is a change to all."""
     return {stored[0]: stored[1:] for _, stored in _tied_groups(model, layout) if len(stored) > 1}
+
+
+def unstored_twins(model: torch.nn.Module, layout: dict[str, TensorInfo]) -> dict[str, list[str]]:
+    """For a tied parameter whose files store some of its names but not all: each stored name ->
+    the parameter names the files do not store, which load as it (a head tied to an embedding the
+    files store once). A delta records them (`loads_as`): changing the stored tensor changes them."""
+    return {
+        key: [n for n in names if stored_name(n, _prefix(model), layout) is None]
+        for names, stored in _tied_groups(model, layout)
+        for key in stored
+        if len(stored) < len(names)
+    }
+
+
+def _prefix(model: torch.nn.Module) -> str:
+    return getattr(model, "base_model_prefix", "") or ""
 
 
 def tied_names(model: torch.nn.Module) -> dict[str, list[str]]:

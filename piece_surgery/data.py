@@ -8,7 +8,6 @@ Formats (one example each):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from piece_surgery.errors import PieceError, first_line
-from piece_surgery.records import DataRecord, file_sha256
+from piece_surgery.records import DataRecord, file_sha256, parse_json
 
 IGNORE = -100
 
@@ -66,10 +65,7 @@ def read_records(path: Path, max_samples: int | None = None) -> list[tuple[int, 
         if suffix == ".txt":
             records.append((lineno, line))
             continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise PieceError(f"{path}:{lineno}: not valid JSON ({getattr(exc, 'msg', exc)})") from exc
+        record = parse_json(line, f"{path}:{lineno}:")
         problem = _record_problem(record)
         if problem:
             raise PieceError(f"{path}:{lineno}: {problem}")

@@ -8,7 +8,7 @@ a checkpoint or a loaded model is merge.py's job.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from piece_surgery import __version__
-from piece_surgery.checkpoint import Checkpoint, TensorInfo, open_checkpoint, save_shard
+from piece_surgery.checkpoint import Checkpoint, open_checkpoint, save_shard
 from piece_surgery.codec import ENCODINGS, decode_indices, encode_indices, values_digest
 from piece_surgery.dtypes import as_bits, bits_dtype, dtype_name, float_dtype, index_dtype, numel, same_bits
 from piece_surgery.errors import PieceError
@@ -24,7 +24,7 @@ from piece_surgery.mask import is_shape, select_top_k, validate_indices
 from piece_surgery.options import check_density
 from piece_surgery.outputs import atomic_path, check_output
 from piece_surgery.progress import Progress
-from piece_surgery.records import CheckpointIdentity, DataRecord, JsonRecord, file_sha256
+from piece_surgery.records import CheckpointIdentity, DataRecord, JsonRecord, file_sha256, read_json
 
 FORMAT = "piece-surgery/delta"
 FORMAT_VERSION = 1
@@ -98,6 +98,9 @@ class TensorDelta:
     shape: tuple[int, ...]
     base_sha256: str | None = None  # compact: the digest of the base values at the indices
     index_bytes: int | None = None  # compact: bytes of the encoded index gaps
+    # names of the same weight (tied) that the base's files did not store, so they loaded as this
+    # tensor: the delta changes them too. None: not recorded (deltas written before 0.2)
+    loads_as: tuple[str, ...] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -148,13 +151,7 @@ class TensorDelta:
 
     def with_base(self, values: torch.Tensor) -> TensorDelta:
         """This delta with its base values known (a compact delta, matched against a base)."""
-        return TensorDelta(
-            self.indices,
-            values.detach().cpu().to(self.dtype).clone(),
-            self.tuned,
-            self.shape,
-            self.base_sha256,
-        )
+        return replace(self, base=values.detach().cpu().to(self.dtype).clone(), index_bytes=None)
 
     @property
     def stored_bytes(self) -> int:
@@ -187,8 +184,11 @@ def delta_from_values(
     entries: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     shapes: dict[str, tuple[int, ...]],
     info: DeltaInfo | None = None,
+    loads_as: dict[str, list[str]] | None = None,
 ) -> Delta:
-    """Build a delta from (indices, base values, tuned values); entries that did not change are dropped."""
+    """Build a delta from (indices, base values, tuned values); entries that did not change are
+    dropped. `loads_as` maps a tensor to the tied names its base did not store (checkpoint.
+    unstored_twins), which the delta records."""
     tensors = {}
     for name in sorted(entries):
         idx, base, tuned = entries[name]
@@ -201,6 +201,7 @@ def delta_from_values(
                 base[changed].cpu(),
                 tuned[changed].cpu(),
                 tuple(shapes[name]),
+                loads_as=tuple((loads_as or {}).get(name, ())),
             )
     return Delta(tensors, info or DeltaInfo())
 
@@ -218,6 +219,8 @@ def delta_json(
             "dtype": dtype_name(t.dtype),
             "count": int(t.indices.numel()),
         }
+        if t.loads_as is not None:
+            tensors[name]["loads_as"] = list(t.loads_as)
         if compact is not None:
             tensors[name].update(compact[name])
     return {
@@ -276,10 +279,7 @@ def load_delta(folder: Path, *, name: str | None = None) -> Delta:
     where = name or f"delta '{folder}'"
     if not (folder / DESCRIPTION).is_file() or not (folder / WEIGHTS).is_file():
         raise PieceError(f"{where} is not a delta folder (needs {DESCRIPTION} and {WEIGHTS})")
-    try:
-        description = json.loads((folder / DESCRIPTION).read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PieceError(f"{where}: {DESCRIPTION} is not valid JSON") from exc
+    description = read_json(folder / DESCRIPTION, f"{where}: {DESCRIPTION}")
     if not isinstance(description, dict) or description.get("format") != FORMAT:
         raise PieceError(f"{where}: {DESCRIPTION} does not describe a piece-surgery delta")
     version = str(description.get("format_version"))
@@ -323,6 +323,9 @@ def _description_problem(description: dict, compact: bool = False) -> str | None
         count = meta.get("count")
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             return f"count of '{name}' must be a positive integer"
+        twins = meta.get("loads_as", [])
+        if not isinstance(twins, list) or not all(isinstance(t, str) for t in twins):
+            return f"loads_as of '{name}' must be a list of tensor names"
         if compact and meta.get("gaps") not in ENCODINGS:
             return f"gaps of '{name}' must be one of {', '.join(ENCODINGS)}"
         digest = meta.get("base_sha256")
@@ -379,8 +382,15 @@ def _tensor_delta(name: str, meta: dict, arrays: list, where: str, compact: bool
     # a compact delta has no base values: none of its tuned values may be non-finite
     check_finite_change(name, idx, base if base is not None else torch.zeros_like(tuned), tuned, where)
     if compact:
-        return TensorDelta(idx, None, tuned, shape, meta["base_sha256"], arrays[0].numel())
-    return TensorDelta(idx, base, tuned, shape)
+        return TensorDelta(
+            idx, None, tuned, shape, meta["base_sha256"], arrays[0].numel(), loads_as=_loads_as(meta)
+        )
+    return TensorDelta(idx, base, tuned, shape, loads_as=_loads_as(meta))
+
+
+def _loads_as(meta: dict) -> tuple[str, ...] | None:
+    value = meta.get("loads_as")
+    return tuple(value) if isinstance(value, list) else None
 
 
 def check_finite_change(
@@ -416,7 +426,14 @@ def diff(
     """
     base, tuned = open_checkpoint(base_ref, what="base"), open_checkpoint(tuned_ref, what="tuned checkpoint")
     pairs = paired_tensors(base, tuned)
-    limit = _entry_limit(density, top_k, base.layout)
+    if density is not None and top_k is not None:
+        raise PieceError("give --density or --top-k, not both")
+    limit = None
+    if density is not None or top_k is not None:
+        # the largest changes of the entries score and train may select (embedding tables are not)
+        eligible = eligible_sizes(base)
+        pairs = {name: other for name, other in pairs.items() if name in eligible}
+        limit = _entry_limit(density, top_k, sum(eligible.values()))
     with Progress(len(pairs), "comparing", quiet=quiet, unit="tensor") as bar:
         entries = _changed_entries(base, tuned, pairs, limit, bar.advance)
     if limit is not None:
@@ -434,7 +451,7 @@ def diff(
         changed_fraction={n: float(entries[n][0].numel()) / base.layout[n].numel for n in sorted(entries)},
     )
     shapes = {n: base.layout[n].shape for n in entries}
-    return delta_from_values(entries, shapes, DeltaInfo(identity, provenance))
+    return delta_from_values(entries, shapes, DeltaInfo(identity, provenance), base.twins())
 
 
 def _changed_entries(
@@ -461,13 +478,47 @@ def _changed_entries(
     return entries
 
 
-def _entry_limit(density: float | None, top_k: int | None, layout: dict[str, TensorInfo]) -> int | None:
-    if density is not None and top_k is not None:
-        raise PieceError("give --density or --top-k, not both")
+def _loads_as_stored(checkpoint: Checkpoint) -> dict[str, str]:
+    """Model name of a tied weight the files do not store -> the stored name it loads as."""
+    return {twin: stored for stored, twins in checkpoint.twins().items() for twin in twins}
+
+
+def _check_unpaired_tuned(base: Checkpoint, tuned: Checkpoint, pairs: dict[str, str], used: dict[str, str]):
+    """A tensor only the tuned files store must be one loading ignores, or a tied copy of one the
+    base stores once with the same values as the tuned model's own (a delta cannot untie them)."""
+    base_loads = _loads_as_stored(base)
+    for name in sorted(set(tuned.layout) - set(pairs.values())):
+        if name not in used:
+            continue
+        twin = base_loads.get(used[name])
+        if twin is None or twin not in pairs:
+            raise PieceError(f"tensor '{name}' is in the tuned checkpoint but not in the base")
+        with tuned.reader() as reader:
+            same = bool(same_bits(reader.get(name), reader.get(pairs[twin])).all())
+        if not same:
+            raise PieceError(
+                f"the tuned checkpoint stores '{name}' apart from '{pairs[twin]}' with other values, but the "
+                f"base ties them and stores one ('{twin}'): a delta changes stored tensors, so it cannot "
+                "untie them; diff against a base whose files store both"
+            )
+
+
+def eligible_sizes(checkpoint: Checkpoint) -> dict[str, int]:
+    """Stored tensor name -> entries, of the tensors `score` may select by default (every weight
+    but the embedding tables), found on the model's meta-device skeleton."""
+    from piece_surgery.checkpoint import parameter_keys
+    from piece_surgery.importance import eligible_parameters
+
+    skeleton = checkpoint.skeleton()
+    params = eligible_parameters(skeleton, parameter_keys(skeleton, checkpoint.layout))
+    return {name: p.numel() for name, p in params.items()}
+
+
+def _entry_limit(density: float | None, top_k: int | None, eligible: int) -> int:
     if density is not None:
         check_density(density)
-        return max(1, int(density * sum(i.numel for i in layout.values() if i.dtype.is_floating_point)))
-    if top_k is not None and top_k < 1:
+        return max(1, int(density * eligible))
+    if top_k < 1:
         raise PieceError("--top-k must be at least 1")
     return top_k
 
@@ -475,23 +526,25 @@ def _entry_limit(density: float | None, top_k: int | None, layout: dict[str, Ten
 def paired_tensors(base: Checkpoint, tuned: Checkpoint) -> dict[str, str]:
     """Which stored tensor of `tuned` is which of `base`: base name -> tuned name, matched as loading
     matches them. The same name, or the same model weight under another spelling (one file with
-    the base-model prefix, one without, as older files are written); a tensor only one side stores
+    the base-model prefix, one without, as older files are written); a tied weight one side stores
+    twice and the other once pairs with what the other loads it as; a tensor only one side stores
     that the model never uses (a buffer older files keep beside the weights) is left out. Anything
     else, and a shape or dtype that differs, is a PieceError naming the tensor."""
     pairs = {name: name for name in base.layout if name in tuned.layout}
     if len(pairs) < max(len(base.layout), len(tuned.layout)):
         used_base, used_tuned = base.used_names(), tuned.used_names()
         by_model_name = {model_name: stored for stored, model_name in used_tuned.items()}
+        tuned_loads = _loads_as_stored(tuned)
         for name in sorted(set(base.layout) - set(pairs)):
-            other = by_model_name.get(used_base.get(name, ""))
+            model_name = used_base.get(name, "")
+            other = by_model_name.get(model_name)
             if other is not None and other not in pairs.values():
                 pairs[name] = other
+            elif model_name in tuned_loads:  # the tuned files store it once: it loads as its twin
+                pairs[name] = tuned_loads[model_name]
             elif name in used_base:
                 raise PieceError(f"tensor '{name}' is in the base but not in the tuned checkpoint")
-        unpaired = sorted(set(tuned.layout) - set(pairs.values()))
-        for name in unpaired:
-            if name in used_tuned:
-                raise PieceError(f"tensor '{name}' is in the tuned checkpoint but not in the base")
+        _check_unpaired_tuned(base, tuned, pairs, used_tuned)
     for name, other in sorted(pairs.items()):
         b, t = base.layout[name], tuned.layout[other]
         if b.shape != t.shape or b.dtype != t.dtype:
@@ -538,8 +591,8 @@ def write_diff(
 ) -> Diffed:
     """The `diff` recipe: check the output, diff the two checkpoints, write the delta folder
     (format 2 with `compact`)."""
-    check_output(Path(output), overwrite=overwrite, inputs=(Path(base_ref), Path(tuned_ref)))
+    output = check_output(output, overwrite=overwrite, inputs=(base_ref, tuned_ref))
     delta = diff(base_ref, tuned_ref, density=density, top_k=top_k, base_model=base_model, quiet=quiet)
     if delta.count == 0:
         raise PieceError("the two checkpoints are identical: there is no delta to write")
-    return Diffed(delta, save_delta(delta, Path(output), compact=compact))
+    return Diffed(delta, save_delta(delta, output, compact=compact))

@@ -18,10 +18,13 @@ class PieceError(Exception):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (its type's name if it has none), cut to
+    """The first non-empty line of an exception's message (its type's name if it has none; with the
+    line after it when it ends in a colon, as "Error(s) in loading state_dict:" does), cut to
     MAX_QUOTE characters: how a library's error is quoted in ours."""
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
     return quote(line)
 
 
@@ -33,5 +36,5 @@ def quote(value: object, limit: int = MAX_QUOTE) -> str:
 
 def no_device(name: str) -> PieceError:
     """The error for a device that is asked for but not here."""
-    kind = "a CUDA GPU" if name.startswith("cuda") else name.upper()
+    kind = "CUDA GPU" if name.startswith("cuda") else name.upper()
     return PieceError(f"--device {name} asked for, but no {kind} is available; use --device cpu")

@@ -3,7 +3,6 @@ through memory; every other byte is copied inside the kernel."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 
 from piece_surgery.dtypes import FLOAT_DTYPES, SAFETENSORS_DTYPES
 from piece_surgery.errors import PieceError
+from piece_surgery.records import parse_json
 
 # A patch: the sorted flat indices of the entries it changes, and a function that changes them in
 # place in the tensor it is given (reading and writing no other entry).
@@ -35,10 +35,10 @@ def copy_with_patches(src: Path, dst: Path, patches: dict[str, Patch]) -> bool:
     """
     size = Path(src).stat().st_size
     with open(src, "rb") as fin:
+        header_len = int.from_bytes(fin.read(8), "little")
         try:
-            header_len = int.from_bytes(fin.read(8), "little")
-            header = json.loads(fin.read(header_len))
-        except (ValueError, UnicodeDecodeError) as exc:
+            header = parse_json(fin.read(header_len).decode("utf-8"), f"the header of '{src}'")
+        except UnicodeDecodeError as exc:
             raise PieceError(f"cannot read '{src}': corrupt safetensors header") from exc
         start = 8 + header_len
         if any(not _is_float(header[name]["dtype"]) for name in patches):

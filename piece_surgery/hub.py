@@ -4,10 +4,12 @@ huggingface_hub's cache), upload files in one commit, and turn Hub failures into
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from piece_surgery.errors import PieceError, first_line
+from piece_surgery.progress import library_logs_silenced
 
 # What a command needs from a repo: weights, configs, tokenizer files, cards. Never pickles.
 CHECKPOINT_FILES = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.md"]
@@ -46,7 +48,8 @@ def resolve(ref: str, *, what: str = "checkpoint", patterns: list[str] | None = 
     path = Path(ref).expanduser()
     if path.exists():
         return Resolved(path)
-    if not looks_like_repo_id(ref):
+    if not looks_like_repo_id(ref) or Path(ref.split("/")[0]).expanduser().is_dir():
+        # `runs/mask.safetensors` beside a folder `runs`: a missing local path, not a Hub repo
         raise PieceError(f"{what} '{ref}' not found: give an existing path or a Hub repo id (user/name)")
     repo_id, revision = split_repo_ref(ref)
     local = download(repo_id, revision, patterns or CHECKPOINT_FILES, what=what)
@@ -93,7 +96,7 @@ def upload(
     if quiet:
         disable_progress_bars()
     try:
-        with hub_errors(f"push to {repo_id}"):
+        with hub_errors(f"push to {repo_id}"), library_logs_silenced() if quiet else nullcontext():
             url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             if revision and revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)

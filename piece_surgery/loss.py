@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 
 from piece_surgery.data import IGNORE, Dataset, micro_batches
+from piece_surgery.errors import PieceError
 
 
 def batch_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -42,6 +43,11 @@ def sampled_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.
     the model), where the data's own labels give the empirical Fisher.
     """
     probs = torch.softmax(logits[:, :-1].detach().float(), dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise PieceError(
+            "the model's next-token probabilities are nan or inf, so labels cannot be drawn from it "
+            "(--retain-labels sampled): check the checkpoint's weights, or try --dtype float32"
+        )
     drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
     out = labels.clone()
     out[:, 1:] = torch.where(labels[:, 1:] != IGNORE, drawn.view(labels.shape[0], -1), IGNORE)

@@ -21,7 +21,14 @@ from piece_surgery.dtypes import index_dtype, numel
 from piece_surgery.errors import PieceError
 from piece_surgery.options import check_density
 from piece_surgery.outputs import atomic_path
-from piece_surgery.records import AvoidRecord, CheckpointIdentity, DataRecord, JsonRecord, RetainRecord
+from piece_surgery.records import (
+    AvoidRecord,
+    CheckpointIdentity,
+    DataRecord,
+    JsonRecord,
+    RetainRecord,
+    parse_json,
+)
 
 FORMAT = "piece-surgery/mask"
 FORMAT_VERSION = 1
@@ -221,7 +228,11 @@ def load_mask(path: Path) -> Mask:
                     f"{where} has format version {meta.get('format_version')!r}; "
                     f"this piece-surgery reads {FORMAT_VERSION}: upgrade piece-surgery"
                 )
-            values = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "format_version")}
+            values = {
+                k: parse_json(v, f"{where}: header value '{k}'")
+                for k, v in meta.items()
+                if k not in ("format", "format_version")
+            }
             indices = {name: f.get_tensor(name) for name in f.keys() if "::" not in name}
             extras = {name: f.get_tensor(name) for name in f.keys() if name.endswith(FISHER)}
     except (SafetensorError, OSError, ValueError) as exc:

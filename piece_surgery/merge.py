@@ -11,7 +11,7 @@ import dataclasses
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from piece_surgery.checkpoint import (
     open_checkpoint,
     save_shard,
     shard_metadata,
+    stored_name,
     weight_files,
     write_index,
 )
@@ -35,9 +36,7 @@ from piece_surgery.dtypes import same_bits
 from piece_surgery.errors import PieceError
 from piece_surgery.filepatch import copy_with_patches
 from piece_surgery.outputs import atomic_path, check_output
-from piece_surgery.recipe import RECIPE_FILE, Recipe, card_section, parse_size, scales_for
-
-CONFLICT_POLICIES = ("sum", "mean", "ties", "error")
+from piece_surgery.recipe import CONFLICT_POLICIES, RECIPE_FILE, Recipe, card_section, parse_size, scales_for
 
 
 @dataclass
@@ -111,54 +110,86 @@ def combine(
     union = torch.unique(torch.cat([p.entries.indices for p in parts]))
     base_u = base_flat[union]
     current = base_u.clone()
-    # what the deltas themselves record: the base they start from (the first delta at an entry
-    # sets it) and the stack so far, so the conflict policy holds with --force on another base too
-    recorded_base, recorded_stack = base_u.clone(), base_u.clone()
-    total = torch.zeros(union.numel(), dtype=torch.float64)
-    touched = torch.zeros(union.numel(), dtype=torch.int32)
-    conflicted = torch.zeros(union.numel(), dtype=torch.bool)
-    positive = torch.zeros(union.numel(), dtype=torch.float64)  # sums of the positive changes
-    negative = torch.zeros(union.numel(), dtype=torch.float64)  # ... and of the negative ones
+    stack = _Branches(len(parts), base_u)
     overlap = Overlap()
-    for part in parts:
+    for i, part in enumerate(parts):
         pos = torch.searchsorted(union, part.entries.indices)
         delta = _matched(name, part, current[pos], base_u[pos])
         _check_dtype(name, part, base_flat.dtype, force)
         new, on_current = delta.applied_to(current[pos], part.scale)
         recorded = delta.base.to(base_flat.dtype)
-        first = touched[pos] == 0
         on_base = same_bits(base_u[pos], recorded)
-        chained = ~first & (on_current | same_bits(recorded_stack[pos], recorded))
-        side_by_side = ~first & ~chained & (on_base | same_bits(recorded_base[pos], recorded))
-        mismatch = ~on_current & ~on_base
+        chained, side_by_side = stack.place(i, pos, recorded, on_base)
+        mismatch = ~on_current & ~on_base & ~chained
         overlap.chained += int(chained.sum())
         overlap.mismatched += int(mismatch.sum())
         _refuse(name, part, int(mismatch.sum()), int(side_by_side.sum()), on_conflict, force)
-        change = part.scale * delta.change()
-        total[pos] += change
-        touched[pos] += 1
-        conflicted[pos] |= side_by_side
-        positive[pos] += change.clamp(min=0)
-        negative[pos] += change.clamp(max=0)
-        if bool(side_by_side.any()):
-            merged = base_u[pos].double() + _resolved(on_conflict, pos, total, touched, positive, negative)
-            new = torch.where(side_by_side, merged.to(base_flat.dtype), new)
+        stack.add(i, pos, part.scale * delta.change(), delta.tuned.to(base_flat.dtype))
         current[pos] = new
-        recorded_base[pos] = torch.where(first, recorded, recorded_base[pos])
-        recorded_stack[pos] = delta.tuned.to(base_flat.dtype)
-    overlap.shared = int((touched > 1).sum())
+    conflicted, change, disagree = stack.resolved(on_conflict)
+    current = torch.where(conflicted, (base_u.double() + change).to(base_flat.dtype), current)
+    _refuse_overflow(name, union, current, base_u)
+    overlap.shared = int((stack.touched > 1).sum())
     overlap.conflicts = int(conflicted.sum())
-    overlap.sign_disagreements = int((conflicted & (positive > 0) & (negative < 0)).sum())
+    overlap.sign_disagreements = int(disagree.sum())
     return union, current, overlap
 
 
-def _resolved(on_conflict, pos, total, touched, positive, negative) -> torch.Tensor:
-    """The change a conflicted entry gets, from the changes the deltas made to it."""
-    if on_conflict == "mean":
-        return total[pos] / touched[pos].double()
-    if on_conflict == "ties":
-        return torch.where(total[pos] > 0, positive[pos], torch.where(total[pos] < 0, negative[pos], 0.0))
-    return total[pos]
+class _Branches:
+    """Which deltas at each entry of a tensor build on which (combine's bookkeeping).
+
+    A delta made on top of another (its recorded base is what that delta left) extends that
+    delta's branch; one made side by side from the same base starts a branch of its own. An entry
+    with one branch takes the values applied in turn (exact); an entry with several is a conflict:
+    base + the policy over the branches' total changes, whatever order the deltas came in. What
+    the deltas record decides, so the policy holds with --force on another base too."""
+
+    def __init__(self, parts: int, base: torch.Tensor):
+        n = base.numel()
+        self.recorded_base = base.clone()  # the base the first delta at each entry records
+        self.branch_of = torch.full((parts, n), -1, dtype=torch.long)  # part -> its branch per entry
+        self.left = torch.zeros((parts, n), dtype=base.dtype)  # what each part left (its tuned values)
+        self.totals = torch.zeros((parts, n), dtype=torch.float64)  # per branch (its first part's index)
+        self.touched = torch.zeros(n, dtype=torch.int32)
+
+    def place(self, i: int, pos: torch.Tensor, recorded: torch.Tensor, on_base: torch.Tensor):
+        """(chained, side by side): where part `i` extends an earlier part's branch, and where it
+        starts another beside existing ones (a conflict)."""
+        first = self.touched[pos] == 0
+        self.recorded_base[pos] = torch.where(first, recorded, self.recorded_base[pos])
+        branch = torch.full((pos.numel(),), i, dtype=torch.long)
+        chained = torch.zeros(pos.numel(), dtype=torch.bool)
+        for j in reversed(range(i)):  # the latest delta it was made on
+            extends = ~chained & (self.branch_of[j, pos] >= 0) & same_bits(self.left[j, pos], recorded)
+            branch = torch.where(extends, self.branch_of[j, pos], branch)
+            chained |= extends
+        side_by_side = ~first & ~chained & (on_base | same_bits(self.recorded_base[pos], recorded))
+        self.branch_of[i, pos] = branch
+        return chained, side_by_side
+
+    def add(self, i: int, pos: torch.Tensor, change: torch.Tensor, tuned: torch.Tensor) -> None:
+        branch = self.branch_of[i, pos]
+        self.totals[branch, pos] += change
+        self.left[i, pos] = tuned
+        self.touched[pos] += 1
+
+    def resolved(self, on_conflict: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(conflicted entries, the change each gets, entries whose branches disagree in sign)."""
+        present = torch.zeros_like(self.totals, dtype=torch.bool)
+        for branches in self.branch_of:
+            valid = branches >= 0
+            present[branches[valid], torch.nonzero(valid).flatten()] = True
+        count = present.sum(0)
+        total = self.totals.sum(0)
+        positive, negative = self.totals.clamp(min=0).sum(0), self.totals.clamp(max=0).sum(0)
+        if on_conflict == "mean":
+            change = total / count.clamp(min=1).double()
+        elif on_conflict == "ties":  # the branches that agree with the sign of the sum (TIES-merging)
+            change = torch.where(total > 0, positive, torch.where(total < 0, negative, 0.0))
+        else:
+            change = total
+        conflicted = count > 1
+        return conflicted, change, conflicted & (positive > 0) & (negative < 0)
 
 
 def _matched(name: str, part: TensorPart, *candidates: torch.Tensor) -> TensorDelta:
@@ -202,7 +233,18 @@ def merge_one(
     new, on_base = delta.applied_to(current, part.scale)
     mismatched = int((~on_base).sum())
     _refuse(name, part, mismatched, 0, "sum", force)
+    _refuse_overflow(name, delta.indices, new, current)
     return delta, new, mismatched
+
+
+def _refuse_overflow(name: str, indices: torch.Tensor, new: torch.Tensor, current: torch.Tensor) -> None:
+    """A merge may not turn a finite weight into inf or NaN (scales too large for the dtype)."""
+    overflowed = torch.nonzero(~torch.isfinite(new) & torch.isfinite(current)).flatten()
+    if overflowed.numel():
+        raise PieceError(
+            f"merging sets entry {int(indices[overflowed[0]])} of '{name}' to {float(new[overflowed[0]])}: "
+            f"the scales are too large for {new.dtype}"
+        )
 
 
 def _combine_one(
@@ -288,12 +330,6 @@ class ApplyResult:
         union, values, overlap = combine(
             name, flat, plan.parts(name), on_conflict=plan.on_conflict, force=plan.force
         )
-        overflowed = torch.nonzero(~torch.isfinite(values) & torch.isfinite(flat[union])).flatten()
-        if overflowed.numel():
-            raise PieceError(
-                f"merging sets entry {int(union[overflowed[0]])} of '{name}' to "
-                f"{float(values[overflowed[0]])}: the scales are too large for {flat.dtype}"
-            )
         if write:
             flat[union] = values
         self.touched[name] = int(union.numel())
@@ -324,14 +360,23 @@ def plan_apply(
         raise PieceError("give at least one delta to apply")
     scales = scales_for(delta_refs, scales)
     if output is not None:
-        check_output(Path(output), overwrite=overwrite, inputs=(Path(base_ref), *map(Path, delta_refs)))
+        from_file = recipe is not None and recipe.source is not None
+        output = check_output(
+            output,
+            overwrite=overwrite,
+            inputs=(base_ref, *delta_refs, original_base, recipe.source if from_file else None),
+            protected=[recipe.folder] if from_file else [],  # a recipe's folder: outputs lie inside it
+        )
     base = open_checkpoint(base_ref, what="base")
     artifacts = [open_artifact(ref, want="delta") for ref in delta_refs]
     if not allow_duplicates:
         _refuse_duplicates(artifacts)
     deltas = [ScaledDelta(a.delta, s, f"delta '{a.ref}'") for a, s in zip(artifacts, scales, strict=True)]
     if original_base is not None:
+        if all(t.base is not None for d in deltas for t in d.delta.tensors.values()):
+            raise PieceError("--original-base is for compact deltas, and none of these is: leave it out")
         _recover_base_values(deltas, original_base)
+    deltas = [replace(d, delta=as_stored_in(base, d.delta)) for d in deltas]
     for d in deltas:
         for name, t in d.delta.tensors.items():
             if name not in base.layout:
@@ -355,6 +400,29 @@ def plan_apply(
         resharded=shard_size is not None,
         recipe=recipe,
     )
+
+
+def as_stored_in(base: Checkpoint, delta: Delta) -> Delta:
+    """The delta under the names `base` stores its tensors by, as loading pairs them: a name with
+    or without the base-model prefix (files of older versions), and, for a tied weight the delta's
+    base stored once (the head loaded as the embedding), every copy `base` stores of it, so that
+    they load tied again. A new Delta; the one given is not changed."""
+    needs_prefix = any(name not in base.layout for name in delta.tensors)
+    needs_twins = any(t.loads_as for t in delta.tensors.values())
+    if not (needs_prefix or needs_twins):
+        return delta
+    prefix = getattr(base.skeleton(), "base_model_prefix", "") or ""
+    tensors = {}
+    for name, t in delta.tensors.items():
+        stored = next(
+            (c for c in (name, f"{prefix}.{name}", name.removeprefix(prefix + ".")) if c in base.layout), name
+        )
+        tensors[stored] = t
+        for twin in t.loads_as or ():
+            copy = stored_name(twin, prefix, base.layout)
+            if copy is not None and copy not in delta.tensors and copy not in tensors:
+                tensors[copy] = replace(t, loads_as=())  # this base stores the twin: change it too
+    return replace(delta, tensors=tensors)
 
 
 def _recover_base_values(deltas: list[ScaledDelta], original_base: str) -> None:
@@ -454,7 +522,8 @@ def execute_apply(plan: ApplyPlan, progress=None) -> ApplyResult:
 
 def _record_recipe(plan: ApplyPlan, folder: Path) -> None:
     """The recipe beside the weights, and a section of the card (the base's card, or a new one)."""
-    (folder / RECIPE_FILE).write_text(plan.recipe.to_yaml())
+    recorded = plan.recipe.recorded(plan.output)
+    (folder / RECIPE_FILE).write_text(recorded.to_yaml())
     card = folder / "README.md"
     if card.is_file():
         text = card.read_text(encoding="utf-8", errors="replace").rstrip("\n") + "\n"
@@ -465,7 +534,7 @@ def _record_recipe(plan: ApplyPlan, folder: Path) -> None:
             + (f"base_model: {base_model}\n" if base_model else "")
             + "tags:\n- piece-surgery\n- merge\n---\n"
         )
-    card.write_text(text + card_section(plan.recipe))
+    card.write_text(text + card_section(recorded, plan.output))
 
 
 def _patch_shard(plan: ApplyPlan, result: ApplyResult, file: str, touched: list[str], tmp: Path) -> bool:
@@ -512,19 +581,29 @@ def apply_recipe(
     from piece_surgery.progress import Progress
 
     start = time.perf_counter()
-    plan = plan_apply(
-        recipe.resolve(recipe.base),
-        [recipe.resolve(path) for path, _ in recipe.deltas],
-        scales=[s for _, s in recipe.deltas],
-        on_conflict=recipe.on_conflict,
-        force=recipe.force,
-        shard_size=parse_size(recipe.shard_size),
-        output=None if dry_run else recipe.output_path,
-        overwrite=overwrite,
-        allow_duplicates=recipe.allow_duplicates,
-        recipe=recipe,
-        original_base=recipe.resolve(recipe.original_base) if recipe.original_base else None,
-    )
+    refs = [recipe.base, *(path for path, _ in recipe.deltas), recipe.original_base]
+    try:
+        plan = plan_apply(
+            recipe.resolve(recipe.base),
+            [recipe.resolve(path) for path, _ in recipe.deltas],
+            scales=[s for _, s in recipe.deltas],
+            on_conflict=recipe.on_conflict,
+            force=recipe.force,
+            shard_size=parse_size(recipe.shard_size),
+            output=None if dry_run else recipe.output_path,
+            overwrite=overwrite,
+            allow_duplicates=recipe.allow_duplicates,
+            recipe=recipe,
+            original_base=recipe.resolve(recipe.original_base) if recipe.original_base else None,
+        )
+    except PieceError as exc:
+        read_as_ids = [r for r in refs if r and recipe.source is not None and recipe.resolve(r) == r]
+        if not read_as_ids:
+            raise
+        raise PieceError(
+            f"{exc} ('{read_as_ids[0]}' is not beside the recipe, in '{recipe.folder}', so it was read as "
+            "a Hub repo id: a recipe's paths are relative to its own folder)"
+        ) from exc
     if dry_run:
         result = check_apply(plan)
     else:
@@ -605,7 +684,27 @@ def model_tensors(model: torch.nn.Module, delta: Delta) -> dict[str, tuple[str, 
             continue
         first_of[id(param)] = name
         found[name] = (pname, param)
+    for name, (pname, param) in found.items():
+        _refuse_untying(delta, name, [n for n, p in params.items() if p is param and n != pname], prefix)
     return found
+
+
+def _refuse_untying(delta: Delta, name: str, twins: list[str], prefix: str) -> None:
+    """This model holds `name` and `twins` as one weight. If the delta's base stored a twin apart
+    and the delta leaves it (it changes a head the files stored beside the embedding, say), files
+    with the delta applied load the two untied, which one weight cannot be: refused."""
+    loads_as = delta.tensors[name].loads_as
+    if loads_as is None:  # a delta written before this was recorded: applied as one weight
+        return
+    spellings = lambda n: {n, f"{prefix}.{n}", n.removeprefix(prefix + ".")}  # noqa: E731
+    changed = {s for other in delta.tensors for s in spellings(other)}
+    for twin in twins:
+        if not spellings(twin) & (changed | {s for t in loads_as for s in spellings(t)}):
+            raise PieceError(
+                f"the delta changes '{name}' but not '{twin}', which its base stored apart and this model "
+                "ties to it (one weight): files with the delta applied load the two untied; apply it to "
+                "files (piece-surgery apply), or load this model untied"
+            )
 
 
 def _check_same_change(delta: Delta, kept: str, other: str) -> None:

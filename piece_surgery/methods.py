@@ -167,6 +167,7 @@ def markdown_table() -> str:
         elif m.source == "ours":
             label += " (ours)"
         needs = "yes, and retain text" if m.uses_retain else "yes" if m.needs_data else "no"
-        score = " ".join(part for part in (f"`{m.formula}`" if m.formula else "", m.note) if part)
+        formula = m.formula.replace("|", "\\|")  # a pipe ends a table cell, even inside code
+        score = " ".join(part for part in (f"`{formula}`" if formula else "", m.note) if part)
         rows.append(f"| {label} | {score} | {needs} |")
     return "\n".join(rows)

@@ -44,6 +44,14 @@ def check_device_name(name: str) -> None:
         raise PieceError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps")
 
 
+MAX_SEED = 2**62  # torch's generators take 64 bits; the data order adds the epoch to the seed
+
+
+def check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise PieceError(f"--seed {seed} must be a whole number in [0, 2^62]")
+
+
 def check_model_dtype(name: str) -> None:
     if name != "auto" and name not in MODEL_DTYPES:
         raise PieceError(f"unknown dtype '{name}'; use auto, float32, bfloat16 or float16")
@@ -146,6 +154,7 @@ class ScoreOptions(JsonRecord):
 
     def __post_init__(self) -> None:
         method_named(self.method)
+        check_seed(self.seed)
         check_normalization(self.normalize)
         check_density(self.density)
         check_labels(self.retain_labels)
@@ -241,6 +250,7 @@ class TrainConfig(JsonRecord):
     def __post_init__(self) -> None:
         if self.lr is not None and not 0 < self.lr <= MAX_LR:
             raise PieceError(f"--lr must be positive and at most {MAX_LR:g}, got {self.lr}")
+        check_seed(self.seed)
         if self.schedule not in SCHEDULES:
             raise PieceError(f"unknown --schedule '{self.schedule}'; use constant, linear or cosine")
         for name in ("epochs", "batch_size", "grad_accum"):

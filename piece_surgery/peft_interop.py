@@ -21,13 +21,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from piece_surgery.artifacts import open_artifact
-from piece_surgery.checkpoint import Checkpoint, open_checkpoint, stored_name, tied_names
+from piece_surgery.checkpoint import Checkpoint, LoadedModel, open_checkpoint, stored_name, tied_names
 from piece_surgery.delta import Delta, DeltaInfo, DiffProvenance, TensorDelta, delta_from_values, save_delta
 from piece_surgery.dtypes import same_bits
 from piece_surgery.errors import PieceError, first_line
 from piece_surgery.hub import resolve
 from piece_surgery.merge import TensorPart, merge_one, model_tensors
-from piece_surgery.outputs import atomic_path, check_output
+from piece_surgery.options import RunOptions
+from piece_surgery.outputs import atomic_path, check_output, refuse_overlap
 from piece_surgery.records import read_json
 from piece_surgery.sparse_grad import is_gain_module, owners
 
@@ -97,19 +98,23 @@ def _peft():
 
 
 def export_peft(
-    delta_ref: str, output: Path, *, base_ref: str | None = None, overwrite: bool = False
+    delta_ref: str,
+    output: Path,
+    *,
+    base_ref: str | None = None,
+    overwrite: bool = False,
+    run: RunOptions | None = None,
 ) -> Exported:
     """Write the delta as a SHiRA adapter folder that PeftModel.from_pretrained loads onto its base."""
     peft = _peft()
-    output = Path(output)
-    check_output(output, overwrite=overwrite, inputs=tuple(Path(p) for p in (delta_ref, base_ref) if p))
+    output = check_output(output, overwrite=overwrite, inputs=(delta_ref, base_ref))
     delta = open_artifact(delta_ref, want="delta").delta
     base_ref = base_ref or (delta.info.base.repo_id if delta.info.base else None)
     if base_ref is None:
         raise PieceError("the delta's base was a local folder: name it with --base")
-    checkpoint = open_checkpoint(base_ref, what="base")
-    model = checkpoint.load_model(device="cpu").module
-    plan = _shira_plan(model, delta)
+    refuse_overlap(output, [base_ref])  # the base a delta names is an input too
+    checkpoint, model = _load_base(base_ref, run)
+    plan = _shira_plan(model.module, delta)
     config = peft.ShiraConfig(
         r=plan.r,
         target_modules=sorted(plan.linear),
@@ -119,7 +124,7 @@ def export_peft(
         init_weights=True,
     )
     with _quiet_libraries():
-        adapted = peft.get_peft_model(model, config)
+        adapted = peft.get_peft_model(model.module, config)
     padding = 0
     with torch.no_grad():
         for module_name, (tensor_name, _) in plan.linear.items():
@@ -141,6 +146,18 @@ def export_peft(
         saved_modules=sorted(plan.saved),
         adapter_bytes=(output / ADAPTER_WEIGHTS).stat().st_size,
     )
+
+
+def _load_base(base_ref: str, run: RunOptions | None) -> tuple[Checkpoint, LoadedModel]:
+    """The base, loaded as the run options say (device, dtype, trust); on the CPU by default."""
+    run = run or RunOptions(device="cpu")
+    if run.fsdp or run.max_samples is not None or run.max_length != RunOptions().max_length:
+        raise PieceError("--fsdp, --max-length and --max-samples are for score and train; leave them out")
+    checkpoint = open_checkpoint(base_ref, what="base", trust_remote_code=run.trust_remote_code)
+    loaded = checkpoint.load_model(
+        device=run.device, dtype=run.dtype, quiet=run.quiet, attn_implementation=run.attn_implementation
+    )
+    return checkpoint, loaded
 
 
 @dataclass
@@ -240,21 +257,39 @@ def import_peft(
     base_ref: str | None = None,
     overwrite: bool = False,
     compact: bool = False,
+    run: RunOptions | None = None,
 ) -> Imported:
     """A delta from a PEFT adapter: its weights merged into the base, compared entry by entry with
-    the base's files. Refused in one line: an adapter whose file lacks tensors its config needs (PEFT
-    would fill them with random values) or holds others, and a merge that a delta cannot express
-    (a tied weight the base stores once, trained apart from its twin)."""
+    the base's files (adapter_as_delta), written to `output`."""
+    output = check_output(output, overwrite=overwrite, inputs=(adapter_ref, base_ref))
+    delta = adapter_as_delta(adapter_ref, base_ref=base_ref, run=run, output=output)
+    if delta.count == 0:
+        raise PieceError("the adapter changes nothing in the base: there is no delta to write")
+    return Imported(delta, save_delta(delta, output, compact=compact))
+
+
+def adapter_as_delta(
+    adapter_ref: str,
+    *,
+    base_ref: str | None = None,
+    run: RunOptions | None = None,
+    output: Path | None = None,
+) -> Delta:
+    """The delta a PEFT adapter's merge makes on its base (`base_ref`, else the base its config
+    names), in memory. Refused in one line: an adapter whose file lacks tensors its config needs
+    (PEFT would fill them with random values) or holds others, and a merge that a delta cannot
+    express (a tied weight the base stores once, trained apart from its twin). With `output`, the
+    base the config names may not overlap it."""
     peft = _peft()
-    output = Path(output)
-    check_output(output, overwrite=overwrite, inputs=tuple(Path(p) for p in (adapter_ref, base_ref) if p))
     source = resolve(adapter_ref, what="adapter", patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, "*.md"])
     config, stored = _read_adapter(source.path, adapter_ref)
     base_ref = base_ref or config.get("base_model_name_or_path")
     if not isinstance(base_ref, str) or not base_ref:
         raise PieceError("the adapter names no base model: give --base")
-    checkpoint = open_checkpoint(base_ref, what="base")
-    model = checkpoint.load_model(device="cpu").module
+    if output is not None:
+        refuse_overlap(output, [base_ref])  # the base an adapter names is an input too
+    checkpoint, loaded = _load_base(base_ref, run)
+    model = loaded.module
     ties = tied_names(model)  # before PEFT replaces any module
     try:
         with _quiet_libraries():
@@ -269,10 +304,7 @@ def import_peft(
     _check_adapter_tensors(adapter_ref, needed, allowed, stored)
     with _quiet_libraries():
         merged = adapted.merge_and_unload()
-    delta = _delta_against_files(checkpoint, merged, ties, source.name)
-    if delta.count == 0:
-        raise PieceError("the adapter changes nothing in the base: there is no delta to write")
-    return Imported(delta, save_delta(delta, output, compact=compact))
+    return _delta_against_files(checkpoint, merged, ties, source.name, loaded.twins)
 
 
 def _read_adapter(folder: Path, ref: str) -> tuple[dict, set[str]]:
@@ -307,7 +339,11 @@ def _check_adapter_tensors(ref: str, needed: set[str], allowed: set[str], stored
 
 
 def _delta_against_files(
-    checkpoint: Checkpoint, merged: torch.nn.Module, ties: dict[str, list[str]], name: str
+    checkpoint: Checkpoint,
+    merged: torch.nn.Module,
+    ties: dict[str, list[str]],
+    name: str,
+    twins: dict[str, list[str]],
 ) -> Delta:
     """Every entry where the merged model's weights differ from the base checkpoint's files, under
     the names the files store. A parameter the files do not store loads as its tied twin: the merge
@@ -323,10 +359,14 @@ def _delta_against_files(
             continue
         twin = next((t for t in ties.get(pname, []) if stored_name(t, prefix, checkpoint.layout)), None)
         if twin is not None and not bool(same_bits(params[twin].detach(), param.detach()).all()):
+            with checkpoint.reader() as reader:  # which of the two did the adapter train?
+                stored = reader.get(stored_name(twin, prefix, checkpoint.layout))
+            twin_changed = not bool(same_bits(params[twin].detach().to(stored.dtype), stored).all())
+            changed, kept = (twin, pname) if twin_changed else (pname, twin)
             raise PieceError(
-                f"the adapter changes '{pname}' apart from '{twin}', which this base ties to it and stores "
-                "once: a delta changes stored tensors only, so it cannot untie them; save the base with "
-                f"both tensors stored (tie_word_embeddings false) and import onto that"
+                f"the adapter changes '{changed}' apart from '{kept}', which this base ties to it and "
+                "stores once: a delta changes stored tensors only, so it cannot untie them; import onto "
+                "a copy of the base whose files store both (equal, they still load tied)"
             )
     entries = {}
     with checkpoint.reader() as reader:
@@ -339,4 +379,4 @@ def _delta_against_files(
     shapes = {k: checkpoint.layout[k].shape for k in entries}
     fractions = {k: entries[k][0].numel() / checkpoint.layout[k].numel for k in entries}
     provenance = DiffProvenance(tuned=f"PEFT adapter {name}", changed_fraction=fractions)
-    return delta_from_values(entries, shapes, DeltaInfo(checkpoint.identity, provenance))
+    return delta_from_values(entries, shapes, DeltaInfo(checkpoint.identity, provenance), twins)

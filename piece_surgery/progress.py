@@ -39,3 +39,21 @@ def working(message: str, *, quiet: bool = False) -> Iterator[None]:
 
     with Console(stderr=True).status(message):
         yield
+
+
+@contextmanager
+def library_logs_silenced() -> Iterator[None]:
+    """transformers' and huggingface_hub's own log lines (advice meant for their users, not ours:
+    "We strongly recommend passing in an attention_mask", "No files have been modified") off for
+    a while; errors still surface as exceptions, which the commands turn into one line."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("transformers", "huggingface_hub")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

@@ -14,7 +14,8 @@ from piece_surgery.artifacts import open_artifact
 from piece_surgery.checkpoint import Checkpoint
 from piece_surgery.data import Dataset, Example
 from piece_surgery.errors import PieceError
-from piece_surgery.progress import working
+from piece_surgery.merge import as_stored_in
+from piece_surgery.progress import library_logs_silenced, working
 from piece_surgery.records import AvoidRecord
 from piece_surgery.run import Run
 
@@ -72,8 +73,9 @@ def _avoided(ref: str, checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor],
         entries = artifact.mask.indices
         shapes = {n: artifact.mask.shapes[n] for n in entries}
     else:
-        entries = {n: t.indices for n, t in artifact.delta.tensors.items()}
-        shapes = {n: t.shape for n, t in artifact.delta.tensors.items()}
+        delta = as_stored_in(checkpoint, artifact.delta)  # names as this model's files spell them
+        entries = {n: t.indices for n, t in delta.tensors.items()}
+        shapes = {n: t.shape for n, t in delta.tensors.items()}
     for name in entries:
         if name not in checkpoint.layout:
             raise PieceError(f"--avoid '{ref}' names tensor '{name}', which this model does not have")
@@ -122,6 +124,7 @@ def sample_self(
     with (
         working(f"writing {samples} retain texts with the model", quiet=quiet),
         torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        library_logs_silenced(),
     ):
         torch.manual_seed(seed)
         with torch.no_grad():

@@ -54,9 +54,10 @@ class Run:
 
     def check_output(
         self, output: Path, *, inputs: Sequence[str | Path | None], overwrite: bool, kind: str = "folder"
-    ) -> None:
-        """outputs.check_output over the inputs given (None entries are options left out)."""
-        check_output(Path(output), overwrite=overwrite, inputs=tuple(Path(p) for p in inputs if p), kind=kind)
+    ) -> Path:
+        """outputs.check_output over the inputs given (None entries are options left out); returns
+        the path to write at."""
+        return check_output(output, overwrite=overwrite, inputs=inputs, kind=kind)
 
     def open(self, ref: str, *, what: str = "model") -> Checkpoint:
         return open_checkpoint(ref, what=what, trust_remote_code=self.options.trust_remote_code)

@@ -10,7 +10,13 @@ from typing import NamedTuple
 
 import torch
 
-from piece_surgery.checkpoint import Checkpoint, LoadedModel, enable_activation_checkpointing
+from piece_surgery.checkpoint import (
+    Checkpoint,
+    LoadedModel,
+    check_weights_match,
+    enable_activation_checkpointing,
+    parameter_keys,
+)
 from piece_surgery.data import Dataset
 from piece_surgery.distributed import World
 from piece_surgery.dtypes import dtype_name
@@ -29,7 +35,7 @@ from piece_surgery.progress import Progress
 from piece_surgery.records import CheckpointIdentity, RetainRecord
 from piece_surgery.retain import NAMED_SETS, SELF, Avoided, ScoringInputs, read_scoring_inputs, sample_self
 from piece_surgery.run import Run
-from piece_surgery.sharding import is_sharded, local_part
+from piece_surgery.sharding import is_sharded, local_part, reshard
 
 RETAIN_OPTIONS = ("retain_labels", "retain_damping", "self_samples", "self_length")
 
@@ -57,6 +63,23 @@ def check_retain(method: str, retain: Sequence[str | Path], given: Sequence[str]
 def retain_sources(method: str, retain: Sequence[str | Path]) -> list[str | Path]:
     """The retain sets a recipe scores with: piece-r without any keeps the model's own text."""
     return [SELF] if method_named(method).uses_retain and not retain else list(retain)
+
+
+def check_selectable(checkpoint: Checkpoint, options: ScoreOptions, avoid: Avoided) -> None:
+    """Before the model is loaded (on its meta-device skeleton): some parameter is eligible, the
+    density selects at least one entry, and --avoid leaves enough of them to select."""
+    skeleton = checkpoint.skeleton()
+    check_weights_match(skeleton, checkpoint.layout, checkpoint.folder)
+    keys = parameter_keys(skeleton, checkpoint.layout)
+    params = eligible_parameters(skeleton, keys, include=options.include, exclude=options.exclude)
+    eligible = sum(p.numel() for p in params.values())
+    k = k_for_density(options.density, eligible)
+    avoided = sum(int(torch.unique(idx).numel()) for name, idx in avoid.entries.items() if name in params)
+    if k > eligible - avoided:
+        raise PieceError(
+            f"--avoid leaves {eligible - avoided:,} of the {eligible:,} eligible entries, fewer than the "
+            f"{k:,} density {options.density} selects: lower --density, or avoid fewer masks"
+        )
 
 
 class Scored(NamedTuple):
@@ -299,6 +322,8 @@ def score_loaded(
         else source
         for source in inputs.retain
     ]
+    if run.options.fsdp:
+        reshard(model.module)  # generating the self text left the root module's weights gathered
     total = sum(len(d.examples) for d in [*([dataset] if dataset else []), *retain])
     total = math.ceil(total / run.world.size) if run.world is not None else total  # this rank's share
     with Progress(total, "scoring", quiet=run.quiet or not total) as bar:
@@ -341,10 +366,15 @@ def score_checkpoint(
     retain = retain_sources(options.method, retain)
     if output is not None:
         inputs = [model_ref, data, *(r for r in retain if str(r) not in NAMED_SETS), *avoid]
-        session.check_output(Path(output), inputs=inputs, overwrite=overwrite, kind="file")
+        output = session.check_output(output, inputs=inputs, overwrite=overwrite, kind="file")
+        if output.suffix != ".safetensors":  # what every reader of masks takes
+            raise PieceError(
+                f"a mask is a .safetensors file: name the output e.g. '{output.stem}.safetensors'"
+            )
     checkpoint = session.open(model_ref)
     dataset = session.data(checkpoint, data) if method_named(options.method).needs_data else None
     inputs = read_scoring_inputs(checkpoint, retain, avoid, session)
+    check_selectable(checkpoint, options, inputs.avoid)
     model = session.load_model(checkpoint)
     mask, stats = score_loaded(checkpoint, model, dataset, options, inputs, session)
     if output is not None:

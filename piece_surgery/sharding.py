@@ -37,6 +37,17 @@ def shard_model(model: torch.nn.Module, world: World) -> None:
         module.set_force_sum_reduction_for_comms(True)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP2 module back in its sharded state. After a forward pass (generation, say) the
+    root module keeps its parameters gathered, as plain tensors; code that reads shards needs them
+    sharded again. Nothing to do for a model FSDP does not shard."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def is_sharded(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 

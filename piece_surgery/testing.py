@@ -136,8 +136,11 @@ def write_tiny_model(output: Path, arch: str = "llama", *, seed: int = 0, overwr
 
     if arch not in TINY_ARCHITECTURES:
         raise PieceError(f"unknown --arch '{arch}'; use {', '.join(TINY_ARCHITECTURES)}")
-    check_output(Path(output), overwrite=overwrite, kind="folder")
-    with atomic_path(Path(output), is_dir=True) as tmp:
+    from piece_surgery.options import check_seed
+
+    check_seed(seed)
+    output = check_output(output, overwrite=overwrite, kind="folder")
+    with atomic_path(output, is_dir=True) as tmp:
         make_tiny_checkpoint(tmp, arch, seed=seed)
     return Path(output)
 
@@ -149,12 +152,17 @@ if __name__ == "__main__":
     print(out)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def local_torchrun(ranks: int) -> list[str]:
     """The command that starts `ranks` processes on this machine under torchrun, on a free local
     port (add the script or `-m module` and its arguments)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     return [
         sys.executable,
         "-m",

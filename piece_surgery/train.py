@@ -17,7 +17,7 @@ from piece_surgery.outputs import remove_stale_temporaries
 from piece_surgery.progress import Progress
 from piece_surgery.retain import NAMED_SETS, read_scoring_inputs
 from piece_surgery.run import Run, RunOptions
-from piece_surgery.score import ScoreOptions, check_retain, retain_sources, score_loaded
+from piece_surgery.score import ScoreOptions, check_retain, check_selectable, retain_sources, score_loaded
 from piece_surgery.train_state import remove_state
 from piece_surgery.trainer import TrainConfig, TrainResult, total_steps, train_sparse
 
@@ -79,7 +79,7 @@ def train_checkpoint(
     _check_options(config, mask_ref, score_options, retain, avoid, eval_data)
     session = Run(run)
     extra = [mask_ref, eval_data, *(r for r in retain if str(r) not in NAMED_SETS), *avoid]
-    session.check_output(output, inputs=[model_ref, data, *extra], overwrite=overwrite)
+    output = session.check_output(output, inputs=[model_ref, data, *extra], overwrite=overwrite)
     state_dir = _state_dir(output, resume=resume, overwrite=overwrite, session=session)
     mask = open_mask(mask_ref) if mask_ref is not None else None
     checkpoint = session.open(model_ref)
@@ -92,6 +92,8 @@ def train_checkpoint(
     if mask is None:
         retain = retain_sources(options.method, retain)
     scoring = read_scoring_inputs(checkpoint, retain, avoid, session)
+    if mask is None:
+        check_selectable(checkpoint, options, scoring.avoid)
     model = session.load_model(checkpoint)
     if mask is None:
         mask, _ = score_loaded(checkpoint, model, dataset, options, scoring, session)
@@ -188,7 +190,7 @@ def _delta_of(
                 base_values = reader.get(stored).reshape(-1)[idx].clone()
                 entries[stored] = (idx, base_values, result.values[name].to(base_values.dtype))
     shapes = {n: checkpoint.layout[n].shape for n in entries}
-    return delta_from_values(entries, shapes, DeltaInfo(checkpoint.identity, provenance))
+    return delta_from_values(entries, shapes, DeltaInfo(checkpoint.identity, provenance), model.twins)
 
 
 def _provenance(

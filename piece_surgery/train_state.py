@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from piece_surgery.checkpoint import save_shard
 from piece_surgery.errors import PieceError
 from piece_surgery.outputs import atomic_path
-from piece_surgery.records import file_sha256
+from piece_surgery.records import file_sha256, read_json
 from piece_surgery.sparse_grad import SparseParameters
 
 STATE_FILE = "state.safetensors"
@@ -109,10 +109,7 @@ def load_state(
 
 
 def _read_description(state_dir: Path) -> dict:
-    try:
-        description = json.loads((state_dir / DESCRIPTION).read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PieceError(f"--resume: '{state_dir / DESCRIPTION}' is not valid JSON") from exc
+    description = read_json(state_dir / DESCRIPTION, f"--resume: '{state_dir / DESCRIPTION}'")
     well_formed = (
         isinstance(description, dict)
         and isinstance(description.get("step"), int)

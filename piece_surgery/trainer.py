@@ -22,6 +22,7 @@ from piece_surgery.errors import PieceError
 from piece_surgery.loss import batch_logits, evaluate, token_loss_sum
 from piece_surgery.naming import is_norm
 from piece_surgery.options import TrainConfig
+from piece_surgery.sharding import is_sharded
 from piece_surgery.sparse_grad import SparseParameters
 from piece_surgery.train_state import load_state, save_state
 
@@ -272,9 +273,18 @@ class DriftEstimate:
         return total
 
     def add_penalty_gradient(self, weight: float) -> None:
-        """The gradient of weight/2 sum F d^2 (weight F d), added to the values' gradients."""
+        """The gradient of weight/2 sum F d^2 (weight F d), added to the values' gradients.
+        TrainingDiverged, naming the penalty, when it overflows (a huge --retain-weight, or a mask
+        whose Fisher values are near the float maximum)."""
         for name, v in self.values.items():
             penalty = weight * self.fisher[name] * (v.detach() - self.start[name])
+            if not bool(torch.isfinite(penalty).all()):
+                largest = float(self.fisher[name].max())
+                raise TrainingDiverged(
+                    f"the retain penalty overflowed on '{name}': --retain-weight {weight:g} times the mask's "
+                    f"retain Fisher (up to {largest:.3g}) times the change is not a finite number; lower "
+                    "--retain-weight"
+                )
             v.grad = penalty if v.grad is None else v.grad.add_(penalty)
 
 
@@ -329,6 +339,8 @@ class _MicroBatchLoss:
         self.world = world
         self.device = next(model.parameters()).device
         self.autocast = _use_bf16_autocast(model)
+        # FSDP gathers weights in every forward and backward: a collective every rank must join
+        self.collective_forward = any(is_sharded(p) for p in model.parameters())
         self.ddp = None
         if world is not None:
             from torch.nn.parallel import DistributedDataParallel
@@ -380,17 +392,22 @@ def _step_gradients(
     groups = [chosen[i : i + config.batch_size] for i in range(0, len(chosen), config.batch_size)]
     weight = ranks / step_tokens  # DDP averages the ranks' gradients: x ranks makes it their sum
     mine = groups[world.rank :: ranks] if world is not None else groups
+    if forward.collective_forward:  # every rank runs as many passes; a rank short of data adds nothing
+        rounds = math.ceil(len(groups) / ranks)
+        mine = [*((g, 1.0) for g in mine), *(([chosen[0]], 0.0) for _ in range(rounds - len(mine)))]
+    else:
+        mine = [(g, 1.0) for g in mine]
     total, bad = 0.0, None
-    for group in mine:
+    for group, share in mine:
         examples = [dataset.examples[i] for i in group]
         batch = {k: v.to(forward.device) for k, v in collate(examples, pad_id).items()}
         loss = forward.loss_sum(batch)
-        value = float(loss.detach())
+        value = float(loss.detach()) * share
         if not math.isfinite(value):
             bad = value
             break
         total += value
-        (loss * weight).backward()
+        (loss * (weight * share)).backward()
         del loss  # before the next forward
     if world is None:
         return bad if bad is not None else total / step_tokens

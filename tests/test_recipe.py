@@ -1,5 +1,7 @@
 """apply --recipe: a YAML stack that equals the same command line, byte for byte."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 from helpers import assert_clean_failure, perturb, snapshot
@@ -46,8 +48,19 @@ def test_a_recipe_is_the_command_line_byte_for_byte(stack, tmp_path, cli, monkey
     assert snapshot(tmp_path / "merged") == by_hand  # weights, index, config, card and the recipe
     assert len([f for f in by_hand if f.endswith(".safetensors")]) > 1
     recorded = yaml.safe_load((tmp_path / "merged" / "piece-surgery-recipe.yaml").read_text())
-    assert recorded["deltas"] == [{"path": "d0", "scale": 1.0}, {"path": "d1", "scale": 0.5}]
-    assert "piece-surgery apply --recipe" in (tmp_path / "merged" / "README.md").read_text()
+    # paths relative to the folder the recipe lies in, so it means the same there
+    assert recorded["deltas"] == [{"path": "../d0", "scale": 1.0}, {"path": "../d1", "scale": 0.5}]
+    card = (tmp_path / "merged" / "README.md").read_text()
+    rebuild = "piece-surgery apply --recipe merged/piece-surgery-recipe.yaml --output merged-again"
+    assert rebuild in card
+    assert cli(*rebuild.split()[1:], "-q")[0] == 0  # as the card says, from the folder above it
+    weights = lambda files: {Path(k).name: v for k, v in files.items() if k.endswith(".safetensors")}  # noqa: E731
+    assert weights(snapshot(tmp_path / "merged-again")) == weights(by_hand)
+    # run as it lies, it would replace the folder holding it: refused, nothing touched
+    assert_clean_failure(
+        cli("apply", "--recipe", "merged/piece-surgery-recipe.yaml", "--overwrite"), "overlaps input"
+    )
+    assert snapshot(tmp_path / "merged") == by_hand
 
 
 def test_paths_in_a_recipe_are_relative_to_its_folder(stack, tmp_path, cli, monkeypatch):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from piece_surgery.artifacts import open_delta
 from piece_surgery.checkpoint import open_checkpoint
+from piece_surgery.errors import PieceError
 from piece_surgery.merge import apply_to_model
 from piece_surgery.switcher import DeltaSwitcher
 
@@ -378,3 +379,173 @@ def test_every_size_reported_is_the_size_written(tiny, tmp_path, cli):
         assert code == 0 and report["tensor_bytes"] == written == on_disk
         assert report["bytes_per_entry"] == on_disk / report["entries"]
         assert report["bytes_per_entry"] < 5 if compact else report["bytes_per_entry"] == 8
+
+
+@pytest.mark.parametrize("policy", ["sum", "mean", "ties"])
+def test_a_stack_of_chained_and_side_by_side_deltas_is_the_same_in_any_order(tiny, tmp_path, cli, policy):
+    """d1 and d2 made side by side from A, d3 made on A + d1: d3 extends d1's branch, whatever the
+    order; entries several branches change get A + the policy over the branches' total changes."""
+    from helpers import perturb
+
+    base = tiny("llama")
+    t1 = perturb(base, tmp_path / "t1", fraction=0.3, seed=1, hard=False)
+    t2 = perturb(base, tmp_path / "t2", fraction=0.3, seed=2, hard=False)
+    t3 = perturb(t1, tmp_path / "t3", fraction=0.3, seed=3, hard=False)
+    for name, (a, b) in {"d1": (base, t1), "d2": (base, t2), "d3": (t1, t3)}.items():
+        assert cli("diff", a, b, "-o", tmp_path / name, "-q")[0] == 0
+    results = []
+    for order in (("d1", "d3", "d2"), ("d1", "d2", "d3"), ("d2", "d1", "d3")):
+        out = tmp_path / "-".join(order)
+        code, _, err = cli(
+            "apply", base, *(tmp_path / d for d in order), "-o", out, "--on-conflict", policy, "-q"
+        )
+        assert code == 0, err
+        results.append(read_all(out))
+    a, w1, w2, w3 = (read_all(f) for f in (base, t1, t2, t3))
+    for name in a:
+        c1 = (w1[name].double() - a[name].double()).view(-1)
+        c2 = (w2[name].double() - a[name].double()).view(-1)
+        c3 = (w3[name].double() - w1[name].double()).view(-1)
+        chain = torch.where(c1 != 0, c1 + c3, c1)  # d3 extends d1 where d1 changed the entry
+        alone3 = torch.where(c1 != 0, torch.zeros_like(c3), c3)  # else d3 is a branch of its own
+        branches = torch.stack([chain, c2, alone3])
+        present = torch.stack([(c1 != 0) | ((c1 != 0) & (c3 != 0)), c2 != 0, (c1 == 0) & (c3 != 0)])
+        total, count = branches.sum(0), present.sum(0)
+        if policy == "sum":
+            change = total
+        elif policy == "mean":
+            change = total / count.clamp(min=1)
+        else:
+            agree = torch.where(torch.sign(branches) == torch.sign(total), branches, 0.0)
+            change = agree.sum(0)
+        single = count == 1
+        last = torch.where(
+            (c1 != 0) & (c3 != 0),
+            w3[name].view(-1),
+            torch.where(c1 != 0, w1[name].view(-1), w2[name].view(-1)),
+        )
+        last = torch.where((c1 == 0) & (c3 != 0), w3[name].view(-1), last)
+        expected = torch.where(single, last, (a[name].double().view(-1) + change).to(a[name].dtype))
+        expected = torch.where(count == 0, a[name].view(-1), expected)
+        for result in results:
+            assert torch.equal(result[name].view(-1), expected), name
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_a_delta_that_unties_a_pair_is_refused_in_memory(tiny, tmp_path, cli, arch):
+    """An adapter that trained the head apart, imported onto a base storing both copies: the merged
+    folder loads untied and matches PEFT; a tied model in memory cannot hold that, and says so."""
+    base = tied_model(tiny, tmp_path, arch, both=True)
+    peft_adapter(base, tmp_path / "adapter", modules_to_save=["lm_head"], arch=arch)
+    assert cli("import", tmp_path / "adapter", "--base", base, "-o", tmp_path / "d", "-q")[0] == 0
+    model = open_checkpoint(str(base)).load_model(device="cpu").module
+    with pytest.raises(PieceError, match="load the two untied"):
+        apply_to_model(model, open_delta(tmp_path / "d"))
+    with pytest.raises(PieceError, match="load the two untied"):
+        DeltaSwitcher(model).add("d", open_delta(tmp_path / "d"))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_a_delta_from_a_base_stored_once_changes_every_copy_of_another(tiny, tmp_path, cli, arch, code_data):
+    """Trained on the tied embedding of a base storing it once, applied to the same model storing
+    both copies: both change (the delta records that the head loaded as the embedding)."""
+    once = tied_model(tiny, tmp_path / "once", arch, both=False)
+    both = tied_model(tiny, tmp_path / "both", arch, both=True)
+    embed, head = TIED[arch]
+    mask, delta = tmp_path / "m.safetensors", tmp_path / "d"
+    pattern = embed.replace(".", r"\.")
+    assert cli("score", once, "-o", mask, "--method", "magnitude", "--include", pattern, "-q")[0] == 0
+    assert cli("train", once, "--data", code_data, "--mask", mask, "-o", delta, "--lr", "1e-2", "-q")[0] == 0
+    assert list(open_delta(delta).tensors) == [embed] and open_delta(delta).tensors[embed].loads_as == (head,)
+    assert cli("apply", both, delta, "-o", tmp_path / "merged", "-q")[0] == 0
+    merged = read_all(tmp_path / "merged")
+    assert torch.equal(merged[embed], merged[head])
+    assert torch.equal(logits_of(tmp_path / "merged"), in_memory_logits(once, open_delta(delta)))
+
+
+def test_a_scalar_tensor_in_the_files_is_read(tiny, tmp_path, cli, code_data):
+    """Buffers stored as 0-dim tensors (GPT-2's masked_bias) in a checkpoint transformers loads."""
+    base = shutil.copytree(tiny("gpt2"), tmp_path / "base")
+    tensors = load_file(base / "model.safetensors")
+    tensors["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    mask = tmp_path / "m.safetensors"
+    assert cli("score", base, "--data", code_data, "-o", mask, "--method", "piece-s", "-q")[0] == 0
+    assert cli("train", base, "--data", code_data, "--mask", mask, "-o", tmp_path / "d", "-q")[0] == 0
+    assert cli("apply", base, tmp_path / "d", "-o", tmp_path / "merged", "-q")[0] == 0
+    assert cli("diff", base, tmp_path / "merged", "-o", tmp_path / "again", "-q")[0] == 0
+    assert float(read_all(tmp_path / "merged")["transformer.h.0.attn.masked_bias"]) == -1e4
+
+
+def test_a_delta_with_legacy_names_applies_to_todays_files(tiny, tmp_path, cli, code_data):
+    base = legacy_gpt2(tiny, tmp_path / "legacy")
+    mask, delta = tmp_path / "m.safetensors", tmp_path / "d"
+    assert (
+        cli("score", base, "--data", code_data, "-o", mask, "--method", "piece-s", "--density", "0.02", "-q")[
+            0
+        ]
+        == 0
+    )
+    assert cli("train", base, "--data", code_data, "--mask", mask, "-o", delta, "--lr", "1e-2", "-q")[0] == 0
+    assert cli("apply", base, delta, "-o", tmp_path / "legacy-merged", "-q")[0] == 0
+    assert (
+        cli("apply", tiny("gpt2"), delta, "-o", tmp_path / "merged", "-q")[0] == 0
+    )  # same weights, new names
+    assert torch.equal(logits_of(tmp_path / "merged"), logits_of(tmp_path / "legacy-merged"))
+    out = tmp_path / "avoiding.safetensors"
+    assert (
+        cli(
+            "score",
+            tiny("gpt2"),
+            "--data",
+            code_data,
+            "-o",
+            out,
+            "--method",
+            "piece-s",
+            "--avoid",
+            delta,
+            "-q",
+        )[0]
+        == 0
+    )
+
+
+def test_scales_that_overflow_are_refused_in_memory_too(tiny, tmp_path):
+    from helpers import perturb
+
+    from piece_surgery.delta import diff
+
+    base = tiny("llama")
+    delta = diff(str(base), str(perturb(base, tmp_path / "t", fraction=0.01)))
+    model = open_checkpoint(str(base)).load_model(device="cpu").module
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(PieceError, match="scales are too large"):
+        apply_to_model(model, delta, scale=1e45)
+    with pytest.raises(PieceError, match="scales are too large"):
+        DeltaSwitcher(model).add("x", delta, scale=1e45)
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())  # nothing was written
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_diff_pairs_a_tied_weight_stored_once_with_the_same_stored_twice(tiny, tmp_path, cli, arch):
+    """Files that differ only in storing a tied pair once or twice load as the same model: diff
+    pairs them, both ways; a head stored apart with other values cannot be expressed, and says so."""
+    embed, head = TIED[arch]
+    once = tied_model(tiny, tmp_path / "once", arch, both=False)
+    both = tied_model(tiny, tmp_path / "both", arch, both=True)
+    code, _, err = cli("diff", once, both, "-o", tmp_path / "d1")
+    assert code == 2 and "identical" in err  # the same model: no delta
+    tuned = tied_model(tiny, tmp_path / "tuned", arch, both=False)
+    tensors = load_file(tuned / "model.safetensors")
+    tensors[embed][3] += 0.5
+    save_file(tensors, tuned / "model.safetensors", metadata={"format": "pt"})
+    assert cli("diff", both, tuned, "-o", tmp_path / "d2", "-q")[0] == 0
+    assert set(open_delta(tmp_path / "d2").tensors) == {embed, head}  # both stored copies change
+    assert cli("apply", both, tmp_path / "d2", "-o", tmp_path / "m2", "-q")[0] == 0
+    assert torch.equal(logits_of(tmp_path / "m2"), logits_of(tuned))
+    untied = tied_model(tiny, tmp_path / "untied", arch, both=True)
+    tensors = load_file(untied / "model.safetensors")
+    tensors[head][3] += 0.5
+    save_file(tensors, untied / "model.safetensors", metadata={"format": "pt"})
+    assert_clean_failure(cli("diff", once, untied, "-o", tmp_path / "d3"), "cannot untie them")

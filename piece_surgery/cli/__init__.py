@@ -16,12 +16,13 @@ from typing import Annotated
 
 import typer
 
-from piece_surgery.cli import (
-    artifact_commands,  # noqa: F401 - registers the other commands
-    model_commands,  # noqa: F401, I001 - registers score and train first
-)
+from piece_surgery.cli import artifact_commands, model_commands  # noqa: F401 - register the commands
 from piece_surgery.cli.common import app, err
 from piece_surgery.errors import PieceError
+
+# the pipeline's order in `piece-surgery --help`
+ORDER = ("score", "train", "diff", "apply", "inspect", "push", "export", "import", "tiny-model")
+app.registered_commands.sort(key=lambda command: ORDER.index(command.name))
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -49,8 +50,17 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that temporaries are cleaned up as on Ctrl-C."""
 
 
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT), raised as our own exception: click turns a KeyboardInterrupt into a silent
+    exit 130 before a handler of ours could report it."""
+
+
 def _terminate(signum, frame) -> None:
     raise Terminated()
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted()
 
 
 def _warn(message, category, filename, lineno, file=None, line=None) -> None:
@@ -78,7 +88,7 @@ def _run(as_json: bool) -> int:
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         return _report(f"{exc.format_message()}{hint}", EXIT_USER_ERROR, as_json)
-    except (typer.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt, Interrupted):
         return _report("interrupted; nothing was written", EXIT_INTERRUPTED, as_json)
     except Terminated:
         return _report("terminated; nothing was written", EXIT_TERMINATED, as_json)
@@ -89,12 +99,14 @@ def main() -> None:
 
     warnings.showwarning = _warn
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         code = _run("--json" in sys.argv[1:])
     finally:
         # the command is over and reported: a launcher that stops the other ranks now may just end
         # this one, and every exit path leaves the process group
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         if "piece_surgery.distributed" in sys.modules:  # (--help never imports torch)
             sys.modules["piece_surgery.distributed"].stop()
     sys.exit(code)

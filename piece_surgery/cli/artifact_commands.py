@@ -13,7 +13,9 @@ from rich.table import Table
 from rich.text import Text
 
 from piece_surgery.cli.common import (
+    LOADING_OPTIONS,
     AsJson,
+    Command,
     Compact,
     OutputFolder,
     Overwrite,
@@ -22,18 +24,23 @@ from piece_surgery.cli.common import (
     emit,
     out,
     summary_table,
+    takes_run_options,
 )
 from piece_surgery.errors import PieceError
+from piece_surgery.options import RunOptions
 
 
-@app.command("diff", short_help="The sparse delta between two checkpoints.")
+@app.command("diff", cls=Command, short_help="The sparse delta between two checkpoints.")
 def diff_command(
     base: Annotated[str, typer.Argument(help="Base checkpoint folder or Hub repo id.")],
     tuned: Annotated[str, typer.Argument(help="Tuned checkpoint of the same architecture.")],
     output: OutputFolder,
     density: Annotated[
         float | None,
-        typer.Option(help="Keep only this fraction of the floating-point entries, largest |change| first."),
+        typer.Option(
+            help="Keep only this fraction of the eligible entries (as score counts them: every weight "
+            "but the embedding tables), largest |change| first."
+        ),
     ] = None,
     top_k: Annotated[
         int | None, typer.Option(help="Keep only the k entries with the largest |change|.")
@@ -75,7 +82,7 @@ def diff_command(
     emit("diff", result, as_json, lines, None if quiet else table)
 
 
-@app.command("apply", short_help="Merge deltas into a base checkpoint.")
+@app.command("apply", cls=Command, short_help="Merge deltas into a base checkpoint.")
 def apply_command(
     base: Annotated[
         str | None, typer.Argument(help="Base checkpoint folder or Hub repo id[@revision].")
@@ -85,7 +92,11 @@ def apply_command(
     ] = None,
     output: Annotated[
         Path | None,
-        typer.Option("-o", "--output", help="Merged checkpoint folder to write. [required unless --recipe]"),
+        typer.Option(
+            "-o",
+            "--output",
+            help="Merged checkpoint folder to write. [required unless --recipe; with it: its output]",
+        ),
     ] = None,
     recipe: Annotated[
         Path | None,
@@ -126,7 +137,6 @@ def apply_command(
         arguments = {
             "BASE": base,
             "DELTAS": deltas,
-            "--output": output,
             "--scale": scale,
             "--on-conflict": on_conflict,
             "--force": force,
@@ -138,6 +148,8 @@ def apply_command(
         if mixed:
             raise PieceError(f"--recipe says everything {mixed[0]} would; give one or the other")
         plan_recipe = load_recipe(recipe)
+        if output is not None:  # the recipe's stack, written elsewhere (rebuilding a merged folder)
+            plan_recipe = plan_recipe.with_output(output)
     else:
         plan_recipe = Recipe.from_arguments(
             base,
@@ -164,7 +176,7 @@ def apply_command(
     emit("apply", report, as_json, lines)
 
 
-@app.command("push", short_help="Share a delta or a mask on the Hub.")
+@app.command("push", cls=Command, short_help="Share a delta or a mask on the Hub.")
 def push_command(
     path: Annotated[Path, typer.Argument(help="A delta folder (or a mask file) to upload.")],
     repo_id: Annotated[str, typer.Argument(help="Hub repo id, user/name; created if missing.")],
@@ -199,7 +211,7 @@ def push_command(
     emit("push", {"path": str(path), **result}, as_json, lines)
 
 
-@app.command("inspect", short_help="Summarise a mask or a delta.")
+@app.command("inspect", cls=Command, short_help="Summarise a mask or a delta.")
 def inspect_command(
     path: Annotated[str, typer.Argument(help="A mask file or a delta folder (path or Hub repo id).")],
     quiet: Quiet = False,
@@ -232,7 +244,8 @@ def inspect_command(
     emit("inspect", summary, False, lines)
 
 
-@app.command("export", short_help="Write a delta as a PEFT adapter.")
+@app.command("export", cls=Command, short_help="Write a delta as a PEFT adapter.")
+@takes_run_options(only=LOADING_OPTIONS)
 def export_command(
     delta: Annotated[str, typer.Argument(help="A delta folder or Hub repo id.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Adapter folder to write.")],
@@ -243,6 +256,7 @@ def export_command(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
+    run: RunOptions = None,
 ) -> None:
     """Write a delta as an adapter other tools load: PEFT's PeftModel.from_pretrained."""
     from piece_surgery.peft_interop import export_peft
@@ -250,7 +264,7 @@ def export_command(
     if to != "peft":
         raise PieceError(f"unknown --to '{to}'; the one format is peft")
     start = time.perf_counter()
-    exported = export_peft(delta, output, base_ref=base, overwrite=overwrite)
+    exported = export_peft(delta, output, base_ref=base, overwrite=overwrite, run=run)
     result = exported.to_json(delta=delta, output=output, seconds=time.perf_counter() - start)
     saved = exported.adapter_bytes
     lines = [
@@ -262,7 +276,8 @@ def export_command(
     emit("export", result, as_json, lines)
 
 
-@app.command("import", short_help="Turn a PEFT adapter into a delta.")
+@app.command("import", cls=Command, short_help="Turn a PEFT adapter into a delta.")
+@takes_run_options(only=LOADING_OPTIONS)
 def import_command(
     adapter: Annotated[str, typer.Argument(help="A PEFT adapter folder or Hub repo id (SHiRA, LoRA, ...).")],
     output: OutputFolder,
@@ -273,12 +288,13 @@ def import_command(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
+    run: RunOptions = None,
 ) -> None:
     """A delta from a PEFT adapter that merges into its base: every entry the merge changes."""
     from piece_surgery.peft_interop import import_peft
 
     start = time.perf_counter()
-    imported = import_peft(adapter, output, base_ref=base, overwrite=overwrite, compact=compact)
+    imported = import_peft(adapter, output, base_ref=base, overwrite=overwrite, compact=compact, run=run)
     result = imported.to_json(adapter=adapter, output=output, seconds=time.perf_counter() - start)
     emit(
         "import",
@@ -288,7 +304,7 @@ def import_command(
     )
 
 
-@app.command("tiny-model", short_help="Write a tiny random model (offline).")
+@app.command("tiny-model", cls=Command, short_help="Write a tiny random model (offline).")
 def tiny_model_command(
     output: Annotated[Path, typer.Argument(help="Folder to write the tiny random model to.")],
     arch: Annotated[str, typer.Option(help="llama, gpt2, qwen2 or gemma3.")] = "llama",

@@ -22,6 +22,64 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,  # plain help: readable at 80 columns, option names never clipped
 )
+# What each option's value is, as --help shows it (instead of the Python type).
+METAVARS = {
+    "model": "MODEL",
+    "base": "BASE",
+    "tuned": "TUNED",
+    "deltas": "DELTA...",
+    "delta": "DELTA",
+    "adapter": "ADAPTER",
+    "path": "PATH",
+    "repo_id": "USER/NAME",
+    "output": "PATH",
+    "data": "FILE",
+    "eval_data": "FILE",
+    "recipe": "FILE",
+    "mask": "MASK",
+    "method": "METHOD",
+    "normalize": "none|tensor",
+    "density": "FRACTION",
+    "include": "REGEX",
+    "exclude": "REGEX",
+    "retain": "FILE|self|general",
+    "retain_labels": "empirical|sampled",
+    "retain_damping": "QUANTILE",
+    "avoid": "MASK|DELTA",
+    "schedule": "constant|linear|cosine",
+    "on_conflict": "sum|mean|ties|error",
+    "device": "auto|cpu|cuda|mps",
+    "dtype": "auto|float32|bfloat16|float16",
+    "attn_implementation": "KERNEL",
+    "max_length": "TOKENS",
+    "self_length": "TOKENS",
+    "betas": "B1,B2",
+    "shard_size": "SIZE",
+    "original_base": "BASE",
+    "base_model": "USER/NAME",
+    "revision": "BRANCH",
+    "commit_message": "TEXT",
+    "token": "TOKEN",
+    "to": "peft",
+    "arch": "llama|gpt2|qwen2|gemma3",
+    "scale": "SCALE",
+}
+_BY_TYPE = {int: "N", float: "NUMBER", str: "TEXT", Path: "PATH"}
+
+
+class Command(typer.core.TyperCommand):
+    """A command whose --help names values by what they are (METAVARS), not by Python type."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.metavar is None and not getattr(param, "is_flag", False):
+                annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+                param.metavar = METAVARS.get(param.name) or _BY_TYPE.get(annotation, "VALUE")
+            if isinstance(param, typer.core.TyperArgument):  # its metavar says it: no `<str>` beside
+                param.display_type_rich = lambda ctx: None
+
+
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -84,16 +142,18 @@ def option_help(record: type, name: str) -> str:
     return help_of(record, name)
 
 
-def takes_run_options(command):
-    """Give a command every field of RunOptions as an option (--device, --dtype, --max-length, ...),
-    with the help text the field declares; the command receives them as one `run` argument. A new
-    run option is then one field of RunOptions and nothing here."""
+def takes_run_options(command=None, *, only: tuple[str, ...] | None = None):
+    """Give a command every field of RunOptions (or those in `only`) as an option (--device,
+    --dtype, --max-length, ...), with the help text the field declares; the command receives them
+    as one `run` argument. A new run option is then one field of RunOptions and nothing here."""
+    if command is None:
+        return lambda function: takes_run_options(function, only=only)
     from piece_surgery.options import RunOptions
 
     hints = typing.get_type_hints(RunOptions)
     added = []
     for f in dataclasses.fields(RunOptions):
-        if f.metadata.get("cli", True) is False:
+        if f.metadata.get("cli", True) is False or (only is not None and f.name not in only):
             continue
         option = typer.Option(f"--{f.name.replace('_', '-')}", help=f.metadata.get("help", ""))
         added.append(
@@ -113,6 +173,10 @@ def takes_run_options(command):
 
     with_run_options.__signature__ = inspect.Signature([*own, *added])
     return with_run_options
+
+
+# the run options of a command that loads a model but reads no data (export, import)
+LOADING_OPTIONS = ("device", "dtype", "attn_implementation", "trust_remote_code")
 
 
 def summary_table(summary: dict, key: str, title: str) -> Table:

@@ -11,6 +11,7 @@ import typer
 
 from piece_surgery.cli.common import (
     AsJson,
+    Command,
     Compact,
     Overwrite,
     Quiet,
@@ -54,7 +55,7 @@ def _flag(record: type, name: str):
     return typer.Option(f"--{name.replace('_', '-')}", help=option_help(record, name))
 
 
-@app.command("score", short_help="Score a model on domain data; write the top-k mask.")
+@app.command("score", cls=Command, short_help="Score a model on domain data; write the top-k mask.")
 @takes_run_options
 def score_command(
     model: Model,
@@ -139,14 +140,12 @@ def _train_option(name: str, default_note: str = ""):
     return typer.Option(help=option_help(TrainConfig, name) + default_note)
 
 
-@app.command("train", short_help="Fine-tune only the masked entries; write a delta.")
+@app.command("train", cls=Command, short_help="Fine-tune only the masked entries; write a delta.")
 @takes_run_options
 def train_command(
     model: Model,
-    data: Annotated[
-        Path, typer.Option(help="Training data: .txt (one example per line) or .jsonl. [required]")
-    ],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Delta folder to write. [required]")],
+    data: Annotated[Path, typer.Option(help="Training data: .txt (one example per line) or .jsonl.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Delta folder to write.")],
     mask: Annotated[str | None, typer.Option(help="Mask from `score` (else: score first on --data).")] = None,
     method: Annotated[
         str | None, typer.Option(help="Scoring method without --mask. [default: piece-r]")
