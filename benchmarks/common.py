@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import multiprocessing
 import os
+import queue as queue_module
 import resource
 import sys
 import time
@@ -126,10 +127,18 @@ def measure(fn, *args) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, args, queue))
     proc.start()
-    result = queue.get()
+    # poll, so that a child that dies without reporting (an exception, the OOM killer) ends the
+    # benchmark with its exit code instead of leaving it waiting on the queue forever
+    while True:
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                sys.exit(f"benchmark child {fn.__name__} failed with exit code {proc.exitcode}")
     proc.join()
     if proc.exitcode:
-        sys.exit(f"benchmark child failed with exit code {proc.exitcode}")
+        sys.exit(f"benchmark child {fn.__name__} failed with exit code {proc.exitcode}")
     return result
 
 

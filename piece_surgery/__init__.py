@@ -29,6 +29,8 @@ _HOMES = {
     "open_delta": "artifacts",
     "open_mask": "artifacts",
     "push": "artifacts",
+    "EvalOptions": "options",
+    "evaluate_candidates": "evaluate",
 }
 
 __all__ = ["PieceError", "__version__", *_HOMES]

@@ -97,6 +97,7 @@ def summarize(artifact: Artifact) -> dict:
         "provenance": delta.info.provenance.to_json() if delta.info.provenance else None,
         "tensor_bytes": delta.tensor_bytes,
         "bytes_per_entry": delta.tensor_bytes / max(delta.count, 1),
+        "evaluations": delta.info.evaluations,
     }
 
 

@@ -61,6 +61,7 @@ def delta_card(
         "|---|---|",
         *[f"| `{k}` | {v:,} |" for k, v in sorted(per_kind.items())],
         "",
+        *_evaluation_lines(info.evaluations),
         "## How it was made",
         "",
         "```json",
@@ -70,6 +71,31 @@ def delta_card(
     ]
     tags = ["piece-surgery", "sparse-delta", info.method]
     return "\n".join(_front_matter(base_model, tags, relation="adapter") + body)
+
+
+def _evaluation_lines(evaluations: list[dict]) -> list[str]:
+    """The card's table of what `eval --record` measured (nothing when nothing was)."""
+    if not evaluations:
+        return []
+    lines = [
+        "## What it learned and what it kept",
+        "",
+        "Measured with `piece-surgery eval` against the base: gain = mean token loss on the domain data, "
+        "base minus delta (nats); drift = mean token KL(base || delta) on general text (nats).",
+        "",
+        "| domain data | gain | general text | drift | top-1 changed |",
+        "|---|---|---|---|---|",
+    ]
+    for e in evaluations:
+        data = e.get("data") or {}
+        gain = "-" if e.get("gain") is None else f"{e['gain']:.4f}"
+        for g in e.get("general") or []:
+            lines.append(
+                f"| {data.get('file', '-')} ({data.get('tokens', 0):,} tokens) | {gain} | "
+                f"{g.get('set')} ({g.get('tokens', 0):,} tokens) | {g.get('kl', 0):.4g} | "
+                f"{g.get('top1_changed', 0):.2%} |"
+            )
+    return [*lines, ""]
 
 
 def mask_card(mask: Mask, *, base_model: str | None = None, repo_id: str | None = None) -> str:

@@ -61,6 +61,8 @@ class TrainProvenance(JsonRecord):
     predicted_drift: float | None = None  # 1/2 sum F d^2 (a mask that carries the retain Fisher)
     stopped_by_drift_budget: bool = False
     made_by: str = "train"
+    measured_drift: float | None = None  # mean token KL(base || tuned) on --eval-general, at the end
+    eval_general: DataRecord | None = None  # the general text it was measured on
 
 
 Provenance = DiffProvenance | TrainProvenance
@@ -81,6 +83,8 @@ class DeltaInfo:
     base: CheckpointIdentity | None = None
     provenance: Provenance | None = None
     tool_version: str = __version__
+    # what `eval --record` measured: gain and drift, the data by name, sha256 and tokens
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def method(self) -> str:
@@ -232,6 +236,7 @@ def delta_json(
         "weights_sha256": weights_sha256,
         "base": info.base.to_json() if info.base else None,
         "provenance": info.provenance.to_json() if info.provenance else None,
+        "evaluations": info.evaluations,
         "tensors": tensors,
     }
 
@@ -271,6 +276,29 @@ def save_delta(delta: Delta, folder: Path, *, compact: bool = False, card: str |
     return tensor_bytes
 
 
+def record_evaluation(folder: Path, evaluation: dict[str, Any]) -> Delta:
+    """Add what `eval` measured to a local delta folder: delta.json's `evaluations` and, if this tool
+    wrote it, the card. The weights and their sha256 are untouched, so the delta's identity and
+    exactness checks are as before; each file is replaced atomically."""
+    from piece_surgery.card import GENERATED_MARK, delta_card
+
+    folder = Path(folder)
+    delta = load_delta(folder)
+    delta.info.evaluations.append(evaluation)
+    description = read_json(folder / DESCRIPTION, f"delta '{folder}': {DESCRIPTION}")
+    description["evaluations"] = delta.info.evaluations
+    _replace_file(folder / DESCRIPTION, json.dumps(description, indent=2, default=str) + "\n")
+    card = folder / CARD
+    if not card.is_file() or GENERATED_MARK in card.read_text(encoding="utf-8", errors="replace"):
+        _replace_file(card, delta_card(delta, tensor_bytes=description.get("tensor_bytes")))
+    return delta
+
+
+def _replace_file(path: Path, text: str) -> None:
+    with atomic_path(path, is_dir=False) as tmp:
+        tmp.write_text(text)
+
+
 def load_delta(folder: Path, *, name: str | None = None) -> Delta:
     """Read a local delta folder and check it against the format: delta.json's shape, the digest,
     dtypes, lengths, indices, and no entry changed to a non-finite value. `name` is how errors call
@@ -300,6 +328,7 @@ def load_delta(folder: Path, *, name: str | None = None) -> Delta:
             base=CheckpointIdentity.from_json(description.get("base")),
             provenance=provenance_from_json(description.get("provenance")),
             tool_version=str(description.get("tool_version", "unknown")),
+            evaluations=list(description.get("evaluations") or []),
         )
     except (ValueError, TypeError) as exc:
         raise PieceError(f"{where}: {DESCRIPTION} has a malformed record ({exc})") from exc
@@ -334,6 +363,9 @@ def _description_problem(description: dict, compact: bool = False) -> str | None
     for key in ("base", "provenance"):
         if description.get(key) is not None and not isinstance(description[key], dict):
             return f"'{key}' must be an object"
+    evaluations = description.get("evaluations") or []
+    if not isinstance(evaluations, list) or not all(isinstance(e, dict) for e in evaluations):
+        return "'evaluations' must be a list of objects"
     return None
 
 

@@ -228,6 +228,13 @@ class TrainConfig(JsonRecord):
     drift_budget: float | None = field(
         default=None, metadata=_help("Stop once the predicted drift 1/2 sum F d^2 reaches this.")
     )
+    budget_on: str = field(
+        default="predicted",
+        metadata=_help(
+            "What --drift-budget stops on: predicted (1/2 sum F d^2, every step) or measured "
+            "(KL on --eval-general, every --eval-every steps)."
+        ),
+    )
     # None: DEFAULT_RETAIN_WEIGHT with a mask that carries the Fisher, else 0 (see for_mask);
     # train_sparse reads None as 0
     retain_weight: float | None = field(
@@ -268,6 +275,8 @@ class TrainConfig(JsonRecord):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):  # also refuses nan
                 raise PieceError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if self.budget_on not in ("predicted", "measured"):
+            raise PieceError(f"unknown --budget-on '{self.budget_on}'; use predicted or measured")
         if self.drift_budget is not None and not (self.drift_budget > 0 and math.isfinite(self.drift_budget)):
             raise PieceError(f"--drift-budget must be a positive number, got {self.drift_budget}")
         weight = self.retain_weight
@@ -283,3 +292,23 @@ class TrainConfig(JsonRecord):
         for free in ("max_steps", "epochs", "eval_every", "save_every"):
             keep.pop(free)
         return keep
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class EvalOptions(JsonRecord):
+    """How `eval` measures: batches, and the text the base writes itself for `--general self`."""
+
+    batch_size: int = field(default=4, metadata={"help": "Examples per forward pass."})
+    seed: int = field(default=0, metadata={"help": "Seed of the text the base writes (--general self)."})
+    self_samples: int = field(default=64, metadata={"help": "--general self: texts the base writes."})
+    self_length: int = field(default=128, metadata={"help": "--general self: tokens per text."})
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed)
+        if self.batch_size < 1:
+            raise PieceError("--batch-size must be at least 1")
+        if self.self_samples < 1 or self.self_length < 2:
+            raise PieceError("--self-samples must be at least 1 and --self-length at least 2")

@@ -307,20 +307,8 @@ def score_loaded(
     """Score a checkpoint whose model is loaded, with its retain data and avoided entries; the mask
     records the model, the retain text (text the model writes itself is sampled here: every rank
     writes the same, from the same seed) and what it avoided."""
-    max_length = run.options.max_length
     retain = [
-        sample_self(
-            model.module,
-            checkpoint.load_tokenizer(),
-            pad_id=checkpoint.pad_id,
-            samples=options.self_samples,
-            length=min(options.self_length, max_length - 1),  # the start token is one
-            seed=options.seed,
-            quiet=run.quiet,
-        )
-        if source == SELF
-        else source
-        for source in inputs.retain
+        self_text(checkpoint, model, options, run) if source == SELF else source for source in inputs.retain
     ]
     if run.options.fsdp:
         reshard(model.module)  # generating the self text left the root module's weights gathered
@@ -339,6 +327,21 @@ def score_loaded(
             progress=bar,
             world=run.world,
         )
+
+
+def self_text(checkpoint: Checkpoint, model: LoadedModel, options: ScoreOptions, run: Run) -> Dataset:
+    """The text the model writes itself (`self`): options.self_samples texts of options.self_length
+    tokens (less where --max-length or the model's context is shorter), seeded by options.seed, the
+    same on every rank."""
+    return sample_self(
+        model.module,
+        checkpoint.load_tokenizer(),
+        pad_id=checkpoint.pad_id,
+        samples=options.self_samples,
+        length=min(options.self_length, run.options.max_length - 1),  # the start token is one
+        seed=options.seed,
+        quiet=run.quiet,
+    )
 
 
 def score_checkpoint(

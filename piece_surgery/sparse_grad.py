@@ -232,6 +232,8 @@ class SparseParameters:
             n: torch.nn.Parameter(full(params[n]).detach().reshape(-1)[self.indices[n]].float().clone())
             for n in params
         }
+        # the base's values (fp32 holds bf16 and fp16 exactly): what write_base puts back
+        self.base_values = {n: v.detach().clone() for n, v in self.values.items()}
         self._wrapped: list[torch.nn.Module] = []
         self._flags: list[tuple[torch.nn.Parameter, bool]] = []
 
@@ -281,14 +283,19 @@ class SparseParameters:
                 "elsewhere); leave it out with --exclude"
             )
 
-    def write(self) -> None:
-        """Put the current values into the model's weights (into this rank's shard of a weight
-        FSDP shards: the next all-gather brings them to the others)."""
+    def write(self, values: dict[str, torch.Tensor] | None = None) -> None:
+        """Put the current values (or `values`) into the model's weights (into this rank's shard of
+        a weight FSDP shards: the next all-gather brings them to the others)."""
+        values = values if values is not None else self.values
         with torch.no_grad():
             for name, p in self.params.items():
                 part = local_part(p, self.world)
                 positions, offsets = part.select(self.indices[name])
-                part.values[offsets] = self.values[name].detach()[positions].to(p.dtype)
+                part.values[offsets] = values[name].detach()[positions].to(p.dtype)
+
+    def write_base(self) -> None:
+        """Put the base's values back: the model is the base again, bit for bit, until write()."""
+        self.write(self.base_values)
 
     def detach(self) -> None:
         """Undo attach: the modules' forwards and the parameters' requires_grad as they were."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,9 +16,17 @@ from piece_surgery.mask import Mask, check_mask_fits
 from piece_surgery.methods import method_named
 from piece_surgery.outputs import remove_stale_temporaries
 from piece_surgery.progress import Progress
-from piece_surgery.retain import NAMED_SETS, read_scoring_inputs
+from piece_surgery.retain import GENERAL, NAMED_SETS, SELF, general_text, read_scoring_inputs
 from piece_surgery.run import Run, RunOptions
-from piece_surgery.score import ScoreOptions, check_retain, check_selectable, retain_sources, score_loaded
+from piece_surgery.score import (
+    ScoreOptions,
+    check_retain,
+    check_selectable,
+    retain_sources,
+    score_loaded,
+    self_text,
+)
+from piece_surgery.sharding import reshard
 from piece_surgery.train_state import remove_state
 from piece_surgery.trainer import TrainConfig, TrainResult, total_steps, train_sparse
 
@@ -46,6 +55,7 @@ class Trained(NamedTuple):
             "final_train_loss": result.train_loss,
             "final_eval_loss": result.eval_loss,
             "predicted_drift": result.predicted_drift,
+            "measured_drift": result.measured_drift,
             "stopped_by_drift_budget": result.stopped_by_drift_budget,
             "seconds": round(seconds, 3),
         }
@@ -68,17 +78,21 @@ def train_checkpoint(
     retain: Sequence[str | Path] = (),
     avoid: Sequence[str] = (),
     eval_data: Path | None = None,
+    eval_general: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
     compact: bool = False,
 ) -> Trained:
     """Score (unless `mask_ref` names a mask; `retain` and `avoid` as for score_checkpoint), train
-    the masked entries, write the delta folder. `run` says where and how to load. Under a launcher
-    (torchrun, ...) every rank trains on its share of each step and rank 0 writes."""
+    the masked entries, write the delta folder. `run` says where and how to load. `eval_general`
+    (a data file, `self` or `general`) is general text the drift from the base is measured on,
+    every `config.eval_every` steps and at the end (drift.py). Under a launcher (torchrun, ...)
+    every rank trains on its share of each step and rank 0 writes."""
     output = Path(output)
-    _check_options(config, mask_ref, score_options, retain, avoid, eval_data)
+    _check_options(config, mask_ref, score_options, retain, avoid, eval_data, eval_general)
     session = Run(run)
-    extra = [mask_ref, eval_data, *(r for r in retain if str(r) not in NAMED_SETS), *avoid]
+    general_file = eval_general if eval_general is not None and str(eval_general) not in NAMED_SETS else None
+    extra = [mask_ref, eval_data, general_file, *(r for r in retain if str(r) not in NAMED_SETS), *avoid]
     output = session.check_output(output, inputs=[model_ref, data, *extra], overwrite=overwrite)
     state_dir = _state_dir(output, resume=resume, overwrite=overwrite, session=session)
     mask = open_mask(mask_ref) if mask_ref is not None else None
@@ -94,7 +108,12 @@ def train_checkpoint(
     scoring = read_scoring_inputs(checkpoint, retain, avoid, session)
     if mask is None:
         check_selectable(checkpoint, options, scoring.avoid)
+    general = _general_text(eval_general, checkpoint, session) if eval_general is not None else None
     model = session.load_model(checkpoint)
+    if general is SELF:
+        general = self_text(checkpoint, model, replace(options, seed=config.seed), session)
+        if session.options.fsdp:
+            reshard(model.module)  # generating left the root module's weights gathered
     if mask is None:
         mask, _ = score_loaded(checkpoint, model, dataset, options, scoring, session)
         config = config.for_mask(mask.info.method, mask.fisher is not None)
@@ -118,6 +137,7 @@ def train_checkpoint(
             config,
             pad_id=checkpoint.pad_id,
             eval_dataset=eval_set,
+            general_dataset=general,
             state_dir=state_dir,
             resume=resume,
             resume_key=resume_key,
@@ -125,7 +145,7 @@ def train_checkpoint(
             fisher=mask.fisher,
             world=session.world,
         )
-    provenance = _provenance(mask, config, session.options, dataset, eval_set, result)
+    provenance = _provenance(mask, config, session.options, dataset, eval_set, result, general)
     delta = _delta_of(checkpoint, model, mask, result, provenance)
 
     def write() -> int:
@@ -143,6 +163,7 @@ def _check_options(
     retain: Sequence[str | Path],
     avoid: Sequence[str],
     eval_data: Path | None,
+    eval_general: str | Path | None = None,
 ) -> None:
     """Options that contradict each other, refused before anything is read."""
     if mask_ref is not None and (score_options is not None or retain or avoid):
@@ -150,8 +171,13 @@ def _check_options(
             "scoring options (--method, --density, --retain, --avoid, ...) do nothing with --mask; "
             "leave them out"
         )
-    if config.eval_every and eval_data is None:
-        raise PieceError("--eval-every needs --eval-data (held-out data to evaluate on)")
+    if config.eval_every and eval_data is None and eval_general is None:
+        raise PieceError("--eval-every needs --eval-data or --eval-general (what to measure)")
+    if config.budget_on == "measured" and not (config.drift_budget and config.eval_every and eval_general):
+        raise PieceError(
+            "--budget-on measured stops on the drift measured on --eval-general every --eval-every steps: "
+            "give --drift-budget, --eval-general and --eval-every"
+        )
     if mask_ref is None:
         method = (score_options or ScoreOptions()).method
         check_retain(method, retain)
@@ -160,6 +186,16 @@ def _check_options(
                 f"--drift-budget and --retain-weight need a mask that carries the retain Fisher "
                 f"(--method piece-r); --method {method} has none"
             )
+
+
+def _general_text(ref: str | Path, checkpoint: Checkpoint, session: Run) -> Dataset | str:
+    """--eval-general: a data file or the shipped set, read now; `self` is written by the model
+    once it is loaded (SELF stands for it until then)."""
+    if str(ref) == SELF:
+        return SELF
+    if str(ref) == GENERAL:
+        return session.data(checkpoint, general_text(), every_example=True, name=GENERAL)
+    return session.data(checkpoint, Path(ref), every_example=True)
 
 
 def _state_dir(output: Path, *, resume: bool, overwrite: bool, session: Run) -> Path:
@@ -200,6 +236,7 @@ def _provenance(
     dataset: Dataset,
     eval_set: Dataset | None,
     result: TrainResult,
+    general: Dataset | None = None,
 ) -> TrainProvenance:
     info = mask.info
     return TrainProvenance(
@@ -220,5 +257,7 @@ def _provenance(
         final_train_loss=result.train_loss,
         final_eval_loss=result.eval_loss,
         predicted_drift=result.predicted_drift,
+        measured_drift=result.measured_drift,
+        eval_general=general.record() if general is not None else None,
         stopped_by_drift_budget=result.stopped_by_drift_budget,
     )

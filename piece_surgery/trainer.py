@@ -37,6 +37,7 @@ class TrainResult:
     resumed_from: int | None = None
     optimizer_state: dict[str, int] = field(default_factory=dict)  # state name -> total entries
     predicted_drift: float | None = None  # 1/2 sum F d^2 at the end (a mask with the retain Fisher)
+    measured_drift: float | None = None  # mean token KL(base || tuned) on general text at the end
     stopped_by_drift_budget: bool = False
 
 
@@ -86,6 +87,7 @@ def train_sparse(
     *,
     pad_id: int = 0,
     eval_dataset: Dataset | None = None,
+    general_dataset: Dataset | None = None,
     state_dir: Path | None = None,
     resume: bool = False,
     resume_key: dict | None = None,
@@ -116,7 +118,7 @@ def train_sparse(
     Raises PieceError for empty data or options the mask cannot serve, TrainingDiverged for a
     non-finite loss or value (naming the last good saved state).
     """
-    _check_inputs(dataset, config, fisher)
+    _check_inputs(dataset, config, fisher, general_dataset)
     sparse = SparseParameters(params, indices, world)
     drift = DriftEstimate(sparse, fisher) if fisher is not None else None
     optimizer = _adamw(sparse, config)
@@ -129,7 +131,7 @@ def train_sparse(
     _prepare_model(model, sparse, config, sparse_linear)
     main = world is None or world.is_main
     train_loss = history[-1]["loss"] if history else None
-    eval_loss = None
+    measures = _Measures(model, sparse, config, pad_id, eval_dataset, general_dataset)
     last_saved = start if resume else None
     stopped = False
     forward = None
@@ -151,10 +153,8 @@ def train_sparse(
             record = {"step": step + 1, "loss": train_loss, "lr": config.lr * factor}
             if drift is not None:
                 record["predicted_drift"] = drift.value()
-            # every rank evaluates (the same values): a model FSDP shards runs on all ranks or none
-            if eval_dataset is not None and config.eval_every and (step + 1) % config.eval_every == 0:
-                sparse.write()
-                eval_loss = record["eval_loss"] = evaluate(model, eval_dataset, config.batch_size, pad_id)
+            if config.eval_every and (step + 1) % config.eval_every == 0:
+                measures.take(record)
             history.append(record)
             if progress:
                 progress(1, record)
@@ -163,12 +163,11 @@ def train_sparse(
                 if main:
                     save_state(state_dir, sparse, optimizer, step + 1, history, resume_key, rng)
                 last_saved = step + 1
-            if config.drift_budget and record.get("predicted_drift", 0.0) >= config.drift_budget:
+            if config.drift_budget and record.get(f"{config.budget_on}_drift", 0.0) >= config.drift_budget:
                 stopped = True
                 break
         sparse.write()
-        if eval_dataset is not None and (eval_loss is None or history[-1].get("eval_loss") is None):
-            eval_loss = evaluate(model, eval_dataset, config.batch_size, pad_id)
+        measures.finish(history)
     finally:
         if forward is not None:
             forward.close()
@@ -179,16 +178,17 @@ def train_sparse(
         values={n: v.detach().cpu() for n, v in sparse.values.items()},
         steps=history[-1]["step"] if stopped else max(total, start),
         train_loss=train_loss,
-        eval_loss=eval_loss,
+        eval_loss=measures.eval_loss,
         history=history,
         resumed_from=start if resume else None,
         optimizer_state=_optimizer_state_sizes(optimizer),
         predicted_drift=drift.value() if drift is not None else None,
+        measured_drift=measures.drift,
         stopped_by_drift_budget=stopped,
     )
 
 
-def _check_inputs(dataset: Dataset, config: TrainConfig, fisher) -> None:
+def _check_inputs(dataset: Dataset, config: TrainConfig, fisher, general: Dataset | None = None) -> None:
     if config.lr is None:
         raise PieceError(
             "TrainConfig.lr is not set: train_sparse does not know the mask's method; "
@@ -196,7 +196,13 @@ def _check_inputs(dataset: Dataset, config: TrainConfig, fisher) -> None:
         )
     if not dataset.examples:
         raise PieceError("the training data has no examples")
-    if (config.drift_budget or config.retain_weight) and fisher is None:
+    if config.budget_on == "measured" and not (config.drift_budget and config.eval_every and general):
+        raise PieceError(
+            "--budget-on measured stops on the drift measured on --eval-general every --eval-every steps: "
+            "give --drift-budget, --eval-general and --eval-every"
+        )
+    predicted_budget = config.drift_budget and config.budget_on == "predicted"
+    if (predicted_budget or config.retain_weight) and fisher is None:
         raise PieceError(
             "--drift-budget and --retain-weight need a mask that carries the retain Fisher: "
             "score with --method piece-r --retain ..."
@@ -255,6 +261,68 @@ def _optimizer_step(
     optimizer.zero_grad(set_to_none=True)
 
 
+@dataclass
+class _Measures:
+    """What the loop measures every --eval-every steps and at the end: the loss on held-out data,
+    and the drift on general text: mean token KL(base || the model now), the base being the same
+    model with the base's values written back (only the masked entries differ). Every rank
+    measures (the same values): a model FSDP shards runs on all ranks or none."""
+
+    model: torch.nn.Module
+    sparse: SparseParameters
+    config: TrainConfig
+    pad_id: int
+    eval_dataset: Dataset | None
+    general_dataset: Dataset | None
+    eval_loss: float | None = None
+    drift: float | None = None
+
+    def take(self, record: dict) -> None:
+        self.sparse.write()
+        if self.eval_dataset is not None:
+            self.eval_loss = record["eval_loss"] = evaluate(
+                self.model, self.eval_dataset, self.config.batch_size, self.pad_id
+            )
+        if self.general_dataset is not None:
+            self.drift = record["measured_drift"] = self._drift()
+
+    def finish(self, history: list[dict]) -> None:
+        """The last step's figures, unless the loop just took them."""
+        wanted = self.eval_dataset is not None or self.general_dataset is not None
+        if wanted and not (history and ("eval_loss" in history[-1] or "measured_drift" in history[-1])):
+            self.take(history[-1] if history else {})
+
+    def _drift(self) -> float:
+        from piece_surgery.drift import compare, model_forward
+
+        forward = model_forward(self.model)
+        was_training = self.model.training
+        self.model.eval()
+
+        def base(batch):
+            self.sparse.write_base()
+            return forward(batch)
+
+        def tuned(batch):
+            self.sparse.write()
+            return forward(batch)
+
+        try:
+            device = next(self.model.parameters()).device
+            measured = compare(
+                self.general_dataset,
+                base,
+                {"tuned": tuned},
+                batch_size=self.config.batch_size,
+                pad_id=self.pad_id,
+                device=device,
+            )
+        finally:
+            self.sparse.write()
+            self.model.train(was_training)
+        return measured["tuned"].kl
+
+
 class DriftEstimate:
     """The drift a change d of the trained values is predicted to cost: 1/2 sum_i F_i d_i^2 in nats
     per token (the mean token KL(base || tuned) on the retain text, to second order), with F the
@@ -262,7 +330,7 @@ class DriftEstimate:
 
     def __init__(self, sparse: SparseParameters, fisher: dict[str, torch.Tensor]):
         self.values = sparse.values
-        self.start = {n: v.detach().clone() for n, v in sparse.values.items()}  # the base values
+        self.start = sparse.base_values
         self.fisher = {n: fisher[n].to(v.device, torch.float32) for n, v in sparse.values.items()}
 
     def value(self) -> float:

@@ -53,6 +53,7 @@ def schemas():
     assert {
         "score",
         "train",
+        "eval",
         "diff",
         "apply",
         "push",
@@ -91,6 +92,9 @@ def test_every_command_matches_its_documented_schema(schemas, tiny, code_data, t
     )
     tuned = perturb(base, tmp_path / "tuned", fraction=0.01, hard=False)
     check(run_json(cli, "diff", base, tuned, "-o", tmp_path / "d2"), schemas["diff"])
+    measured = run_json(cli, "eval", base, tmp_path / "d", tuned, "--data", code_data, "--self-samples", "2")
+    check(measured, schemas["eval"])
+    assert [c["kind"] for c in measured["candidates"]] == ["delta", "checkpoint"]
     for extra in ([], ["--dry-run"]):
         check(
             run_json(cli, "apply", base, tmp_path / "d", tmp_path / "d2", "-o", tmp_path / "m", *extra),
@@ -120,6 +124,17 @@ def test_errors_under_json_are_an_object_on_stdout(schemas, tmp_path, cli):
 
 
 def test_every_command_takes_quiet_and_json(cli):
-    for command in ("score", "train", "diff", "apply", "push", "inspect", "export", "import", "tiny-model"):
+    for command in (
+        "score",
+        "train",
+        "eval",
+        "diff",
+        "apply",
+        "push",
+        "inspect",
+        "export",
+        "import",
+        "tiny-model",
+    ):
         code, stdout, _ = cli(command, "--help")
         assert code == 0 and "--json" in stdout and "--quiet" in stdout, command

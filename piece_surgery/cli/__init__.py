@@ -21,7 +21,7 @@ from piece_surgery.cli.common import app, err
 from piece_surgery.errors import PieceError
 
 # the pipeline's order in `piece-surgery --help`
-ORDER = ("score", "train", "diff", "apply", "inspect", "push", "export", "import", "tiny-model")
+ORDER = ("score", "train", "eval", "diff", "apply", "inspect", "push", "export", "import", "tiny-model")
 app.registered_commands.sort(key=lambda command: ORDER.index(command.name))
 
 EXIT_USER_ERROR = 2

@@ -241,6 +241,11 @@ def inspect_command(
             f"{summary['tensor_bytes']:,} bytes of tensor data, "
             f"{summary['bytes_per_entry']:.2f} bytes per changed entry",
         ]
+        for e in summary["evaluations"]:
+            data = (e.get("data") or {}).get("file", "-")
+            gain = "-" if e.get("gain") is None else f"{e['gain']:.4f}"
+            drift = ", ".join(f"{g['set']} {g['kl']:.4g}" for g in e.get("general") or [])
+            lines.append(f"measured: gain {gain} on {data}; drift (KL) {drift}")
     emit("inspect", summary, False, lines)
 
 

@@ -27,7 +27,7 @@ METAVARS = {
     "model": "MODEL",
     "base": "BASE",
     "tuned": "TUNED",
-    "deltas": "DELTA...",
+    "deltas": "DELTA",
     "delta": "DELTA",
     "adapter": "ADAPTER",
     "path": "PATH",
@@ -63,6 +63,13 @@ METAVARS = {
     "to": "peft",
     "arch": "llama|gpt2|qwen2|gemma3",
     "scale": "SCALE",
+    "candidates": "CANDIDATE",
+    "eval_general": "FILE|self|general",
+    "budget_on": "predicted|measured",
+    "general": "FILE|self|general",
+    "plot": "FILE.png",
+    "tasks": "TASK,...",
+    "tasks_path": "FOLDER",
 }
 _BY_TYPE = {int: "N", float: "NUMBER", str: "TEXT", Path: "PATH"}
 

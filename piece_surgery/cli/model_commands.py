@@ -23,7 +23,7 @@ from piece_surgery.cli.common import (
 )
 from piece_surgery.errors import PieceError
 from piece_surgery.methods import DEFAULT_METHOD
-from piece_surgery.options import RunOptions, ScoreOptions, TrainConfig
+from piece_surgery.options import EvalOptions, RunOptions, ScoreOptions, TrainConfig
 
 Model = Annotated[str, typer.Argument(help="Model folder or Hub repo id[@revision].")]
 Patterns = Annotated[list[str] | None, typer.Option(help=option_help(ScoreOptions, "include"))]
@@ -179,6 +179,14 @@ def train_command(
     betas: Annotated[str, _train_option("betas")] = "0.9,0.95",
     clip: Annotated[float, _train_option("clip")] = 1.0,
     eval_data: Annotated[Path | None, typer.Option(help="Held-out data for eval loss.")] = None,
+    eval_general: Annotated[
+        str | None,
+        typer.Option(
+            help="General text to measure the drift on (KL from the base) every --eval-every steps and "
+            "at the end: a data file, self or general."
+        ),
+    ] = None,
+    budget_on: Annotated[str, _train_option("budget_on")] = "predicted",
     eval_every: Annotated[int | None, _train_option("eval_every")] = None,
     save_every: Annotated[int | None, _train_option("save_every")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the saved state.")] = False,
@@ -212,6 +220,7 @@ def train_command(
         norm_lr_scale=norm_lr_scale,
         drift_budget=drift_budget,
         retain_weight=retain_weight,
+        budget_on=budget_on,
     )
     retain_options = given(
         retain_labels=retain_labels,
@@ -238,6 +247,7 @@ def train_command(
         retain=retain or [],
         avoid=avoid or [],
         eval_data=eval_data,
+        eval_general=eval_general,
         resume=resume,
         overwrite=overwrite,
         compact=compact,
@@ -257,7 +267,123 @@ def _train_lines(report: dict) -> list[str]:
     ]
     if report["final_eval_loss"] is not None:
         lines.append(f"eval loss {report['final_eval_loss']:.4f}")
+    if report["measured_drift"] is not None:
+        lines.append(
+            f"measured drift (mean token KL from the base on --eval-general) {report['measured_drift']:.4g}"
+        )
     if report["predicted_drift"] is not None:
         stop = "; stopped at the drift budget" if report["stopped_by_drift_budget"] else ""
         lines.append(f"predicted drift (1/2 sum F d^2, mean token KL) {report['predicted_drift']:.4g}{stop}")
+    return lines
+
+
+EVAL_RUN_OPTIONS = (
+    "device",
+    "dtype",
+    "max_length",
+    "max_samples",
+    "attn_implementation",
+    "trust_remote_code",
+)
+
+
+@app.command("eval", cls=Command, short_help="Measure what deltas learned and forgot.")
+@takes_run_options(only=EVAL_RUN_OPTIONS)
+def eval_command(
+    base: Annotated[str, typer.Argument(help="The base: model folder or Hub repo id[@revision].")],
+    candidates: Annotated[
+        list[str], typer.Argument(help="Deltas, PEFT adapters or merged checkpoints to measure.")
+    ],
+    data: Annotated[
+        Path | None, typer.Option(help="Domain data: loss of base and candidate, the gain.")
+    ] = None,
+    general: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="General text the drift is measured on: a data file, self or general; repeatable. "
+            "[default: self]"
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help=option_help(EvalOptions, "batch_size"))] = 4,
+    seed: Annotated[int, typer.Option(help=option_help(EvalOptions, "seed"))] = 0,
+    self_samples: Annotated[int, typer.Option(help=option_help(EvalOptions, "self_samples"))] = 64,
+    self_length: Annotated[int, typer.Option(help=option_help(EvalOptions, "self_length"))] = 128,
+    record: Annotated[
+        bool, typer.Option("--record", help="Write the figures into each delta's delta.json and card.")
+    ] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="Draw gain against drift to this .png (matplotlib).")
+    ] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            help="lm-evaluation-harness tasks, comma-separated (pip install 'piece-surgery[lm-eval]')."
+        ),
+    ] = None,
+    tasks_path: Annotated[
+        Path | None, typer.Option(help="A folder of task definitions of your own (lm-eval's include_path).")
+    ] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+    run: RunOptions = None,
+) -> None:
+    """Measure each candidate against the base: gain on --data, drift (mean token KL from the base),
+    the candidate's loss and the top-1 changes on general text."""
+    from piece_surgery.evaluate import evaluate_command_recipe
+
+    options = EvalOptions(
+        batch_size=batch_size, seed=seed, self_samples=self_samples, self_length=self_length
+    )
+    evaluated = evaluate_command_recipe(
+        base,
+        candidates,
+        run,
+        data=data,
+        general=general or ["self"],
+        options=options,
+        record=record,
+        plot=plot,
+        tasks=tasks,
+        tasks_path=tasks_path,
+        overwrite=overwrite,
+    )
+    result = evaluated.to_json()
+    emit("eval", result, as_json, _eval_lines(result), None if quiet else _eval_table(result))
+
+
+def _eval_table(result: dict):
+    from rich.table import Table
+    from rich.text import Text
+
+    general = result["general"][0]["file"] if result["general"] else "-"
+    table = Table(title=f"against {result['base']}; drift on {general}")
+    for column in ("candidate", "gain", "drift (KL)", "top-1 changed", "tokens", "seconds"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for row in result["candidates"]:
+        if not row["changes_outputs"]:
+            table.add_row(Text(row["candidate"]), "identical to the base", "", "", f"{row['tokens']:,}", "")
+            continue
+        gain = "-" if row["gain"] is None else f"{row['gain']:.4f}"
+        table.add_row(
+            Text(row["candidate"]),
+            gain,
+            f"{row['drift']:.4g}",
+            f"{row['top1_changed']:.2%}",
+            f"{row['tokens']:,}",
+            f"{row['seconds']:.1f}",
+        )
+    return table
+
+
+def _eval_lines(result: dict) -> list[str]:
+    lines = []
+    for row in result["candidates"]:
+        if not row["changes_outputs"]:
+            lines.append(
+                f"{row['candidate']}: identical to the base on every token measured (nothing applied?)"
+            )
+    for extra in ("recorded", "plot", "tasks"):
+        if result.get(extra):
+            lines.append(f"{extra}: {result[extra]}")
     return lines

@@ -1,0 +1,263 @@
+"""`eval`: what a delta learned and forgot, against an independent computation; in memory as in a
+merged folder; recorded in the delta; measured during training; refused in one line when wrong."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers import assert_clean_failure, perturb, read_all
+
+from piece_surgery.checkpoint import load_causal_lm
+from piece_surgery.data import load_dataset, load_tokenizer
+
+
+@pytest.fixture
+def setup(tiny, tmp_path, cli, code_data):
+    base = tiny("llama")
+    tuned = perturb(base, tmp_path / "tuned", fraction=0.05, seed=3, hard=False)
+    assert cli("diff", base, tuned, "-o", tmp_path / "delta", "-q")[0] == 0
+    general = tmp_path / "general.txt"
+    general.write_text(
+        "The quick brown fox jumps over the lazy dog.\nRivers flow to the sea, and the sea is deep.\n"
+    )
+    return base, tuned, tmp_path / "delta", general
+
+
+def brute_force(base, tuned, data):
+    """Per example, unpadded: token losses of both models, KL(base || tuned), top-1 changes."""
+    tokenizer = load_tokenizer(base)
+    examples = load_dataset(data, tokenizer).examples
+    models = [
+        load_causal_lm(m, dtype=torch.float32, device=torch.device("cpu")).eval() for m in (base, tuned)
+    ]
+    sums = {"tokens": 0, "base_loss": 0.0, "loss": 0.0, "kl": 0.0, "top1": 0}
+    with torch.no_grad():
+        for e in examples:
+            ids = torch.tensor([e.input_ids])
+            targets = torch.tensor(e.labels[1:])
+            keep = targets != -100
+            lb, lt = (torch.log_softmax(m(input_ids=ids).logits[0, :-1][keep].double(), -1) for m in models)
+            t = targets[keep]
+            sums["tokens"] += int(keep.sum())
+            sums["base_loss"] -= float(lb.gather(1, t[:, None]).sum())
+            sums["loss"] -= float(lt.gather(1, t[:, None]).sum())
+            sums["kl"] += float((lb.exp() * (lb - lt)).sum())
+            sums["top1"] += int((lb.argmax(-1) != lt.argmax(-1)).sum())
+    n = sums["tokens"]
+    return {
+        "tokens": n,
+        "base_loss": sums["base_loss"] / n,
+        "loss": sums["loss"] / n,
+        "kl": sums["kl"] / n,
+        "top1": sums["top1"] / n,
+    }
+
+
+def run_eval(cli, *args) -> dict:
+    code, stdout, stderr = cli("eval", *args, "--json", "-q")
+    assert code == 0, stderr
+    return json.loads(stdout)
+
+
+def test_figures_match_an_independent_computation(setup, cli, code_data):
+    base, tuned, delta, general = setup
+    result = run_eval(cli, base, delta, "--data", code_data, "--general", general)
+    row = result["candidates"][0]
+    domain, drift = brute_force(base, tuned, code_data), brute_force(base, tuned, general)
+    assert row["kind"] == "delta" and row["changes_outputs"]
+    assert row["loss"] == pytest.approx(domain["loss"], rel=1e-5)
+    assert row["base_loss"] == pytest.approx(domain["base_loss"], rel=1e-5)
+    assert row["gain"] == pytest.approx(domain["base_loss"] - domain["loss"], rel=1e-4, abs=1e-6)
+    (g,) = row["general"]
+    assert g["tokens"] == drift["tokens"] and row["tokens"] == domain["tokens"] + drift["tokens"]
+    assert row["drift"] == g["kl"] == pytest.approx(drift["kl"], rel=1e-4, abs=1e-9)
+    assert g["loss"] == pytest.approx(drift["loss"], rel=1e-5)
+    assert row["top1_changed"] == pytest.approx(drift["top1"])
+
+
+def test_a_delta_in_memory_measures_as_its_merged_folder(setup, tmp_path, cli, code_data):
+    """The delta is switched into the one loaded base; the merged folder is loaded beside it: the
+    logits are the same bits, so every figure is the same number."""
+    base, _, delta, general = setup
+    assert cli("apply", base, delta, "-o", tmp_path / "merged", "-q")[0] == 0
+    result = run_eval(cli, base, delta, tmp_path / "merged", "--data", code_data, "--general", general)
+    in_memory, merged = result["candidates"]
+    assert merged["kind"] == "checkpoint"
+    for key in ("gain", "loss", "base_loss", "drift", "top1_changed", "tokens", "general"):
+        assert in_memory[key] == merged[key], key
+
+
+def test_a_candidate_that_changes_nothing_is_said_to(setup, tmp_path, cli):
+    base, _, delta, general = setup
+    copy = shutil.copytree(base, tmp_path / "copy")
+    code, stdout, _ = cli("eval", base, copy, delta, "--general", general)
+    assert code == 0 and "copy: identical to the base on every token measured" in stdout
+    result = run_eval(cli, base, copy, "--general", general)
+    assert result["candidates"][0]["changes_outputs"] is False and result["candidates"][0]["drift"] == 0.0
+
+
+def test_self_text_is_the_default_general_set(setup, cli):
+    base, _, delta, _ = setup
+    result = run_eval(cli, base, delta, "--self-samples", "3", "--self-length", "9")
+    assert result["general"][0]["file"] == "self" and result["general"][0]["examples"] == 3
+    assert result["candidates"][0]["general"][0]["tokens"] == 3 * 9
+
+
+def test_recorded_figures_travel_with_the_delta(setup, tmp_path, cli, code_data):
+    base, tuned, delta, general = setup
+    before = json.loads((delta / "delta.json").read_text())
+    assert cli("apply", base, delta, "-o", tmp_path / "merged", "-q")[0] == 0
+    run_eval(cli, base, delta, tmp_path / "merged", "--data", code_data, "--general", general, "--record")
+    after = json.loads((delta / "delta.json").read_text())
+    assert after["weights_sha256"] == before["weights_sha256"] and after["tensors"] == before["tensors"]
+    (record,) = after["evaluations"]
+    assert record["data"] == {
+        "file": code_data.name,
+        "sha256": record["data"]["sha256"],
+        "tokens": record["data"]["tokens"],
+    }
+    assert record["general"][0]["set"] == general.name and str(tmp_path) not in json.dumps(record)
+    assert "What it learned and what it kept" in (delta / "README.md").read_text()
+    code, stdout, _ = cli("inspect", delta, "--json")
+    assert json.loads(stdout)["evaluations"] == [record]
+    # the delta is the same delta: it applies as before, bit for bit
+    assert cli("apply", base, delta, "-o", tmp_path / "again", "-q")[0] == 0
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(read_all(tmp_path / "again").values(), read_all(tuned).values(), strict=True)
+    )
+
+
+def test_training_measures_its_drift_as_eval_does(tiny, tmp_path, cli, code_data):
+    base = tiny("llama")
+    out = tmp_path / "d"
+    args = ["train", base, "--data", code_data, "-o", out, "--lr", "1e-2", "--max-steps", "4", "-q", "--json"]
+    code, stdout, err = cli(*args, "--eval-general", "self", "--eval-every", "2")
+    assert code == 0, err
+    trained = json.loads(stdout)
+    measured = run_eval(cli, base, out, "--general", "self")["candidates"][0]["drift"]
+    assert trained["measured_drift"] == pytest.approx(measured, rel=1e-6) and measured > 0
+    assert (
+        json.loads((out / "delta.json").read_text())["provenance"]["measured_drift"]
+        == trained["measured_drift"]
+    )
+    # a budget on the measured drift stops at the first measurement past it
+    code, stdout, err = cli(
+        *args,
+        "--overwrite",
+        "--eval-general",
+        "self",
+        "--eval-every",
+        "1",
+        "--drift-budget",
+        "1e-12",
+        "--budget-on",
+        "measured",
+    )
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["stopped_by_drift_budget"] and report["steps"] == 1
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (
+            ("--budget-on", "measured", "--drift-budget", "0.1"),
+            "give --drift-budget, --eval-general and --eval-every",
+        ),
+        (("--eval-every", "2"), "--eval-every needs --eval-data or --eval-general"),
+    ],
+)
+def test_training_measurement_options_are_checked_first(tiny, tmp_path, cli, code_data, args, fragment):
+    out = tmp_path / "d"
+    assert_clean_failure(
+        cli("train", tiny("llama"), "--data", code_data, "-o", out, *args), fragment, output=out
+    )
+
+
+def test_bad_eval_inputs_are_one_line(setup, tmp_path, cli, tiny, code_data):
+    base, _, delta, general = setup
+    other = tiny("llama", seed=1)
+    assert_clean_failure(cli("eval", other, delta, "--general", general), "was not made from this model")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert_clean_failure(cli("eval", base, delta, "--data", tmp_path / "empty.txt"), "has no examples")
+    # a prompt so long that truncation leaves no response token to measure
+    (tmp_path / "nothing.jsonl").write_text(json.dumps({"prompt": "word " * 64, "response": "x"}) + "\n")
+    failure = cli("eval", base, delta, "--general", tmp_path / "nothing.jsonl", "--max-length", "16")
+    assert_clean_failure(failure, "loss-bearing token")
+    assert_clean_failure(cli("eval", base, tmp_path / "missing"), "not found")
+    assert_clean_failure(cli("eval", base, base, "--record"), "no candidate is one")
+    assert_clean_failure(cli("eval", base, delta, "--plot", tmp_path / "figure.jpg"), "a .png image")
+    assert_clean_failure(cli("eval", base, delta, "--tasks-path", tmp_path), "--tasks-path does nothing")
+
+
+def test_tasks_without_lm_eval_say_how_to_install(setup, cli, monkeypatch):
+    import sys
+
+    base, _, delta, general = setup
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)
+    assert_clean_failure(
+        cli("eval", base, delta, "--tasks", "anything"), "pip install 'piece-surgery[lm-eval]'"
+    )
+
+
+def test_a_plot_of_gain_against_drift(setup, tmp_path, cli, code_data):
+    base, _, delta, general = setup
+    out = tmp_path / "frontier.png"
+    result = cli("eval", base, delta, "--data", code_data, "--general", general, "--plot", out, "-q")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert_clean_failure(result, "pip install 'piece-surgery[plot]'", output=out)
+        return
+    assert result[0] == 0 and out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_lm_eval_tasks_run_on_every_candidate(setup, tmp_path, cli):
+    """A task of our own (lm-eval's include_path), on a data file the test writes: the base and the
+    delta get their accuracy, the delta switched in on the one base."""
+    pytest.importorskip("lm_eval")
+    base, tuned, delta, _ = setup
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rows = [
+        {"question": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1)], "label": 0}
+        for a in range(1, 5)
+        for b in range(2, 6)
+    ]
+    (tasks / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "sums.yaml").write_text(
+        "task: tiny_sums\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tasks / 'sums.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n"
+    )
+    result = run_eval(cli, base, delta, "--tasks", "tiny_sums", "--tasks-path", tasks, "--device", "cpu")
+    assert set(result["tasks"]) == {"base", str(delta)}
+    # the delta switched in on the base scores as the tuned model, by lm-eval's rule computed here
+    for name, model in (("base", base), (str(delta), tuned)):
+        expected = choice_accuracy(model, rows)
+        assert result["tasks"][name]["tiny_sums"]["acc,none"] == pytest.approx(expected)
+    assert_clean_failure(cli("eval", base, delta, "--tasks", "no_such_task_anywhere"), "knows no task")
+
+
+def choice_accuracy(model_path, rows) -> float:
+    """Multiple-choice accuracy as lm-eval defines it: the choice (after a space) with the highest
+    summed log-probability given the question, the pair encoded whole and split where the question's
+    own tokens end, no special tokens."""
+    tokenizer = load_tokenizer(model_path)
+    model = load_causal_lm(model_path, dtype=torch.float32, device=torch.device("cpu")).eval()
+    right = 0
+    for row in rows:
+        scores = []
+        for choice in row["choices"]:
+            context = tokenizer(row["question"], add_special_tokens=False)["input_ids"]
+            whole = tokenizer(row["question"] + " " + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].double(), -1)
+            scores.append(sum(float(logp[i - 1, whole[i]]) for i in range(len(context), len(whole))))
+        right += int(max(range(len(scores)), key=scores.__getitem__) == row["label"])
+    return right / len(rows)
