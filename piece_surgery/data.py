@@ -47,8 +47,12 @@ class Dataset:
 def read_records(path: Path, max_samples: int | None = None) -> list[tuple[int, str | dict]]:
     """Parse the file into (line number, record): strings for .txt, checked objects for .jsonl."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise PieceError(f"data file '{path}' not found")
+    if not path.is_file():
+        raise PieceError(
+            f"data file '{path}' is a folder or a device, not a file; give a .txt or .jsonl file"
+        )
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".jsonl", ".json"):
         raise PieceError(f"data file '{path}' must be .txt or .jsonl")

@@ -287,10 +287,14 @@ def record_evaluation(folder: Path, evaluation: dict[str, Any]) -> Delta:
     delta.info.evaluations.append(evaluation)
     description = read_json(folder / DESCRIPTION, f"delta '{folder}': {DESCRIPTION}")
     description["evaluations"] = delta.info.evaluations
-    _replace_file(folder / DESCRIPTION, json.dumps(description, indent=2, default=str) + "\n")
     card = folder / CARD
+    card_text = None  # a card the user wrote is theirs
     if not card.is_file() or GENERATED_MARK in card.read_text(encoding="utf-8", errors="replace"):
-        _replace_file(card, delta_card(delta, tensor_bytes=description.get("tensor_bytes")))
+        card_text = delta_card(delta, tensor_bytes=description.get("tensor_bytes"))
+    # both texts are made before either file is replaced
+    _replace_file(folder / DESCRIPTION, json.dumps(description, indent=2, default=str) + "\n")
+    if card_text is not None:
+        _replace_file(card, card_text)
     return delta
 
 
@@ -366,6 +370,41 @@ def _description_problem(description: dict, compact: bool = False) -> str | None
     evaluations = description.get("evaluations") or []
     if not isinstance(evaluations, list) or not all(isinstance(e, dict) for e in evaluations):
         return "'evaluations' must be a list of objects"
+    for i, evaluation in enumerate(evaluations):
+        problem = _evaluation_problem(evaluation)
+        if problem:
+            return f"evaluations[{i}]: {problem}"
+    return None
+
+
+def _number(value: Any, *, optional: bool = False) -> bool:
+    if value is None:
+        return optional
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _evaluation_problem(evaluation: dict) -> str | None:
+    """What is wrong with one `eval --record` entry (schema in docs/formats.md), or None."""
+    for key in ("gain", "loss", "base_loss"):
+        if not _number(evaluation.get(key), optional=True):
+            return f"'{key}' must be a number or null"
+    data = evaluation.get("data")
+    if data is not None and not (
+        isinstance(data, dict) and isinstance(data.get("file"), str) and _count(data.get("tokens"))
+    ):
+        return "'data' must be null or an object with a file name and a token count"
+    general = evaluation.get("general")
+    if not isinstance(general, list) or not all(isinstance(g, dict) for g in general):
+        return "'general' must be a list of objects"
+    for g in general:
+        if not isinstance(g.get("set"), str) or not _count(g.get("tokens")):
+            return "each 'general' entry needs a set name and a token count"
+        if not all(_number(g.get(key)) for key in ("kl", "top1_changed")):
+            return "each 'general' entry needs numbers 'kl' and 'top1_changed'"
     return None
 
 

@@ -9,6 +9,8 @@ each candidate; a merged checkpoint is loaded beside the base, one at a time.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,10 +23,10 @@ from piece_surgery.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, Loaded
 from piece_surgery.data import Dataset
 from piece_surgery.delta import DESCRIPTION, Delta, record_evaluation
 from piece_surgery.drift import Comparison, Forward, compare, model_forward
-from piece_surgery.errors import PieceError, quote
+from piece_surgery.errors import PieceError, first_line, quote
 from piece_surgery.hub import resolve
 from piece_surgery.options import EvalOptions, RunOptions
-from piece_surgery.outputs import atomic_path, check_output
+from piece_surgery.outputs import atomic_path, check_output, input_path
 from piece_surgery.progress import Progress, library_logs_silenced
 from piece_surgery.retain import GENERAL, SELF, general_text, sample_self
 from piece_surgery.run import Run
@@ -124,6 +126,9 @@ def evaluate_candidates(
     session = Run(run)
     if session.options.fsdp:
         raise PieceError("--fsdp is for score and train; eval loads one model per process")
+    if session.world is not None and session.world.size > 1:
+        # every rank would measure everything, and write the same record and plot
+        raise PieceError("eval runs in one process: run it without torchrun or another launcher")
     checkpoint = session.open(base_ref, what="base")
     found = [_candidate(ref) for ref in candidates]
     domain = session.data(checkpoint, data) if data is not None else None
@@ -297,13 +302,46 @@ def row_tokens(comparison: Comparison | None) -> int:
     return comparison.tokens if comparison is not None else 0
 
 
+def _refuse_repeats(refs: Sequence[str], what: str) -> None:
+    """The same candidate or set given twice, however spelled (./d, d/, x/../d), or two sets whose
+    files share a name (their rows, and a record, would be told apart by name only)."""
+    seen: dict[object, str] = {}
+    for ref in refs:
+        path = input_path(ref)
+        key = path.resolve() if path is not None else ref
+        if key in seen:
+            raise PieceError(f"{what} '{ref}' is '{seen[key]}' again; give each once")
+        seen[key] = ref
+    if what != "candidate":
+        names: dict[str, str] = {}
+        for ref in refs:
+            name = Path(ref).name if ref not in (SELF, GENERAL) else ref
+            if name in names:
+                raise PieceError(
+                    f"--general sets '{names[name]}' and '{ref}' share the name '{name}', which "
+                    "tells them apart in the output and records; rename one"
+                )
+            names[name] = ref
+
+
 def check_recordable(candidates: Sequence[str]) -> None:
     """--record writes into the candidates that are local delta folders (a Hub repo is pushed, not
     edited here): there must be one."""
-    if not any(_local_delta(ref) for ref in candidates):
+    local = [ref for ref in candidates if _local_delta(ref)]
+    if not local:
         raise PieceError(
             "--record writes into local delta folders, and no candidate is one; leave out --record"
         )
+    for ref in local:  # before any work: a record is written whole into every delta, or into none
+        try:
+            fd, probe = tempfile.mkstemp(dir=Path(ref).expanduser(), prefix=".piece-surgery-probe.")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise PieceError(
+                f"--record cannot write into delta '{ref}' ({first_line(exc)}); make it writable, "
+                "or leave out --record"
+            ) from exc
 
 
 def _local_delta(ref: str) -> bool:
@@ -327,9 +365,14 @@ def evaluate_command_recipe(
 ) -> Evaluated:
     """The `eval` command: evaluate_candidates, then (each checked before any work) --record into
     the deltas, --plot gain against drift, and lm-evaluation-harness --tasks on every candidate."""
+    _refuse_repeats(candidates, "candidate")
+    _refuse_repeats([str(g) for g in general], "--general set")
     if record:
         check_recordable(candidates)
+    given_plot = plot
     if plot is not None:
+        if data is None:
+            raise PieceError("--plot draws gain on --data against drift: add --data, or leave out --plot")
         plot = _check_plot(plot, overwrite, [base_ref, *candidates, data, *general])
     task_names = _check_tasks(tasks, tasks_path)
     evaluated = evaluate_candidates(
@@ -349,7 +392,7 @@ def evaluate_command_recipe(
                 evaluated.recorded.append(candidate.ref)
     if plot is not None:
         draw(evaluated, plot)
-        evaluated.plot = str(plot)
+        evaluated.plot = str(given_plot)  # as the user gave it
     return evaluated
 
 

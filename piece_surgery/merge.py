@@ -597,7 +597,7 @@ def apply_recipe(
             original_base=recipe.resolve(recipe.original_base) if recipe.original_base else None,
         )
     except PieceError as exc:
-        read_as_ids = [r for r in refs if r and recipe.source is not None and recipe.resolve(r) == r]
+        read_as_ids = [r for r in refs if r and recipe.source is not None and recipe.reads_as_repo_id(r)]
         if not read_as_ids:
             raise
         raise PieceError(

@@ -98,14 +98,15 @@ class Recipe:
         """What `ref` names: a path relative to the recipe's folder (`~` expanded), or, when nothing
         is there and it is shaped like one, a Hub repo id. Never a path relative to where the
         command runs: a recipe means the same wherever it is run from."""
+        return ref if self.reads_as_repo_id(ref) else str(self.folder / Path(ref).expanduser())
+
+    def reads_as_repo_id(self, ref: str) -> bool:
+        """`ref` names nothing beside the recipe and is shaped like a Hub repo id, so it is one."""
         path = Path(ref).expanduser()
-        if path.is_absolute():
-            return str(path)
+        if path.is_absolute() or ref.startswith(("./", "../", "~")) or not looks_like_repo_id(ref):
+            return False
         local = self.folder / path
-        explicit = ref.startswith(("./", "../", "~"))
-        if local.exists() or local.is_symlink() or explicit or not looks_like_repo_id(ref):
-            return str(local)
-        return ref
+        return not (local.exists() or local.is_symlink())
 
     def with_output(self, output: str | Path) -> Recipe:
         """This recipe writing elsewhere (`apply --recipe R --output OUT`: OUT as the command line
@@ -263,14 +264,15 @@ def _deltas(deltas, where: str) -> list[tuple[str, float]]:
 
 def _scale(value, where: str) -> float:
     """A finite number; YAML reads `1e-3` (no dot) as a string, which is read as the number it says."""
+    number = value
     if isinstance(value, str):
         try:
-            value = float(value.strip())
+            number = float(value.strip())
         except ValueError:
-            value = None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            number = None
+    if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
         raise PieceError(f"{where} has scale {quote(value, 40)!r}; give a finite number")
-    return float(value)
+    return float(number)
 
 
 def card_section(recipe: Recipe, output: Path) -> str:

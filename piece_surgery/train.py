@@ -14,7 +14,7 @@ from piece_surgery.delta import Delta, DeltaInfo, TrainProvenance, delta_from_va
 from piece_surgery.errors import PieceError
 from piece_surgery.mask import Mask, check_mask_fits
 from piece_surgery.methods import method_named
-from piece_surgery.outputs import remove_stale_temporaries
+from piece_surgery.outputs import refuse_overlap, remove_stale_temporaries
 from piece_surgery.progress import Progress
 from piece_surgery.retain import GENERAL, NAMED_SETS, SELF, general_text, read_scoring_inputs
 from piece_surgery.run import Run, RunOptions
@@ -27,7 +27,7 @@ from piece_surgery.score import (
     self_text,
 )
 from piece_surgery.sharding import reshard
-from piece_surgery.train_state import remove_state
+from piece_surgery.train_state import is_state, remove_state
 from piece_surgery.trainer import TrainConfig, TrainResult, total_steps, train_sparse
 
 
@@ -94,7 +94,8 @@ def train_checkpoint(
     general_file = eval_general if eval_general is not None and str(eval_general) not in NAMED_SETS else None
     extra = [mask_ref, eval_data, general_file, *(r for r in retain if str(r) not in NAMED_SETS), *avoid]
     output = session.check_output(output, inputs=[model_ref, data, *extra], overwrite=overwrite)
-    state_dir = _state_dir(output, resume=resume, overwrite=overwrite, session=session)
+    inputs = [model_ref, data, *extra]
+    state_dir = _state_dir(output, inputs, resume=resume, overwrite=overwrite, session=session)
     mask = open_mask(mask_ref) if mask_ref is not None else None
     checkpoint = session.open(model_ref)
     if mask is not None:
@@ -198,12 +199,26 @@ def _general_text(ref: str | Path, checkpoint: Checkpoint, session: Run) -> Data
     return session.data(checkpoint, Path(ref), every_example=True)
 
 
-def _state_dir(output: Path, *, resume: bool, overwrite: bool, session: Run) -> Path:
-    """Where this run's resumable state goes; a state left by an earlier run is continued
-    (--resume), discarded (--overwrite) or refused."""
+def _state_dir(
+    output: Path, inputs: Sequence[str | Path | None], *, resume: bool, overwrite: bool, session: Run
+) -> Path:
+    """Where this run's resumable state goes (an output too: it may not overlap an input); a state
+    left by an earlier run is continued (--resume), discarded (--overwrite) or refused. Only a
+    folder that holds a training state is ever discarded."""
     state_dir = state_dir_for(output)
+    refuse_overlap(state_dir, inputs)
+    if state_dir.is_symlink() or (state_dir.exists() and not state_dir.is_dir()):
+        raise PieceError(
+            f"'{state_dir}', where train keeps its resumable state, is a link or a file; "
+            "move it away or choose another -o"
+        )
     remove_stale_temporaries(state_dir)  # of a run killed while saving its state
     if not resume and state_dir.exists():
+        if not is_state(state_dir):
+            raise PieceError(
+                f"'{state_dir}', where train keeps its resumable state, holds something else; "
+                "move it away or choose another -o"
+            )
         if not overwrite:
             raise PieceError(
                 f"a saved training state is in '{state_dir}': add --resume to continue it, "

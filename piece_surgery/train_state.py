@@ -126,5 +126,15 @@ def _read_description(state_dir: Path) -> dict:
     return description
 
 
+def is_state(folder: Path) -> bool:
+    """A folder save_state wrote: its description and state file, and nothing but them."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    names = {p.name for p in folder.iterdir()}
+    return DESCRIPTION in names and names <= {DESCRIPTION, STATE_FILE}
+
+
 def remove_state(state_dir: Path) -> None:
-    shutil.rmtree(state_dir, ignore_errors=True)
+    if is_state(state_dir):
+        shutil.rmtree(state_dir, ignore_errors=True)

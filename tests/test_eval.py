@@ -189,7 +189,7 @@ def test_bad_eval_inputs_are_one_line(setup, tmp_path, cli, tiny, code_data):
     assert_clean_failure(failure, "loss-bearing token")
     assert_clean_failure(cli("eval", base, tmp_path / "missing"), "not found")
     assert_clean_failure(cli("eval", base, base, "--record"), "no candidate is one")
-    assert_clean_failure(cli("eval", base, delta, "--plot", tmp_path / "figure.jpg"), "a .png image")
+    assert_clean_failure(cli("eval", base, delta, "--data", code_data, "--plot", tmp_path / "figure.jpg"), "a .png image")
     assert_clean_failure(cli("eval", base, delta, "--tasks-path", tmp_path), "--tasks-path does nothing")
 
 
@@ -261,3 +261,57 @@ def choice_accuracy(model_path, rows) -> float:
             scores.append(sum(float(logp[i - 1, whole[i]]) for i in range(len(context), len(whole))))
         right += int(max(range(len(scores)), key=scores.__getitem__) == row["label"])
     return right / len(rows)
+
+
+def test_what_a_review_found_is_refused_in_one_line(setup, tmp_path, cli, code_data, monkeypatch):
+    """The same candidate or set twice (however spelled), two sets of one name, --plot without
+    --data, and a record into a delta that cannot be written: refused before any work."""
+    base, _, delta, general = setup
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("./delta/", "delta/../delta"):
+        result = cli("eval", base, "delta", spelling, "--data", code_data, "--general", general)
+        assert_clean_failure(result, "again; give each once")
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(general, other / general.name)
+    result = cli("eval", base, delta, "--general", general, "--general", other / general.name)
+    assert_clean_failure(result, "share the name 'general.txt'")
+    result = cli("eval", base, delta, "--general", general, "--plot", tmp_path / "p.png")
+    assert_clean_failure(result, "add --data", output=tmp_path / "p.png")
+    before = {p.name: p.read_bytes() for p in delta.iterdir()}
+
+    def unwritable(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Operation not permitted", str(dir))
+
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "mkstemp", unwritable)
+    result = cli("eval", base, delta, "--data", code_data, "--general", general, "--record")
+    assert_clean_failure(result, "--record cannot write into delta")
+    assert {p.name: p.read_bytes() for p in delta.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"gain": "abc", "general": [], "data": None},
+        {"gain": 0.1, "general": 5, "data": None},
+        {"gain": 0.1, "general": [{"set": "g", "tokens": 3, "kl": "x", "top1_changed": 0}], "data": None},
+        {"gain": 0.1, "general": [], "data": 3},
+    ],
+)
+def test_a_hand_edited_record_is_one_line_everywhere(setup, tmp_path, cli, code_data, entry):
+    base, _, delta, general = setup
+    edited = shutil.copytree(delta, tmp_path / "edited")
+    description = json.loads((edited / "delta.json").read_text())
+    description["evaluations"] = [entry]
+    (edited / "delta.json").write_text(json.dumps(description))
+    assert_clean_failure(cli("inspect", edited), "evaluations[0]")
+    result = cli("eval", base, edited, "--data", code_data, "--general", general, "--record")
+    assert_clean_failure(result, "evaluations[0]")
+
+
+def test_quiet_keeps_the_table(setup, cli, code_data):
+    base, _, delta, general = setup
+    code, stdout, _ = cli("eval", base, delta, "--data", code_data, "--general", general, "-q")
+    assert code == 0 and "drift on general.txt" in stdout and "gain" in stdout

@@ -31,7 +31,8 @@ Exclude = Annotated[list[str] | None, typer.Option(help=option_help(ScoreOptions
 Retain = Annotated[
     list[str] | None,
     typer.Option(
-        help="piece-r: text whose behaviour to keep: a data file, or self; repeatable. [default: self]"
+        help="piece-r: text whose behaviour to keep: a data file, general (the shipped set) or self; "
+        "repeatable. [default: general]"
     ),
 ]
 RetainLabels = Annotated[
@@ -349,7 +350,7 @@ def eval_command(
         overwrite=overwrite,
     )
     result = evaluated.to_json()
-    emit("eval", result, as_json, _eval_lines(result), None if quiet else _eval_table(result))
+    emit("eval", result, as_json, _eval_lines(result), _eval_table(result))  # -q: progress only
 
 
 def _eval_table(result: dict):

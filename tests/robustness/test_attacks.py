@@ -117,6 +117,40 @@ def test_a_base_an_adapter_names_is_an_input(tiny, tmp_path, cli):
 SPELLINGS = st.sampled_from(["{a}", "{a}/", "{a}/.", "{r}", "./{r}", "{r}/../{last}", "{link}", "~/{home}"])
 
 
+def test_the_training_state_folder_never_takes_an_input(model, deltas, tmp_path, cli, code_data, monkeypatch):
+    """train -o X keeps its state in X.state: an input named so (the base, a folder holding the
+    data, an --avoid delta) is refused as it is for -o, with or without --overwrite, and a folder
+    there that is not a training state, or a link, is never deleted."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(model, "mm.state")
+    (tmp_path / "q.state").mkdir()
+    shutil.copy(code_data, "q.state/d.jsonl")
+    shutil.copytree(deltas[0], "av.state")
+    base = ["--max-steps", "1", "--density", "0.05", "-q"]
+    cases = [
+        (["train", "mm.state", "--data", code_data, "-o", "mm", *base], "mm.state"),
+        (["train", model, "--data", "q.state/d.jsonl", "-o", "q", *base], "q.state"),
+        (["train", model, "--data", code_data, "--avoid", "av.state", "-o", "av", *base], "av.state"),
+    ]
+    for args, victim in cases:
+        before = snapshot(tmp_path / victim)
+        for extra in ([], ["--overwrite"], ["--save-every", "1", "--overwrite"]):
+            result = cli(*args, *extra)
+            assert_clean_failure(result, "overlaps", output=tmp_path / args[args.index("-o") + 1])
+            assert snapshot(tmp_path / victim) == before
+    other = tmp_path / "other.state"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    result = cli("train", model, "--data", code_data, "-o", "other", *base, "--overwrite")
+    assert_clean_failure(result, "holds something else", output=tmp_path / "other")
+    assert (other / "notes.txt").read_text() == "mine"
+    (tmp_path / "st").mkdir()
+    os.symlink("st", "sym.state")
+    result = cli("train", model, "--data", code_data, "-o", "sym", *base, "--save-every", "1", "--overwrite")
+    assert_clean_failure(result, "is a link or a file", output=tmp_path / "sym")
+    assert (tmp_path / "st").is_dir()
+
+
 @FUZZ
 @given(out=SPELLINGS, inp=SPELLINGS, inside=st.booleans())
 def test_overlap_is_decided_on_the_paths_themselves(tmp_path_factory, monkeypatch, out, inp, inside):
