@@ -1,14 +1,21 @@
 """apply vs a plain safetensors read+write of the same base vs transformers load+save.
 
-Targets (issue 3): apply time at most 1.25x the plain copy; peak RSS about two shards plus the
-deltas, not the whole model.  Run: python benchmarks/apply_speed.py [--big-layers 24]
+Targets (issues 3 and 25): on a multi-GB checkpoint (generated: a random bf16 Llama of 24 layers x
+2560, 3.85 GiB in 6 shards), apply at most 1.0x a plain safetensors read+write for a delta spread
+uniformly over every tensor, and at most 0.7x for one whose entries cluster in runs as importance
+masks' do; `cp -r` of the folder is the floor; median of --repeats fresh processes each, files in the
+page cache, dirty pages flushed before each run; peak RSS about two shards plus the deltas.
+Run: python benchmarks/apply_speed.py [--big-layers 24] [--multi-gb-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +23,8 @@ from pathlib import Path
 from common import measure, require_extras, smollm2_folder, stdlib_code_lines, table, write_jsonl
 
 from piece_surgery.options import RunOptions
+
+RESULTS = Path(__file__).parent / "results" / "apply_speed.json"
 
 
 def plain_copy(base: Path, out: Path) -> dict:
@@ -155,12 +164,191 @@ def run(name: str, base: Path, work: Path, repeats: int, piece_delta: bool = Fal
     return rows
 
 
+def _command(argv: list[str]) -> dict:
+    """Run a command in a fresh process: its wall time and its peak RSS (the largest child's)."""
+    import resource
+    import subprocess
+
+    start = time.perf_counter()
+    subprocess.run(argv, check=True)
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "child_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+
+
+_PLAIN = """
+import shutil, sys
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+base, out = Path(sys.argv[1]), Path(sys.argv[2])
+out.mkdir()
+for item in base.iterdir():
+    if item.name.endswith(".safetensors"):
+        save_file(load_file(item), out / item.name, metadata={"format": "pt"})
+    else:
+        shutil.copy2(item, out / item.name)
+"""
+
+
+def copy_tree(base: Path, out: Path) -> dict:
+    """`cp -r`: the kernel's copy of every byte, the floor for any tool that writes a new folder."""
+    return _command(["cp", "-r", str(base), str(out)])
+
+
+def imports_only(out: Path) -> dict:
+    """What a fresh Python process pays before any byte: starting and importing torch, safetensors."""
+    return _command([sys.executable, "-c", "import torch, safetensors.torch"])
+
+
+def plain_copy_command(base: Path, out: Path) -> dict:
+    """plain_copy as a command: a fresh process, imports included, as apply's are."""
+    return _command([sys.executable, "-c", _PLAIN, str(base), str(out)])
+
+
+def piece_apply_command(base: Path, deltas: list[Path], out: Path) -> dict:
+    """`piece-surgery apply` as a user runs it: a fresh process, imports included."""
+    argv = [sys.executable, "-m", "piece_surgery", "apply", str(base), *map(str, deltas)]
+    return _command([*argv, "-o", str(out), "-q"])
+
+
+def big_llama(work: Path) -> Path:
+    """A random bf16 Llama, 24 layers x 2560 (intermediate 6912, vocab 32000, untied): 3.85 GiB in
+    6 shards, written tensor by tensor (no model is built)."""
+    import json as _json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = work / "big-llama"
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2560,
+        intermediate_size=6912,
+        num_hidden_layers=24,
+        num_attention_heads=20,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+    config.save_pretrained(folder)
+    with torch.device("meta"):
+        shapes = [(n, tuple(p.shape)) for n, p in LlamaForCausalLM(config).state_dict().items()]
+    total = sum(math.prod(shape) * 2 for _, shape in shapes)
+    shards: list[list] = [[]]
+    size = 0
+    for name, shape in shapes:
+        if shards[-1] and size + math.prod(shape) * 2 > total / 5:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += math.prod(shape) * 2
+    gen = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {n: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for n, s in shard}
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(_json.dumps(index))
+    return folder
+
+
+def direct_delta(base: Path, out: Path, kind: str, seed: int = 0) -> Path:
+    """0.1% of every tensor's entries moved by 0.01, built from the base's values directly (no
+    tuned copy): `uniform` spreads them at random, the worst case for apply; `clustered` puts them
+    in runs of 64 consecutive entries (row segments), where importance masks put theirs."""
+    import torch
+
+    from piece_surgery.checkpoint import open_checkpoint
+    from piece_surgery.delta import DeltaInfo, delta_from_values, save_delta
+
+    checkpoint = open_checkpoint(str(base))
+    gen = torch.Generator().manual_seed(seed)
+    entries, shapes = {}, {}
+    with checkpoint.reader() as reader:
+        for name, info in checkpoint.layout.items():
+            flat = reader.get(name).reshape(-1)
+            n, k = flat.numel(), max(1, flat.numel() // 1000)
+            if kind == "uniform":
+                idx = torch.unique(torch.randint(0, n, (k,), generator=gen))
+            else:
+                starts = torch.randint(0, max(1, n - 64), (max(1, k // 64),), generator=gen)
+                idx = torch.unique((starts[:, None] + torch.arange(64)).reshape(-1).clamp(max=n - 1))
+            values = flat[idx].clone()
+            entries[name] = (idx, values, (values.float() + 0.01).to(values.dtype))
+            shapes[name] = tuple(info.shape)
+    save_delta(delta_from_values(entries, shapes, DeltaInfo(checkpoint.identity)), out)
+    return out
+
+
+def multi_gb(work: Path, repeats: int) -> list[dict]:
+    """Issue 25's case: medians of `repeats` fresh runs each, interleaved, on a 3.85 GiB base."""
+    import statistics
+
+    base = big_llama(work)
+    uniform = [direct_delta(base, work / f"uniform-{i}", "uniform", seed=i) for i in range(4)]
+    clustered = direct_delta(base, work / "clustered", "clustered")
+    for file in base.glob("*.safetensors"):  # into the page cache, as for every run after the first
+        file.read_bytes()
+    out = work / "out"
+    runs = [
+        ("cp -r of the folder", copy_tree, (base, out)),
+        ("python importing torch and safetensors only", imports_only, (out,)),
+        ("plain safetensors read+write", plain_copy, (base, out)),
+        (
+            "apply, clustered 0.1% (runs of 64)",
+            piece_apply_command,
+            (base, [clustered], out),
+        ),
+        ("apply, 0.1% of every tensor (uniform)", piece_apply_command, (base, uniform[:1], out)),
+        ("apply, 4 uniform deltas stacked", piece_apply_command, (base, uniform, out)),
+    ]
+    times: dict[str, list[float]] = {label: [] for label, _, _ in runs}
+    peaks: dict[str, float] = {}
+    for _ in range(repeats):
+        for label, fn, args in runs:
+            os.sync()
+            result = measure(fn, *args)
+            times[label].append(result["seconds"])
+            peaks[label] = max(peaks.get(label, 0.0), result["child_peak_mb"])
+            shutil.rmtree(out, ignore_errors=True)
+    size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    plain = statistics.median(times["plain safetensors read+write"])
+    rows = []
+    for label, _, _ in runs:
+        median = statistics.median(times[label])
+        rows.append(
+            {
+                "model": f"random Llama 24x2560 bf16, {size / 2**30:.2f} GiB",
+                "run": label,
+                "median_s": median,
+                "min_s": min(times[label]),
+                "max_s": max(times[label]),
+                "vs_plain": median / plain,
+                "peak_rss_mb": peaks[label],
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--big-layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--multi-gb-repeats", type=int, default=5)
+    parser.add_argument("--multi-gb-only", action="store_true", help="only the 3.85 GiB case")
     args = parser.parse_args()
     require_extras()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("PIECE_BENCH_TMP")) as tmp:
+        big = multi_gb(Path(tmp), args.multi_gb_repeats)
+    columns = ["model", "run", "median_s", "min_s", "max_s", "vs_plain", "peak_rss_mb"]
+    print(table(big, columns))
+    RESULTS.write_text(json.dumps({"multi_gb": big}, indent=1) + "\n")
+    if args.multi_gb_only:
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -1,9 +1,11 @@
-"""Copy a safetensors file while changing a few entries: only the pages that hold changed entries go
-through memory; every other byte is copied inside the kernel."""
+"""Copy a safetensors file while changing a few entries: the kernel copies every byte, and only the
+pages that hold changed entries go through this process."""
 
 from __future__ import annotations
 
+import mmap
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +21,8 @@ from piece_surgery.records import parse_json
 Patch = tuple[torch.Tensor, Callable[[torch.Tensor], None]]
 
 _PAGE = 4096
-# Untouched gaps shorter than this are read and written with their neighbours: one system call
-# pair costs about as much as copying 64 KiB.
+# Without a map (_patch_pages), untouched gaps shorter than this are read and written with their
+# neighbours: one system call pair costs about as much as copying 64 KiB.
 MERGE_GAP = 16 * _PAGE
 
 
@@ -28,10 +30,12 @@ def copy_with_patches(src: Path, dst: Path, patches: dict[str, Patch]) -> bool:
     """Write `dst` as a byte-for-byte copy of the safetensors file `src`, except for the entries
     that `patches` change.
 
-    Only the pages holding patched entries go through memory (read, patched, written back at their
-    offset); all other bytes are copied inside the kernel (copy_file_range). Every byte is copied
-    once; header, metadata and layout are kept. Returns False, writing nothing, if a patched
-    tensor has a dtype this reader does not know.
+    The whole file is copied inside the kernel (copy_file_range), then each patched tensor is
+    changed in place through a shared memory map of `dst`: only the pages holding changed entries
+    are touched, while they are still in the page cache, and each is released after its tensor.
+    Where `dst` cannot be mapped, the pages with changed entries are read, patched and written
+    at their offsets instead. Header, metadata and layout are kept. Returns False, writing
+    nothing, if a patched tensor has a dtype this reader does not know.
     """
     size = Path(src).stat().st_size
     with open(src, "rb") as fin:
@@ -50,27 +54,74 @@ def copy_with_patches(src: Path, dst: Path, patches: dict[str, Patch]) -> bool:
         )
         if regions and regions[-1][1] > size:
             raise PieceError(f"cannot read '{src}': truncated safetensors file")
-        patched = [region for region in regions if region[2] in patches]
-        # One reusable buffer: fresh memory per tensor would be faulted in page by page. Bytes of
-        # it that a tensor's spans do not cover are stale, and no patch reads them.
-        scratch = np.empty(max((end - begin for begin, end, _ in patched), default=0), dtype=np.uint8)
-        with open(dst, "wb") as fout:
-            src_fd, dst_fd = fin.fileno(), fout.fileno()
-            copied = 0  # bytes [0, copied) of dst are written
-            for begin, end, name in patched:
-                indices, patch = patches[name]
-                dtype = SAFETENSORS_DTYPES[header[name]["dtype"]]
-                spans = touched_spans(indices, dtype.itemsize, begin, end)
-                buffer = scratch[: end - begin]
-                for lo, hi in spans:
-                    _read_all(src_fd, buffer[lo - begin : hi - begin], lo, name)
-                patch(torch.from_numpy(buffer).view(dtype))
-                for lo, hi in spans:
-                    _copy_range(src_fd, dst_fd, copied, lo - copied)
-                    _write_all(dst_fd, buffer[lo - begin : hi - begin], lo)
-                    copied = hi
-            _copy_range(src_fd, dst_fd, copied, size - copied)
+        patched = [
+            (begin, end, name, SAFETENSORS_DTYPES[header[name]["dtype"]])
+            for begin, end, name in regions
+            if name in patches
+        ]
+        with open(dst, "w+b") as fout:
+            _copy_range(fin.fileno(), fout.fileno(), 0, size)
+            try:
+                mapped = mmap.mmap(fout.fileno(), size)
+            except (OSError, ValueError):  # a file system that cannot map files
+                _patch_pages(fin.fileno(), fout.fileno(), patched, patches)
+                return True
+            # not `with mapped`: if a patch raises, its traceback still holds views of the map,
+            # and closing it then would replace the patch's error with a BufferError; the map
+            # closes when the last view goes
+            _patch_mapped(mapped, patched, patches)
+            mapped.close()
     return True
+
+
+def _patch_mapped(mapped: mmap.mmap, patched: list, patches: dict[str, Patch]) -> None:
+    """Patch each tensor in place in the shared map of the output file; its pages are released
+    afterwards, so the process holds one tensor's touched pages at a time."""
+    populate = _POPULATE_WRITE is not None and hasattr(mapped, "madvise")
+    for begin, end, name, dtype in patched:
+        if end == begin:
+            continue
+        if populate:
+            populate = _prefault(mapped, touched_spans(patches[name][0], dtype.itemsize, begin, end))
+        array = np.frombuffer(mapped, dtype=np.uint8, count=end - begin, offset=begin)
+        view = torch.from_numpy(array).view(dtype)
+        patches[name][1](view)
+        del view, array  # no export of the map may outlive it
+        first = begin - begin % mmap.PAGESIZE
+        if hasattr(mapped, "madvise"):
+            mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+
+# MADV_POPULATE_WRITE (Linux 5.14+; Python 3.11's mmap module does not name it): maps a run of
+# pages writable in one call, where touching them one by one takes a page fault each (on a 3.85 GiB
+# checkpoint with 0.1% of entries changed uniformly: 0.6 s against 2.4 s)
+_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform.startswith("linux") else None)
+
+
+def _prefault(mapped: mmap.mmap, spans: list[tuple[int, int]]) -> bool:
+    """Map the pages of `spans` writable ahead of the patch; False where the kernel cannot."""
+    for lo, hi in spans:
+        first = lo - lo % mmap.PAGESIZE
+        try:
+            mapped.madvise(_POPULATE_WRITE, first, hi - first)
+        except OSError:  # an older kernel: the patch faults the pages in itself
+            return False
+    return True
+
+
+def _patch_pages(src_fd: int, dst_fd: int, patched: list, patches: dict[str, Patch]) -> None:
+    """Patch the copy without a map: read the pages that hold changed entries from the source,
+    patch them, and write them over the copy at their offsets."""
+    scratch = np.empty(max((end - begin for begin, end, _, _ in patched), default=0), dtype=np.uint8)
+    for begin, end, name, dtype in patched:
+        indices, patch = patches[name]
+        spans = touched_spans(indices, dtype.itemsize, begin, end)
+        buffer = scratch[: end - begin]  # bytes outside the spans are stale; no patch reads them
+        for lo, hi in spans:
+            _read_all(src_fd, buffer[lo - begin : hi - begin], lo, name)
+        patch(torch.from_numpy(buffer).view(dtype))
+        for lo, hi in spans:
+            _write_all(dst_fd, buffer[lo - begin : hi - begin], lo)
 
 
 def touched_spans(indices: torch.Tensor, itemsize: int, begin: int, end: int) -> list[tuple[int, int]]:

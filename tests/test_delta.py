@@ -201,14 +201,23 @@ def test_top_level_api_names_the_library_functions():
 
 def test_apply_completes_short_reads_and_writes(tiny, tmp_path, monkeypatch):
     """Linux moves at most ~2 GiB per read or write call; a tensor larger than that (the embedding
-    of a 70B model) must still be copied whole. Simulated with calls capped at 1000 bytes."""
+    of a 70B model) must still be copied whole. Simulated with calls capped at 1000 bytes, on the
+    path without a map (where reads and writes go through a buffer) and the kernel's copy."""
+    import mmap
     import os
 
     base = tiny("llama", dtype=torch.bfloat16)
     tuned = perturb(base, tmp_path / "tuned", fraction=0.03, seed=2)
     save_delta(diff(str(base), str(tuned)), tmp_path / "delta")
-    real_preadv, real_pwrite = os.preadv, os.pwrite
-    calls = {"read": 0, "write": 0}
+    real_preadv, real_pwrite, real_copy = os.preadv, os.pwrite, os.copy_file_range
+    calls = {"read": 0, "write": 0, "copy": 0}
+
+    def no_map(*args, **kwargs):
+        raise OSError("no mmap on this file system")
+
+    def short_copy(src, dst, count, offset_src, offset_dst):
+        calls["copy"] += 1
+        return real_copy(src, dst, min(count, 1000), offset_src, offset_dst)
 
     def short_preadv(fd, buffers, offset):
         calls["read"] += 1
@@ -220,8 +229,10 @@ def test_apply_completes_short_reads_and_writes(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "preadv", short_preadv)
     monkeypatch.setattr(os, "pwrite", short_pwrite)
+    monkeypatch.setattr(os, "copy_file_range", short_copy)
+    monkeypatch.setattr(mmap, "mmap", no_map)
     apply(str(base), [str(tmp_path / "delta")], tmp_path / "merged")
-    assert calls["read"] > 1 and calls["write"] > 1
+    assert calls["read"] > 1 and calls["write"] > 1 and calls["copy"] > 1
     assert same_checkpoint(tmp_path / "merged", tuned)
 
 
@@ -256,11 +267,18 @@ def test_touched_spans_cover_exactly_the_pages_of_the_entries(monkeypatch):
 
 
 @pytest.mark.parametrize("merge_gap", [0, 4096, 1 << 16])
-def test_apply_reads_only_the_pages_it_changes(tiny, tmp_path, monkeypatch, merge_gap):
+def test_apply_without_a_map_reads_only_the_pages_it_changes(tiny, tmp_path, monkeypatch, merge_gap):
+    """Where the output cannot be memory-mapped, apply patches the kernel's copy by reading and
+    writing back only the pages that hold changed entries."""
+    import mmap
     import os
 
     from piece_surgery import filepatch
 
+    def no_map(*args, **kwargs):
+        raise OSError("no mmap on this file system")
+
+    monkeypatch.setattr(mmap, "mmap", no_map)
     monkeypatch.setattr(filepatch, "MERGE_GAP", merge_gap)
     base = tiny("llama", dtype=torch.float32)
     # two entries of the embedding (40 KiB, ten pages)
@@ -283,6 +301,23 @@ def test_apply_reads_only_the_pages_it_changes(tiny, tmp_path, monkeypatch, merg
         assert 0 < sum(read) <= 4 * 4096  # each entry's page (or two, if it straddles)
     else:
         assert 0 < sum(read) <= embedding.numel() * 4
+
+
+def test_apply_patches_the_kernels_copy_through_a_map(tiny, tmp_path, monkeypatch):
+    """By default no byte of the base goes through a read buffer: the kernel copies each file and
+    the changed entries are written through a map of the copy; the result is the tuned model."""
+    import os
+
+    base = tiny("llama", dtype=torch.bfloat16)
+    tuned = perturb(base, tmp_path / "tuned", fraction=0.001, seed=5, hard=False)
+    save_delta(diff(str(base), str(tuned)), tmp_path / "delta")
+
+    def no_read(*args):
+        raise AssertionError("apply read the base through a buffer")
+
+    monkeypatch.setattr(os, "preadv", no_read)
+    apply(str(base), [str(tmp_path / "delta")], tmp_path / "merged")
+    assert same_checkpoint(tmp_path / "merged", tuned)
 
 
 def test_diff_density_keeps_the_largest_fraction(tiny, tmp_path, cli):

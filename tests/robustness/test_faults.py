@@ -61,8 +61,8 @@ FAULT_POINTS = {
     "apply": [
         ("piece_surgery.merge", "open_checkpoint", 1),
         ("piece_surgery.merge", "_patch_shard", 1),
-        ("piece_surgery.filepatch", "_write_all", 2),
-        ("piece_surgery.filepatch", "_copy_range", 3),
+        ("piece_surgery.filepatch", "_copy_range", 1),
+        ("piece_surgery.filepatch", "_patch_mapped", 1),
         ("piece_surgery.outputs", "_default_permissions", 1),
     ],
     "diff": [
