@@ -328,6 +328,9 @@ class Checkpoint:
         name: str | None = None,
     ) -> Dataset:
         tokenizer = self.load_tokenizer()
+        context = self.context_length()
+        if context is not None:  # a text longer than the model's context is cut at it
+            max_length = min(max_length, context)
         with Progress(None, f"reading {name or Path(path).name}", quiet=quiet) as bar:
             return load_dataset(
                 path,
@@ -356,18 +359,34 @@ class Checkpoint:
         finally:
             transformers.utils.logging.set_verbosity(verbosity)
 
-    def vocab_size(self) -> int | None:
-        """Rows of the model's input embedding table, as its config says (None if it does not)."""
+    def config(self):
+        """The checkpoint's transformers config (PieceError if it cannot be read)."""
         from transformers import AutoConfig
 
         try:
-            config = AutoConfig.from_pretrained(self.folder, trust_remote_code=self.trust_remote_code)
+            return AutoConfig.from_pretrained(self.folder, trust_remote_code=self.trust_remote_code)
         except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
             raise PieceError(
                 f"cannot read the model config of '{self.identity.name}': {first_line(exc)}"
             ) from exc
-        size = getattr(config.get_text_config(), "vocab_size", None)
+
+    def _text_config(self):
+        return self.config().get_text_config()
+
+    def vocab_size(self) -> int | None:
+        """Rows of the model's input embedding table, as its config says (None if it does not)."""
+        size = getattr(self._text_config(), "vocab_size", None)
         return size if isinstance(size, int) and size > 0 else None
+
+    def context_length(self) -> int | None:
+        """The most positions the model takes, as its config says (None if it does not): past it a
+        learned position table (GPT-2's) has no row, and rotary models were never trained."""
+        config = self._text_config()
+        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 1:
+                return value
+        return None
 
     def check_token_ids(self, dataset: Dataset) -> None:
         """Every token id of `dataset` is a row of the model's embedding table (a tokenizer with
@@ -485,6 +504,7 @@ def load_causal_lm(
                 "weights on loading, so the model would not be the files' weights; give an unquantized "
                 "checkpoint"
             )
+        refuse_vision_language(config)
         _check_shapes(config, layout, trust_remote_code)
         model, info = AutoModelForCausalLM.from_pretrained(
             folder,
@@ -505,10 +525,24 @@ def load_causal_lm(
     return model.to(device)
 
 
+def refuse_vision_language(config) -> None:
+    """A vision-language checkpoint (a config with a vision tower) is refused, not half-read:
+    transformers renames such a model's stored keys on loading, and AutoModelForCausalLM builds some
+    of them (Gemma 3) whole, so the names piece-surgery maps would cover only part of the model."""
+    if getattr(config, "vision_config", None) is not None:
+        raise PieceError(
+            f"this is a vision-language checkpoint ({getattr(config, 'model_type', 'unknown')}, with a "
+            "vision tower); piece-surgery works on text-only language models so far: use the "
+            "checkpoint of its language model alone"
+        )
+
+
 def model_skeleton(config, *, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The model a config describes, on the meta device: its names, shapes and ties, no weights."""
+    """The model a config describes, on the meta device: its names, shapes and ties, no weights.
+    PieceError for a vision-language config (refuse_vision_language)."""
     from transformers import AutoModelForCausalLM
 
+    refuse_vision_language(config)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 

@@ -189,7 +189,8 @@ def test_bad_eval_inputs_are_one_line(setup, tmp_path, cli, tiny, code_data):
     assert_clean_failure(failure, "loss-bearing token")
     assert_clean_failure(cli("eval", base, tmp_path / "missing"), "not found")
     assert_clean_failure(cli("eval", base, base, "--record"), "no candidate is one")
-    assert_clean_failure(cli("eval", base, delta, "--data", code_data, "--plot", tmp_path / "figure.jpg"), "a .png image")
+    result = cli("eval", base, delta, "--data", code_data, "--plot", tmp_path / "figure.jpg")
+    assert_clean_failure(result, "a .png image")
     assert_clean_failure(cli("eval", base, delta, "--tasks-path", tmp_path), "--tasks-path does nothing")
 
 
