@@ -297,7 +297,7 @@ def multi_gb(work: Path, repeats: int) -> list[dict]:
     runs = [
         ("cp -r of the folder", copy_tree, (base, out)),
         ("python importing torch and safetensors only", imports_only, (out,)),
-        ("plain safetensors read+write", plain_copy, (base, out)),
+        ("plain safetensors read+write", plain_copy_command, (base, out)),
         (
             "apply, clustered 0.1% (runs of 64)",
             piece_apply_command,
