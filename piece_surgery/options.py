@@ -111,8 +111,8 @@ class RunOptions(JsonRecord):
 # ---------------------------------------------------------------- scoring
 
 
-# piece-r with the model's own text as the retain set drifted far less than PIECE-S for the same
-# domain gain, and delta = the 1st percentile of F_retain less than the 10th (docs/evidence.md)
+# piece-r drifted far less than PIECE-S for the same domain gain, and delta = the 1st percentile of
+# F_retain less than the 10th (docs/evidence.md)
 DEFAULT_RETAIN_DAMPING = 0.01
 
 
@@ -182,7 +182,7 @@ MAX_LR = 1.0
 DEFAULT_LRS = {"piece-r": 1e-3}
 DEFAULT_LR = 1e-4
 # The penalty retain_weight/2 sum F d^2 for a mask that carries the retain Fisher (piece-r): on the
-# benchmark it cut drift at equal gain several-fold with the model's own text as the retain set
+# benchmark it cut drift at equal gain several-fold (with the model's own text as the retain set)
 DEFAULT_RETAIN_WEIGHT = 100.0
 
 

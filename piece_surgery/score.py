@@ -33,7 +33,15 @@ from piece_surgery.methods import ScoreInputs, method_named
 from piece_surgery.options import RunOptions, ScoreOptions
 from piece_surgery.progress import Progress
 from piece_surgery.records import CheckpointIdentity, RetainRecord
-from piece_surgery.retain import NAMED_SETS, SELF, Avoided, ScoringInputs, read_scoring_inputs, sample_self
+from piece_surgery.retain import (
+    GENERAL,
+    NAMED_SETS,
+    SELF,
+    Avoided,
+    ScoringInputs,
+    read_scoring_inputs,
+    sample_self,
+)
 from piece_surgery.run import Run
 from piece_surgery.sharding import is_sharded, local_part, reshard
 
@@ -56,13 +64,19 @@ def check_retain(method: str, retain: Sequence[str | Path], given: Sequence[str]
     if (retain or retain_given) and not method_named(method).uses_retain:
         what = f"--{retain_given[0].replace('_', '-')}" if retain_given else "--retain"
         raise PieceError(f"{what} is for --method piece-r (got {method}); leave it out")
-    if {"self_samples", "self_length"} & set(given) and retain and SELF not in map(str, retain):
-        raise PieceError("--self-samples and --self-length need --retain self (or no --retain)")
+    if {"self_samples", "self_length"} & set(given) and SELF not in map(str, retain):
+        raise PieceError("--self-samples and --self-length are for --retain self: add --retain self")
+
+
+# piece-r without --retain keeps the shipped general-text set: on every domain of
+# benchmarks/multidomain.py it drifted less than the model's own text at equal gain, on Wikipedia and
+# on the model's own chat answers alike (docs/evidence.md, "Seven domains")
+DEFAULT_RETAIN = GENERAL
 
 
 def retain_sources(method: str, retain: Sequence[str | Path]) -> list[str | Path]:
-    """The retain sets a recipe scores with: piece-r without any keeps the model's own text."""
-    return [SELF] if method_named(method).uses_retain and not retain else list(retain)
+    """The retain sets a recipe scores with: piece-r without any keeps DEFAULT_RETAIN."""
+    return [DEFAULT_RETAIN] if method_named(method).uses_retain and not retain else list(retain)
 
 
 def check_selectable(checkpoint: Checkpoint, options: ScoreOptions, avoid: Avoided) -> None:
@@ -357,8 +371,9 @@ def score_checkpoint(
 ) -> Scored:
     """Score a checkpoint (folder or Hub id) on a data file; with `output`, write the mask there.
 
-    `retain` (piece-r) holds data files or "self" (without any: self); `avoid` masks or deltas whose
-    entries to leave out. `run` says where and how to load (device, dtype, lengths, FSDP).
+    `retain` (piece-r) holds data files, "general" or "self" (without any: DEFAULT_RETAIN); `avoid`
+    masks or deltas whose entries to leave out. `run` says where and how to load (device, dtype,
+    lengths, FSDP).
     Under a launcher (torchrun, ...) every rank scores its share of the data and rank 0 writes;
     with `run.fsdp`, the weights and accumulators are sharded over the ranks (docs/distributed.md).
     """

@@ -144,18 +144,30 @@ def test_self_text_is_seeded_and_recorded(tiny, code_data, tmp_path):
     assert record.sources[0].file == "self" and record.sources[0].sha256 == a.sha256
 
 
-def test_the_default_is_piece_r_keeping_the_models_own_text(tiny, code_data, tmp_path, cli):
-    """Without --method or --retain, score and train select with piece-r on self text; a text
-    is never longer than the model's context (GPT-2's 128 positions) or --max-length."""
+def test_the_default_is_piece_r_keeping_the_shipped_general_text(tiny, code_data, tmp_path, cli):
+    """Without --method or --retain, score and train select with piece-r on the shipped general set
+    (every example of it, whatever the model's context); with --retain self, a text is never
+    longer than the model's context (GPT-2's 128 positions) or --max-length."""
+    import hashlib
+
     from piece_surgery.methods import DEFAULT_METHOD
+    from piece_surgery.retain import general_text
 
     assert DEFAULT_METHOD == ScoreOptions().method == "piece-r"
     out = tmp_path / "m.safetensors"
-    assert cli("score", tiny("gpt2"), "--data", code_data, "-o", out, "-q", "--self-samples", "2")[0] == 0
+    assert cli("score", tiny("gpt2"), "--data", code_data, "-o", out, "-q")[0] == 0
     info = load_mask(out).info
-    assert info.method == "piece-r" and info.retain.sources[0].file == "self"
+    shipped = general_text().read_bytes()
+    assert info.method == "piece-r" and [s.file for s in info.retain.sources] == ["general"]
+    assert info.retain.sources[0].sha256 == hashlib.sha256(shipped).hexdigest()
+    assert info.retain.sources[0].examples == len(shipped.splitlines()) == 128
+    assert info.retain.self_sampling is None
+    self_text = ["--retain", "self", "--self-samples", "2", "--overwrite"]
+    assert cli("score", tiny("gpt2"), "--data", code_data, "-o", out, "-q", *self_text)[0] == 0
+    info = load_mask(out).info
+    assert info.retain.sources[0].file == "self"
     assert info.retain.self_sampling == {"seed": 0, "samples": 2, "length": 127}  # 128 positions
-    short = ["--max-length", "32", "--self-samples", "2", "--overwrite"]
+    short = ["--max-length", "32", *self_text]
     assert cli("score", tiny("llama"), "--data", code_data, "-o", out, "-q", *short)[0] == 0
     assert load_mask(out).info.retain.self_sampling["length"] == 31
     delta = tmp_path / "delta"
@@ -341,8 +353,9 @@ def test_bad_retain_input(tiny, code_data, general_data, tmp_path, cli):
     other = ["score", folder, "--data", code_data, "-o", out, "-q", "--method", "piece-s"]
     for extra in (["--retain", general_data], ["--retain-damping", "0.5"], ["--self-samples", "4"]):
         assert_clean_failure(cli(*other, *extra), "is for --method piece-r (got piece-s)", output=out)
-    result = cli(*base, "--retain", general_data, "--self-samples", "4")
-    assert_clean_failure(result, "need --retain self (or no --retain)", output=out)
+    for retain in (["--retain", general_data], []):  # a file, or the default (the shipped set)
+        result = cli(*base, *retain, "--self-samples", "4")
+        assert_clean_failure(result, "are for --retain self: add --retain self", output=out)
     assert cli("score", tiny("gpt2"), "--data", code_data, "-o", tmp_path / "g.safetensors", "-q")[0] == 0
     result = cli(*base, "--retain", general_data, "--avoid", tmp_path / "g.safetensors")
     assert_clean_failure(result, "which this model does not have", output=out)

@@ -72,7 +72,9 @@ def test_nan_loss(cli, tiny, code_data, out, tmp_path):
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     result = cli("score", broken, "--data", code_data, "-o", out, "--method", "piece-s")
     assert_clean_failure(result, "loss is nan", output=out)
-    result = cli("score", broken, "--data", code_data, "-o", out)  # piece-r writes its own text first
+    result = cli("score", broken, "--data", code_data, "-o", out)  # piece-r on the shipped set
+    assert_clean_failure(result, "loss is nan", output=out)
+    result = cli("score", broken, "--data", code_data, "-o", out, "--retain", "self")  # writes first
     assert_clean_failure(result, "probabilities are nan or inf", output=out)
 
 
