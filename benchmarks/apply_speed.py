@@ -178,6 +178,8 @@ def _command(argv: list[str]) -> dict:
     }
 
 
+# plain_copy as a standalone script: importing this module would add piece_surgery's imports to
+# the plain copy's time
 _PLAIN = """
 import shutil, sys
 from pathlib import Path

@@ -294,6 +294,7 @@ class Checkpoint:
     identity: CheckpointIdentity
     trust_remote_code: bool = False
     _tokenizer: Any = field(default=None, init=False, repr=False)  # loaded once, on first use
+    _config: Any = field(default=None, init=False, repr=False)  # read once, on first use
 
     @property
     def folder(self) -> Path:
@@ -360,15 +361,19 @@ class Checkpoint:
             transformers.utils.logging.set_verbosity(verbosity)
 
     def config(self):
-        """The checkpoint's transformers config (PieceError if it cannot be read)."""
+        """The checkpoint's transformers config (PieceError if it cannot be read); read once."""
         from transformers import AutoConfig
 
-        try:
-            return AutoConfig.from_pretrained(self.folder, trust_remote_code=self.trust_remote_code)
-        except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
-            raise PieceError(
-                f"cannot read the model config of '{self.identity.name}': {first_line(exc)}"
-            ) from exc
+        if self._config is None:
+            try:
+                self._config = AutoConfig.from_pretrained(
+                    self.folder, trust_remote_code=self.trust_remote_code
+                )
+            except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+                raise PieceError(
+                    f"cannot read the model config of '{self.identity.name}': {first_line(exc)}"
+                ) from exc
+        return self._config
 
     def _text_config(self):
         return self.config().get_text_config()
