@@ -23,6 +23,7 @@ from piece_surgery.dtypes import SAFETENSORS_DTYPES, float_dtype, numel
 from piece_surgery.errors import PieceError, first_line, no_device
 from piece_surgery.hub import Resolved, resolve
 from piece_surgery.options import check_device_name
+from piece_surgery.parts import is_vision_language
 from piece_surgery.progress import Progress, working
 from piece_surgery.records import CheckpointIdentity, read_json
 
@@ -413,13 +414,9 @@ class Checkpoint:
     def used_names(self) -> dict[str, str]:
         """The stored tensors the model uses (its parameters and persistent buffers): stored name ->
         the model's name for it. A stored tensor not here is one loading ignores."""
-        skeleton = self.skeleton()
-        prefix = getattr(skeleton, "base_model_prefix", "") or ""
         found = {}
-        for name in skeleton.state_dict(keep_vars=True):
-            stored = stored_name(name, prefix, self.layout)
-            if stored is not None:
-                found.setdefault(stored, name)
+        for name, stored in stored_names(self.skeleton(), self.layout).items():
+            found.setdefault(stored, name)
         return found
 
     def load_model(
@@ -430,8 +427,8 @@ class Checkpoint:
         quiet: bool = True,
         attn_implementation: str | None = None,
     ) -> LoadedModel:
-        """Load the causal LM (safetensors only, never pickle) and map its parameters to the tensor
-        names of the files."""
+        """Load the model (load_causal_lm: safetensors only, never pickle) and map its parameters
+        to the tensor names of the files."""
         with working(f"loading {self.identity.name}", quiet=quiet):
             module = load_causal_lm(
                 self.folder,
@@ -489,13 +486,14 @@ def load_causal_lm(
     layout: dict[str, TensorInfo] | None = None,
     attn_implementation: str | None = None,
 ) -> torch.nn.Module:
-    """Load a causal LM from safetensors only (never pickle), quietly, on `device`.
+    """Load a causal LM, or a vision-language model (auto_model_class), from safetensors only
+    (never pickle), quietly, on `device`.
 
     Every weight the model has must come from the files: a missing one (transformers would fill
     it with random values) or one of the wrong shape is an error that names it.
     """
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     layout = layout if layout is not None else read_layout(folder)
     transformers.utils.logging.disable_progress_bar()
@@ -509,9 +507,8 @@ def load_causal_lm(
                 "weights on loading, so the model would not be the files' weights; give an unquantized "
                 "checkpoint"
             )
-        refuse_vision_language(config)
         _check_shapes(config, layout, trust_remote_code)
-        model, info = AutoModelForCausalLM.from_pretrained(
+        model, info = auto_model_class(config).from_pretrained(
             folder,
             config=config,
             dtype=dtype,
@@ -523,33 +520,39 @@ def load_causal_lm(
     except PieceError:
         raise
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
-        raise PieceError(f"cannot load a causal LM from '{folder}': {first_line(exc)}") from exc
+        raise PieceError(f"cannot load a language model from '{folder}': {first_line(exc)}") from exc
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     _check_loading_info(folder, info)
     return model.to(device)
 
 
-def refuse_vision_language(config) -> None:
-    """A vision-language checkpoint (a config with a vision tower) is refused, not half-read:
-    transformers renames such a model's stored keys on loading, and AutoModelForCausalLM builds some
-    of them (Gemma 3) whole, so the names piece-surgery maps would cover only part of the model."""
-    if getattr(config, "vision_config", None) is not None:
+def auto_model_class(config):
+    """The transformers Auto class a config's model loads with: AutoModelForImageTextToText for a
+    vision-language model (LLaVA, Qwen2-VL, Idefics3, SmolVLM, Gemma 3 with its vision tower),
+    AutoModelForCausalLM otherwise. PieceError for a vision-language model under transformers 4:
+    its loader renames stored names by rules piece-surgery cannot read, so no pairing is exact."""
+    from transformers import AutoModelForCausalLM
+
+    if not is_vision_language(config):
+        return AutoModelForCausalLM
+    try:
+        import transformers.conversion_mapping  # noqa: F401  (transformers 5's loader)
+        from transformers import AutoModelForImageTextToText
+    except ImportError:
         raise PieceError(
-            f"this is a vision-language checkpoint ({getattr(config, 'model_type', 'unknown')}, with a "
-            "vision tower); piece-surgery works on text-only language models so far: use the "
-            "checkpoint of its language model alone"
-        )
+            f"this is a vision-language checkpoint ({getattr(config, 'model_type', 'unknown')}); "
+            "piece-surgery reads those with transformers 5 or later: pip install -U transformers"
+        ) from None
+    return AutoModelForImageTextToText
 
 
 def model_skeleton(config, *, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The model a config describes, on the meta device: its names, shapes and ties, no weights.
-    PieceError for a vision-language config (refuse_vision_language)."""
-    from transformers import AutoModelForCausalLM
-
-    refuse_vision_language(config)
+    """The model a config describes (auto_model_class), on the meta device: its names, shapes and
+    ties, no weights."""
+    model_class = auto_model_class(config)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return model_class.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def _check_shapes(config, layout: dict[str, TensorInfo], trust_remote_code: bool) -> None:
@@ -593,8 +596,9 @@ def parameter_keys(model: torch.nn.Module, layout: dict[str, TensorInfo]) -> dic
     """Map each (deduplicated) model parameter name to its tensor name in the checkpoint files.
 
     A tied parameter (one tensor under several names, e.g. the input embedding and the LM head)
-    appears once in named_parameters(): it maps to the first of its names the files store. Older
-    files may drop or add the base-model prefix (e.g. `transformer.`), which is matched explicitly.
+    appears once in named_parameters(): it maps to the first of its names the files store. Names
+    pair as loading pairs them (stored_names): older files without the base-model prefix, and
+    vision-language layouts that transformers renames on loading.
     """
     return {names[0]: stored[0] for names, stored in _tied_groups(model, layout) if stored}
 
@@ -610,16 +614,13 @@ def unstored_twins(model: torch.nn.Module, layout: dict[str, TensorInfo]) -> dic
     """For a tied parameter whose files store some of its names but not all: each stored name ->
     the parameter names the files do not store, which load as it (a head tied to an embedding the
     files store once). A delta records them (`loads_as`): changing the stored tensor changes them."""
+    names_stored = stored_names(model, layout)
     return {
-        key: [n for n in names if stored_name(n, _prefix(model), layout) is None]
-        for names, stored in _tied_groups(model, layout)
+        key: [n for n in names if n not in names_stored]
+        for names, stored in _tied_groups(model, layout, names_stored)
         for key in stored
         if len(stored) < len(names)
     }
-
-
-def _prefix(model: torch.nn.Module) -> str:
-    return getattr(model, "base_model_prefix", "") or ""
 
 
 def tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -630,28 +631,72 @@ def tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
     return {n: [o for o in names if o != n] for names in groups.values() if len(names) > 1 for n in names}
 
 
-def _tied_groups(model: torch.nn.Module, layout: dict[str, TensorInfo]) -> list[tuple[list[str], list[str]]]:
+def _tied_groups(
+    model: torch.nn.Module, layout: dict[str, TensorInfo], names_stored: dict[str, str] | None = None
+) -> list[tuple[list[str], list[str]]]:
     """(every name of a parameter, in named_parameters order; those of them the files store)."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
+    names_stored = stored_names(model, layout) if names_stored is None else names_stored
     groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
     out = []
     for names in groups.values():
-        stored = [key for key in (stored_name(n, prefix, layout) for n in names) if key is not None]
+        stored = [names_stored[n] for n in names if n in names_stored]
         out.append((names, list(dict.fromkeys(stored))))
     return out
 
 
-def stored_name(name: str, prefix: str, layout: dict[str, TensorInfo]) -> str | None:
-    """The name the files store parameter `name` under: as it is, or with the base-model prefix
-    dropped or added (files written by older versions); None if they do not store it."""
-    candidates = [name]
-    if prefix and name.startswith(prefix + "."):
-        candidates.append(name[len(prefix) + 1 :])
-    elif prefix:
-        candidates.append(f"{prefix}.{name}")
-    return next((c for c in candidates if c in layout), None)
+def stored_names(model: torch.nn.Module, stored: Iterable[str]) -> dict[str, str]:
+    """The model's state_dict names (parameters under every tied name, and buffers) -> the stored
+    tensor each loads from, for the names among `stored` that loading uses as they are.
+
+    The pairing is transformers' own: from_pretrained renames each stored name with the model's
+    conversion mapping (transformers.conversion_mapping; vision-language models' layouts, legacy
+    names) and adds or drops the base-model prefix; this runs the same renaming over the stored
+    names and inverts it, so it is exact and needs names only (a meta-device skeleton will do).
+    A stored tensor loading converts (experts fused into one tensor: not one-to-one) is left out.
+    With transformers 4, which has no conversion mapping, only the prefix rule applies.
+    """
+    expected = model.state_dict(keep_vars=True)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4
+        return _stored_names_by_prefix(expected, prefix, stored)
+    transforms = get_model_conversion_mapping(model)  # fresh objects: some carry matching state
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    found: dict[str, str] = {}
+    for key in sorted(stored, key=_dot_natural):  # the order loading visits them in
+        name, converted = rename_source_key(key, renamings, converters, prefix, expected)
+        if name not in expected and key in expected:  # loading's own fallback: the name as stored
+            name, converted = rename_source_key(key, [], [], prefix, expected)
+        if converted is not None or name not in expected:
+            continue
+        if name not in found or key == name:  # two stored names for one: the exact one wins
+            found[name] = key
+    return found
+
+
+def _dot_natural(name: str) -> list:
+    """Sort key: dotted parts, numbers as numbers (`layers.10` after `layers.9`), as loading sorts."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
+
+
+def _stored_names_by_prefix(expected: dict, prefix: str, stored: Iterable[str]) -> dict[str, str]:
+    stored = set(stored)
+    found = {}
+    for name in expected:
+        candidates = [name]
+        if prefix and name.startswith(prefix + "."):
+            candidates.append(name[len(prefix) + 1 :])
+        elif prefix:
+            candidates.append(f"{prefix}.{name}")
+        key = next((c for c in candidates if c in stored), None)
+        if key is not None:
+            found[name] = key
+    return found
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:

@@ -3,7 +3,8 @@
 Formats (one example each):
 - `.txt`: every non-empty line is one example (plain text, loss on every token).
 - `.jsonl`: one JSON object per line with `text`; or `prompt` + `response` (loss on the response
-  only); or `messages` (a chat, rendered with the tokenizer's chat template; loss on assistant turns).
+  only); or `messages` (a chat, each content a string or a list of {"type": "text", "text"} parts,
+  rendered with the tokenizer's chat template; loss on assistant turns).
 """
 
 from __future__ import annotations
@@ -90,18 +91,41 @@ def _record_problem(record) -> str | None:
         if not isinstance(messages, list) or not messages:
             return "'messages' must be a non-empty list of {role, content} objects"
         for i, m in enumerate(messages):
-            if (
-                not isinstance(m, dict)
-                or not isinstance(m.get("role"), str)
-                or not isinstance(m.get("content"), str)
-            ):
-                return f"message {i + 1} must be an object with string 'role' and 'content'"
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+                return f"message {i + 1} must be an object with a string 'role' and a 'content'"
+            problem = _content_problem(m["content"])
+            if problem:
+                return f"message {i + 1}: {problem}"
         return None
     if {"prompt", "response"} <= record.keys():
         if isinstance(record["prompt"], str) and isinstance(record["response"], str):
             return None
         return "'prompt' and 'response' must be strings"
     return "expected an object with 'text', 'prompt'+'response' or 'messages'"
+
+
+def _content_problem(content) -> str | None:
+    """A message's content: a string, or a list of parts in transformers' chat form
+    ({"type": "text", "text": ...}); what is wrong with it, or None."""
+    if isinstance(content, str):
+        return None
+    if not isinstance(content, list) or not content:
+        return "'content' must be a string or a non-empty list of {type, text} parts"
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("image", "image_url", "video"):
+            return (
+                f"has an {kind} part; piece-surgery reads the text of a chat only so far: drop the "
+                "record's image parts, or give records without images"
+            )
+        if kind != "text" or not isinstance(part.get("text"), str):
+            return 'each part of a \'content\' list must be {"type": "text", "text": "..."}'
+    return None
+
+
+def _message_texts(message: dict) -> list[str]:
+    content = message["content"]
+    return [content] if isinstance(content, str) else [part["text"] for part in content]
 
 
 # Records are tokenized a growing prefix at a time, so a huge record costs memory in proportion to
@@ -142,6 +166,15 @@ def _tokenize_chat(messages: list[dict], tokenizer, max_length: int) -> tuple[li
     if not getattr(tokenizer, "chat_template", None):
         raise PieceError("data has 'messages' but the tokenizer has no chat template")
     full = _render(tokenizer, messages)
+    for i, message in enumerate(messages):  # a template that expects the other content form drops it
+        missing = next((t for t in _message_texts(message) if t.strip() not in full), None)
+        if missing is not None:
+            form = "a string" if isinstance(message["content"], str) else "a list of parts"
+            raise PieceError(
+                f"the tokenizer's chat template drops the text of message {i + 1} "
+                f"({missing.strip()[:40]!r}); it gives 'content' as {form}: give it in the form the "
+                'template reads (a string, or a list of {"type": "text", "text": ...} parts)'
+            )
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":

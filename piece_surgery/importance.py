@@ -20,6 +20,7 @@ from piece_surgery.distributed import World
 from piece_surgery.errors import PieceError
 from piece_surgery.loss import micro_batch_losses
 from piece_surgery.options import DEFAULT_EXCLUDE, check_labels, check_normalization
+from piece_surgery.parts import VISION, is_vision_language, part_of
 from piece_surgery.sharding import is_sharded, local_part
 
 
@@ -48,11 +49,15 @@ def eligible_parameters(
     """Parameters that may be selected, keyed by checkpoint tensor name.
 
     Embedding tables are never eligible unless an --include pattern names them: besides names with
-    "embed", that covers families whose tables are called otherwise (GPT-2's `wte`/`wpe`).
+    "embed", that covers families whose tables are called otherwise (GPT-2's `wte`/`wpe`). Nor is
+    a vision-language model's vision tower (parts.part_of), as in PIECE's own multimodal runs,
+    which adapt the language side: its image features stay what the projector was trained on,
+    and the accumulators stay those of the language model and projector.
     """
     include = [re.compile(p) for p in include]
     exclude = [re.compile(p) for p in exclude]
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    vision_language = is_vision_language(getattr(model, "config", None))
     chosen: dict[str, torch.nn.Parameter] = {}
     for name, param in model.named_parameters():
         key = keys.get(name)
@@ -64,6 +69,8 @@ def eligible_parameters(
         if any(p.search(key) for p in exclude) and not included:
             continue
         if id(param) in embedding_ids and not included:
+            continue
+        if vision_language and part_of(key) == VISION and not included:
             continue
         chosen[key] = param
     if not chosen:

@@ -27,7 +27,7 @@ from piece_surgery.checkpoint import (
     open_checkpoint,
     save_shard,
     shard_metadata,
-    stored_name,
+    stored_names,
     weight_files,
     write_index,
 )
@@ -403,23 +403,23 @@ def plan_apply(
 
 
 def as_stored_in(base: Checkpoint, delta: Delta) -> Delta:
-    """The delta under the names `base` stores its tensors by, as loading pairs them: a name with
-    or without the base-model prefix (files of older versions), and, for a tied weight the delta's
-    base stored once (the head loaded as the embedding), every copy `base` stores of it, so that
-    they load tied again. A new Delta; the one given is not changed."""
+    """The delta under the names `base` stores its tensors by, as loading pairs them (a name with
+    or without the base-model prefix, another layout of a vision-language model), and, for a tied
+    weight the delta's base stored once (the head loaded as the embedding), every copy `base`
+    stores of it, so that they load tied again. A new Delta; the one given is not changed."""
     needs_prefix = any(name not in base.layout for name in delta.tensors)
     needs_twins = any(t.loads_as for t in delta.tensors.values())
     if not (needs_prefix or needs_twins):
         return delta
-    prefix = getattr(base.skeleton(), "base_model_prefix", "") or ""
+    skeleton = base.skeleton()
+    base_names = stored_names(skeleton, base.layout)
+    loads_into = {stored: name for name, stored in stored_names(skeleton, delta.tensors).items()}
     tensors = {}
     for name, t in delta.tensors.items():
-        stored = next(
-            (c for c in (name, f"{prefix}.{name}", name.removeprefix(prefix + ".")) if c in base.layout), name
-        )
+        stored = name if name in base.layout else base_names.get(loads_into.get(name, name), name)
         tensors[stored] = t
         for twin in t.loads_as or ():
-            copy = stored_name(twin, prefix, base.layout)
+            copy = base_names.get(twin)
             if copy is not None and copy not in delta.tensors and copy not in tensors:
                 tensors[copy] = replace(t, loads_as=())  # this base stores the twin: change it too
     return replace(delta, tensors=tensors)
@@ -661,22 +661,20 @@ class AppliedDelta:
 
 
 def model_tensors(model: torch.nn.Module, delta: Delta) -> dict[str, tuple[str, torch.nn.Parameter]]:
-    """The model parameter each of the delta's tensors is (by name, with the base-model prefix
-    matched as the loader does): delta tensor name -> (parameter name, parameter).
+    """The model parameter each of the delta's tensors is (stored names paired with the model's as
+    loading pairs them, checkpoint.stored_names): delta tensor name -> (parameter name, parameter).
 
     Tied weights are one parameter under several names: a delta that changes several of them (a
     checkpoint that stores both copies) lists each, and here the parameter appears once, under the
     first; the copies must change alike. PieceError for a tensor the model lacks, or tied copies
     changed differently."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    prefix = getattr(model, "base_model_prefix", "") or ""
+    loads_into = {stored: name for name, stored in stored_names(model, delta.tensors).items()}
     found: dict[str, tuple[str, torch.nn.Parameter]] = {}
     first_of: dict[int, str] = {}  # id(parameter) -> the delta tensor that stands for it
     for name in sorted(delta.tensors):
-        pname = next(
-            (c for c in (name, f"{prefix}.{name}", name.removeprefix(prefix + ".")) if c in params), None
-        )
-        if pname is None:
+        pname = loads_into.get(name)
+        if pname not in params:
             raise PieceError(f"the delta changes '{name}', which the model does not have")
         param = params[pname]
         if id(param) in first_of:
@@ -684,22 +682,22 @@ def model_tensors(model: torch.nn.Module, delta: Delta) -> dict[str, tuple[str, 
             continue
         first_of[id(param)] = name
         found[name] = (pname, param)
+    changed = set(loads_into.values())
     for name, (pname, param) in found.items():
-        _refuse_untying(delta, name, [n for n, p in params.items() if p is param and n != pname], prefix)
+        _refuse_untying(delta, name, [n for n, p in params.items() if p is param and n != pname], changed)
     return found
 
 
-def _refuse_untying(delta: Delta, name: str, twins: list[str], prefix: str) -> None:
+def _refuse_untying(delta: Delta, name: str, twins: list[str], changed: set[str]) -> None:
     """This model holds `name` and `twins` as one weight. If the delta's base stored a twin apart
     and the delta leaves it (it changes a head the files stored beside the embedding, say), files
-    with the delta applied load the two untied, which one weight cannot be: refused."""
+    with the delta applied load the two untied, which one weight cannot be: refused. `changed`:
+    the model's names for every tensor the delta changes."""
     loads_as = delta.tensors[name].loads_as
     if loads_as is None:  # a delta written before this was recorded: applied as one weight
         return
-    spellings = lambda n: {n, f"{prefix}.{n}", n.removeprefix(prefix + ".")}  # noqa: E731
-    changed = {s for other in delta.tensors for s in spellings(other)}
     for twin in twins:
-        if not spellings(twin) & (changed | {s for t in loads_as for s in spellings(t)}):
+        if twin not in changed and twin not in loads_as:
             raise PieceError(
                 f"the delta changes '{name}' but not '{twin}', which its base stored apart and this model "
                 "ties to it (one weight): files with the delta applied load the two untied; apply it to "

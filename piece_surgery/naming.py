@@ -1,10 +1,12 @@
 """Names of tensors: which layer and which kind of module a tensor belongs to, and counts of
-selected entries broken down by them (for summaries)."""
+selected entries broken down by them, and by part of a vision-language model (for summaries)."""
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+
+from piece_surgery.parts import LANGUAGE, PARTS, entries_by_part, part_of
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -28,22 +30,39 @@ def is_norm(name: str) -> bool:
 
 
 def breakdown(counts: dict[str, int], sizes: dict[str, int]) -> dict:
-    """Per-layer and per-module-kind totals of selected entries, plus the norm-weight share."""
-    by_layer: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    """Per-layer and per-module-kind totals of selected entries, plus the norm-weight share; for a
+    vision-language model also per part (`by_part`, else None; its vision tower's and projector's layers are
+    named with the part, `vision tower 0`, apart from the language model's `0`)."""
+    by_layer: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     by_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    by_part: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    vision_language = bool(entries_by_part((name, 1) for name in sizes))
     for name, size in sizes.items():
         selected = counts.get(name, 0)
         layer = layer_of(name)
-        for table, key in ((by_layer, "-" if layer is None else str(layer)), (by_kind, module_kind(name))):
+        part = part_of(name) if vision_language else LANGUAGE
+        layer_key = (PARTS.index(part), layer is None, layer or 0, part)
+        for table, key in ((by_layer, layer_key), (by_kind, module_kind(name)), (by_part, part)):
             table[key][0] += selected
             table[key][1] += size
     total = sum(counts.values())
     norms = sum(c for n, c in counts.items() if is_norm(n))
-    layer_order = sorted(by_layer, key=lambda s: (s == "-", int(s) if s.isdigit() else 0))
-    return {
+    summary = {
         "entries": total,
         "tensors": sum(1 for c in counts.values() if c),
         "norm_share": norms / total if total else 0.0,
-        "by_layer": {k: {"entries": by_layer[k][0], "size": by_layer[k][1]} for k in layer_order},
+        "by_layer": {_layer_label(k): {"entries": v[0], "size": v[1]} for k, v in sorted(by_layer.items())},
         "by_kind": {k: {"entries": v[0], "size": v[1]} for k, v in sorted(by_kind.items())},
     }
+    summary["by_part"] = (
+        {p: {"entries": by_part[p][0], "size": by_part[p][1]} for p in PARTS if p in by_part}
+        if vision_language
+        else None
+    )
+    return summary
+
+
+def _layer_label(key: tuple) -> str:
+    _, no_layer, layer, part = key
+    label = "-" if no_layer else str(layer)
+    return label if part == LANGUAGE else f"{part} {label}"

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from piece_surgery.artifacts import open_artifact
-from piece_surgery.checkpoint import Checkpoint, LoadedModel, open_checkpoint, stored_name, tied_names
+from piece_surgery.checkpoint import Checkpoint, LoadedModel, open_checkpoint, stored_names, tied_names
 from piece_surgery.delta import Delta, DeltaInfo, DiffProvenance, TensorDelta, delta_from_values, save_delta
 from piece_surgery.dtypes import same_bits
 from piece_surgery.errors import PieceError, first_line
@@ -349,18 +349,18 @@ def _delta_against_files(
     the names the files store. A parameter the files do not store loads as its tied twin: the merge
     must have left the two equal, or the delta (which changes stored tensors only) would load as
     another model."""
-    prefix = getattr(merged, "base_model_prefix", "") or ""
+    names_stored = stored_names(merged, checkpoint.layout)
     params = dict(merged.named_parameters(remove_duplicate=False))
     tensors: dict[str, torch.Tensor] = {}
     for pname, param in params.items():
-        key = stored_name(pname, prefix, checkpoint.layout)
+        key = names_stored.get(pname)
         if key is not None:
             tensors.setdefault(key, param)
             continue
-        twin = next((t for t in ties.get(pname, []) if stored_name(t, prefix, checkpoint.layout)), None)
+        twin = next((t for t in ties.get(pname, []) if t in names_stored), None)
         if twin is not None and not bool(same_bits(params[twin].detach(), param.detach()).all()):
             with checkpoint.reader() as reader:  # which of the two did the adapter train?
-                stored = reader.get(stored_name(twin, prefix, checkpoint.layout))
+                stored = reader.get(names_stored[twin])
             twin_changed = not bool(same_bits(params[twin].detach().to(stored.dtype), stored).all())
             changed, kept = (twin, pname) if twin_changed else (pname, twin)
             raise PieceError(

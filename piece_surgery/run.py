@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from piece_surgery import distributed
-from piece_surgery.checkpoint import Checkpoint, LoadedModel, open_checkpoint, refuse_vision_language
+from piece_surgery.checkpoint import Checkpoint, LoadedModel, auto_model_class, open_checkpoint
 from piece_surgery.data import Dataset
 from piece_surgery.distributed import World
 from piece_surgery.errors import PieceError
@@ -60,10 +60,10 @@ class Run:
         return check_output(output, overwrite=overwrite, inputs=inputs, kind=kind)
 
     def open(self, ref: str, *, what: str = "model") -> Checkpoint:
-        """The checkpoint a model command works on: a text-only language model (a vision-language
-        one is refused here, before any data is read)."""
+        """The checkpoint a model command works on, its config checked loadable (a model class
+        transformers has) before any data is read."""
         checkpoint = open_checkpoint(ref, what=what, trust_remote_code=self.options.trust_remote_code)
-        refuse_vision_language(checkpoint.config())
+        auto_model_class(checkpoint.config())
         return checkpoint
 
     def data(

@@ -130,18 +130,145 @@ def make_tiny_checkpoint(
     return path
 
 
+VISION_LANGUAGE_ARCHITECTURES = ("llava", "gemma3_vl", "qwen2_vl", "idefics3", "smolvlm")
+# the special tokens each family's processor and config name (image placeholders and markup)
+_VL_TOKENS = {
+    "llava": ["<image>"],
+    "gemma3_vl": ["<start_of_image>", "<end_of_image>", "<image_soft_token>"],
+    "qwen2_vl": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+    "idefics3": ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"],
+    "smolvlm": ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"],
+}
+
+
+def tiny_vision_language_config(arch: str, tokenizer, *, tie: bool = False):
+    """A vision-language config of a few hundred KB: a 2-layer vision tower on 16x16 images, its
+    projector and a 2-layer language model, for llava, gemma3_vl (Gemma 3 with its vision tower),
+    qwen2_vl, idefics3 or smolvlm. `tokenizer` must hold the family's special tokens
+    (tiny_vision_language_tokenizer)."""
+    import transformers
+
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=tie,
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    if arch == "llava":
+        return transformers.LlavaConfig(
+            vision_config=transformers.CLIPVisionConfig(
+                **vision, image_size=16, patch_size=8, projection_dim=32
+            ),
+            text_config=transformers.LlamaConfig(**text),
+            image_token_index=ids("<image>"),
+            image_seq_length=4,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            tie_word_embeddings=tie,
+        )
+    if arch == "gemma3_vl":
+        text.update(head_dim=8, query_pre_attn_scalar=8, sliding_window=16)
+        text["layer_types"] = ["sliding_attention", "full_attention"]
+        return transformers.Gemma3Config(
+            text_config=text,
+            vision_config=dict(
+                model_type="siglip_vision_model", **vision, image_size=16, patch_size=4, vision_use_head=False
+            ),
+            mm_tokens_per_image=4,
+            boi_token_index=ids("<start_of_image>"),
+            eoi_token_index=ids("<end_of_image>"),
+            image_token_index=ids("<image_soft_token>"),
+            tie_word_embeddings=tie,
+        )
+    if arch == "qwen2_vl":
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+        return transformers.Qwen2VLConfig(
+            text_config=text,
+            vision_config=dict(
+                depth=2,
+                embed_dim=32,
+                hidden_size=32,
+                mlp_ratio=2,
+                num_heads=4,
+                patch_size=4,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+            ),
+            image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"),
+            tie_word_embeddings=tie,
+        )
+    if arch in ("idefics3", "smolvlm"):
+        config_class = transformers.Idefics3Config if arch == "idefics3" else transformers.SmolVLMConfig
+        return config_class(
+            text_config=dict(model_type="llama", **text),
+            vision_config=dict(**vision, image_size=16, patch_size=4),
+            scale_factor=2,
+            image_token_id=ids("<image>"),
+            tie_word_embeddings=tie,
+            pad_token_id=0,
+        )
+    raise ValueError(f"unknown vision-language architecture {arch!r}; use {VISION_LANGUAGE_ARCHITECTURES}")
+
+
+def tiny_vision_language_tokenizer(arch: str):
+    """tiny_tokenizer with the family's image tokens added as special tokens."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": _VL_TOKENS[arch]})
+    return tokenizer
+
+
+def make_tiny_vision_language_model(
+    path: Path, arch: str = "llava", *, seed: int = 0, tie: bool = False, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Build, randomly initialise (seeded) and save a tiny vision-language model and its tokenizer
+    (no image processor) to `path`, as transformers saves it (its stored names, not its loaded ones)."""
+    import transformers
+    from transformers import AutoModelForImageTextToText
+
+    transformers.utils.logging.disable_progress_bar()
+    tokenizer = tiny_vision_language_tokenizer(arch)
+    config = tiny_vision_language_config(arch, tokenizer, tie=tie)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config).to(dtype)
+    with torch.no_grad():  # some families zero-fill their projector at init; an exact test needs values
+        for param in model.parameters():
+            if not param.abs().sum():
+                param.copy_(torch.randn(param.shape) * 0.02)
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def write_tiny_model(output: Path, arch: str = "llama", *, seed: int = 0, overwrite: bool = False) -> Path:
-    """The `tiny-model` recipe: a tiny checkpoint written atomically to `output`."""
+    """The `tiny-model` recipe: a tiny checkpoint (a causal LM, or a vision-language model) written
+    atomically to `output`."""
     from piece_surgery.outputs import atomic_path, check_output
 
-    if arch not in TINY_ARCHITECTURES:
-        raise PieceError(f"unknown --arch '{arch}'; use {', '.join(TINY_ARCHITECTURES)}")
+    if arch not in TINY_ARCHITECTURES + VISION_LANGUAGE_ARCHITECTURES:
+        choices = ", ".join(TINY_ARCHITECTURES + VISION_LANGUAGE_ARCHITECTURES)
+        raise PieceError(f"unknown --arch '{arch}'; use {choices}")
     from piece_surgery.options import check_seed
 
     check_seed(seed)
     output = check_output(output, overwrite=overwrite, kind="folder")
     with atomic_path(output, is_dir=True) as tmp:
-        make_tiny_checkpoint(tmp, arch, seed=seed)
+        if arch in VISION_LANGUAGE_ARCHITECTURES:
+            make_tiny_vision_language_model(tmp, arch, seed=seed)
+        else:
+            make_tiny_checkpoint(tmp, arch, seed=seed)
     return Path(output)
 
 

@@ -551,43 +551,6 @@ def test_diff_pairs_a_tied_weight_stored_once_with_the_same_stored_twice(tiny, t
     assert_clean_failure(cli("diff", once, untied, "-o", tmp_path / "d3"), "cannot untie them")
 
 
-def test_a_vision_language_checkpoint_is_refused_not_half_read(tiny, tmp_path, cli, code_data):
-    """Gemma 3 with its vision tower loads through AutoModelForCausalLM, but its stored names are
-    renamed on loading: every command that reads the model says so in one line, before any work."""
-    import shutil
-
-    import transformers
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
-    from piece_surgery.testing import tiny_config
-
-    text = tiny_config("gemma3").to_dict()
-    vision = {
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "image_size": 28,
-        "patch_size": 14,
-    }
-    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
-    torch.manual_seed(0)
-    folder = tmp_path / "gemma3-vlm"
-    transformers.utils.logging.disable_progress_bar()
-    Gemma3ForConditionalGeneration(config).save_pretrained(folder)
-    for item in tiny("gemma3").iterdir():  # its tokenizer files
-        if "token" in item.name or item.suffix == ".jinja":
-            shutil.copy(item, folder / item.name)
-    other = shutil.copytree(folder, tmp_path / "other")
-    for args in (
-        ("score", folder, "--data", code_data, "-o", tmp_path / "m.safetensors"),
-        ("train", folder, "--data", code_data, "-o", tmp_path / "d", "--max-steps", "1"),
-        ("diff", folder, other, "-o", tmp_path / "dd"),
-    ):
-        result = cli(*args)
-        assert_clean_failure(result, "vision-language checkpoint (gemma3", output=args[args.index("-o") + 1])
-
-
 def test_texts_longer_than_the_context_are_cut_at_it(tiny, tmp_path, cli):
     """GPT-2's learned position table has 128 rows here: a text past it, with --max-length 512,
     is cut at 128 tokens (it used to index past the table), and the record says so."""

@@ -217,7 +217,7 @@ def inspect_command(
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Summarise a mask or a delta: per layer, per module kind, size."""
+    """Summarise a mask or a delta: per layer, per module kind, per part (vision-language), size."""
     from piece_surgery.artifacts import open_artifact, summarize
 
     summary = summarize(open_artifact(path))
@@ -227,6 +227,8 @@ def inspect_command(
     if not quiet:
         out.print(summary_table(summary, "by_kind", "module kind"))
         out.print(summary_table(summary, "by_layer", "layer"))
+        if summary["by_part"] is not None:
+            out.print(summary_table(summary, "by_part", "part"))
     entries, tensors = summary["entries"], summary["tensors"]
     if summary["kind"] == "mask":
         lines = [
@@ -312,13 +314,19 @@ def import_command(
 @app.command("tiny-model", cls=Command, short_help="Write a tiny random model (offline).")
 def tiny_model_command(
     output: Annotated[Path, typer.Argument(help="Folder to write the tiny random model to.")],
-    arch: Annotated[str, typer.Option(help="llama, gpt2, qwen2 or gemma3.")] = "llama",
+    arch: Annotated[
+        str,
+        typer.Option(
+            help="llama, gpt2, qwen2, gemma3; vision-language: llava, gemma3_vl, qwen2_vl, idefics3, smolvlm."
+        ),
+    ] = "llama",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Write a tiny random causal LM with a tokenizer (for trying the tool offline)."""
+    """Write a tiny random causal LM, or vision-language model, with a tokenizer (for trying the
+    tool offline)."""
     from piece_surgery.testing import write_tiny_model
 
     start = time.perf_counter()
