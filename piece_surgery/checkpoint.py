@@ -22,6 +22,7 @@ from piece_surgery.data import Dataset, load_dataset, load_tokenizer, pad_id
 from piece_surgery.dtypes import SAFETENSORS_DTYPES, float_dtype, numel
 from piece_surgery.errors import PieceError, first_line, no_device
 from piece_surgery.hub import Resolved, resolve
+from piece_surgery.images import ImageChats, load_processor
 from piece_surgery.options import check_device_name
 from piece_surgery.parts import is_vision_language
 from piece_surgery.progress import Progress, working
@@ -296,6 +297,7 @@ class Checkpoint:
     trust_remote_code: bool = False
     _tokenizer: Any = field(default=None, init=False, repr=False)  # loaded once, on first use
     _config: Any = field(default=None, init=False, repr=False)  # read once, on first use
+    _image_chats: Any = field(default=None, init=False, repr=False)  # built on the first image record
 
     @property
     def folder(self) -> Path:
@@ -341,7 +343,17 @@ class Checkpoint:
                 max_samples=max_samples,
                 progress=bar.advance,
                 name=name,
+                image_chats=self.image_chats if is_vision_language(self.config()) else None,
             )
+
+    def image_chats(self) -> ImageChats:
+        """The tokenizer of image records (the checkpoint's processor), built on first use."""
+        if self._image_chats is None:
+            config = self.config()
+            ids = {getattr(config, k, None) for k in ("image_token_id", "image_token_index")}
+            processor = load_processor(self.folder, trust_remote_code=self.trust_remote_code)
+            self._image_chats = ImageChats(processor, frozenset(i for i in ids if isinstance(i, int)))
+        return self._image_chats
 
     def skeleton(self) -> torch.nn.Module:
         """The model of this checkpoint's config on the meta device (names, shapes, ties; no

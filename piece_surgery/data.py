@@ -4,18 +4,20 @@ Formats (one example each):
 - `.txt`: every non-empty line is one example (plain text, loss on every token).
 - `.jsonl`: one JSON object per line with `text`; or `prompt` + `response` (loss on the response
   only); or `messages` (a chat, each content a string or a list of {"type": "text", "text"} parts,
-  rendered with the tokenizer's chat template; loss on assistant turns).
+  rendered with the tokenizer's chat template; loss on assistant turns). For a vision-language model
+  a content list may hold {"type": "image", "path": ...} parts too (images.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from piece_surgery.errors import PieceError, first_line
+from piece_surgery.images import ImageChats, collate_model_inputs, image_paths, images_digest
 from piece_surgery.records import DataRecord, file_sha256, parse_json
 
 IGNORE = -100
@@ -25,6 +27,8 @@ IGNORE = -100
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE where the token carries no loss
+    # an image record's other model inputs, as its processor made them (pixel_values, ...)
+    model_inputs: dict[str, torch.Tensor] | None = field(default=None, compare=False)
 
     @property
     def loss_tokens(self) -> int:
@@ -113,11 +117,12 @@ def _content_problem(content) -> str | None:
         return "'content' must be a string or a non-empty list of {type, text} parts"
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("image", "image_url", "video"):
-            return (
-                f"has an {kind} part; piece-surgery reads the text of a chat only so far: drop the "
-                "record's image parts, or give records without images"
-            )
+        if kind == "image":
+            if not isinstance(part.get("path"), str) or not part["path"]:
+                return 'an image part names its file with "path" (relative to the data file)'
+            continue
+        if kind in ("image_url", "video", "audio"):
+            return f'has a {kind} part: give images as {{"type": "image", "path": ...}} parts'
         if kind != "text" or not isinstance(part.get("text"), str):
             return 'each part of a \'content\' list must be {"type": "text", "text": "..."}'
     return None
@@ -125,7 +130,7 @@ def _content_problem(content) -> str | None:
 
 def _message_texts(message: dict) -> list[str]:
     content = message["content"]
-    return [content] if isinstance(content, str) else [part["text"] for part in content]
+    return [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
 
 
 # Records are tokenized a growing prefix at a time, so a huge record costs memory in proportion to
@@ -145,7 +150,20 @@ def _encode(tokenizer, text: str, limit: int, *, special: bool, offsets: bool = 
         chars *= 4
 
 
-def tokenize_record(record: str | dict, tokenizer, max_length: int) -> Example:
+def tokenize_record(
+    record: str | dict,
+    tokenizer,
+    max_length: int,
+    *,
+    image_chats: Callable[[], ImageChats] | None = None,
+    data_folder: Path | None = None,
+) -> Example:
+    """One record as an Example. A chat with image parts goes through the model's processor
+    (`image_chats`, None for a text-only model: PieceError), its paths relative to `data_folder`."""
+    if isinstance(record, dict) and "messages" in record and image_paths(record["messages"]):
+        if image_chats is None:
+            raise PieceError("the record has an image part, but the model is a text-only language model")
+        return image_chats().example(record["messages"], Path(data_folder or "."), max_length)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if isinstance(record, str) or "text" in record:
         text = record if isinstance(record, str) else record["text"]
@@ -208,9 +226,12 @@ def load_dataset(
     max_samples: int | None = None,
     progress=None,
     name: str | None = None,
+    image_chats: Callable[[], ImageChats] | None = None,
 ) -> Dataset:
     """Read and tokenize a data file; examples with no loss-bearing token are skipped and counted.
-    `name` is how records name it (default: the file's name)."""
+    `name` is how records name it (default: the file's name). `image_chats` tokenizes records with
+    images (a vision-language model's processor; None: they are refused). The digest covers the
+    images' bytes too (images.images_digest)."""
     if max_length < 2:
         raise PieceError("--max-length must be at least 2")
     if max_samples is not None and max_samples < 1:
@@ -219,7 +240,11 @@ def load_dataset(
     examples = []
     for lineno, record in records:
         try:
-            examples.append(tokenize_record(record, tokenizer, max_length))
+            examples.append(
+                tokenize_record(
+                    record, tokenizer, max_length, image_chats=image_chats, data_folder=Path(path).parent
+                )
+            )
         except PieceError as exc:
             raise PieceError(f"{path}:{lineno}: {exc}") from exc
         if progress:
@@ -232,7 +257,7 @@ def load_dataset(
     return Dataset(
         kept,
         name or Path(path).name,
-        file_sha256(Path(path)),
+        images_digest(file_sha256(Path(path)), records, Path(path).parent),
         len(records),
         len(records) - len(kept),
         max_length,
@@ -240,7 +265,8 @@ def load_dataset(
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; padding carries no loss and no attention."""
+    """Right-pad a micro-batch; padding carries no loss and no attention. Image records' pixel
+    inputs join the batch as their processor batches them (images.collate_model_inputs)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -250,7 +276,10 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.model_inputs for e in examples):
+        batch.update(collate_model_inputs(examples, width))
+    return batch
 
 
 def micro_batches(examples: list[Example], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:

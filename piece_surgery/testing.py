@@ -132,13 +132,31 @@ def make_tiny_checkpoint(
 
 VISION_LANGUAGE_ARCHITECTURES = ("llava", "gemma3_vl", "qwen2_vl", "idefics3", "smolvlm")
 # the special tokens each family's processor and config name (image placeholders and markup)
+_TILES = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]  # Idefics3's image splitting
 _VL_TOKENS = {
     "llava": ["<image>"],
     "gemma3_vl": ["<start_of_image>", "<end_of_image>", "<image_soft_token>"],
     "qwen2_vl": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
-    "idefics3": ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"],
-    "smolvlm": ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"],
+    "idefics3": ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *_TILES],
+    "smolvlm": [
+        "<fake_token_around_image>",
+        "<image>",
+        "<end_of_utterance>",
+        "<global-img>",
+        *_TILES,
+        "<video>",
+    ],
 }
+# what one image part of a chat renders to (the processor expands it into the image's tokens)
+_IMAGE_MARKUP = {
+    "llava": "<image>",
+    "gemma3_vl": "<start_of_image>",
+    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "idefics3": "<image>",
+    "smolvlm": "<image>",
+}
+# families whose processor in transformers 5 also needs a video processor, hence torchvision
+NEEDS_TORCHVISION = ("qwen2_vl", "smolvlm")
 
 
 def tiny_vision_language_config(arch: str, tokenizer, *, tie: bool = False):
@@ -222,18 +240,99 @@ def tiny_vision_language_config(arch: str, tokenizer, *, tie: bool = False):
     raise ValueError(f"unknown vision-language architecture {arch!r}; use {VISION_LANGUAGE_ARCHITECTURES}")
 
 
+def vision_language_chat_template(image_markup: str) -> str:
+    """CHAT_TEMPLATE for content as a string or as a list of text and image parts."""
+    return (
+        "{% for m in messages %}<|{{ m['role'] }}|>"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+        "{% if p['type'] == 'image' %}" + image_markup + "{% elif p['type'] == 'text' %}{{ p['text'] }}"
+        "{% endif %}{% endfor %}{% endif %}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+
+
 def tiny_vision_language_tokenizer(arch: str):
-    """tiny_tokenizer with the family's image tokens added as special tokens."""
+    """tiny_tokenizer with the family's image tokens added as special tokens (Gemma 3's processor
+    reads them by name) and a chat template that renders image parts."""
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": _VL_TOKENS[arch]})
+    if arch == "gemma3_vl":
+        named = {
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        }
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer._tokenizer,
+            bos_token="<s>",
+            eos_token="</s>",
+            pad_token="<pad>",
+            extra_special_tokens=named,
+        )
+    tokenizer.chat_template = vision_language_chat_template(_IMAGE_MARKUP[arch])
     return tokenizer
+
+
+def tiny_vision_language_processor(arch: str, tokenizer):
+    """The family's processor for 16x16-pixel images (Pillow image processors), or None where it
+    needs torchvision and torchvision is not installed (NEEDS_TORCHVISION)."""
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    if arch in NEEDS_TORCHVISION and not is_torchvision_available():
+        return None
+    template = tokenizer.chat_template
+    backend = "" if is_torchvision_available() else "Pil"
+    if arch == "llava":
+        image = getattr(transformers, "CLIPImageProcessor" + backend)(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+        )
+        return transformers.LlavaProcessor(
+            image_processor=image,
+            tokenizer=tokenizer,
+            patch_size=8,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            image_token="<image>",
+            chat_template=template,
+        )
+    if arch == "gemma3_vl":
+        image = getattr(transformers, "Gemma3ImageProcessor" + backend)(
+            size={"height": 16, "width": 16}, do_pan_and_scan=False
+        )
+        return transformers.Gemma3Processor(
+            image_processor=image, tokenizer=tokenizer, image_seq_length=4, chat_template=template
+        )
+    if arch in ("idefics3", "smolvlm"):
+        name = "Idefics3" if arch == "idefics3" else "SmolVLM"
+        image = getattr(transformers, f"{name}ImageProcessor" + backend)(
+            size={"longest_edge": 32}, max_image_size={"longest_edge": 16}, do_image_splitting=True
+        )
+        kwargs = {"image_seq_len": 4, "chat_template": template}
+        if arch == "smolvlm":
+            kwargs["video_processor"] = transformers.SmolVLMVideoProcessor()
+        return getattr(transformers, f"{name}Processor")(image_processor=image, tokenizer=tokenizer, **kwargs)
+    if arch == "qwen2_vl":
+        sizes = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2}
+        return transformers.Qwen2VLProcessor(
+            image_processor=transformers.Qwen2VLImageProcessor(
+                size={"shortest_edge": 64, "longest_edge": 576}, **sizes
+            ),
+            tokenizer=tokenizer,
+            video_processor=transformers.Qwen2VLVideoProcessor(**sizes),
+            chat_template=template,
+        )
+    raise ValueError(f"unknown vision-language architecture {arch!r}; use {VISION_LANGUAGE_ARCHITECTURES}")
 
 
 def make_tiny_vision_language_model(
     path: Path, arch: str = "llava", *, seed: int = 0, tie: bool = False, dtype: torch.dtype = torch.float32
 ) -> Path:
-    """Build, randomly initialise (seeded) and save a tiny vision-language model and its tokenizer
-    (no image processor) to `path`, as transformers saves it (its stored names, not its loaded ones)."""
+    """Build, randomly initialise (seeded) and save a tiny vision-language model, its tokenizer and
+    its processor (where tiny_vision_language_processor can build one) to `path`, as transformers
+    saves them (the stored names, not the loaded ones)."""
     import transformers
     from transformers import AutoModelForImageTextToText
 
@@ -249,7 +348,21 @@ def make_tiny_vision_language_model(
     path = Path(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    processor = tiny_vision_language_processor(arch, tokenizer)
+    if processor is not None:
+        processor.save_pretrained(path)
     return path
+
+
+def write_png(path: Path, width: int = 40, height: int = 30, *, seed: int = 0) -> Path:
+    """A small seeded RGB PNG (noise), written with Pillow, for image records in tests and examples."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.numpy(), "RGB").save(path)
+    return Path(path)
 
 
 def write_tiny_model(output: Path, arch: str = "llama", *, seed: int = 0, overwrite: bool = False) -> Path:

@@ -46,3 +46,12 @@ def test_peft_example_round_trip(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "PEFT loaded" in result.stdout and "SHIRA" in result.stdout
     assert (tmp_path / "work" / "delta-again" / "delta.json").is_file()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_vision_language_example(tmp_path):
+    result = run("bash", EXAMPLES / "vision_language.sh", tmp_path / "work", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "vision-language example done" in result.stdout
+    assert "projector" in result.stdout and "language model" in result.stdout  # inspect's parts
+    assert (tmp_path / "work" / "merged" / "model.safetensors").is_file()

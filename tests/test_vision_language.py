@@ -1,7 +1,8 @@
-"""Vision-language checkpoints (issue 24), text records so far: LLaVA, Gemma 3 with its vision
-tower, Qwen2-VL, Idefics3 and SmolVLM load as transformers loads them, stored names pair with the
-loaded ones exactly (checked against the values transformers loaded), the vision tower stays out
-by default, and score -> train -> apply gives the model trained in memory, bit for bit."""
+"""Vision-language checkpoints (issue 24): LLaVA, Gemma 3 with its vision tower, Qwen2-VL, Idefics3
+and SmolVLM load as transformers loads them, stored names pair with the loaded ones exactly (checked
+against the values transformers loaded), the vision tower stays out by default, and score -> train
+-> apply gives the model trained in memory, bit for bit, on text and on image chats (the families
+whose processor builds without torchvision where it is not installed)."""
 
 import json
 import warnings
@@ -13,11 +14,24 @@ from safetensors.torch import load_file
 
 from piece_surgery.artifacts import open_delta
 from piece_surgery.checkpoint import open_checkpoint, read_layout, stored_names
+from piece_surgery.images import open_image
 from piece_surgery.mask import load_mask
 from piece_surgery.merge import apply_to_model
 from piece_surgery.parts import LANGUAGE, PROJECTOR, VISION, part_of
 from piece_surgery.switcher import DeltaSwitcher
-from piece_surgery.testing import VISION_LANGUAGE_ARCHITECTURES, make_tiny_vision_language_model
+from piece_surgery.testing import (
+    NEEDS_TORCHVISION,
+    VISION_LANGUAGE_ARCHITECTURES,
+    make_tiny_vision_language_model,
+    write_png,
+)
+
+
+def has_torchvision() -> bool:
+    from transformers.utils import is_torchvision_available
+
+    return is_torchvision_available()
+
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 200, 7, 3]])
 # where each family keeps its parts, as module paths of the loaded model (the truth part_of must match)
@@ -152,23 +166,6 @@ def test_include_reaches_the_vision_tower_and_inspect_counts_each_part(vlm, tmp_
     assert any(label.startswith("vision tower ") for label in summary["by_layer"])
 
 
-def test_a_chat_record_with_an_image_is_refused_in_one_line(vlm, tmp_path, cli):
-    data = tmp_path / "chat.jsonl"
-    record = {
-        "messages": [
-            {
-                "role": "user",
-                "content": [{"type": "image", "path": "a.png"}, {"type": "text", "text": "Which?"}],
-            },
-            {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
-        ]
-    }
-    data.write_text(json.dumps(record) + "\n")
-    out = tmp_path / "m.safetensors"
-    result = cli("score", vlm("llava"), "--data", data, "-o", out)
-    assert_clean_failure(result, "has an image part", output=out)
-
-
 def test_chat_content_as_parts_trains_the_assistant_text_only(tmp_path):
     """Content given as a list of text parts (the form vision-language templates read) renders with
     a template that reads parts; the loss covers the assistant's text only (checked against the
@@ -195,3 +192,160 @@ def test_chat_content_as_parts_trains_the_assistant_text_only(tmp_path):
     strings = {"messages": [{**m, "content": m["content"][0]["text"]} for m in parts["messages"]]}
     with pytest.raises(PieceError, match="drops the text of message 1"):
         tokenize_record(strings, tokenizer, 256)
+
+
+# ---------------------------------------------------------------- image records
+
+WITH_PROCESSOR = [a for a in VISION_LANGUAGE_ARCHITECTURES if a not in NEEDS_TORCHVISION or has_torchvision()]
+
+
+def image_chat(path: str, answer: str, question: str = "What is in the picture?") -> dict:
+    return {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image", "path": path}, {"type": "text", "text": question}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ]
+    }
+
+
+@pytest.fixture
+def image_data(tmp_path):
+    """Image chats (two images of different sizes, so tiled families tile them differently) and a
+    text record, in one file; image paths relative to it."""
+    write_png(tmp_path / "img" / "wide.png", 40, 24, seed=1)
+    write_png(tmp_path / "img" / "tall.png", 18, 44, seed=2)
+    records = [
+        image_chat("img/wide.png" if i % 2 else "img/tall.png", f"Pattern number {i}.") for i in range(4)
+    ]
+    records.insert(2, {"text": "def add(a, b):\n    return a + b"})
+    data = tmp_path / "images.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return data
+
+
+@pytest.mark.parametrize("arch", WITH_PROCESSOR)
+def test_image_records_train_the_assistant_tokens_only(vlm, image_data, arch):
+    """The labels of an image chat are exactly the assistant's text and end of turn, tokenized
+    apart (an independent computation); no image token is ever a label; the pixel inputs are the
+    processor's own for that image."""
+    from piece_surgery.data import IGNORE
+
+    checkpoint = open_checkpoint(str(vlm(arch)))
+    dataset = checkpoint.load_data(image_data, max_length=256)
+    tokenizer = checkpoint.load_tokenizer()
+    images = [e for e in dataset.examples if e.model_inputs]
+    assert len(images) == 4 and len(dataset.examples) == 5
+    image_ids = checkpoint.image_chats().image_token_ids
+    for i, example in enumerate(images):
+        labelled = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE]
+        assert labelled == tokenizer(f"Pattern number {i}.</s>", add_special_tokens=False)["input_ids"]
+        assert image_ids & set(example.input_ids) and not image_ids & set(labelled)
+    processor = checkpoint.image_chats().processor
+    expected = processor(images=[[open_image(image_data.parent / "img" / "tall.png")]], return_tensors="pt")
+    assert torch.equal(images[0].model_inputs["pixel_values"], expected["pixel_values"])
+
+
+@pytest.mark.parametrize("arch", WITH_PROCESSOR)
+def test_a_micro_batch_of_image_records_is_what_the_processor_batches(vlm, image_data, arch):
+    """collate() joins the examples' pixel inputs as the processor does for a batch of chats."""
+    from piece_surgery.data import collate
+
+    checkpoint = open_checkpoint(str(vlm(arch)))
+    dataset = checkpoint.load_data(image_data, max_length=256)
+    first, second = [e for e in dataset.examples if e.model_inputs][:2]
+    batch = collate([first, second], 0)
+    processor = checkpoint.image_chats().processor
+    records = [json.loads(line) for line in image_data.read_text().splitlines()][:2]
+    texts = [
+        processor.apply_chat_template(
+            [
+                {**m, "content": [p if p["type"] == "text" else {"type": "image"} for p in m["content"]]}
+                for m in r["messages"]
+            ],
+            tokenize=False,
+        )
+        for r in records
+    ]
+    pictures = [[open_image(image_data.parent / r["messages"][0]["content"][0]["path"])] for r in records]
+    processor.tokenizer.padding_side = "right"
+    expected = processor(
+        text=texts, images=pictures, padding=True, add_special_tokens=False, return_tensors="pt"
+    )
+    assert torch.equal(
+        batch["input_ids"] * batch["attention_mask"], expected["input_ids"] * expected["attention_mask"]
+    )
+    for key in set(expected) - {"input_ids", "attention_mask"}:
+        assert torch.equal(batch[key], expected[key]), key
+
+
+@pytest.mark.parametrize("arch", WITH_PROCESSOR)
+def test_trained_on_images_the_merged_folder_is_the_model_in_memory(vlm, tmp_path, cli, image_data, arch):
+    """score -> train on image chats (micro-batches mixing images and text) -> apply: the merged
+    folder, loaded by transformers, gives the in-memory model's logits on an image batch, bit for bit."""
+    from piece_surgery.data import collate
+
+    base = vlm(arch)
+    mask = tmp_path / "m.safetensors"
+    assert cli("score", base, "--data", image_data, "-o", mask, "--density", "0.02", "-q")[0] == 0
+    train = ["train", base, "--data", image_data, "--mask", mask, "-o", tmp_path / "delta", "-q"]
+    assert cli(*train, "--lr", "1e-2", "--max-steps", "2", "--batch-size", "3")[0] == 0
+    assert cli("apply", base, tmp_path / "delta", "-o", tmp_path / "merged", "-q")[0] == 0
+    checkpoint = open_checkpoint(str(base))
+    batch = collate(checkpoint.load_data(image_data, max_length=256).examples[:3], 0)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        merged = load(tmp_path / "merged")(**inputs).logits
+        original = load(base)(**inputs).logits
+        model = checkpoint.load_model(device="cpu").module.eval()
+        apply_to_model(model, open_delta(tmp_path / "delta"))
+        assert torch.equal(model(**inputs).logits, merged)
+    assert not torch.equal(merged, original)
+
+
+def test_the_data_digest_covers_the_images(vlm, image_data):
+    checkpoint = open_checkpoint(str(vlm("llava")))
+    before = checkpoint.load_data(image_data).sha256
+    write_png(image_data.parent / "img" / "wide.png", 40, 24, seed=9)
+    assert checkpoint.load_data(image_data).sha256 != before
+
+
+def test_bad_image_records_fail_in_one_line(vlm, tiny, tmp_path, cli, image_data):
+    """Each a one-line error, exit 2, nothing written: a missing image, a file that is no image, a
+    decompression bomb, a URL part, an image record for a text-only model, image tokens past
+    --max-length, a checkpoint without its processor."""
+    import shutil
+
+    from PIL import Image
+
+    base = vlm("llava")
+    (tmp_path / "img" / "not.png").write_text("not an image")
+    Image.new("1", (12000, 12000)).save(tmp_path / "img" / "bomb.png")  # 144M pixels, a few KB
+    cases = {
+        "missing.png": "not found",
+        "not.png": "cannot be read as an image",
+        "bomb.png": "too large to decode safely",
+    }
+    out = tmp_path / "m.safetensors"
+    for name, message in cases.items():
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text(json.dumps(image_chat(f"img/{name}", "x")) + "\n")
+        line = assert_clean_failure(cli("score", base, "--data", data, "-o", out), message, output=out)
+        assert f"{data}:1" in line and name in line
+    url = tmp_path / "url.jsonl"
+    record = image_chat("img/wide.png", "x")
+    record["messages"][0]["content"][0] = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    url.write_text(json.dumps(record) + "\n")
+    assert_clean_failure(cli("score", base, "--data", url, "-o", out), "image_url", output=out)
+    assert_clean_failure(
+        cli("score", tiny("llama"), "--data", image_data, "-o", out), "text-only", output=out
+    )
+    long = ["score", base, "--data", image_data, "-o", out, "--max-length", "6"]
+    assert_clean_failure(cli(*long), "raise --max-length", output=out)
+    bare = shutil.copytree(base, tmp_path / "bare")
+    (bare / "processor_config.json").unlink()
+    assert_clean_failure(
+        cli("score", bare, "--data", image_data, "-o", out), "no processor config", output=out
+    )
