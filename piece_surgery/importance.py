@@ -165,7 +165,8 @@ def accumulate_gradients(
                 (loss * backward_scale if sharded else loss).backward()
                 if sharded:  # FSDP has reduce-scattered each gradient: this rank's shard is here
                     for key, p in params.items():
-                        add(key, p.grad.to_local())
+                        if p.grad is not None:  # None: no path from this loss (a projector, text data)
+                            add(key, p.grad.to_local())
                         p.grad = None
                 stats.batches += 1
                 stats.examples += examples

@@ -205,3 +205,24 @@ def test_fsdp_without_a_launcher_is_one_line(tiny, data, tmp_path, cli):
     assert_clean_failure(
         cli("score", tiny("llama"), "--data", data, "-o", out, "--fsdp"), "launch with torchrun", output=out
     )
+
+
+@pytest.mark.parametrize("fsdp", [[], ["--fsdp"]])
+def test_a_vision_language_model_scores_on_image_chats_as_in_one_process(tmp_path, cli, fsdp):
+    """LLaVA on image chats over two ranks (DDP, FSDP2): the mask is the one-process mask. With
+    text retain data the projector gets no gradient at all (None under FSDP, skipped, not a crash)."""
+    from piece_surgery.testing import make_tiny_vision_language_model, write_png
+
+    model = make_tiny_vision_language_model(tmp_path / "llava", "llava")
+    write_png(tmp_path / "a.png", 30, 20, seed=1)
+    chat = [
+        {"role": "user", "content": [{"type": "image", "path": "a.png"}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Noise."}]},
+    ]
+    data = tmp_path / "images.jsonl"
+    data.write_text("".join(json.dumps({"messages": chat}) + "\n" for _ in range(5)))
+    args = ["score", model, "--data", data, "--density", "0.02", "-q"]
+    assert cli(*args, "-o", tmp_path / "one.safetensors")[0] == 0
+    run = torchrun(*args, "-o", tmp_path / "two.safetensors", *fsdp)
+    assert run.returncode == 0, run.stderr
+    assert indices(tmp_path / "one.safetensors") == indices(tmp_path / "two.safetensors")
