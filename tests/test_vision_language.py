@@ -323,8 +323,8 @@ def test_the_data_digest_covers_the_images(vlm, image_data):
 
 def test_bad_image_records_fail_in_one_line(vlm, tiny, tmp_path, cli, image_data):
     """Each a one-line error, exit 2, nothing written: a missing image, a file that is no image, a
-    decompression bomb, a URL part, an image record for a text-only model, image tokens past
-    --max-length, a checkpoint without its processor."""
+    decompression bomb, a URL part, more placeholders than images, an image record for a text-only
+    model, image tokens past --max-length, a checkpoint without its processor."""
     import shutil
 
     from PIL import Image
@@ -348,6 +348,9 @@ def test_bad_image_records_fail_in_one_line(vlm, tiny, tmp_path, cli, image_data
     record["messages"][0]["content"][0] = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
     url.write_text(json.dumps(record) + "\n")
     assert_clean_failure(cli("score", base, "--data", url, "-o", out), "image_url", output=out)
+    extra = tmp_path / "extra.jsonl"  # a placeholder typed into the text: more placeholders than images
+    extra.write_text(json.dumps(image_chat("img/wide.png", "x", question="and this <image>?")) + "\n")
+    assert_clean_failure(cli("score", base, "--data", extra, "-o", out), "processor refused", output=out)
     assert_clean_failure(
         cli("score", tiny("llama"), "--data", image_data, "-o", out), "text-only", output=out
     )
