@@ -122,7 +122,7 @@ def _content_problem(content) -> str | None:
                 return 'an image part names its file with "path" (relative to the data file)'
             continue
         if kind in ("image_url", "video", "audio"):
-            return f'has a {kind} part: give images as {{"type": "image", "path": ...}} parts'
+            return f'has a part of type \'{kind}\': give images as {{"type": "image", "path": ...}} parts'
         if kind != "text" or not isinstance(part.get("text"), str):
             return 'each part of a \'content\' list must be {"type": "text", "text": "..."}'
     return None

@@ -399,11 +399,12 @@ def evaluate_command_recipe(
 def _check_plot(plot: Path, overwrite: bool, inputs: list) -> Path:
     if Path(plot).suffix.lower() != ".png":
         raise PieceError(f"--plot writes a .png image: name it e.g. '{Path(plot).stem}.png'")
+    target = check_output(plot, overwrite=overwrite, inputs=inputs, kind="file")
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise PieceError("--plot needs matplotlib: pip install 'piece-surgery[plot]'") from exc
-    return check_output(plot, overwrite=overwrite, inputs=inputs, kind="file")
+    return target
 
 
 def draw(evaluated: Evaluated, path: Path) -> None:

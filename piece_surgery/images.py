@@ -33,11 +33,34 @@ def image_paths(messages: list[dict]) -> list[str]:
     ]
 
 
+def referenced_images(data: Path) -> list[Path]:
+    """The image files a data file's records name (paths joined to the data file's folder), for
+    the overlap check of outputs; a record that cannot be read is left to the data reader."""
+    from piece_surgery.records import parse_json
+
+    found = []
+    try:
+        lines = data.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return found
+    for line in lines:
+        if '"image"' not in line:
+            continue
+        try:
+            record = parse_json(line, str(data))
+            found += [data.parent / p for p in image_paths(record["messages"]) if isinstance(p, str) and p]
+        except (PieceError, KeyError, TypeError, AttributeError):
+            continue
+    return found
+
+
 def open_image(path: Path):
     """The image at `path`, decoded to RGB (PIL.Image). PieceError for a missing, unreadable or
     oversized one (Pillow's decompression-bomb limit, Image.MAX_IMAGE_PIXELS, applies)."""
     from PIL import Image, UnidentifiedImageError
 
+    if path.is_dir():
+        raise PieceError(f"image '{path}' is a folder, not an image file")
     if not path.is_file():
         raise PieceError(f"image '{path}' not found (image paths are relative to the data file)")
     try:
@@ -57,18 +80,20 @@ def load_processor(folder: Path, *, trust_remote_code: bool = False):
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
+    needs = "" if is_torchvision_available() else " (the Qwen-VL and SmolVLM processors need torchvision)"
     if not any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
         raise PieceError(
             f"'{folder}' has no processor config (processor_config.json or preprocessor_config.json): "
-            "image records need the model's processor; save it beside the weights (processor.save_pretrained)"
+            f"image records need the model's processor; save it beside the weights{needs}"
         )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, ImportError, AttributeError) as exc:
-        hint = "" if is_torchvision_available() else " (this family's processor may need torchvision)"
-        raise PieceError(f"cannot load the processor of '{folder}'{hint}: {first_line(exc)}") from None
+        video = "video" in str(exc).lower() or "torchvision" in str(exc).lower()
+        hint = "; this family's processor needs torchvision" if video and needs else ""
+        raise PieceError(f"cannot load the processor of '{folder}': {first_line(exc)}{hint}") from None
 
 
 @dataclass
@@ -103,8 +128,9 @@ class ImageChats:
         image_at = [k for k, t in enumerate(ids) if t in self.image_token_ids]
         if image_at and image_at[-1] >= max_length:
             raise PieceError(
-                f"its images and the text before them take {image_at[-1] + 1} tokens, past --max-length "
-                f"{max_length}: an image cannot be cut; raise --max-length"
+                f"its images and the text before them take {image_at[-1] + 1} tokens, past the limit of "
+                f"{max_length} (--max-length, at most the model's context length): an image cannot be "
+                "cut; raise --max-length if it is below the context, or shorten the prompt"
             )
         width = len(ids)
         extras = {k: _cut(v, width, max_length) for k, v in full.items() if isinstance(v, torch.Tensor)}

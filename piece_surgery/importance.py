@@ -162,6 +162,11 @@ def accumulate_gradients(
                         f"the loss is {value} on micro-batch {stats.batches + 1}: bad data or a broken "
                         "model (try --dtype float32)"
                     )
+                if not loss.requires_grad:  # every eligible tensor is off this data's path
+                    raise PieceError(
+                        f"no eligible tensor gets a gradient from '{dataset.name}' (e.g. only a vision "
+                        "tower is eligible and the data is text): choose other --include patterns"
+                    )
                 (loss * backward_scale if sharded else loss).backward()
                 if sharded:  # FSDP has reduce-scattered each gradient: this rank's shard is here
                     for key, p in params.items():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from piece_surgery.parts import LANGUAGE, PARTS, entries_by_part, part_of
+from piece_surgery.parts import LANGUAGE, PARTS, names_vision_language, part_of
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -36,7 +36,7 @@ def breakdown(counts: dict[str, int], sizes: dict[str, int]) -> dict:
     by_layer: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     by_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     by_part: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    vision_language = bool(entries_by_part((name, 1) for name in sizes))
+    vision_language = names_vision_language(sizes)
     for name, size in sizes.items():
         selected = counts.get(name, 0)
         layer = layer_of(name)

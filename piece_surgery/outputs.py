@@ -102,16 +102,32 @@ def refuse_overlap(
     real = output_path(output).resolve()  # an output that is itself a symlink: where it points
     for source in inputs:
         resolved = input_path(source) if source is not None else None
-        if resolved is not None and overlaps(real, resolved):
-            raise PieceError(
-                f"output '{output}' overlaps input '{source}'; choose an output outside the inputs"
-            )
+        if resolved is None:
+            continue
+        for read in (resolved, *_read_through(resolved)):
+            if overlaps(real, read):
+                shown = "" if read == resolved else f" (it reads '{read}')"
+                raise PieceError(
+                    f"output '{output}' overlaps input '{source}'{shown}; choose an output outside the inputs"
+                )
     for folder in protected:
         resolved = input_path(folder)
         if resolved is not None and overlaps(real, resolved, inside_ok=True):
             raise PieceError(
                 f"output '{output}' would replace '{folder}', which holds an input; choose another output"
             )
+
+
+def _read_through(source: Path) -> list[Path]:
+    """What reading `source` also reads: where the files of a folder that are links point (a Hub
+    cache snapshot's files point into its blobs), and the images a data file's records name."""
+    if source.is_dir():
+        return [child.resolve() for child in source.iterdir() if child.is_symlink()]
+    if source.suffix.lower() in (".jsonl", ".json") and source.is_file():
+        from piece_surgery.images import referenced_images
+
+        return [image.resolve() for image in referenced_images(source)]
+    return []
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:

@@ -21,6 +21,7 @@ PARTS = (VISION, PROJECTOR, LANGUAGE)
 _PROJECTOR = re.compile(
     r"(^|\.)(multi_modal_projector|mm_projector|connector|merger|deepstack_merger_list)\."
 )
+_LANGUAGE_MODULE = re.compile(r"(^|\.)(language_model|text_model)\.")
 _VISION = re.compile(r"(^|\.)(vision_tower|visual|vision_model|vision_encoder|image_encoder)\.")
 
 
@@ -39,13 +40,22 @@ def part_of(name: str) -> str:
     return LANGUAGE
 
 
+def names_vision_language(names: Iterable[str]) -> bool:
+    """Whether tensor names are a vision-language model's: a vision tower's or projector's name, or
+    a language model stored under its own module (`language_model.`, `text_model.`). Qwen2-VL's
+    older layout stores its language model as a text model does (`model.layers.`): a delta of
+    those names alone reads as a text model's."""
+    return any(part_of(name) != LANGUAGE or _LANGUAGE_MODULE.search(name) for name in names)
+
+
 def entries_by_part(counts: Iterable[tuple[str, int]]) -> dict[str, int]:
-    """(tensor name, entries) pairs -> entries per part, parts with none left out; {} when every
-    name is the language model's (a text-only model: nothing to split)."""
+    """(tensor name, entries) pairs -> entries per part, parts with none left out; {} when the
+    names are a text-only model's (names_vision_language)."""
+    counts = list(counts)
+    if not names_vision_language(name for name, _ in counts):
+        return {}
     totals: dict[str, int] = {}
     for name, n in counts:
         part = part_of(name)
         totals[part] = totals.get(part, 0) + int(n)
-    if set(totals) <= {LANGUAGE}:
-        return {}
     return {part: totals[part] for part in PARTS if part in totals}

@@ -405,6 +405,7 @@ class _MicroBatchLoss:
     def __init__(self, model: torch.nn.Module, sparse: SparseParameters, world: World | None):
         self.model = model
         self.world = world
+        self.values = [sparse.values[n] for n in sorted(sparse.values)]
         self.device = next(model.parameters()).device
         self.autocast = _use_bf16_autocast(model)
         # FSDP gathers weights in every forward and backward: a collective every rank must join
@@ -425,6 +426,8 @@ class _MicroBatchLoss:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             logits = batch_logits(self.model, batch)
         loss, _ = token_loss_sum(logits, batch["labels"])
+        if not loss.requires_grad:  # no trained entry on this micro-batch's path (text, a projector)
+            loss = loss + sum(v.sum() for v in self.values) * 0.0  # a zero gradient, a graph to run
         return loss  # the logits die here: backward needs only the log-probabilities
 
     def synchronise(self) -> None:

@@ -361,3 +361,95 @@ def test_bad_image_records_fail_in_one_line(vlm, tiny, tmp_path, cli, image_data
     assert_clean_failure(
         cli("score", bare, "--data", image_data, "-o", out), "no processor config", output=out
     )
+
+
+def test_a_command_never_writes_over_the_images_its_data_names(vlm, tmp_path, cli, image_data):
+    """The images of a data file are inputs: an output on one, or on their folder, is refused."""
+    base = vlm("llava")
+    image = image_data.parent / "img" / "wide.png"
+    odd = image_data.parent / "img" / "odd.safetensors"  # an image under any name is still an input
+    odd.write_bytes(image.read_bytes())
+    data = tmp_path / "odd.jsonl"
+    data.write_text(json.dumps(image_chat("img/odd.safetensors", "x")) + "\n")
+    before = image.read_bytes()
+    delta = tmp_path / "delta"
+    assert cli("train", base, "--data", image_data, "-o", delta, "--max-steps", "1", "-q")[0] == 0
+    for args in (
+        ["train", base, "--data", image_data, "--max-steps", "1", "--overwrite", "-o", image.parent],
+        ["score", base, "--data", data, "--overwrite", "-o", odd],
+        ["eval", base, delta, "--data", image_data, "--overwrite", "--plot", image],
+    ):
+        assert_clean_failure(cli(*args), "overlaps input")
+    assert image.read_bytes() == before and odd.read_bytes() == before
+
+
+def test_apply_refuses_an_output_where_the_base_files_point(vlm, tiny, tmp_path, cli, code_data):
+    """A base whose files are links (a Hub cache snapshot's point into its blobs): writing the
+    output where they point would rewrite the base; refused."""
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for item in tiny("llama").iterdir():
+        (blobs / item.name).write_bytes(item.read_bytes())
+        (snapshot / item.name).symlink_to(blobs / item.name)
+    mask = tmp_path / "m.safetensors"
+    assert cli("score", snapshot, "-o", mask, "--method", "magnitude", "-q")[0] == 0
+    delta = tmp_path / "delta"
+    assert (
+        cli("train", snapshot, "--data", code_data, "--mask", mask, "-o", delta, "--max-steps", "1", "-q")[0]
+        == 0
+    )
+    before = (blobs / "model.safetensors").read_bytes()
+    assert_clean_failure(cli("apply", snapshot, delta, "-o", blobs, "--overwrite"), "overlaps input")
+    assert (blobs / "model.safetensors").read_bytes() == before
+
+
+def test_vision_tower_alone_on_text_is_one_line(vlm, tmp_path, cli, code_data):
+    out = tmp_path / "m.safetensors"
+    args = ["score", vlm("llava"), "--data", code_data, "-o", out, "--include", "vision_tower"]
+    assert_clean_failure(cli(*args), "no eligible tensor gets a gradient", output=out)
+
+
+def test_a_micro_batch_that_reaches_no_trained_entry_trains_on(vlm, tmp_path, cli, image_data):
+    """A projector-only mask and a text record alone in its micro-batch: that micro-batch adds
+    no gradient (it used to crash backward), and one micro-batch of all gives the same values."""
+    base = vlm("llava")
+    mask = ["score", base, "-o", tmp_path / "m.safetensors", "--method", "magnitude", "--density", "0.05"]
+    assert cli(*mask, "--include", "multi_modal_projector", "-q")[0] == 0
+    common = ["train", base, "--data", image_data, "--mask", tmp_path / "m.safetensors", "--lr", "1e-2", "-q"]
+    assert (
+        cli(*common, "-o", tmp_path / "split", "--batch-size", "1", "--grad-accum", "5", "--max-steps", "1")[
+            0
+        ]
+        == 0
+    )
+    assert cli(*common, "-o", tmp_path / "whole", "--batch-size", "5", "--max-steps", "1")[0] == 0
+    split, whole = open_delta(tmp_path / "split").tensors, open_delta(tmp_path / "whole").tensors
+    assert split.keys() == whole.keys() and all(part_of(n) == PROJECTOR for n in split)
+    for name, t in split.items():
+        assert torch.equal(t.indices, whole[name].indices) and not torch.equal(t.tuned, t.base)
+        assert torch.allclose(t.tuned, whole[name].tuned, rtol=0, atol=1e-7)
+
+
+def test_inspect_splits_a_language_only_delta_of_a_vision_language_model(vlm, tmp_path, cli, code_data):
+    base = vlm("llava")
+    out = tmp_path / "delta"
+    assert (
+        cli("train", base, "--data", code_data, "-o", out, "--max-steps", "1", "--density", "0.02", "-q")[0]
+        == 0
+    )
+    summary = json.loads(cli("inspect", out, "--json")[1])
+    assert (
+        set(summary["by_part"]) == {LANGUAGE}
+        and summary["by_part"][LANGUAGE]["entries"] == summary["entries"]
+    )
+
+
+def test_tiny_model_says_when_it_wrote_no_processor(tmp_path, cli):
+    code, out, _ = cli("tiny-model", tmp_path / "q", "--arch", "qwen2_5_vl", "--json")
+    assert code == 0 and json.loads(out)["processor"] is False
+    code, out, _ = cli("tiny-model", tmp_path / "q2", "--arch", "qwen2_5_vl")
+    assert "no processor written" in out
+    code, out, _ = cli("tiny-model", tmp_path / "l", "--arch", "llava", "--json")
+    assert json.loads(out)["processor"] is True

@@ -164,6 +164,8 @@ def apply_command(
         )
     merged = apply_recipe(plan_recipe, dry_run=dry_run, overwrite=overwrite, quiet=quiet)
     report = merged.to_json()
+    if output is not None and report["output"] is not None:
+        report["output"] = str(output)  # as given, as every command reports its output
     o = merged.overlap
     lines = [
         f"{len(report['deltas'])} delta(s) onto {report['base']}: {report['entries']:,} entries in "
@@ -328,14 +330,20 @@ def tiny_model_command(
 ) -> None:
     """Write a tiny random causal LM, or vision-language model, with a tokenizer (for trying the
     tool offline)."""
-    from piece_surgery.testing import write_tiny_model
+    from piece_surgery.testing import NEEDS_TORCHVISION, VISION_LANGUAGE_ARCHITECTURES, write_tiny_model
 
     start = time.perf_counter()
     write_tiny_model(output, arch, seed=seed, overwrite=overwrite)
+    processor = (Path(output).expanduser() / "processor_config.json").is_file()
     result = {
         "output": str(output),
         "arch": arch,
         "seed": seed,
+        "processor": processor,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    emit("tiny-model", result, as_json, [f"wrote tiny {arch} model to {output}"])
+    lines = [f"wrote tiny {arch} model to {output}"]
+    if arch in VISION_LANGUAGE_ARCHITECTURES and not processor:
+        why = "needs torchvision" if arch in NEEDS_TORCHVISION else "is not built for tests"
+        lines.append(f"no processor written (the {arch} processor {why} here): text records only")
+    emit("tiny-model", result, as_json, lines)
