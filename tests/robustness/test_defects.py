@@ -171,7 +171,7 @@ def test_chat_starting_with_the_assistant_is_learned(model, tmp_path, cli):
     "messages, fragment",
     [
         ([{"role": "user"}, {"role": "assistant", "content": "x"}], "message 1 must be an object"),
-        ([{"role": "user", "content": 3}], "message 1 must be an object"),
+        ([{"role": "user", "content": 3}], "message 1: 'content' must be a string"),
         ("hello", "'messages' must be a non-empty list"),
         ([], "'messages' must be a non-empty list"),
     ],
