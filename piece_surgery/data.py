@@ -163,7 +163,8 @@ def tokenize_record(
     if isinstance(record, dict) and "messages" in record and image_paths(record["messages"]):
         if image_chats is None:
             raise PieceError("the record has an image part, but the model is a text-only language model")
-        return image_chats().example(record["messages"], Path(data_folder or "."), max_length)
+        ids, labels, extras = image_chats().encode(record["messages"], Path(data_folder or "."), max_length)
+        return Example(ids, labels, model_inputs=extras or None)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if isinstance(record, str) or "text" in record:
         text = record if isinstance(record, str) else record["text"]

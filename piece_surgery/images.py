@@ -104,12 +104,12 @@ class ImageChats:
     processor: object
     image_token_ids: frozenset[int]
 
-    def example(self, messages: list[dict], data_folder: Path, max_length: int):
-        """The record as an Example: the processor's input ids and pixel inputs (`model_inputs`),
-        labels on the assistant turns only. PieceError for a bad image, a chat the processor
-        refuses, or image tokens past `max_length`."""
-        from piece_surgery.data import Example
-
+    def encode(
+        self, messages: list[dict], data_folder: Path, max_length: int
+    ) -> tuple[list[int], list[int], dict[str, torch.Tensor]]:
+        """The record's input ids, labels (on the assistant turns only; IGNORE elsewhere) and other
+        model inputs (pixel values, ...), as the processor makes them, cut at `max_length`.
+        PieceError for a bad image, a chat the processor refuses, or image tokens past `max_length`."""
         images = [open_image(data_folder / p) for p in image_paths(messages)]
         plain = [_without_paths(m) for m in messages]
         full = self._encode(plain, images, add_generation_prompt=False)
@@ -134,7 +134,7 @@ class ImageChats:
             )
         width = len(ids)
         extras = {k: _cut(v, width, max_length) for k, v in full.items() if isinstance(v, torch.Tensor)}
-        return Example(ids[:max_length], labels[:max_length], model_inputs=extras or None)
+        return ids[:max_length], labels[:max_length], extras
 
     def _encode(self, messages: list[dict], images: list, *, add_generation_prompt: bool) -> dict:
         try:
