@@ -223,28 +223,22 @@ def collate_model_inputs(examples: list, width: int) -> dict[str, torch.Tensor]:
     batch = {}
     for key in keys:
         present = [(e, e.model_inputs[key]) for e in examples if e.model_inputs and key in e.model_inputs]
-        sample_example, sample = present[0]
-        if sample.dim() >= 2 and sample.shape[0] == 1 and sample.shape[1] == len(sample_example.input_ids):
-            rows = []
-            for e in examples:
-                value = (e.model_inputs or {}).get(key)
-                row = torch.zeros((1, width, *sample.shape[2:]), dtype=sample.dtype)
-                if value is not None:
-                    row[:, : value.shape[1]] = value
-                rows.append(row)
-            batch[key] = torch.cat(rows)
-        elif (key == "pixel_values" and sample.dim() == 5) or (
-            key == "pixel_attention_mask" and sample.dim() == 4
-        ):
-            most = max(v.shape[1] for _, v in present)
-            rows = []
-            for e in examples:
-                value = (e.model_inputs or {}).get(key)
-                row = torch.zeros((1, most, *sample.shape[2:]), dtype=sample.dtype)
-                if value is not None:
-                    row[:, : value.shape[1]] = value
-                rows.append(row)
-            batch[key] = torch.cat(rows)
+        first_example, sample = present[0]
+        if sample.dim() >= 2 and sample.shape[0] == 1 and sample.shape[1] == len(first_example.input_ids):
+            batch[key] = _rows(examples, key, width, sample)
+        elif sample.dim() == {"pixel_values": 5, "pixel_attention_mask": 4}.get(key):
+            batch[key] = _rows(examples, key, max(v.shape[1] for _, v in present), sample)
         else:
             batch[key] = torch.cat([v for _, v in present])
     return batch
+
+
+def _rows(examples: list, key: str, length: int, sample: torch.Tensor) -> torch.Tensor:
+    """One row per example of input `key`, zero-padded along dim 1 to `length` (zeros for an
+    example without it), stacked."""
+    rows = torch.zeros((len(examples), length, *sample.shape[2:]), dtype=sample.dtype)
+    for row, e in enumerate(examples):
+        value = (e.model_inputs or {}).get(key)
+        if value is not None:
+            rows[row, : value.shape[1]] = value[0]
+    return rows
