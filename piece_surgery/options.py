@@ -223,16 +223,22 @@ class TrainConfig(JsonRecord):
     norm_lr_scale: float = field(
         default=1.0, metadata=_help("Learning-rate multiplier for norm gains in the mask (1: same lr).")
     )
-    # with a mask that carries the retain Fisher F (piece-r): stop once the predicted drift
-    # 1/2 sum F d^2 reaches this, and/or add the penalty retain_weight/2 sum F d^2 to the loss
+    # stop at the first step whose drift passes this, keeping the last step within it; the drift is
+    # measured (mean token KL from the base on general text) unless budget_on says "predicted" (the
+    # diagonal-Fisher estimate 1/2 sum F d^2, which the retain penalty makes read low: evidence.md)
     drift_budget: float | None = field(
-        default=None, metadata=_help("Stop once the predicted drift 1/2 sum F d^2 reaches this.")
+        default=None,
+        metadata=_help(
+            "Stop once the drift (mean token KL from the base, nats) passes this; keep the last step "
+            "within it."
+        ),
     )
     budget_on: str = field(
-        default="predicted",
+        default="measured",
         metadata=_help(
-            "What --drift-budget stops on: predicted (1/2 sum F d^2, every step) or measured "
-            "(KL on --eval-general, every --eval-every steps)."
+            "What --drift-budget reads: measured (KL on --eval-general, default the shipped general "
+            "set, every --eval-every steps, default a tenth of the run) or predicted (1/2 sum F d^2 "
+            "from a piece-r mask's retain Fisher, every step). [default: measured]"
         ),
     )
     # None: DEFAULT_RETAIN_WEIGHT with a mask that carries the Fisher, else 0 (see for_mask);

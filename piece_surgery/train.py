@@ -28,7 +28,7 @@ from piece_surgery.score import (
 )
 from piece_surgery.sharding import reshard
 from piece_surgery.train_state import is_state, remove_state
-from piece_surgery.trainer import TrainConfig, TrainResult, total_steps, train_sparse
+from piece_surgery.trainer import TrainConfig, TrainResult, budget_period, total_steps, train_sparse
 
 
 class Trained(NamedTuple):
@@ -57,6 +57,7 @@ class Trained(NamedTuple):
             "predicted_drift": result.predicted_drift,
             "measured_drift": result.measured_drift,
             "stopped_by_drift_budget": result.stopped_by_drift_budget,
+            "drift_budget_passed": result.drift_budget_passed,
             "seconds": round(seconds, 3),
         }
 
@@ -89,6 +90,8 @@ def train_checkpoint(
     every `config.eval_every` steps and at the end (drift.py). Under a launcher (torchrun, ...)
     every rank trains on its share of each step and rank 0 writes."""
     output = Path(output)
+    if config.drift_budget and config.budget_on == "measured" and eval_general is None:
+        eval_general = GENERAL  # the budget measures on the shipped general-text set by default
     _check_options(config, mask_ref, score_options, retain, avoid, eval_data, eval_general)
     session = Run(run)
     general_file = eval_general if eval_general is not None and str(eval_general) not in NAMED_SETS else None
@@ -121,6 +124,8 @@ def train_checkpoint(
     resume_key = {"model": checkpoint.identity.fingerprint, "data": dataset.sha256, "mask": mask.digest()}
     ranks = session.world.size if session.world is not None else 1
     steps = total_steps(len(dataset.examples), config, ranks)
+    if config.drift_budget and config.budget_on == "measured" and config.eval_every is None:
+        config = replace(config, eval_every=budget_period(steps))
     with Progress(steps, "training", quiet=session.quiet, unit="step") as bar:
 
         def report(n: int, record: dict) -> None:
@@ -174,17 +179,13 @@ def _check_options(
         )
     if config.eval_every and eval_data is None and eval_general is None:
         raise PieceError("--eval-every needs --eval-data or --eval-general (what to measure)")
-    if config.budget_on == "measured" and not (config.drift_budget and config.eval_every and eval_general):
-        raise PieceError(
-            "--budget-on measured stops on the drift measured on --eval-general every --eval-every steps: "
-            "give --drift-budget, --eval-general and --eval-every"
-        )
     if mask_ref is None:
         method = (score_options or ScoreOptions()).method
         check_retain(method, retain)
-        if (config.drift_budget or config.retain_weight) and not method_named(method).uses_retain:
+        predicted_budget = config.drift_budget and config.budget_on == "predicted"
+        if (predicted_budget or config.retain_weight) and not method_named(method).uses_retain:
             raise PieceError(
-                f"--drift-budget and --retain-weight need a mask that carries the retain Fisher "
+                f"--budget-on predicted and --retain-weight need a mask that carries the retain Fisher "
                 f"(--method piece-r); --method {method} has none"
             )
 
@@ -275,4 +276,5 @@ def _provenance(
         measured_drift=result.measured_drift,
         eval_general=general.record() if general is not None else None,
         stopped_by_drift_budget=result.stopped_by_drift_budget,
+        drift_budget_passed=result.drift_budget_passed,
     )

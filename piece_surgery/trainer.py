@@ -39,6 +39,9 @@ class TrainResult:
     predicted_drift: float | None = None  # 1/2 sum F d^2 at the end (a mask with the retain Fisher)
     measured_drift: float | None = None  # mean token KL(base || tuned) on general text at the end
     stopped_by_drift_budget: bool = False
+    # the first step whose drift passed --drift-budget: {"step", "drift"}; the values are those of
+    # the last step within it (`steps`)
+    drift_budget_passed: dict | None = None
 
 
 @register_error
@@ -52,6 +55,12 @@ def steps_per_epoch(n_examples: int, config: TrainConfig, ranks: int = 1) -> int
 
 def total_steps(n_examples: int, config: TrainConfig, ranks: int = 1) -> int:
     return config.max_steps or config.epochs * steps_per_epoch(n_examples, config, ranks)
+
+
+def budget_period(total: int) -> int:
+    """How often a measured --drift-budget measures when --eval-every is not given: ten times a
+    run (each measurement is two forward passes over the general text)."""
+    return max(1, math.ceil(total / 10))
 
 
 def lr_factor(step: int, total: int, config: TrainConfig) -> float:
@@ -111,12 +120,16 @@ def train_sparse(
     `resume=True` continues from it (`resume_key` must match the saved one). `sparse_linear=False`
     computes every masked tensor's dense gradient and keeps its k entries (the slower reference
     path). `fisher` (tensor name -> the per-token retain Fisher at the mask's entries, fp32) gives
-    the predicted drift of every step (nats per token), for `drift_budget` and `retain_weight`.
-    With a `world` (several processes), each rank trains on its share of every step's
-    micro-batches and DistributedDataParallel keeps the values equal; rank 0 saves the state.
+    the predicted drift of every step (nats per token), for `retain_weight` and a budget on it.
+    With `config.drift_budget`, the run stops at the first step whose drift (measured on
+    `general_dataset` every `eval_every` steps, or predicted every step: `config.budget_on`) passes
+    the budget, and keeps the values of the last step within it. With a `world` (several
+    processes), each rank trains on its share of every step's micro-batches and
+    DistributedDataParallel keeps the values equal; rank 0 saves the state.
 
-    Raises PieceError for empty data or options the mask cannot serve, TrainingDiverged for a
-    non-finite loss or value (naming the last good saved state).
+    Raises PieceError for empty data, options the mask cannot serve, or a budget the first
+    measured step already passes (nothing to keep); TrainingDiverged for a non-finite loss or value
+    (naming the last good saved state).
     """
     _check_inputs(dataset, config, fisher, general_dataset)
     sparse = SparseParameters(params, indices, world)
@@ -131,9 +144,9 @@ def train_sparse(
     _prepare_model(model, sparse, config, sparse_linear)
     main = world is None or world.is_main
     train_loss = history[-1]["loss"] if history else None
-    measures = _Measures(model, sparse, config, pad_id, eval_dataset, general_dataset)
+    measures = _Measures(model, sparse, config, pad_id, eval_dataset, general_dataset, world)
+    budget = _Budget(config, sparse, drift, history)
     last_saved = start if resume else None
-    stopped = False
     forward = None
     try:
         forward = _MicroBatchLoss(model, sparse, world)
@@ -163,8 +176,9 @@ def train_sparse(
                 if main:
                     save_state(state_dir, sparse, optimizer, step + 1, history, resume_key, rng)
                 last_saved = step + 1
-            if config.drift_budget and record.get(f"{config.budget_on}_drift", 0.0) >= config.drift_budget:
-                stopped = True
+            if budget.passed(record):
+                history = budget.roll_back(history, measures)
+                train_loss = history[-1]["loss"]
                 break
         sparse.write()
         measures.finish(history)
@@ -176,7 +190,7 @@ def train_sparse(
             p.grad = None
     return TrainResult(
         values={n: v.detach().cpu() for n, v in sparse.values.items()},
-        steps=history[-1]["step"] if stopped else max(total, start),
+        steps=history[-1]["step"] if budget.passed_at else max(total, start),
         train_loss=train_loss,
         eval_loss=measures.eval_loss,
         history=history,
@@ -184,7 +198,8 @@ def train_sparse(
         optimizer_state=_optimizer_state_sizes(optimizer),
         predicted_drift=drift.value() if drift is not None else None,
         measured_drift=measures.drift,
-        stopped_by_drift_budget=stopped,
+        stopped_by_drift_budget=budget.passed_at is not None,
+        drift_budget_passed=budget.passed_at,
     )
 
 
@@ -196,15 +211,16 @@ def _check_inputs(dataset: Dataset, config: TrainConfig, fisher, general: Datase
         )
     if not dataset.examples:
         raise PieceError("the training data has no examples")
-    if config.budget_on == "measured" and not (config.drift_budget and config.eval_every and general):
+    measured_budget = config.drift_budget and config.budget_on == "measured"
+    if measured_budget and not (config.eval_every and general):
         raise PieceError(
-            "--budget-on measured stops on the drift measured on --eval-general every --eval-every steps: "
-            "give --drift-budget, --eval-general and --eval-every"
+            "a drift budget on the measured drift needs general text to measure it on and a period: "
+            "give --eval-general and --eval-every (TrainConfig.eval_every), or --budget-on predicted"
         )
     predicted_budget = config.drift_budget and config.budget_on == "predicted"
     if (predicted_budget or config.retain_weight) and fisher is None:
         raise PieceError(
-            "--drift-budget and --retain-weight need a mask that carries the retain Fisher: "
+            "--budget-on predicted and --retain-weight need a mask that carries the retain Fisher: "
             "score with --method piece-r --retain ..."
         )
 
@@ -274,6 +290,7 @@ class _Measures:
     pad_id: int
     eval_dataset: Dataset | None
     general_dataset: Dataset | None
+    world: World | None = None
     eval_loss: float | None = None
     drift: float | None = None
 
@@ -284,7 +301,10 @@ class _Measures:
                 self.model, self.eval_dataset, self.config.batch_size, self.pad_id
             )
         if self.general_dataset is not None:
-            self.drift = record["measured_drift"] = self._drift()
+            drift = self._drift()
+            if self.world is not None:  # every rank stops (or not) on the same number: rank 0's
+                drift = self.world.gather(drift)[0]
+            self.drift = record["measured_drift"] = drift
 
     def finish(self, history: list[dict]) -> None:
         """The last step's figures, unless the loop just took them."""
@@ -321,6 +341,58 @@ class _Measures:
             self.sparse.write()
             self.model.train(was_training)
         return measured["tuned"].kl
+
+
+class _Budget:
+    """--drift-budget: after each step, whether its drift (the measured one when the step measured
+    it, or the predicted one) passed the budget; the values of the last step within it, to keep.
+    A copy of k fp32 values per tensor, taken when a step is within the budget."""
+
+    def __init__(self, config: TrainConfig, sparse: SparseParameters, drift, history: list[dict]):
+        self.limit = config.drift_budget
+        self.key = f"{config.budget_on}_drift"
+        self.sparse = sparse
+        self.kept: dict[str, torch.Tensor] | None = None
+        self.kept_record: dict | None = None
+        self.passed_at: dict | None = None
+        if self.limit and history:  # a resumed run: its values are the last record's
+            last = dict(history[-1])
+            if self.key == "predicted_drift" and drift is not None:
+                last["predicted_drift"] = drift.value()
+            if last.get(self.key) is not None and last[self.key] <= self.limit:
+                self._keep(last)
+
+    def passed(self, record: dict) -> bool:
+        value = record.get(self.key)
+        if not self.limit or value is None:
+            return False
+        if value <= self.limit:
+            self._keep(record)
+            return False
+        self.passed_at = {"step": record["step"], "drift": value}
+        if self.kept is None:
+            raise PieceError(
+                f"the {self.key.split('_')[0]} drift at step {record['step']} ({value:.4g}) already passes "
+                f"--drift-budget {self.limit:g}, and no earlier step was measured within it: nothing to "
+                "keep; raise the budget, lower --lr, or measure more often (--eval-every)"
+            )
+        return True
+
+    def roll_back(self, history: list[dict], measures: _Measures) -> list[dict]:
+        """Put the kept values back; the history up to the kept step."""
+        with torch.no_grad():
+            for name, value in self.sparse.values.items():
+                value.copy_(self.kept[name])
+        step = self.kept_record["step"]
+        if "measured_drift" in self.kept_record:
+            measures.drift = self.kept_record["measured_drift"]
+        if "eval_loss" in self.kept_record:
+            measures.eval_loss = self.kept_record["eval_loss"]
+        return [r for r in history if r["step"] <= step]
+
+    def _keep(self, record: dict) -> None:
+        self.kept = {n: v.detach().clone() for n, v in self.sparse.values.items()}
+        self.kept_record = record
 
 
 class DriftEstimate:

@@ -86,6 +86,39 @@ def test_distributed_train_matches_one_process_with_the_same_global_batch(tiny, 
         )
 
 
+def test_a_measured_drift_budget_stops_every_rank_at_the_one_process_step(tiny, data, mask, tmp_path, cli):
+    """Each rank measures the drift, and all of them act on rank 0's number: 2 ranks keep the step
+    one process keeps (the budget lies midway between the drifts of steps 2 and 3)."""
+    model = tiny("llama")
+    drifts = {}
+    for steps in (2, 3):
+        out = tmp_path / f"one{steps}"
+        args = train_args(model, data, mask, out, "--batch-size", "4", "--max-steps", str(steps), "--json")
+        code, stdout, err = cli(*args, "--eval-general", "general")
+        assert code == 0, err
+        drifts[steps] = json.loads(stdout)["measured_drift"]
+    assert 0 < drifts[2] < drifts[3]
+    budget = (drifts[2] + drifts[3]) / 2
+    run = torchrun(
+        *train_args(model, data, mask, tmp_path / "two", "--batch-size", "2", "--max-steps", "6", "--json"),
+        "--drift-budget",
+        budget,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["steps"] == 2 and report["drift_budget_passed"]["step"] == 3
+    assert report["measured_drift"] == pytest.approx(drifts[2], rel=1e-4)
+    one, two = (
+        load_file(tmp_path / "one2" / "delta.safetensors"),
+        load_file(tmp_path / "two" / "delta.safetensors"),
+    )
+    assert one.keys() == two.keys()
+    for key in (k for k in one if k.endswith("::tuned")):
+        torch.testing.assert_close(
+            two[key].view(torch.float32), one[key].view(torch.float32), rtol=1e-5, atol=1e-6
+        )
+
+
 def test_ranks_split_a_global_batch_like_one_process(tiny, tmp_path, mask, cli):
     """2 ranks x batch 2 against 1 process x batch 4, on examples of very different lengths: the
     step's loss is the mean over all the step's tokens, over ranks too, so the values agree."""

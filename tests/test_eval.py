@@ -142,31 +142,47 @@ def test_training_measures_its_drift_as_eval_does(tiny, tmp_path, cli, code_data
         json.loads((out / "delta.json").read_text())["provenance"]["measured_drift"]
         == trained["measured_drift"]
     )
-    # a budget on the measured drift stops at the first measurement past it
-    code, stdout, err = cli(
-        *args,
-        "--overwrite",
-        "--eval-general",
-        "self",
-        "--eval-every",
-        "1",
-        "--drift-budget",
-        "1e-12",
-        "--budget-on",
-        "measured",
-    )
+
+
+def test_drift_budget_keeps_the_last_step_measured_within_it(tiny, tmp_path, cli, code_data):
+    """By default --drift-budget measures the KL on the shipped general set; a run that passes the
+    budget at step 3 must give exactly the delta of a run asked for 2 steps (same data order)."""
+    base = tiny("llama")
+    common = ["train", base, "--data", code_data, "--lr", "1e-2", "--batch-size", "1", "-q", "--json"]
+    measured = {}
+    for steps in (2, 3):
+        out = tmp_path / f"steps{steps}"
+        code, stdout, err = cli(*common, "-o", out, "--max-steps", str(steps), "--eval-general", "general")
+        assert code == 0, err
+        measured[steps] = json.loads(stdout)["measured_drift"]
+    assert 0 < measured[2] < measured[3]
+    budget = (measured[2] + measured[3]) / 2
+    out = tmp_path / "budget"
+    code, stdout, err = cli(*common, "-o", out, "--max-steps", "6", "--drift-budget", str(budget))
     assert code == 0, err
     report = json.loads(stdout)
-    assert report["stopped_by_drift_budget"] and report["steps"] == 1
+    assert report["stopped_by_drift_budget"] and report["steps"] == 2
+    assert report["drift_budget_passed"]["step"] == 3
+    assert report["drift_budget_passed"]["drift"] == pytest.approx(measured[3], rel=1e-9)
+    assert report["measured_drift"] == pytest.approx(measured[2], rel=1e-9)
+    kept, asked = read_all(out), read_all(tmp_path / "steps2")
+    assert kept.keys() == asked.keys() and all(torch.equal(kept[n], asked[n]) for n in kept)
+    provenance = json.loads((out / "delta.json").read_text())["provenance"]
+    assert provenance["eval_general"]["file"] == "general" and provenance["steps"] == 2
+    assert provenance["hyperparameters"]["eval_every"] == 1  # a tenth of 6 steps, rounded up
+    # a budget the first measurement already passes leaves nothing to keep: refused, nothing written
+    assert_clean_failure(
+        cli(*common, "-o", tmp_path / "none", "--max-steps", "3", "--drift-budget", "1e-12"),
+        "nothing to keep",
+        output=tmp_path / "none",
+    )
 
 
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (
-            ("--budget-on", "measured", "--drift-budget", "0.1"),
-            "give --drift-budget, --eval-general and --eval-every",
-        ),
+        (("--budget-on", "measured"), "give --drift-budget too"),
+        (("--budget-on", "predicted", "--drift-budget", "0.1", "--method", "piece-s"), "retain Fisher"),
         (("--eval-every", "2"), "--eval-every needs --eval-data or --eval-general"),
     ],
 )

@@ -287,10 +287,14 @@ def test_drift_budget_stops_training(tiny, code_data, general_data, tmp_path, cl
         "--json",
         "--drift-budget",
         str(budget),
+        "--budget-on",
+        "predicted",
     )
     cut = json.loads(stdout)
     assert code == 0 and cut["stopped_by_drift_budget"] and cut["steps"] < 10
-    assert cut["predicted_drift"] >= budget
+    # the last step within the budget is kept; the next one passed it
+    assert cut["predicted_drift"] <= budget < cut["drift_budget_passed"]["drift"]
+    assert cut["drift_budget_passed"]["step"] == cut["steps"] + 1
 
 
 def test_retain_weight_adds_its_gradient_and_drifts_less(tiny, code_data, general_data, tmp_path):

@@ -184,10 +184,10 @@ def train_command(
         str | None,
         typer.Option(
             help="General text to measure the drift on (KL from the base) every --eval-every steps and "
-            "at the end: a data file, self or general."
+            "at the end: a data file, self or general. [default: general with --drift-budget]"
         ),
     ] = None,
-    budget_on: Annotated[str, _train_option("budget_on")] = "predicted",
+    budget_on: Annotated[str | None, _train_option("budget_on")] = None,
     eval_every: Annotated[int | None, _train_option("eval_every")] = None,
     save_every: Annotated[int | None, _train_option("save_every")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the saved state.")] = False,
@@ -203,6 +203,10 @@ def train_command(
     from piece_surgery.score import check_retain
     from piece_surgery.train import train_checkpoint
 
+    if budget_on is not None and drift_budget is None:
+        raise PieceError(
+            "--budget-on says what --drift-budget stops on; give --drift-budget too, or leave it out"
+        )
     config = TrainConfig(
         lr=lr,
         epochs=epochs,
@@ -221,7 +225,7 @@ def train_command(
         norm_lr_scale=norm_lr_scale,
         drift_budget=drift_budget,
         retain_weight=retain_weight,
-        budget_on=budget_on,
+        budget_on=budget_on or "measured",
     )
     retain_options = given(
         retain_labels=retain_labels,
@@ -273,8 +277,13 @@ def _train_lines(report: dict) -> list[str]:
             f"measured drift (mean token KL from the base on --eval-general) {report['measured_drift']:.4g}"
         )
     if report["predicted_drift"] is not None:
-        stop = "; stopped at the drift budget" if report["stopped_by_drift_budget"] else ""
-        lines.append(f"predicted drift (1/2 sum F d^2, mean token KL) {report['predicted_drift']:.4g}{stop}")
+        lines.append(f"predicted drift (1/2 sum F d^2, mean token KL) {report['predicted_drift']:.4g}")
+    passed = report["drift_budget_passed"]
+    if passed is not None:
+        lines.append(
+            f"stopped: the drift at step {passed['step']} ({passed['drift']:.4g}) passed --drift-budget; "
+            f"kept step {report['steps']}"
+        )
     return lines
 
 
