@@ -213,7 +213,12 @@ class TrainConfig(JsonRecord):
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
     betas: tuple[float, float] = field(default=(0.9, 0.95), metadata=_help("AdamW betas, e.g. 0.9,0.95."))
     clip: float = field(default=1.0, metadata=_help("Gradient-norm clip (0: off)."))
-    eval_every: int | None = field(default=None, metadata=_help("Evaluate every N steps."))
+    eval_every: int | None = field(
+        default=None,
+        metadata=_help(
+            "Evaluate every N steps and at the last. [default with --drift-budget: a tenth of the run]"
+        ),
+    )
     save_every: int | None = field(default=None, metadata=_help("Save a resumable state every N steps."))
     seed: int = field(default=0, metadata=_help("Data order (and the random method)."))
     gradient_checkpointing: bool = field(
@@ -237,8 +242,8 @@ class TrainConfig(JsonRecord):
         default="measured",
         metadata=_help(
             "What --drift-budget reads: measured (KL on --eval-general, default the shipped general "
-            "set, every --eval-every steps, default a tenth of the run) or predicted (1/2 sum F d^2 "
-            "from a piece-r mask's retain Fisher, every step). [default: measured]"
+            "set, every --eval-every steps, default a tenth of the run, and at the last) or predicted "
+            "(1/2 sum F d^2 from a piece-r mask's retain Fisher, every step). [default: measured]"
         ),
     )
     # None: DEFAULT_RETAIN_WEIGHT with a mask that carries the Fisher, else 0 (see for_mask);
@@ -284,7 +289,7 @@ class TrainConfig(JsonRecord):
         if self.budget_on not in ("predicted", "measured"):
             raise PieceError(f"unknown --budget-on '{self.budget_on}'; use predicted or measured")
         if self.drift_budget is not None and not (self.drift_budget > 0 and math.isfinite(self.drift_budget)):
-            raise PieceError(f"--drift-budget must be a positive number, got {self.drift_budget}")
+            raise PieceError(f"--drift-budget must be a positive, finite number, got {self.drift_budget}")
         weight = self.retain_weight
         if weight is not None and not (weight >= 0 and math.isfinite(weight)):
             raise PieceError(f"--retain-weight must be a finite number >= 0, got {self.retain_weight}")

@@ -11,6 +11,7 @@ injected, and their small or unavoidable dense gradient is reduced to the k entr
 from __future__ import annotations
 
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -232,7 +233,7 @@ class SparseParameters:
             n: torch.nn.Parameter(full(params[n]).detach().reshape(-1)[self.indices[n]].float().clone())
             for n in params
         }
-        # the base's values (fp32 holds bf16 and fp16 exactly): what write_base puts back
+        # the base's values (fp32 holds bf16 and fp16 exactly): what as_base puts back
         self.base_values = {n: v.detach().clone() for n, v in self.values.items()}
         self._wrapped: list[torch.nn.Module] = []
         self._flags: list[tuple[torch.nn.Parameter, bool]] = []
@@ -293,9 +294,23 @@ class SparseParameters:
                 positions, offsets = part.select(self.indices[name])
                 part.values[offsets] = values[name].detach()[positions].to(p.dtype)
 
-    def write_base(self) -> None:
-        """Put the base's values back: the model is the base again, bit for bit, until write()."""
-        self.write(self.base_values)
+    @contextmanager
+    def as_base(self):
+        """Inside, the model is the base, bit for bit: the values themselves hold the base's (the
+        modules that take them inside their forward read them there) and the weights too; on leaving,
+        the trained values are back in both."""
+        trained = {n: v.detach().clone() for n, v in self.values.items()}
+        with torch.no_grad():
+            for name, value in self.values.items():
+                value.copy_(self.base_values[name])
+        self.write()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in self.values.items():
+                    value.copy_(trained[name])
+            self.write()
 
     def detach(self) -> None:
         """Undo attach: the modules' forwards and the parameters' requires_grad as they were."""

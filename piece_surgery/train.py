@@ -56,6 +56,7 @@ class Trained(NamedTuple):
             "final_eval_loss": result.eval_loss,
             "predicted_drift": result.predicted_drift,
             "measured_drift": result.measured_drift,
+            "eval_general": general.file if (general := delta.info.provenance.eval_general) else None,
             "stopped_by_drift_budget": result.stopped_by_drift_budget,
             "drift_budget_passed": result.drift_budget_passed,
             "seconds": round(seconds, 3),
@@ -90,6 +91,8 @@ def train_checkpoint(
     every `config.eval_every` steps and at the end (drift.py). Under a launcher (torchrun, ...)
     every rank trains on its share of each step and rank 0 writes."""
     output = Path(output)
+    if eval_general is not None and not str(eval_general).strip():
+        raise PieceError("--eval-general is empty: give a data file, self or general")
     if config.drift_budget and config.budget_on == "measured" and eval_general is None:
         eval_general = GENERAL  # the budget measures on the shipped general-text set by default
     _check_options(config, mask_ref, score_options, retain, avoid, eval_data, eval_general)

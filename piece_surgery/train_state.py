@@ -33,11 +33,15 @@ def save_state(
     history: list,
     resume_key: dict,
     rng_states: list[torch.Tensor] | None = None,
+    kept: tuple[int, dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Values, AdamW moments, step, RNG state: safetensors + JSON, written atomically, with the
     tensors' sha256. `resume_key` names what a resumed run must share with this one (model, data,
-    mask, settings)."""
+    mask, settings). `kept` is a drift budget's (step, values): the last step within it."""
     tensors = {}
+    if kept is not None:
+        for name, value in kept[1].items():
+            tensors[f"{name}::kept"] = value.detach().cpu()
     for name, value in sparse.values.items():
         tensors[f"{name}::values"] = value.detach().cpu()
         moments = optimizer.state.get(value, {})
@@ -55,6 +59,7 @@ def save_state(
             "history": history,
             "resume_key": resume_key,
             "state_sha256": file_sha256(tmp / STATE_FILE),
+            "kept_step": kept[0] if kept is not None else None,
         }
         (tmp / DESCRIPTION).write_text(json.dumps(description, default=str))
 
@@ -65,8 +70,9 @@ def load_state(
     optimizer: torch.optim.Optimizer,
     resume_key: dict,
     rank: int = 0,
-) -> tuple[int, list]:
-    """Put a saved state into the values and the optimizer; returns (step, history)."""
+) -> tuple[int, list, tuple[int, dict[str, torch.Tensor]] | None]:
+    """Put a saved state into the values and the optimizer; returns (step, history, and a drift
+    budget's kept (step, values) or None)."""
     if state_dir is None or not (Path(state_dir) / DESCRIPTION).is_file():
         raise PieceError(f"--resume: no saved training state in '{state_dir}'; run with --save-every first")
     state_dir = Path(state_dir)
@@ -105,7 +111,14 @@ def load_state(
     if rng is None or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
         raise PieceError("--resume: the saved state has no valid random-number state; start afresh")
     torch.set_rng_state(rng)
-    return step, list(description["history"])
+    kept = None
+    kept_step = description.get("kept_step")
+    if isinstance(kept_step, int) and not isinstance(kept_step, bool):
+        values = {name: saved_tensors.get(f"{name}::kept") for name in sparse.values}
+        if any(v is None or v.shape != sparse.values[n].shape for n, v in values.items()):
+            raise PieceError("--resume: the saved state's kept values do not match this run; start afresh")
+        kept = (kept_step, values)
+    return step, list(description["history"]), kept
 
 
 def _read_description(state_dir: Path) -> dict:

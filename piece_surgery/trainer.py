@@ -58,8 +58,9 @@ def total_steps(n_examples: int, config: TrainConfig, ranks: int = 1) -> int:
 
 
 def budget_period(total: int) -> int:
-    """How often a measured --drift-budget measures when --eval-every is not given: ten times a
-    run (each measurement is two forward passes over the general text)."""
+    """How often a measured --drift-budget measures when --eval-every is not given: every tenth of
+    the run, rounded up (and at the last step, as always); each measurement is two forward passes
+    over the general text."""
     return max(1, math.ceil(total / 10))
 
 
@@ -138,14 +139,14 @@ def train_sparse(
     ranks = world.size if world is not None else 1
     total = total_steps(len(dataset.examples), config, ranks)
     resume_key = {**(resume_key or {}), "config": config.resume_key(), "ranks": ranks}
-    start, history = _starting_point(
+    start, history, kept = _starting_point(
         state_dir, sparse, optimizer, resume_key, resume, total, config.seed, world
     )
     _prepare_model(model, sparse, config, sparse_linear)
     main = world is None or world.is_main
     train_loss = history[-1]["loss"] if history else None
     measures = _Measures(model, sparse, config, pad_id, eval_dataset, general_dataset, world)
-    budget = _Budget(config, sparse, drift, history)
+    budget = _Budget(config, sparse, drift, history, kept)
     last_saved = start if resume else None
     forward = None
     try:
@@ -166,17 +167,19 @@ def train_sparse(
             record = {"step": step + 1, "loss": train_loss, "lr": config.lr * factor}
             if drift is not None:
                 record["predicted_drift"] = drift.value()
-            if config.eval_every and (step + 1) % config.eval_every == 0:
-                measures.take(record)
+            if config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == total):
+                measures.take(record)  # the last step too: a budget must see the values it writes
             history.append(record)
             if progress:
                 progress(1, record)
             if state_dir is not None and config.save_every and (step + 1) % config.save_every == 0:
                 rng = world.gather(torch.get_rng_state()) if world is not None else [torch.get_rng_state()]
                 if main:
-                    save_state(state_dir, sparse, optimizer, step + 1, history, resume_key, rng)
+                    save_state(
+                        state_dir, sparse, optimizer, step + 1, history, resume_key, rng, budget.saved()
+                    )
                 last_saved = step + 1
-            if budget.passed(record):
+            if budget.passed(record, _saved_state(last_saved, state_dir)):
                 history = budget.roll_back(history, measures)
                 train_loss = history[-1]["loss"]
                 break
@@ -234,18 +237,21 @@ def _starting_point(
     total: int,
     seed: int,
     world: World | None,
-) -> tuple[int, list]:
-    """(first step, history): 0 and none for a fresh run (seeded), the saved ones on --resume."""
+) -> tuple[int, list, tuple[int, dict] | None]:
+    """(first step, history, the values a drift budget keeps): 0, none and none for a fresh run
+    (seeded), the saved ones on --resume."""
     if not resume:
         torch.manual_seed(seed)
-        return 0, []
-    start, history = load_state(state_dir, sparse, optimizer, resume_key, rank=world.rank if world else 0)
+        return 0, [], None
+    start, history, kept = load_state(
+        state_dir, sparse, optimizer, resume_key, rank=world.rank if world else 0
+    )
     if start > total:
         raise PieceError(
             f"--resume: the saved state is at step {start}, past the {total} steps this run asks for; "
             "raise --max-steps or --epochs, or start afresh without --resume"
         )
-    return start, history
+    return start, history, kept
 
 
 def _prepare_model(
@@ -320,11 +326,10 @@ class _Measures:
         self.model.eval()
 
         def base(batch):
-            self.sparse.write_base()
-            return forward(batch)
+            with self.sparse.as_base():  # norm gains and shared weights take the values in forward
+                return forward(batch)
 
         def tuned(batch):
-            self.sparse.write()
             return forward(batch)
 
         try:
@@ -348,21 +353,36 @@ class _Budget:
     it, or the predicted one) passed the budget; the values of the last step within it, to keep.
     A copy of k fp32 values per tensor, taken when a step is within the budget."""
 
-    def __init__(self, config: TrainConfig, sparse: SparseParameters, drift, history: list[dict]):
+    def __init__(
+        self,
+        config: TrainConfig,
+        sparse: SparseParameters,
+        drift,
+        history: list[dict],
+        saved: tuple[int, dict[str, torch.Tensor]] | None = None,
+    ):
         self.limit = config.drift_budget
         self.key = f"{config.budget_on}_drift"
         self.sparse = sparse
         self.kept: dict[str, torch.Tensor] | None = None
         self.kept_record: dict | None = None
         self.passed_at: dict | None = None
-        if self.limit and history:  # a resumed run: its values are the last record's
-            last = dict(history[-1])
-            if self.key == "predicted_drift" and drift is not None:
-                last["predicted_drift"] = drift.value()
-            if last.get(self.key) is not None and last[self.key] <= self.limit:
-                self._keep(last)
+        if not self.limit or not history:
+            return
+        # a resumed run: the kept values its state saved (budgets alike), else its own values
+        # when the last record within the budget is the step it resumes at
+        records = {r["step"]: r for r in history}
+        record = records.get(saved[0]) if saved is not None else None
+        if record is not None and record.get(self.key) is not None and record[self.key] <= self.limit:
+            self.kept = {n: v.to(sparse.values[n].device) for n, v in saved[1].items()}
+            self.kept_record = record
+        last = dict(history[-1])
+        if self.key == "predicted_drift" and drift is not None:
+            last["predicted_drift"] = drift.value()
+        if last.get(self.key) is not None and last[self.key] <= self.limit:
+            self._keep(last)
 
-    def passed(self, record: dict) -> bool:
+    def passed(self, record: dict, state_note: str = "") -> bool:
         value = record.get(self.key)
         if not self.limit or value is None:
             return False
@@ -374,9 +394,15 @@ class _Budget:
             raise PieceError(
                 f"the {self.key.split('_')[0]} drift at step {record['step']} ({value:.4g}) already passes "
                 f"--drift-budget {self.limit:g}, and no earlier step was measured within it: nothing to "
-                "keep; raise the budget, lower --lr, or measure more often (--eval-every)"
+                "keep; raise the budget, lower --lr, or measure more often (--eval-every)" + state_note
             )
         return True
+
+    def saved(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """What a resumable state keeps of the budget: the kept step and its values."""
+        if self.kept is None:
+            return None
+        return self.kept_record["step"], self.kept
 
     def roll_back(self, history: list[dict], measures: _Measures) -> list[dict]:
         """Put the kept values back; the history up to the kept step."""
@@ -426,6 +452,15 @@ class DriftEstimate:
                     "--retain-weight"
                 )
             v.grad = penalty if v.grad is None else v.grad.add_(penalty)
+
+
+def _saved_state(last_saved: int | None, state_dir: Path | None) -> str:
+    if not last_saved:
+        return ""
+    return (
+        f"; the state saved at step {last_saved} is in {state_dir} (--resume continues it, "
+        "--overwrite discards it)"
+    )
 
 
 def _last_good(last_saved: int | None, state_dir: Path | None) -> str:

@@ -178,6 +178,96 @@ def test_drift_budget_keeps_the_last_step_measured_within_it(tiny, tmp_path, cli
     )
 
 
+@pytest.mark.parametrize("arch, include", [("llama", "norm"), ("gpt2", "wte"), ("llama", ".")])
+def test_training_measures_drift_in_every_kind_of_tensor(tiny, tmp_path, cli, code_data, arch, include):
+    """Norm gains and shared (tied) weights take the trained values inside their forward: the base
+    pass must hold the base's values there too, so train's drift is eval's on the same delta."""
+    base, out = tiny(arch), tmp_path / "d"
+    mask = tmp_path / "m.safetensors"
+    assert (
+        cli("score", base, "--method", "random", "--include", include, "--density", "0.2", "-o", mask)[0] == 0
+    )
+    args = ["--mask", mask, "--lr", "0.1", "--max-steps", "3", "-q", "--json", "--eval-general", "general"]
+    code, stdout, err = cli("train", base, "--data", code_data, "-o", out, *args)
+    assert code == 0, err
+    trained = json.loads(stdout)["measured_drift"]
+    measured = run_eval(cli, base, out, "--general", "general")["candidates"][0]["drift"]
+    assert measured > 0 and trained == pytest.approx(measured, rel=1e-6)
+
+
+def test_a_budgeted_run_checks_its_last_step_and_resumes_as_it_would_have_run(
+    tiny, tmp_path, cli, code_data, monkeypatch
+):
+    import piece_surgery.trainer as train_module
+
+    base = tiny("llama")
+    common = ["train", base, "--data", code_data, "--lr", "1e-2", "--batch-size", "1", "-q", "--json"]
+    drifts = {}
+    for steps in (2, 4):
+        code, stdout, err = cli(
+            *common, "-o", tmp_path / f"s{steps}", "--max-steps", str(steps), "--eval-general", "general"
+        )
+        assert code == 0, err
+        drifts[steps] = json.loads(stdout)["measured_drift"]
+    assert 0 < drifts[2] < drifts[4]
+    budget = str((drifts[2] + drifts[4]) / 2)
+    # measured only at the last step (the period is longer than the run): still checked
+    assert_clean_failure(
+        cli(
+            *common,
+            "-o",
+            tmp_path / "late",
+            "--max-steps",
+            "4",
+            "--eval-every",
+            "9",
+            "--drift-budget",
+            budget,
+        ),
+        "nothing to keep",
+        output=tmp_path / "late",
+    )
+    args = ["--max-steps", "8", "--eval-every", "2", "--save-every", "3", "--drift-budget", budget]
+    code, stdout, err = cli(*common, "-o", tmp_path / "straight", *args)
+    assert code == 0 and json.loads(stdout)["steps"] == 2, err
+    # interrupted after the state of step 3 (which keeps step 2's values), then resumed
+    original = train_module.save_state
+
+    def save_then_crash(state_dir, sparse, optimizer, step, *rest):
+        original(state_dir, sparse, optimizer, step, *rest)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_state", save_then_crash)
+    assert cli(*common, "-o", tmp_path / "resumed", *args)[0] == 130
+    monkeypatch.setattr(train_module, "save_state", original)
+    code, stdout, err = cli(*common, "-o", tmp_path / "resumed", *args, "--resume")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["resumed_from"] == 3 and report["steps"] == 2 and report["drift_budget_passed"]["step"] == 4
+    straight, resumed = read_all(tmp_path / "straight"), read_all(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    for kept in (straight, resumed):
+        assert all(torch.equal(kept[k], read_all(tmp_path / "s2")[k]) for k in kept)
+    # a budget passed at once, with a saved state: no delta, and the state is named
+    line = assert_clean_failure(
+        cli(
+            *common,
+            "-o",
+            tmp_path / "none",
+            "--max-steps",
+            "3",
+            "--save-every",
+            "1",
+            "--drift-budget",
+            "1e-12",
+        ),
+        "nothing to keep",
+        output=tmp_path / "none",
+    )
+    assert "none.state" in line and "--resume" in line
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [

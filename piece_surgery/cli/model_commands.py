@@ -274,7 +274,8 @@ def _train_lines(report: dict) -> list[str]:
         lines.append(f"eval loss {report['final_eval_loss']:.4f}")
     if report["measured_drift"] is not None:
         lines.append(
-            f"measured drift (mean token KL from the base on --eval-general) {report['measured_drift']:.4g}"
+            f"measured drift (mean token KL from the base on {report['eval_general']}) "
+            f"{report['measured_drift']:.4g}"
         )
     if report["predicted_drift"] is not None:
         lines.append(f"predicted drift (1/2 sum F d^2, mean token KL) {report['predicted_drift']:.4g}")
