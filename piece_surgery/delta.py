@@ -63,7 +63,7 @@ class TrainProvenance(JsonRecord):
     made_by: str = "train"
     measured_drift: float | None = None  # mean token KL(base || tuned) on --eval-general, at the end
     eval_general: DataRecord | None = None  # the general text it was measured on
-    drift_budget_passed: dict | None = None  # {"step", "drift"}: the step past --drift-budget
+    drift_budget_passed: dict | None = None  # {"step", "drift", "budget", "on"}: the step past it
 
 
 Provenance = DiffProvenance | TrainProvenance

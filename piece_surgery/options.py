@@ -298,9 +298,10 @@ class TrainConfig(JsonRecord):
             raise PieceError("--betas must be two numbers in [0, 1), e.g. 0.9,0.95")
 
     def resume_key(self) -> dict:
-        """The settings a resumed run must share with the interrupted one."""
+        """The settings a resumed run must share with the interrupted one (where it stops, and how
+        often it measures or saves, may change)."""
         keep = self.to_json()
-        for free in ("max_steps", "epochs", "eval_every", "save_every"):
+        for free in ("max_steps", "epochs", "eval_every", "save_every", "drift_budget", "budget_on"):
             keep.pop(free)
         return keep
 

@@ -150,6 +150,13 @@ def train_sparse(
     last_saved = start if resume else None
     forward = None
     try:
+        if history and budget.passed(
+            budget.resumed_record(history, drift), _saved_state(last_saved, state_dir)
+        ):
+            # a state saved past the budget (interrupted before it stopped): keep what it would have
+            history = budget.roll_back(history, measures)
+            train_loss = history[-1]["loss"]
+            total = start
         forward = _MicroBatchLoss(model, sparse, world)
         for step in range(start, total):
             sparse.write()
@@ -313,10 +320,15 @@ class _Measures:
             self.drift = record["measured_drift"] = drift
 
     def finish(self, history: list[dict]) -> None:
-        """The last step's figures, unless the loop just took them."""
+        """The last step's figures: taken now, unless the loop (or the run a state was saved
+        by) took them at that step."""
         wanted = self.eval_dataset is not None or self.general_dataset is not None
-        if wanted and not (history and ("eval_loss" in history[-1] or "measured_drift" in history[-1])):
-            self.take(history[-1] if history else {})
+        last = history[-1] if history else {}
+        if wanted and not ("eval_loss" in last or "measured_drift" in last):
+            self.take(last)
+        else:
+            self.eval_loss = last.get("eval_loss", self.eval_loss)
+            self.drift = last.get("measured_drift", self.drift)
 
     def _drift(self) -> float:
         from piece_surgery.drift import compare, model_forward
@@ -376,11 +388,16 @@ class _Budget:
         if record is not None and record.get(self.key) is not None and record[self.key] <= self.limit:
             self.kept = {n: v.to(sparse.values[n].device) for n, v in saved[1].items()}
             self.kept_record = record
+        last = self.resumed_record(history, drift)
+        if last.get(self.key) is not None and last[self.key] <= self.limit:
+            self._keep(last)
+
+    def resumed_record(self, history: list[dict], drift) -> dict:
+        """The record of the step a run resumes at, with its predicted drift (for a budget on it)."""
         last = dict(history[-1])
         if self.key == "predicted_drift" and drift is not None:
             last["predicted_drift"] = drift.value()
-        if last.get(self.key) is not None and last[self.key] <= self.limit:
-            self._keep(last)
+        return last
 
     def passed(self, record: dict, state_note: str = "") -> bool:
         value = record.get(self.key)
@@ -389,7 +406,7 @@ class _Budget:
         if value <= self.limit:
             self._keep(record)
             return False
-        self.passed_at = {"step": record["step"], "drift": value}
+        self.passed_at = {"step": record["step"], "drift": value, "budget": self.limit, "on": self.key[:-6]}
         if self.kept is None:
             raise PieceError(
                 f"the {self.key.split('_')[0]} drift at step {record['step']} ({value:.4g}) already passes "
@@ -458,8 +475,8 @@ def _saved_state(last_saved: int | None, state_dir: Path | None) -> str:
     if not last_saved:
         return ""
     return (
-        f"; the state saved at step {last_saved} is in {state_dir} (--resume continues it, "
-        "--overwrite discards it)"
+        f"; the state saved at step {last_saved} is in {state_dir} (--resume with a higher "
+        "--drift-budget continues it, --overwrite discards it)"
     )
 
 

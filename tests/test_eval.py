@@ -227,28 +227,36 @@ def test_a_budgeted_run_checks_its_last_step_and_resumes_as_it_would_have_run(
         "nothing to keep",
         output=tmp_path / "late",
     )
-    args = ["--max-steps", "8", "--eval-every", "2", "--save-every", "3", "--drift-budget", budget]
+    args = ["--max-steps", "8", "--eval-every", "2", "--drift-budget", budget]
     code, stdout, err = cli(*common, "-o", tmp_path / "straight", *args)
-    assert code == 0 and json.loads(stdout)["steps"] == 2, err
-    # interrupted after the state of step 3 (which keeps step 2's values), then resumed
+    straight_report = json.loads(stdout)
+    assert code == 0 and straight_report["steps"] == 2, err
+    straight = read_all(tmp_path / "straight")
+    assert all(torch.equal(straight[k], read_all(tmp_path / "s2")[k]) for k in straight)
     original = train_module.save_state
+    # interrupted after the state of step 3 (within the budget: it carries step 2's values along),
+    # or of step 4 (already past it), then resumed: the same delta and report either way
+    for save_every in (3, 4):
 
-    def save_then_crash(state_dir, sparse, optimizer, step, *rest):
-        original(state_dir, sparse, optimizer, step, *rest)
-        if step == 3:
-            raise KeyboardInterrupt
+        def save_then_crash(state_dir, sparse, optimizer, step, *rest, at=save_every):
+            original(state_dir, sparse, optimizer, step, *rest)
+            if step == at:
+                raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "save_state", save_then_crash)
-    assert cli(*common, "-o", tmp_path / "resumed", *args)[0] == 130
-    monkeypatch.setattr(train_module, "save_state", original)
-    code, stdout, err = cli(*common, "-o", tmp_path / "resumed", *args, "--resume")
-    assert code == 0, err
-    report = json.loads(stdout)
-    assert report["resumed_from"] == 3 and report["steps"] == 2 and report["drift_budget_passed"]["step"] == 4
-    straight, resumed = read_all(tmp_path / "straight"), read_all(tmp_path / "resumed")
-    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
-    for kept in (straight, resumed):
-        assert all(torch.equal(kept[k], read_all(tmp_path / "s2")[k]) for k in kept)
+        out = tmp_path / f"resumed{save_every}"
+        monkeypatch.setattr(train_module, "save_state", save_then_crash)
+        assert cli(*common, "-o", out, *args, "--save-every", str(save_every))[0] == 130
+        monkeypatch.setattr(train_module, "save_state", original)
+        code, stdout, err = cli(*common, "-o", out, *args, "--save-every", str(save_every), "--resume")
+        assert code == 0, err
+        report = json.loads(stdout)
+        assert report["resumed_from"] == save_every and report["steps"] == 2
+        assert report["drift_budget_passed"] == straight_report["drift_budget_passed"]
+        assert report["measured_drift"] == straight_report["measured_drift"]
+        resumed = read_all(out)
+        assert straight.keys() == resumed.keys() and all(
+            torch.equal(straight[k], resumed[k]) for k in straight
+        )
     # a budget passed at once, with a saved state: no delta, and the state is named
     line = assert_clean_failure(
         cli(
@@ -266,6 +274,38 @@ def test_a_budgeted_run_checks_its_last_step_and_resumes_as_it_would_have_run(
         output=tmp_path / "none",
     )
     assert "none.state" in line and "--resume" in line
+    # as it says: a higher budget continues the state
+    code, stdout, err = cli(
+        *common, "-o", tmp_path / "none", "--max-steps", "3", "--drift-budget", "1e9", "--resume"
+    )
+    assert code == 0 and json.loads(stdout)["steps"] == 3, err
+
+
+def test_a_run_resumed_at_its_last_step_reports_what_that_step_measured(
+    tiny, tmp_path, cli, code_data, monkeypatch
+):
+    import piece_surgery.trainer as train_module
+
+    base = tiny("llama")
+    args = ["train", base, "--data", code_data, "--lr", "1e-2", "--max-steps", "2", "-q", "--json"]
+    args += ["--eval-general", "general", "--eval-data", code_data, "--eval-every", "1", "--save-every", "2"]
+    code, stdout, err = cli(*args, "-o", tmp_path / "straight")
+    assert code == 0, err
+    original = train_module.save_state
+
+    def save_then_crash(state_dir, sparse, optimizer, step, *rest):
+        original(state_dir, sparse, optimizer, step, *rest)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_state", save_then_crash)
+    assert cli(*args, "-o", tmp_path / "resumed")[0] == 130
+    monkeypatch.setattr(train_module, "save_state", original)
+    code, resumed, err = cli(*args, "-o", tmp_path / "resumed", "--resume")
+    assert code == 0, err
+    straight, resumed = json.loads(stdout), json.loads(resumed)
+    assert resumed["resumed_from"] == 2 and resumed["measured_drift"] is not None
+    for key in ("measured_drift", "final_eval_loss", "final_train_loss"):
+        assert resumed[key] == straight[key]
 
 
 @pytest.mark.parametrize(

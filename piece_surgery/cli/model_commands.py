@@ -282,8 +282,8 @@ def _train_lines(report: dict) -> list[str]:
     passed = report["drift_budget_passed"]
     if passed is not None:
         lines.append(
-            f"stopped: the drift at step {passed['step']} ({passed['drift']:.4g}) passed --drift-budget; "
-            f"kept step {report['steps']}"
+            f"stopped: the {passed['on']} drift at step {passed['step']} ({passed['drift']:.4g}) passed "
+            f"--drift-budget {passed['budget']:g}; kept step {report['steps']}"
         )
     return lines
 
