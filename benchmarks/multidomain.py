@@ -97,6 +97,11 @@ SETTINGS = [
     Setting("piece-r, retain general (shipped)", "sparse", (1e-3, 3e-3, 1e-2), retain=("general",)),
     Setting("piece-r, retain self + general", "sparse", (1e-3, 1e-2), retain=("self", "general")),
     Setting("piece-r, retain a general file", "sparse", (1e-3, 1e-2), retain=("file",)),
+    # the shipped texts twice: as prose, and as answers in the model's chat format (issue 22's
+    # candidate for keeping chat behaviour without text from the model or the measure's prompts)
+    Setting(
+        "piece-r, retain general + general as chat", "sparse", (1e-3,), retain=("general", "general-chat")
+    ),
     Setting("piece-r 1%, retain general", "sparse", (1e-3, 3e-3), retain=("general",), density=0.01),
     Setting("PIECE-S", "sparse", (1e-4,), method="piece-s", retain_weight=0.0),
 ]
@@ -137,6 +142,26 @@ def drift_texts(n: int) -> tuple[list[str], list[str]]:
     ]
     random.Random(1).shuffle(rows)
     return rows[:n], rows[n : n + 128]
+
+
+def general_as_chat(path: Path) -> Path:
+    """The shipped general set as chats: each summary the answer to "Tell me about TITLE." (the
+    loss on the answer's tokens only, in the model's chat format)."""
+    from piece_surgery.retain import general_text
+
+    records = []
+    for line in general_text().read_text().splitlines():
+        row = json.loads(line)
+        records.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Tell me about {row['title']}."},
+                    {"role": "assistant", "content": row["text"]},
+                ]
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
 
 
 def chat_answers(model, tokenizer, path: Path, seed: int = 0) -> Path:
@@ -247,6 +272,7 @@ def prepare(domain: str, folder: Path, work: Path, args) -> dict:
         "retain_sets": {
             "general": load(general_text(), name=GENERAL),
             "file": load(write_jsonl(file_texts, work / "general-file.jsonl")),
+            "general-chat": load(general_as_chat(work / "general-chat.jsonl")),
         },
     }
     ctx["base"] = base
