@@ -146,7 +146,7 @@ def train_sparse(
     main = world is None or world.is_main
     train_loss = history[-1]["loss"] if history else None
     measures = _Measures(model, sparse, config, pad_id, eval_dataset, general_dataset, world)
-    budget = _Budget(config, sparse, drift, history, kept)
+    budget = _Budget(config, sparse, history, kept)
     last_saved = start if resume else None
     forward = None
     try:
@@ -369,7 +369,6 @@ class _Budget:
         self,
         config: TrainConfig,
         sparse: SparseParameters,
-        drift,
         history: list[dict],
         saved: tuple[int, dict[str, torch.Tensor]] | None = None,
     ):
@@ -381,16 +380,13 @@ class _Budget:
         self.passed_at: dict | None = None
         if not self.limit or not history:
             return
-        # a resumed run: the kept values its state saved (budgets alike), else its own values
-        # when the last record within the budget is the step it resumes at
+        # a resumed run: the kept values its state saved, if their step is within this budget (the
+        # step it resumes at is checked, and kept or rolled back, by the first `passed`)
         records = {r["step"]: r for r in history}
         record = records.get(saved[0]) if saved is not None else None
         if record is not None and record.get(self.key) is not None and record[self.key] <= self.limit:
             self.kept = {n: v.to(sparse.values[n].device) for n, v in saved[1].items()}
             self.kept_record = record
-        last = self.resumed_record(history, drift)
-        if last.get(self.key) is not None and last[self.key] <= self.limit:
-            self._keep(last)
 
     def resumed_record(self, history: list[dict], drift) -> dict:
         """The record of the step a run resumes at, with its predicted drift (for a budget on it)."""
