@@ -1,18 +1,31 @@
 """Gradients for the selected entries of a model's weights, and never a dense weight gradient.
 
-`SparseParameters` holds the k trainable values of each masked tensor and feeds them gradients.
-For a linear layer's weight, y = x W^T + b, dL/dW[o, i] = sum over tokens of dy[:, o] * x[:, i]: with
-k selected entries that is O(tokens x k) work instead of the O(tokens x out x in) matrix product,
-and backward needs only the input columns that selected entries use (saved alone when they are
-few). Other weights (norm gains, biases, weights shared by two modules) run with the values
-injected, and their small or unavoidable dense gradient is reduced to the k entries at once.
+`SparseParameters` holds the k trainable values of each masked tensor and feeds them gradients
+through module hooks, never by replacing a module's forward: hub kernels (transformers' `kernels`
+integration re-kernelizes on every `train()`/`eval()`), accelerate, PEFT and `torch.compile` replace
+or wrap forwards, but they all call a module through `__call__`, which runs its hooks.
+
+- A linear layer's weight (y = x W^T + b): a forward hook passes the output through an identity
+  whose backward computes dL/dW at the k selected entries only, sum over tokens of dy[:, o] x[:, i]:
+  O(tokens x k) work instead of the O(tokens x out x in) product, keeping only the input columns
+  the entries use (when they are few). The weight itself holds the values (written before a forward).
+- A norm's gain (a leaf module whose parameters are vectors): the same identity on its output; its
+  backward recomputes the module from its input with the gain's values as a leaf, so the normalised
+  activation is never kept.
+- Anything else (a bias, a weight two modules share, an embedding, GPT-2's Conv1D): a forward
+  pre-hook puts a tensor carrying the values into the module's parameter slot for the call (as
+  torch.func.functional_call does) and a forward hook puts the frozen weight back; autograd reduces
+  its dense gradient to the k entries at once.
+
+`probe` proves, before training, that every value is on the autograd path, and names the real
+cause when one is not.
 """
 
 from __future__ import annotations
 
-import types
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
 
@@ -59,77 +72,55 @@ class EntryPlan:
             block=used_rows.numel() * used.numel() <= BLOCK_FACTOR * max(rows.numel(), 1),
         )
 
+    def saved_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What backward needs of the layer's input x (..., in): x, or its used columns."""
+        # index_select, not x[..., cols]: the generic indexing kernel is 1.3-3x slower here
+        return torch.index_select(x, -1, self.used_cols) if self.gather else x
 
-class SelectedEntryLinear(torch.autograd.Function):
-    """F.linear whose weight gradient is delivered only at the planned entries, to `values`.
 
-    forward(x: (..., in), weight: (out, in), bias: (out,) or None, values: (k,) fp32, plan) returns
-    x W^T + b, (..., out) in x's dtype; the weight itself gets no gradient. backward returns
-    dL/dx = dy W (..., in) and, for `values`, dL/dW at the plan's k entries: sum over tokens of
-    dy[:, row] x x[:, col], fp32 (k,), formed from gathers of at most _CHUNK_ELEMENTS at once
-    (or one small matrix product over the block of rows x columns the entries span).
+def selected_entry_gradient(dy: torch.Tensor, saved: torch.Tensor, plan: EntryPlan) -> torch.Tensor:
+    """dL/dW of y = x W^T + b at the plan's k entries: sum over tokens of dy[:, row] x[:, col].
+
+    dy: (..., out), the output's gradient; saved: plan.saved_input(x), (..., in) or (..., used).
+    Returns fp32 (k,), formed from gathers of at most _CHUNK_ELEMENTS at once, or one small matrix
+    product over the block of rows x columns the entries span.
     """
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    x2 = saved.reshape(-1, saved.shape[-1])
+    if plan.block:
+        a = torch.index_select(dy2, 1, plan.used_rows).float()
+        b = (x2 if plan.gather else torch.index_select(x2, 1, plan.used_cols)).float()
+        return (a.t() @ b)[plan.row_pos, plan.col_pos]
+    cols = plan.col_pos if plan.gather else plan.cols
+    k = plan.rows.numel()
+    grad = torch.empty(k, dtype=torch.float32, device=dy.device)
+    step = max(1, _CHUNK_ELEMENTS // max(dy2.shape[0], 1))
+    for start in range(0, k, step):
+        end = min(start + step, k)
+        a = torch.index_select(dy2, 1, plan.rows[start:end]).float()
+        b = torch.index_select(x2, 1, cols[start:end]).float()
+        # a is a fresh gather, so the product can overwrite it: no third (tokens x entries) tensor
+        grad[start:end] = a.mul_(b).sum(0)
+    return grad
+
+
+class LinearEntryTap(torch.autograd.Function):
+    """Identity on a linear layer's output y (..., out); backward passes dy on unchanged and gives
+    `values` (k,) fp32 the gradient of the layer's weight at the plan's entries
+    (selected_entry_gradient). The layer computed y with its frozen weight, which holds the values."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, plan: EntryPlan):
-        # index_select, not x[..., cols]: the generic indexing kernel is 1.3-3x slower here
-        saved = torch.index_select(x, -1, plan.used_cols) if plan.gather else x
-        ctx.save_for_backward(saved, weight)
+    def forward(ctx, output, x, values, plan: EntryPlan):
+        ctx.save_for_backward(plan.saved_input(x))
         ctx.plan = plan
-        ctx.has_bias = bias is not None
-        return torch.nn.functional.linear(x, weight, bias)
+        # a new tensor, not a view of the input: later in-place ops on the output stay legal
+        return output.clone()
 
     @staticmethod
     def backward(ctx, dy):
-        saved, weight = ctx.saved_tensors
-        plan: EntryPlan = ctx.plan
-        grad_x = dy.matmul(weight.to(dy.dtype)) if ctx.needs_input_grad[0] else None
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        x2 = saved.reshape(-1, saved.shape[-1])
-        cols = plan.col_pos if plan.gather else plan.cols
-        k = plan.rows.numel()
-        grad_bias = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        if plan.block:
-            a = torch.index_select(dy2, 1, plan.used_rows).float()
-            b = (x2 if plan.gather else torch.index_select(x2, 1, plan.used_cols)).float()
-            grad_values = (a.t() @ b)[plan.row_pos, plan.col_pos]
-            return grad_x, None, grad_bias, grad_values, None
-        grad_values = torch.empty(k, dtype=torch.float32, device=dy.device)
-        step = max(1, _CHUNK_ELEMENTS // max(dy2.shape[0], 1))
-        for start in range(0, k, step):
-            end = min(start + step, k)
-            a = torch.index_select(dy2, 1, plan.rows[start:end]).float()
-            b = torch.index_select(x2, 1, cols[start:end]).float()
-            # a is a fresh gather, so the product can overwrite it: no third (tokens x entries) tensor
-            grad_values[start:end] = a.mul_(b).sum(0)
-        return grad_x, None, grad_bias, grad_values, None
-
-
-def route_linear(module: torch.nn.Linear, values: torch.Tensor, indices: torch.Tensor) -> None:
-    """Make `module` deliver its weight gradient at `indices` to `values` (undo with restore)."""
-    plan = EntryPlan.for_indices(indices, module.in_features)
-
-    def forward(self, x):
-        return SelectedEntryLinear.apply(x, self.weight, self.bias, values, plan)
-
-    _replace_forward(module, types.MethodType(forward, module))
-
-
-def recompute_in_backward(module: torch.nn.Module) -> None:
-    """Run `module` under activation checkpointing: keep only its inputs, recompute it in backward.
-
-    For a norm whose gain is trained, autograd would otherwise keep the normalised activation
-    (tokens x hidden) for the gain's gradient, in every layer; recomputing a norm costs little.
-    Undo with restore.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    original = module.forward  # bound: keeps any wrapper already on the instance
-
-    def forward(self, *args, **kwargs):
-        return checkpoint(original, *args, use_reentrant=False, **kwargs)
-
-    _replace_forward(module, types.MethodType(forward, module))
+        (saved,) = ctx.saved_tensors
+        grad_values = selected_entry_gradient(dy, saved, ctx.plan) if ctx.needs_input_grad[2] else None
+        return dy, None, grad_values, None
 
 
 class InjectEntries(torch.autograd.Function):
@@ -149,43 +140,110 @@ class InjectEntries(torch.autograd.Function):
         return None, grad_out.reshape(-1)[indices].float(), None
 
 
-def inject_values(module: torch.nn.Module, attr: str, values: torch.Tensor, indices: torch.Tensor) -> None:
-    """Make `module` run with its parameter `attr` carrying `values` at `indices` (an autograd path
-    to the values; undo with restore). For small tensors (norm gains) and weights that several
-    modules share, whose dense gradient cannot be avoided anyway."""
-    original = module.forward  # bound: keeps any wrapper already on the instance
+@dataclass
+class Entries:
+    """The selected entries of one parameter slot of one module: `module._parameters[attr]`."""
 
-    def forward(self, *args, **kwargs):
-        frozen = self._parameters[attr]
-        # the module reads self.<attr> from _parameters: a tensor there for one call is how
-        # torch.func.functional_call substitutes parameters too
-        self._parameters[attr] = InjectEntries.apply(frozen, values, indices)
-        try:
-            return original(*args, **kwargs)
-        finally:
-            self._parameters[attr] = frozen
-
-    _replace_forward(module, types.MethodType(forward, module))
+    name: str  # the tensor's name in the model
+    attr: str
+    values: torch.Tensor  # (k,) fp32, the trainable values
+    indices: torch.Tensor  # (k,) int64, sorted flat indices
 
 
-_SAVED = "_piece_surgery_saved_forwards"
+@contextmanager
+def injected(module: torch.nn.Module, entries: list[Entries], values: list[torch.Tensor]) -> Iterator[None]:
+    """Inside, each entry's parameter slot of `module` holds its weight with `values` at its
+    indices (on the autograd path to them); the frozen weights are put back on leaving."""
+    frozen = [module._parameters[e.attr] for e in entries]
+    for e, v in zip(entries, values, strict=True):
+        module._parameters[e.attr] = InjectEntries.apply(module._parameters[e.attr], v, e.indices)
+    try:
+        yield
+    finally:
+        for e, weight in zip(entries, frozen, strict=True):
+            module._parameters[e.attr] = weight
 
 
-def _replace_forward(module: torch.nn.Module, forward) -> None:
-    # a stack of what was on the instance before each of ours (a hook library's forward, or None)
-    module.__dict__.setdefault(_SAVED, []).append(module.__dict__.get("forward"))
-    module.forward = forward
+class GainTap(torch.autograd.Function):
+    """Identity on a gain module's output; backward passes dy on unchanged and gives the gain's
+    values their gradient by recomputing the module (its current forward, whatever that is, without
+    hooks) from the saved input with the values as leaves. The module's output was computed with
+    its frozen gain, which holds the values; autograd keeps its input, not its normalised output.
+
+    apply(output, site, call, *values, *inputs): the site's values, then the call's tensors."""
+
+    @staticmethod
+    def forward(ctx, output, site: _Site, call: _Call, *tensors):
+        ctx.site, ctx.call = site, call
+        ctx.autocast = _autocast_state(output.device.type)
+        ctx.save_for_backward(*tensors[len(site.entries) :])
+        return output.clone()  # a new tensor: later in-place ops on the output stay legal
+
+    @staticmethod
+    def backward(ctx, dy):
+        site: _Site = ctx.site
+        inputs = ctx.saved_tensors
+        with torch.enable_grad(), _autocast(*ctx.autocast):
+            leaves = [e.values.detach().requires_grad_() for e in site.entries]
+            args, kwargs = ctx.call.rebuild([t.detach() for t in inputs])
+            with injected(site.module, site.entries, leaves):
+                out = site.module.forward(*args, **kwargs)  # not __call__: no hooks run again
+            grads = torch.autograd.grad(out, leaves, dy, allow_unused=True)
+        wanted = ctx.needs_input_grad[3 : 3 + len(leaves)]
+        values_grads = [g if w else None for g, w in zip(grads, wanted, strict=True)]
+        return (dy, None, None, *values_grads, *([None] * len(inputs)))
 
 
-def restore(module: torch.nn.Module) -> None:
-    """Undo the last route_linear, inject_values or recompute_in_backward on `module`."""
-    stack = module.__dict__.get(_SAVED)
-    previous = stack.pop() if stack else None
-    module.__dict__.pop("forward", None)
-    if previous is not None:
-        module.forward = previous
-    if stack is not None and not stack:
-        del module.__dict__[_SAVED]
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype | None]:
+    try:
+        return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, RuntimeError, AttributeError):  # a device type autocast does not know
+        return device_type, False, None
+
+
+def _autocast(device_type: str, enabled: bool, dtype: torch.dtype | None):
+    """The autocast state a forward ran under, again (for a recomputation in backward)."""
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
+@dataclass
+class _Call:
+    """The structure of a module call's arguments, with its tensors taken out (and put back)."""
+
+    args: tuple
+    kwargs: dict
+    slots: list  # (is_kwarg, position or key) of each tensor
+
+    @classmethod
+    def of(cls, args: tuple, kwargs: dict) -> tuple[_Call, list[torch.Tensor]]:
+        slots = [(False, i) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        slots += [(True, k) for k, a in kwargs.items() if isinstance(a, torch.Tensor)]
+        tensors = [kwargs[key] if is_kw else args[key] for is_kw, key in slots]
+        return cls(tuple(args), dict(kwargs), slots), tensors
+
+    def rebuild(self, tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
+        args, kwargs = list(self.args), dict(self.kwargs)
+        for (is_kw, key), t in zip(self.slots, tensors, strict=True):
+            if is_kw:
+                kwargs[key] = t
+            else:
+                args[key] = t
+        return tuple(args), kwargs
+
+
+@dataclass(eq=False)
+class _Site:
+    """One module whose parameters hold selected entries, and how their gradient is delivered:
+    `linear` (LinearEntryTap), `gain` (GainTap) or `inject` (InjectEntries in its parameter slots)."""
+
+    module: torch.nn.Module
+    path: str  # the module's name in the model
+    kind: str
+    entries: list[Entries]
+    plan: EntryPlan | None = None
+    handles: list = field(default_factory=list)
 
 
 def owners(model: torch.nn.Module) -> dict[int, list[tuple[torch.nn.Module, str]]]:
@@ -210,13 +268,13 @@ def is_gain_module(module: torch.nn.Module) -> bool:
 
 class SparseParameters:
     """The k trainable values of each masked tensor (fp32 nn.Parameters: what the optimizer, and
-    DistributedDataParallel, see), and what feeds them gradients.
+    DistributedDataParallel, see), and the module hooks that feed them gradients (module docstring).
+    Every model weight stays frozen: no dense weight gradient is ever kept.
 
-    Linear layers compute only the selected entries of their weight gradient (SelectedEntryLinear);
-    other tensors (norm gains, biases, weights two modules share) run with the values injected, and
-    autograd reduces their gradient to the k entries at once. Norms with a trained gain are
-    recomputed in backward rather than keeping their normalised output. Every model weight stays
-    frozen: no dense weight gradient is ever kept.
+    `attach` hooks the model; before each forward pass the model's weights are brought up to date
+    with the values (a root pre-hook writes those whose version changed, so an optimizer step by
+    any training loop is seen); `detach` takes every hook off and gives the parameters back their
+    requires_grad.
     """
 
     def __init__(
@@ -235,64 +293,187 @@ class SparseParameters:
         }
         # the base's values (fp32 holds bf16 and fp16 exactly): what as_base puts back
         self.base_values = {n: v.detach().clone() for n, v in self.values.items()}
-        self._wrapped: list[torch.nn.Module] = []
+        self.sites: list[_Site] = []
+        self._model: torch.nn.Module | None = None
+        self._root_handle = None
         self._flags: list[tuple[torch.nn.Parameter, bool]] = []
+        self._written: tuple[int, ...] | None = None
+        self._called: set[str] | None = None  # module paths whose hook ran, while probing
+
+    # ------------------------------------------------------------------ hooking the model
 
     def attach(self, model: torch.nn.Module, *, sparse_linear: bool = True) -> None:
-        """Route every masked tensor's gradient to its values; `sparse_linear=False` injects into
-        linear layers too (their dense gradient is formed: the slower reference path)."""
+        """Deliver every masked tensor's gradient to its values; `sparse_linear=False` injects into
+        linear layers too (their dense gradient is formed: the slower reference path).
+
+        Raises PieceError when a masked tensor is not a parameter of `model`."""
+        if self._model is not None:
+            raise PieceError("these sparse parameters are attached to a model already; detach them first")
         self._flags = [(p, p.requires_grad) for p in model.parameters()]
         for p, _ in self._flags:  # nothing is trained but the values
             p.requires_grad_(False)
+        self.sites = self._plan_sites(model, sparse_linear)
+        for site in self.sites:
+            self._hook(site)
+        self._model = model
+        self._written = None
+        self._root_handle = model.register_forward_pre_hook(self._write_if_changed, prepend=True)
+        self.write()
+
+    def _plan_sites(self, model: torch.nn.Module, sparse_linear: bool) -> list[_Site]:
         holders = owners(model)
+        paths = {id(m): path for path, m in model.named_modules(remove_duplicate=False)}
         for name, p in self.params.items():
             if not holders.get(id(p)):
                 raise PieceError(f"masked tensor '{name}' is not a parameter of this model")
-        routed = {
-            name
-            for name, p in self.params.items()
-            if sparse_linear and len(holders[id(p)]) == 1 and is_linear_weight(holders[id(p)][0][0], p)
-        }
-        # routed linear forwards first: they compute F.linear themselves, so injections (a bias
-        # of the same layer, say) must wrap them, not be wrapped by them
-        for name in routed:
-            self._wrap(
-                route_linear, holders[id(self.params[name])][0][0], self.values[name], self.indices[name]
-            )
-        gains = {}
+        sites: dict[tuple[int, str], _Site] = {}
         for name, p in self.params.items():
-            if name in routed:
-                continue
+            shared = len(holders[id(p)]) > 1
             for module, attr in holders[id(p)]:
-                self._wrap(inject_values, module, attr, self.values[name], self.indices[name])
-                if is_gain_module(module):
-                    gains[id(module)] = module
-        for module in gains.values():  # in parameter order, each module once
-            self._wrap(recompute_in_backward, module)
+                entries = Entries(name, attr, self.values[name], self.indices[name])
+                if sparse_linear and not shared and is_linear_weight(module, p):
+                    plan = EntryPlan.for_indices(self.indices[name], module.in_features)
+                    sites[(id(module), "linear")] = _Site(
+                        module, paths[id(module)], "linear", [entries], plan
+                    )
+                    continue
+                gain = not shared and is_gain_module(module)
+                kind = "gain" if gain else "inject"
+                site = sites.setdefault((id(module), kind), _Site(module, paths[id(module)], kind, []))
+                site.entries.append(entries)
+        return list(sites.values())
 
-    def _wrap(self, how, module: torch.nn.Module, *args) -> None:
-        how(module, *args)
-        self._wrapped.append(module)
+    def _hook(self, site: _Site) -> None:
+        module = site.module
+        if site.kind == "inject":
+            frozen: list[list[torch.Tensor]] = []  # a stack: a module may be called inside its own call
 
-    def check_gradients(self) -> None:
-        """After a backward: every value got a gradient (a tensor used outside its own module's
-        forward would not)."""
-        missing = [n for n, v in self.values.items() if v.grad is None]
+            def inject(mod, args):
+                self._note_call(site)
+                frozen.append([mod._parameters[e.attr] for e in site.entries])
+                for e in site.entries:
+                    mod._parameters[e.attr] = InjectEntries.apply(
+                        mod._parameters[e.attr], e.values, e.indices
+                    )
+
+            def put_back(mod, args, output):
+                if frozen:
+                    for e, weight in zip(site.entries, frozen.pop(), strict=True):
+                        mod._parameters[e.attr] = weight
+
+            site.handles += [
+                module.register_forward_pre_hook(inject),
+                module.register_forward_hook(put_back, always_call=True),
+            ]
+            return
+
+        def tap(mod, args, kwargs, output):
+            self._note_call(site)
+            if not torch.is_grad_enabled():
+                return output
+            if site.kind == "linear":
+                x = args[0] if args else kwargs["input"]
+                return LinearEntryTap.apply(output, x, site.entries[0].values, site.plan)
+            call, tensors = _Call.of(args, kwargs)
+            return GainTap.apply(output, site, call, *(e.values for e in site.entries), *tensors)
+
+        site.handles.append(module.register_forward_hook(tap, with_kwargs=True))
+
+    def _note_call(self, site: _Site) -> None:
+        if self._called is not None:
+            self._called.add(site.path)
+
+    def _write_if_changed(self, module, args) -> None:
+        if self._written != self._versions():
+            self.write()
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(v._version for v in self.values.values())
+
+    def check_attached(self) -> None:
+        """Every hook is still on its module (a library that cleared a module's hooks would stop the
+        values' gradients silently). Raises PieceError naming the module."""
+        for site in self.sites:
+            hooks = {**site.module._forward_pre_hooks, **site.module._forward_hooks}
+            if any(handle.id not in hooks for handle in site.handles):
+                raise PieceError(
+                    f"the hooks that train '{site.entries[0].name}' were taken off module '{site.path}' "
+                    "by something else that changed the model; attach the sparse parameters again"
+                )
+
+    def detach(self) -> None:
+        """Undo attach: every hook off, the parameters' requires_grad as they were."""
+        for site in self.sites:
+            for handle in site.handles:
+                handle.remove()
+        self.sites = []
+        if self._root_handle is not None:
+            self._root_handle.remove()
+            self._root_handle = None
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+        self._flags.clear()
+        self._model = None
+
+    # ------------------------------------------------------------------ proving the path
+
+    def probe(self, loss_of_batch: Callable[[], torch.Tensor]) -> None:
+        """Run one forward and backward (`loss_of_batch` returns a loss with its graph) and check
+        that every value got a gradient; the values' gradients and the random state are left as
+        they were. Raises PieceError naming the first masked tensor off the autograd path, and why:
+        its module never called (a forward replaced above it, or data that does not use it), or
+        called without its output reaching the loss."""
+        saved_grads = {n: v.grad for n, v in self.values.items()}
+        for v in self.values.values():
+            v.grad = None
+        devices = [p.device for p in self.params.values() if p.device.type == "cuda"][:1]
+        try:
+            with self.calls() as called, torch.random.fork_rng(devices=devices):
+                loss = loss_of_batch()
+                if loss.requires_grad:
+                    loss.backward()
+            missing = [n for n, v in self.values.items() if v.grad is None]
+        finally:
+            for n, v in self.values.items():
+                v.grad = saved_grads[n]
         if missing:
-            raise PieceError(
-                f"masked tensor '{missing[0]}' gets no gradient through its module (the model uses it "
-                "elsewhere); leave it out with --exclude"
+            raise PieceError(self._why_no_gradient(missing[0], called))
+
+    def _why_no_gradient(self, name: str, called: set[str]) -> str:
+        site = next(s for s in self.sites if any(e.name == name for e in s.entries))
+        if site.path in called:
+            return (
+                f"masked tensor '{name}' gets no gradient: module '{site.path}' runs, but its output "
+                "does not reach the loss (the model detaches it or uses the tensor elsewhere); leave "
+                "it out with --exclude"
             )
+        replaced = _replaced_forward_above(self._model, site.path)
+        if replaced is not None:
+            return (
+                f"masked tensor '{name}' gets no gradient: module '{site.path}' is never called, because "
+                f"'{replaced}' runs a forward that a library put in place of its own (hub kernels, say) "
+                "and computes it another way; load the model without it (USE_HUB_KERNELS=NO for hub "
+                "kernels) or leave the tensor out with --exclude"
+            )
+        return (
+            f"masked tensor '{name}' gets no gradient: module '{site.path}' is not used on this data "
+            "(a vision-language projector on text-only records, say); train on data that uses it, or "
+            "leave it out with --exclude"
+        )
+
+    # ------------------------------------------------------------------ values and weights
 
     def write(self, values: dict[str, torch.Tensor] | None = None) -> None:
         """Put the current values (or `values`) into the model's weights (into this rank's shard of
         a weight FSDP shards: the next all-gather brings them to the others)."""
-        values = values if values is not None else self.values
+        current = values is None
+        values = self.values if current else values
         with torch.no_grad():
             for name, p in self.params.items():
                 part = local_part(p, self.world)
                 positions, offsets = part.select(self.indices[name])
                 part.values[offsets] = values[name].detach()[positions].to(p.dtype)
+        self._written = self._versions() if current else None
 
     @contextmanager
     def as_base(self):
@@ -312,11 +493,39 @@ class SparseParameters:
                     value.copy_(trained[name])
             self.write()
 
-    def detach(self) -> None:
-        """Undo attach: the modules' forwards and the parameters' requires_grad as they were."""
-        for module in reversed(self._wrapped):
-            restore(module)
-        self._wrapped.clear()
-        for p, flag in self._flags:
-            p.requires_grad_(flag)
-        self._flags.clear()
+    @contextmanager
+    def calls(self) -> Iterator[set[str]]:
+        """Inside, the paths of the modules whose hooks run are collected in the set yielded."""
+        previous, self._called = self._called, set()
+        try:
+            yield self._called
+        finally:
+            self._called = previous
+
+    def changed_entries(self, called: set[str] | None = None) -> int:
+        """Entries whose value, rounded to its weight's dtype, differs from the base's (of the
+        tensors held by the modules in `called` only, if given)."""
+        names = (
+            None if called is None else {e.name for s in self.sites if s.path in called for e in s.entries}
+        )
+        total = 0
+        for name, v in self.values.items():
+            if names is not None and name not in names:
+                continue
+            dtype = self.params[name].dtype
+            total += int((v.detach().to(dtype) != self.base_values[name].to(dtype)).sum())
+        return total
+
+
+def _replaced_forward_above(model: torch.nn.Module | None, path: str) -> str | None:
+    """The nearest module above `path` whose instance carries a forward of its own (hub
+    kernels, accelerate or a user's patch put it there), or None."""
+    if model is None:
+        return None
+    parts = path.split(".") if path else []
+    for depth in range(len(parts) - 1, -1, -1):  # its own forward may be replaced: its hooks still run
+        prefix = ".".join(parts[:depth])
+        module = model.get_submodule(prefix) if prefix else model
+        if "forward" in module.__dict__:
+            return prefix or type(model).__name__
+    return None

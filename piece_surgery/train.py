@@ -59,6 +59,7 @@ class Trained(NamedTuple):
             "eval_general": general.file if (general := delta.info.provenance.eval_general) else None,
             "stopped_by_drift_budget": result.stopped_by_drift_budget,
             "drift_budget_passed": result.drift_budget_passed,
+            "unchanged_reason": result.unchanged_reason,
             "seconds": round(seconds, 3),
         }
 

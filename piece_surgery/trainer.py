@@ -42,6 +42,8 @@ class TrainResult:
     # the first step whose drift passed --drift-budget: {"step", "drift"}; the values are those of
     # the last step within it (`steps`)
     drift_budget_passed: dict | None = None
+    # why no entry changed although the values had gradients (updates below the dtype's resolution)
+    unchanged_reason: str | None = None
 
 
 @register_error
@@ -158,7 +160,10 @@ def train_sparse(
             train_loss = history[-1]["loss"]
             total = start
         forward = _MicroBatchLoss(model, sparse, world)
+        # before the first step: every value on the autograd path, or one line that says why not
+        sparse.probe(lambda: forward.loss_sum(_probe_batch(dataset, pad_id, forward.device), fallback=False))
         for step in range(start, total):
+            sparse.check_attached()
             sparse.write()
             train_loss = _step_gradients(forward, dataset, step, config, pad_id)
             if not math.isfinite(train_loss):
@@ -166,12 +171,10 @@ def train_sparse(
                     f"the loss became {train_loss} at step {step + 1}: lower --lr or check the data"
                     + _last_good(last_saved, state_dir)
                 )
-            if step == start:
-                sparse.check_gradients()
             factor = lr_factor(step, total, config)
-            _optimizer_step(sparse, optimizer, config, factor, drift)
+            grad_norm = _optimizer_step(sparse, optimizer, config, factor, drift)
             _check_finite_values(sparse, step, last_saved, state_dir)
-            record = {"step": step + 1, "loss": train_loss, "lr": config.lr * factor}
+            record = {"step": step + 1, "loss": train_loss, "lr": config.lr * factor, "grad_norm": grad_norm}
             if drift is not None:
                 record["predicted_drift"] = drift.value()
             if config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == total):
@@ -192,6 +195,7 @@ def train_sparse(
                 break
         sparse.write()
         measures.finish(history)
+        unchanged = _why_unchanged(sparse, history[start:] if not budget.passed_at else [])
     finally:
         if forward is not None:
             forward.close()
@@ -210,6 +214,33 @@ def train_sparse(
         measured_drift=measures.drift,
         stopped_by_drift_budget=budget.passed_at is not None,
         drift_budget_passed=budget.passed_at,
+        unchanged_reason=unchanged,
+    )
+
+
+def _why_unchanged(sparse: SparseParameters, records: list[dict]) -> str | None:
+    """None if an entry changed (in its weight's dtype) or no step ran. Raises PieceError when the
+    values never received a gradient; else says why the updates left every entry as it was."""
+    if not records or sparse.changed_entries():
+        return None
+    if all(r.get("grad_norm", 1.0) == 0.0 for r in records):
+        raise PieceError(
+            f"the trained values received no gradient in {len(records)} steps, so nothing was learned; "
+            "check that the data has loss-bearing tokens the masked entries influence"
+        )
+    largest, relative, dtype = 0.0, 0.0, None
+    for name, v in sparse.values.items():
+        change = (v.detach() - sparse.base_values[name]).abs()
+        if change.numel() and float(change.max()) >= largest:
+            i = int(change.argmax())
+            largest = float(change[i])
+            relative = largest / max(abs(float(sparse.base_values[name][i])), 1e-30)
+            dtype = sparse.params[name].dtype
+    resolution = torch.finfo(dtype).eps if dtype is not None else float("nan")
+    return (
+        f"no entry changed in the weights' dtype: the largest update was {largest:.3g} ({relative:.3g} "
+        f"of its entry), below {dtype} resolution (about {resolution:.3g} relative); raise --lr or "
+        "train longer"
     )
 
 
@@ -278,16 +309,22 @@ def _optimizer_step(
     config: TrainConfig,
     factor: float,
     drift: DriftEstimate | None,
-) -> None:
-    """Penalty, clipping, the scheduled learning rate, one AdamW step over the values."""
+) -> float:
+    """Penalty, clipping, the scheduled learning rate, one AdamW step over the values; returns the
+    gradient's L2 norm over every value (before clipping, the penalty included)."""
     if drift is not None and config.retain_weight:
         drift.add_penalty_gradient(config.retain_weight)
+    grads = [v.grad for v in sparse.values.values() if v.grad is not None]
     if config.clip > 0:
-        torch.nn.utils.clip_grad_norm_(list(sparse.values.values()), config.clip)
+        norm = torch.nn.utils.clip_grad_norm_(list(sparse.values.values()), config.clip)
+    else:
+        norms = [torch.linalg.vector_norm(g) for g in grads]
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else 0.0
     for group in optimizer.param_groups:
         group["lr"] = config.lr * group["lr_scale"] * factor
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return float(norm)
 
 
 @dataclass
@@ -346,18 +383,28 @@ class _Measures:
 
         try:
             device = next(self.model.parameters()).device
-            measured = compare(
-                self.general_dataset,
-                base,
-                {"tuned": tuned},
-                batch_size=self.config.batch_size,
-                pad_id=self.pad_id,
-                device=device,
-            )
+            with self.sparse.calls() as called:
+                measured = compare(
+                    self.general_dataset,
+                    base,
+                    {"tuned": tuned},
+                    batch_size=self.config.batch_size,
+                    pad_id=self.pad_id,
+                    device=device,
+                )
         finally:
             self.sparse.write()
             self.model.train(was_training)
-        return measured["tuned"].kl
+        kl = measured["tuned"].kl
+        if kl == 0.0 and self.sparse.changed_entries(called):
+            # the base pass and the tuned pass gave the same logits on every token: a write into
+            # the live model did not reach its forward, and the figure would be a silent 0
+            raise PieceError(
+                "the drift measured 0 exactly although trained entries differ from the base: the base "
+                "values written into the model did not take effect in its forward (a replaced forward "
+                "that caches its weights?); load the model without it (USE_HUB_KERNELS=NO)"
+            )
+        return kl
 
 
 class _Budget:
@@ -538,15 +585,16 @@ class _MicroBatchLoss:
             # the values module has no buffers: nothing to broadcast but the values at the start
             self.ddp = DistributedDataParallel(_ValuesModule(sparse, model), device_ids=device_ids)
 
-    def loss_sum(self, batch: dict) -> torch.Tensor:
-        """The micro-batch's summed token loss (nats), with its graph."""
+    def loss_sum(self, batch: dict, *, fallback: bool = True) -> torch.Tensor:
+        """The micro-batch's summed token loss (nats), with its graph; with `fallback`, a loss that
+        reaches no trained value gets a zero path to every value (so backward runs on each rank)."""
         # the model's own forward even under DDP: a backward without a DDP forward only adds to
         # the local gradients (DDP's hooks expect none), and DDP's own collectives (its bucket
         # rebuild) then run in synchronise() alone, once per step on every rank
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             logits = batch_logits(self.model, batch)
         loss, _ = token_loss_sum(logits, batch["labels"])
-        if not loss.requires_grad:  # no trained entry on this micro-batch's path (text, a projector)
+        if fallback and not loss.requires_grad:  # no trained entry on its path (text, a projector)
             loss = loss + sum(v.sum() for v in self.values) * 0.0  # a zero gradient, a graph to run
         return loss  # the logits die here: backward needs only the log-probabilities
 
@@ -608,6 +656,15 @@ def _step_gradients(
         return bad
     forward.synchronise()
     return world.sum(total) / step_tokens
+
+
+def _probe_batch(dataset: Dataset, pad_id: int, device: torch.device) -> dict:
+    """A micro-batch for the probe: the first example, and the first image record if the first is
+    text (a projector trains on image records alone)."""
+    examples = [dataset.examples[0]]
+    if examples[0].model_inputs is None:
+        examples += [e for e in dataset.examples if e.model_inputs is not None][:1]
+    return {k: v.to(device) for k, v in collate(examples, pad_id).items()}
 
 
 def _use_bf16_autocast(model: torch.nn.Module) -> bool:

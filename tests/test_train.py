@@ -225,7 +225,8 @@ def test_nan_loss_stops_and_keeps_last_good_state(tiny, code_data, tmp_path, cli
     def flaky(logits, labels):
         calls["n"] += 1
         loss, count = real(logits, labels)
-        return (loss * float("nan") if calls["n"] > 3 else loss), count
+        # call 1 is the probe before the first step; steps 1-3 are calls 2-4
+        return (loss * float("nan") if calls["n"] > 4 else loss), count
 
     monkeypatch.setattr(train_module, "token_loss_sum", flaky)
     out = tmp_path / "delta"

@@ -279,6 +279,8 @@ def _train_lines(report: dict) -> list[str]:
         )
     if report["predicted_drift"] is not None:
         lines.append(f"predicted drift (1/2 sum F d^2, mean token KL) {report['predicted_drift']:.4g}")
+    if report["unchanged_reason"]:
+        lines.append(f"warning: {report['unchanged_reason']}")
     passed = report["drift_budget_passed"]
     if passed is not None:
         lines.append(
