@@ -655,9 +655,41 @@ class AppliedDelta:
 
     def revert(self) -> None:
         params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for pname, (idx, values) in self.saved.items():
-                params[pname].view(-1)[idx.to(params[pname].device)] = values.to(params[pname].device)
+        write_entries(
+            self.model, [(pname, params[pname], idx, values) for pname, (idx, values) in self.saved.items()]
+        )
+
+
+def write_entries(
+    model: torch.nn.Module, writes: list[tuple[str, torch.nn.Parameter, torch.Tensor, torch.Tensor]]
+):
+    """Write each (parameter name, parameter, flat indices, values) into the live model, then check
+    that it took effect: the parameter is still the one the model holds under that name, and its
+    entries read back bit for bit. PieceError otherwise (a library replaced the model's weights)."""
+    with torch.no_grad():
+        for _, param, idx, values in writes:
+            param.view(-1)[idx.to(param.device)] = values.to(param.device, param.dtype)
+    for pname, param, idx, values in writes:
+        try:
+            held = model.get_parameter(pname)
+        except AttributeError:
+            held = None
+        written = param.detach().view(-1)[idx.to(param.device)]
+        if held is not param or not bits_equal(written, values.to(param.device, param.dtype)):
+            raise PieceError(
+                f"writing the delta's entries into '{pname}' did not take effect: the model no longer "
+                "holds that weight (something replaced it after loading); load the model again"
+            )
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b hold the same bits (NaNs included)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.view(as_int), b.view(as_int))
 
 
 def model_tensors(model: torch.nn.Module, delta: Delta) -> dict[str, tuple[str, torch.nn.Parameter]]:
@@ -736,9 +768,8 @@ def apply_to_model(
             part = TensorPart(t, scale, "the delta", "this model", "pass force=True to apply it anyway")
             _, new, _ = merge_one(name, original.cpu(), part, force=force)
             planned.append((pname, param, idx, original, new))
-        # every tensor checked before any is written: a refused delta leaves the model as it was
-        for _, param, idx, _, new in planned:
-            param.view(-1)[idx] = new.to(param.device)
+    # every tensor checked before any is written: a refused delta leaves the model as it was
+    write_entries(model, [(pname, param, idx, new) for pname, param, idx, _, new in planned])
     return AppliedDelta(model, {pname: (idx.cpu(), original) for pname, _, idx, original, _ in planned})
 
 
@@ -748,7 +779,8 @@ def revert_delta(model: torch.nn.Module, delta: Delta) -> None:
         raise PieceError(
             "a compact delta does not hold its base values: revert with the handle apply_to_model gave"
         )
-    with torch.no_grad():
-        for name, (_, param) in model_tensors(model, delta).items():
-            t = delta.tensors[name]
-            param.view(-1)[t.indices.to(param.device)] = t.base.to(param.device, param.dtype)
+    writes = [
+        (pname, param, delta.tensors[name].indices, delta.tensors[name].base)
+        for name, (pname, param) in model_tensors(model, delta).items()
+    ]
+    write_entries(model, writes)

@@ -20,13 +20,14 @@ import torch
 
 from piece_surgery.delta import Delta
 from piece_surgery.errors import PieceError
-from piece_surgery.merge import TensorPart, merge_one, model_tensors
+from piece_surgery.merge import TensorPart, merge_one, model_tensors, write_entries
 
 
 @dataclass
 class _Resident:
     """One delta's entries on the model's device: where, the values to write, the base's values."""
 
+    names: list[str]  # the parameters' names in the model
     params: list[torch.nn.Parameter]
     indices: list[torch.Tensor]  # int32 where the tensor allows: half the memory of int64
     new: list[torch.Tensor]
@@ -55,9 +56,9 @@ class DeltaSwitcher:
             raise PieceError(f"a delta named '{name}' is already resident; remove it first")
         if self.active is not None:
             raise PieceError(f"'{self.active}' is active: add deltas while the model holds its base")
-        resident = _Resident([], [], [], [])
+        resident = _Resident([], [], [], [], [])
         with torch.no_grad():
-            for tensor_name, (_, param) in model_tensors(self.model, delta).items():
+            for tensor_name, (pname, param) in model_tensors(self.model, delta).items():
                 t = delta.tensors[tensor_name]
                 if tuple(param.shape) != tuple(t.shape):
                     raise PieceError(
@@ -69,6 +70,7 @@ class DeltaSwitcher:
                 part = TensorPart(t, scale, f"delta '{name}'", target="this model", force_hint="")
                 _, new, _ = merge_one(tensor_name, current.cpu(), part, force=False)
                 small = param.numel() < 2**31
+                resident.names.append(pname)
                 resident.params.append(param)
                 resident.indices.append(idx.to(torch.int32) if small else idx)
                 resident.new.append(new.to(param.device))
@@ -86,19 +88,18 @@ class DeltaSwitcher:
             raise PieceError(f"no resident delta named '{name}'; add it first")
         if name == self.active:
             return
-        with torch.no_grad():
-            if self.active is not None:
-                self._write(self._resident[self.active], "base")
-            if name is not None:
-                self._write(self._resident[name], "new")
+        if self.active is not None:
+            self._write(self._resident[self.active], "base")
+            self.active = None
+        if name is not None:
+            self._write(self._resident[name], "new")
         self.active = name
 
-    @staticmethod
-    def _write(resident: _Resident, which: str) -> None:
-        for param, idx, values in zip(
-            resident.params, resident.indices, getattr(resident, which), strict=True
-        ):
-            param.view(-1).index_put_((idx,), values)
+    def _write(self, resident: _Resident, which: str) -> None:
+        """Write the resident entries (checked: write_entries)."""
+        values = getattr(resident, which)
+        writes = list(zip(resident.names, resident.params, resident.indices, values, strict=True))
+        write_entries(self.model, writes)
 
     @contextmanager
     def using(self, name: str | None) -> Iterator[None]:
