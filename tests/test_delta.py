@@ -11,6 +11,7 @@ from piece_surgery.merge import apply, apply_to_model, revert_delta
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_diff_then_apply_reproduces_tuned_bit_for_bit(tiny, tmp_path, dtype):
     base = tiny("llama", dtype=dtype)

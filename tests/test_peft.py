@@ -72,6 +72,7 @@ def test_peft_loads_the_export_and_gives_the_merged_outputs(trained, tmp_path, c
         ), name
 
 
+@pytest.mark.smoke
 def test_an_exported_delta_imports_back_exactly(trained, tmp_path, cli):
     from piece_surgery.delta import load_delta
 
@@ -86,6 +87,7 @@ def test_an_exported_delta_imports_back_exactly(trained, tmp_path, cli):
         assert torch.equal(a.tensors[name].tuned, b.tensors[name].tuned), name
 
 
+@pytest.mark.smoke
 def test_a_lora_adapter_imports_as_the_change_its_merge_makes(tiny, tmp_path, cli):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
