@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import measure, require_extras, smollm2_folder, stdlib_code_lines, table, write_jsonl
 
-from piece_surgery.options import RunOptions
+from piece_surgery.runtime.options import RunOptions
 
 RESULTS = Path(__file__).parent / "results" / "apply_speed.json"
 
@@ -42,7 +42,7 @@ def plain_copy(base: Path, out: Path) -> dict:
 
 
 def piece_apply(base: Path, delta: Path, out: Path) -> dict:
-    from piece_surgery.merge import apply
+    from piece_surgery.merging.merge import apply
 
     start = time.perf_counter()
     result = apply(str(base), [str(delta)], out, overwrite=True)
@@ -66,7 +66,7 @@ def nudged_delta(base: Path, work: Path, label: str, entries) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from piece_surgery.delta import diff, save_delta
+    from piece_surgery.formats.delta import diff, save_delta
 
     tuned = work / f"tuned-{label}"
     shutil.copytree(base, tuned)
@@ -99,7 +99,7 @@ def make_delta(base: Path, work: Path, fraction: float = 0.001) -> Path:
 def make_piece_delta(base: Path, work: Path) -> Path:
     """A delta on the entries a PIECE-S 0.1% mask selects on the model itself (code data): where a
     trained delta's entries really fall, unlike make_delta's uniform spread."""
-    from piece_surgery.score import ScoreOptions, score_checkpoint
+    from piece_surgery.recipes.score import ScoreOptions, score_checkpoint
 
     data = write_jsonl(stdlib_code_lines(16, min_chars=600), work / "code.jsonl")
     options = ScoreOptions(method="piece-s", density=0.001)
@@ -264,8 +264,8 @@ def direct_delta(base: Path, out: Path, kind: str, seed: int = 0) -> Path:
     in runs of 64 consecutive entries (row segments), where importance masks put theirs."""
     import torch
 
-    from piece_surgery.checkpoint import open_checkpoint
-    from piece_surgery.delta import DeltaInfo, delta_from_values, save_delta
+    from piece_surgery.formats.delta import DeltaInfo, delta_from_values, save_delta
+    from piece_surgery.models.checkpoint import open_checkpoint
 
     checkpoint = open_checkpoint(str(base))
     gen = torch.Generator().manual_seed(seed)

@@ -34,12 +34,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import require_extras, smollm2_folder, stdlib_code_lines, wiki_records, write_jsonl  # noqa: E402
 
-from piece_surgery.checkpoint import Checkpoint, LoadedModel, open_checkpoint, parameter_keys  # noqa: E402
-from piece_surgery.data import Dataset, collate  # noqa: E402
-from piece_surgery.loss import batch_logits, mean_token_loss  # noqa: E402
-from piece_surgery.retain import Avoided, sample_self  # noqa: E402
-from piece_surgery.score import ScoreOptions, score_model  # noqa: E402
-from piece_surgery.trainer import TrainConfig, step_examples, train_sparse  # noqa: E402
+from piece_surgery.data.dataset import Dataset, collate  # noqa: E402
+from piece_surgery.evaluation.loss import batch_logits, mean_token_loss  # noqa: E402
+from piece_surgery.models.checkpoint import Checkpoint, LoadedModel, open_checkpoint, parameter_keys  # noqa: E402
+from piece_surgery.recipes.score import ScoreOptions, score_model  # noqa: E402
+from piece_surgery.scoring.retain import Avoided, sample_self  # noqa: E402
+from piece_surgery.training.loop import TrainConfig, step_examples, train_sparse  # noqa: E402
 
 
 @dataclass
@@ -399,7 +399,7 @@ def _retain_set(
 
 
 def norm_share(mask) -> float:
-    from piece_surgery.naming import is_norm
+    from piece_surgery.models.naming import is_norm
 
     if mask is None:
         return float("nan")
@@ -517,10 +517,10 @@ def sequential(
 
 def mask_overlaps(folder: Path, tasks: dict, args) -> dict:
     """One data pass; the top-0.1% sets of piece-s, piece-s-rel, piece-f and gradient compared."""
-    from piece_surgery.importance import accumulate_gradients, eligible_parameters
-    from piece_surgery.mask import k_for_density, select_top_k
-    from piece_surgery.methods import METHODS, ScoreInputs
-    from piece_surgery.naming import is_norm
+    from piece_surgery.formats.mask import k_for_density, select_top_k
+    from piece_surgery.models.naming import is_norm
+    from piece_surgery.scoring.importance import accumulate_gradients, eligible_parameters
+    from piece_surgery.scoring.methods import METHODS, ScoreInputs
 
     checkpoint = open_checkpoint(str(folder))
     train = checkpoint.load_data(tasks[args.task][0], max_length=args.max_length)

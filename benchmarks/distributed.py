@@ -22,8 +22,8 @@ from pathlib import Path
 
 from common import require_extras, smollm2_folder, stdlib_code_lines, table, write_jsonl
 
-from piece_surgery.options import RunOptions
-from piece_surgery.testing import local_torchrun
+from piece_surgery.models.tiny import local_torchrun
+from piece_surgery.runtime.options import RunOptions
 
 
 def _launch(ranks: int, *args: str) -> dict:
@@ -48,13 +48,13 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from piece_surgery import distributed
-    from piece_surgery import trainer as trainer_module
-    from piece_surgery.checkpoint import open_checkpoint
-    from piece_surgery.data import collate
-    from piece_surgery.loss import batch_logits, mean_token_loss
-    from piece_surgery.mask import load_mask
-    from piece_surgery.trainer import TrainConfig, train_sparse
+    from piece_surgery.data.dataset import collate
+    from piece_surgery.evaluation.loss import batch_logits, mean_token_loss
+    from piece_surgery.formats.mask import load_mask
+    from piece_surgery.models.checkpoint import open_checkpoint
+    from piece_surgery.runtime import distributed
+    from piece_surgery.training import loop as trainer_module
+    from piece_surgery.training.loop import TrainConfig, train_sparse
 
     world = distributed.start("cpu")
     checkpoint = open_checkpoint(str(args.model))
@@ -135,9 +135,9 @@ def single_process(folder: Path, data: Path, mask: Path, args) -> dict:
     """The same sparse steps in one process (both cores), for the step-time comparison."""
     import torch
 
-    from piece_surgery.checkpoint import open_checkpoint
-    from piece_surgery.mask import load_mask
-    from piece_surgery.trainer import TrainConfig, train_sparse
+    from piece_surgery.formats.mask import load_mask
+    from piece_surgery.models.checkpoint import open_checkpoint
+    from piece_surgery.training.loop import TrainConfig, train_sparse
 
     torch.set_num_threads(os.cpu_count() or 2)
     checkpoint = open_checkpoint(str(folder))
@@ -182,7 +182,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = write_jsonl(stdlib_code_lines(32, min_chars=600), Path(tmp) / "code.jsonl")
         mask = Path(tmp) / "mask.safetensors"
-        from piece_surgery.score import ScoreOptions, score_checkpoint
+        from piece_surgery.recipes.score import ScoreOptions, score_checkpoint
 
         score_checkpoint(
             str(folder),

@@ -46,7 +46,7 @@ def main() -> None:
         work = Path(tmp)
         data = write_jsonl(stdlib_code_lines(args.examples, min_chars=600), work / "code.jsonl")
         runtime = (
-            "import piece_surgery.score, piece_surgery.train, transformers; "
+            "import piece_surgery.recipes.score, piece_surgery.recipes.train, transformers; "
             f"transformers.AutoTokenizer.from_pretrained({str(folder)!r})"
         )
         r = peak_mb(sys.executable, "-c", runtime)

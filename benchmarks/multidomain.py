@@ -147,7 +147,7 @@ def drift_texts(n: int) -> tuple[list[str], list[str]]:
 def general_as_chat(path: Path) -> Path:
     """The shipped general set as chats: each summary the answer to "Tell me about TITLE." (the
     loss on the answer's tokens only, in the model's chat format)."""
-    from piece_surgery.retain import general_text
+    from piece_surgery.scoring.retain import general_text
 
     records = []
     for line in general_text().read_text().splitlines():
@@ -191,7 +191,7 @@ def chat_answers(model, tokenizer, path: Path, seed: int = 0) -> Path:
 def run_setting(setting: Setting, lr: float, ctx: dict, args) -> dict:
     from continual import Method, eval_loss, fresh_model, kl_from_base, train_method
 
-    from piece_surgery.options import ScoreOptions
+    from piece_surgery.runtime.options import ScoreOptions
 
     method = Method(
         setting.name,
@@ -233,8 +233,8 @@ def run_setting(setting: Setting, lr: float, ctx: dict, args) -> dict:
 
 def shipped_set_drift(model, ctx: dict) -> float:
     """Mean token KL(base || tuned) on the shipped general set, as `train --drift-budget` measures it
-    (piece_surgery.drift.compare against a second, untouched copy of the base)."""
-    from piece_surgery.drift import compare, model_forward
+    (piece_surgery.evaluation.drift.compare against a second, untouched copy of the base)."""
+    from piece_surgery.evaluation.drift import compare, model_forward
 
     model.eval()
     measured = compare(
@@ -251,8 +251,8 @@ def shipped_set_drift(model, ctx: dict) -> float:
 def prepare(domain: str, folder: Path, work: Path, args) -> dict:
     from continual import eval_loss, fresh_model, log_probs
 
-    from piece_surgery.checkpoint import open_checkpoint
-    from piece_surgery.retain import GENERAL, general_text
+    from piece_surgery.models.checkpoint import open_checkpoint
+    from piece_surgery.scoring.retain import GENERAL, general_text
 
     checkpoint = open_checkpoint(str(folder))
     load = lambda p, **kw: checkpoint.load_data(p, max_length=args.max_length, **kw)  # noqa: E731

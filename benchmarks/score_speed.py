@@ -17,7 +17,7 @@ from common import measure, require_extras, smollm2_folder, stdlib_code_lines, t
 def _load(folder: Path, data: Path, max_length: int):
     import torch
 
-    from piece_surgery.checkpoint import open_checkpoint
+    from piece_surgery.models.checkpoint import open_checkpoint
 
     torch.manual_seed(0)
     checkpoint = open_checkpoint(str(folder))
@@ -27,7 +27,7 @@ def _load(folder: Path, data: Path, max_length: int):
 
 def plain_loop(folder: Path, data: Path, max_length: int) -> dict:
     """What any training script does: forward, backward into .grad, drop the gradients."""
-    from piece_surgery.loss import micro_batch_losses
+    from piece_surgery.evaluation.loss import micro_batch_losses
 
     checkpoint, dataset, loaded = _load(folder, data, max_length)
     model = loaded.module
@@ -40,7 +40,7 @@ def plain_loop(folder: Path, data: Path, max_length: int) -> dict:
 
 
 def piece_score(folder: Path, data: Path, max_length: int, method: str) -> dict:
-    from piece_surgery.score import ScoreOptions, score_model
+    from piece_surgery.recipes.score import ScoreOptions, score_model
 
     checkpoint, dataset, loaded = _load(folder, data, max_length)
     start = time.perf_counter()
@@ -52,7 +52,7 @@ def piece_score(folder: Path, data: Path, max_length: int, method: str) -> dict:
 
 
 def weights_only(folder: Path) -> dict:
-    from piece_surgery.checkpoint import open_checkpoint
+    from piece_surgery.models.checkpoint import open_checkpoint
 
     model = open_checkpoint(str(folder)).load_model(device="cpu", dtype="float32").module
     return {"params": sum(p.numel() for p in model.parameters())}

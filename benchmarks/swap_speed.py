@@ -22,16 +22,16 @@ from pathlib import Path
 
 from common import require_extras, smollm2_folder, stdlib_code_lines, table, wiki_records, write_jsonl
 
-from piece_surgery.options import RunOptions
+from piece_surgery.runtime.options import RunOptions
 
 
 def _delta_on_mask(folder: Path, data: Path, work: Path, label: str, dtype: str) -> Path:
     """A PIECE-S 0.1% mask scored on `data`, its entries nudged by +-1% (a trained delta's shape)."""
     import torch
 
-    from piece_surgery.checkpoint import open_checkpoint
-    from piece_surgery.delta import DeltaInfo, delta_from_values, save_delta
-    from piece_surgery.score import ScoreOptions, score_checkpoint
+    from piece_surgery.formats.delta import DeltaInfo, delta_from_values, save_delta
+    from piece_surgery.models.checkpoint import open_checkpoint
+    from piece_surgery.recipes.score import ScoreOptions, score_checkpoint
 
     options = ScoreOptions(method="piece-s")  # where trained entries fall; swap time depends on k
     mask = score_checkpoint(str(folder), data, options, run=RunOptions(max_length=128, device="cpu")).mask
@@ -63,8 +63,8 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from piece_surgery.delta import load_delta
-    from piece_surgery.switcher import DeltaSwitcher
+    from piece_surgery.formats.delta import load_delta
+    from piece_surgery.merging.switcher import DeltaSwitcher
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--swaps", type=int, default=50)
@@ -164,7 +164,7 @@ def main() -> None:
                 "forward_ms": statistics.median(_timed(lora_forward, 5)),
             }
         )
-        from piece_surgery.peft_interop import export_peft
+        from piece_surgery.recipes.peft import export_peft
 
         exported = export_peft(str(deltas["code"]), work / "adapter", base_ref=str(folder))
         sizes["code as a SHiRA adapter"] = exported.adapter_bytes / exported.entries

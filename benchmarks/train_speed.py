@@ -23,13 +23,13 @@ from pathlib import Path
 
 from common import measure, require_extras, reset_peak, smollm2_folder, stdlib_code_lines, table, write_jsonl
 
-from piece_surgery.options import RunOptions
+from piece_surgery.runtime.options import RunOptions
 
 
 def _setup(folder: Path, data: Path, max_length: int):
     import torch
 
-    from piece_surgery.checkpoint import open_checkpoint
+    from piece_surgery.models.checkpoint import open_checkpoint
 
     torch.manual_seed(0)
     checkpoint = open_checkpoint(str(folder))
@@ -39,7 +39,7 @@ def _setup(folder: Path, data: Path, max_length: int):
 
 
 def _batches(dataset, batch_size: int, steps: int):
-    from piece_surgery.data import collate
+    from piece_surgery.data.dataset import collate
 
     n = len(dataset.examples)
     for step in range(steps):
@@ -57,7 +57,7 @@ def _timed_steps(step_fn, batches) -> dict:
 
 
 def _loss(model, batch):
-    from piece_surgery.loss import batch_logits, mean_token_loss
+    from piece_surgery.evaluation.loss import batch_logits, mean_token_loss
 
     logits = batch_logits(model, batch)
     return mean_token_loss(logits, batch["labels"])[0]
@@ -104,8 +104,8 @@ def lora(folder, data, steps, batch_size, max_length, rank, modules) -> dict:
 
 def sparse(folder, data, steps, batch_size, max_length, mask_path) -> dict:
     """piece-surgery's trainer on a 0.1% mask scored beforehand (as `score` then `train --mask`)."""
-    from piece_surgery.mask import load_mask
-    from piece_surgery.trainer import TrainConfig, train_sparse
+    from piece_surgery.formats.mask import load_mask
+    from piece_surgery.training.loop import TrainConfig, train_sparse
 
     dataset, model, loaded = _setup(folder, data, max_length)
     mask = load_mask(mask_path)
@@ -130,8 +130,8 @@ def sparse(folder, data, steps, batch_size, max_length, mask_path) -> dict:
 
 
 def score_mask(folder: Path, data: Path, method: str, out: Path) -> dict:
-    from piece_surgery.methods import METHODS
-    from piece_surgery.score import ScoreOptions, score_checkpoint
+    from piece_surgery.recipes.score import ScoreOptions, score_checkpoint
+    from piece_surgery.scoring.methods import METHODS
 
     options = ScoreOptions(method=method, density=0.001)
     data = data if METHODS[method].needs_data else None  # random and magnitude read none

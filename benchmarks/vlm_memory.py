@@ -39,7 +39,7 @@ def build(folder: Path) -> Path:
         LlavaProcessor,
     )
 
-    from piece_surgery.testing import vision_language_chat_template
+    from piece_surgery.models.tiny import vision_language_chat_template
 
     transformers.utils.logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(smollm2_folder("float32"))
@@ -77,7 +77,7 @@ def build(folder: Path) -> Path:
 
 
 def image_chats(work: Path, n: int) -> Path:
-    from piece_surgery.testing import write_png
+    from piece_surgery.models.tiny import write_png
 
     lines = []
     for i in range(n):
@@ -124,7 +124,7 @@ def main() -> None:
 
         with safe_open(str(folder / "model.safetensors"), "pt") as f:
             sizes = {key: math.prod(f.get_slice(key).get_shape()) for key in f.keys()}
-    from piece_surgery.parts import VISION, part_of
+    from piece_surgery.models.parts import VISION, part_of
 
     e = info["eligible"]
     v = sum(n for key, n in sizes.items() if part_of(key) == VISION)

@@ -14,17 +14,17 @@ from pathlib import Path
 import torch
 
 from piece_surgery import DeltaSwitcher, open_delta
-from piece_surgery.checkpoint import open_checkpoint
-from piece_surgery.loss import evaluate
+from piece_surgery.evaluation.loss import evaluate
+from piece_surgery.models.checkpoint import open_checkpoint
 
 HERE = Path(__file__).parent / "data"
 
 
 def make_demo(work: Path) -> tuple[str, str, str]:
     """A tiny random model and one delta per domain, trained for a few steps."""
-    from piece_surgery.options import TrainConfig
-    from piece_surgery.testing import write_tiny_model
-    from piece_surgery.train import train_checkpoint
+    from piece_surgery.models.tiny import write_tiny_model
+    from piece_surgery.recipes.train import train_checkpoint
+    from piece_surgery.runtime.options import TrainConfig
 
     base = write_tiny_model(work / "base")
     config = TrainConfig(lr=1e-2, epochs=5, batch_size=2)

@@ -1,36 +1,35 @@
 """piece-surgery: PIECE importance masks, sparse fine-tuning and exact sparse deltas."""
 
-__version__ = "0.1.0"
-
-from piece_surgery.errors import PieceError  # noqa: E402
+from piece_surgery.runtime.errors import PieceError
+from piece_surgery.runtime.version import __version__
 
 # The public API: name -> the module that defines it (see docs/architecture.md).
 _HOMES = {
-    "ScoreOptions": "options",
-    "score_checkpoint": "score",
-    "score_model": "score",
-    "TrainConfig": "options",
-    "train_sparse": "trainer",
-    "train_checkpoint": "train",
-    "open_checkpoint": "checkpoint",
-    "load_mask": "mask",
-    "save_mask": "mask",
-    "diff": "delta",
-    "load_delta": "delta",
-    "save_delta": "delta",
-    "apply": "merge",
-    "apply_recipe": "merge",
-    "load_recipe": "recipe",
-    "RunOptions": "options",
-    "apply_to_model": "merge",
-    "plan_apply": "merge",
-    "DeltaSwitcher": "switcher",
-    "open_artifact": "artifacts",
-    "open_delta": "artifacts",
-    "open_mask": "artifacts",
-    "push": "artifacts",
-    "EvalOptions": "options",
-    "evaluate_candidates": "evaluate",
+    "ScoreOptions": "runtime.options",
+    "score_checkpoint": "recipes.score",
+    "score_model": "recipes.score",
+    "TrainConfig": "runtime.options",
+    "train_sparse": "training.loop",
+    "train_checkpoint": "recipes.train",
+    "open_checkpoint": "models.checkpoint",
+    "load_mask": "formats.mask",
+    "save_mask": "formats.mask",
+    "diff": "formats.delta",
+    "load_delta": "formats.delta",
+    "save_delta": "formats.delta",
+    "apply": "merging.merge",
+    "apply_recipe": "merging.merge",
+    "load_recipe": "formats.merge_recipe",
+    "RunOptions": "runtime.options",
+    "apply_to_model": "merging.merge",
+    "plan_apply": "merging.merge",
+    "DeltaSwitcher": "merging.switcher",
+    "open_artifact": "formats.artifacts",
+    "open_delta": "formats.artifacts",
+    "open_mask": "formats.artifacts",
+    "push": "formats.artifacts",
+    "EvalOptions": "runtime.options",
+    "evaluate_candidates": "recipes.evaluate",
 }
 
 __all__ = ["PieceError", "__version__", *_HOMES]

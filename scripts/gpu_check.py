@@ -37,7 +37,7 @@ def cli(*args, env=None) -> None:
 
 
 def torchrun(ranks: int, *args) -> None:
-    from piece_surgery.testing import local_torchrun
+    from piece_surgery.models.tiny import local_torchrun
 
     run = subprocess.run(
         [*local_torchrun(ranks), "-m", "piece_surgery", *map(str, args), "-q"], capture_output=True, text=True

@@ -18,7 +18,7 @@ for _name in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACH
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from piece_surgery.testing import make_tiny_checkpoint  # noqa: E402
+from piece_surgery.models.tiny import make_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import sys
 def instrument() -> None:
     import torch
 
-    import piece_surgery.trainer as trainer
+    import piece_surgery.training.loop as trainer
 
     rank = int(os.environ.get("RANK", "0"))
     if os.environ.get("PIECE_TEST_COMM_LOG") and rank == 0:

@@ -4,8 +4,8 @@ import pytest
 import torch
 from helpers import assert_clean_failure, read_all
 
-from piece_surgery.errors import PieceError
-from piece_surgery.recipe import parse_size
+from piece_surgery.formats.merge_recipe import parse_size
+from piece_surgery.runtime.errors import PieceError
 
 
 @pytest.mark.parametrize(

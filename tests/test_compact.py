@@ -9,9 +9,9 @@ from helpers import assert_clean_failure, perturb, read_all, same_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from piece_surgery.codec import decode_indices, encode_indices
-from piece_surgery.delta import diff, load_delta, save_delta
-from piece_surgery.merge import apply, apply_to_model
+from piece_surgery.formats.codec import decode_indices, encode_indices
+from piece_surgery.formats.delta import diff, load_delta, save_delta
+from piece_surgery.merging.merge import apply, apply_to_model
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

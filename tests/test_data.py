@@ -1,8 +1,8 @@
 import pytest
 
-from piece_surgery.data import IGNORE, collate, load_dataset, tokenize_record
-from piece_surgery.errors import PieceError
-from piece_surgery.testing import tiny_tokenizer
+from piece_surgery.data.dataset import IGNORE, collate, load_dataset, tokenize_record
+from piece_surgery.models.tiny import tiny_tokenizer
+from piece_surgery.runtime.errors import PieceError
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_txt_is_one_example_per_nonempty_line(tmp_path, tok):
 
 
 def test_collate_pads_without_loss():
-    from piece_surgery.data import Example
+    from piece_surgery.data.dataset import Example
 
     batch = collate([Example([5, 6, 7], [5, 6, 7]), Example([8], [8])], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]

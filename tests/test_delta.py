@@ -4,9 +4,9 @@ import pytest
 import torch
 from helpers import bitwise_equal, perturb, read_all, same_checkpoint
 
-from piece_surgery.delta import diff, load_delta, save_delta
-from piece_surgery.errors import PieceError
-from piece_surgery.merge import apply, apply_to_model, revert_delta
+from piece_surgery.formats.delta import diff, load_delta, save_delta
+from piece_surgery.merging.merge import apply, apply_to_model, revert_delta
+from piece_surgery.runtime.errors import PieceError
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -193,7 +193,8 @@ def test_output_shards_are_the_input_files_except_changed_entries(tiny, tmp_path
 
 def test_top_level_api_names_the_library_functions():
     import piece_surgery
-    from piece_surgery import merge, trainer
+    from piece_surgery.merging import merge
+    from piece_surgery.training import loop as trainer
 
     assert piece_surgery.apply is merge.apply and piece_surgery.train_sparse is trainer.train_sparse
     with pytest.raises(AttributeError):
@@ -238,7 +239,7 @@ def test_apply_completes_short_reads_and_writes(tiny, tmp_path, monkeypatch):
 
 
 def test_touched_spans_cover_exactly_the_pages_of_the_entries(monkeypatch):
-    from piece_surgery import filepatch
+    from piece_surgery.io import filepatch
 
     monkeypatch.setattr(filepatch, "MERGE_GAP", 0)  # pages only, no joining
     # a bf16 tensor at file offset 1000: entry i lives at bytes 1000 + 2i
@@ -274,7 +275,7 @@ def test_apply_without_a_map_reads_only_the_pages_it_changes(tiny, tmp_path, mon
     import mmap
     import os
 
-    from piece_surgery import filepatch
+    from piece_surgery.io import filepatch
 
     def no_map(*args, **kwargs):
         raise OSError("no mmap on this file system")
@@ -381,7 +382,7 @@ def test_ties_keeps_the_changes_that_agree_with_the_summed_sign(tiny, tmp_path):
 def test_switching_between_deltas_is_exact(tiny, tmp_path, dtype):
     from transformers import AutoModelForCausalLM
 
-    from piece_surgery.switcher import DeltaSwitcher
+    from piece_surgery.merging.switcher import DeltaSwitcher
 
     base = tiny("llama", dtype=dtype)
     t1 = perturb(base, tmp_path / "t1", fraction=0.05, seed=1)
@@ -434,7 +435,7 @@ def test_a_partly_mismatched_base_gives_the_same_weights_in_memory_and_in_a_fold
     folder agree bit for bit (one exactness rule, decided per entry)."""
     import shutil
 
-    from piece_surgery.checkpoint import open_checkpoint
+    from piece_surgery.models.checkpoint import open_checkpoint
 
     base = shutil.copytree(tiny("llama", dtype=dtype), tmp_path / "base")
     name = "model.layers.0.mlp.down_proj.weight"

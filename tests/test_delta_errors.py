@@ -9,14 +9,14 @@ import torch
 from helpers import assert_clean_failure, perturb, same_checkpoint, snapshot
 from safetensors.torch import load_file, save_file
 
-from piece_surgery.testing import make_tiny_checkpoint
+from piece_surgery.models.tiny import make_tiny_checkpoint
 
 
 @pytest.fixture
 def made(tiny, tmp_path):
     base = tiny("llama")
     tuned = perturb(base, tmp_path / "tuned", fraction=0.02)
-    from piece_surgery.delta import diff, save_delta
+    from piece_surgery.formats.delta import diff, save_delta
 
     save_delta(diff(str(base), str(tuned)), tmp_path / "delta")
     return base, tmp_path / "delta"

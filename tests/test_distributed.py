@@ -11,7 +11,7 @@ import torch
 from helpers import assert_clean_failure
 from safetensors.torch import load_file
 
-from piece_surgery.testing import local_torchrun
+from piece_surgery.models.tiny import local_torchrun
 
 DRIVER = Path(__file__).parent / "distributed_driver.py"
 
@@ -231,7 +231,7 @@ def test_fsdp_without_a_launcher_is_one_line(tiny, data, tmp_path, cli):
 def test_a_vision_language_model_scores_on_image_chats_as_in_one_process(tmp_path, cli, fsdp):
     """LLaVA on image chats over two ranks (DDP, FSDP2): the mask is the one-process mask. With
     text retain data the projector gets no gradient at all (None under FSDP, skipped, not a crash)."""
-    from piece_surgery.testing import make_tiny_vision_language_model, write_png
+    from piece_surgery.models.tiny import make_tiny_vision_language_model, write_png
 
     model = make_tiny_vision_language_model(tmp_path / "llava", "llava")
     write_png(tmp_path / "a.png", 30, 20, seed=1)

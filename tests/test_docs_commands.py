@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import perturb
 
-from piece_surgery.testing import local_torchrun, make_tiny_checkpoint
+from piece_surgery.models.tiny import local_torchrun, make_tiny_checkpoint
 
 ROOT = Path(__file__).parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -65,7 +65,7 @@ def workspace(folder: Path, hub) -> None:
     (folder / "general.txt").write_text(
         "The quick brown fox jumps over the lazy dog.\nRivers flow to the sea.\n"
     )
-    from piece_surgery.delta import write_diff
+    from piece_surgery.formats.delta import write_diff
 
     for name, seed in (("delta-legal", 3), ("delta-code", 4)):
         write_diff(

@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import assert_clean_failure, perturb, read_all
 
-from piece_surgery.checkpoint import load_causal_lm
-from piece_surgery.data import load_dataset, load_tokenizer
+from piece_surgery.data.dataset import load_dataset, load_tokenizer
+from piece_surgery.models.checkpoint import load_causal_lm
 
 
 @pytest.fixture
@@ -198,7 +198,7 @@ def test_training_measures_drift_in_every_kind_of_tensor(tiny, tmp_path, cli, co
 def test_a_budgeted_run_checks_its_last_step_and_resumes_as_it_would_have_run(
     tiny, tmp_path, cli, code_data, monkeypatch
 ):
-    import piece_surgery.trainer as train_module
+    import piece_surgery.training.loop as train_module
 
     base = tiny("llama")
     common = ["train", base, "--data", code_data, "--lr", "1e-2", "--batch-size", "1", "-q", "--json"]
@@ -284,7 +284,7 @@ def test_a_budgeted_run_checks_its_last_step_and_resumes_as_it_would_have_run(
 def test_a_run_resumed_at_its_last_step_reports_what_that_step_measured(
     tiny, tmp_path, cli, code_data, monkeypatch
 ):
-    import piece_surgery.trainer as train_module
+    import piece_surgery.training.loop as train_module
 
     base = tiny("llama")
     args = ["train", base, "--data", code_data, "--lr", "1e-2", "--max-steps", "2", "-q", "--json"]

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from piece_surgery.errors import PieceError
-from piece_surgery.mask import MaskInfo
-from piece_surgery.methods import METHODS, markdown_table, method_named
-from piece_surgery.options import RunOptions, ScoreOptions, TrainConfig
-from piece_surgery.records import AvoidRecord, CheckpointIdentity, DataRecord, RetainRecord
+from piece_surgery.formats.mask import MaskInfo
+from piece_surgery.runtime.errors import PieceError
+from piece_surgery.runtime.options import RunOptions, ScoreOptions, TrainConfig
+from piece_surgery.runtime.records import AvoidRecord, CheckpointIdentity, DataRecord, RetainRecord
+from piece_surgery.scoring.methods import METHODS, markdown_table, method_named
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -56,8 +56,8 @@ def test_records_read_back_what_they_wrote():
 
 
 def test_a_delta_records_the_config_that_made_it(tiny, code_data, tmp_path):
-    from piece_surgery.artifacts import open_delta
-    from piece_surgery.train import train_checkpoint
+    from piece_surgery.formats.artifacts import open_delta
+    from piece_surgery.recipes.train import train_checkpoint
 
     config = TrainConfig(lr=2e-3, max_steps=2, batch_size=2, betas=(0.8, 0.9), schedule="cosine")
     train_checkpoint(

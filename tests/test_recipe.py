@@ -6,7 +6,7 @@ import pytest
 import yaml
 from helpers import assert_clean_failure, perturb, snapshot
 
-from piece_surgery.delta import diff, save_delta
+from piece_surgery.formats.delta import diff, save_delta
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_score import as_lists, brute_force_top_k
 
-from piece_surgery.checkpoint import open_checkpoint
-from piece_surgery.importance import eligible_parameters, quantile
-from piece_surgery.mask import load_mask, save_mask
-from piece_surgery.options import RunOptions
-from piece_surgery.score import ScoreOptions, score_checkpoint
+from piece_surgery.formats.mask import load_mask, save_mask
+from piece_surgery.models.checkpoint import open_checkpoint
+from piece_surgery.recipes.score import ScoreOptions, score_checkpoint
+from piece_surgery.runtime.options import RunOptions
+from piece_surgery.scoring.importance import eligible_parameters, quantile
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -122,7 +122,7 @@ def test_quantile_matches_sorting(values, q, split):
 
 
 def test_self_text_is_seeded_and_recorded(tiny, code_data, tmp_path):
-    from piece_surgery.retain import sample_self
+    from piece_surgery.scoring.retain import sample_self
 
     checkpoint = open_checkpoint(tiny("llama"))
     model, tokenizer = (
@@ -150,8 +150,8 @@ def test_the_default_is_piece_r_keeping_the_shipped_general_text(tiny, code_data
     longer than the model's context (GPT-2's 128 positions) or --max-length."""
     import hashlib
 
-    from piece_surgery.methods import DEFAULT_METHOD
-    from piece_surgery.retain import general_text
+    from piece_surgery.scoring.methods import DEFAULT_METHOD
+    from piece_surgery.scoring.retain import general_text
 
     assert DEFAULT_METHOD == ScoreOptions().method == "piece-r"
     out = tmp_path / "m.safetensors"
@@ -239,7 +239,7 @@ def piece_r_mask(folder, code_data, general_data, path):
 def test_predicted_drift_is_half_sum_of_fisher_times_squared_change(
     tiny, code_data, general_data, tmp_path, cli
 ):
-    from piece_surgery.delta import load_delta
+    from piece_surgery.formats.delta import load_delta
 
     folder = tiny("llama")
     mask = piece_r_mask(folder, code_data, general_data, tmp_path / "m.safetensors")
@@ -298,8 +298,8 @@ def test_drift_budget_stops_training(tiny, code_data, general_data, tmp_path, cl
 
 
 def test_retain_weight_adds_its_gradient_and_drifts_less(tiny, code_data, general_data, tmp_path):
-    from piece_surgery.sparse_grad import SparseParameters
-    from piece_surgery.trainer import DriftEstimate
+    from piece_surgery.training.loop import DriftEstimate
+    from piece_surgery.training.sparse_grad import SparseParameters
 
     params = {"w": torch.nn.Parameter(torch.zeros(4, 3))}
     sparse = SparseParameters(params, {"w": torch.tensor([1, 4, 10])})
@@ -312,8 +312,8 @@ def test_retain_weight_adds_its_gradient_and_drifts_less(tiny, code_data, genera
     )
     assert drift.value() == pytest.approx(0.5 * (2.0 * 0.01 + 0.5 * 0.04 + 3.0 * 0.09))
 
-    from piece_surgery.train import train_checkpoint
-    from piece_surgery.trainer import TrainConfig
+    from piece_surgery.recipes.train import train_checkpoint
+    from piece_surgery.training.loop import TrainConfig
 
     folder = tiny("llama")
     piece_r_mask(folder, code_data, general_data, tmp_path / "m.safetensors")
@@ -366,7 +366,7 @@ def test_bad_retain_input(tiny, code_data, general_data, tmp_path, cli):
 
 
 def test_defaults_fill_only_what_was_not_given():
-    from piece_surgery.options import DEFAULT_RETAIN_WEIGHT, TrainConfig
+    from piece_surgery.runtime.options import DEFAULT_RETAIN_WEIGHT, TrainConfig
 
     filled = TrainConfig().for_mask("piece-r", carries_fisher=True)
     assert (filled.lr, filled.retain_weight) == (1e-3, DEFAULT_RETAIN_WEIGHT)
@@ -379,8 +379,8 @@ def test_defaults_fill_only_what_was_not_given():
 def test_the_shipped_general_text_is_a_retain_set(tiny, code_data):
     """--retain general reads the set shipped in the package, and the mask records it by name and
     by the file's sha256 (every text of it, none cut by --max-samples)."""
-    from piece_surgery.records import file_sha256
-    from piece_surgery.retain import general_text
+    from piece_surgery.runtime.records import file_sha256
+    from piece_surgery.scoring.retain import general_text
 
     options = ScoreOptions(method="piece-r", density=0.02)
     mask = score_checkpoint(

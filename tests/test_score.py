@@ -4,12 +4,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from piece_surgery.checkpoint import load_causal_lm, parameter_keys, read_layout
-from piece_surgery.data import load_dataset, load_tokenizer
-from piece_surgery.importance import eligible_parameters
-from piece_surgery.mask import load_mask, select_top_k
-from piece_surgery.options import RunOptions
-from piece_surgery.score import ScoreOptions, score_checkpoint
+from piece_surgery.data.dataset import load_dataset, load_tokenizer
+from piece_surgery.formats.mask import load_mask, select_top_k
+from piece_surgery.models.checkpoint import load_causal_lm, parameter_keys, read_layout
+from piece_surgery.recipes.score import ScoreOptions, score_checkpoint
+from piece_surgery.runtime.options import RunOptions
+from piece_surgery.scoring.importance import eligible_parameters
 
 
 def brute_force_scores(folder, data, method, batch_size):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from piece_surgery.errors import PieceError
-from piece_surgery.sparse_grad import (
+from piece_surgery.runtime.errors import PieceError
+from piece_surgery.training.sparse_grad import (
     EntryPlan,
     SparseParameters,
     is_gain_module,

@@ -5,13 +5,13 @@ import torch
 from helpers import assert_clean_failure, bitwise_equal, read_all
 from safetensors.torch import load_file
 
-from piece_surgery.checkpoint import load_causal_lm, open_checkpoint
-from piece_surgery.delta import load_delta
-from piece_surgery.loss import evaluate
-from piece_surgery.merge import apply
-from piece_surgery.options import RunOptions
-from piece_surgery.score import ScoreOptions, score_checkpoint
-from piece_surgery.trainer import TrainConfig, train_sparse
+from piece_surgery.evaluation.loss import evaluate
+from piece_surgery.formats.delta import load_delta
+from piece_surgery.merging.merge import apply
+from piece_surgery.models.checkpoint import load_causal_lm, open_checkpoint
+from piece_surgery.recipes.score import ScoreOptions, score_checkpoint
+from piece_surgery.runtime.options import RunOptions
+from piece_surgery.training.loop import TrainConfig, train_sparse
 
 
 def setup(folder, data, density=0.02, dtype="float32", method="piece-s"):
@@ -114,7 +114,7 @@ def test_score_then_train_equals_train_with_mask(tiny, code_data, tmp_path, cli)
 
 
 def test_resume_equals_uninterrupted(tiny, code_data, tmp_path, cli, monkeypatch):
-    import piece_surgery.trainer as train_module
+    import piece_surgery.training.loop as train_module
 
     base = tiny("llama")
     args = [
@@ -217,7 +217,7 @@ def test_empty_data(tiny, tmp_path, cli):
 
 
 def test_nan_loss_stops_and_keeps_last_good_state(tiny, code_data, tmp_path, cli, monkeypatch):
-    import piece_surgery.trainer as train_module
+    import piece_surgery.training.loop as train_module
 
     calls = {"n": 0}
     real = train_module.token_loss_sum
@@ -317,8 +317,8 @@ def test_gradient_checkpointing_trains_the_same_values(tiny, code_data):
 
 
 def test_gradient_checkpointing_on_a_model_without_it_is_a_clear_error():
-    from piece_surgery.checkpoint import enable_activation_checkpointing
-    from piece_surgery.errors import PieceError
+    from piece_surgery.models.checkpoint import enable_activation_checkpointing
+    from piece_surgery.runtime.errors import PieceError
 
     with pytest.raises(PieceError, match="does not support --gradient-checkpointing"):
         enable_activation_checkpointing(torch.nn.Linear(2, 2))

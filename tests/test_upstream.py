@@ -86,7 +86,7 @@ def test_a_kernelized_model_trains_its_norm_gains(tiny):
 
     from transformers import AutoModelForCausalLM
 
-    from piece_surgery.sparse_grad import SparseParameters
+    from piece_surgery.training.sparse_grad import SparseParameters
 
     model = AutoModelForCausalLM.from_pretrained(tiny("llama"))
     if not getattr(model, "use_kernels", False):

@@ -12,14 +12,14 @@ import torch
 from helpers import assert_clean_failure
 from safetensors.torch import load_file
 
-from piece_surgery.artifacts import open_delta
-from piece_surgery.checkpoint import open_checkpoint, read_layout, stored_names
-from piece_surgery.images import open_image
-from piece_surgery.mask import load_mask
-from piece_surgery.merge import apply_to_model
-from piece_surgery.parts import LANGUAGE, PROJECTOR, VISION, part_of
-from piece_surgery.switcher import DeltaSwitcher
-from piece_surgery.testing import (
+from piece_surgery.data.images import open_image
+from piece_surgery.formats.artifacts import open_delta
+from piece_surgery.formats.mask import load_mask
+from piece_surgery.merging.merge import apply_to_model
+from piece_surgery.merging.switcher import DeltaSwitcher
+from piece_surgery.models.checkpoint import open_checkpoint, read_layout, stored_names
+from piece_surgery.models.parts import LANGUAGE, PROJECTOR, VISION, part_of
+from piece_surgery.models.tiny import (
     NEEDS_TORCHVISION,
     VISION_LANGUAGE_ARCHITECTURES,
     make_tiny_vision_language_model,
@@ -175,9 +175,9 @@ def test_chat_content_as_parts_trains_the_assistant_text_only(tmp_path):
     """Content given as a list of text parts (the form vision-language templates read) renders with
     a template that reads parts; the loss covers the assistant's text only (checked against the
     tokens of that text, tokenized apart); a template that would drop the text is an error."""
-    from piece_surgery.data import IGNORE, tokenize_record
-    from piece_surgery.errors import PieceError
-    from piece_surgery.testing import tiny_tokenizer
+    from piece_surgery.data.dataset import IGNORE, tokenize_record
+    from piece_surgery.models.tiny import tiny_tokenizer
+    from piece_surgery.runtime.errors import PieceError
 
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = (
@@ -240,7 +240,7 @@ def test_image_records_train_the_assistant_tokens_only(vlm, image_data, arch):
     """The labels of an image chat are exactly the assistant's text and end of turn, tokenized
     apart (an independent computation); no image token is ever a label; the pixel inputs are the
     processor's own for that image."""
-    from piece_surgery.data import IGNORE
+    from piece_surgery.data.dataset import IGNORE
 
     checkpoint = open_checkpoint(str(vlm(arch)))
     dataset = checkpoint.load_data(image_data, max_length=256)
@@ -260,7 +260,7 @@ def test_image_records_train_the_assistant_tokens_only(vlm, image_data, arch):
 @pytest.mark.parametrize("arch", WITH_PROCESSOR)
 def test_a_micro_batch_of_image_records_is_what_the_processor_batches(vlm, image_data, arch):
     """collate() joins the examples' pixel inputs as the processor does for a batch of chats."""
-    from piece_surgery.data import collate
+    from piece_surgery.data.dataset import collate
 
     checkpoint = open_checkpoint(str(vlm(arch)))
     dataset = checkpoint.load_data(image_data, max_length=256)
@@ -294,7 +294,7 @@ def test_a_micro_batch_of_image_records_is_what_the_processor_batches(vlm, image
 def test_trained_on_images_the_merged_folder_is_the_model_in_memory(vlm, tmp_path, cli, image_data, arch):
     """score -> train on image chats (micro-batches mixing images and text) -> apply: the merged
     folder, loaded by transformers, gives the in-memory model's logits on an image batch, bit for bit."""
-    from piece_surgery.data import collate
+    from piece_surgery.data.dataset import collate
 
     base = vlm(arch)
     mask = tmp_path / "m.safetensors"

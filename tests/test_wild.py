@@ -10,11 +10,11 @@ import torch
 from helpers import assert_clean_failure, read_all
 from safetensors.torch import load_file, save_file
 
-from piece_surgery.artifacts import open_delta
-from piece_surgery.checkpoint import open_checkpoint
-from piece_surgery.errors import PieceError
-from piece_surgery.merge import apply_to_model
-from piece_surgery.switcher import DeltaSwitcher
+from piece_surgery.formats.artifacts import open_delta
+from piece_surgery.merging.merge import apply_to_model
+from piece_surgery.merging.switcher import DeltaSwitcher
+from piece_surgery.models.checkpoint import open_checkpoint
+from piece_surgery.runtime.errors import PieceError
 
 # each tied family: (the embedding as stored, the head's name)
 TIED = {
@@ -28,7 +28,7 @@ IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 200, 7, 3]])
 
 def tied_model(tiny, tmp_path, arch, *, both: bool):
     """A tied checkpoint whose file stores the embedding once, or both it and the head."""
-    from piece_surgery.testing import make_tiny_checkpoint
+    from piece_surgery.models.tiny import make_tiny_checkpoint
 
     if arch == "llama":
         folder = make_tiny_checkpoint(tmp_path / "llama-tied", "llama", tie_word_embeddings=True)
@@ -198,7 +198,7 @@ def test_a_single_shard_with_an_index_keeps_its_index(tiny, tmp_path, cli, arch)
     """mergekit and others write model-00001-of-00001.safetensors and an index: so does apply."""
     from helpers import perturb
 
-    from piece_surgery.checkpoint import INDEX_FILE
+    from piece_surgery.models.checkpoint import INDEX_FILE
 
     base = shutil.copytree(tiny(arch), tmp_path / "base")
     names = list(load_file(base / "model.safetensors"))
@@ -514,7 +514,7 @@ def test_a_delta_with_legacy_names_applies_to_todays_files(tiny, tmp_path, cli, 
 def test_scales_that_overflow_are_refused_in_memory_too(tiny, tmp_path):
     from helpers import perturb
 
-    from piece_surgery.delta import diff
+    from piece_surgery.formats.delta import diff
 
     base = tiny("llama")
     delta = diff(str(base), str(perturb(base, tmp_path / "t", fraction=0.01)))
@@ -556,7 +556,7 @@ def test_texts_longer_than_the_context_are_cut_at_it(tiny, tmp_path, cli):
     is cut at 128 tokens (it used to index past the table), and the record says so."""
     import json
 
-    from piece_surgery.mask import load_mask
+    from piece_surgery.formats.mask import load_mask
 
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"text": "The quick brown fox jumps over the lazy dog. " * 80}) + "\n")

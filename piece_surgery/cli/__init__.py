@@ -18,7 +18,7 @@ import typer
 
 from piece_surgery.cli import artifact_commands, model_commands  # noqa: F401 - register the commands
 from piece_surgery.cli.common import app, err
-from piece_surgery.errors import PieceError
+from piece_surgery.runtime.errors import PieceError
 
 # the pipeline's order in `piece-surgery --help`
 ORDER = ("score", "train", "eval", "diff", "apply", "inspect", "push", "export", "import", "tiny-model")
@@ -31,7 +31,7 @@ EXIT_TERMINATED = 143
 
 def _version(value: bool) -> None:
     if value:
-        from piece_surgery import __version__
+        from piece_surgery.runtime.version import __version__
 
         print(f"piece-surgery {__version__}")
         raise typer.Exit()
@@ -107,8 +107,8 @@ def main() -> None:
         # this one, and every exit path leaves the process group
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        if "piece_surgery.distributed" in sys.modules:  # (--help never imports torch)
-            sys.modules["piece_surgery.distributed"].stop()
+        if "piece_surgery.runtime.distributed" in sys.modules:  # (--help never imports torch)
+            sys.modules["piece_surgery.runtime.distributed"].stop()
     sys.exit(code)
 
 

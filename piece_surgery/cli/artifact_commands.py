@@ -26,8 +26,8 @@ from piece_surgery.cli.common import (
     summary_table,
     takes_run_options,
 )
-from piece_surgery.errors import PieceError
-from piece_surgery.options import RunOptions
+from piece_surgery.runtime.errors import PieceError
+from piece_surgery.runtime.options import RunOptions
 
 
 @app.command("diff", cls=Command, short_help="The sparse delta between two checkpoints.")
@@ -54,7 +54,7 @@ def diff_command(
     as_json: AsJson = False,
 ) -> None:
     """The sparse delta between two checkpoints (exact, or the largest changes only)."""
-    from piece_surgery.delta import write_diff
+    from piece_surgery.formats.delta import write_diff
 
     start = time.perf_counter()
     written = write_diff(
@@ -130,8 +130,8 @@ def apply_command(
     as_json: AsJson = False,
 ) -> None:
     """Merge deltas into a base: W = W_base + sum of scale_i x delta_i, streamed shard by shard."""
-    from piece_surgery.merge import apply_recipe
-    from piece_surgery.recipe import Recipe, load_recipe
+    from piece_surgery.formats.merge_recipe import Recipe, load_recipe
+    from piece_surgery.merging.merge import apply_recipe
 
     if recipe is not None:
         arguments = {
@@ -194,7 +194,7 @@ def push_command(
     as_json: AsJson = False,
 ) -> None:
     """Share a delta (or a mask) on the Hugging Face Hub."""
-    from piece_surgery.artifacts import push
+    from piece_surgery.formats.artifacts import push
 
     result = push(
         path,
@@ -220,7 +220,7 @@ def inspect_command(
     as_json: AsJson = False,
 ) -> None:
     """Summarise a mask or a delta: per layer, per module kind, per part (vision-language), size."""
-    from piece_surgery.artifacts import open_artifact, summarize
+    from piece_surgery.formats.artifacts import open_artifact, summarize
 
     summary = summarize(open_artifact(path))
     if as_json:
@@ -268,7 +268,7 @@ def export_command(
     run: RunOptions = None,
 ) -> None:
     """Write a delta as an adapter other tools load: PEFT's PeftModel.from_pretrained."""
-    from piece_surgery.peft_interop import export_peft
+    from piece_surgery.recipes.peft import export_peft
 
     if to != "peft":
         raise PieceError(f"unknown --to '{to}'; the one format is peft")
@@ -300,7 +300,7 @@ def import_command(
     run: RunOptions = None,
 ) -> None:
     """A delta from a PEFT adapter that merges into its base: every entry the merge changes."""
-    from piece_surgery.peft_interop import import_peft
+    from piece_surgery.recipes.peft import import_peft
 
     start = time.perf_counter()
     imported = import_peft(adapter, output, base_ref=base, overwrite=overwrite, compact=compact, run=run)
@@ -330,7 +330,7 @@ def tiny_model_command(
 ) -> None:
     """Write a tiny random causal LM, or vision-language model, with a tokenizer (for trying the
     tool offline)."""
-    from piece_surgery.testing import NEEDS_TORCHVISION, VISION_LANGUAGE_ARCHITECTURES, write_tiny_model
+    from piece_surgery.models.tiny import NEEDS_TORCHVISION, VISION_LANGUAGE_ARCHITECTURES, write_tiny_model
 
     start = time.perf_counter()
     write_tiny_model(output, arch, seed=seed, overwrite=overwrite)

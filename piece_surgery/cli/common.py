@@ -123,7 +123,7 @@ def emit(
 ) -> None:
     """Print a command's result: one JSON object with --json, else the table and the lines. Under
     a launcher, rank 0 speaks for every rank."""
-    from piece_surgery import distributed
+    from piece_surgery.runtime import distributed
 
     world = distributed.current()
     if world is not None and not world.is_main:
@@ -144,7 +144,7 @@ def given(**options) -> dict:
 
 def option_help(record: type, name: str) -> str:
     """An option's help text, as the library's record declares it on the field."""
-    from piece_surgery.records import help_of
+    from piece_surgery.runtime.records import help_of
 
     return help_of(record, name)
 
@@ -155,7 +155,7 @@ def takes_run_options(command=None, *, only: tuple[str, ...] | None = None):
     as one `run` argument. A new run option is then one field of RunOptions and nothing here."""
     if command is None:
         return lambda function: takes_run_options(function, only=only)
-    from piece_surgery.options import RunOptions
+    from piece_surgery.runtime.options import RunOptions
 
     hints = typing.get_type_hints(RunOptions)
     added = []

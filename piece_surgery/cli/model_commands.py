@@ -21,9 +21,9 @@ from piece_surgery.cli.common import (
     option_help,
     takes_run_options,
 )
-from piece_surgery.errors import PieceError
-from piece_surgery.methods import DEFAULT_METHOD
-from piece_surgery.options import EvalOptions, RunOptions, ScoreOptions, TrainConfig
+from piece_surgery.runtime.errors import PieceError
+from piece_surgery.runtime.options import EvalOptions, RunOptions, ScoreOptions, TrainConfig
+from piece_surgery.scoring.methods import DEFAULT_METHOD
 
 Model = Annotated[str, typer.Argument(help="Model folder or Hub repo id[@revision].")]
 Patterns = Annotated[list[str] | None, typer.Option(help=option_help(ScoreOptions, "include"))]
@@ -86,7 +86,7 @@ def score_command(
     run: RunOptions = None,
 ) -> None:
     """Estimate per-entry importance on a domain's data and write the top-density mask."""
-    from piece_surgery.score import check_retain, score_checkpoint
+    from piece_surgery.recipes.score import check_retain, score_checkpoint
 
     retain_options = given(
         retain_labels=retain_labels,
@@ -200,8 +200,8 @@ def train_command(
     run: RunOptions = None,
 ) -> None:
     """Fine-tune only the masked entries and write a sparse delta."""
-    from piece_surgery.score import check_retain
-    from piece_surgery.train import train_checkpoint
+    from piece_surgery.recipes.score import check_retain
+    from piece_surgery.recipes.train import train_checkpoint
 
     if budget_on is not None and drift_budget is None:
         raise PieceError(
@@ -343,7 +343,7 @@ def eval_command(
 ) -> None:
     """Measure each candidate against the base: gain on --data, drift (mean token KL from the base),
     the candidate's loss and the top-1 changes on general text."""
-    from piece_surgery.evaluate import evaluate_command_recipe
+    from piece_surgery.recipes.evaluate import evaluate_command_recipe
 
     options = EvalOptions(
         batch_size=batch_size, seed=seed, self_samples=self_samples, self_length=self_length

@@ -18,8 +18,8 @@ from helpers import assert_clean_failure, perturb, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from piece_surgery.errors import PieceError
-from piece_surgery.outputs import MARKER, check_output, refuse_overlap
+from piece_surgery.io.outputs import MARKER, check_output, refuse_overlap
+from piece_surgery.runtime.errors import PieceError
 
 EXAMPLES = int(os.environ.get("PIECE_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(
@@ -346,7 +346,7 @@ def test_malformed_launch_variables_are_one_line(model, tmp_path, env, fragment)
 
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_a_rank_alone_says_so_within_the_rendezvous_timeout(model, tmp_path, rank):
-    from piece_surgery.testing import free_port
+    from piece_surgery.models.tiny import free_port
 
     env = {
         "WORLD_SIZE": "2",
@@ -388,7 +388,7 @@ ENV_VALUES = st.one_of(
     )
 )
 def test_the_launch_environment_is_read_or_refused_in_one_line(monkeypatch, values):
-    from piece_surgery import distributed
+    from piece_surgery.runtime import distributed
 
     for key, value in values.items():
         if value is None:
@@ -453,7 +453,7 @@ CONFIGS = st.dictionaries(
 def test_any_adapter_config_is_read_or_refused_in_one_line(tiny, tmp_path_factory, config):
     """Whatever adapter_config.json holds: a delta, or a one-line refusal."""
     pytest.importorskip("peft")
-    from piece_surgery.peft_interop import import_peft
+    from piece_surgery.recipes.peft import import_peft
 
     folder = tmp_path_factory.mktemp("adapter")
     (folder / "adapter_config.json").write_text(json.dumps(config))
@@ -489,7 +489,7 @@ def test_any_adapter_config_is_read_or_refused_in_one_line(tiny, tmp_path_factor
     )
 )
 def test_any_recipe_is_read_or_refused_in_one_line(tmp_path_factory, text):
-    from piece_surgery.recipe import load_recipe
+    from piece_surgery.formats.merge_recipe import load_recipe
 
     path = tmp_path_factory.mktemp("recipe") / "r.yaml"
     path.write_text(text)
@@ -570,7 +570,7 @@ def test_a_mask_is_named_as_readers_read_it(model, tmp_path, cli):
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Fail the test if a model is loaded: what is checked here must be checked before."""
-    import piece_surgery.checkpoint as checkpoint
+    import piece_surgery.models.checkpoint as checkpoint
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the options were checked")
@@ -592,7 +592,7 @@ def test_options_a_method_cannot_serve_are_refused_before_loading(
 def test_avoiding_every_entry_is_refused_before_loading(model, tmp_path, cli, code_data):
     full = tmp_path / "all.safetensors"
     assert cli("score", model, "--method", "magnitude", "--density", "1.0", "-o", full, "-q")[0] == 0
-    import piece_surgery.checkpoint as checkpoint
+    import piece_surgery.models.checkpoint as checkpoint
 
     real = checkpoint.load_causal_lm
     try:
@@ -674,8 +674,8 @@ def test_help_names_values_and_finishes_its_sentences(cli):
 
 
 def test_the_card_shows_only_commands_that_run(model, deltas):
-    from piece_surgery.artifacts import open_delta
-    from piece_surgery.card import delta_card
+    from piece_surgery.formats.artifacts import open_delta
+    from piece_surgery.formats.card import delta_card
 
     card = delta_card(open_delta(deltas[0]))
     assert "pip install piece-surgery" not in card

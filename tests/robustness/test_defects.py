@@ -13,7 +13,7 @@ from helpers import assert_clean_failure, perturb, snapshot
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from piece_surgery.testing import make_tiny_checkpoint
+from piece_surgery.models.tiny import make_tiny_checkpoint
 
 
 @pytest.fixture
@@ -210,7 +210,7 @@ def test_a_mask_tensor_with_no_indices(model, code_data, tmp_path, cli):
 
 @pytest.mark.parametrize("command", ["apply", "train"])
 def test_an_existing_file_as_folder_output(model, delta, code_data, tmp_path, cli, command, monkeypatch):
-    import piece_surgery.trainer as trainer
+    import piece_surgery.training.loop as trainer
 
     def no_training(*args, **kwargs):
         raise AssertionError("training started before the output was checked")
@@ -285,7 +285,7 @@ def test_a_tied_alias_is_not_missing(tiny, code_data, tmp_path, cli):
 
 
 def interrupted_run(model, code_data, out, cli, monkeypatch, *extra):
-    import piece_surgery.trainer as trainer
+    import piece_surgery.training.loop as trainer
 
     original = trainer.save_state
 
@@ -424,8 +424,8 @@ def test_no_local_path_goes_into_shareable_files(model, code_data, tmp_path, cli
 
 
 def test_a_huge_record_is_tokenized_a_bounded_prefix_at_a_time():
-    from piece_surgery.data import tokenize_record
-    from piece_surgery.testing import tiny_tokenizer
+    from piece_surgery.data.dataset import tokenize_record
+    from piece_surgery.models.tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     seen = []

@@ -59,25 +59,25 @@ def folder_bytes(folder):
 # Where a signal can land: the count-th call of module:function, before to after the work.
 FAULT_POINTS = {
     "apply": [
-        ("piece_surgery.merge", "open_checkpoint", 1),
-        ("piece_surgery.merge", "_patch_shard", 1),
-        ("piece_surgery.filepatch", "_copy_range", 1),
-        ("piece_surgery.filepatch", "_patch_mapped", 1),
-        ("piece_surgery.outputs", "_default_permissions", 1),
+        ("piece_surgery.merging.merge", "open_checkpoint", 1),
+        ("piece_surgery.merging.merge", "_patch_shard", 1),
+        ("piece_surgery.io.filepatch", "_copy_range", 1),
+        ("piece_surgery.io.filepatch", "_patch_mapped", 1),
+        ("piece_surgery.io.outputs", "_default_permissions", 1),
     ],
     "diff": [
-        ("piece_surgery.delta", "_changed_entries", 1),
-        ("piece_surgery.delta", "save_shard", 1),
-        ("piece_surgery.delta", "file_sha256", 1),
-        ("piece_surgery.outputs", "_default_permissions", 1),
+        ("piece_surgery.formats.delta", "_changed_entries", 1),
+        ("piece_surgery.formats.delta", "save_shard", 1),
+        ("piece_surgery.formats.delta", "file_sha256", 1),
+        ("piece_surgery.io.outputs", "_default_permissions", 1),
     ],
     "train": [
-        ("piece_surgery.trainer", "_step_gradients", 2),
-        ("piece_surgery.trainer", "_step_gradients", 8),
-        ("piece_surgery.trainer", "save_state", 2),
-        ("piece_surgery.train_state", "save_shard", 3),
-        ("piece_surgery.train", "save_delta", 1),
-        ("piece_surgery.outputs", "_default_permissions", 5),
+        ("piece_surgery.training.loop", "_step_gradients", 2),
+        ("piece_surgery.training.loop", "_step_gradients", 8),
+        ("piece_surgery.training.loop", "save_state", 2),
+        ("piece_surgery.training.state", "save_shard", 3),
+        ("piece_surgery.recipes.train", "save_delta", 1),
+        ("piece_surgery.io.outputs", "_default_permissions", 5),
     ],
 }
 DRIVER = os.path.join(os.path.dirname(__file__), "fault_driver.py")

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from piece_surgery.errors import PieceError
-from piece_surgery.options import RunOptions
-from piece_surgery.testing import tiny_tokenizer
+from piece_surgery.models.tiny import tiny_tokenizer
+from piece_surgery.runtime.errors import PieceError
+from piece_surgery.runtime.options import RunOptions
 
 EXAMPLES = int(os.environ.get("PIECE_FUZZ_EXAMPLES", "60"))
 TOKENIZER = tiny_tokenizer()
@@ -151,9 +151,9 @@ def read_or_refuse(reader, folder: Path):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tiny):
     """A model, a mask and a delta of it, and a training state, made once."""
-    from piece_surgery.delta import diff, save_delta
-    from piece_surgery.mask import save_mask
-    from piece_surgery.score import ScoreOptions, score_checkpoint
+    from piece_surgery.formats.delta import diff, save_delta
+    from piece_surgery.formats.mask import save_mask
+    from piece_surgery.recipes.score import ScoreOptions, score_checkpoint
 
     root = tmp_path_factory.mktemp("fuzz")
     model = shutil.copytree(tiny("llama", dtype=torch.bfloat16), root / "model")
@@ -176,7 +176,7 @@ def work(tmp_path_factory, tiny):
 @FUZZ
 @given(data=st.data())
 def test_checkpoint_headers(work, tmp_path_factory, data):
-    from piece_surgery.checkpoint import open_checkpoint
+    from piece_surgery.models.checkpoint import open_checkpoint
 
     folder = tmp_path_factory.mktemp("ckpt")
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
@@ -192,7 +192,7 @@ def test_checkpoint_headers(work, tmp_path_factory, data):
 @FUZZ
 @given(data=st.data())
 def test_checkpoint_index(work, tmp_path_factory, data):
-    from piece_surgery.checkpoint import open_checkpoint
+    from piece_surgery.models.checkpoint import open_checkpoint
 
     folder = tmp_path_factory.mktemp("sharded")
     shutil.copy(work / "model" / "config.json", folder / "config.json")
@@ -210,7 +210,7 @@ def test_checkpoint_index(work, tmp_path_factory, data):
 @FUZZ
 @given(data=st.data())
 def test_mask_files(work, tmp_path_factory, data):
-    from piece_surgery.mask import load_mask
+    from piece_surgery.formats.mask import load_mask
 
     folder = tmp_path_factory.mktemp("mask")
     path = folder / "mask.safetensors"
@@ -229,7 +229,7 @@ def test_mask_files(work, tmp_path_factory, data):
 @given(data=st.data())
 def test_mask_metadata_values(work, tmp_path_factory, data):
     """Well-formed files whose header metadata holds JSON of the wrong shape."""
-    from piece_surgery.mask import load_mask
+    from piece_surgery.formats.mask import load_mask
 
     folder = tmp_path_factory.mktemp("maskmeta")
     with safe_open(str(work / "mask.safetensors"), "pt") as f:
@@ -241,7 +241,7 @@ def test_mask_metadata_values(work, tmp_path_factory, data):
 
 
 def reseal_delta(folder: Path) -> None:
-    from piece_surgery.records import file_sha256
+    from piece_surgery.runtime.records import file_sha256
 
     info = json.loads((folder / "delta.json").read_text())
     if isinstance(info, dict):
@@ -253,7 +253,7 @@ def reseal_delta(folder: Path) -> None:
 @given(data=st.data(), reseal=st.booleans())
 def test_delta_weights(work, tmp_path_factory, data, reseal):
     """Mutated delta.safetensors, with its digest re-sealed (so the parser sees it) or not."""
-    from piece_surgery.delta import load_delta
+    from piece_surgery.formats.delta import load_delta
 
     folder = shutil.copytree(work / "delta", tmp_path_factory.mktemp("delta") / "d")
     original = (folder / "delta.safetensors").read_bytes()
@@ -271,7 +271,7 @@ def test_delta_weights(work, tmp_path_factory, data, reseal):
 @given(data=st.data())
 def test_delta_description(work, tmp_path_factory, data):
     """delta.json of the wrong shape: any value replaced or dropped, anywhere in the document."""
-    from piece_surgery.delta import load_delta
+    from piece_surgery.formats.delta import load_delta
 
     folder = shutil.copytree(work / "delta", tmp_path_factory.mktemp("deltajson") / "d")
     description = json.loads((folder / "delta.json").read_text())
@@ -283,9 +283,9 @@ def test_delta_description(work, tmp_path_factory, data):
 @given(data=st.data())
 def test_training_state(work, tmp_path_factory, data):
     """A saved state with state.json or state.safetensors damaged (sha256 re-sealed or not)."""
-    from piece_surgery.records import file_sha256
-    from piece_surgery.sparse_grad import SparseParameters
-    from piece_surgery.train_state import load_state, save_state
+    from piece_surgery.runtime.records import file_sha256
+    from piece_surgery.training.sparse_grad import SparseParameters
+    from piece_surgery.training.state import load_state, save_state
 
     folder = tmp_path_factory.mktemp("state")
     params = {"w": torch.nn.Parameter(torch.randn(6, 4))}
@@ -336,7 +336,7 @@ def test_training_state(work, tmp_path_factory, data):
     raw=st.none() | st.binary(max_size=80),
 )
 def test_data_files(tmp_path_factory, lines, suffix, raw):
-    from piece_surgery.data import load_dataset
+    from piece_surgery.data.dataset import load_dataset
 
     folder = tmp_path_factory.mktemp("data")
     path = folder / f"data{suffix}"

@@ -1,0 +1,1 @@
+"""Training data: files to records, records to tokens, batches."""

@@ -1,0 +1,1 @@
+"""Token losses, and what a candidate changed against its base on a dataset."""

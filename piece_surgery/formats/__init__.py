@@ -1,0 +1,1 @@
+"""The artifacts: mask files, delta folders, cards, merge recipes, and telling them apart."""

@@ -1,0 +1,1 @@
+"""Files and transport: the Hub, outputs written atomically, safetensors patched in place."""

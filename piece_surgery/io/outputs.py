@@ -1,0 +1,238 @@
+"""Outputs: checked before any work, written under a temporary name and renamed at the end, so a
+failed, interrupted or killed command never leaves a half-written output at its final path, and
+never writes into, over or around an input, however either is spelled.
+
+One rule for every command (`check_output`): the output may not be, contain or lie inside any input,
+and may not be or contain a protected folder (a recipe's own folder, whose outputs normally lie
+inside it), with or without --overwrite. Paths are compared as the command opens them: `~`
+expanded, `..` and symlinks resolved.
+
+Temporaries are folders `.NAME.PID.RANDOM.tmp` (and `.old` for an output being replaced) beside the
+output, each holding a marker that names the output it belongs to. A later run for the same output
+removes only those whose marker says so and whose process is gone, and puts back an output a killed
+run had moved aside before its replacement was in place.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from safetensors import SafetensorError
+
+from piece_surgery.runtime.errors import PieceError, first_line
+
+_DISK_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+MARKER = ".piece-surgery-temporary"
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]*\.(?P<kind>tmp|old)$")
+
+
+def input_path(ref: str | Path) -> Path | None:
+    """Where a command reads `ref` from, as it opens it (`~` expanded, `..` and symlinks resolved);
+    None for what is not a local path (a Hub repo id, `self`, `general`)."""
+    path = Path(ref).expanduser()
+    return path.resolve() if path.exists() or path.is_symlink() else None
+
+
+def output_path(ref: str | Path) -> Path:
+    """Where a command writes `ref`: its folder resolved (`~`, `..`, symlinks), its own name kept.
+    PieceError for a path that names no file or folder of its own (`.`, `..`, `/`)."""
+    path = Path(ref).expanduser()
+    if path.name in ("", ".", ".."):
+        raise PieceError(f"output '{ref}' names no file or folder of its own; give a name, e.g. {ref}/out")
+    return path.parent.resolve() / path.name
+
+
+def overlaps(output: Path, source: Path, *, inside_ok: bool = False) -> bool:
+    """Whether writing `output` could touch `source`: the same, one inside the other (an output
+    inside `source` is fine with `inside_ok`: a recipe's folder holds its outputs)."""
+    if output == source or source.is_relative_to(output):
+        return True
+    return not inside_ok and output.is_relative_to(source)
+
+
+def check_output(
+    path: str | Path,
+    *,
+    overwrite: bool,
+    inputs: Iterable[str | Path | None] = (),
+    protected: Iterable[str | Path] = (),
+    kind: str = "folder",
+) -> Path:
+    """Check an output before any work and return the path to write it at (output_path).
+
+    Refused, in one line: an output that overlaps an input or a protected folder (refuse_overlap);
+    one that exists (unless `overwrite`); a file where a folder is written or the reverse; a
+    missing or read-only folder. Removes what killed runs left for this output."""
+    target = output_path(path)
+    refuse_overlap(path, inputs, protected)
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise PieceError(f"output '{path}' already exists; pass --overwrite to replace it")
+        if kind == "folder" and not target.is_dir():
+            raise PieceError(
+                f"output '{path}' is a file and this command writes a folder; choose another path"
+            )
+        if kind == "file" and target.is_dir():
+            raise PieceError(
+                f"output '{path}' is a folder and this command writes a file; choose another path"
+            )
+    if not target.parent.is_dir():
+        raise PieceError(f"output folder '{target.parent}' does not exist; create it first")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise PieceError(f"output folder '{target.parent}' is not writable; choose another output path")
+    remove_stale_temporaries(target)
+    return target
+
+
+def refuse_overlap(
+    output: str | Path, inputs: Iterable[str | Path | None], protected: Iterable[str | Path] = ()
+) -> None:
+    """The output may not be, contain or lie inside any input (None entries are options left out,
+    and what is not a local path, a Hub repo id, is no file of the user's), and may not be or
+    contain a protected folder. Called again for inputs a command finds on its own (a base named
+    inside an adapter's config) once it knows them."""
+    real = output_path(output).resolve()  # an output that is itself a symlink: where it points
+    for source in inputs:
+        resolved = input_path(source) if source is not None else None
+        if resolved is None:
+            continue
+        for read in (resolved, *_read_through(resolved)):
+            if overlaps(real, read):
+                shown = "" if read == resolved else f" (it reads '{read}')"
+                raise PieceError(
+                    f"output '{output}' overlaps input '{source}'{shown}; choose an output outside the inputs"
+                )
+    for folder in protected:
+        resolved = input_path(folder)
+        if resolved is not None and overlaps(real, resolved, inside_ok=True):
+            raise PieceError(
+                f"output '{output}' would replace '{folder}', which holds an input; choose another output"
+            )
+
+
+def _read_through(source: Path) -> list[Path]:
+    """What reading `source` also reads: where the files of a folder that are links point (a Hub
+    cache snapshot's files point into its blobs), and the images a data file's records name."""
+    if source.is_dir():
+        return [child.resolve() for child in source.iterdir() if child.is_symlink()]
+    if source.suffix.lower() in (".jsonl", ".json") and source.is_file():
+        from piece_surgery.data.images import referenced_images
+
+        return [image.resolve() for image in referenced_images(source)]
+    return []
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Clean up what killed runs left for the output `path`: temporaries whose marker names `path`
+    and whose process is gone. A replaced output a run had moved aside (`.old`) is put back when
+    nothing took its place; anything without our marker, or of a live process, is left alone."""
+    path = Path(path)
+    handled = []
+    if not path.parent.is_dir():
+        return handled
+    for sibling in sorted(path.parent.iterdir()):
+        match = _TEMPORARY.match(sibling.name)
+        if not match or match["name"] != path.name or _alive(int(match["pid"])):
+            continue
+        if not _marked_for(sibling, path):
+            continue
+        saved = sibling / path.name
+        if match["kind"] == "old" and saved.exists() and not (path.exists() or path.is_symlink()):
+            saved.rename(path)  # the replacement never arrived: the output as it was comes back
+        shutil.rmtree(sibling, ignore_errors=True)
+        handled.append(sibling)
+    return handled
+
+
+def _marked_for(folder: Path, output: Path) -> bool:
+    """Whether `folder` is a temporary this tool made for `output` (its marker says so)."""
+    marker = folder / MARKER
+    if folder.is_symlink() or not folder.is_dir() or not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("output") == str(output)
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+def _mark(folder: Path, output: Path) -> None:
+    (folder / MARKER).write_text(json.dumps({"output": str(output), "pid": os.getpid()}))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _temporary_folder(path: Path, kind: str) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=f".{kind}", dir=path.parent))
+    _mark(folder, path)
+    return folder
+
+
+@contextmanager
+def atomic_path(path: Path, *, is_dir: bool) -> Iterator[Path]:
+    """Yield a temporary path to write `path` at; on success it replaces `path` (with the
+    permissions a plain open() under the umask gives), on any failure or interrupt it is removed.
+    `path` should come from check_output (output_path). A full disk becomes a one-line error."""
+    path = output_path(path)
+    work = _temporary_folder(path, "tmp")
+    tmp = work / "output" if is_dir else work / path.name
+    if is_dir:
+        tmp.mkdir()
+    try:
+        try:
+            yield tmp
+            _default_permissions(tmp)
+        except (OSError, SafetensorError) as exc:
+            if isinstance(exc, SafetensorError) or getattr(exc, "errno", None) in _DISK_ERRORS:
+                raise PieceError(
+                    f"cannot write '{path}': {_reason(exc)}; free some space or choose another path"
+                ) from exc
+            raise
+        if path.is_dir() and not path.is_symlink():
+            old = _temporary_folder(path, "old")
+            path.rename(old / path.name)  # out of the way in one rename, then deleted
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    match = re.search(r"I/O error: ([^(]+)", str(exc))
+    return match[1].strip().lower() if match else first_line(exc)
+
+
+def _default_permissions(tmp: Path) -> None:
+    """mkstemp/mkdtemp make 0600 files and 0700 folders; an output gets what open() would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    if tmp.is_dir():
+        for root, dirs, files in os.walk(tmp):
+            os.chmod(root, 0o777 & ~umask)
+            for d in dirs:
+                os.chmod(Path(root) / d, 0o777 & ~umask)
+            for f in files:
+                os.chmod(Path(root) / f, 0o666 & ~umask)
+    else:
+        os.chmod(tmp, 0o666 & ~umask)

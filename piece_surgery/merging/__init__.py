@@ -1,0 +1,1 @@
+"""Deltas merged into checkpoint folders and live models, and switched on a live model."""

@@ -1,0 +1,1 @@
+"""Checkpoints and loaded models: layouts, names, loading, parts, tiny models for tests."""

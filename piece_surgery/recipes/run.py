@@ -1,0 +1,108 @@
+"""The setup every command that loads a model shares: one options record (device, dtype, lengths,
+trust, FSDP, quiet) and a `Run` that starts the process group, checks outputs, opens the checkpoint,
+reads data, loads (and shards) the model, and has rank 0 write while the others wait.
+
+A recipe reads top to bottom:
+
+    run = Run(options)                                   # joins the process group under torchrun
+    run.check_output(output, inputs=[...], overwrite=...)
+    checkpoint = run.open(model_ref)                     # headers only: cheap checks come first
+    dataset = run.data(checkpoint, data_path)
+    model = run.load_model(checkpoint)                   # sharded with FSDP2 under --fsdp
+    ...
+    run.write(lambda: save_mask(mask, output))           # rank 0 writes, every rank waits for it
+
+The options live in options.RunOptions: a new run option is one field there (with its help text);
+the CLI adds it to every command that loads a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from piece_surgery.data.dataset import Dataset
+from piece_surgery.io.outputs import check_output
+from piece_surgery.models.checkpoint import Checkpoint, LoadedModel, auto_model_class, open_checkpoint
+from piece_surgery.runtime import distributed
+from piece_surgery.runtime.distributed import World
+from piece_surgery.runtime.errors import PieceError
+from piece_surgery.runtime.options import RunOptions
+
+T = TypeVar("T")
+
+
+class Run:
+    """One command's run over a model: its process group (under a launcher), which rank writes,
+    and the loading steps, each done once and in the same way for every command."""
+
+    def __init__(self, options: RunOptions | None = None):
+        self.options = options or RunOptions()
+        self.world: World | None = distributed.start(self.options.device)
+        # --fsdp without a launcher fails here, before anything is read
+        self.model_device = distributed.load_device(self.world, self.options.device, self.options.fsdp)
+
+    @property
+    def is_main(self) -> bool:
+        return self.world is None or self.world.is_main
+
+    @property
+    def quiet(self) -> bool:
+        """Only rank 0 shows progress."""
+        return self.options.quiet or not self.is_main
+
+    def check_output(
+        self, output: Path, *, inputs: Sequence[str | Path | None], overwrite: bool, kind: str = "folder"
+    ) -> Path:
+        """outputs.check_output over the inputs given (None entries are options left out); returns
+        the path to write at."""
+        return check_output(output, overwrite=overwrite, inputs=inputs, kind=kind)
+
+    def open(self, ref: str, *, what: str = "model") -> Checkpoint:
+        """The checkpoint a model command works on, its config checked loadable (a model class
+        transformers has) before any data is read."""
+        checkpoint = open_checkpoint(ref, what=what, trust_remote_code=self.options.trust_remote_code)
+        auto_model_class(checkpoint.config())
+        return checkpoint
+
+    def data(
+        self, checkpoint: Checkpoint, path: Path, *, every_example: bool = False, name: str | None = None
+    ) -> Dataset:
+        """A data file tokenized for this run (--max-samples applies unless `every_example`)."""
+        dataset = checkpoint.load_data(
+            Path(path),
+            max_length=self.options.max_length,
+            max_samples=None if every_example else self.options.max_samples,
+            quiet=self.quiet,
+            name=name,
+        )
+        checkpoint.check_token_ids(dataset)
+        return dataset
+
+    def load_model(self, checkpoint: Checkpoint) -> LoadedModel:
+        """The model on this rank's device, or sharded over the ranks with FSDP2 (--fsdp)."""
+        loaded = checkpoint.load_model(
+            device=self.model_device,
+            dtype=self.options.dtype,
+            quiet=self.quiet,
+            attn_implementation=self.options.attn_implementation,
+        )
+        if self.options.fsdp:
+            from piece_surgery.runtime.sharding import shard_model
+
+            shard_model(loaded.module, self.world)
+        return loaded
+
+    def write(self, save: Callable[[], T]) -> T | None:
+        """Rank 0 calls `save`; every rank returns once it is done (its result on rank 0)."""
+        if self.world is None:
+            return save()
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = save()
+            except PieceError as exc:  # a full disk, say: every rank ends with the same line
+                error = exc
+        self.world.agree(error)
+        return result

@@ -1,0 +1,1 @@
+"""What every layer stands on: errors, records and their JSON, dtypes, progress, processes."""

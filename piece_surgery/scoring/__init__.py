@@ -1,0 +1,1 @@
+"""Importance estimation and selection: the methods, the gradient pass, retain data."""

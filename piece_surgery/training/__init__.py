@@ -1,0 +1,1 @@
+"""The sparse trainer: gradients of selected entries only, the loop, its resumable state."""
