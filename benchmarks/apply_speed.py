@@ -42,7 +42,7 @@ def plain_copy(base: Path, out: Path) -> dict:
 
 
 def piece_apply(base: Path, delta: Path, out: Path) -> dict:
-    from piece_surgery.merging.merge import apply
+    from piece_surgery.recipes.apply import apply
 
     start = time.perf_counter()
     result = apply(str(base), [str(delta)], out, overwrite=True)
@@ -66,7 +66,8 @@ def nudged_delta(base: Path, work: Path, label: str, entries) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from piece_surgery.formats.delta import diff, save_delta
+    from piece_surgery.formats.delta_folder import save_delta
+    from piece_surgery.merging.diff import diff
 
     tuned = work / f"tuned-{label}"
     shutil.copytree(base, tuned)
@@ -99,7 +100,8 @@ def make_delta(base: Path, work: Path, fraction: float = 0.001) -> Path:
 def make_piece_delta(base: Path, work: Path) -> Path:
     """A delta on the entries a PIECE-S 0.1% mask selects on the model itself (code data): where a
     trained delta's entries really fall, unlike make_delta's uniform spread."""
-    from piece_surgery.recipes.score import ScoreOptions, score_checkpoint
+    from piece_surgery.recipes.score import score_checkpoint
+    from piece_surgery.scoring.options import ScoreOptions
 
     data = write_jsonl(stdlib_code_lines(16, min_chars=600), work / "code.jsonl")
     options = ScoreOptions(method="piece-s", density=0.001)
@@ -264,7 +266,8 @@ def direct_delta(base: Path, out: Path, kind: str, seed: int = 0) -> Path:
     in runs of 64 consecutive entries (row segments), where importance masks put theirs."""
     import torch
 
-    from piece_surgery.formats.delta import DeltaInfo, delta_from_values, save_delta
+    from piece_surgery.formats.delta import DeltaInfo, delta_from_values
+    from piece_surgery.formats.delta_folder import save_delta
     from piece_surgery.models.checkpoint import open_checkpoint
 
     checkpoint = open_checkpoint(str(base))

@@ -36,9 +36,11 @@ from common import require_extras, smollm2_folder, stdlib_code_lines, wiki_recor
 
 from piece_surgery.data.dataset import Dataset, collate  # noqa: E402
 from piece_surgery.evaluation.loss import batch_logits, mean_token_loss  # noqa: E402
-from piece_surgery.models.checkpoint import Checkpoint, LoadedModel, open_checkpoint, parameter_keys  # noqa: E402
-from piece_surgery.recipes.score import ScoreOptions, score_model  # noqa: E402
+from piece_surgery.models.checkpoint import Checkpoint, LoadedModel, open_checkpoint
+from piece_surgery.models.pairing import parameter_keys
+from piece_surgery.recipes.score import ScoreOptions
 from piece_surgery.scoring.retain import Avoided, sample_self  # noqa: E402
+from piece_surgery.scoring.selection import score_model
 from piece_surgery.training.loop import TrainConfig, step_examples, train_sparse  # noqa: E402
 
 
@@ -518,8 +520,9 @@ def sequential(
 def mask_overlaps(folder: Path, tasks: dict, args) -> dict:
     """One data pass; the top-0.1% sets of piece-s, piece-s-rel, piece-f and gradient compared."""
     from piece_surgery.formats.mask import k_for_density, select_top_k
+    from piece_surgery.models.eligible import eligible_parameters
     from piece_surgery.models.naming import is_norm
-    from piece_surgery.scoring.importance import accumulate_gradients, eligible_parameters
+    from piece_surgery.scoring.importance import accumulate_gradients
     from piece_surgery.scoring.methods import METHODS, ScoreInputs
 
     checkpoint = open_checkpoint(str(folder))

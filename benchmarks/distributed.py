@@ -182,7 +182,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = write_jsonl(stdlib_code_lines(32, min_chars=600), Path(tmp) / "code.jsonl")
         mask = Path(tmp) / "mask.safetensors"
-        from piece_surgery.recipes.score import ScoreOptions, score_checkpoint
+        from piece_surgery.recipes.score import score_checkpoint
+        from piece_surgery.scoring.options import ScoreOptions
 
         score_checkpoint(
             str(folder),

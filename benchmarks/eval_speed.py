@@ -30,10 +30,12 @@ def _nudged_delta(folder: Path, out: Path, seed: int) -> None:
     """A random 0.1% of the entries, each moved by +-1%: a trained delta's size and spread."""
     import torch
 
-    from piece_surgery.formats.delta import DeltaInfo, delta_from_values, save_delta
+    from piece_surgery.formats.delta import DeltaInfo, delta_from_values
+    from piece_surgery.formats.delta_folder import save_delta
     from piece_surgery.models.checkpoint import open_checkpoint
     from piece_surgery.recipes.score import score_checkpoint
-    from piece_surgery.runtime.options import RunOptions, ScoreOptions
+    from piece_surgery.runtime.options import RunOptions
+    from piece_surgery.scoring.options import ScoreOptions
 
     options = ScoreOptions(method="random", seed=seed)
     mask = score_checkpoint(str(folder), None, options, run=RunOptions(device="cpu")).mask
@@ -51,8 +53,9 @@ def _nudged_delta(folder: Path, out: Path, seed: int) -> None:
 def _evaluate(base: str, candidates: list[str], data: str, general: str, threads: int) -> dict:
     import torch
 
+    from piece_surgery.evaluation.options import EvalOptions
     from piece_surgery.recipes.evaluate import evaluate_candidates
-    from piece_surgery.runtime.options import EvalOptions, RunOptions
+    from piece_surgery.runtime.options import RunOptions
 
     torch.set_num_threads(threads)
     result = evaluate_candidates(
@@ -69,7 +72,7 @@ def _evaluate(base: str, candidates: list[str], data: str, general: str, threads
 def _merge(base: str, delta: str, out: str, threads: int) -> dict:
     import torch
 
-    from piece_surgery.merging.merge import apply
+    from piece_surgery.recipes.apply import apply
 
     torch.set_num_threads(threads)
     apply(base, [delta], Path(out))

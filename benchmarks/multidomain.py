@@ -191,7 +191,7 @@ def chat_answers(model, tokenizer, path: Path, seed: int = 0) -> Path:
 def run_setting(setting: Setting, lr: float, ctx: dict, args) -> dict:
     from continual import Method, eval_loss, fresh_model, kl_from_base, train_method
 
-    from piece_surgery.runtime.options import ScoreOptions
+    from piece_surgery.scoring.options import ScoreOptions
 
     method = Method(
         setting.name,

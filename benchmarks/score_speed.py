@@ -40,7 +40,8 @@ def plain_loop(folder: Path, data: Path, max_length: int) -> dict:
 
 
 def piece_score(folder: Path, data: Path, max_length: int, method: str) -> dict:
-    from piece_surgery.recipes.score import ScoreOptions, score_model
+    from piece_surgery.recipes.score import ScoreOptions
+    from piece_surgery.scoring.selection import score_model
 
     checkpoint, dataset, loaded = _load(folder, data, max_length)
     start = time.perf_counter()

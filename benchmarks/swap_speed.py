@@ -29,9 +29,11 @@ def _delta_on_mask(folder: Path, data: Path, work: Path, label: str, dtype: str)
     """A PIECE-S 0.1% mask scored on `data`, its entries nudged by +-1% (a trained delta's shape)."""
     import torch
 
-    from piece_surgery.formats.delta import DeltaInfo, delta_from_values, save_delta
+    from piece_surgery.formats.delta import DeltaInfo, delta_from_values
+    from piece_surgery.formats.delta_folder import save_delta
     from piece_surgery.models.checkpoint import open_checkpoint
-    from piece_surgery.recipes.score import ScoreOptions, score_checkpoint
+    from piece_surgery.recipes.score import score_checkpoint
+    from piece_surgery.scoring.options import ScoreOptions
 
     options = ScoreOptions(method="piece-s")  # where trained entries fall; swap time depends on k
     mask = score_checkpoint(str(folder), data, options, run=RunOptions(max_length=128, device="cpu")).mask
@@ -45,7 +47,7 @@ def _delta_on_mask(folder: Path, data: Path, work: Path, label: str, dtype: str)
             entries[name] = (idx, base, (base.double() * factor).to(base.dtype))
     delta = delta_from_values(entries, mask.shapes, DeltaInfo(checkpoint.identity))
     save_delta(delta, work / label)
-    save_delta(delta, work / f"{label}-compact", compact=True)
+    save_delta(delta, work / f"{label}-compact", format_version=2)
     return work / label
 
 
@@ -63,7 +65,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from piece_surgery.formats.delta import load_delta
+    from piece_surgery.formats.delta_folder import load_delta
     from piece_surgery.merging.switcher import DeltaSwitcher
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -164,7 +166,7 @@ def main() -> None:
                 "forward_ms": statistics.median(_timed(lora_forward, 5)),
             }
         )
-        from piece_surgery.recipes.peft import export_peft
+        from piece_surgery.recipes.export import export_peft
 
         exported = export_peft(str(deltas["code"]), work / "adapter", base_ref=str(folder))
         sizes["code as a SHiRA adapter"] = exported.adapter_bytes / exported.entries

@@ -130,8 +130,9 @@ def sparse(folder, data, steps, batch_size, max_length, mask_path) -> dict:
 
 
 def score_mask(folder: Path, data: Path, method: str, out: Path) -> dict:
-    from piece_surgery.recipes.score import ScoreOptions, score_checkpoint
+    from piece_surgery.recipes.score import score_checkpoint
     from piece_surgery.scoring.methods import METHODS
+    from piece_surgery.scoring.options import ScoreOptions
 
     options = ScoreOptions(method=method, density=0.001)
     data = data if METHODS[method].needs_data else None  # random and magnitude read none

@@ -24,7 +24,7 @@ def make_demo(work: Path) -> tuple[str, str, str]:
     """A tiny random model and one delta per domain, trained for a few steps."""
     from piece_surgery.models.tiny import write_tiny_model
     from piece_surgery.recipes.train import train_checkpoint
-    from piece_surgery.runtime.options import TrainConfig
+    from piece_surgery.training.config import TrainConfig
 
     base = write_tiny_model(work / "base")
     config = TrainConfig(lr=1e-2, epochs=5, batch_size=2)

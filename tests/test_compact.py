@@ -10,8 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from piece_surgery.formats.codec import decode_indices, encode_indices
-from piece_surgery.formats.delta import diff, load_delta, save_delta
-from piece_surgery.merging.merge import apply, apply_to_model
+from piece_surgery.formats.delta_folder import load_delta, save_delta
+from piece_surgery.merging.diff import diff
+from piece_surgery.merging.live import apply_to_model
+from piece_surgery.recipes.apply import apply
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -57,7 +59,7 @@ def test_compact_round_trip_is_bit_exact_and_numpy_readable(tiny, tmp_path, dtyp
     tuned = perturb(base, tmp_path / "tuned", fraction=0.03, seed=1)
     delta = diff(str(base), str(tuned))
     save_delta(delta, tmp_path / "v1")
-    save_delta(delta, tmp_path / "v2", compact=True)
+    save_delta(delta, tmp_path / "v2", format_version=2)
     info = json.loads((tmp_path / "v2" / "delta.json").read_text())
     assert info["format_version"] == 2 and info["count"] == delta.count
     loaded = load_delta(tmp_path / "v2")
@@ -95,8 +97,8 @@ def test_compact_deltas_stack_and_apply_in_place(tiny, tmp_path):
     base = tiny("llama", dtype=torch.bfloat16)
     t1 = perturb(base, tmp_path / "t1", fraction=0.05, seed=1)
     t2 = perturb(t1, tmp_path / "t2", fraction=0.05, seed=2)  # trained on top of the first
-    save_delta(diff(str(base), str(t1)), tmp_path / "d1", compact=True)
-    save_delta(diff(str(t1), str(t2)), tmp_path / "d2", compact=True)
+    save_delta(diff(str(base), str(t1)), tmp_path / "d1", format_version=2)
+    save_delta(diff(str(t1), str(t2)), tmp_path / "d2", format_version=2)
     result = apply(str(base), [str(tmp_path / "d1"), str(tmp_path / "d2")], tmp_path / "merged")
     assert result.overlap.chained > 0 and same_checkpoint(tmp_path / "merged", t2)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)

@@ -4,8 +4,10 @@ import pytest
 import torch
 from helpers import bitwise_equal, perturb, read_all, same_checkpoint
 
-from piece_surgery.formats.delta import diff, load_delta, save_delta
-from piece_surgery.merging.merge import apply, apply_to_model, revert_delta
+from piece_surgery.formats.delta_folder import load_delta, save_delta
+from piece_surgery.merging.diff import diff
+from piece_surgery.merging.live import apply_to_model, revert_delta
+from piece_surgery.recipes.apply import apply
 from piece_surgery.runtime.errors import PieceError
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -193,7 +195,7 @@ def test_output_shards_are_the_input_files_except_changed_entries(tiny, tmp_path
 
 def test_top_level_api_names_the_library_functions():
     import piece_surgery
-    from piece_surgery.merging import merge
+    from piece_surgery.recipes import apply as merge
     from piece_surgery.training import loop as trainer
 
     assert piece_surgery.apply is merge.apply and piece_surgery.train_sparse is trainer.train_sparse
@@ -391,7 +393,7 @@ def test_switching_between_deltas_is_exact(tiny, tmp_path, dtype):
     original = {n: p.detach().clone() for n, p in model.state_dict().items()}
     switcher = DeltaSwitcher(model)
     switcher.add("one", diff(str(base), str(t1)))
-    save_delta(diff(str(base), str(t2)), tmp_path / "d2", compact=True)
+    save_delta(diff(str(base), str(t2)), tmp_path / "d2", format_version=2)
     switcher.add("two", load_delta(tmp_path / "d2"))
     switcher.add("half", diff(str(base), str(t1)), scale=0.5)
     expected = {"one": read_all(t1), "two": read_all(t2)}

@@ -16,7 +16,8 @@ from piece_surgery.models.tiny import make_tiny_checkpoint
 def made(tiny, tmp_path):
     base = tiny("llama")
     tuned = perturb(base, tmp_path / "tuned", fraction=0.02)
-    from piece_surgery.formats.delta import diff, save_delta
+    from piece_surgery.formats.delta_folder import save_delta
+    from piece_surgery.merging.diff import diff
 
     save_delta(diff(str(base), str(tuned)), tmp_path / "delta")
     return base, tmp_path / "delta"

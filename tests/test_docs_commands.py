@@ -65,7 +65,7 @@ def workspace(folder: Path, hub) -> None:
     (folder / "general.txt").write_text(
         "The quick brown fox jumps over the lazy dog.\nRivers flow to the sea.\n"
     )
-    from piece_surgery.formats.delta import write_diff
+    from piece_surgery.recipes.diff import write_diff
 
     for name, seed in (("delta-legal", 3), ("delta-code", 4)):
         write_diff(

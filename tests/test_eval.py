@@ -9,7 +9,7 @@ import torch
 from helpers import assert_clean_failure, perturb, read_all
 
 from piece_surgery.data.dataset import load_dataset, load_tokenizer
-from piece_surgery.models.checkpoint import load_causal_lm
+from piece_surgery.models.loading import load_causal_lm
 
 
 @pytest.fixture

@@ -7,9 +7,11 @@ import pytest
 
 from piece_surgery.formats.mask import MaskInfo
 from piece_surgery.runtime.errors import PieceError
-from piece_surgery.runtime.options import RunOptions, ScoreOptions, TrainConfig
+from piece_surgery.runtime.options import RunOptions
 from piece_surgery.runtime.records import AvoidRecord, CheckpointIdentity, DataRecord, RetainRecord
 from piece_surgery.scoring.methods import METHODS, markdown_table, method_named
+from piece_surgery.scoring.options import ScoreOptions
+from piece_surgery.training.config import TrainConfig
 
 README = Path(__file__).parent.parent / "README.md"
 

@@ -74,7 +74,7 @@ def test_peft_loads_the_export_and_gives_the_merged_outputs(trained, tmp_path, c
 
 @pytest.mark.smoke
 def test_an_exported_delta_imports_back_exactly(trained, tmp_path, cli):
-    from piece_surgery.formats.delta import load_delta
+    from piece_surgery.formats.delta_folder import load_delta
 
     base, delta = trained(torch.bfloat16)
     assert cli("export", delta, "--base", base, "-o", tmp_path / "adapter", "-q")[0] == 0
@@ -92,7 +92,7 @@ def test_a_lora_adapter_imports_as_the_change_its_merge_makes(tiny, tmp_path, cl
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from piece_surgery.formats.delta import load_delta
+    from piece_surgery.formats.delta_folder import load_delta
 
     base = tiny("llama")
     model = get_peft_model(
@@ -177,7 +177,7 @@ def test_a_busy_layer_is_saved_whole_rather_than_padding_every_other(tiny, tmp_p
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from piece_surgery.recipes.peft import _SLOT_BYTES, _cheapest_layout
+    from piece_surgery.merging.shira import _SLOT_BYTES, cheapest_layout
 
     base = tiny("llama")
     tuned = tmp_path / "tuned"
@@ -214,7 +214,7 @@ def test_a_busy_layer_is_saved_whole_rather_than_padding_every_other(tiny, tmp_p
             total += slots * _SLOT_BYTES if fits else m.weight.numel() * m.weight.element_size()
         return total
 
-    r, whole = _cheapest_layout(layers, counts)
+    r, whole = cheapest_layout(layers, counts)
     assert r == report["r"] and size(r) == min(size(x) for x in range(1, 200))
     assert whole == {"model.layers.0.mlp.down_proj"}
 

@@ -6,7 +6,8 @@ import pytest
 import yaml
 from helpers import assert_clean_failure, perturb, snapshot
 
-from piece_surgery.formats.delta import diff, save_delta
+from piece_surgery.formats.delta_folder import save_delta
+from piece_surgery.merging.diff import diff
 
 
 @pytest.fixture

@@ -13,9 +13,11 @@ from test_score import as_lists, brute_force_top_k
 
 from piece_surgery.formats.mask import load_mask, save_mask
 from piece_surgery.models.checkpoint import open_checkpoint
-from piece_surgery.recipes.score import ScoreOptions, score_checkpoint
+from piece_surgery.models.eligible import eligible_parameters
+from piece_surgery.recipes.score import score_checkpoint
 from piece_surgery.runtime.options import RunOptions
-from piece_surgery.scoring.importance import eligible_parameters, quantile
+from piece_surgery.scoring.importance import quantile
+from piece_surgery.scoring.options import ScoreOptions
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -239,7 +241,7 @@ def piece_r_mask(folder, code_data, general_data, path):
 def test_predicted_drift_is_half_sum_of_fisher_times_squared_change(
     tiny, code_data, general_data, tmp_path, cli
 ):
-    from piece_surgery.formats.delta import load_delta
+    from piece_surgery.formats.delta_folder import load_delta
 
     folder = tiny("llama")
     mask = piece_r_mask(folder, code_data, general_data, tmp_path / "m.safetensors")
@@ -366,7 +368,7 @@ def test_bad_retain_input(tiny, code_data, general_data, tmp_path, cli):
 
 
 def test_defaults_fill_only_what_was_not_given():
-    from piece_surgery.runtime.options import DEFAULT_RETAIN_WEIGHT, TrainConfig
+    from piece_surgery.training.config import DEFAULT_RETAIN_WEIGHT, TrainConfig
 
     filled = TrainConfig().for_mask("piece-r", carries_fisher=True)
     assert (filled.lr, filled.retain_weight) == (1e-3, DEFAULT_RETAIN_WEIGHT)

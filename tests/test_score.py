@@ -6,10 +6,13 @@ from safetensors import safe_open
 
 from piece_surgery.data.dataset import load_dataset, load_tokenizer
 from piece_surgery.formats.mask import load_mask, select_top_k
-from piece_surgery.models.checkpoint import load_causal_lm, parameter_keys, read_layout
-from piece_surgery.recipes.score import ScoreOptions, score_checkpoint
+from piece_surgery.models.eligible import eligible_parameters
+from piece_surgery.models.layout import read_layout
+from piece_surgery.models.loading import load_causal_lm
+from piece_surgery.models.pairing import parameter_keys
+from piece_surgery.recipes.score import score_checkpoint
 from piece_surgery.runtime.options import RunOptions
-from piece_surgery.scoring.importance import eligible_parameters
+from piece_surgery.scoring.options import ScoreOptions
 
 
 def brute_force_scores(folder, data, method, batch_size):

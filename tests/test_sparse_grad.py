@@ -8,13 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from piece_surgery.models.structure import is_gain_module
 from piece_surgery.runtime.errors import PieceError
-from piece_surgery.training.sparse_grad import (
-    EntryPlan,
-    SparseParameters,
-    is_gain_module,
-    selected_entry_gradient,
-)
+from piece_surgery.training.sparse_grad import EntryPlan, SparseParameters, selected_entry_gradient
 
 
 def _flat_indices(gen, rows, cols, distinct_cols, n=60):

@@ -6,11 +6,13 @@ from helpers import assert_clean_failure, bitwise_equal, read_all
 from safetensors.torch import load_file
 
 from piece_surgery.evaluation.loss import evaluate
-from piece_surgery.formats.delta import load_delta
-from piece_surgery.merging.merge import apply
-from piece_surgery.models.checkpoint import load_causal_lm, open_checkpoint
-from piece_surgery.recipes.score import ScoreOptions, score_checkpoint
+from piece_surgery.formats.delta_folder import load_delta
+from piece_surgery.models.checkpoint import open_checkpoint
+from piece_surgery.models.loading import load_causal_lm
+from piece_surgery.recipes.apply import apply
+from piece_surgery.recipes.score import score_checkpoint
 from piece_surgery.runtime.options import RunOptions
+from piece_surgery.scoring.options import ScoreOptions
 from piece_surgery.training.loop import TrainConfig, train_sparse
 
 
@@ -317,7 +319,7 @@ def test_gradient_checkpointing_trains_the_same_values(tiny, code_data):
 
 
 def test_gradient_checkpointing_on_a_model_without_it_is_a_clear_error():
-    from piece_surgery.models.checkpoint import enable_activation_checkpointing
+    from piece_surgery.models.loading import enable_activation_checkpointing
     from piece_surgery.runtime.errors import PieceError
 
     with pytest.raises(PieceError, match="does not support --gradient-checkpointing"):

@@ -15,9 +15,11 @@ from safetensors.torch import load_file
 from piece_surgery.data.images import open_image
 from piece_surgery.formats.artifacts import open_delta
 from piece_surgery.formats.mask import load_mask
-from piece_surgery.merging.merge import apply_to_model
+from piece_surgery.merging.live import apply_to_model
 from piece_surgery.merging.switcher import DeltaSwitcher
-from piece_surgery.models.checkpoint import open_checkpoint, read_layout, stored_names
+from piece_surgery.models.checkpoint import open_checkpoint
+from piece_surgery.models.layout import read_layout
+from piece_surgery.models.pairing import stored_names
 from piece_surgery.models.parts import LANGUAGE, PROJECTOR, VISION, part_of
 from piece_surgery.models.tiny import (
     NEEDS_TORCHVISION,

@@ -11,7 +11,7 @@ from helpers import assert_clean_failure, read_all
 from safetensors.torch import load_file, save_file
 
 from piece_surgery.formats.artifacts import open_delta
-from piece_surgery.merging.merge import apply_to_model
+from piece_surgery.merging.live import apply_to_model
 from piece_surgery.merging.switcher import DeltaSwitcher
 from piece_surgery.models.checkpoint import open_checkpoint
 from piece_surgery.runtime.errors import PieceError
@@ -198,7 +198,7 @@ def test_a_single_shard_with_an_index_keeps_its_index(tiny, tmp_path, cli, arch)
     """mergekit and others write model-00001-of-00001.safetensors and an index: so does apply."""
     from helpers import perturb
 
-    from piece_surgery.models.checkpoint import INDEX_FILE
+    from piece_surgery.io.sniff import INDEX_FILE
 
     base = shutil.copytree(tiny(arch), tmp_path / "base")
     names = list(load_file(base / "model.safetensors"))
@@ -514,7 +514,7 @@ def test_a_delta_with_legacy_names_applies_to_todays_files(tiny, tmp_path, cli, 
 def test_scales_that_overflow_are_refused_in_memory_too(tiny, tmp_path):
     from helpers import perturb
 
-    from piece_surgery.formats.delta import diff
+    from piece_surgery.merging.diff import diff
 
     base = tiny("llama")
     delta = diff(str(base), str(perturb(base, tmp_path / "t", fraction=0.01)))

@@ -21,6 +21,7 @@ from piece_surgery.cli.common import (
     Overwrite,
     Quiet,
     app,
+    delta_format,
     emit,
     out,
     summary_table,
@@ -54,7 +55,7 @@ def diff_command(
     as_json: AsJson = False,
 ) -> None:
     """The sparse delta between two checkpoints (exact, or the largest changes only)."""
-    from piece_surgery.formats.delta import write_diff
+    from piece_surgery.recipes.diff import write_diff
 
     start = time.perf_counter()
     written = write_diff(
@@ -66,7 +67,7 @@ def diff_command(
         base_model=base_model,
         overwrite=overwrite,
         quiet=quiet,
-        compact=compact,
+        delta_format=delta_format(compact),
     )
     result = written.to_json(base=base, tuned=tuned, output=output, seconds=time.perf_counter() - start)
     table = Table(title="changed entries per tensor")
@@ -131,7 +132,7 @@ def apply_command(
 ) -> None:
     """Merge deltas into a base: W = W_base + sum of scale_i x delta_i, streamed shard by shard."""
     from piece_surgery.formats.merge_recipe import Recipe, load_recipe
-    from piece_surgery.merging.merge import apply_recipe
+    from piece_surgery.recipes.apply import apply_recipe
 
     if recipe is not None:
         arguments = {
@@ -194,7 +195,7 @@ def push_command(
     as_json: AsJson = False,
 ) -> None:
     """Share a delta (or a mask) on the Hugging Face Hub."""
-    from piece_surgery.formats.artifacts import push
+    from piece_surgery.recipes.push import push
 
     result = push(
         path,
@@ -220,7 +221,8 @@ def inspect_command(
     as_json: AsJson = False,
 ) -> None:
     """Summarise a mask or a delta: per layer, per module kind, per part (vision-language), size."""
-    from piece_surgery.formats.artifacts import open_artifact, summarize
+    from piece_surgery.formats.artifacts import open_artifact
+    from piece_surgery.recipes.inspect import summarize
 
     summary = summarize(open_artifact(path))
     if as_json:
@@ -268,7 +270,7 @@ def export_command(
     run: RunOptions = None,
 ) -> None:
     """Write a delta as an adapter other tools load: PEFT's PeftModel.from_pretrained."""
-    from piece_surgery.recipes.peft import export_peft
+    from piece_surgery.recipes.export import export_peft
 
     if to != "peft":
         raise PieceError(f"unknown --to '{to}'; the one format is peft")
@@ -300,10 +302,12 @@ def import_command(
     run: RunOptions = None,
 ) -> None:
     """A delta from a PEFT adapter that merges into its base: every entry the merge changes."""
-    from piece_surgery.recipes.peft import import_peft
+    from piece_surgery.recipes.import_adapter import import_peft
 
     start = time.perf_counter()
-    imported = import_peft(adapter, output, base_ref=base, overwrite=overwrite, compact=compact, run=run)
+    imported = import_peft(
+        adapter, output, base_ref=base, overwrite=overwrite, delta_format=delta_format(compact), run=run
+    )
     result = imported.to_json(adapter=adapter, output=output, seconds=time.perf_counter() - start)
     emit(
         "import",

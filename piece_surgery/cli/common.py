@@ -113,6 +113,13 @@ Compact = Annotated[
 ]
 
 
+def delta_format(compact: bool) -> int:
+    """The delta format version a command writes: --compact's, or the default."""
+    from piece_surgery.formats.delta_folder import COMPACT_FORMAT, DEFAULT_FORMAT
+
+    return COMPACT_FORMAT if compact else DEFAULT_FORMAT
+
+
 def say(line: str) -> None:
     """Print a line as it is: user text (paths, names) may hold `[...]`, which is never markup."""
     out.print(line, markup=False)

@@ -16,14 +16,18 @@ from piece_surgery.cli.common import (
     Overwrite,
     Quiet,
     app,
+    delta_format,
     emit,
     given,
     option_help,
     takes_run_options,
 )
+from piece_surgery.evaluation.options import EvalOptions
 from piece_surgery.runtime.errors import PieceError
-from piece_surgery.runtime.options import EvalOptions, RunOptions, ScoreOptions, TrainConfig
+from piece_surgery.runtime.options import RunOptions
 from piece_surgery.scoring.methods import DEFAULT_METHOD
+from piece_surgery.scoring.options import ScoreOptions
+from piece_surgery.training.config import TrainConfig
 
 Model = Annotated[str, typer.Argument(help="Model folder or Hub repo id[@revision].")]
 Patterns = Annotated[list[str] | None, typer.Option(help=option_help(ScoreOptions, "include"))]
@@ -86,7 +90,8 @@ def score_command(
     run: RunOptions = None,
 ) -> None:
     """Estimate per-entry importance on a domain's data and write the top-density mask."""
-    from piece_surgery.recipes.score import check_retain, score_checkpoint
+    from piece_surgery.recipes.score import score_checkpoint
+    from piece_surgery.scoring.inputs import check_retain
 
     retain_options = given(
         retain_labels=retain_labels,
@@ -200,8 +205,8 @@ def train_command(
     run: RunOptions = None,
 ) -> None:
     """Fine-tune only the masked entries and write a sparse delta."""
-    from piece_surgery.recipes.score import check_retain
     from piece_surgery.recipes.train import train_checkpoint
+    from piece_surgery.scoring.inputs import check_retain
 
     if budget_on is not None and drift_budget is None:
         raise PieceError(
@@ -255,7 +260,7 @@ def train_command(
         eval_general=eval_general,
         resume=resume,
         overwrite=overwrite,
-        compact=compact,
+        delta_format=delta_format(compact),
     )
     report = trained.to_json(model=model, mask_ref=mask, output=output, seconds=time.perf_counter() - start)
     emit("train", report, as_json, _train_lines(report))

@@ -8,6 +8,9 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import torch
+
+from piece_surgery.runtime.errors import PieceError
 
 WIDTHS = {"u8": np.dtype("<u1"), "u16": np.dtype("<u2"), "u32": np.dtype("<u4"), "u64": np.dtype("<u8")}
 ENCODINGS = (*WIDTHS, "varint")
@@ -74,3 +77,21 @@ def values_digest(bits: np.ndarray) -> str:
     of the base values it was made from."""
     array = np.ascontiguousarray(bits)
     return hashlib.sha256(array.astype(array.dtype.newbyteorder("<")).tobytes()).hexdigest()
+
+
+def is_shape(value) -> bool:
+    """A JSON shape: a list of non-negative integers (booleans are not sizes)."""
+    return isinstance(value, list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in value
+    )
+
+
+def validate_indices(idx: torch.Tensor, size: int, where: str) -> None:
+    if idx.dim() != 1:
+        raise PieceError(f"{where}: indices must be 1-D")
+    if idx.numel() == 0:
+        return
+    if int(idx.min()) < 0 or int(idx.max()) >= size:
+        raise PieceError(f"{where}: index out of range for a tensor of {size} entries")
+    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        raise PieceError(f"{where}: indices are not sorted and unique")

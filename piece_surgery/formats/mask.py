@@ -14,8 +14,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from piece_surgery.formats.card import GENERATED_MARK, front_matter
+from piece_surgery.formats.codec import is_shape, validate_indices
 from piece_surgery.io.outputs import atomic_path
-from piece_surgery.models.checkpoint import Checkpoint, save_shard
+from piece_surgery.models.layout import save_shard
+from piece_surgery.models.naming import breakdown
 from piece_surgery.runtime.distributed import World
 from piece_surgery.runtime.dtypes import index_dtype, numel
 from piece_surgery.runtime.errors import PieceError
@@ -279,34 +282,30 @@ def _shapes(value, where: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def is_shape(value) -> bool:
-    """A JSON shape: a list of non-negative integers (booleans are not sizes)."""
-    return isinstance(value, list) and all(
-        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in value
-    )
+def mask_breakdown(mask: Mask) -> dict:
+    """Entries, tensors and norm share of a mask, and per layer and module kind (naming.breakdown)."""
+    counts = {n: int(i.numel()) for n, i in mask.indices.items()}
+    return breakdown(counts, {n: numel(s) for n, s in mask.shapes.items()})
 
 
-def validate_indices(idx: torch.Tensor, size: int, where: str) -> None:
-    if idx.dim() != 1:
-        raise PieceError(f"{where}: indices must be 1-D")
-    if idx.numel() == 0:
-        return
-    if int(idx.min()) < 0 or int(idx.max()) >= size:
-        raise PieceError(f"{where}: index out of range for a tensor of {size} entries")
-    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-        raise PieceError(f"{where}: indices are not sorted and unique")
-
-
-def check_mask_fits(mask: Mask, checkpoint: Checkpoint, where: str) -> None:
-    """A mask must name tensors of this checkpoint, with their shapes, scored on these very weights."""
-    for name in mask.indices:
-        if name not in checkpoint.layout:
-            raise PieceError(f"{where} selects tensor '{name}', which this model does not have")
-        if tuple(checkpoint.layout[name].shape) != tuple(mask.shapes[name]):
-            raise PieceError(
-                f"{where}: tensor '{name}' is {list(mask.shapes[name])} in the mask but "
-                f"{list(checkpoint.layout[name].shape)} in this model"
-            )
-    scored_on = mask.info.model
-    if scored_on and scored_on.fingerprint and scored_on.fingerprint != checkpoint.identity.fingerprint:
-        raise PieceError(f"{where} was scored on another model ({scored_on.name}); score this model first")
+def mask_card(mask: Mask, *, base_model: str | None = None, repo_id: str | None = None) -> str:
+    """A card for a pushed mask file."""
+    info = mask.info
+    base_model = base_model or (info.model.repo_id if info.model else None)
+    body = [
+        "",
+        GENERATED_MARK,
+        "",
+        "# Importance mask (piece-surgery)",
+        "",
+        f"{mask.k:,} of {mask.eligible:,} entries ({info.method}, density {info.density}), scored on "
+        f"data with sha256 `{info.data.sha256 if info.data else None}`.",
+        "",
+        "```bash",
+        f"piece-surgery train {base_model or 'BASE_MODEL'} --mask {repo_id or 'THIS_MASK'} "
+        "--data DATA -o delta",
+        "```",
+        "",
+    ]
+    tags = ["piece-surgery", "importance-mask", info.method]
+    return "\n".join(front_matter(base_model, tags) + body)

@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -65,14 +65,16 @@ def check_output(
     inputs: Iterable[str | Path | None] = (),
     protected: Iterable[str | Path] = (),
     kind: str = "folder",
+    reads: ReadsThrough | None = None,
 ) -> Path:
     """Check an output before any work and return the path to write it at (output_path).
 
-    Refused, in one line: an output that overlaps an input or a protected folder (refuse_overlap);
-    one that exists (unless `overwrite`); a file where a folder is written or the reverse; a
-    missing or read-only folder. Removes what killed runs left for this output."""
+    Refused, in one line: an output that overlaps an input or a protected folder (refuse_overlap;
+    `reads` names what reading an input file reads besides it); one that exists (unless
+    `overwrite`); a file where a folder is written or the reverse; a missing or read-only folder.
+    Removes what killed runs left for this output."""
     target = output_path(path)
-    refuse_overlap(path, inputs, protected)
+    refuse_overlap(path, inputs, protected, reads=reads)
     if target.exists() or target.is_symlink():
         if not overwrite:
             raise PieceError(f"output '{path}' already exists; pass --overwrite to replace it")
@@ -92,19 +94,30 @@ def check_output(
     return target
 
 
+# What reading an input file also reads, given the path as the command names it (a data file's
+# images, say: data/files.py); each path as the reader opens it.
+ReadsThrough = Callable[[Path], list[Path]]
+
+
 def refuse_overlap(
-    output: str | Path, inputs: Iterable[str | Path | None], protected: Iterable[str | Path] = ()
+    output: str | Path,
+    inputs: Iterable[str | Path | None],
+    protected: Iterable[str | Path] = (),
+    *,
+    reads: ReadsThrough | None = None,
 ) -> None:
     """The output may not be, contain or lie inside any input (None entries are options left out,
-    and what is not a local path, a Hub repo id, is no file of the user's), and may not be or
-    contain a protected folder. Called again for inputs a command finds on its own (a base named
-    inside an adapter's config) once it knows them."""
+    and what is not a local path, a Hub repo id, is no file of the user's), nor anything an input
+    reads through (the files a folder's links point to; what `reads` says a file reads), and may
+    not be or contain a protected folder. Called again for inputs a command finds on its own (a
+    base named inside an adapter's config) once it knows them."""
     real = output_path(output).resolve()  # an output that is itself a symlink: where it points
     for source in inputs:
         resolved = input_path(source) if source is not None else None
         if resolved is None:
             continue
-        for read in (resolved, *_read_through(resolved)):
+        also = reads(Path(source).expanduser()) if reads is not None and resolved.is_file() else []
+        for read in (resolved, *_read_through(resolved), *(p.resolve() for p in also)):
             if overlaps(real, read):
                 shown = "" if read == resolved else f" (it reads '{read}')"
                 raise PieceError(
@@ -119,14 +132,10 @@ def refuse_overlap(
 
 
 def _read_through(source: Path) -> list[Path]:
-    """What reading `source` also reads: where the files of a folder that are links point (a Hub
-    cache snapshot's files point into its blobs), and the images a data file's records name."""
+    """What reading a folder also reads: where its files that are links point (a Hub cache
+    snapshot's files point into its blobs)."""
     if source.is_dir():
         return [child.resolve() for child in source.iterdir() if child.is_symlink()]
-    if source.suffix.lower() in (".jsonl", ".json") and source.is_file():
-        from piece_surgery.data.images import referenced_images
-
-        return [image.resolve() for image in referenced_images(source)]
     return []
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from piece_surgery.formats.delta import Delta
-from piece_surgery.merging.merge import TensorPart, merge_one, model_tensors, write_entries
+from piece_surgery.merging.combine import TensorPart, merge_one
+from piece_surgery.merging.live import model_tensors, write_entries
 from piece_surgery.runtime.errors import PieceError
 
 

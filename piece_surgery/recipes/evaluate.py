@@ -19,16 +19,21 @@ from pathlib import Path
 import torch
 
 from piece_surgery.data.dataset import Dataset
+from piece_surgery.data.images import referenced_images
 from piece_surgery.evaluation.drift import Comparison, Forward, compare, model_forward
+from piece_surgery.evaluation.options import EvalOptions
 from piece_surgery.formats.artifacts import open_artifact
-from piece_surgery.formats.delta import DESCRIPTION, Delta, record_evaluation
+from piece_surgery.formats.delta import Delta
+from piece_surgery.formats.delta_folder import record_evaluation
 from piece_surgery.io.hub import resolve
 from piece_surgery.io.outputs import atomic_path, check_output, input_path
+from piece_surgery.io.sniff import ADAPTER, CHECKPOINT, DELTA, sniff
+from piece_surgery.merging.adapters import adapter_as_delta
 from piece_surgery.merging.switcher import DeltaSwitcher
-from piece_surgery.models.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, LoadedModel
-from piece_surgery.recipes.run import Run
+from piece_surgery.models.checkpoint import Checkpoint, LoadedModel
+from piece_surgery.recipes.run import Run, load_base
 from piece_surgery.runtime.errors import PieceError, first_line, quote
-from piece_surgery.runtime.options import EvalOptions, RunOptions
+from piece_surgery.runtime.options import RunOptions
 from piece_surgery.runtime.progress import Progress, library_logs_silenced
 from piece_surgery.scoring.retain import GENERAL, SELF, general_text, sample_self
 
@@ -166,21 +171,18 @@ def _candidate(ref: str) -> Candidate:
         ref, what="candidate", patterns=["*.safetensors", "*.json", "*.md", "*.txt", "*.model", "*.jinja"]
     )
     path = source.path
-    if path.is_dir() and (path / DESCRIPTION).is_file():
+    kinds = [k for k in sniff(path) if k in (DELTA, ADAPTER, CHECKPOINT)]
+    if kinds and kinds[0] == DELTA:
         return Candidate(ref, "delta", path, delta=open_artifact(ref, want="delta").delta)
-    if path.is_dir() and (path / ADAPTER_CONFIG).is_file():
-        return Candidate(ref, "adapter", path)
-    if path.is_dir() and ((path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file()):
-        return Candidate(ref, "checkpoint", path)
+    if kinds:
+        return Candidate(ref, kinds[0], path)
     raise PieceError(
         f"candidate '{ref}' is neither a delta folder, a PEFT adapter nor a model checkpoint folder"
     )
 
 
 def _adapter_delta(candidate: Candidate, base_ref: str, run: RunOptions) -> Delta:
-    from piece_surgery.recipes.peft import adapter_as_delta
-
-    return adapter_as_delta(candidate.ref, base_ref=base_ref, run=run)
+    return adapter_as_delta(candidate.ref, base_ref=base_ref, load_base=lambda ref: load_base(ref, run))
 
 
 def _general_set(
@@ -345,8 +347,7 @@ def check_recordable(candidates: Sequence[str]) -> None:
 
 
 def _local_delta(ref: str) -> bool:
-    path = Path(ref).expanduser()
-    return path.is_dir() and (path / DESCRIPTION).is_file()
+    return DELTA in sniff(Path(ref).expanduser())
 
 
 def evaluate_command_recipe(
@@ -399,7 +400,7 @@ def evaluate_command_recipe(
 def _check_plot(plot: Path, overwrite: bool, inputs: list) -> Path:
     if Path(plot).suffix.lower() != ".png":
         raise PieceError(f"--plot writes a .png image: name it e.g. '{Path(plot).stem}.png'")
-    target = check_output(plot, overwrite=overwrite, inputs=inputs, kind="file")
+    target = check_output(plot, overwrite=overwrite, inputs=inputs, kind="file", reads=referenced_images)
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from piece_surgery.data.dataset import Dataset
+from piece_surgery.data.images import referenced_images
 from piece_surgery.io.outputs import check_output
-from piece_surgery.models.checkpoint import Checkpoint, LoadedModel, auto_model_class, open_checkpoint
+from piece_surgery.models.checkpoint import Checkpoint, LoadedModel, open_checkpoint
+from piece_surgery.models.loading import auto_model_class
 from piece_surgery.runtime import distributed
 from piece_surgery.runtime.distributed import World
 from piece_surgery.runtime.errors import PieceError
@@ -55,9 +57,9 @@ class Run:
     def check_output(
         self, output: Path, *, inputs: Sequence[str | Path | None], overwrite: bool, kind: str = "folder"
     ) -> Path:
-        """outputs.check_output over the inputs given (None entries are options left out); returns
-        the path to write at."""
-        return check_output(output, overwrite=overwrite, inputs=inputs, kind=kind)
+        """outputs.check_output over the inputs given (None entries are options left out, a data
+        file's images are inputs too); returns the path to write at."""
+        return check_output(output, overwrite=overwrite, inputs=inputs, kind=kind, reads=referenced_images)
 
     def open(self, ref: str, *, what: str = "model") -> Checkpoint:
         """The checkpoint a model command works on, its config checked loadable (a model class
@@ -79,6 +81,14 @@ class Run:
         )
         checkpoint.check_token_ids(dataset)
         return dataset
+
+    def reader(self, checkpoint: Checkpoint) -> Callable[[Path, str | None], Dataset]:
+        """read(path, name): a whole data file tokenized for this run (retain and general text)."""
+        return lambda path, name=None: self.data(checkpoint, path, every_example=True, name=name)
+
+    def where(self) -> dict:
+        """What scoring steps need of the run: its options, process group and whether to be quiet."""
+        return {"run": self.options, "world": self.world, "quiet": self.quiet}
 
     def load_model(self, checkpoint: Checkpoint) -> LoadedModel:
         """The model on this rank's device, or sharded over the ranks with FSDP2 (--fsdp)."""
@@ -106,3 +116,15 @@ class Run:
                 error = exc
         self.world.agree(error)
         return result
+
+
+def load_base(base_ref: str, run: RunOptions | None) -> tuple[Checkpoint, LoadedModel]:
+    """The base, loaded as the run options say (device, dtype, trust); on the CPU by default."""
+    run = run or RunOptions(device="cpu")
+    if run.fsdp or run.max_samples is not None or run.max_length != RunOptions().max_length:
+        raise PieceError("--fsdp, --max-length and --max-samples are for score and train; leave them out")
+    checkpoint = open_checkpoint(base_ref, what="base", trust_remote_code=run.trust_remote_code)
+    loaded = checkpoint.load_model(
+        device=run.device, dtype=run.dtype, quiet=run.quiet, attn_implementation=run.attn_implementation
+    )
+    return checkpoint, loaded

@@ -8,25 +8,23 @@ from pathlib import Path
 from typing import NamedTuple
 
 from piece_surgery.data.dataset import Dataset
+from piece_surgery.data.images import referenced_images
 from piece_surgery.formats.artifacts import open_mask
-from piece_surgery.formats.delta import Delta, DeltaInfo, TrainProvenance, delta_from_values, save_delta
-from piece_surgery.formats.mask import Mask, check_mask_fits
+from piece_surgery.formats.delta import Delta, DeltaInfo, TrainProvenance, delta_from_values
+from piece_surgery.formats.delta_folder import DEFAULT_FORMAT, save_delta
+from piece_surgery.formats.mask import Mask
 from piece_surgery.io.outputs import refuse_overlap, remove_stale_temporaries
 from piece_surgery.models.checkpoint import Checkpoint, LoadedModel
-from piece_surgery.recipes.run import Run, RunOptions
-from piece_surgery.recipes.score import (
-    ScoreOptions,
-    check_retain,
-    check_selectable,
-    retain_sources,
-    score_loaded,
-    self_text,
-)
+from piece_surgery.recipes.run import Run
 from piece_surgery.runtime.errors import PieceError
+from piece_surgery.runtime.options import RunOptions
 from piece_surgery.runtime.progress import Progress
 from piece_surgery.runtime.sharding import reshard
+from piece_surgery.scoring.inputs import check_retain, check_selectable, read_scoring_inputs, retain_sources
 from piece_surgery.scoring.methods import method_named
-from piece_surgery.scoring.retain import GENERAL, NAMED_SETS, SELF, general_text, read_scoring_inputs
+from piece_surgery.scoring.options import ScoreOptions
+from piece_surgery.scoring.retain import GENERAL, NAMED_SETS, SELF, general_text
+from piece_surgery.scoring.selection import score_loaded, self_text
 from piece_surgery.training.loop import TrainConfig, TrainResult, budget_period, total_steps, train_sparse
 from piece_surgery.training.state import is_state, remove_state
 
@@ -84,7 +82,7 @@ def train_checkpoint(
     eval_general: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    compact: bool = False,
+    delta_format: int = DEFAULT_FORMAT,
 ) -> Trained:
     """Score (unless `mask_ref` names a mask; `retain` and `avoid` as for score_checkpoint), train
     the masked entries, write the delta folder. `run` says where and how to load. `eval_general`
@@ -113,17 +111,23 @@ def train_checkpoint(
     options = score_options or ScoreOptions()
     if mask is None:
         retain = retain_sources(options.method, retain)
-    scoring = read_scoring_inputs(checkpoint, retain, avoid, session)
+    scoring = read_scoring_inputs(checkpoint, retain, avoid, session.reader(checkpoint))
     if mask is None:
         check_selectable(checkpoint, options, scoring.avoid)
     general = _general_text(eval_general, checkpoint, session) if eval_general is not None else None
     model = session.load_model(checkpoint)
     if general is SELF:
-        general = self_text(checkpoint, model, replace(options, seed=config.seed), session)
+        general = self_text(
+            checkpoint,
+            model,
+            replace(options, seed=config.seed),
+            max_length=session.options.max_length,
+            quiet=session.quiet,
+        )
         if session.options.fsdp:
             reshard(model.module)  # generating left the root module's weights gathered
     if mask is None:
-        mask, _ = score_loaded(checkpoint, model, dataset, options, scoring, session)
+        mask, _ = score_loaded(checkpoint, model, dataset, options, scoring, **session.where())
         config = config.for_mask(mask.info.method, mask.fisher is not None)
     resume_key = {"model": checkpoint.identity.fingerprint, "data": dataset.sha256, "mask": mask.digest()}
     ranks = session.world.size if session.world is not None else 1
@@ -159,7 +163,7 @@ def train_checkpoint(
     delta = _delta_of(checkpoint, model, mask, result, provenance)
 
     def write() -> int:
-        tensor_bytes = save_delta(delta, output, compact=compact)
+        tensor_bytes = save_delta(delta, output, format_version=delta_format)
         remove_state(state_dir)
         return tensor_bytes
 
@@ -211,7 +215,7 @@ def _state_dir(
     left by an earlier run is continued (--resume), discarded (--overwrite) or refused. Only a
     folder that holds a training state is ever discarded."""
     state_dir = state_dir_for(output)
-    refuse_overlap(state_dir, inputs)
+    refuse_overlap(state_dir, inputs, reads=referenced_images)
     if state_dir.is_symlink() or (state_dir.exists() and not state_dir.is_dir()):
         raise PieceError(
             f"'{state_dir}', where train keeps its resumable state, is a link or a file; "
@@ -282,3 +286,18 @@ def _provenance(
         stopped_by_drift_budget=result.stopped_by_drift_budget,
         drift_budget_passed=result.drift_budget_passed,
     )
+
+
+def check_mask_fits(mask: Mask, checkpoint: Checkpoint, where: str) -> None:
+    """A mask must name tensors of this checkpoint, with their shapes, scored on these very weights."""
+    for name in mask.indices:
+        if name not in checkpoint.layout:
+            raise PieceError(f"{where} selects tensor '{name}', which this model does not have")
+        if tuple(checkpoint.layout[name].shape) != tuple(mask.shapes[name]):
+            raise PieceError(
+                f"{where}: tensor '{name}' is {list(mask.shapes[name])} in the mask but "
+                f"{list(checkpoint.layout[name].shape)} in this model"
+            )
+    scored_on = mask.info.model
+    if scored_on and scored_on.fingerprint and scored_on.fingerprint != checkpoint.identity.fingerprint:
+        raise PieceError(f"{where} was scored on another model ({scored_on.name}); score this model first")

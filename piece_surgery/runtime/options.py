@@ -1,39 +1,24 @@
-"""The options of a run, of scoring and of training: three records, each checked when made (so a
-mistake fails in milliseconds, before anything is loaded), each carrying the help text the CLI
-shows, each written to JSON and read back the one way records are (records.JsonRecord).
+"""The options of every run that loads a model (RunOptions: device, dtype, lengths, attention
+kernel, trust, FSDP), and the checks options share: each record is checked when made, so a mistake
+fails in milliseconds, before anything is loaded, and carries the help text the CLI shows on its
+fields (cli/options.py turns the fields into flags).
 
 Nothing here imports torch: `piece-surgery --help` stays fast.
 """
 
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.records import JsonRecord
-from piece_surgery.scoring.methods import DEFAULT_METHOD, METHODS, method_named
 
-LABELS = ("empirical", "sampled")
-NORMALIZATIONS = ("none", "tensor")
-DEFAULT_EXCLUDE = ("embed",)
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
 def check_density(density: float) -> None:
     if not (0.0 < density <= 1.0):
         raise PieceError(f"density {density} is outside (0, 1]; the paper uses 0.001")
-
-
-def check_labels(labels: str) -> None:
-    if labels not in LABELS:
-        raise PieceError(f"unknown --retain-labels '{labels}'; use empirical or sampled")
-
-
-def check_normalization(how: str) -> None:
-    if how not in NORMALIZATIONS:
-        raise PieceError(f"unknown --normalize '{how}'; use none or tensor")
 
 
 def check_device_name(name: str) -> None:
@@ -111,216 +96,7 @@ class RunOptions(JsonRecord):
 # ---------------------------------------------------------------- scoring
 
 
-# piece-r drifted far less than PIECE-S for the same domain gain, and delta = the 1st percentile of
-# F_retain less than the 10th (docs/evidence.md)
-DEFAULT_RETAIN_DAMPING = 0.01
-
-
-@dataclass
-class ScoreOptions(JsonRecord):
-    """How to score; checked when made, so mistakes fail in milliseconds, before any loading."""
-
-    method: str = field(default=DEFAULT_METHOD, metadata={"help": ", ".join(METHODS) + "."})
-    density: float = field(default=0.001, metadata={"help": "Fraction of eligible entries to select."})
-    batch_size: int = field(
-        default=1, metadata={"help": "Micro-batch size: one gradient g_b per micro-batch."}
-    )
-    include: list[str] = field(default_factory=list, metadata={"help": "Regex on tensor names; repeatable."})
-    exclude: list[str] = field(
-        default_factory=lambda: list(DEFAULT_EXCLUDE),
-        metadata={"help": "Regex: matching tensors are not eligible; repeatable. [default: embed]"},
-    )
-    seed: int = field(default=0, metadata={"help": "Seed (random method, self text, sampled labels)."})
-    offload_accumulators: bool = field(
-        default=False, metadata={"help": "Keep the fp32 sums in host memory (large models on GPU)."}
-    )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Trade compute for activation memory."}
-    )
-    normalize: str = field(
-        default="none",
-        metadata={"help": "none, or tensor: scores divided by each tensor's mean before the top-k."},
-    )
-    # piece-r: how the retain Fisher is taken and damped, and what `--retain self` samples
-    retain_labels: str = field(
-        default="empirical",
-        metadata={"help": "piece-r: empirical (the text's tokens) or sampled (drawn from the model)."},
-    )
-    retain_damping: float = field(
-        default=DEFAULT_RETAIN_DAMPING, metadata={"help": "piece-r: delta = this quantile of F_retain."}
-    )
-    self_samples: int = field(default=64, metadata={"help": "--retain self: texts to write."})
-    self_length: int = field(default=128, metadata={"help": "--retain self: tokens per text."})
-
-    def __post_init__(self) -> None:
-        method_named(self.method)
-        check_seed(self.seed)
-        check_normalization(self.normalize)
-        check_density(self.density)
-        check_labels(self.retain_labels)
-        if self.batch_size < 1:
-            raise PieceError("--batch-size must be at least 1")
-        if not (0.0 <= self.retain_damping <= 1.0):  # also refuses nan
-            raise PieceError(f"--retain-damping {self.retain_damping} is a quantile: give a number in [0, 1]")
-        if self.self_samples < 1 or self.self_length < 2:
-            raise PieceError("--self-samples must be at least 1 and --self-length at least 2")
-        for pattern in [*self.include, *self.exclude]:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise PieceError(f"pattern '{pattern}' is not a valid regex: {exc}") from exc
-
-
 # ---------------------------------------------------------------- training
 
 
-SCHEDULES = ("constant", "linear", "cosine")
-# AdamW moves each value by about lr per step; past 1 a single step wrecks any weight
-MAX_LR = 1.0
-# The learning rate a mask's method trains best at (docs/training.md has the frontier behind them):
-# piece-r keeps to entries the model's other behaviour barely uses, which move little per step.
-DEFAULT_LRS = {"piece-r": 1e-3}
-DEFAULT_LR = 1e-4
-# The penalty retain_weight/2 sum F d^2 for a mask that carries the retain Fisher (piece-r): on the
-# benchmark it cut drift at equal gain several-fold (with the model's own text as the retain set)
-DEFAULT_RETAIN_WEIGHT = 100.0
-
-
-def default_lr(method: str | None) -> float:
-    """The default learning rate for a mask scored with `method` (None: unknown)."""
-    return DEFAULT_LRS.get(method or "", DEFAULT_LR)
-
-
-def _help(text: str, **more) -> dict:
-    return {"help": text, **more}
-
-
-@dataclass
-class TrainConfig(JsonRecord):
-    """Hyperparameters of a sparse run; checked when made. A delta records them
-    (`provenance.hyperparameters`), and TrainConfig.from_json reads them back."""
-
-    # None: default_lr(the mask's method), chosen by train_checkpoint; train_sparse needs a number
-    lr: float | None = field(
-        default=None, metadata=_help("Learning rate (AdamW). [default: 1e-3 for piece-r masks, else 1e-4]")
-    )
-    epochs: int = field(default=1, metadata=_help("Passes over the data (unless --max-steps)."))
-    max_steps: int | None = field(default=None, metadata=_help("Stop after this many optimizer steps."))
-    batch_size: int = field(default=4, metadata=_help("Examples per micro-batch."))
-    grad_accum: int = field(default=1, metadata=_help("Micro-batches per optimizer step."))
-    schedule: str = field(default="constant", metadata=_help("constant, linear or cosine."))
-    warmup_steps: int = field(default=0, metadata=_help("Linear warm-up steps."))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
-    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata=_help("AdamW betas, e.g. 0.9,0.95."))
-    clip: float = field(default=1.0, metadata=_help("Gradient-norm clip (0: off)."))
-    eval_every: int | None = field(
-        default=None,
-        metadata=_help(
-            "Evaluate every N steps and at the last. [default with --drift-budget: a tenth of the run]"
-        ),
-    )
-    save_every: int | None = field(default=None, metadata=_help("Save a resumable state every N steps."))
-    seed: int = field(default=0, metadata=_help("Data order (and the random method)."))
-    gradient_checkpointing: bool = field(
-        default=False, metadata=_help("Trade compute for activation memory.")
-    )
-    # norm gains scale whole channels, so they may want a smaller step than matrix entries
-    norm_lr_scale: float = field(
-        default=1.0, metadata=_help("Learning-rate multiplier for norm gains in the mask (1: same lr).")
-    )
-    # stop at the first step whose drift passes this, keeping the last step within it; the drift is
-    # measured (mean token KL from the base on general text) unless budget_on says "predicted" (the
-    # diagonal-Fisher estimate 1/2 sum F d^2, which the retain penalty makes read low: evidence.md)
-    drift_budget: float | None = field(
-        default=None,
-        metadata=_help(
-            "Stop once the drift (mean token KL from the base, nats) passes this; keep the last step "
-            "within it."
-        ),
-    )
-    budget_on: str = field(
-        default="measured",
-        metadata=_help(
-            "What --drift-budget reads: measured (KL on --eval-general, default the shipped general "
-            "set, every --eval-every steps, default a tenth of the run, and at the last) or predicted "
-            "(1/2 sum F d^2 from a piece-r mask's retain Fisher, every step). [default: measured]"
-        ),
-    )
-    # None: DEFAULT_RETAIN_WEIGHT with a mask that carries the Fisher, else 0 (see for_mask);
-    # train_sparse reads None as 0
-    retain_weight: float | None = field(
-        default=None,
-        metadata=_help(
-            "Add retain_weight/2 sum F d^2 to the loss. "
-            "[default: 100 with a mask that carries the retain Fisher (piece-r), else 0]"
-        ),
-    )
-
-    def for_mask(self, method: str | None, carries_fisher: bool) -> TrainConfig:
-        """This config, with the defaults of a mask scored with `method` for what was not given:
-        its learning rate, and the retain penalty where the mask carries the retain Fisher."""
-        lr = default_lr(method) if self.lr is None else self.lr
-        weight = self.retain_weight
-        if weight is None:
-            weight = DEFAULT_RETAIN_WEIGHT if carries_fisher else 0.0
-        return replace(self, lr=lr, retain_weight=weight)
-
-    def __post_init__(self) -> None:
-        if self.lr is not None and not 0 < self.lr <= MAX_LR:
-            raise PieceError(f"--lr must be positive and at most {MAX_LR:g}, got {self.lr}")
-        check_seed(self.seed)
-        if self.schedule not in SCHEDULES:
-            raise PieceError(f"unknown --schedule '{self.schedule}'; use constant, linear or cosine")
-        for name in ("epochs", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise PieceError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("max_steps", "eval_every", "save_every"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise PieceError(f"--{name.replace('_', '-')} must be at least 1")
-        if not (self.norm_lr_scale >= 0 and math.isfinite(self.norm_lr_scale)):
-            raise PieceError("--norm-lr-scale must be a number >= 0")
-        if self.warmup_steps < 0:
-            raise PieceError("--warmup-steps must not be negative")
-        for name in ("weight_decay", "clip"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):  # also refuses nan
-                raise PieceError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        if self.budget_on not in ("predicted", "measured"):
-            raise PieceError(f"unknown --budget-on '{self.budget_on}'; use predicted or measured")
-        if self.drift_budget is not None and not (self.drift_budget > 0 and math.isfinite(self.drift_budget)):
-            raise PieceError(f"--drift-budget must be a positive, finite number, got {self.drift_budget}")
-        weight = self.retain_weight
-        if weight is not None and not (weight >= 0 and math.isfinite(weight)):
-            raise PieceError(f"--retain-weight must be a finite number >= 0, got {self.retain_weight}")
-        self.betas = tuple(self.betas)
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise PieceError("--betas must be two numbers in [0, 1), e.g. 0.9,0.95")
-
-    def resume_key(self) -> dict:
-        """The settings a resumed run must share with the interrupted one (where it stops, and how
-        often it measures or saves, may change)."""
-        keep = self.to_json()
-        for free in ("max_steps", "epochs", "eval_every", "save_every", "drift_budget", "budget_on"):
-            keep.pop(free)
-        return keep
-
-
 # ---------------------------------------------------------------- evaluation
-
-
-@dataclass(frozen=True)
-class EvalOptions(JsonRecord):
-    """How `eval` measures: batches, and the text the base writes itself for `--general self`."""
-
-    batch_size: int = field(default=4, metadata={"help": "Examples per forward pass."})
-    seed: int = field(default=0, metadata={"help": "Seed of the text the base writes (--general self)."})
-    self_samples: int = field(default=64, metadata={"help": "--general self: texts the base writes."})
-    self_length: int = field(default=128, metadata={"help": "--general self: tokens per text."})
-
-    def __post_init__(self) -> None:
-        check_seed(self.seed)
-        if self.batch_size < 1:
-            raise PieceError("--batch-size must be at least 1")
-        if self.self_samples < 1 or self.self_length < 2:
-            raise PieceError("--self-samples must be at least 1 and --self-length at least 2")

@@ -8,8 +8,7 @@ definition: the micro-batch size, --batch-size, defines g_b).
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -17,11 +16,10 @@ import torch
 
 from piece_surgery.data.dataset import Dataset
 from piece_surgery.evaluation.loss import micro_batch_losses
-from piece_surgery.models.parts import VISION, is_vision_language, part_of
 from piece_surgery.runtime.distributed import World
 from piece_surgery.runtime.errors import PieceError
-from piece_surgery.runtime.options import DEFAULT_EXCLUDE, check_labels, check_normalization
 from piece_surgery.runtime.sharding import is_sharded, local_part
+from piece_surgery.scoring.options import check_labels, check_normalization
 
 
 @dataclass
@@ -37,45 +35,6 @@ class PassStats:
     @property
     def mean_loss(self) -> float:
         return self.loss_sum / max(self.batches, 1)
-
-
-def eligible_parameters(
-    model: torch.nn.Module,
-    keys: dict[str, str],
-    *,
-    include: Iterable[str] = (),
-    exclude: Iterable[str] = DEFAULT_EXCLUDE,
-) -> dict[str, torch.nn.Parameter]:
-    """Parameters that may be selected, keyed by checkpoint tensor name.
-
-    Embedding tables are never eligible unless an --include pattern names them: besides names with
-    "embed", that covers families whose tables are called otherwise (GPT-2's `wte`/`wpe`). Nor is
-    a vision-language model's vision tower (parts.part_of), as in PIECE's own multimodal runs,
-    which adapt the language side: its image features stay what the projector was trained on,
-    and the accumulators stay those of the language model and projector.
-    """
-    include = [re.compile(p) for p in include]
-    exclude = [re.compile(p) for p in exclude]
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    vision_language = is_vision_language(getattr(model, "config", None))
-    chosen: dict[str, torch.nn.Parameter] = {}
-    for name, param in model.named_parameters():
-        key = keys.get(name)
-        if key is None or not param.dtype.is_floating_point:
-            continue
-        included = any(p.search(key) for p in include)
-        if include and not included:
-            continue
-        if any(p.search(key) for p in exclude) and not included:
-            continue
-        if id(param) in embedding_ids and not included:
-            continue
-        if vision_language and part_of(key) == VISION and not included:
-            continue
-        chosen[key] = param
-    if not chosen:
-        raise PieceError("no parameter is eligible: the --include/--exclude patterns leave nothing to score")
-    return chosen
 
 
 def accumulate_gradients(

@@ -1,20 +1,15 @@
-"""What selection must respect: the text a model must keep (retain files, or text the model writes
-itself) and the entries of earlier tasks to leave alone (--avoid)."""
+"""What selection must respect: the text a model must keep (the shipped general text, retain
+files, or text the model writes itself) and the entries of earlier tasks to leave alone."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from piece_surgery.data.dataset import Dataset, Example
-from piece_surgery.formats.artifacts import open_artifact
-from piece_surgery.merging.merge import as_stored_in
-from piece_surgery.models.checkpoint import Checkpoint
-from piece_surgery.recipes.run import Run
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.progress import library_logs_silenced, working
 from piece_surgery.runtime.records import AvoidRecord
@@ -35,57 +30,6 @@ class Avoided:
 
     entries: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor name -> sorted flat indices
     records: list[AvoidRecord] = field(default_factory=list)  # what they came from
-
-
-@dataclass
-class ScoringInputs:
-    """Retain data and avoided entries, read and checked before the model is loaded."""
-
-    retain: list[Dataset | str] = field(default_factory=list)  # datasets, and SELF where it goes
-    avoid: Avoided = field(default_factory=Avoided)
-
-
-def read_scoring_inputs(
-    checkpoint: Checkpoint, retain: Sequence[str | Path], avoid: Sequence[str], run: Run
-) -> ScoringInputs:
-    """Read the retain files (tokenized as the run says) and the entries to avoid."""
-    inputs = ScoringInputs()
-    for ref in retain:
-        if str(ref) == SELF:
-            inputs.retain.append(SELF)
-        elif str(ref) == GENERAL:
-            inputs.retain.append(run.data(checkpoint, general_text(), every_example=True, name=GENERAL))
-        else:
-            inputs.retain.append(run.data(checkpoint, Path(ref), every_example=True))
-    for ref in avoid:
-        entries, record = _avoided(ref, checkpoint)
-        for name, idx in entries.items():
-            known = inputs.avoid.entries.get(name)
-            inputs.avoid.entries[name] = idx if known is None else torch.unique(torch.cat([known, idx]))
-        inputs.avoid.records.append(record)
-    return inputs
-
-
-def _avoided(ref: str, checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], AvoidRecord]:
-    """The entries a mask selects or a delta changes, checked against this model's tensors."""
-    artifact = open_artifact(ref)
-    if artifact.mask is not None:
-        entries = artifact.mask.indices
-        shapes = {n: artifact.mask.shapes[n] for n in entries}
-    else:
-        delta = as_stored_in(checkpoint, artifact.delta)  # names as this model's files spell them
-        entries = {n: t.indices for n, t in delta.tensors.items()}
-        shapes = {n: t.shape for n, t in delta.tensors.items()}
-    for name in entries:
-        if name not in checkpoint.layout:
-            raise PieceError(f"--avoid '{ref}' names tensor '{name}', which this model does not have")
-        if tuple(checkpoint.layout[name].shape) != tuple(shapes[name]):
-            raise PieceError(
-                f"--avoid '{ref}': tensor '{name}' is {list(shapes[name])} there but "
-                f"{list(checkpoint.layout[name].shape)} in this model"
-            )
-    count = sum(int(i.numel()) for i in entries.values())
-    return dict(entries), AvoidRecord(artifact.source.name, artifact.kind, count)
 
 
 def sample_self(
@@ -147,3 +91,11 @@ def sample_self(
     digest = hashlib.sha256(torch.tensor(texts, dtype=torch.int64).numpy().tobytes()).hexdigest()
     examples = [Example(ids, list(ids)) for ids in texts]
     return Dataset(examples, SELF, digest, len(examples), 0, length + 1)
+
+
+@dataclass
+class ScoringInputs:
+    """Retain data and avoided entries, read and checked before the model is loaded."""
+
+    retain: list[Dataset | str] = field(default_factory=list)  # datasets, and SELF where it goes
+    avoid: Avoided = field(default_factory=Avoided)

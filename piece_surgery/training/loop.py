@@ -17,12 +17,12 @@ import torch
 
 from piece_surgery.data.dataset import Dataset, collate
 from piece_surgery.evaluation.loss import batch_logits, evaluate, token_loss_sum
-from piece_surgery.models.checkpoint import enable_activation_checkpointing
+from piece_surgery.models.loading import enable_activation_checkpointing
 from piece_surgery.models.naming import is_norm
 from piece_surgery.runtime.distributed import World, register_error
 from piece_surgery.runtime.errors import PieceError
-from piece_surgery.runtime.options import TrainConfig
 from piece_surgery.runtime.sharding import is_sharded
+from piece_surgery.training.config import TrainConfig
 from piece_surgery.training.sparse_grad import SparseParameters
 from piece_surgery.training.state import load_state, save_state
 

@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from piece_surgery.io.outputs import atomic_path
-from piece_surgery.models.checkpoint import save_shard
+from piece_surgery.models.layout import save_shard
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.records import file_sha256, read_json
 from piece_surgery.training.sparse_grad import SparseParameters

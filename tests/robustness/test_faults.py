@@ -59,16 +59,16 @@ def folder_bytes(folder):
 # Where a signal can land: the count-th call of module:function, before to after the work.
 FAULT_POINTS = {
     "apply": [
-        ("piece_surgery.merging.merge", "open_checkpoint", 1),
-        ("piece_surgery.merging.merge", "_patch_shard", 1),
+        ("piece_surgery.recipes.apply", "open_checkpoint", 1),
+        ("piece_surgery.merging.plan", "_patch_shard", 1),
         ("piece_surgery.io.filepatch", "_copy_range", 1),
         ("piece_surgery.io.filepatch", "_patch_mapped", 1),
         ("piece_surgery.io.outputs", "_default_permissions", 1),
     ],
     "diff": [
-        ("piece_surgery.formats.delta", "_changed_entries", 1),
-        ("piece_surgery.formats.delta", "save_shard", 1),
-        ("piece_surgery.formats.delta", "file_sha256", 1),
+        ("piece_surgery.merging.diff", "_changed_entries", 1),
+        ("piece_surgery.formats.delta_folder", "save_shard", 1),
+        ("piece_surgery.formats.delta_folder", "file_sha256", 1),
         ("piece_surgery.io.outputs", "_default_permissions", 1),
     ],
     "train": [

@@ -151,9 +151,11 @@ def read_or_refuse(reader, folder: Path):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tiny):
     """A model, a mask and a delta of it, and a training state, made once."""
-    from piece_surgery.formats.delta import diff, save_delta
+    from piece_surgery.formats.delta_folder import save_delta
     from piece_surgery.formats.mask import save_mask
-    from piece_surgery.recipes.score import ScoreOptions, score_checkpoint
+    from piece_surgery.merging.diff import diff
+    from piece_surgery.recipes.score import score_checkpoint
+    from piece_surgery.scoring.options import ScoreOptions
 
     root = tmp_path_factory.mktemp("fuzz")
     model = shutil.copytree(tiny("llama", dtype=torch.bfloat16), root / "model")
@@ -253,7 +255,7 @@ def reseal_delta(folder: Path) -> None:
 @given(data=st.data(), reseal=st.booleans())
 def test_delta_weights(work, tmp_path_factory, data, reseal):
     """Mutated delta.safetensors, with its digest re-sealed (so the parser sees it) or not."""
-    from piece_surgery.formats.delta import load_delta
+    from piece_surgery.formats.delta_folder import load_delta
 
     folder = shutil.copytree(work / "delta", tmp_path_factory.mktemp("delta") / "d")
     original = (folder / "delta.safetensors").read_bytes()
@@ -271,7 +273,7 @@ def test_delta_weights(work, tmp_path_factory, data, reseal):
 @given(data=st.data())
 def test_delta_description(work, tmp_path_factory, data):
     """delta.json of the wrong shape: any value replaced or dropped, anywhere in the document."""
-    from piece_surgery.formats.delta import load_delta
+    from piece_surgery.formats.delta_folder import load_delta
 
     folder = shutil.copytree(work / "delta", tmp_path_factory.mktemp("deltajson") / "d")
     description = json.loads((folder / "delta.json").read_text())

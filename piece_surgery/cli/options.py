@@ -1,0 +1,124 @@
+"""Options records as command-line flags: every field of a record (RunOptions, ScoreOptions,
+TrainConfig, EvalOptions) becomes a flag of the commands that take the record, built from the field
+alone: its name (`--max-length`), type, default, help and metavar (the field's metadata). The
+command receives the record, made and so checked (cross-field rules included) before anything is
+loaded. A new option is then one field of its record and the line that uses it.
+
+Field metadata read here: `help`, `metavar`, `flag` (a boolean given as `--name` alone), `cli`
+(False: not a flag), `cli_type` and `parse` (a flag typed otherwise than the field, e.g. the betas
+given as "0.9,0.95"), `cli_default` (the flag's default when it differs from the field's: None,
+so that the record can tell what was given).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any
+
+import typer
+
+_BY_TYPE = {int: "N", float: "NUMBER", str: "TEXT"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flag:
+    field: dataclasses.Field
+    param: str  # the command's parameter (and, dashed, the flag's name)
+    annotation: Any
+    default: Any
+
+
+def _flags(
+    record: type, only: Iterable[str] | None, skip: Iterable[str], rename: dict[str, str], given_only: bool
+) -> list[_Flag]:
+    hints = typing.get_type_hints(record)
+    chosen = []
+    for f in dataclasses.fields(record):
+        if (
+            f.metadata.get("cli", True) is False
+            or f.name in skip
+            or (only is not None and f.name not in only)
+        ):
+            continue
+        param = rename.get(f.name, f.name)
+        kind = f.metadata.get("cli_type", hints[f.name])
+        if f.metadata.get("cli_default", dataclasses.MISSING) is not dataclasses.MISSING:
+            default = f.metadata["cli_default"]
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = None  # a list: typer takes None for "not given"
+        if given_only:
+            default = None
+        if default is None and not _is_optional(kind):
+            kind = kind | None
+        option = typer.Option(
+            f"--{param.replace('_', '-')}",
+            help=f.metadata.get("help", ""),
+            metavar=None if f.metadata.get("flag") else f.metadata.get("metavar") or _metavar(kind),
+        )
+        chosen.append(_Flag(f, param, Annotated[kind, option], default))
+    return chosen
+
+
+def _is_optional(kind: Any) -> bool:
+    return type(None) in typing.get_args(kind)
+
+
+def _metavar(kind: Any) -> str:
+    args = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+    inner = typing.get_args(args[0])
+    return _BY_TYPE.get(inner[0] if inner else args[0], "VALUE")
+
+
+def takes(
+    record: type,
+    param: str,
+    *,
+    only: Iterable[str] | None = None,
+    skip: Iterable[str] = (),
+    rename: dict[str, str] | None = None,
+    given_only: bool = False,
+    fixed: Callable[[dict], dict] | None = None,
+):
+    """Decorate a Typer command: give it a flag per field of `record` (those in `only`, less those
+    in `skip`; `rename` maps a field to another flag name) and pass it the record as `param`.
+
+    `given_only`: every flag defaults to None and the command gets None when none was given, else
+    the record made of the given values (the others take the record's defaults). `fixed(values)`
+    adds values the command sets itself (e.g. `quiet`) or converts (its result is the record's
+    keyword arguments)."""
+    flags = _flags(record, only, skip, rename or {}, given_only)
+
+    def decorate(command):
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != param]
+        added = [
+            inspect.Parameter(
+                f.param, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.annotation
+            )
+            for f in flags
+        ]
+
+        @functools.wraps(command)
+        def with_record(**kwargs):
+            # a flag left at None was not given: the record's own default applies
+            values = {f.field.name: _parsed(f.field, kwargs.pop(f.param)) for f in flags}
+            values = {k: v for k, v in values.items() if v is not None}
+            if fixed is not None:
+                values = fixed({**values, **{k: kwargs[k] for k in ("quiet",) if k in kwargs}})
+            made = record(**values) if values or not given_only else None
+            return command(**{param: made}, **kwargs)
+
+        with_record.__signature__ = inspect.Signature([*own, *added])
+        return with_record
+
+    return decorate
+
+
+def _parsed(field: dataclasses.Field, value: Any) -> Any:
+    parse = field.metadata.get("parse")
+    return parse(value) if parse is not None and value is not None else value

@@ -1,0 +1,104 @@
+"""A PEFT adapter that merges into its base (SHiRA, LoRA, ...) as a delta: PEFT loads it onto the
+base and merges it, and every entry where the merged weights differ from the base's files is kept,
+so the delta is exactly what the merge makes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from piece_surgery.formats.delta import Delta, DeltaInfo, DiffProvenance, delta_from_values
+from piece_surgery.formats.peft import check_adapter_tensors, peft_library, quiet_libraries, read_adapter
+from piece_surgery.io.hub import resolve
+from piece_surgery.io.outputs import refuse_overlap
+from piece_surgery.io.sniff import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from piece_surgery.models.checkpoint import Checkpoint, LoadedModel
+from piece_surgery.models.pairing import stored_names, tied_names
+from piece_surgery.runtime.dtypes import same_bits
+from piece_surgery.runtime.errors import PieceError, first_line
+
+
+def adapter_as_delta(
+    adapter_ref: str,
+    *,
+    load_base: Callable[[str], tuple[Checkpoint, LoadedModel]],
+    base_ref: str | None = None,
+    output: Path | None = None,
+) -> Delta:
+    """The delta a PEFT adapter's merge makes on its base (`base_ref`, else the base its config
+    names; `load_base(ref)` loads it), in memory. Refused in one line: an adapter whose file lacks
+    tensors its config needs (PEFT would fill them with random values) or holds others, and a merge
+    that a delta cannot express (a tied weight the base stores once, trained apart from its twin).
+    With `output`, the base the config names may not overlap it."""
+    peft = peft_library()
+    source = resolve(adapter_ref, what="adapter", patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, "*.md"])
+    config, stored = read_adapter(source.path, adapter_ref)
+    base_ref = base_ref or config.get("base_model_name_or_path")
+    if not isinstance(base_ref, str) or not base_ref:
+        raise PieceError("the adapter names no base model: give --base")
+    if output is not None:
+        refuse_overlap(output, [base_ref])  # the base an adapter names is an input too
+    checkpoint, loaded = load_base(base_ref)
+    model = loaded.module
+    ties = tied_names(model)  # before PEFT replaces any module
+    try:
+        with quiet_libraries():
+            adapted = peft.PeftModel.from_pretrained(model, str(source.path))
+            # an adapter may or may not save the embedding layers it targets (save_embedding_layers)
+            needed = set(peft.get_peft_model_state_dict(adapted, save_embedding_layers=False))
+            allowed = needed | set(peft.get_peft_model_state_dict(adapted, save_embedding_layers=True))
+    except Exception as exc:  # PEFT reading a user's files: any failure is the adapter's
+        raise PieceError(
+            f"PEFT cannot load adapter '{adapter_ref}' onto this base: {first_line(exc)}"
+        ) from exc
+    check_adapter_tensors(adapter_ref, needed, allowed, stored)
+    with quiet_libraries():
+        merged = adapted.merge_and_unload()
+    return _delta_against_files(checkpoint, merged, ties, source.name, loaded.twins)
+
+
+def _delta_against_files(
+    checkpoint: Checkpoint,
+    merged: torch.nn.Module,
+    ties: dict[str, list[str]],
+    name: str,
+    twins: dict[str, list[str]],
+) -> Delta:
+    """Every entry where the merged model's weights differ from the base checkpoint's files, under
+    the names the files store. A parameter the files do not store loads as its tied twin: the merge
+    must have left the two equal, or the delta (which changes stored tensors only) would load as
+    another model."""
+    names_stored = stored_names(merged, checkpoint.layout)
+    params = dict(merged.named_parameters(remove_duplicate=False))
+    tensors: dict[str, torch.Tensor] = {}
+    for pname, param in params.items():
+        key = names_stored.get(pname)
+        if key is not None:
+            tensors.setdefault(key, param)
+            continue
+        twin = next((t for t in ties.get(pname, []) if t in names_stored), None)
+        if twin is not None and not bool(same_bits(params[twin].detach(), param.detach()).all()):
+            with checkpoint.reader() as reader:  # which of the two did the adapter train?
+                stored = reader.get(names_stored[twin])
+            twin_changed = not bool(same_bits(params[twin].detach().to(stored.dtype), stored).all())
+            changed, kept = (twin, pname) if twin_changed else (pname, twin)
+            raise PieceError(
+                f"the adapter changes '{changed}' apart from '{kept}', which this base ties to it and "
+                "stores once: a delta changes stored tensors only, so it cannot untie them; import onto "
+                "a copy of the base whose files store both (equal, they still load tied)"
+            )
+    entries = {}
+    with checkpoint.reader() as reader:
+        for key, param in sorted(tensors.items()):
+            base = reader.get(key).reshape(-1)
+            tuned = param.detach().reshape(-1).to(base.dtype)
+            idx = torch.nonzero(~same_bits(base, tuned)).flatten()
+            if idx.numel():
+                entries[key] = (idx, base[idx].clone(), tuned[idx].clone())
+    shapes = {k: checkpoint.layout[k].shape for k in entries}
+    fractions = {k: entries[k][0].numel() / checkpoint.layout[k].numel for k in entries}
+    provenance = DiffProvenance(tuned=f"PEFT adapter {name}", changed_fraction=fractions)
+    return delta_from_values(entries, shapes, DeltaInfo(checkpoint.identity, provenance), twins)

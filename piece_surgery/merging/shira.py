@@ -1,0 +1,111 @@
+"""A delta laid out as a PEFT SHiRA adapter on its base model.
+
+SHiRA holds, per adapted linear layer, r x (in + out) entries (one r for every layer), padded with
+entries that change nothing. The layout picks the r, and the few busiest layers to save whole in
+`modules_to_save` instead, that make the smallest file. Norm gains (vectors) go into
+`modules_to_save` too (the whole vector, a few KB). Anything else (embedding tables, GPT-2's
+Conv1D, weights two modules share, biases) has no place in SHiRA: refused, naming it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from piece_surgery.formats.delta import Delta, TensorDelta
+from piece_surgery.merging.combine import TensorPart, merge_one
+from piece_surgery.merging.live import model_tensors
+from piece_surgery.models.structure import is_gain_module, owners
+from piece_surgery.runtime.errors import PieceError
+
+
+@dataclass
+class ShiraPlan:
+    r: int
+    linear: dict[str, tuple[str, torch.nn.Linear]]  # module name -> (tensor name, layer)
+    saved: dict[str, list[tuple[str, str]]]  # modules saved whole: name -> [(attribute, tensor name)]
+    tensors: dict[str, TensorDelta]  # the delta's tensors, checked against the base (base values known)
+
+
+def shira_plan(model: torch.nn.Module, delta: Delta) -> ShiraPlan:
+    """Which tensors go where; checks each against the model's weights (the delta's base)."""
+    module_names = {id(m): name for name, m in model.named_modules()}
+    holders = owners(model)
+    linear, saved, tensors = {}, {}, {}
+    for tensor_name, (_, param) in model_tensors(model, delta).items():
+        t = delta.tensors[tensor_name]
+        current = param.detach().view(-1)[t.indices].cpu()
+        # the identity rule of apply: dtype and every entry's base value, or a one-line refusal
+        part = TensorPart(t, 1.0, "the delta", force_hint="", refused_as="the base is not the delta's base")
+        tensors[tensor_name], _, _ = merge_one(tensor_name, current, part, force=False)
+        held = holders.get(id(param), [])
+        module, attr = held[0] if len(held) == 1 else (None, None)
+        if module is not None and type(module) is torch.nn.Linear and attr == "weight":
+            linear[module_names[id(module)]] = (tensor_name, module)
+        elif module is not None and is_gain_module(module):
+            saved.setdefault(module_names[id(module)], []).append((attr, tensor_name))
+        else:
+            raise PieceError(
+                f"tensor '{tensor_name}' is not a linear layer's weight or a norm's gain: a SHiRA adapter "
+                "cannot hold it; score without it (--exclude) to export"
+            )
+    counts = {name: delta.tensors[t].indices.numel() for name, (t, _) in linear.items()}
+    r, whole = cheapest_layout({name: m for name, (_, m) in linear.items()}, counts)
+    for name in whole:
+        tensor_name, _ = linear.pop(name)
+        saved.setdefault(name, []).append(("weight", tensor_name))
+    if not linear:  # PEFT refuses an adapter without a layer of its own type
+        if not whole:
+            raise PieceError(
+                "the delta changes no linear layer (only norm gains): a SHiRA adapter needs at least one "
+                "sparse linear layer; apply the delta with `piece-surgery apply` instead"
+            )
+        raise PieceError(
+            f"every linear layer the delta changes is too dense for SHiRA ({len(whole)} saved whole would "
+            "be the whole adapter; a LoRA's change touches every entry): keep the original adapter, or "
+            "apply the delta with `piece-surgery apply`"
+        )
+    return ShiraPlan(r, linear, saved, tensors)
+
+
+# bytes per SHiRA slot as PEFT saves it: a (row, column) pair of int32 and an fp32 change
+_SLOT_BYTES = 12
+
+
+def cheapest_layout(layers: dict[str, torch.nn.Linear], counts: dict[str, int]) -> tuple[int, set[str]]:
+    """SHiRA gives every adapted layer r x (in + out) slots, one r for all, so a few busy layers
+    would pad every other one. Choose the r, and the layers saved whole instead (modules_to_save:
+    every weight, in its dtype), that make the smallest adapter."""
+
+    def slots(m: torch.nn.Linear, r: int) -> int:
+        return r * (m.in_features + m.out_features)
+
+    def whole_bytes(m: torch.nn.Linear) -> int:
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    def cost(r: int) -> tuple[int, set[str]]:
+        fits = {n for n, m in layers.items() if counts[n] <= slots(m, r) <= m.in_features * m.out_features}
+        size = sum(slots(layers[n], r) * _SLOT_BYTES for n in fits)
+        return size + sum(whole_bytes(m) for n, m in layers.items() if n not in fits), set(layers) - fits
+
+    needed = {math.ceil(counts[n] / (m.in_features + m.out_features)) for n, m in layers.items()} or {1}
+    best = min(sorted(needed), key=lambda r: cost(r)[0])
+    return best, cost(best)[1]
+
+
+def fill_shira(layer, t, r: int) -> int:
+    """Set a SHiRA layer's entries to the delta's changes, padded with unchanged entries up to
+    r x (in + out); returns the padding count."""
+    rows_total, cols = layer.out_features, layer.in_features
+    capacity = r * (rows_total + cols)
+    padding = capacity - int(t.indices.numel())
+    used = torch.zeros(rows_total * cols, dtype=torch.bool)
+    used[t.indices] = True
+    extra = torch.nonzero(~used).flatten()[:padding]  # the first free entries, deterministically
+    flat = torch.cat([t.indices, extra])
+    change = torch.cat([t.change().float(), torch.zeros(padding)])
+    layer.shira_indices["default"] = torch.stack([flat // cols, flat % cols]).to(torch.int)
+    layer.shira_weight["default"].data = change
+    return padding

@@ -1,0 +1,123 @@
+"""What scoring reads besides the domain data, checked before the model is loaded: the retain sets
+piece-r keeps the model's behaviour on, the entries of earlier tasks to leave alone (--avoid),
+and whether the options can select anything at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from piece_surgery.data.dataset import Dataset
+from piece_surgery.formats.artifacts import open_artifact
+from piece_surgery.formats.mask import k_for_density
+from piece_surgery.merging.plan import as_stored_in
+from piece_surgery.models.checkpoint import Checkpoint
+from piece_surgery.models.eligible import eligible_parameters
+from piece_surgery.models.loading import check_weights_match
+from piece_surgery.models.pairing import parameter_keys
+from piece_surgery.runtime.errors import PieceError
+from piece_surgery.runtime.records import AvoidRecord
+from piece_surgery.scoring.methods import method_named
+from piece_surgery.scoring.options import ScoreOptions
+from piece_surgery.scoring.retain import GENERAL, SELF, Avoided, ScoringInputs, general_text
+
+
+def avoided_entries(ref: str, checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], AvoidRecord]:
+    """The entries a mask selects or a delta changes, checked against this model's tensors."""
+    artifact = open_artifact(ref)
+    if artifact.mask is not None:
+        entries = artifact.mask.indices
+        shapes = {n: artifact.mask.shapes[n] for n in entries}
+    else:
+        delta = as_stored_in(checkpoint, artifact.delta)  # names as this model's files spell them
+        entries = {n: t.indices for n, t in delta.tensors.items()}
+        shapes = {n: t.shape for n, t in delta.tensors.items()}
+    for name in entries:
+        if name not in checkpoint.layout:
+            raise PieceError(f"--avoid '{ref}' names tensor '{name}', which this model does not have")
+        if tuple(checkpoint.layout[name].shape) != tuple(shapes[name]):
+            raise PieceError(
+                f"--avoid '{ref}': tensor '{name}' is {list(shapes[name])} there but "
+                f"{list(checkpoint.layout[name].shape)} in this model"
+            )
+    count = sum(int(i.numel()) for i in entries.values())
+    return dict(entries), AvoidRecord(artifact.source.name, artifact.kind, count)
+
+
+RETAIN_OPTIONS = ("retain_labels", "retain_damping", "self_samples", "self_length")
+
+
+def check_data(method: str, data: Path | None) -> None:
+    """Data is given exactly when the method reads some."""
+    chosen = method_named(method)
+    if chosen.needs_data and data is None:
+        raise PieceError(f"--data is required for method {method}")
+    if not chosen.needs_data and data is not None:
+        raise PieceError(f"method {method} reads no data; leave out --data")
+
+
+def check_retain(method: str, retain: Sequence[str | Path], given: Sequence[str] = ()) -> None:
+    """Retain text and its options (`given`: the ScoreOptions fields the user set) only for a
+    method that uses them, and the self-text options only with self text."""
+    retain_given = [name for name in RETAIN_OPTIONS if name in given]
+    if (retain or retain_given) and not method_named(method).uses_retain:
+        what = f"--{retain_given[0].replace('_', '-')}" if retain_given else "--retain"
+        raise PieceError(f"{what} is for --method piece-r (got {method}); leave it out")
+    if {"self_samples", "self_length"} & set(given) and SELF not in map(str, retain):
+        raise PieceError("--self-samples and --self-length are for --retain self: add --retain self")
+
+
+# piece-r without --retain keeps the shipped general-text set: on every domain of
+# benchmarks/multidomain.py it drifted less than the model's own text at equal gain, on Wikipedia and
+# on the model's own chat answers alike (docs/evidence.md, "Seven domains")
+DEFAULT_RETAIN = GENERAL
+
+
+def retain_sources(method: str, retain: Sequence[str | Path]) -> list[str | Path]:
+    """The retain sets a recipe scores with: piece-r without any keeps DEFAULT_RETAIN."""
+    return [DEFAULT_RETAIN] if method_named(method).uses_retain and not retain else list(retain)
+
+
+def check_selectable(checkpoint: Checkpoint, options: ScoreOptions, avoid: Avoided) -> None:
+    """Before the model is loaded (on its meta-device skeleton): some parameter is eligible, the
+    density selects at least one entry, and --avoid leaves enough of them to select."""
+    skeleton = checkpoint.skeleton()
+    check_weights_match(skeleton, checkpoint.layout, checkpoint.folder)
+    keys = parameter_keys(skeleton, checkpoint.layout)
+    params = eligible_parameters(skeleton, keys, include=options.include, exclude=options.exclude)
+    eligible = sum(p.numel() for p in params.values())
+    k = k_for_density(options.density, eligible)
+    avoided = sum(int(torch.unique(idx).numel()) for name, idx in avoid.entries.items() if name in params)
+    if k > eligible - avoided:
+        raise PieceError(
+            f"--avoid leaves {eligible - avoided:,} of the {eligible:,} eligible entries, fewer than the "
+            f"{k:,} density {options.density} selects: lower --density, or avoid fewer masks"
+        )
+
+
+def read_scoring_inputs(
+    checkpoint: Checkpoint,
+    retain: Sequence[str | Path],
+    avoid: Sequence[str],
+    read: Callable[[Path, str | None], Dataset],
+) -> ScoringInputs:
+    """Read the retain files (`read(path, name)` tokenizes one, as the run says) and the entries to
+    avoid."""
+    inputs = ScoringInputs()
+    for ref in retain:
+        if str(ref) == SELF:
+            inputs.retain.append(SELF)
+        elif str(ref) == GENERAL:
+            inputs.retain.append(read(general_text(), GENERAL))
+        else:
+            inputs.retain.append(read(Path(ref), None))
+    for ref in avoid:
+        entries, record = avoided_entries(ref, checkpoint)
+        for name, idx in entries.items():
+            known = inputs.avoid.entries.get(name)
+            inputs.avoid.entries[name] = idx if known is None else torch.unique(torch.cat([known, idx]))
+        inputs.avoid.records.append(record)
+    return inputs
