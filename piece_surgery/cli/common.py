@@ -3,11 +3,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import inspect
 import json
-import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -36,24 +32,7 @@ METAVARS = {
     "data": "FILE",
     "eval_data": "FILE",
     "recipe": "FILE",
-    "mask": "MASK",
-    "method": "METHOD",
-    "normalize": "none|tensor",
-    "density": "FRACTION",
-    "include": "REGEX",
-    "exclude": "REGEX",
-    "retain": "FILE|self|general",
-    "retain_labels": "empirical|sampled",
-    "retain_damping": "QUANTILE",
-    "avoid": "MASK|DELTA",
-    "schedule": "constant|linear|cosine",
     "on_conflict": "sum|mean|ties|error",
-    "device": "auto|cpu|cuda|mps",
-    "dtype": "auto|float32|bfloat16|float16",
-    "attn_implementation": "KERNEL",
-    "max_length": "TOKENS",
-    "self_length": "TOKENS",
-    "betas": "B1,B2",
     "shard_size": "SIZE",
     "original_base": "BASE",
     "base_model": "USER/NAME",
@@ -64,8 +43,6 @@ METAVARS = {
     "arch": "llama|gpt2|qwen2|gemma3",
     "scale": "SCALE",
     "candidates": "CANDIDATE",
-    "eval_general": "FILE|self|general",
-    "budget_on": "predicted|measured",
     "general": "FILE|self|general",
     "plot": "FILE.png",
     "tasks": "TASK,...",
@@ -157,36 +134,16 @@ def option_help(record: type, name: str) -> str:
 
 
 def takes_run_options(command=None, *, only: tuple[str, ...] | None = None):
-    """Give a command every field of RunOptions (or those in `only`) as an option (--device,
-    --dtype, --max-length, ...), with the help text the field declares; the command receives them
-    as one `run` argument. A new run option is then one field of RunOptions and nothing here."""
-    if command is None:
-        return lambda function: takes_run_options(function, only=only)
+    """Give a command every field of RunOptions (or those in `only`) as a flag (--device, --dtype,
+    --max-length, ...), passed to it as one `run` argument (cli/options.py); -q makes it quiet. A new
+    run option is then one field of RunOptions and nothing here."""
+    from piece_surgery.cli.options import takes
     from piece_surgery.runtime.options import RunOptions
 
-    hints = typing.get_type_hints(RunOptions)
-    added = []
-    for f in dataclasses.fields(RunOptions):
-        if f.metadata.get("cli", True) is False or (only is not None and f.name not in only):
-            continue
-        option = typer.Option(f"--{f.name.replace('_', '-')}", help=f.metadata.get("help", ""))
-        added.append(
-            inspect.Parameter(
-                f.name,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=f.default,
-                annotation=Annotated[hints[f.name], option],
-            )
-        )
-    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "run"]
-
-    @functools.wraps(command)
-    def with_run_options(**kwargs):
-        values = {p.name: kwargs.pop(p.name) for p in added}
-        return command(run=RunOptions(quiet=kwargs.get("quiet", False), **values), **kwargs)
-
-    with_run_options.__signature__ = inspect.Signature([*own, *added])
-    return with_run_options
+    decorate = takes(
+        RunOptions, "run", only=only, fixed=lambda values, own: {**values, "quiet": own.get("quiet", False)}
+    )
+    return decorate if command is None else decorate(command)
 
 
 # the run options of a command that loads a model but reads no data (export, import)

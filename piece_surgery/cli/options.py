@@ -83,15 +83,15 @@ def takes(
     skip: Iterable[str] = (),
     rename: dict[str, str] | None = None,
     given_only: bool = False,
-    fixed: Callable[[dict], dict] | None = None,
+    fixed: Callable[[dict, dict], dict] | None = None,
 ):
     """Decorate a Typer command: give it a flag per field of `record` (those in `only`, less those
     in `skip`; `rename` maps a field to another flag name) and pass it the record as `param`.
 
     `given_only`: every flag defaults to None and the command gets None when none was given, else
-    the record made of the given values (the others take the record's defaults). `fixed(values)`
-    adds values the command sets itself (e.g. `quiet`) or converts (its result is the record's
-    keyword arguments)."""
+    the record made of the given values (the others take the record's defaults).
+    `fixed(values, arguments)` adds what the command's own arguments set (e.g. `quiet`): its result
+    is the record's keyword arguments."""
     flags = _flags(record, only, skip, rename or {}, given_only)
 
     def decorate(command):
@@ -109,7 +109,7 @@ def takes(
             values = {f.field.name: _parsed(f.field, kwargs.pop(f.param)) for f in flags}
             values = {k: v for k, v in values.items() if v is not None}
             if fixed is not None:
-                values = fixed({**values, **{k: kwargs[k] for k in ("quiet",) if k in kwargs}})
+                values = fixed(values, kwargs)
             made = record(**values) if values or not given_only else None
             return command(**{param: made}, **kwargs)
 

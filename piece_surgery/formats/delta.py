@@ -9,7 +9,7 @@ merging/diff.py's, merging deltas merging/'s.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -57,6 +57,17 @@ class TrainProvenance(JsonRecord):
     measured_drift: float | None = None  # mean token KL(base || tuned) on --eval-general, at the end
     eval_general: DataRecord | None = None  # the general text it was measured on
     drift_budget_passed: dict | None = None  # {"step", "drift", "budget", "on"}: the step past it
+
+    # the fields a run's summary fills (training.loop.TrainResult.summary)
+    FIGURES: ClassVar[tuple[str, ...]] = (
+        "steps",
+        "final_train_loss",
+        "final_eval_loss",
+        "predicted_drift",
+        "measured_drift",
+        "stopped_by_drift_budget",
+        "drift_budget_passed",
+    )
 
 
 Provenance = DiffProvenance | TrainProvenance

@@ -174,11 +174,8 @@ NEEDS_TORCHVISION = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm")
 def tiny_vision_language_config(arch: str, tokenizer, *, tie: bool = False):
     """A vision-language config of a few hundred KB: a 2-layer vision tower on 16x16 images, its
     projector and a 2-layer language model, for llava, gemma3_vl (Gemma 3 with its vision tower),
-    qwen2_vl, idefics3 or smolvlm. `tokenizer` must hold the family's special tokens
-    (tiny_vision_language_tokenizer)."""
-    import transformers
-
-    ids = tokenizer.convert_tokens_to_ids
+    qwen2_vl, qwen2_5_vl, qwen3_vl, idefics3 or smolvlm. `tokenizer` must hold the family's special
+    tokens (tiny_vision_language_tokenizer)."""
     text = dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -193,32 +190,49 @@ def tiny_vision_language_config(arch: str, tokenizer, *, tie: bool = False):
         tie_word_embeddings=tie,
     )
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    if arch == "llava":
-        return transformers.LlavaConfig(
-            vision_config=transformers.CLIPVisionConfig(
-                **vision, image_size=16, patch_size=8, projection_dim=32
-            ),
-            text_config=transformers.LlamaConfig(**text),
-            image_token_index=ids("<image>"),
-            image_seq_length=4,
-            vision_feature_select_strategy="default",
-            vision_feature_layer=-2,
-            tie_word_embeddings=tie,
+    family = next((f for names, f in _VISION_LANGUAGE_CONFIGS.items() if arch in names), None)
+    if family is None:
+        raise ValueError(
+            f"unknown vision-language architecture {arch!r}; use {VISION_LANGUAGE_ARCHITECTURES}"
         )
-    if arch == "gemma3_vl":
-        text.update(head_dim=8, query_pre_attn_scalar=8, sliding_window=16)
-        text["layer_types"] = ["sliding_attention", "full_attention"]
-        return transformers.Gemma3Config(
-            text_config=text,
-            vision_config=dict(
-                model_type="siglip_vision_model", **vision, image_size=16, patch_size=4, vision_use_head=False
-            ),
-            mm_tokens_per_image=4,
-            boi_token_index=ids("<start_of_image>"),
-            eoi_token_index=ids("<end_of_image>"),
-            image_token_index=ids("<image_soft_token>"),
-            tie_word_embeddings=tie,
-        )
+    return family(arch, tokenizer.convert_tokens_to_ids, text, vision, tie)
+
+
+def _llava(arch, ids, text, vision, tie):
+    import transformers
+
+    return transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**vision, image_size=16, patch_size=8, projection_dim=32),
+        text_config=transformers.LlamaConfig(**text),
+        image_token_index=ids("<image>"),
+        image_seq_length=4,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        tie_word_embeddings=tie,
+    )
+
+
+def _gemma3_vl(arch, ids, text, vision, tie):
+    import transformers
+
+    text.update(head_dim=8, query_pre_attn_scalar=8, sliding_window=16)
+    text["layer_types"] = ["sliding_attention", "full_attention"]
+    return transformers.Gemma3Config(
+        text_config=text,
+        vision_config=dict(
+            model_type="siglip_vision_model", **vision, image_size=16, patch_size=4, vision_use_head=False
+        ),
+        mm_tokens_per_image=4,
+        boi_token_index=ids("<start_of_image>"),
+        eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"),
+        tie_word_embeddings=tie,
+    )
+
+
+def _qwen_vl(arch, ids, text, vision, tie):
+    import transformers
+
     qwen_ids = dict(
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
@@ -238,21 +252,31 @@ def tiny_vision_language_config(arch: str, tokenizer, *, tie: bool = False):
         vision = dict(hidden_size=32, intermediate_size=64, out_hidden_size=32, num_position_embeddings=16)
         vision.update(deepstack_visual_indexes=[0], **qwen_vision)
         return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **qwen_ids)
-    if arch == "qwen2_vl":
-        text["rope_parameters"] = text_rope
-        vision = dict(embed_dim=32, hidden_size=32, mlp_ratio=2, **qwen_vision)
-        return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **qwen_ids)
-    if arch in ("idefics3", "smolvlm"):
-        config_class = transformers.Idefics3Config if arch == "idefics3" else transformers.SmolVLMConfig
-        return config_class(
-            text_config=dict(model_type="llama", **text),
-            vision_config=dict(**vision, image_size=16, patch_size=4),
-            scale_factor=2,
-            image_token_id=ids("<image>"),
-            tie_word_embeddings=tie,
-            pad_token_id=0,
-        )
-    raise ValueError(f"unknown vision-language architecture {arch!r}; use {VISION_LANGUAGE_ARCHITECTURES}")
+    text["rope_parameters"] = text_rope
+    vision = dict(embed_dim=32, hidden_size=32, mlp_ratio=2, **qwen_vision)
+    return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **qwen_ids)
+
+
+def _idefics3(arch, ids, text, vision, tie):
+    import transformers
+
+    config_class = transformers.Idefics3Config if arch == "idefics3" else transformers.SmolVLMConfig
+    return config_class(
+        text_config=dict(model_type="llama", **text),
+        vision_config=dict(**vision, image_size=16, patch_size=4),
+        scale_factor=2,
+        image_token_id=ids("<image>"),
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+    )
+
+
+_VISION_LANGUAGE_CONFIGS = {
+    ("llava",): _llava,
+    ("gemma3_vl",): _gemma3_vl,
+    ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"): _qwen_vl,
+    ("idefics3", "smolvlm"): _idefics3,
+}
 
 
 def vision_language_chat_template(image_markup: str) -> str:

@@ -14,10 +14,8 @@ from piece_surgery.runtime.options import RunOptions
 from piece_surgery.scoring.importance import PassStats
 from piece_surgery.scoring.inputs import (
     check_data,
-    check_retain,
     check_selectable,
     read_scoring_inputs,
-    retain_sources,
 )
 from piece_surgery.scoring.methods import method_named
 from piece_surgery.scoring.options import ScoreOptions
@@ -65,17 +63,17 @@ def score_checkpoint(
 ) -> Scored:
     """Score a checkpoint (folder or Hub id) on a data file; with `output`, write the mask there.
 
-    `retain` (piece-r) holds data files, "general" or "self" (without any: DEFAULT_RETAIN); `avoid`
-    masks or deltas whose entries to leave out. `run` says where and how to load (device, dtype,
-    lengths, FSDP).
+    `retain` (piece-r; or options.retain) holds data files, "general" or "self" (without any:
+    DEFAULT_RETAIN); `avoid` masks or deltas whose entries to leave out. `run` says where and how
+    to load (device, dtype, lengths, FSDP).
     Under a launcher (torchrun, ...) every rank scores its share of the data and rank 0 writes;
     with `run.fsdp`, the weights and accumulators are sharded over the ranks (docs/distributed.md).
     """
     options = options or ScoreOptions()
+    options = options.with_retain(retain)
     check_data(options.method, data)
-    check_retain(options.method, retain)
     session = Run(run)
-    retain = retain_sources(options.method, retain)
+    retain = options.retain_sources
     if output is not None:
         inputs = [model_ref, data, *(r for r in retain if str(r) not in NAMED_SETS), *avoid]
         output = session.check_output(output, inputs=inputs, overwrite=overwrite, kind="file")

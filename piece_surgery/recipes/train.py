@@ -20,10 +20,10 @@ from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.options import RunOptions
 from piece_surgery.runtime.progress import Progress
 from piece_surgery.runtime.sharding import reshard
-from piece_surgery.scoring.inputs import check_retain, check_selectable, read_scoring_inputs, retain_sources
+from piece_surgery.scoring.inputs import check_selectable, read_scoring_inputs
 from piece_surgery.scoring.methods import method_named
-from piece_surgery.scoring.options import ScoreOptions
-from piece_surgery.scoring.retain import GENERAL, NAMED_SETS, SELF, general_text
+from piece_surgery.scoring.options import GENERAL, NAMED_SETS, SELF, ScoreOptions
+from piece_surgery.scoring.retain import general_text
 from piece_surgery.scoring.selection import score_loaded, self_text
 from piece_surgery.training.loop import TrainConfig, TrainResult, budget_period, total_steps, train_sparse
 from piece_surgery.training.state import is_state, remove_state
@@ -36,8 +36,10 @@ class Trained(NamedTuple):
     tensor_bytes: int = 0  # bytes of tensor data the delta folder holds (format 1 or 2)
 
     def to_json(self, *, model: str, mask_ref: str | None, output: Path, seconds: float) -> dict:
-        """What `train --json` prints (schema in docs/cli.md)."""
-        delta, result, mask = self.delta, self.result, self.mask
+        """What `train --json` prints (schema in docs/cli.md): the run's figures as the delta's
+        provenance records them (TrainResult.summary), and what was written."""
+        delta, mask = self.delta, self.mask
+        general = delta.info.provenance.eval_general
         return {
             "output": str(output),
             "model": model,
@@ -47,17 +49,8 @@ class Trained(NamedTuple):
             "mask_entries": mask.k,
             "entries": delta.count,
             "tensors": len(delta.tensors),
-            "steps": result.steps,
-            "resumed_from": result.resumed_from,
-            "first_train_loss": result.history[0]["loss"] if result.history else None,
-            "final_train_loss": result.train_loss,
-            "final_eval_loss": result.eval_loss,
-            "predicted_drift": result.predicted_drift,
-            "measured_drift": result.measured_drift,
-            "eval_general": general.file if (general := delta.info.provenance.eval_general) else None,
-            "stopped_by_drift_budget": result.stopped_by_drift_budget,
-            "drift_budget_passed": result.drift_budget_passed,
-            "unchanged_reason": result.unchanged_reason,
+            **self.result.summary(),
+            "eval_general": general.file if general else None,
             "seconds": round(seconds, 3),
         }
 
@@ -84,56 +77,128 @@ def train_checkpoint(
     overwrite: bool = False,
     delta_format: int = DEFAULT_FORMAT,
 ) -> Trained:
-    """Score (unless `mask_ref` names a mask; `retain` and `avoid` as for score_checkpoint), train
-    the masked entries, write the delta folder. `run` says where and how to load. `eval_general`
-    (a data file, `self` or `general`) is general text the drift from the base is measured on,
-    every `config.eval_every` steps and at the end (drift.py). Under a launcher (torchrun, ...)
-    every rank trains on its share of each step and rank 0 writes."""
-    output = Path(output)
-    if eval_general is not None and not str(eval_general).strip():
-        raise PieceError("--eval-general is empty: give a data file, self or general")
-    if config.drift_budget and config.budget_on == "measured" and eval_general is None:
-        eval_general = GENERAL  # the budget measures on the shipped general-text set by default
-    _check_options(config, mask_ref, score_options, retain, avoid, eval_data, eval_general)
+    """Score (unless `mask_ref` names a mask; `score_options`, `retain` and `avoid` as for
+    score_checkpoint), train the masked entries, write the delta folder (in format `delta_format`).
+    `run` says where and how to load. `eval_general` (a data file, `self` or `general`) is general
+    text the drift from the base is measured on, every `config.eval_every` steps and at the end.
+    Under a launcher (torchrun, ...) every rank trains on its share of each step and rank 0 writes."""
+    options = _scoring_options(score_options, retain, avoid, mask_ref)
+    eval_general = _eval_general(eval_general, config)
+    _check_options(config, mask_ref, options, eval_data, eval_general)
     session = Run(run)
-    general_file = eval_general if eval_general is not None and str(eval_general) not in NAMED_SETS else None
-    extra = [mask_ref, eval_data, general_file, *(r for r in retain if str(r) not in NAMED_SETS), *avoid]
-    output = session.check_output(output, inputs=[model_ref, data, *extra], overwrite=overwrite)
-    inputs = [model_ref, data, *extra]
+    files = [r for r in [eval_general, *(options.retain or [])] if r and str(r) not in NAMED_SETS]
+    inputs = [model_ref, data, mask_ref, eval_data, *files, *avoid]
+    output = session.check_output(Path(output), inputs=inputs, overwrite=overwrite)
     state_dir = _state_dir(output, inputs, resume=resume, overwrite=overwrite, session=session)
-    mask = open_mask(mask_ref) if mask_ref is not None else None
     checkpoint = session.open(model_ref)
-    if mask is not None:
-        check_mask_fits(mask, checkpoint, f"mask '{mask_ref}'")
-        config = config.for_mask(mask.info.method, mask.fisher is not None)
+    mask = _mask_for(mask_ref, checkpoint)
     dataset = session.data(checkpoint, data)
     eval_set = session.data(checkpoint, eval_data, every_example=True) if eval_data else None
-    options = score_options or ScoreOptions()
+    scoring = None
     if mask is None:
-        retain = retain_sources(options.method, retain)
-    scoring = read_scoring_inputs(checkpoint, retain, avoid, session.reader(checkpoint))
-    if mask is None:
+        scoring = read_scoring_inputs(checkpoint, options.retain_sources, avoid, session.reader(checkpoint))
         check_selectable(checkpoint, options, scoring.avoid)
     general = _general_text(eval_general, checkpoint, session) if eval_general is not None else None
     model = session.load_model(checkpoint)
     if general is SELF:
-        general = self_text(
-            checkpoint,
-            model,
-            replace(options, seed=config.seed),
-            max_length=session.options.max_length,
-            quiet=session.quiet,
-        )
-        if session.options.fsdp:
-            reshard(model.module)  # generating left the root module's weights gathered
+        general = _self_general(checkpoint, model, replace(options, seed=config.seed), session)
     if mask is None:
         mask, _ = score_loaded(checkpoint, model, dataset, options, scoring, **session.where())
-        config = config.for_mask(mask.info.method, mask.fisher is not None)
-    resume_key = {"model": checkpoint.identity.fingerprint, "data": dataset.sha256, "mask": mask.digest()}
+    config = _configured(config, mask, dataset, session)
+    result = _train(session, checkpoint, model, mask, dataset, config, eval_set, general, state_dir, resume)
+    provenance = _provenance(mask, config, session.options, dataset, eval_set, result, general)
+    delta = _delta_of(checkpoint, model, mask, result, provenance)
+
+    def write() -> int:
+        tensor_bytes = save_delta(delta, output, format_version=delta_format)
+        remove_state(state_dir)
+        return tensor_bytes
+
+    return Trained(delta, result, mask, session.write(write) or 0)
+
+
+def _scoring_options(
+    options: ScoreOptions | None, retain: Sequence[str | Path], avoid: Sequence[str], mask_ref: str | None
+) -> ScoreOptions:
+    """The scoring options (with `retain` given apart, as the library takes it); none of them, nor
+    --avoid, with a mask that is given."""
+    if mask_ref is not None and (options is not None or retain or avoid):
+        raise PieceError(
+            "scoring options (--method, --density, --retain, --avoid, ...) do nothing with --mask; "
+            "leave them out"
+        )
+    return (options or ScoreOptions()).with_retain(retain)
+
+
+def _eval_general(eval_general: str | Path | None, config: TrainConfig) -> str | Path | None:
+    if eval_general is not None and not str(eval_general).strip():
+        raise PieceError("--eval-general is empty: give a data file, self or general")
+    if config.drift_budget and config.budget_on == "measured" and eval_general is None:
+        return GENERAL  # the budget measures on the shipped general-text set by default
+    return eval_general
+
+
+def _check_options(
+    config: TrainConfig,
+    mask_ref: str | None,
+    options: ScoreOptions,
+    eval_data: Path | None,
+    eval_general: str | Path | None,
+) -> None:
+    """Options that contradict each other, refused before anything is read."""
+    if config.eval_every and eval_data is None and eval_general is None:
+        raise PieceError("--eval-every needs --eval-data or --eval-general (what to measure)")
+    if mask_ref is None:
+        config.check_fisher(method_named(options.method).uses_retain, options.method)
+
+
+def _mask_for(mask_ref: str | None, checkpoint: Checkpoint) -> Mask | None:
+    """The mask given (checked against this checkpoint), or None: score first."""
+    if mask_ref is None:
+        return None
+    mask = open_mask(mask_ref)
+    check_mask_fits(mask, checkpoint, f"mask '{mask_ref}'")
+    return mask
+
+
+def _self_general(checkpoint: Checkpoint, model: LoadedModel, options: ScoreOptions, session: Run) -> Dataset:
+    """--eval-general self: the text the loaded model writes itself."""
+    length = session.options.max_length
+    general = self_text(checkpoint, model, options, max_length=length, quiet=session.quiet)
+    if session.options.fsdp:
+        reshard(model.module)  # generating left the root module's weights gathered
+    return general
+
+
+def _configured(config: TrainConfig, mask: Mask, dataset: Dataset, session: Run) -> TrainConfig:
+    """The config with the mask's defaults (its learning rate and retain penalty), and a measured
+    budget's period (a tenth of the run) when none was given."""
+    config = config.for_mask(mask.info.method, mask.fisher is not None)
+    config.check_fisher(mask.fisher is not None)
     ranks = session.world.size if session.world is not None else 1
     steps = total_steps(len(dataset.examples), config, ranks)
     if config.drift_budget and config.budget_on == "measured" and config.eval_every is None:
         config = replace(config, eval_every=budget_period(steps))
+    return config
+
+
+def _train(
+    session: Run,
+    checkpoint: Checkpoint,
+    model: LoadedModel,
+    mask: Mask,
+    dataset: Dataset,
+    config: TrainConfig,
+    eval_set: Dataset | None,
+    general: Dataset | None,
+    state_dir: Path,
+    resume: bool,
+) -> TrainResult:
+    """train_sparse on the loaded model, with a progress bar; the resume key is what a resumed run
+    must share with the run that saved the state."""
+    resume_key = {"model": checkpoint.identity.fingerprint, "data": dataset.sha256, "mask": mask.digest()}
+    ranks = session.world.size if session.world is not None else 1
+    steps = total_steps(len(dataset.examples), config, ranks)
     with Progress(steps, "training", quiet=session.quiet, unit="step") as bar:
 
         def report(n: int, record: dict) -> None:
@@ -143,7 +208,7 @@ def train_checkpoint(
             bar.note(**notes)
             bar.advance(n)
 
-        result = train_sparse(
+        return train_sparse(
             model.module,
             model.parameters(mask.indices),
             mask.indices,
@@ -159,43 +224,6 @@ def train_checkpoint(
             fisher=mask.fisher,
             world=session.world,
         )
-    provenance = _provenance(mask, config, session.options, dataset, eval_set, result, general)
-    delta = _delta_of(checkpoint, model, mask, result, provenance)
-
-    def write() -> int:
-        tensor_bytes = save_delta(delta, output, format_version=delta_format)
-        remove_state(state_dir)
-        return tensor_bytes
-
-    return Trained(delta, result, mask, session.write(write) or 0)
-
-
-def _check_options(
-    config: TrainConfig,
-    mask_ref: str | None,
-    score_options: ScoreOptions | None,
-    retain: Sequence[str | Path],
-    avoid: Sequence[str],
-    eval_data: Path | None,
-    eval_general: str | Path | None = None,
-) -> None:
-    """Options that contradict each other, refused before anything is read."""
-    if mask_ref is not None and (score_options is not None or retain or avoid):
-        raise PieceError(
-            "scoring options (--method, --density, --retain, --avoid, ...) do nothing with --mask; "
-            "leave them out"
-        )
-    if config.eval_every and eval_data is None and eval_general is None:
-        raise PieceError("--eval-every needs --eval-data or --eval-general (what to measure)")
-    if mask_ref is None:
-        method = (score_options or ScoreOptions()).method
-        check_retain(method, retain)
-        predicted_budget = config.drift_budget and config.budget_on == "predicted"
-        if (predicted_budget or config.retain_weight) and not method_named(method).uses_retain:
-            raise PieceError(
-                f"--budget-on predicted and --retain-weight need a mask that carries the retain Fisher "
-                f"(--method piece-r); --method {method} has none"
-            )
 
 
 def _general_text(ref: str | Path, checkpoint: Checkpoint, session: Run) -> Dataset | str:
@@ -263,6 +291,7 @@ def _provenance(
     general: Dataset | None = None,
 ) -> TrainProvenance:
     info = mask.info
+    figures = result.summary()
     return TrainProvenance(
         method=info.method,
         density=info.density,
@@ -277,14 +306,8 @@ def _provenance(
         hyperparameters={**config.to_json(), "max_length": run.max_length},
         data=dataset.record(),
         eval_data=eval_set.record() if eval_set else None,
-        steps=result.steps,
-        final_train_loss=result.train_loss,
-        final_eval_loss=result.eval_loss,
-        predicted_drift=result.predicted_drift,
-        measured_drift=result.measured_drift,
         eval_general=general.record() if general is not None else None,
-        stopped_by_drift_budget=result.stopped_by_drift_budget,
-        drift_budget_passed=result.drift_budget_passed,
+        **{name: figures[name] for name in TrainProvenance.FIGURES},
     )
 
 

@@ -53,18 +53,29 @@ class RunOptions(JsonRecord):
     """Where and how a command loads its model and data; checked when made."""
 
     device: str = field(
-        default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda or mps."}
+        default="auto",
+        metadata={
+            "help": "auto (cuda, then mps, then cpu), cpu, cuda or mps.",
+            "metavar": "auto|cpu|cuda|mps",
+        },
     )
     dtype: str = field(
-        default="auto", metadata={"help": "auto (the checkpoint's), float32, bfloat16 or float16."}
+        default="auto",
+        metadata={
+            "help": "auto (the checkpoint's), float32, bfloat16 or float16.",
+            "metavar": "auto|float32|bfloat16|float16",
+        },
     )
-    max_length: int = field(default=512, metadata={"help": "Truncate examples to this many tokens."})
+    max_length: int = field(
+        default=512, metadata={"help": "Truncate examples to this many tokens.", "metavar": "TOKENS"}
+    )
     max_samples: int | None = field(default=None, metadata={"help": "Use at most this many examples."})
     attn_implementation: str | None = field(
         default=None,
         metadata={
             "help": "Attention kernel: eager, sdpa, flash_attention_2 or flex_attention. "
-            "[default: the model's]"
+            "[default: the model's]",
+            "metavar": "KERNEL",
         },
     )
     trust_remote_code: bool = field(

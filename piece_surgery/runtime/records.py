@@ -37,6 +37,11 @@ class JsonRecord:
         """None for a missing record (JSON null); ValueError for one of the wrong shape."""
         if data is None:
             return None
+        return cls(**cls.json_values(data))
+
+    @classmethod
+    def json_values(cls, data: Any) -> dict[str, Any]:
+        """The record's fields from a JSON object, each checked against its type hint."""
         if not isinstance(data, dict):
             raise ValueError(f"expected an object for {cls.__name__}, got {type(data).__name__}")
         hints = typing.get_type_hints(cls)
@@ -49,7 +54,7 @@ class JsonRecord:
                 values[f.name] = _decode(hints[f.name], data[key], key)
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ValueError(f"{cls.__name__} needs '{key}'")
-        return cls(**values)
+        return values
 
 
 def help_of(record: type, name: str) -> str:

@@ -36,6 +36,14 @@ class PassStats:
     def mean_loss(self) -> float:
         return self.loss_sum / max(self.batches, 1)
 
+    def add(self, loss: float, tokens: int, examples: int) -> None:
+        """One micro-batch: its mean token loss, loss-bearing tokens and examples."""
+        self.batches += 1
+        self.examples += examples
+        self.tokens += tokens
+        self.inverse_tokens += 1.0 / max(tokens, 1)
+        self.loss_sum += loss
+
 
 def accumulate_gradients(
     model: torch.nn.Module,
@@ -76,30 +84,10 @@ def accumulate_gradients(
     16-bit dtype: try float32).
     """
     device = next(model.parameters()).device
-    acc_device = accumulator_device or device
     sharded = any(is_sharded(p) for p in params.values())
-    zeros = lambda p: torch.zeros(  # noqa: E731
-        p.to_local().shape if sharded else p.shape, dtype=torch.float32, device=acc_device
-    )
-    sums = {key: zeros(p) for key, p in params.items()} if keep_sum else {}
-    squares = {key: zeros(p) for key, p in params.items()} if keep_squares else {}
+    acc = _Accumulators.for_params(params, accumulator_device or device, keep_sum, keep_squares, sharded)
     if squares_into is not None:
-        keep_squares, squares = True, squares_into
-
-    def add(key: str, grad: torch.Tensor) -> None:
-        g = grad.to(device=acc_device, dtype=torch.float32, non_blocking=True)
-        if keep_sum:
-            sums[key].add_(g)
-        if keep_squares:
-            squares[key].addcmul_(g, g)
-
-    def fold(key: str) -> Callable[[torch.Tensor], None]:
-        def hook(param: torch.Tensor) -> None:
-            add(key, param.grad)
-            param.grad = None
-
-        return hook
-
+        acc.squares = squares_into
     stats = PassStats()
     check_labels(labels)
     generator = torch.Generator(device=device).manual_seed(seed) if labels == "sampled" else None
@@ -108,35 +96,17 @@ def accumulate_gradients(
     error = None
     with _gradients_only_for(model, params), _deterministic_mode(model):
         handles = (
-            [] if sharded else [p.register_post_accumulate_grad_hook(fold(k)) for k, p in params.items()]
+            [] if sharded else [p.register_post_accumulate_grad_hook(acc.fold(k)) for k, p in params.items()]
         )
         try:
-            batches = micro_batch_losses(
+            for loss, tokens, examples in micro_batch_losses(
                 model, dataset, batch_size, pad_id, sample_labels=generator, shard=shard
-            )
-            for loss, tokens, examples in batches:
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise PieceError(
-                        f"the loss is {value} on micro-batch {stats.batches + 1}: bad data or a broken "
-                        "model (try --dtype float32)"
-                    )
-                if not loss.requires_grad:  # every eligible tensor is off this data's path
-                    raise PieceError(
-                        f"no eligible tensor gets a gradient from '{dataset.name}' (e.g. only a vision "
-                        "tower is eligible and the data is text): choose other --include patterns"
-                    )
+            ):
+                value = _checked_loss(loss, stats, dataset)
                 (loss * backward_scale if sharded else loss).backward()
                 if sharded:  # FSDP has reduce-scattered each gradient: this rank's shard is here
-                    for key, p in params.items():
-                        if p.grad is not None:  # None: no path from this loss (a projector, text data)
-                            add(key, p.grad.to_local())
-                        p.grad = None
-                stats.batches += 1
-                stats.examples += examples
-                stats.tokens += tokens
-                stats.inverse_tokens += 1.0 / max(tokens, 1)
-                stats.loss_sum += value
+                    acc.take_shards(params)
+                stats.add(value, tokens, examples)
                 if progress:
                     progress(examples)
         except PieceError as exc:
@@ -149,11 +119,69 @@ def accumulate_gradients(
     if world is not None:
         world.agree(error)
         if reduce and not sharded:
-            reduce_pass(world, [*sums.values(), *squares.values()], stats)
-    for key, acc in {**sums, **squares}.items():
-        if not torch.isfinite(acc).all():
+            reduce_pass(world, [*acc.sums.values(), *acc.squares.values()], stats)
+    for key, value in {**acc.sums, **acc.squares}.items():
+        if not torch.isfinite(value).all():
             raise PieceError(f"gradients of '{key}' overflowed to inf/nan; try --dtype float32")
-    return sums, squares, stats
+    return acc.sums, acc.squares, stats
+
+
+@dataclass
+class _Accumulators:
+    """The fp32 sums (sum_b g_b, sum_b g_b^2) of one pass, per eligible tensor; gradients are folded
+    in as backward produces them."""
+
+    sums: dict[str, torch.Tensor]
+    squares: dict[str, torch.Tensor]
+    device: torch.device
+
+    @classmethod
+    def for_params(cls, params, device, keep_sum: bool, keep_squares: bool, sharded: bool) -> _Accumulators:
+        def zeros(p: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(p.to_local().shape if sharded else p.shape, dtype=torch.float32, device=device)
+
+        sums = {key: zeros(p) for key, p in params.items()} if keep_sum else {}
+        squares = {key: zeros(p) for key, p in params.items()} if keep_squares else {}
+        return cls(sums, squares, device)
+
+    def add(self, key: str, grad: torch.Tensor) -> None:
+        g = grad.to(device=self.device, dtype=torch.float32, non_blocking=True)
+        if key in self.sums:
+            self.sums[key].add_(g)
+        if key in self.squares:
+            self.squares[key].addcmul_(g, g)
+
+    def fold(self, key: str) -> Callable[[torch.Tensor], None]:
+        """A post-accumulate-grad hook: the gradient joins the sums, then is dropped."""
+
+        def hook(param: torch.Tensor) -> None:
+            self.add(key, param.grad)
+            param.grad = None
+
+        return hook
+
+    def take_shards(self, params: dict[str, torch.nn.Parameter]) -> None:
+        for key, p in params.items():
+            if p.grad is not None:  # None: no path from this loss (a projector, text data)
+                self.add(key, p.grad.to_local())
+            p.grad = None
+
+
+def _checked_loss(loss: torch.Tensor, stats: PassStats, dataset: Dataset) -> float:
+    """The micro-batch's loss as a number; PieceError if it is not finite or reaches no eligible
+    tensor."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise PieceError(
+            f"the loss is {value} on micro-batch {stats.batches + 1}: bad data or a broken model "
+            "(try --dtype float32)"
+        )
+    if not loss.requires_grad:  # every eligible tensor is off this data's path
+        raise PieceError(
+            f"no eligible tensor gets a gradient from '{dataset.name}' (e.g. only a vision tower is "
+            "eligible and the data is text): choose other --include patterns"
+        )
+    return value
 
 
 def reduce_pass(world: World, accumulators: list[torch.Tensor], stats: PassStats) -> None:

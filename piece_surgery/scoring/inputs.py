@@ -21,8 +21,8 @@ from piece_surgery.models.pairing import parameter_keys
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.records import AvoidRecord
 from piece_surgery.scoring.methods import method_named
-from piece_surgery.scoring.options import ScoreOptions
-from piece_surgery.scoring.retain import GENERAL, SELF, Avoided, ScoringInputs, general_text
+from piece_surgery.scoring.options import GENERAL, SELF, ScoreOptions
+from piece_surgery.scoring.retain import Avoided, ScoringInputs, general_text
 
 
 def avoided_entries(ref: str, checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], AvoidRecord]:
@@ -47,9 +47,6 @@ def avoided_entries(ref: str, checkpoint: Checkpoint) -> tuple[dict[str, torch.T
     return dict(entries), AvoidRecord(artifact.source.name, artifact.kind, count)
 
 
-RETAIN_OPTIONS = ("retain_labels", "retain_damping", "self_samples", "self_length")
-
-
 def check_data(method: str, data: Path | None) -> None:
     """Data is given exactly when the method reads some."""
     chosen = method_named(method)
@@ -57,28 +54,6 @@ def check_data(method: str, data: Path | None) -> None:
         raise PieceError(f"--data is required for method {method}")
     if not chosen.needs_data and data is not None:
         raise PieceError(f"method {method} reads no data; leave out --data")
-
-
-def check_retain(method: str, retain: Sequence[str | Path], given: Sequence[str] = ()) -> None:
-    """Retain text and its options (`given`: the ScoreOptions fields the user set) only for a
-    method that uses them, and the self-text options only with self text."""
-    retain_given = [name for name in RETAIN_OPTIONS if name in given]
-    if (retain or retain_given) and not method_named(method).uses_retain:
-        what = f"--{retain_given[0].replace('_', '-')}" if retain_given else "--retain"
-        raise PieceError(f"{what} is for --method piece-r (got {method}); leave it out")
-    if {"self_samples", "self_length"} & set(given) and SELF not in map(str, retain):
-        raise PieceError("--self-samples and --self-length are for --retain self: add --retain self")
-
-
-# piece-r without --retain keeps the shipped general-text set: on every domain of
-# benchmarks/multidomain.py it drifted less than the model's own text at equal gain, on Wikipedia and
-# on the model's own chat answers alike (docs/evidence.md, "Seven domains")
-DEFAULT_RETAIN = GENERAL
-
-
-def retain_sources(method: str, retain: Sequence[str | Path]) -> list[str | Path]:
-    """The retain sets a recipe scores with: piece-r without any keeps DEFAULT_RETAIN."""
-    return [DEFAULT_RETAIN] if method_named(method).uses_retain and not retain else list(retain)
 
 
 def check_selectable(checkpoint: Checkpoint, options: ScoreOptions, avoid: Avoided) -> None:

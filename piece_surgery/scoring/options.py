@@ -4,6 +4,7 @@ its retain Fisher; checked when made, with the help text the CLI shows on each f
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -32,46 +33,104 @@ def check_normalization(how: str) -> None:
 # piece-r drifted far less than PIECE-S for the same domain gain, and delta = the 1st percentile of
 # F_retain less than the 10th (docs/evidence.md)
 DEFAULT_RETAIN_DAMPING = 0.01
+SELF = "self"  # --retain self: text sampled from the model itself
+GENERAL = "general"  # --retain general: the general-text set shipped with the package
+NAMED_SETS = (SELF, GENERAL)  # retain sources named by a word, not a path
+# piece-r without --retain keeps the shipped general-text set: on every domain of
+# benchmarks/multidomain.py it drifted less than the model's own text at equal gain, on Wikipedia and
+# on the model's own chat answers alike (docs/evidence.md, "Seven domains")
+DEFAULT_RETAIN = GENERAL
+# piece-r's own options: None in a record means not given (the default applies, and another method
+# may leave them out)
+RETAIN_DEFAULTS = {"retain_labels": "empirical", "retain_damping": DEFAULT_RETAIN_DAMPING}
+SELF_DEFAULTS = {"self_samples": 64, "self_length": 128}
 
 
 @dataclass
 class ScoreOptions(JsonRecord):
-    """How to score; checked when made, so mistakes fail in milliseconds, before any loading."""
+    """How to score; checked when made (every rule between its fields included), so mistakes fail in
+    milliseconds, before any loading. The CLI's flags are its fields (cli/options.py)."""
 
-    method: str = field(default=DEFAULT_METHOD, metadata={"help": ", ".join(METHODS) + "."})
-    density: float = field(default=0.001, metadata={"help": "Fraction of eligible entries to select."})
+    method: str = field(
+        default=DEFAULT_METHOD, metadata={"help": ", ".join(METHODS) + ".", "metavar": "METHOD"}
+    )
+    density: float = field(
+        default=0.001, metadata={"help": "Fraction of eligible entries to select.", "metavar": "FRACTION"}
+    )
     batch_size: int = field(
         default=1, metadata={"help": "Micro-batch size: one gradient g_b per micro-batch."}
     )
-    include: list[str] = field(default_factory=list, metadata={"help": "Regex on tensor names; repeatable."})
+    include: list[str] = field(
+        default_factory=list, metadata={"help": "Regex on tensor names; repeatable.", "metavar": "REGEX"}
+    )
     exclude: list[str] = field(
         default_factory=lambda: list(DEFAULT_EXCLUDE),
-        metadata={"help": "Regex: matching tensors are not eligible; repeatable. [default: embed]"},
+        metadata={
+            "help": "Regex: matching tensors are not eligible; repeatable. [default: embed]",
+            "metavar": "REGEX",
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed (random method, self text, sampled labels)."})
     offload_accumulators: bool = field(
-        default=False, metadata={"help": "Keep the fp32 sums in host memory (large models on GPU)."}
+        default=False,
+        metadata={"help": "Keep the fp32 sums in host memory (large models on GPU).", "flag": True},
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Trade compute for activation memory."}
+        default=False, metadata={"help": "Trade compute for activation memory.", "flag": True}
     )
     normalize: str = field(
         default="none",
-        metadata={"help": "none, or tensor: scores divided by each tensor's mean before the top-k."},
+        metadata={
+            "help": "none, or tensor: scores divided by each tensor's mean before the top-k.",
+            "metavar": "none|tensor",
+        },
     )
-    # piece-r: how the retain Fisher is taken and damped, and what `--retain self` samples
-    retain_labels: str = field(
-        default="empirical",
-        metadata={"help": "piece-r: empirical (the text's tokens) or sampled (drawn from the model)."},
+    # piece-r: the text whose behaviour to keep (file paths: never recorded, a mask names its
+    # sources by name and sha256), how its Fisher is taken and damped, what `--retain self` writes
+    # None: not decided yet (the library's recipes add theirs with `with_retain`)
+    retain: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "piece-r: text whose behaviour to keep: a data file, general (the shipped set) or "
+            "self; repeatable. [default: general]",
+            "metavar": "FILE|self|general",
+            "transient": True,
+        },
     )
-    retain_damping: float = field(
-        default=DEFAULT_RETAIN_DAMPING, metadata={"help": "piece-r: delta = this quantile of F_retain."}
+    retain_labels: str | None = field(
+        default=None,
+        metadata={
+            "help": "piece-r: empirical (the text's tokens) or sampled (drawn from the model). "
+            "[default: empirical]",
+            "metavar": "empirical|sampled",
+        },
     )
-    self_samples: int = field(default=64, metadata={"help": "--retain self: texts to write."})
-    self_length: int = field(default=128, metadata={"help": "--retain self: tokens per text."})
+    retain_damping: float | None = field(
+        default=None,
+        metadata={
+            "help": "piece-r: delta = this quantile of F_retain. [default: 0.01]",
+            "metavar": "QUANTILE",
+        },
+    )
+    self_samples: int | None = field(
+        default=None, metadata={"help": "--retain self: texts to write. [default: 64]"}
+    )
+    self_length: int | None = field(
+        default=None, metadata={"help": "--retain self: tokens per text. [default: 128]", "metavar": "TOKENS"}
+    )
+    # the fields the maker gave (the others took their defaults): kept through dataclasses.replace
+    given: frozenset[str] | None = field(default=None, metadata={"transient": True, "cli": False})
 
     def __post_init__(self) -> None:
-        method_named(self.method)
+        if self.given is None:
+            defaults = {**RETAIN_DEFAULTS, **SELF_DEFAULTS}
+            self.given = frozenset(n for n in defaults if getattr(self, n) is not None)
+            self.given |= {"retain"} if self.retain else set()
+        self.retain = None if self.retain is None else [str(r) for r in self.retain]
+        for name, value in {**RETAIN_DEFAULTS, **SELF_DEFAULTS}.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        method = method_named(self.method)
         check_seed(self.seed)
         check_normalization(self.normalize)
         check_density(self.density)
@@ -87,3 +146,34 @@ class ScoreOptions(JsonRecord):
                 re.compile(pattern)
             except re.error as exc:
                 raise PieceError(f"pattern '{pattern}' is not a valid regex: {exc}") from exc
+        self._check_retain(method.uses_retain)
+
+    def _check_retain(self, uses_retain: bool) -> None:
+        """Retain text and its options only for a method that uses them, the self-text options only
+        with self text, and each retain source named once."""
+        retain_given = [n for n in ("retain", *RETAIN_DEFAULTS, *SELF_DEFAULTS) if n in self.given]
+        if retain_given and not uses_retain:
+            flag = retain_given[0].replace("_", "-")
+            raise PieceError(f"--{flag} is for --method piece-r (got {self.method}); leave it out")
+        if set(SELF_DEFAULTS) & self.given and self.retain is not None and SELF not in self.retain:
+            raise PieceError("--self-samples and --self-length are for --retain self: add --retain self")
+
+    @classmethod
+    def from_json(cls, data):
+        """Recorded options (a mask's): their values are what the run used, defaults included, not
+        what a user gave."""
+        return None if data is None else cls(**cls.json_values(data), given=frozenset())
+
+    def with_retain(self, sources) -> ScoreOptions:
+        """These options with `sources` (paths, general, self) added to their retain sets, which are
+        then decided (the rules between the fields checked again)."""
+        sources = [*(self.retain or []), *map(str, sources)]
+        return dataclasses.replace(
+            self, retain=sources, given=self.given | ({"retain"} if sources else set())
+        )
+
+    @property
+    def retain_sources(self) -> list[str]:
+        """The retain sets scoring reads: piece-r without any keeps DEFAULT_RETAIN."""
+        retain = self.retain or []
+        return [DEFAULT_RETAIN] if method_named(self.method).uses_retain and not retain else retain

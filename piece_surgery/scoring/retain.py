@@ -13,10 +13,7 @@ from piece_surgery.data.dataset import Dataset, Example
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.progress import library_logs_silenced, working
 from piece_surgery.runtime.records import AvoidRecord
-
-SELF = "self"  # --retain self: text sampled from the model itself
-GENERAL = "general"  # --retain general: the general-text set shipped with the package
-NAMED_SETS = (SELF, GENERAL)  # retain sources named by a word, not a path
+from piece_surgery.scoring.options import GENERAL, NAMED_SETS, SELF  # noqa: F401 - the names of the sets
 
 
 def general_text() -> Path:

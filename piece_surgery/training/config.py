@@ -40,6 +40,17 @@ def _help(text: str, **more) -> dict:
     return {"help": text, **more}
 
 
+def parse_betas(text: str) -> tuple[float, float]:
+    """--betas as the command line gives them: two numbers, e.g. "0.9,0.95"."""
+    try:
+        parts = tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 2:
+        raise PieceError(f"--betas '{text}' must be two numbers, e.g. 0.9,0.95")
+    return parts
+
+
 @dataclass
 class TrainConfig(JsonRecord):
     """Hyperparameters of a sparse run; checked when made. A delta records them
@@ -53,10 +64,21 @@ class TrainConfig(JsonRecord):
     max_steps: int | None = field(default=None, metadata=_help("Stop after this many optimizer steps."))
     batch_size: int = field(default=4, metadata=_help("Examples per micro-batch."))
     grad_accum: int = field(default=1, metadata=_help("Micro-batches per optimizer step."))
-    schedule: str = field(default="constant", metadata=_help("constant, linear or cosine."))
+    schedule: str = field(
+        default="constant", metadata=_help("constant, linear or cosine.", metavar="constant|linear|cosine")
+    )
     warmup_steps: int = field(default=0, metadata=_help("Linear warm-up steps."))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
-    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata=_help("AdamW betas, e.g. 0.9,0.95."))
+    betas: tuple[float, float] = field(
+        default=(0.9, 0.95),
+        metadata=_help(
+            "AdamW betas, e.g. 0.9,0.95.",
+            metavar="B1,B2",
+            cli_type=str,
+            parse=parse_betas,
+            cli_default="0.9,0.95",
+        ),
+    )
     clip: float = field(default=1.0, metadata=_help("Gradient-norm clip (0: off)."))
     eval_every: int | None = field(
         default=None,
@@ -67,7 +89,7 @@ class TrainConfig(JsonRecord):
     save_every: int | None = field(default=None, metadata=_help("Save a resumable state every N steps."))
     seed: int = field(default=0, metadata=_help("Data order (and the random method)."))
     gradient_checkpointing: bool = field(
-        default=False, metadata=_help("Trade compute for activation memory.")
+        default=False, metadata=_help("Trade compute for activation memory.", flag=True)
     )
     # norm gains scale whole channels, so they may want a smaller step than matrix entries
     norm_lr_scale: float = field(
@@ -83,12 +105,14 @@ class TrainConfig(JsonRecord):
             "within it."
         ),
     )
-    budget_on: str = field(
-        default="measured",
+    # None: not given (read as "measured"); given without a budget, an error
+    budget_on: str | None = field(
+        default=None,
         metadata=_help(
             "What --drift-budget reads: measured (KL on --eval-general, default the shipped general "
             "set, every --eval-every steps, default a tenth of the run, and at the last) or predicted "
-            "(1/2 sum F d^2 from a piece-r mask's retain Fisher, every step). [default: measured]"
+            "(1/2 sum F d^2 from a piece-r mask's retain Fisher, every step). [default: measured]",
+            metavar="predicted|measured",
         ),
     )
     # None: DEFAULT_RETAIN_WEIGHT with a mask that carries the Fisher, else 0 (see for_mask);
@@ -100,6 +124,9 @@ class TrainConfig(JsonRecord):
             "[default: 100 with a mask that carries the retain Fisher (piece-r), else 0]"
         ),
     )
+
+    # the fields the maker gave (budget_on: its default is not a choice); kept by dataclasses.replace
+    given: frozenset[str] | None = field(default=None, metadata={"transient": True, "cli": False})
 
     def for_mask(self, method: str | None, carries_fisher: bool) -> TrainConfig:
         """This config, with the defaults of a mask scored with `method` for what was not given:
@@ -131,6 +158,13 @@ class TrainConfig(JsonRecord):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):  # also refuses nan
                 raise PieceError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if self.given is None:  # made now (dataclasses.replace keeps what the maker gave)
+            self.given = frozenset({"budget_on"} if self.budget_on is not None else ())
+        if "budget_on" in self.given and self.drift_budget is None:
+            raise PieceError(
+                "--budget-on says what --drift-budget stops on; give --drift-budget too, or leave it out"
+            )
+        self.budget_on = self.budget_on or "measured"
         if self.budget_on not in ("predicted", "measured"):
             raise PieceError(f"unknown --budget-on '{self.budget_on}'; use predicted or measured")
         if self.drift_budget is not None and not (self.drift_budget > 0 and math.isfinite(self.drift_budget)):
@@ -141,6 +175,28 @@ class TrainConfig(JsonRecord):
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise PieceError("--betas must be two numbers in [0, 1), e.g. 0.9,0.95")
+
+    @classmethod
+    def from_json(cls, data):
+        """A recorded config (a delta's hyperparameters, a resumable state): its values are what the
+        run used, defaults included, not what a user gave."""
+        return None if data is None else cls(**cls.json_values(data), given=frozenset())
+
+    @property
+    def needs_fisher(self) -> bool:
+        """The run reads the retain Fisher a piece-r mask carries: a budget on the predicted drift,
+        or the retain penalty."""
+        return bool((self.drift_budget and self.budget_on == "predicted") or self.retain_weight)
+
+    def check_fisher(self, available: bool, method: str | None = None) -> None:
+        """PieceError when the run needs the retain Fisher (needs_fisher) and the mask will not carry
+        it (`method`: how the mask is scored, if known)."""
+        if self.needs_fisher and not available:
+            how = f"; --method {method} has none" if method else ": score with --method piece-r --retain ..."
+            raise PieceError(
+                "--budget-on predicted and --retain-weight need a mask that carries the retain Fisher "
+                f"(--method piece-r){how}"
+            )
 
     def resume_key(self) -> dict:
         """The settings a resumed run must share with the interrupted one (where it stops, and how

@@ -45,6 +45,22 @@ class TrainResult:
     # why no entry changed although the values had gradients (updates below the dtype's resolution)
     unchanged_reason: str | None = None
 
+    def summary(self) -> dict:
+        """The run's figures, as every report reads them: `train --json`, the delta's provenance and
+        the lines the command prints."""
+        return {
+            "steps": self.steps,
+            "resumed_from": self.resumed_from,
+            "first_train_loss": self.history[0]["loss"] if self.history else None,
+            "final_train_loss": self.train_loss,
+            "final_eval_loss": self.eval_loss,
+            "predicted_drift": self.predicted_drift,
+            "measured_drift": self.measured_drift,
+            "stopped_by_drift_budget": self.stopped_by_drift_budget,
+            "drift_budget_passed": self.drift_budget_passed,
+            "unchanged_reason": self.unchanged_reason,
+        }
+
 
 @register_error
 class TrainingDiverged(PieceError):
@@ -136,7 +152,6 @@ def train_sparse(
     """
     _check_inputs(dataset, config, fisher, general_dataset)
     sparse = SparseParameters(params, indices, world)
-    drift = DriftEstimate(sparse, fisher) if fisher is not None else None
     optimizer = _adamw(sparse, config)
     ranks = world.size if world is not None else 1
     total = total_steps(len(dataset.examples), config, ranks)
@@ -145,77 +160,146 @@ def train_sparse(
         state_dir, sparse, optimizer, resume_key, resume, total, config.seed, world
     )
     _prepare_model(model, sparse, config, sparse_linear)
-    main = world is None or world.is_main
-    train_loss = history[-1]["loss"] if history else None
-    measures = _Measures(model, sparse, config, pad_id, eval_dataset, general_dataset, world)
-    budget = _Budget(config, sparse, history, kept)
-    last_saved = start if resume else None
-    forward = None
+    loop = _Loop(
+        sparse,
+        optimizer,
+        config,
+        dataset,
+        pad_id,
+        world,
+        _Measures(model, sparse, config, pad_id, eval_dataset, general_dataset, world),
+        _Budget(config, sparse, history, kept),
+        DriftEstimate(sparse, fisher) if fisher is not None else None,
+        state_dir,
+        resume_key,
+        history,
+        last_saved=start if resume else None,
+    )
     try:
-        if history and budget.passed(
-            budget.resumed_record(history, drift), _saved_state(last_saved, state_dir)
-        ):
-            # a state saved past the budget (interrupted before it stopped): keep what it would have
-            history = budget.roll_back(history, measures)
-            train_loss = history[-1]["loss"]
-            total = start
-        forward = _MicroBatchLoss(model, sparse, world)
+        total = loop.resume_within_budget(start, total)
+        loop.forward = _MicroBatchLoss(model, sparse, world)
         # before the first step: every value on the autograd path, or one line that says why not
-        sparse.probe(lambda: forward.loss_sum(_probe_batch(dataset, pad_id, forward.device), fallback=False))
+        sparse.probe(
+            lambda: loop.forward.loss_sum(_probe_batch(dataset, pad_id, loop.forward.device), fallback=False)
+        )
         for step in range(start, total):
-            sparse.check_attached()
-            sparse.write()
-            train_loss = _step_gradients(forward, dataset, step, config, pad_id)
-            if not math.isfinite(train_loss):
-                raise TrainingDiverged(
-                    f"the loss became {train_loss} at step {step + 1}: lower --lr or check the data"
-                    + _last_good(last_saved, state_dir)
-                )
-            factor = lr_factor(step, total, config)
-            grad_norm = _optimizer_step(sparse, optimizer, config, factor, drift)
-            _check_finite_values(sparse, step, last_saved, state_dir)
-            record = {"step": step + 1, "loss": train_loss, "lr": config.lr * factor, "grad_norm": grad_norm}
-            if drift is not None:
-                record["predicted_drift"] = drift.value()
-            if config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == total):
-                measures.take(record)  # the last step too: a budget must see the values it writes
-            history.append(record)
+            record = loop.step(step, total)
             if progress:
                 progress(1, record)
-            if state_dir is not None and config.save_every and (step + 1) % config.save_every == 0:
-                rng = world.gather(torch.get_rng_state()) if world is not None else [torch.get_rng_state()]
-                if main:
-                    save_state(
-                        state_dir, sparse, optimizer, step + 1, history, resume_key, rng, budget.saved()
-                    )
-                last_saved = step + 1
-            if budget.passed(record, _saved_state(last_saved, state_dir)):
-                history = budget.roll_back(history, measures)
-                train_loss = history[-1]["loss"]
+            loop.save_if_due(step + 1)
+            if loop.stop_if_past_budget(record):
                 break
         sparse.write()
-        measures.finish(history)
-        unchanged = _why_unchanged(sparse, history[start:] if not budget.passed_at else [])
+        loop.measures.finish(loop.history)
+        unchanged = _why_unchanged(sparse, loop.history[start:] if not loop.budget.passed_at else [])
     finally:
-        if forward is not None:
-            forward.close()
+        if loop.forward is not None:
+            loop.forward.close()
         sparse.detach()
         for p in model.parameters():
             p.grad = None
-    return TrainResult(
-        values={n: v.detach().cpu() for n, v in sparse.values.items()},
-        steps=history[-1]["step"] if budget.passed_at else max(total, start),
-        train_loss=train_loss,
-        eval_loss=measures.eval_loss,
-        history=history,
-        resumed_from=start if resume else None,
-        optimizer_state=_optimizer_state_sizes(optimizer),
-        predicted_drift=drift.value() if drift is not None else None,
-        measured_drift=measures.drift,
-        stopped_by_drift_budget=budget.passed_at is not None,
-        drift_budget_passed=budget.passed_at,
-        unchanged_reason=unchanged,
-    )
+    return loop.result(start, total, resumed=resume, unchanged=unchanged)
+
+
+@dataclass
+class _Loop:
+    """One run of train_sparse: what every step reads and updates."""
+
+    sparse: SparseParameters
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    dataset: Dataset
+    pad_id: int
+    world: World | None
+    measures: _Measures
+    budget: _Budget
+    drift: DriftEstimate | None
+    state_dir: Path | None
+    resume_key: dict
+    history: list[dict]
+    last_saved: int | None = None
+    forward: _MicroBatchLoss | None = None
+
+    @property
+    def train_loss(self) -> float | None:
+        return self.history[-1]["loss"] if self.history else None
+
+    def resume_within_budget(self, start: int, total: int) -> int:
+        """The last step to run: `total`, or, for a state saved past the budget (interrupted before
+        it stopped), the step it resumes at, with what the uninterrupted run would have kept."""
+        if self.history and self.budget.passed(
+            self.budget.resumed_record(self.history, self.drift),
+            _saved_state(self.last_saved, self.state_dir),
+        ):
+            self.history = self.budget.roll_back(self.history, self.measures)
+            return start
+        return total
+
+    def step(self, step: int, total: int) -> dict:
+        """One optimizer step (0-based `step` of `total`): its record (loss, lr, gradient norm,
+        drifts and held-out loss when measured), added to the history."""
+        self.sparse.check_attached()
+        self.sparse.write()
+        loss = _step_gradients(self.forward, self.dataset, step, self.config, self.pad_id)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"the loss became {loss} at step {step + 1}: lower --lr or check the data"
+                + _last_good(self.last_saved, self.state_dir)
+            )
+        factor = lr_factor(step, total, self.config)
+        grad_norm = _optimizer_step(self.sparse, self.optimizer, self.config, factor, self.drift)
+        _check_finite_values(self.sparse, step, self.last_saved, self.state_dir)
+        record = {"step": step + 1, "loss": loss, "lr": self.config.lr * factor, "grad_norm": grad_norm}
+        if self.drift is not None:
+            record["predicted_drift"] = self.drift.value()
+        every = self.config.eval_every
+        if every and ((step + 1) % every == 0 or step + 1 == total):
+            self.measures.take(record)  # the last step too: a budget must see the values it writes
+        self.history.append(record)
+        return record
+
+    def save_if_due(self, steps_done: int) -> None:
+        """Write the resumable state every --save-every steps (rank 0; every rank's RNG state)."""
+        if self.state_dir is None or not self.config.save_every or steps_done % self.config.save_every:
+            return
+        rng = self.world.gather(torch.get_rng_state()) if self.world is not None else [torch.get_rng_state()]
+        if self.world is None or self.world.is_main:
+            save_state(
+                self.state_dir,
+                self.sparse,
+                self.optimizer,
+                steps_done,
+                self.history,
+                self.resume_key,
+                rng,
+                self.budget.saved(),
+            )
+        self.last_saved = steps_done
+
+    def stop_if_past_budget(self, record: dict) -> bool:
+        """Whether the step passed --drift-budget (then the values of the last step within it are
+        put back and the history ends there)."""
+        if not self.budget.passed(record, _saved_state(self.last_saved, self.state_dir)):
+            return False
+        self.history = self.budget.roll_back(self.history, self.measures)
+        return True
+
+    def result(self, start: int, total: int, *, resumed: bool, unchanged: str | None) -> TrainResult:
+        passed = self.budget.passed_at
+        return TrainResult(
+            values={n: v.detach().cpu() for n, v in self.sparse.values.items()},
+            steps=self.history[-1]["step"] if passed else max(total, start),
+            train_loss=self.train_loss,
+            eval_loss=self.measures.eval_loss,
+            history=self.history,
+            resumed_from=start if resumed else None,
+            optimizer_state=_optimizer_state_sizes(self.optimizer),
+            predicted_drift=self.drift.value() if self.drift is not None else None,
+            measured_drift=self.measures.drift,
+            stopped_by_drift_budget=passed is not None,
+            drift_budget_passed=passed,
+            unchanged_reason=unchanged,
+        )
 
 
 def _why_unchanged(sparse: SparseParameters, records: list[dict]) -> str | None:
@@ -258,12 +342,7 @@ def _check_inputs(dataset: Dataset, config: TrainConfig, fisher, general: Datase
             "a drift budget on the measured drift needs general text to measure it on and a period: "
             "give --eval-general and --eval-every (TrainConfig.eval_every), or --budget-on predicted"
         )
-    predicted_budget = config.drift_budget and config.budget_on == "predicted"
-    if (predicted_budget or config.retain_weight) and fisher is None:
-        raise PieceError(
-            "--budget-on predicted and --retain-weight need a mask that carries the retain Fisher: "
-            "score with --method piece-r --retain ..."
-        )
+    config.check_fisher(fisher is not None)
 
 
 def _starting_point(
