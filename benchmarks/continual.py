@@ -34,14 +34,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import require_extras, smollm2_folder, stdlib_code_lines, wiki_records, write_jsonl  # noqa: E402
 
-from piece_surgery.data.dataset import Dataset, collate  # noqa: E402
-from piece_surgery.evaluation.loss import batch_logits, mean_token_loss  # noqa: E402
+from piece_surgery.data.batches import collate
+from piece_surgery.data.examples import Dataset
+from piece_surgery.evaluation.forward import batch_logits
+from piece_surgery.evaluation.loss import mean_token_loss
 from piece_surgery.models.checkpoint import Checkpoint, LoadedModel, open_checkpoint
 from piece_surgery.models.pairing import parameter_keys
 from piece_surgery.recipes.score import ScoreOptions
 from piece_surgery.scoring.retain import Avoided, sample_self  # noqa: E402
 from piece_surgery.scoring.selection import score_model
-from piece_surgery.training.loop import TrainConfig, step_examples, train_sparse  # noqa: E402
+from piece_surgery.training.config import TrainConfig
+from piece_surgery.training.loop import train_sparse
+from piece_surgery.training.schedule import step_examples
 
 
 @dataclass

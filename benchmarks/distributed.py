@@ -48,13 +48,15 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from piece_surgery.data.dataset import collate
-    from piece_surgery.evaluation.loss import batch_logits, mean_token_loss
+    from piece_surgery.data.batches import collate
+    from piece_surgery.evaluation.forward import batch_logits
+    from piece_surgery.evaluation.loss import mean_token_loss
     from piece_surgery.formats.mask import load_mask
     from piece_surgery.models.checkpoint import open_checkpoint
     from piece_surgery.runtime import distributed
     from piece_surgery.training import loop as trainer_module
-    from piece_surgery.training.loop import TrainConfig, train_sparse
+    from piece_surgery.training.config import TrainConfig
+    from piece_surgery.training.loop import train_sparse
 
     world = distributed.start("cpu")
     checkpoint = open_checkpoint(str(args.model))
@@ -137,7 +139,8 @@ def single_process(folder: Path, data: Path, mask: Path, args) -> dict:
 
     from piece_surgery.formats.mask import load_mask
     from piece_surgery.models.checkpoint import open_checkpoint
-    from piece_surgery.training.loop import TrainConfig, train_sparse
+    from piece_surgery.training.config import TrainConfig
+    from piece_surgery.training.loop import train_sparse
 
     torch.set_num_threads(os.cpu_count() or 2)
     checkpoint = open_checkpoint(str(folder))

@@ -39,7 +39,7 @@ def _setup(folder: Path, data: Path, max_length: int):
 
 
 def _batches(dataset, batch_size: int, steps: int):
-    from piece_surgery.data.dataset import collate
+    from piece_surgery.data.batches import collate
 
     n = len(dataset.examples)
     for step in range(steps):
@@ -57,7 +57,8 @@ def _timed_steps(step_fn, batches) -> dict:
 
 
 def _loss(model, batch):
-    from piece_surgery.evaluation.loss import batch_logits, mean_token_loss
+    from piece_surgery.evaluation.forward import batch_logits
+    from piece_surgery.evaluation.loss import mean_token_loss
 
     logits = batch_logits(model, batch)
     return mean_token_loss(logits, batch["labels"])[0]
@@ -105,7 +106,8 @@ def lora(folder, data, steps, batch_size, max_length, rank, modules) -> dict:
 def sparse(folder, data, steps, batch_size, max_length, mask_path) -> dict:
     """piece-surgery's trainer on a 0.1% mask scored beforehand (as `score` then `train --mask`)."""
     from piece_surgery.formats.mask import load_mask
-    from piece_surgery.training.loop import TrainConfig, train_sparse
+    from piece_surgery.training.config import TrainConfig
+    from piece_surgery.training.loop import train_sparse
 
     dataset, model, loaded = _setup(folder, data, max_length)
     mask = load_mask(mask_path)

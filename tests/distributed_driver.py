@@ -2,7 +2,8 @@
 variables, then run as usual.
 
 PIECE_TEST_COMM_LOG=FILE  rank 0 appends the bytes of each gradient bucket DDP all-reduces
-PIECE_TEST_NAN_RANK=R     on rank R, the loss is NaN from the 3rd micro-batch on
+PIECE_TEST_NAN_RANK=R     on rank R, the loss is NaN from the 2nd micro-batch of training on (the
+                          probe before the first step is the first loss)
 PIECE_TEST_STOP_AT=S      every rank stops (Ctrl-C) once the state of step S is saved (with
 PIECE_TEST_SAVE_EVERY, the run's --save-every)
 """
@@ -16,11 +17,12 @@ def instrument() -> None:
     import torch
 
     import piece_surgery.training.loop as trainer
+    import piece_surgery.training.steps as steps
 
     rank = int(os.environ.get("RANK", "0"))
     if os.environ.get("PIECE_TEST_COMM_LOG") and rank == 0:
         log = os.environ["PIECE_TEST_COMM_LOG"]
-        real = trainer._MicroBatchLoss.__init__
+        real = steps.MicroBatchLoss.__init__
 
         def with_hook(self, *args, **kwargs):
             real(self, *args, **kwargs)
@@ -37,9 +39,9 @@ def instrument() -> None:
 
                 self.ddp.register_comm_hook(None, counting)
 
-        trainer._MicroBatchLoss.__init__ = with_hook
+        steps.MicroBatchLoss.__init__ = with_hook
     if os.environ.get("PIECE_TEST_NAN_RANK") == str(rank):
-        real_loss = trainer.token_loss_sum
+        real_loss = steps.token_loss_sum
         calls = [0]
 
         def nan_loss(logits, labels):
@@ -47,7 +49,7 @@ def instrument() -> None:
             loss, count = real_loss(logits, labels)
             return (loss * float("nan") if calls[0] >= 3 else loss), count
 
-        trainer.token_loss_sum = nan_loss
+        steps.token_loss_sum = nan_loss
     if os.environ.get("PIECE_TEST_STOP_AT"):
         stop_at, every = int(os.environ["PIECE_TEST_STOP_AT"]), int(os.environ["PIECE_TEST_SAVE_EVERY"])
         real_save, real_gather = trainer.save_state, trainer.World.gather

@@ -1,6 +1,9 @@
 import pytest
 
-from piece_surgery.data.dataset import IGNORE, collate, load_dataset, tokenize_record
+from piece_surgery.data.batches import collate
+from piece_surgery.data.dataset import load_dataset
+from piece_surgery.data.examples import IGNORE
+from piece_surgery.data.tokenize import tokenize_record
 from piece_surgery.models.tiny import tiny_tokenizer
 from piece_surgery.runtime.errors import PieceError
 
@@ -55,7 +58,7 @@ def test_txt_is_one_example_per_nonempty_line(tmp_path, tok):
 
 
 def test_collate_pads_without_loss():
-    from piece_surgery.data.dataset import Example
+    from piece_surgery.data.examples import Example
 
     batch = collate([Example([5, 6, 7], [5, 6, 7]), Example([8], [8])], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]

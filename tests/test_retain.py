@@ -300,7 +300,7 @@ def test_drift_budget_stops_training(tiny, code_data, general_data, tmp_path, cl
 
 
 def test_retain_weight_adds_its_gradient_and_drifts_less(tiny, code_data, general_data, tmp_path):
-    from piece_surgery.training.loop import DriftEstimate
+    from piece_surgery.training.budget import DriftEstimate
     from piece_surgery.training.sparse_grad import SparseParameters
 
     params = {"w": torch.nn.Parameter(torch.zeros(4, 3))}
@@ -315,7 +315,7 @@ def test_retain_weight_adds_its_gradient_and_drifts_less(tiny, code_data, genera
     assert drift.value() == pytest.approx(0.5 * (2.0 * 0.01 + 0.5 * 0.04 + 3.0 * 0.09))
 
     from piece_surgery.recipes.train import train_checkpoint
-    from piece_surgery.training.loop import TrainConfig
+    from piece_surgery.training.config import TrainConfig
 
     folder = tiny("llama")
     piece_r_mask(folder, code_data, general_data, tmp_path / "m.safetensors")
@@ -381,7 +381,7 @@ def test_defaults_fill_only_what_was_not_given():
 def test_the_shipped_general_text_is_a_retain_set(tiny, code_data):
     """--retain general reads the set shipped in the package, and the mask records it by name and
     by the file's sha256 (every text of it, none cut by --max-samples)."""
-    from piece_surgery.runtime.records import file_sha256
+    from piece_surgery.runtime.json_files import file_sha256
     from piece_surgery.scoring.retain import general_text
 
     options = ScoreOptions(method="piece-r", density=0.02)

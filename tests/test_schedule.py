@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from piece_surgery.training.loop import TrainConfig, lr_factor, step_examples, steps_per_epoch
+from piece_surgery.training.config import TrainConfig
+from piece_surgery.training.schedule import lr_factor, step_examples, steps_per_epoch
 
 
 def torch_schedule(schedule: str, warmup: int, total: int) -> list[float]:

@@ -13,7 +13,8 @@ from piece_surgery.recipes.apply import apply
 from piece_surgery.recipes.score import score_checkpoint
 from piece_surgery.runtime.options import RunOptions
 from piece_surgery.scoring.options import ScoreOptions
-from piece_surgery.training.loop import TrainConfig, train_sparse
+from piece_surgery.training.config import TrainConfig
+from piece_surgery.training.loop import train_sparse
 
 
 def setup(folder, data, density=0.02, dtype="float32", method="piece-s"):
@@ -219,7 +220,7 @@ def test_empty_data(tiny, tmp_path, cli):
 
 
 def test_nan_loss_stops_and_keeps_last_good_state(tiny, code_data, tmp_path, cli, monkeypatch):
-    import piece_surgery.training.loop as train_module
+    import piece_surgery.training.steps as train_module
 
     calls = {"n": 0}
     real = train_module.token_loss_sum

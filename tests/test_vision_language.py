@@ -177,7 +177,8 @@ def test_chat_content_as_parts_trains_the_assistant_text_only(tmp_path):
     """Content given as a list of text parts (the form vision-language templates read) renders with
     a template that reads parts; the loss covers the assistant's text only (checked against the
     tokens of that text, tokenized apart); a template that would drop the text is an error."""
-    from piece_surgery.data.dataset import IGNORE, tokenize_record
+    from piece_surgery.data.examples import IGNORE
+    from piece_surgery.data.tokenize import tokenize_record
     from piece_surgery.models.tiny import tiny_tokenizer
     from piece_surgery.runtime.errors import PieceError
 
@@ -242,7 +243,7 @@ def test_image_records_train_the_assistant_tokens_only(vlm, image_data, arch):
     """The labels of an image chat are exactly the assistant's text and end of turn, tokenized
     apart (an independent computation); no image token is ever a label; the pixel inputs are the
     processor's own for that image."""
-    from piece_surgery.data.dataset import IGNORE
+    from piece_surgery.data.examples import IGNORE
 
     checkpoint = open_checkpoint(str(vlm(arch)))
     dataset = checkpoint.load_data(image_data, max_length=256)
@@ -262,7 +263,7 @@ def test_image_records_train_the_assistant_tokens_only(vlm, image_data, arch):
 @pytest.mark.parametrize("arch", WITH_PROCESSOR)
 def test_a_micro_batch_of_image_records_is_what_the_processor_batches(vlm, image_data, arch):
     """collate() joins the examples' pixel inputs as the processor does for a batch of chats."""
-    from piece_surgery.data.dataset import collate
+    from piece_surgery.data.batches import collate
 
     checkpoint = open_checkpoint(str(vlm(arch)))
     dataset = checkpoint.load_data(image_data, max_length=256)
@@ -296,7 +297,7 @@ def test_a_micro_batch_of_image_records_is_what_the_processor_batches(vlm, image
 def test_trained_on_images_the_merged_folder_is_the_model_in_memory(vlm, tmp_path, cli, image_data, arch):
     """score -> train on image chats (micro-batches mixing images and text) -> apply: the merged
     folder, loaded by transformers, gives the in-memory model's logits on an image batch, bit for bit."""
-    from piece_surgery.data.dataset import collate
+    from piece_surgery.data.batches import collate
 
     base = vlm(arch)
     mask = tmp_path / "m.safetensors"

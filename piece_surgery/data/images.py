@@ -17,41 +17,9 @@ from pathlib import Path
 
 import torch
 
+from piece_surgery.data.chats import image_paths
+from piece_surgery.data.examples import IGNORE
 from piece_surgery.runtime.errors import PieceError, first_line
-
-IGNORE = -100  # data.IGNORE (data imports this module, not the reverse)
-
-
-def image_paths(messages: list[dict]) -> list[str]:
-    """The `path` of every image part of a chat, in order."""
-    return [
-        part["path"]
-        for message in messages
-        if isinstance(message.get("content"), list)
-        for part in message["content"]
-        if isinstance(part, dict) and part.get("type") == "image"
-    ]
-
-
-def referenced_images(data: Path) -> list[Path]:
-    """The image files a data file's records name (paths joined to the data file's folder), for
-    the overlap check of outputs; a record that cannot be read is left to the data reader."""
-    from piece_surgery.runtime.records import parse_json
-
-    found = []
-    try:
-        lines = data.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return found
-    for line in lines:
-        if '"image"' not in line:
-            continue
-        try:
-            record = parse_json(line, str(data))
-            found += [data.parent / p for p in image_paths(record["messages"]) if isinstance(p, str) and p]
-        except (PieceError, KeyError, TypeError, AttributeError):
-            continue
-    return found
 
 
 def open_image(path: Path):
@@ -211,34 +179,3 @@ def images_digest(data_sha256: str, records: list[tuple[int, object]], data_fold
             hashlib.sha256(file.read_bytes()).hexdigest().encode() if file.is_file() else b"missing"
         )
     return digest.hexdigest()
-
-
-def collate_model_inputs(examples: list, width: int) -> dict[str, torch.Tensor]:
-    """The examples' pixel inputs as one micro-batch's, the way the processors batch them: per-token
-    inputs (shape (1, length)) right-padded with 0 to `width` and stacked; per-sample image stacks
-    (Idefics3 and SmolVLM: pixel_values (1, images, C, H, W), pixel_attention_mask (1, images,
-    H, W)) padded with blank images and stacked; everything else (pixel values per image, grids)
-    concatenated in order. An example without images adds zeros where a row per example is needed."""
-    keys = list(dict.fromkeys(k for e in examples for k in (e.model_inputs or {})))
-    batch = {}
-    for key in keys:
-        present = [(e, e.model_inputs[key]) for e in examples if e.model_inputs and key in e.model_inputs]
-        first_example, sample = present[0]
-        if sample.dim() >= 2 and sample.shape[0] == 1 and sample.shape[1] == len(first_example.input_ids):
-            batch[key] = _rows(examples, key, width, sample)
-        elif sample.dim() == {"pixel_values": 5, "pixel_attention_mask": 4}.get(key):
-            batch[key] = _rows(examples, key, max(v.shape[1] for _, v in present), sample)
-        else:
-            batch[key] = torch.cat([v for _, v in present])
-    return batch
-
-
-def _rows(examples: list, key: str, length: int, sample: torch.Tensor) -> torch.Tensor:
-    """One row per example of input `key`, zero-padded along dim 1 to `length` (zeros for an
-    example without it), stacked."""
-    rows = torch.zeros((len(examples), length, *sample.shape[2:]), dtype=sample.dtype)
-    for row, e in enumerate(examples):
-        value = (e.model_inputs or {}).get(key)
-        if value is not None:
-            rows[row, : value.shape[1]] = value[0]
-    return rows

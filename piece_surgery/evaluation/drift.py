@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from piece_surgery.data.dataset import IGNORE, Dataset, micro_batches
-from piece_surgery.evaluation.loss import batch_logits
+from piece_surgery.data.batches import micro_batches
+from piece_surgery.data.examples import IGNORE, Dataset
+from piece_surgery.evaluation.forward import batch_logits
 
 Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # a collated batch -> logits
 

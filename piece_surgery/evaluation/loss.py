@@ -6,23 +6,10 @@ from collections.abc import Iterator
 
 import torch
 
-from piece_surgery.data.dataset import IGNORE, Dataset, micro_batches
+from piece_surgery.data.batches import micro_batches
+from piece_surgery.data.examples import IGNORE, Dataset
+from piece_surgery.evaluation.forward import batch_logits
 from piece_surgery.runtime.errors import PieceError
-
-
-def batch_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits on a collated batch (with image records' pixel inputs). No key/value
-    cache: nothing here generates, and a cache would hold every layer's keys and values (and
-    conflict with activation checkpointing)."""
-    kwargs = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) else {}
-    for key, value in batch.items():  # an image record's pixel inputs, in the model's float dtype
-        if key not in ("input_ids", "attention_mask", "labels"):
-            kwargs[key] = value.to(_float_dtype(model)) if value.is_floating_point() else value
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
-
-
-def _float_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

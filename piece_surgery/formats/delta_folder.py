@@ -23,6 +23,7 @@ from piece_surgery.formats.delta import (
     FORMAT,
     Delta,
     DeltaInfo,
+    TensorDelta,
     check_finite_change,
     provenance_from_json,
 )
@@ -33,7 +34,8 @@ from piece_surgery.models.layout import save_shard
 from piece_surgery.models.naming import module_kind
 from piece_surgery.runtime.dtypes import dtype_name, numel
 from piece_surgery.runtime.errors import PieceError
-from piece_surgery.runtime.records import CheckpointIdentity, file_sha256, read_json
+from piece_surgery.runtime.json_files import file_sha256, read_json
+from piece_surgery.runtime.records import CheckpointIdentity
 
 FORMATS: dict[int, ModuleType] = {module.VERSION: module for module in (delta_v1, delta_v2)}
 DEFAULT_FORMAT = 1
@@ -79,7 +81,7 @@ def save_delta(
     tensors: dict[str, torch.Tensor] = {}
     extras: dict[str, dict] = {}
     for name, t in sorted(delta.tensors.items()):
-        arrays, extras[name] = version.encode(name, t)
+        arrays, extras[name] = version.encode(name, t.indices, t.base, t.tuned, t.shape, t.digest)
         tensors.update(arrays)
     tensor_bytes = sum(v.numel() * v.element_size() for v in tensors.values())
     with atomic_path(Path(folder), is_dir=True) as tmp:
@@ -175,7 +177,10 @@ def _read_tensors(path: Path, described: dict, where: str, version: ModuleType) 
                 if not all(p in keys for p in parts):
                     arrays = "/".join(p.split("::")[1] for p in parts)
                     raise PieceError(f"{where}: tensor '{name}' lacks its {arrays} arrays")
-                t = version.decode(name, meta, [f.get_tensor(p) for p in parts], where)
+                stored = [f.get_tensor(p) for p in parts]
+                idx, base, tuned, digest = version.decode(name, meta, stored, where)
+                gap_bytes = stored[0].numel() if digest is not None else None
+                t = TensorDelta(idx, base, tuned, tuple(meta["shape"]), digest, gap_bytes)
                 if t.indices.numel() != meta["count"]:
                     raise PieceError(f"{where}: tensor '{name}' has arrays of different lengths")
                 validate_indices(t.indices, numel(t.shape), f"{where}, tensor '{name}'")

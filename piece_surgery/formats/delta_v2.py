@@ -5,10 +5,11 @@ sha256 of the base values in their place. About 3.5 bytes per entry for a bf16 0
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from piece_surgery.formats.codec import decode_indices, encode_indices
-from piece_surgery.formats.delta import TensorDelta
 from piece_surgery.runtime.dtypes import as_bits, bits_dtype, float_dtype
 from piece_surgery.runtime.errors import PieceError
 
@@ -20,13 +21,20 @@ def arrays(name: str) -> list[str]:
     return [f"{name}::gaps", f"{name}::tuned"]
 
 
-def encode(name: str, t: TensorDelta) -> tuple[dict[str, torch.Tensor], dict]:
-    data, encoding = encode_indices(t.indices.numpy())
-    tensors = {f"{name}::gaps": torch.from_numpy(data), f"{name}::tuned": as_bits(t.tuned)}
-    return tensors, {"gaps": encoding, "base_sha256": t.digest()}
+def encode(
+    name: str,
+    indices: torch.Tensor,
+    base: torch.Tensor | None,
+    tuned: torch.Tensor,
+    shape: tuple[int, ...],
+    base_sha256: Callable[[], str],
+) -> tuple[dict[str, torch.Tensor], dict]:
+    data, encoding = encode_indices(indices.numpy())
+    tensors = {f"{name}::gaps": torch.from_numpy(data), f"{name}::tuned": as_bits(tuned)}
+    return tensors, {"gaps": encoding, "base_sha256": base_sha256()}
 
 
-def decode(name: str, meta: dict, stored: list[torch.Tensor], where: str) -> TensorDelta:
+def decode(name: str, meta: dict, stored: list[torch.Tensor], where: str):
     gaps, tuned = stored
     dtype = float_dtype(meta["dtype"])
     bits = bits_dtype(dtype.itemsize)
@@ -38,6 +46,4 @@ def decode(name: str, meta: dict, stored: list[torch.Tensor], where: str) -> Ten
         raise PieceError(f"{where}: tensor '{name}': its index gaps do not decode ({exc})") from exc
     if idx.numel() != tuned.numel():
         raise PieceError(f"{where}: tensor '{name}' has arrays of different lengths")
-    return TensorDelta(
-        idx.to(torch.int64), None, tuned.view(dtype), tuple(meta["shape"]), meta["base_sha256"], gaps.numel()
-    )
+    return idx.to(torch.int64), None, tuned.view(dtype), meta["base_sha256"]

@@ -22,6 +22,7 @@ from piece_surgery.models.naming import breakdown
 from piece_surgery.runtime.distributed import World
 from piece_surgery.runtime.dtypes import index_dtype, numel
 from piece_surgery.runtime.errors import PieceError
+from piece_surgery.runtime.json_files import parse_json
 from piece_surgery.runtime.options import check_density
 from piece_surgery.runtime.records import (
     AvoidRecord,
@@ -29,7 +30,6 @@ from piece_surgery.runtime.records import (
     DataRecord,
     JsonRecord,
     RetainRecord,
-    parse_json,
 )
 from piece_surgery.runtime.version import __version__
 

@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from piece_surgery.io.sniff import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from piece_surgery.runtime.errors import PieceError
-from piece_surgery.runtime.records import read_json
+from piece_surgery.runtime.json_files import read_json
 
 
 @contextmanager

@@ -14,7 +14,7 @@ import torch
 
 from piece_surgery.runtime.dtypes import FLOAT_DTYPES, SAFETENSORS_DTYPES
 from piece_surgery.runtime.errors import PieceError
-from piece_surgery.runtime.records import parse_json
+from piece_surgery.runtime.json_files import parse_json
 
 # A patch: the sorted flat indices of the entries it changes, and a function that changes them in
 # place in the tensor it is given (reading and writing no other entry).

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from piece_surgery.formats.delta import Delta
 from piece_surgery.formats.merge_recipe import CONFLICT_POLICIES, RECIPE_FILE, Recipe, card_section
 from piece_surgery.io.filepatch import copy_with_patches
 from piece_surgery.io.outputs import atomic_path
 from piece_surgery.io.sniff import INDEX_FILE, SINGLE_FILE
 from piece_surgery.merging.combine import Overlap, ScaledDelta, TensorPart, combine
+from piece_surgery.merging.naming import as_stored_in
 from piece_surgery.models.checkpoint import Checkpoint, open_checkpoint
 from piece_surgery.models.layout import (
     ShardReader,
@@ -30,7 +30,6 @@ from piece_surgery.models.layout import (
     weight_files,
     write_index,
 )
-from piece_surgery.models.pairing import stored_names
 from piece_surgery.runtime.errors import PieceError
 
 
@@ -136,7 +135,7 @@ def plan_apply(
         if all(t.base is not None for d in deltas for t in d.delta.tensors.values()):
             raise PieceError("--original-base is for compact deltas, and none of these is: leave it out")
         _recover_base_values(deltas, original_base)
-    deltas = [replace(d, delta=as_stored_in(base, d.delta)) for d in deltas]
+    deltas = [replace(d, delta=as_stored_in(d.delta, base.layout, base.skeleton)) for d in deltas]
     for d in deltas:
         for name, t in d.delta.tensors.items():
             if name not in base.layout:
@@ -160,29 +159,6 @@ def plan_apply(
         resharded=shard_size is not None,
         recipe=recipe,
     )
-
-
-def as_stored_in(base: Checkpoint, delta: Delta) -> Delta:
-    """The delta under the names `base` stores its tensors by, as loading pairs them (a name with
-    or without the base-model prefix, another layout of a vision-language model), and, for a tied
-    weight the delta's base stored once (the head loaded as the embedding), every copy `base`
-    stores of it, so that they load tied again. A new Delta; the one given is not changed."""
-    needs_prefix = any(name not in base.layout for name in delta.tensors)
-    needs_twins = any(t.loads_as for t in delta.tensors.values())
-    if not (needs_prefix or needs_twins):
-        return delta
-    skeleton = base.skeleton()
-    base_names = stored_names(skeleton, base.layout)
-    loads_into = {stored: name for name, stored in stored_names(skeleton, delta.tensors).items()}
-    tensors = {}
-    for name, t in delta.tensors.items():
-        stored = name if name in base.layout else base_names.get(loads_into.get(name, name), name)
-        tensors[stored] = t
-        for twin in t.loads_as or ():
-            copy = base_names.get(twin)
-            if copy is not None and copy not in delta.tensors and copy not in tensors:
-                tensors[copy] = replace(t, loads_as=())  # this base stores the twin: change it too
-    return replace(delta, tensors=tensors)
 
 
 def _recover_base_values(deltas: list[ScaledDelta], original_base: str) -> None:

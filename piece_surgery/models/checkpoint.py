@@ -12,12 +12,14 @@ from typing import Any
 
 import torch
 
-from piece_surgery.data.dataset import Dataset, load_dataset, load_tokenizer, pad_id
+from piece_surgery.data.batches import pad_id
+from piece_surgery.data.dataset import load_dataset, load_tokenizer
+from piece_surgery.data.examples import Dataset
 from piece_surgery.data.images import ImageChats, load_processor
 from piece_surgery.io.hub import Resolved, resolve
 from piece_surgery.io.sniff import ADAPTER, ADAPTER_CONFIG, sniff
 from piece_surgery.models.layout import ShardReader, TensorInfo, fingerprint, read_layout, storage_dtype
-from piece_surgery.models.loading import load_causal_lm, model_dtype, model_skeleton, pick_device
+from piece_surgery.models.loading import Placement, load_causal_lm, model_dtype, model_skeleton
 from piece_surgery.models.pairing import parameter_keys, stored_aliases, stored_names, unstored_twins
 from piece_surgery.models.parts import is_vision_language
 from piece_surgery.runtime.errors import PieceError, first_line
@@ -188,6 +190,11 @@ class Checkpoint:
             found.setdefault(stored, name)
         return found
 
+    def placement(self, device: str = "auto", dtype: str = "auto", attn: str | None = None) -> Placement:
+        """Where and how this checkpoint's model runs (models.loading.Placement; `auto` dtype: the
+        dtype its weights are stored in)."""
+        return Placement.resolve(device, dtype, storage_dtype(self.layout), attn)
+
     def load_model(
         self,
         *,
@@ -195,17 +202,20 @@ class Checkpoint:
         dtype: str = "auto",
         quiet: bool = True,
         attn_implementation: str | None = None,
+        placement: Placement | None = None,
     ) -> LoadedModel:
-        """Load the model (load_causal_lm: safetensors only, never pickle) and map its parameters
-        to the tensor names of the files."""
+        """Load the model (load_causal_lm: safetensors only, never pickle) as `placement` says
+        (else as `device`, `dtype` and `attn_implementation` do), and map its parameters to the
+        tensor names of the files."""
+        placement = placement or self.placement(device, dtype, attn_implementation)
         with working(f"loading {self.identity.name}", quiet=quiet):
             module = load_causal_lm(
                 self.folder,
-                dtype=self.dtype(dtype),
-                device=pick_device(device),
+                dtype=placement.dtype,
+                device=placement.device,
                 trust_remote_code=self.trust_remote_code,
                 layout=self.layout,
-                attn_implementation=attn_implementation,
+                attn_implementation=placement.attn_implementation,
             )
         layout = self.layout
         return LoadedModel(

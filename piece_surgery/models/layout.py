@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from piece_surgery.io.sniff import INDEX_FILE, SINGLE_FILE
 from piece_surgery.runtime.dtypes import SAFETENSORS_DTYPES, numel
 from piece_surgery.runtime.errors import PieceError
-from piece_surgery.runtime.records import read_json
+from piece_surgery.runtime.json_files import read_json
 
 # Besides its weights and index, the files that belong to a model: its config, generation config,
 # tokenizer (in any of its forms), chat template, processor (image, video) configs, card and licence,

@@ -4,6 +4,7 @@ files (a missing one is an error, not random values); the device and dtype it is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +15,30 @@ from piece_surgery.models.parts import is_vision_language
 from piece_surgery.runtime.dtypes import float_dtype
 from piece_surgery.runtime.errors import PieceError, first_line, no_device
 from piece_surgery.runtime.options import check_device_name
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a model runs, resolved once for a run: the device it is loaded on, the dtype
+    of its weights, its attention kernel (None: the model's), and the dtype its forward is autocast
+    to (bf16 for fp32 weights on a CUDA GPU that has it; None: no autocast)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    attn_implementation: str | None = None
+    autocast: torch.dtype | None = None
+
+    @classmethod
+    def resolve(
+        cls, device: str, dtype: str, stored: torch.dtype, attn_implementation: str | None = None
+    ) -> Placement:
+        """From the run's options (`device`: auto, cpu, cuda[:N], mps; `dtype`: auto or a float
+        dtype's name) and the dtype the weights are stored in (what `auto` means). PieceError for
+        a device that is not here or an unknown dtype."""
+        chosen = pick_device(device)
+        weights = stored if dtype == "auto" else model_dtype(dtype)
+        bf16 = chosen.type == "cuda" and torch.cuda.is_bf16_supported() and weights == torch.float32
+        return cls(chosen, weights, attn_implementation, torch.bfloat16 if bf16 else None)
 
 
 def pick_device(name: str) -> torch.device:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from piece_surgery.data.dataset import Dataset
-from piece_surgery.data.images import referenced_images
+from piece_surgery.data.examples import Dataset
+from piece_surgery.data.files import referenced_images
 from piece_surgery.evaluation.drift import Comparison, Forward, compare, model_forward
 from piece_surgery.evaluation.options import EvalOptions
 from piece_surgery.formats.artifacts import open_artifact

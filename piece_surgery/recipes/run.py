@@ -22,11 +22,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from piece_surgery.data.dataset import Dataset
-from piece_surgery.data.images import referenced_images
+from piece_surgery.data.examples import Dataset
+from piece_surgery.data.files import referenced_images
+from piece_surgery.formats.artifacts import open_artifact
 from piece_surgery.io.outputs import check_output
 from piece_surgery.models.checkpoint import Checkpoint, LoadedModel, open_checkpoint
-from piece_surgery.models.loading import auto_model_class
+from piece_surgery.models.loading import Placement, auto_model_class
 from piece_surgery.runtime import distributed
 from piece_surgery.runtime.distributed import World
 from piece_surgery.runtime.errors import PieceError
@@ -44,6 +45,7 @@ class Run:
         self.world: World | None = distributed.start(self.options.device)
         # --fsdp without a launcher fails here, before anything is read
         self.model_device = distributed.load_device(self.world, self.options.device, self.options.fsdp)
+        self._placements: dict[Path, Placement] = {}  # resolved once, when a checkpoint is opened
 
     @property
     def is_main(self) -> bool:
@@ -66,7 +68,14 @@ class Run:
         transformers has) before any data is read."""
         checkpoint = open_checkpoint(ref, what=what, trust_remote_code=self.options.trust_remote_code)
         auto_model_class(checkpoint.config())
+        options = self.options
+        placement = checkpoint.placement(self.model_device, options.dtype, options.attn_implementation)
+        self._placements[checkpoint.folder] = placement
         return checkpoint
+
+    def placement(self, checkpoint: Checkpoint) -> Placement:
+        """Where and how `checkpoint`'s model runs in this run (resolved when it was opened)."""
+        return self._placements[checkpoint.folder]
 
     def data(
         self, checkpoint: Checkpoint, path: Path, *, every_example: bool = False, name: str | None = None
@@ -92,12 +101,7 @@ class Run:
 
     def load_model(self, checkpoint: Checkpoint) -> LoadedModel:
         """The model on this rank's device, or sharded over the ranks with FSDP2 (--fsdp)."""
-        loaded = checkpoint.load_model(
-            device=self.model_device,
-            dtype=self.options.dtype,
-            quiet=self.quiet,
-            attn_implementation=self.options.attn_implementation,
-        )
+        loaded = checkpoint.load_model(quiet=self.quiet, placement=self.placement(checkpoint))
         if self.options.fsdp:
             from piece_surgery.runtime.sharding import shard_model
 
@@ -116,6 +120,12 @@ class Run:
                 error = exc
         self.world.agree(error)
         return result
+
+
+def open_avoided(refs: Sequence[str]) -> list[tuple[str, str, object]]:
+    """--avoid's masks and deltas, opened (path or Hub repo id) and checked: (ref, name, artifact)."""
+    opened = [open_artifact(ref) for ref in refs]
+    return [(a.ref, a.source.name, a.mask if a.mask is not None else a.delta) for a in opened]
 
 
 def load_base(base_ref: str, run: RunOptions | None) -> tuple[Checkpoint, LoadedModel]:

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from piece_surgery.data.dataset import Dataset
+from piece_surgery.data.examples import Dataset
 from piece_surgery.formats.mask import Mask, save_mask
-from piece_surgery.recipes.run import Run
+from piece_surgery.recipes.run import Run, open_avoided
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.options import RunOptions
 from piece_surgery.scoring.importance import PassStats
@@ -83,7 +83,7 @@ def score_checkpoint(
             )
     checkpoint = session.open(model_ref)
     dataset = session.data(checkpoint, data) if method_named(options.method).needs_data else None
-    inputs = read_scoring_inputs(checkpoint, retain, avoid, session.reader(checkpoint))
+    inputs = read_scoring_inputs(checkpoint, retain, open_avoided(avoid), session.reader(checkpoint))
     check_selectable(checkpoint, options, inputs.avoid)
     model = session.load_model(checkpoint)
     mask, stats = score_loaded(checkpoint, model, dataset, options, inputs, **session.where())

@@ -7,15 +7,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
-from piece_surgery.data.dataset import Dataset
-from piece_surgery.data.images import referenced_images
+from piece_surgery.data.examples import Dataset
+from piece_surgery.data.files import referenced_images
 from piece_surgery.formats.artifacts import open_mask
 from piece_surgery.formats.delta import Delta, DeltaInfo, TrainProvenance, delta_from_values
 from piece_surgery.formats.delta_folder import DEFAULT_FORMAT, save_delta
 from piece_surgery.formats.mask import Mask
 from piece_surgery.io.outputs import refuse_overlap, remove_stale_temporaries
 from piece_surgery.models.checkpoint import Checkpoint, LoadedModel
-from piece_surgery.recipes.run import Run
+from piece_surgery.recipes.run import Run, open_avoided
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.options import RunOptions
 from piece_surgery.runtime.progress import Progress
@@ -25,7 +25,9 @@ from piece_surgery.scoring.methods import method_named
 from piece_surgery.scoring.options import GENERAL, NAMED_SETS, SELF, ScoreOptions
 from piece_surgery.scoring.retain import general_text
 from piece_surgery.scoring.selection import score_loaded, self_text
-from piece_surgery.training.loop import TrainConfig, TrainResult, budget_period, total_steps, train_sparse
+from piece_surgery.training.config import TrainConfig
+from piece_surgery.training.loop import TrainResult, train_sparse
+from piece_surgery.training.schedule import budget_period, total_steps
 from piece_surgery.training.state import is_state, remove_state
 
 
@@ -96,7 +98,8 @@ def train_checkpoint(
     eval_set = session.data(checkpoint, eval_data, every_example=True) if eval_data else None
     scoring = None
     if mask is None:
-        scoring = read_scoring_inputs(checkpoint, options.retain_sources, avoid, session.reader(checkpoint))
+        avoided = open_avoided(avoid)
+        scoring = read_scoring_inputs(checkpoint, options.retain_sources, avoided, session.reader(checkpoint))
         check_selectable(checkpoint, options, scoring.avoid)
     general = _general_text(eval_general, checkpoint, session) if eval_general is not None else None
     model = session.load_model(checkpoint)
@@ -223,6 +226,7 @@ def _train(
             progress=report,
             fisher=mask.fisher,
             world=session.world,
+            autocast=session.placement(checkpoint).autocast,
         )
 
 

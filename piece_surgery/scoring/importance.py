@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from piece_surgery.data.dataset import Dataset
+from piece_surgery.data.examples import Dataset
 from piece_surgery.evaluation.loss import micro_batch_losses
 from piece_surgery.runtime.distributed import World
 from piece_surgery.runtime.errors import PieceError

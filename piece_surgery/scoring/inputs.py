@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from piece_surgery.data.dataset import Dataset
-from piece_surgery.formats.artifacts import open_artifact
-from piece_surgery.formats.mask import k_for_density
-from piece_surgery.merging.plan import as_stored_in
+from piece_surgery.data.examples import Dataset
+from piece_surgery.formats.delta import Delta
+from piece_surgery.formats.mask import Mask, k_for_density
+from piece_surgery.merging.naming import as_stored_in
 from piece_surgery.models.checkpoint import Checkpoint
 from piece_surgery.models.eligible import eligible_parameters
 from piece_surgery.models.loading import check_weights_match
@@ -24,15 +24,18 @@ from piece_surgery.scoring.methods import method_named
 from piece_surgery.scoring.options import GENERAL, SELF, ScoreOptions
 from piece_surgery.scoring.retain import Avoided, ScoringInputs, general_text
 
+# an earlier task to leave alone: (its reference as given, its name in records, the mask or delta)
+Avoid = tuple[str, str, Mask | Delta]
 
-def avoided_entries(ref: str, checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], AvoidRecord]:
+
+def avoided_entries(avoid: Avoid, checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], AvoidRecord]:
     """The entries a mask selects or a delta changes, checked against this model's tensors."""
-    artifact = open_artifact(ref)
-    if artifact.mask is not None:
-        entries = artifact.mask.indices
-        shapes = {n: artifact.mask.shapes[n] for n in entries}
-    else:
-        delta = as_stored_in(checkpoint, artifact.delta)  # names as this model's files spell them
+    ref, name, artifact = avoid
+    if isinstance(artifact, Mask):
+        entries = artifact.indices
+        shapes = {n: artifact.shapes[n] for n in entries}
+    else:  # names as this model's files spell them
+        delta = as_stored_in(artifact, checkpoint.layout, checkpoint.skeleton)
         entries = {n: t.indices for n, t in delta.tensors.items()}
         shapes = {n: t.shape for n, t in delta.tensors.items()}
     for name in entries:
@@ -44,7 +47,7 @@ def avoided_entries(ref: str, checkpoint: Checkpoint) -> tuple[dict[str, torch.T
                 f"{list(checkpoint.layout[name].shape)} in this model"
             )
     count = sum(int(i.numel()) for i in entries.values())
-    return dict(entries), AvoidRecord(artifact.source.name, artifact.kind, count)
+    return dict(entries), AvoidRecord(name, "mask" if isinstance(artifact, Mask) else "delta", count)
 
 
 def check_data(method: str, data: Path | None) -> None:
@@ -76,11 +79,11 @@ def check_selectable(checkpoint: Checkpoint, options: ScoreOptions, avoid: Avoid
 def read_scoring_inputs(
     checkpoint: Checkpoint,
     retain: Sequence[str | Path],
-    avoid: Sequence[str],
+    avoid: Sequence[Avoid],
     read: Callable[[Path, str | None], Dataset],
 ) -> ScoringInputs:
     """Read the retain files (`read(path, name)` tokenizes one, as the run says) and the entries to
-    avoid."""
+    avoid (masks and deltas, opened: formats.artifacts.open_artifact)."""
     inputs = ScoringInputs()
     for ref in retain:
         if str(ref) == SELF:
@@ -89,8 +92,8 @@ def read_scoring_inputs(
             inputs.retain.append(read(general_text(), GENERAL))
         else:
             inputs.retain.append(read(Path(ref), None))
-    for ref in avoid:
-        entries, record = avoided_entries(ref, checkpoint)
+    for item in avoid:
+        entries, record = avoided_entries(item, checkpoint)
         for name, idx in entries.items():
             known = inputs.avoid.entries.get(name)
             inputs.avoid.entries[name] = idx if known is None else torch.unique(torch.cat([known, idx]))

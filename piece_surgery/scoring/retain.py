@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from piece_surgery.data.dataset import Dataset, Example
+from piece_surgery.data.examples import Dataset, Example
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.progress import library_logs_silenced, working
 from piece_surgery.runtime.records import AvoidRecord

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from piece_surgery.data.dataset import Dataset
+from piece_surgery.data.examples import Dataset
 from piece_surgery.formats.mask import Mask, MaskInfo, k_for_density, select_top_k
 from piece_surgery.models.checkpoint import Checkpoint, LoadedModel
 from piece_surgery.models.eligible import eligible_parameters

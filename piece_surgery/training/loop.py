@@ -15,16 +15,18 @@ from pathlib import Path
 
 import torch
 
-from piece_surgery.data.dataset import Dataset, collate
-from piece_surgery.evaluation.loss import batch_logits, evaluate, token_loss_sum
+from piece_surgery.data.examples import Dataset
 from piece_surgery.models.loading import enable_activation_checkpointing
 from piece_surgery.models.naming import is_norm
-from piece_surgery.runtime.distributed import World, register_error
+from piece_surgery.runtime.distributed import World
 from piece_surgery.runtime.errors import PieceError
-from piece_surgery.runtime.sharding import is_sharded
+from piece_surgery.training.budget import DriftBudget, DriftEstimate, TrainingDiverged, saved_state_note
 from piece_surgery.training.config import TrainConfig
+from piece_surgery.training.measures import Measures
+from piece_surgery.training.schedule import lr_factor, total_steps
 from piece_surgery.training.sparse_grad import SparseParameters
 from piece_surgery.training.state import load_state, save_state
+from piece_surgery.training.steps import MicroBatchLoss, probe_batch, step_gradients
 
 
 @dataclass
@@ -62,50 +64,6 @@ class TrainResult:
         }
 
 
-@register_error
-class TrainingDiverged(PieceError):
-    pass
-
-
-def steps_per_epoch(n_examples: int, config: TrainConfig, ranks: int = 1) -> int:
-    return math.ceil(n_examples / (config.batch_size * config.grad_accum * ranks))
-
-
-def total_steps(n_examples: int, config: TrainConfig, ranks: int = 1) -> int:
-    return config.max_steps or config.epochs * steps_per_epoch(n_examples, config, ranks)
-
-
-def budget_period(total: int) -> int:
-    """How often a measured --drift-budget measures when --eval-every is not given: every tenth of
-    the run, rounded up (and at the last step, as always); each measurement is two forward passes
-    over the general text."""
-    return max(1, math.ceil(total / 10))
-
-
-def lr_factor(step: int, total: int, config: TrainConfig) -> float:
-    """Multiplier of the base learning rate at optimizer step `step` (0-based)."""
-    if config.warmup_steps and step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
-        return 1.0
-    span = max(total - config.warmup_steps, 1)
-    progress = min((step - config.warmup_steps) / span, 1.0)
-    if config.schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def step_examples(step: int, n_examples: int, config: TrainConfig, ranks: int = 1) -> list[int]:
-    """Which examples optimizer step `step` uses (all ranks together): a seeded permutation per
-    epoch, so a resumed run sees exactly the data an uninterrupted one would, and N ranks see what
-    one process with N times the gradient accumulation would."""
-    per_epoch = steps_per_epoch(n_examples, config, ranks)
-    epoch, within = divmod(step, per_epoch)
-    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
-    size = config.batch_size * config.grad_accum * ranks
-    return order[within * size : (within + 1) * size]
-
-
 def train_sparse(
     model: torch.nn.Module,
     params: dict[str, torch.nn.Parameter],
@@ -123,6 +81,7 @@ def train_sparse(
     sparse_linear: bool = True,
     fisher: dict[str, torch.Tensor] | None = None,
     world: World | None = None,
+    autocast: torch.dtype | None = None,
 ) -> TrainResult:
     """Train the masked entries of `params` (tensor name -> model parameter) in place.
 
@@ -144,7 +103,8 @@ def train_sparse(
     `general_dataset` every `eval_every` steps, or predicted every step: `config.budget_on`) passes
     the budget, and keeps the values of the last step within it. With a `world` (several
     processes), each rank trains on its share of every step's micro-batches and
-    DistributedDataParallel keeps the values equal; rank 0 saves the state.
+    DistributedDataParallel keeps the values equal; rank 0 saves the state. `autocast` is the dtype
+    the forward runs under (a run's Placement; None: bf16 for fp32 weights on a CUDA GPU with it).
 
     Raises PieceError for empty data, options the mask cannot serve, or a budget the first
     measured step already passes (nothing to keep); TrainingDiverged for a non-finite loss or value
@@ -167,8 +127,8 @@ def train_sparse(
         dataset,
         pad_id,
         world,
-        _Measures(model, sparse, config, pad_id, eval_dataset, general_dataset, world),
-        _Budget(config, sparse, history, kept),
+        Measures(model, sparse, config, pad_id, eval_dataset, general_dataset, world),
+        DriftBudget(config, sparse, history, kept),
         DriftEstimate(sparse, fisher) if fisher is not None else None,
         state_dir,
         resume_key,
@@ -177,10 +137,10 @@ def train_sparse(
     )
     try:
         total = loop.resume_within_budget(start, total)
-        loop.forward = _MicroBatchLoss(model, sparse, world)
+        loop.forward = MicroBatchLoss(model, sparse, world, autocast)
         # before the first step: every value on the autograd path, or one line that says why not
         sparse.probe(
-            lambda: loop.forward.loss_sum(_probe_batch(dataset, pad_id, loop.forward.device), fallback=False)
+            lambda: loop.forward.loss_sum(probe_batch(dataset, pad_id, loop.forward.device), fallback=False)
         )
         for step in range(start, total):
             record = loop.step(step, total)
@@ -211,14 +171,14 @@ class _Loop:
     dataset: Dataset
     pad_id: int
     world: World | None
-    measures: _Measures
-    budget: _Budget
+    measures: Measures
+    budget: DriftBudget
     drift: DriftEstimate | None
     state_dir: Path | None
     resume_key: dict
     history: list[dict]
     last_saved: int | None = None
-    forward: _MicroBatchLoss | None = None
+    forward: MicroBatchLoss | None = None
 
     @property
     def train_loss(self) -> float | None:
@@ -229,9 +189,10 @@ class _Loop:
         it stopped), the step it resumes at, with what the uninterrupted run would have kept."""
         if self.history and self.budget.passed(
             self.budget.resumed_record(self.history, self.drift),
-            _saved_state(self.last_saved, self.state_dir),
+            saved_state_note(self.last_saved, self.state_dir),
         ):
-            self.history = self.budget.roll_back(self.history, self.measures)
+            self.history = self.budget.roll_back(self.history)
+            self.measures.restore(self.history[-1])
             return start
         return total
 
@@ -240,7 +201,7 @@ class _Loop:
         drifts and held-out loss when measured), added to the history."""
         self.sparse.check_attached()
         self.sparse.write()
-        loss = _step_gradients(self.forward, self.dataset, step, self.config, self.pad_id)
+        loss = step_gradients(self.forward, self.dataset, step, self.config, self.pad_id)
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"the loss became {loss} at step {step + 1}: lower --lr or check the data"
@@ -279,9 +240,10 @@ class _Loop:
     def stop_if_past_budget(self, record: dict) -> bool:
         """Whether the step passed --drift-budget (then the values of the last step within it are
         put back and the history ends there)."""
-        if not self.budget.passed(record, _saved_state(self.last_saved, self.state_dir)):
+        if not self.budget.passed(record, saved_state_note(self.last_saved, self.state_dir)):
             return False
-        self.history = self.budget.roll_back(self.history, self.measures)
+        self.history = self.budget.roll_back(self.history)
+        self.measures.restore(self.history[-1])
         return True
 
     def result(self, start: int, total: int, *, resumed: bool, unchanged: str | None) -> TrainResult:
@@ -406,202 +368,6 @@ def _optimizer_step(
     return float(norm)
 
 
-@dataclass
-class _Measures:
-    """What the loop measures every --eval-every steps and at the end: the loss on held-out data,
-    and the drift on general text: mean token KL(base || the model now), the base being the same
-    model with the base's values written back (only the masked entries differ). Every rank
-    measures (the same values): a model FSDP shards runs on all ranks or none."""
-
-    model: torch.nn.Module
-    sparse: SparseParameters
-    config: TrainConfig
-    pad_id: int
-    eval_dataset: Dataset | None
-    general_dataset: Dataset | None
-    world: World | None = None
-    eval_loss: float | None = None
-    drift: float | None = None
-
-    def take(self, record: dict) -> None:
-        self.sparse.write()
-        if self.eval_dataset is not None:
-            self.eval_loss = record["eval_loss"] = evaluate(
-                self.model, self.eval_dataset, self.config.batch_size, self.pad_id
-            )
-        if self.general_dataset is not None:
-            drift = self._drift()
-            if self.world is not None:  # every rank stops (or not) on the same number: rank 0's
-                drift = self.world.gather(drift)[0]
-            self.drift = record["measured_drift"] = drift
-
-    def finish(self, history: list[dict]) -> None:
-        """The last step's figures: taken now, unless the loop (or the run a state was saved
-        by) took them at that step."""
-        wanted = self.eval_dataset is not None or self.general_dataset is not None
-        last = history[-1] if history else {}
-        if wanted and not ("eval_loss" in last or "measured_drift" in last):
-            self.take(last)
-        else:
-            self.eval_loss = last.get("eval_loss", self.eval_loss)
-            self.drift = last.get("measured_drift", self.drift)
-
-    def _drift(self) -> float:
-        from piece_surgery.evaluation.drift import compare, model_forward
-
-        forward = model_forward(self.model)
-        was_training = self.model.training
-        self.model.eval()
-
-        def base(batch):
-            with self.sparse.as_base():  # norm gains and shared weights take the values in forward
-                return forward(batch)
-
-        def tuned(batch):
-            return forward(batch)
-
-        try:
-            device = next(self.model.parameters()).device
-            with self.sparse.calls() as called:
-                measured = compare(
-                    self.general_dataset,
-                    base,
-                    {"tuned": tuned},
-                    batch_size=self.config.batch_size,
-                    pad_id=self.pad_id,
-                    device=device,
-                )
-        finally:
-            self.sparse.write()
-            self.model.train(was_training)
-        kl = measured["tuned"].kl
-        if kl == 0.0 and self.sparse.changed_entries(called):
-            # the base pass and the tuned pass gave the same logits on every token: a write into
-            # the live model did not reach its forward, and the figure would be a silent 0
-            raise PieceError(
-                "the drift measured 0 exactly although trained entries differ from the base: the base "
-                "values written into the model did not take effect in its forward (a replaced forward "
-                "that caches its weights?); load the model without it (USE_HUB_KERNELS=NO)"
-            )
-        return kl
-
-
-class _Budget:
-    """--drift-budget: after each step, whether its drift (the measured one when the step measured
-    it, or the predicted one) passed the budget; the values of the last step within it, to keep.
-    A copy of k fp32 values per tensor, taken when a step is within the budget."""
-
-    def __init__(
-        self,
-        config: TrainConfig,
-        sparse: SparseParameters,
-        history: list[dict],
-        saved: tuple[int, dict[str, torch.Tensor]] | None = None,
-    ):
-        self.limit = config.drift_budget
-        self.key = f"{config.budget_on}_drift"
-        self.sparse = sparse
-        self.kept: dict[str, torch.Tensor] | None = None
-        self.kept_record: dict | None = None
-        self.passed_at: dict | None = None
-        if not self.limit or not history:
-            return
-        # a resumed run: the kept values its state saved, if their step is within this budget (the
-        # step it resumes at is checked, and kept or rolled back, by the first `passed`)
-        records = {r["step"]: r for r in history}
-        record = records.get(saved[0]) if saved is not None else None
-        if record is not None and record.get(self.key) is not None and record[self.key] <= self.limit:
-            self.kept = {n: v.to(sparse.values[n].device) for n, v in saved[1].items()}
-            self.kept_record = record
-
-    def resumed_record(self, history: list[dict], drift) -> dict:
-        """The record of the step a run resumes at, with its predicted drift (for a budget on it)."""
-        last = dict(history[-1])
-        if self.key == "predicted_drift" and drift is not None:
-            last["predicted_drift"] = drift.value()
-        return last
-
-    def passed(self, record: dict, state_note: str = "") -> bool:
-        value = record.get(self.key)
-        if not self.limit or value is None:
-            return False
-        if value <= self.limit:
-            self._keep(record)
-            return False
-        self.passed_at = {"step": record["step"], "drift": value, "budget": self.limit, "on": self.key[:-6]}
-        if self.kept is None:
-            raise PieceError(
-                f"the {self.key.split('_')[0]} drift at step {record['step']} ({value:.4g}) already passes "
-                f"--drift-budget {self.limit:g}, and no earlier step was measured within it: nothing to "
-                "keep; raise the budget, lower --lr, or measure more often (--eval-every)" + state_note
-            )
-        return True
-
-    def saved(self) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """What a resumable state keeps of the budget: the kept step and its values."""
-        if self.kept is None:
-            return None
-        return self.kept_record["step"], self.kept
-
-    def roll_back(self, history: list[dict], measures: _Measures) -> list[dict]:
-        """Put the kept values back; the history up to the kept step."""
-        with torch.no_grad():
-            for name, value in self.sparse.values.items():
-                value.copy_(self.kept[name])
-        step = self.kept_record["step"]
-        if "measured_drift" in self.kept_record:
-            measures.drift = self.kept_record["measured_drift"]
-        if "eval_loss" in self.kept_record:
-            measures.eval_loss = self.kept_record["eval_loss"]
-        return [r for r in history if r["step"] <= step]
-
-    def _keep(self, record: dict) -> None:
-        self.kept = {n: v.detach().clone() for n, v in self.sparse.values.items()}
-        self.kept_record = record
-
-
-class DriftEstimate:
-    """The drift a change d of the trained values is predicted to cost: 1/2 sum_i F_i d_i^2 in nats
-    per token (the mean token KL(base || tuned) on the retain text, to second order), with F the
-    per-token retain Fisher at the mask's entries (fp32, aligned with the values). O(k) a call."""
-
-    def __init__(self, sparse: SparseParameters, fisher: dict[str, torch.Tensor]):
-        self.values = sparse.values
-        self.start = sparse.base_values
-        self.fisher = {n: fisher[n].to(v.device, torch.float32) for n, v in sparse.values.items()}
-
-    def value(self) -> float:
-        total = 0.0
-        for name, v in self.values.items():
-            d = v.detach() - self.start[name]
-            total += 0.5 * float((self.fisher[name] * d * d).sum(dtype=torch.float64))
-        return total
-
-    def add_penalty_gradient(self, weight: float) -> None:
-        """The gradient of weight/2 sum F d^2 (weight F d), added to the values' gradients.
-        TrainingDiverged, naming the penalty, when it overflows (a huge --retain-weight, or a mask
-        whose Fisher values are near the float maximum)."""
-        for name, v in self.values.items():
-            penalty = weight * self.fisher[name] * (v.detach() - self.start[name])
-            if not bool(torch.isfinite(penalty).all()):
-                largest = float(self.fisher[name].max())
-                raise TrainingDiverged(
-                    f"the retain penalty overflowed on '{name}': --retain-weight {weight:g} times the mask's "
-                    f"retain Fisher (up to {largest:.3g}) times the change is not a finite number; lower "
-                    "--retain-weight"
-                )
-            v.grad = penalty if v.grad is None else v.grad.add_(penalty)
-
-
-def _saved_state(last_saved: int | None, state_dir: Path | None) -> str:
-    if not last_saved:
-        return ""
-    return (
-        f"; the state saved at step {last_saved} is in {state_dir} (--resume with a higher "
-        "--drift-budget continues it, --overwrite discards it)"
-    )
-
-
 def _last_good(last_saved: int | None, state_dir: Path | None) -> str:
     return f"; the last good state (step {last_saved}) is in {state_dir}" if last_saved else ""
 
@@ -627,129 +393,6 @@ def _adamw(sparse: SparseParameters, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
     )
-
-
-class _ValuesModule(torch.nn.Module):
-    """The trained values as the one module DistributedDataParallel synchronises (its gradients,
-    4 bytes x k per step); the model runs inside its forward but is not its submodule, so its
-    frozen weights are neither broadcast nor reduced."""
-
-    def __init__(self, sparse: SparseParameters, model: torch.nn.Module):
-        super().__init__()
-        self.values = torch.nn.ParameterList([sparse.values[n] for n in sorted(sparse.values)])
-        object.__setattr__(self, "model", model)
-
-    def forward(self, batch: dict | None = None) -> torch.Tensor:
-        if batch is None:  # the synchronising pass: zero, with every value in its graph
-            return sum(v.sum() for v in self.values) * 0.0
-        return batch_logits(self.model, batch)
-
-
-class _MicroBatchLoss:
-    """A micro-batch's loss: the model's own forward in one process, under DDP through it."""
-
-    def __init__(self, model: torch.nn.Module, sparse: SparseParameters, world: World | None):
-        self.model = model
-        self.world = world
-        self.values = [sparse.values[n] for n in sorted(sparse.values)]
-        self.device = next(model.parameters()).device
-        self.autocast = _use_bf16_autocast(model)
-        # FSDP gathers weights in every forward and backward: a collective every rank must join
-        self.collective_forward = any(is_sharded(p) for p in model.parameters())
-        self.ddp = None
-        if world is not None:
-            from torch.nn.parallel import DistributedDataParallel
-
-            device_ids = [world.device.index] if world.device.type == "cuda" else None
-            # the values module has no buffers: nothing to broadcast but the values at the start
-            self.ddp = DistributedDataParallel(_ValuesModule(sparse, model), device_ids=device_ids)
-
-    def loss_sum(self, batch: dict, *, fallback: bool = True) -> torch.Tensor:
-        """The micro-batch's summed token loss (nats), with its graph; with `fallback`, a loss that
-        reaches no trained value gets a zero path to every value (so backward runs on each rank)."""
-        # the model's own forward even under DDP: a backward without a DDP forward only adds to
-        # the local gradients (DDP's hooks expect none), and DDP's own collectives (its bucket
-        # rebuild) then run in synchronise() alone, once per step on every rank
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            logits = batch_logits(self.model, batch)
-        loss, _ = token_loss_sum(logits, batch["labels"])
-        if fallback and not loss.requires_grad:  # no trained entry on its path (text, a projector)
-            loss = loss + sum(v.sum() for v in self.values) * 0.0  # a zero gradient, a graph to run
-        return loss  # the logits die here: backward needs only the log-probabilities
-
-    def synchronise(self) -> None:
-        """A backward of zero through DDP: it all-reduces the values' accumulated gradients."""
-        self.ddp().backward()
-
-    def close(self) -> None:
-        # DDP's reducer must go while the process group lives: destroyed after it (at exit), its
-        # threads end the process with std::terminate
-        self.ddp = None
-
-
-def _step_gradients(
-    forward: _MicroBatchLoss, dataset: Dataset, step: int, config: TrainConfig, pad_id: int
-) -> float:
-    """Accumulate one optimizer step's gradient over its micro-batches; returns the step's mean token
-    loss, or the first non-finite loss (whose backward is skipped).
-
-    The step's loss is the mean over every loss-bearing token of the step: each micro-batch adds its
-    summed token loss divided by the step's token count (summed over micro-batches and ranks, known
-    to every rank from the data), so any split of the same global batch (--batch-size x
-    --grad-accum x ranks) trains the same values, up to float rounding. (Scoring keeps PIECE's
-    per-micro-batch mean: there the micro-batch defines g_b.)
-
-    Under DDP each rank takes every size-th micro-batch and accumulates locally; once every rank
-    is known to be fine, one synchronised backward of a zero loss adds up the accumulated values'
-    gradients over the ranks (4 bytes x k). A rank that failed makes every rank return its loss,
-    so none waits in vain for the others."""
-    world = forward.world
-    ranks = world.size if world is not None else 1
-    chosen = step_examples(step, len(dataset.examples), config, ranks)
-    step_tokens = sum(dataset.examples[i].loss_tokens for i in chosen)
-    groups = [chosen[i : i + config.batch_size] for i in range(0, len(chosen), config.batch_size)]
-    weight = ranks / step_tokens  # DDP averages the ranks' gradients: x ranks makes it their sum
-    mine = groups[world.rank :: ranks] if world is not None else groups
-    if forward.collective_forward:  # every rank runs as many passes; a rank short of data adds nothing
-        rounds = math.ceil(len(groups) / ranks)
-        mine = [*((g, 1.0) for g in mine), *(([chosen[0]], 0.0) for _ in range(rounds - len(mine)))]
-    else:
-        mine = [(g, 1.0) for g in mine]
-    total, bad = 0.0, None
-    for group, share in mine:
-        examples = [dataset.examples[i] for i in group]
-        batch = {k: v.to(forward.device) for k, v in collate(examples, pad_id).items()}
-        loss = forward.loss_sum(batch)
-        value = float(loss.detach()) * share
-        if not math.isfinite(value):
-            bad = value
-            break
-        total += value
-        (loss * (weight * share)).backward()
-        del loss  # before the next forward
-    if world is None:
-        return bad if bad is not None else total / step_tokens
-    bad = next((v for v in world.gather(bad) if v is not None), None)
-    if bad is not None:
-        world.barrier()  # leave together: a rank that quits first cuts the others' last transfers
-        return bad
-    forward.synchronise()
-    return world.sum(total) / step_tokens
-
-
-def _probe_batch(dataset: Dataset, pad_id: int, device: torch.device) -> dict:
-    """A micro-batch for the probe: the first example, and the first image record if the first is
-    text (a projector trains on image records alone)."""
-    examples = [dataset.examples[0]]
-    if examples[0].model_inputs is None:
-        examples += [e for e in dataset.examples if e.model_inputs is not None][:1]
-    return {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-
-
-def _use_bf16_autocast(model: torch.nn.Module) -> bool:
-    """fp32 weights on a CUDA GPU with bf16: run the forward under bf16 autocast."""
-    p = next(model.parameters())
-    return p.device.type == "cuda" and torch.cuda.is_bf16_supported() and p.dtype == torch.float32
 
 
 def _optimizer_state_sizes(optimizer: torch.optim.Optimizer) -> dict[str, int]:

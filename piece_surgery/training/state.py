@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from piece_surgery.io.outputs import atomic_path
 from piece_surgery.models.layout import save_shard
 from piece_surgery.runtime.errors import PieceError
-from piece_surgery.runtime.records import file_sha256, read_json
+from piece_surgery.runtime.json_files import file_sha256, read_json
 from piece_surgery.training.sparse_grad import SparseParameters
 
 STATE_FILE = "state.safetensors"

@@ -424,7 +424,7 @@ def test_no_local_path_goes_into_shareable_files(model, code_data, tmp_path, cli
 
 
 def test_a_huge_record_is_tokenized_a_bounded_prefix_at_a_time():
-    from piece_surgery.data.dataset import tokenize_record
+    from piece_surgery.data.tokenize import tokenize_record
     from piece_surgery.models.tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()

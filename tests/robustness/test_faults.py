@@ -72,8 +72,8 @@ FAULT_POINTS = {
         ("piece_surgery.io.outputs", "_default_permissions", 1),
     ],
     "train": [
-        ("piece_surgery.training.loop", "_step_gradients", 2),
-        ("piece_surgery.training.loop", "_step_gradients", 8),
+        ("piece_surgery.training.steps", "step_gradients", 2),
+        ("piece_surgery.training.steps", "step_gradients", 8),
         ("piece_surgery.training.loop", "save_state", 2),
         ("piece_surgery.training.state", "save_shard", 3),
         ("piece_surgery.recipes.train", "save_delta", 1),

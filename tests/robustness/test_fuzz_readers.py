@@ -243,7 +243,7 @@ def test_mask_metadata_values(work, tmp_path_factory, data):
 
 
 def reseal_delta(folder: Path) -> None:
-    from piece_surgery.runtime.records import file_sha256
+    from piece_surgery.runtime.json_files import file_sha256
 
     info = json.loads((folder / "delta.json").read_text())
     if isinstance(info, dict):
@@ -285,7 +285,7 @@ def test_delta_description(work, tmp_path_factory, data):
 @given(data=st.data())
 def test_training_state(work, tmp_path_factory, data):
     """A saved state with state.json or state.safetensors damaged (sha256 re-sealed or not)."""
-    from piece_surgery.runtime.records import file_sha256
+    from piece_surgery.runtime.json_files import file_sha256
     from piece_surgery.training.sparse_grad import SparseParameters
     from piece_surgery.training.state import load_state, save_state
 
