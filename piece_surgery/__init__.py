@@ -30,6 +30,10 @@ _HOMES = {
     "push": "recipes.push",
     "EvalOptions": "evaluation.options",
     "evaluate_candidates": "recipes.evaluate",
+    "score": "integrations.api",
+    "sparsify": "integrations.api",
+    "SparseModel": "integrations.sparse_model",
+    "PieceCallback": "integrations.trainer",
 }
 
 __all__ = ["PieceError", "__version__", *_HOMES]

@@ -154,3 +154,23 @@ def test_every_command_in_the_docs_runs_as_written(tmp_path, monkeypatch, cli, h
             assert result.returncode == 0, f"{doc}: {line}\n{result.stderr[-3000:]}"
         ran.append(line)
     assert len(ran) >= 25 and any(line.startswith("torchrun") for line in ran), (ran, skipped)
+
+
+def runnable_blocks() -> list[str]:
+    """The ```python blocks the README marks as runnable (the line before says so)."""
+    blocks, text = [], (ROOT / "README.md").read_text()
+    for match in re.finditer(r"<!-- runnable[^>]*-->\n```python\n(.*?)```", text, flags=re.S):
+        blocks.append(match.group(1))
+    return blocks
+
+
+@pytest.mark.parametrize("block", runnable_blocks() or [None])
+def test_the_readme_python_examples_run_as_written(block, tmp_path):
+    assert block is not None, "the README marks no python block as runnable"
+    pytest.importorskip("trl")
+    script = tmp_path / "example.py"
+    script.write_text(block)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "entries changed" in run.stdout and (tmp_path / "sft-out" / "piece-delta" / "delta.json").is_file()

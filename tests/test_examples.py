@@ -55,3 +55,18 @@ def test_vision_language_example(tmp_path):
     assert "vision-language example done" in result.stdout
     assert "projector" in result.stdout and "language model" in result.stdout  # inspect's parts
     assert (tmp_path / "work" / "merged" / "model.safetensors").is_file()
+
+
+def test_trl_example_trains_a_delta_that_applies_exactly(tmp_path):
+    pytest.importorskip("trl")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "trl_sft.py"), str(tmp_path / "work")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "base + delta is the model TRL trained, bit for bit: True" in result.stdout
+    assert (tmp_path / "work" / "sft" / "checkpoint-3" / "piece-delta" / "delta.json").is_file()

@@ -11,11 +11,13 @@ Formats (one example each):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from piece_surgery.data.examples import Dataset
-from piece_surgery.data.files import read_records
+from piece_surgery.data.files import check_record, read_records
 from piece_surgery.data.images import ImageChats, images_digest
 from piece_surgery.data.tokenize import tokenize_record
 from piece_surgery.runtime.errors import PieceError
@@ -66,6 +68,39 @@ def load_dataset(
         len(records) - len(kept),
         max_length,
     )
+
+
+def dataset_from_records(
+    records: Iterable,
+    tokenizer,
+    *,
+    max_length: int = 512,
+    name: str = "records",
+    image_chats: Callable[[], ImageChats] | None = None,
+    data_folder: Path | None = None,
+) -> Dataset:
+    """Records given in memory (strings, or objects in the .jsonl records' shapes: a list, or the
+    rows of a `datasets.Dataset`) tokenized as a data file's are; examples with no loss-bearing
+    token are skipped and counted. The digest is the sha256 of the records as canonical JSON
+    lines (sorted keys, UTF-8), so the same records give the same digest however they arrive.
+    Fields that are None in a row (a dataset's column another shape uses) are left out."""
+    if max_length < 2:
+        raise PieceError("max_length must be at least 2")
+    checked, digest = [], hashlib.sha256()
+    for i, row in enumerate(records, 1):
+        record = {k: v for k, v in row.items() if v is not None} if isinstance(row, dict) else row
+        checked.append(check_record(record, f"{name}, record {i}"))
+        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    if not checked:
+        raise PieceError(f"{name} holds no records")
+    examples = [
+        tokenize_record(r, tokenizer, max_length, image_chats=image_chats, data_folder=data_folder)
+        for r in checked
+    ]
+    kept = [e for e in examples if e.loss_tokens > 0]
+    if not kept:
+        raise PieceError(f"no record of {name} has a loss-bearing token (after truncation to {max_length})")
+    return Dataset(kept, name, digest.hexdigest(), len(checked), len(checked) - len(kept), max_length)
 
 
 def load_tokenizer(folder: Path, *, trust_remote_code: bool = False):

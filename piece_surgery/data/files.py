@@ -109,3 +109,17 @@ def _content_problem(content) -> str | None:
         if kind != "text" or not isinstance(part.get("text"), str):
             return 'each part of a \'content\' list must be {"type": "text", "text": "..."}'
     return None
+
+
+def check_record(record, where: str) -> str | dict:
+    """One record given in memory: a string (plain text), or an object in one of the .jsonl
+    records' shapes (TRL's prompt + completion reads as prompt + response); PieceError naming
+    `where` and what is wrong."""
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict) and {"prompt", "completion"} <= record.keys() and "response" not in record:
+        record = {"prompt": record["prompt"], "response": record["completion"]}
+    problem = _record_problem(record)
+    if problem:
+        raise PieceError(f"{where}: {problem}")
+    return record

@@ -71,7 +71,8 @@ class TrainProvenance(JsonRecord):
 
 
 Provenance = DiffProvenance | TrainProvenance
-_PROVENANCES = {"diff": DiffProvenance, "train": TrainProvenance}
+# `train` writes made_by "train"; a model trained by another loop (integrations/) "trainer"
+_PROVENANCES = {"diff": DiffProvenance, "train": TrainProvenance, "trainer": TrainProvenance}
 
 
 def provenance_from_json(data: Any) -> Provenance | None:

@@ -19,7 +19,13 @@ from piece_surgery.data.images import ImageChats, load_processor
 from piece_surgery.io.hub import Resolved, resolve
 from piece_surgery.io.sniff import ADAPTER, ADAPTER_CONFIG, sniff
 from piece_surgery.models.layout import ShardReader, TensorInfo, fingerprint, read_layout, storage_dtype
-from piece_surgery.models.loading import Placement, load_causal_lm, model_dtype, model_skeleton
+from piece_surgery.models.loading import (
+    Placement,
+    context_length,
+    load_causal_lm,
+    model_dtype,
+    model_skeleton,
+)
 from piece_surgery.models.pairing import parameter_keys, stored_aliases, stored_names, unstored_twins
 from piece_surgery.models.parts import is_vision_language
 from piece_surgery.runtime.errors import PieceError, first_line
@@ -156,14 +162,8 @@ class Checkpoint:
         return size if isinstance(size, int) and size > 0 else None
 
     def context_length(self) -> int | None:
-        """The most positions the model takes, as its config says (None if it does not): past it a
-        learned position table (GPT-2's) has no row, and rotary models were never trained."""
-        config = self._text_config()
-        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-            value = getattr(config, key, None)
-            if isinstance(value, int) and value > 1:
-                return value
-        return None
+        """The most positions the model takes, as its config says (models.loading.context_length)."""
+        return context_length(self.config())
 
     def check_token_ids(self, dataset: Dataset) -> None:
         """Every token id of `dataset` is a row of the model's embedding table (a tokenizer with

@@ -41,6 +41,17 @@ class Placement:
         return cls(chosen, weights, attn_implementation, torch.bfloat16 if bf16 else None)
 
 
+def context_length(config) -> int | None:
+    """The most positions a model takes, as its config says (None if it does not): past it a
+    learned position table (GPT-2's) has no row, and rotary models were never trained."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
+
+
 def pick_device(name: str) -> torch.device:
     """`auto` picks cuda, then mps, then cpu; an explicit device must be available."""
     if name == "auto":

@@ -10,7 +10,7 @@ from typing import NamedTuple
 from piece_surgery.data.examples import Dataset
 from piece_surgery.data.files import referenced_images
 from piece_surgery.formats.artifacts import open_mask
-from piece_surgery.formats.delta import Delta, DeltaInfo, TrainProvenance, delta_from_values
+from piece_surgery.formats.delta import Delta, DeltaInfo, TrainProvenance
 from piece_surgery.formats.delta_folder import DEFAULT_FORMAT, save_delta
 from piece_surgery.formats.mask import Mask
 from piece_surgery.io.outputs import refuse_overlap, remove_stale_temporaries
@@ -26,6 +26,7 @@ from piece_surgery.scoring.options import GENERAL, NAMED_SETS, SELF, ScoreOption
 from piece_surgery.scoring.retain import general_text
 from piece_surgery.scoring.selection import score_loaded, self_text
 from piece_surgery.training.config import TrainConfig
+from piece_surgery.training.deltas import trained_delta
 from piece_surgery.training.loop import TrainResult, train_sparse
 from piece_surgery.training.schedule import budget_period, total_steps
 from piece_surgery.training.state import is_state, remove_state
@@ -110,7 +111,8 @@ def train_checkpoint(
     config = _configured(config, mask, dataset, session)
     result = _train(session, checkpoint, model, mask, dataset, config, eval_set, general, state_dir, resume)
     provenance = _provenance(mask, config, session.options, dataset, eval_set, result, general)
-    delta = _delta_of(checkpoint, model, mask, result, provenance)
+    info = DeltaInfo(checkpoint.identity, provenance)
+    delta = trained_delta(checkpoint, model, mask.indices, result.values, info)
 
     def write() -> int:
         tensor_bytes = save_delta(delta, output, format_version=delta_format)
@@ -267,22 +269,6 @@ def _state_dir(
             )
         session.write(lambda: remove_state(state_dir))
     return state_dir
-
-
-def _delta_of(
-    checkpoint: Checkpoint, model: LoadedModel, mask: Mask, result: TrainResult, provenance: TrainProvenance
-) -> Delta:
-    """The trained values against the base values read from the checkpoint files. A trained tensor
-    that the files also store under another name (a tied pair stored twice) changes under every
-    name: transformers ties the copies on loading only while they agree."""
-    entries = {}
-    with checkpoint.reader() as reader:
-        for name, idx in mask.indices.items():
-            for stored in (name, *model.aliases.get(name, [])):
-                base_values = reader.get(stored).reshape(-1)[idx].clone()
-                entries[stored] = (idx, base_values, result.values[name].to(base_values.dtype))
-    shapes = {n: checkpoint.layout[n].shape for n in entries}
-    return delta_from_values(entries, shapes, DeltaInfo(checkpoint.identity, provenance), model.twins)
 
 
 def _provenance(

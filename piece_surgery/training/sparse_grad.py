@@ -16,6 +16,10 @@ or wrap forwards, but they all call a module through `__call__`, which runs its 
   pre-hook puts a tensor carrying the values into the module's parameter slot for the call (as
   torch.func.functional_call does) and a forward hook puts the frozen weight back; autograd reduces
   its dense gradient to the k entries at once.
+- The output embedding (a language model's head): the same, but for the whole model's call and in
+  every slot that holds it (tied to the input embedding, say), because fused losses (TRL's fused LM
+  head, Liger's fused linear cross-entropy) read its weight directly, never calling its module.
+  Its dense gradient is formed (vocab x hidden) when the mask selects entries of it.
 
 `probe` proves, before training, that every value is on the autograd path, and names the real
 cause when one is not.
@@ -237,7 +241,8 @@ class _Call:
 @dataclass(eq=False)
 class _Site:
     """One module whose parameters hold selected entries, and how their gradient is delivered:
-    `linear` (LinearEntryTap), `gain` (GainTap) or `inject` (InjectEntries in its parameter slots)."""
+    `linear` (LinearEntryTap), `gain` (GainTap), `inject` (InjectEntries in its parameter slots) or
+    `root` (InjectEntries in every slot that holds the weight, for the whole model's call)."""
 
     module: torch.nn.Module
     path: str  # the module's name in the model
@@ -245,6 +250,8 @@ class _Site:
     entries: list[Entries]
     plan: EntryPlan | None = None
     handles: list = field(default_factory=list)
+    # `root`: every (module, attribute) that holds the parameter, injected for the model's whole call
+    holders: list[tuple[torch.nn.Module, str]] = field(default_factory=list)
 
 
 class SparseParameters:
@@ -308,7 +315,14 @@ class SparseParameters:
             if not holders.get(id(p)):
                 raise PieceError(f"masked tensor '{name}' is not a parameter of this model")
         sites: dict[tuple[int, str], _Site] = {}
+        output = _output_weight(model)
         for name, p in self.params.items():
+            if p is output:
+                # fused losses (TRL's fused LM head, Liger's fused cross-entropy) read the output
+                # embedding's weight directly, never calling its module: inject it for the whole call
+                entries = [Entries(name, "weight", self.values[name], self.indices[name])]
+                sites[(id(model), name)] = _Site(model, "", "root", entries, holders=holders[id(p)])
+                continue
             shared = len(holders[id(p)]) > 1
             for module, attr in holders[id(p)]:
                 entries = Entries(name, attr, self.values[name], self.indices[name])
@@ -326,6 +340,9 @@ class SparseParameters:
 
     def _hook(self, site: _Site) -> None:
         module = site.module
+        if site.kind == "root":
+            self._hook_root(site)
+            return
         if site.kind == "inject":
             frozen: list[list[torch.Tensor]] = []  # a stack: a module may be called inside its own call
 
@@ -359,6 +376,28 @@ class SparseParameters:
             return GainTap.apply(output, site, call, *(e.values for e in site.entries), *tensors)
 
         site.handles.append(module.register_forward_hook(tap, with_kwargs=True))
+
+    def _hook_root(self, site: _Site) -> None:
+        """The weight with its values, in every slot that holds it, while the model runs."""
+        entry = site.entries[0]
+        frozen: list[list[torch.Tensor]] = []
+
+        def inject(mod, args):
+            self._note_call(site)
+            frozen.append([m._parameters[attr] for m, attr in site.holders])
+            weight = InjectEntries.apply(frozen[-1][0], entry.values, entry.indices)
+            for m, attr in site.holders:
+                m._parameters[attr] = weight
+
+        def put_back(mod, args, output):
+            if frozen:
+                for (m, attr), weight in zip(site.holders, frozen.pop(), strict=True):
+                    m._parameters[attr] = weight
+
+        site.handles += [
+            site.module.register_forward_pre_hook(inject),
+            site.module.register_forward_hook(put_back, always_call=True),
+        ]
 
     def _note_call(self, site: _Site) -> None:
         if self._called is not None:
@@ -496,6 +535,17 @@ class SparseParameters:
             dtype = self.params[name].dtype
             total += int((v.detach().to(dtype) != self.base_values[name].to(dtype)).sum())
         return total
+
+
+def _output_weight(model: torch.nn.Module) -> torch.nn.Parameter | None:
+    """The output embedding's weight (a language model's head), if the model says which it is."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+    weight = getattr(head, "weight", None)
+    return weight if isinstance(weight, torch.nn.Parameter) else None
 
 
 def _replaced_forward_above(model: torch.nn.Module | None, path: str) -> str | None:

@@ -1,0 +1,153 @@
+"""A loaded model whose masked entries, alone, are trainable parameters: what `sparsify` returns.
+
+The k values of each masked tensor (fp32) are registered as parameters of the model, under one
+submodule (`model.piece_surgery`), and every weight is frozen; gradients reach the values through
+module hooks (training/sparse_grad.py), whatever else replaces the model's forwards. So any loop
+that optimizes `p for p in model.parameters() if p.requires_grad` trains exactly the masked
+entries: a plain PyTorch loop, Hugging Face Trainer, TRL, accelerate (DDP then synchronises the k
+values alone). Optimizer state is O(k); no dense gradient of a frozen weight is ever kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from piece_surgery.formats.delta import Delta, DeltaInfo, TrainProvenance, delta_from_values
+from piece_surgery.formats.delta_folder import DEFAULT_FORMAT, save_delta
+from piece_surgery.formats.mask import Mask
+from piece_surgery.integrations.models import loaded
+from piece_surgery.io.outputs import check_output
+from piece_surgery.models.checkpoint import Checkpoint
+from piece_surgery.runtime.errors import PieceError
+from piece_surgery.training.budget import DriftEstimate
+from piece_surgery.training.deltas import trained_delta
+from piece_surgery.training.sparse_grad import SparseParameters
+
+HOLDER = "piece_surgery"  # the submodule of the model that holds the trainable values
+
+
+class _Values(torch.nn.Module):
+    """The trainable values as parameters of one module (ParameterDict keys cannot hold dots)."""
+
+    def __init__(self, values: dict[str, torch.nn.Parameter]):
+        super().__init__()
+        self.values = torch.nn.ParameterDict({_key(n): v for n, v in values.items()})
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class SparseModel:
+    """The handle `sparsify` returns: `model` (the user's, changed in place), `values` (tensor name ->
+    the fp32 Parameter of its k selected values, in the mask's index order), `to_delta` and
+    `save_delta` (the delta of the values now against the base), and `unsparsify`."""
+
+    def __init__(self, model: torch.nn.Module, mask: Mask, checkpoint: Checkpoint | None):
+        if hasattr(model, HOLDER):
+            raise PieceError("this model is sparsified already: unsparsify() it first")
+        self.model, self.mask, self.checkpoint = model, mask, checkpoint
+        self._loaded = loaded(model, checkpoint)
+        params = self._loaded.parameters()
+        for name in mask.indices:
+            if name not in params:
+                raise PieceError(f"the mask selects tensor '{name}', which this model does not have")
+            if tuple(params[name].shape) != tuple(mask.shapes[name]):
+                shapes = f"{list(mask.shapes[name])} in the mask, {list(params[name].shape)} in the model"
+                raise PieceError(f"tensor '{name}' is {shapes}: a mask of another model")
+        self.sparse = SparseParameters({n: params[n] for n in mask.indices}, mask.indices)
+        self.sparse.attach(model)
+        model.add_module(HOLDER, _Values(self.sparse.values))
+        self.drift = DriftEstimate(self.sparse, mask.fisher) if mask.fisher is not None else None
+
+    @property
+    def values(self) -> dict[str, torch.nn.Parameter]:
+        return self.sparse.values
+
+    def write(self) -> None:
+        """Put the values into the model's weights now (a forward pass does it by itself)."""
+        self.sparse.write()
+
+    def predicted_drift(self) -> float | None:
+        """1/2 sum F d^2 (nats per token) for a piece-r mask, which carries the retain Fisher."""
+        return self.drift.value() if self.drift is not None else None
+
+    def add_retain_penalty(self, weight: float) -> None:
+        """Add the gradient of weight/2 sum F d^2 to the values' gradients (a piece-r mask)."""
+        if self.drift is None:
+            raise PieceError("the retain penalty needs a mask that carries the retain Fisher (piece-r)")
+        self.drift.add_penalty_gradient(weight)
+
+    def to_delta(self, *, base: Checkpoint | None = None, provenance: dict[str, Any] | None = None) -> Delta:
+        """The delta of the values now against the base: the base's values read from `base`'s files
+        (default: the checkpoint the model was loaded from), else those the weights held when
+        sparsified; each value rounded once to its weight's dtype, so applying the delta to the
+        base gives this model's weights bit for bit. `provenance`: what trained it (fields of
+        TrainProvenance: hyperparameters, data, steps, final_train_loss, ...)."""
+        values = {n: v.detach().cpu() for n, v in self.values.items()}
+        base = base or self.checkpoint
+        info = DeltaInfo(base.identity if base is not None else None, self._provenance(provenance or {}))
+        if base is not None:
+            model = self._loaded if base is self.checkpoint else loaded(self.model, base)
+            return trained_delta(base, model, self.mask.indices, values, info)
+        entries = {}
+        for name, idx in self.mask.indices.items():
+            dtype = self.sparse.params[name].dtype
+            base_values = self.sparse.base_values[name].cpu().to(dtype)
+            entries[name] = (idx.cpu(), base_values, values[name].to(dtype))
+        return delta_from_values(entries, dict(self.mask.shapes), info)
+
+    def save_delta(
+        self,
+        folder: str | Path,
+        *,
+        base: Checkpoint | None = None,
+        provenance: dict[str, Any] | None = None,
+        format_version: int = DEFAULT_FORMAT,
+        overwrite: bool = False,
+    ) -> Delta:
+        """Write to_delta() as a delta folder (the artifact `train` writes), atomically. PieceError
+        for an existing folder without `overwrite`, or one that overlaps the base."""
+        ref = base or self.checkpoint
+        inputs = [ref.folder] if ref is not None else []
+        output = check_output(folder, overwrite=overwrite, inputs=inputs)
+        delta = self.to_delta(base=base, provenance=provenance)
+        save_delta(delta, output, format_version=format_version)
+        return delta
+
+    def unsparsify(self, *, merge: bool = False) -> torch.nn.Module:
+        """Undo sparsify: the hooks off, the values' module gone, every parameter's requires_grad as
+        it was; the weights back at the base's values, or holding the trained ones with `merge`.
+        Returns the model."""
+        if merge:
+            self.sparse.write()
+        else:
+            self.sparse.write(self.sparse.base_values)
+        self.sparse.detach()
+        delattr(self.model, HOLDER)
+        return self.model
+
+    def _provenance(self, given: dict[str, Any]) -> TrainProvenance:
+        info = self.mask.info
+        fields = {
+            "method": info.method,
+            "density": info.density,
+            "mask": {
+                "method": info.method,
+                "density": info.density,
+                "data": info.data.to_json() if info.data else None,
+                "seed": info.seed,
+                "k": self.mask.k,
+            },
+            "hyperparameters": {},
+            "data": None,
+            "eval_data": None,
+            "steps": 0,
+            "final_train_loss": None,
+            "final_eval_loss": None,
+            "predicted_drift": self.predicted_drift(),
+        }
+        return TrainProvenance(**{**fields, **given, "made_by": "trainer"})
