@@ -3,7 +3,9 @@
 Same data, batch, sequence length and steps. Step time: the median over the steps after the first
 (warm-up) one.
 Targets (issues 4 and 25): peak memory at or below LoRA's; step time at or below full fine-tuning's,
-and at or below LoRA r=2 on q,v's (about the same trainable count) over 20+ steps.
+and at or below LoRA r=2 on q,v's (about the same trainable count) over 20+ steps. Issue 34 adds the
+Hugging Face Trainer path: a sparsified model (piece_surgery.sparsify, PieceCallback) against the
+CLI's loop and against PEFT LoRA in the same Trainer, at equal trainable count.
 Run: python benchmarks/train_speed.py [--steps 21 --batch-size 4 --max-length 128] [--fixed-mmap-threshold]
 
 Peak RSS on CPU depends on glibc's allocator as well as on live tensors: by default glibc raises its
@@ -131,6 +133,89 @@ def sparse(folder, data, steps, batch_size, max_length, mask_path) -> dict:
     }
 
 
+class _StepTimes:
+    """A TrainerCallback's timings: seconds from each step's begin to its end."""
+
+    def __init__(self):
+        self.times, self.start = [], None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        timings = self
+
+        class Timed(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                timings.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                timings.times.append(time.perf_counter() - timings.start)
+                if state.global_step == 1:
+                    reset_peak()  # the peak of the training steps, after loading and set-up
+
+        return Timed()
+
+
+def _trainer_run(model, dataset, steps, batch_size, callbacks) -> float:
+    from transformers import Trainer, TrainingArguments
+
+    from piece_surgery.data.batches import collate
+
+    timings = _StepTimes()
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        adam_beta2=0.95,
+        weight_decay=0.0,
+        optim="adamw_torch",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset.examples,
+        data_collator=lambda batch: collate(batch, 0),
+        callbacks=[*callbacks, timings.callback()],
+    )
+    trainer.train()
+    return statistics.median(timings.times[1:] or timings.times)
+
+
+def trainer_sparse(folder, data, steps, batch_size, max_length, mask_path) -> dict:
+    """The same 0.1% mask trained by Hugging Face Trainer on a sparsified model."""
+    import piece_surgery
+    from piece_surgery.formats.mask import load_mask
+
+    dataset, model, _ = _setup(folder, data, max_length)
+    mask = load_mask(mask_path)
+    sparse_model = piece_surgery.sparsify(model, mask)
+    callback = piece_surgery.PieceCallback(sparse_model, output_dir=tempfile.mkdtemp() + "/delta")
+    seconds = _trainer_run(model, dataset, steps, batch_size, [callback])
+    return {"step_seconds": seconds, "trainable": mask.k}
+
+
+def trainer_lora(folder, data, steps, batch_size, max_length, rank, modules) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    dataset, model, _ = _setup(folder, data, max_length)
+    model = get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=modules, lora_dropout=0.0)
+    )
+    seconds = _trainer_run(model, dataset, steps, batch_size, [])
+    return {
+        "step_seconds": seconds,
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
 def score_mask(folder: Path, data: Path, method: str, out: Path) -> dict:
     from piece_surgery.recipes.score import score_checkpoint
     from piece_surgery.scoring.methods import METHODS
@@ -189,6 +274,14 @@ def main() -> None:
             {
                 "run": "piece-surgery sparse, piece-s 0.1% mask",
                 **measure(sparse, folder, data, *common, masks["piece-s"]),
+            },
+            {
+                "run": "HF Trainer: sparsified model, piece-s 0.1% mask",
+                **measure(trainer_sparse, folder, data, *common, masks["piece-s"]),
+            },
+            {
+                "run": "HF Trainer: LoRA r=2 on q_proj,v_proj (peft)",
+                **measure(trainer_lora, folder, data, *common, 2, ["q_proj", "v_proj"]),
             },
         ]
     full, lora_row = rows[0], rows[1]
