@@ -184,6 +184,7 @@ class RetainRecord(JsonRecord):
     damping_value: float = dataclasses.field(metadata={"json": "delta"})
     fisher_scale: float  # per-token Fisher = F_retain x this (1 / sum over micro-batches of 1/tokens)
     self_sampling: dict[str, int] | None = None  # seed, samples and length of the "self" text
+    chat_sampling: dict[str, int] | None = None  # seed, instructions and answer length of "chat"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from piece_surgery.models.pairing import parameter_keys
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.records import AvoidRecord
 from piece_surgery.scoring.methods import method_named
-from piece_surgery.scoring.options import GENERAL, SELF, ScoreOptions
+from piece_surgery.scoring.options import CHAT, GENERAL, SELF, ScoreOptions
 from piece_surgery.scoring.retain import Avoided, ScoringInputs, general_text
 
 # an earlier task to leave alone: (its reference as given, its name in records, the mask or delta)
@@ -86,8 +86,8 @@ def read_scoring_inputs(
     avoid (masks and deltas, opened: formats.artifacts.open_artifact)."""
     inputs = ScoringInputs()
     for ref in retain:
-        if str(ref) == SELF:
-            inputs.retain.append(SELF)
+        if str(ref) in (SELF, CHAT):  # written by the model once it is loaded
+            inputs.retain.append(str(ref))
         elif str(ref) == GENERAL:
             inputs.retain.append(read(general_text(), GENERAL))
         else:

@@ -35,7 +35,8 @@ def check_normalization(how: str) -> None:
 DEFAULT_RETAIN_DAMPING = 0.01
 SELF = "self"  # --retain self: text sampled from the model itself
 GENERAL = "general"  # --retain general: the general-text set shipped with the package
-NAMED_SETS = (SELF, GENERAL)  # retain sources named by a word, not a path
+CHAT = "chat"  # --retain chat: the model's own answers to the shipped instructions, as chats
+NAMED_SETS = (SELF, GENERAL, CHAT)  # retain sources named by a word, not a path
 # piece-r without --retain keeps the shipped general-text set: on every domain of
 # benchmarks/multidomain.py it drifted less than the model's own text at equal gain, on Wikipedia and
 # on the model's own chat answers alike (docs/evidence.md, "Seven domains")
@@ -91,9 +92,10 @@ class ScoreOptions(JsonRecord):
     retain: list[str] | None = field(
         default=None,
         metadata={
-            "help": "piece-r: text whose behaviour to keep: a data file, general (the shipped set) or "
-            "self; repeatable. [default: general]",
-            "metavar": "FILE|self|general",
+            "help": "piece-r: text whose behaviour to keep: a data file, general (the shipped set), "
+            "chat (the model's own answers to shipped instructions) or self; repeatable. "
+            "[default: general]",
+            "metavar": "FILE|general|chat|self",
             "transient": True,
         },
     )

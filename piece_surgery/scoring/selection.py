@@ -26,7 +26,7 @@ from piece_surgery.runtime.sharding import is_sharded, local_part, reshard
 from piece_surgery.scoring.importance import PassStats, accumulate_gradients, normalize_scores, reduce_pass
 from piece_surgery.scoring.methods import ScoreInputs, method_named
 from piece_surgery.scoring.options import ScoreOptions
-from piece_surgery.scoring.retain import SELF, Avoided, ScoringInputs, sample_self
+from piece_surgery.scoring.retain import CHAT, SELF, Avoided, ScoringInputs, sample_chat, sample_self
 
 
 def score_model(
@@ -200,6 +200,7 @@ def _retain_record(
     retain: Sequence[Dataset], stats: PassStats, options: ScoreOptions, damping_value: float
 ) -> RetainRecord:
     self_text = next((d for d in retain if d.name == SELF), None)
+    chat = next((d for d in retain if d.name == CHAT), None)
     return RetainRecord(
         sources=[d.record() for d in retain],
         labels=options.retain_labels,
@@ -211,6 +212,15 @@ def _retain_record(
             # the length written: --self-length, or less where the model's context is shorter
             {"seed": options.seed, "samples": options.self_samples, "length": self_text.max_length - 1}
             if self_text
+            else None
+        ),
+        chat_sampling=(
+            {
+                "seed": options.seed,
+                "instructions": chat.read,
+                "length": min(options.self_length, chat.max_length // 2),
+            }
+            if chat
             else None
         ),
     )
@@ -230,12 +240,7 @@ def score_loaded(
     """Score a checkpoint whose model is loaded, with its retain data and avoided entries; the mask
     records the model, the retain text (text the model writes itself is sampled here: every rank
     writes the same, from the same seed) and what it avoided."""
-    retain = [
-        self_text(checkpoint, model, options, max_length=run.max_length, quiet=quiet)
-        if source == SELF
-        else source
-        for source in inputs.retain
-    ]
+    retain = [_written(source, checkpoint, model, options, run, quiet) for source in inputs.retain]
     if run.fsdp:
         reshard(model.module)  # generating the self text left the root module's weights gathered
     total = sum(len(d.examples) for d in [*([dataset] if dataset else []), *retain])
@@ -253,6 +258,21 @@ def score_loaded(
             progress=bar,
             world=world,
         )
+
+
+def _written(source, checkpoint: Checkpoint, model: LoadedModel, options: ScoreOptions, run, quiet: bool):
+    """A retain source as scoring reads it: the text the model writes itself (self, chat) written
+    now, every rank the same from the same seed; a dataset read before, as it is."""
+    if source == SELF:
+        return self_text(checkpoint, model, options, max_length=run.max_length, quiet=quiet)
+    if source == CHAT:  # an answer takes at most half the positions: the instruction fits beside it
+        max_length = min(run.max_length, checkpoint.context_length() or run.max_length)
+        length = min(options.self_length, max_length // 2)
+        tokenizer = checkpoint.load_tokenizer()
+        return sample_chat(
+            model.module, tokenizer, length=length, seed=options.seed, max_length=max_length, quiet=quiet
+        )
+    return source
 
 
 def self_text(
