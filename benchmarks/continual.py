@@ -41,7 +41,7 @@ from piece_surgery.evaluation.loss import mean_token_loss
 from piece_surgery.models.checkpoint import Checkpoint, LoadedModel, open_checkpoint
 from piece_surgery.models.pairing import parameter_keys
 from piece_surgery.recipes.score import ScoreOptions
-from piece_surgery.scoring.retain import Avoided, sample_self  # noqa: E402
+from piece_surgery.scoring.retain import Avoided, sample_chat, sample_self  # noqa: E402
 from piece_surgery.scoring.selection import score_model
 from piece_surgery.training.config import TrainConfig
 from piece_surgery.training.loop import train_sparse
@@ -392,6 +392,9 @@ def train_method(
 def _retain_set(
     name: str, model, checkpoint: Checkpoint, options: ScoreOptions, sets: dict | None
 ) -> Dataset:
+    if name == "chat":  # the model's own answers to the shipped instructions, as `--retain chat`
+        tokenizer = checkpoint.load_tokenizer()
+        return sample_chat(model, tokenizer, length=options.self_length, seed=options.seed, max_length=512)
     if name == "self":
         return sample_self(
             model,

