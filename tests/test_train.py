@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import assert_clean_failure, bitwise_equal, read_all
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from piece_surgery.evaluation.loss import evaluate
 from piece_surgery.formats.delta_folder import load_delta
@@ -358,3 +359,45 @@ def test_every_split_of_a_global_batch_trains_the_same_values(tiny, tmp_path, cl
         assert other.keys() == values[0].keys()
         for key in other:
             torch.testing.assert_close(other[key], values[0][key], rtol=1e-5, atol=1e-7)
+
+
+def test_the_sparse_trainer_matches_plain_adamw_on_dense_weights_with_masked_gradients(tiny, code_data):
+    """An independent reference: the dense model, every weight a parameter, its gradient zeroed
+    outside the mask, and torch.optim.AdamW over all of it (zero gradients leave the other entries
+    where they are: no weight decay). Same examples per step, same loss (the mean over the step's
+    loss-bearing tokens), same clipping: the mask's entries end where the sparse trainer puts them."""
+    from piece_surgery.data.batches import collate
+    from piece_surgery.evaluation.loss import token_loss_sum
+    from piece_surgery.training.schedule import step_examples
+
+    folder = tiny("llama")
+    mask, dataset, model, params = setup(folder, code_data, density=0.05)
+    config = TrainConfig(lr=3e-3, max_steps=4, batch_size=2, grad_accum=2, clip=0.05)
+    reference = AutoModelForCausalLM.from_pretrained(folder)
+    named = dict(reference.named_parameters())
+    masked = {name: named[name] for name in mask.indices}  # stored names are the parameter names here
+    keep = {n: torch.zeros(p.numel(), dtype=torch.bool) for n, p in masked.items()}
+    for n, idx in mask.indices.items():
+        keep[n][idx] = True
+    optimizer = torch.optim.AdamW(list(masked.values()), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    for p in reference.parameters():
+        p.requires_grad_(any(p is q for q in masked.values()))
+    for step in range(4):
+        chosen = step_examples(step, len(dataset.examples), config)
+        tokens = sum(dataset.examples[i].loss_tokens for i in chosen)
+        for start in range(0, len(chosen), 2):
+            batch = collate([dataset.examples[i] for i in chosen[start : start + 2]], 0)
+            logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            (token_loss_sum(logits, batch["labels"])[0] / tokens).backward()
+        for n, p in masked.items():
+            p.grad.view(-1)[~keep[n]] = 0.0
+        torch.nn.utils.clip_grad_norm_(list(masked.values()), 0.05)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    result = train_sparse(model, params, mask.indices, dataset, config)
+    for name, idx in mask.indices.items():
+        expected = masked[name].detach().reshape(-1)[idx]
+        torch.testing.assert_close(result.values[name], expected, rtol=1e-5, atol=1e-6)
+        outside = masked[name].detach().reshape(-1)[~keep[name]]
+        assert torch.equal(outside, params[name].detach().reshape(-1)[~keep[name]])  # untouched either way
