@@ -41,7 +41,10 @@ def score_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="Mask file to write (.safetensors).")],
     data: Annotated[
         Path | None,
-        typer.Option(help=".txt (one example per line) or .jsonl. [required unless magnitude/random]"),
+        typer.Option(
+            help="Data: .txt, .jsonl, .json, .parquet, .arrow or a datasets folder (README: Data formats). "
+            "[required unless magnitude/random]"
+        ),
     ] = None,
     avoid: Avoid = None,
     overwrite: Overwrite = False,
@@ -87,7 +90,10 @@ TRAIN_SCORING = {
 @takes(ScoreOptions, "scoring", given_only=True, **TRAIN_SCORING)
 def train_command(
     model: Model,
-    data: Annotated[Path, typer.Option(help="Training data: .txt (one example per line) or .jsonl.")],
+    data: Annotated[
+        Path,
+        typer.Option(help="Training data: .txt, .jsonl, .json, .parquet, .arrow or a datasets folder."),
+    ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Delta folder to write.")],
     mask: Annotated[
         str | None, typer.Option(help="Mask from `score` (else: score first on --data).", metavar="MASK")
