@@ -162,4 +162,19 @@ def summary_table(summary: dict, key: str, title: str) -> Table:
     return table
 
 
+def retain_line(retain: dict) -> str:
+    """The retain sets a piece-r mask kept in mind, in a line: each by name and examples (`self`
+    by its samples and length), the labels and the damping."""
+    shown = []
+    for source in retain.get("sources") or []:
+        if source.get("file") == "self" and retain.get("self_sampling"):
+            sampling = retain["self_sampling"]
+            shown.append(f"self ({sampling.get('samples')} texts of up to {sampling.get('length')} tokens)")
+        else:
+            shown.append(f"{source.get('file')} ({source.get('examples')} examples)")
+    return (
+        f"retain: {', '.join(shown) or '-'}; {retain.get('labels')} labels, damping q{retain.get('damping')}"
+    )
+
+
 OutputFolder = Annotated[Path, typer.Option("-o", "--output", help="Delta folder to write.")]

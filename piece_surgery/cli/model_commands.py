@@ -18,6 +18,7 @@ from piece_surgery.cli.common import (
     app,
     delta_format,
     emit,
+    retain_line,
     takes_run_options,
 )
 from piece_surgery.cli.options import takes
@@ -73,6 +74,8 @@ def score_command(
             f"mean loss {result['mean_loss']:.4f}"
             + (f"; skipped {skipped} with no loss-bearing token" if skipped else "")
         )
+    if result["retain"]:
+        lines.append(retain_line(result["retain"]))
     emit("score", result, as_json, lines)
 
 
@@ -109,6 +112,18 @@ def train_command(
         ),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the saved state.")] = False,
+    report_to: Annotated[
+        str,
+        typer.Option(
+            help="Log every step to TensorBoard and/or W&B (comma-separated; pip install "
+            "'piece-surgery[tensorboard]' or '[wandb]').",
+            metavar="tensorboard|wandb|none",
+        ),
+    ] = "none",
+    logging_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where --report-to writes. [default: OUT.logs beside the delta]", metavar="FOLDER"),
+    ] = None,
     compact: Compact = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -137,6 +152,8 @@ def train_command(
         resume=resume,
         overwrite=overwrite,
         delta_format=delta_format(compact),
+        report_to=report_to,
+        logging_dir=logging_dir,
     )
     report = trained.to_json(model=model, mask_ref=mask, output=output, seconds=time.perf_counter() - start)
     emit("train", report, as_json, _train_lines(report))
@@ -146,7 +163,8 @@ def _train_lines(report: dict) -> list[str]:
     first = report["first_train_loss"]
     lines = [
         f"wrote {report['output']}: {report['entries']:,} changed entries of a "
-        f"{report['mask_entries']:,}-entry mask, {report['steps']} steps",
+        f"{report['mask_entries']:,}-entry mask, {report['steps']} steps "
+        + (f"on {report['ranks']} processes" if report["ranks"] > 1 else "in one process"),
         f"train loss {first:.4f} -> {report['final_train_loss']:.4f}"
         if first is not None
         else "no steps run",
