@@ -54,6 +54,7 @@ def schemas():
         "score",
         "train",
         "eval",
+        "generate",
         "diff",
         "apply",
         "push",
@@ -95,6 +96,15 @@ def test_every_command_matches_its_documented_schema(schemas, tiny, code_data, t
     measured = run_json(cli, "eval", base, tmp_path / "d", tuned, "--data", code_data, "--self-samples", "2")
     check(measured, schemas["eval"])
     assert [c["kind"] for c in measured["candidates"]] == ["delta", "checkpoint"]
+    answers = run_json(
+        cli, "generate", base, tmp_path / "d", tuned, "--prompt", "hi", "--max-new-tokens", "3"
+    )
+    check(answers, schemas["generate"])
+    assert [a["model"] for a in answers["prompts"][0]["answers"]] == [
+        str(base),
+        str(tmp_path / "d"),
+        str(tuned),
+    ]
     for extra in ([], ["--dry-run"]):
         check(
             run_json(cli, "apply", base, tmp_path / "d", tmp_path / "d2", "-o", tmp_path / "m", *extra),
@@ -128,6 +138,7 @@ def test_every_command_takes_quiet_and_json(cli):
         "score",
         "train",
         "eval",
+        "generate",
         "diff",
         "apply",
         "push",

@@ -5,6 +5,7 @@ records name (inputs of the command, as its reader opens them)."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,6 @@ from piece_surgery.data.shapes import EXPECTED, SHAPE_FIELDS, ShapeError, as_rec
 from piece_surgery.data.tables import (
     TABLE_SUFFIXES,
     Table,
-    folder_digest,
     read_saved_dataset,
     read_table_file,
     saved_dataset_files,
@@ -63,6 +63,15 @@ def read_data(path: Path, max_samples: int | None = None) -> DataFile:
     .arrow/.feather, or a folder saved with `datasets`' save_to_disk. The digest is the file's
     sha256 (for a folder: tables.folder_digest). PieceError, one line, for a missing source, a
     suffix it does not read, a record of no known shape (naming its fields), or no records."""
+    rows = read_rows(path, max_samples)
+    if Path(path).suffix.lower() == ".txt" and Path(path).is_file():  # a line is a text record as it is
+        return rows
+    return DataFile([(where, _checked(row, where)) for where, row in rows.records], rows.sha256, rows.folder)
+
+
+def read_rows(path: Path, max_samples: int | None = None) -> DataFile:
+    """A data source's rows as they are (strings for .txt, objects otherwise; not yet mapped onto
+    records): read_data's reading, for readers of other shapes (prompts.py)."""
     path = Path(path)
     if not path.exists():
         raise PieceError(f"data file '{path}' not found")
@@ -74,19 +83,30 @@ def read_data(path: Path, max_samples: int | None = None) -> DataFile:
                 f"state.json); give a data file ({SUFFIXES_SHOWN}) or such a folder"
             )
         table = read_saved_dataset(path, max_samples)
-        return DataFile(_table_records(table, str(path)), folder_digest(path, files), path)
+        return DataFile(_table_rows(table, str(path)), folder_digest(path, files), path)
     if not path.is_file():
         raise PieceError(f"data file '{path}' is a device, not a file; give a data file ({SUFFIXES_SHOWN})")
     suffix = path.suffix.lower()
     if suffix in TABLE_SUFFIXES:
-        records = _table_records(read_table_file(path, max_samples), str(path))
+        rows = _table_rows(read_table_file(path, max_samples), str(path))
     elif suffix in (".txt", ".jsonl", ".json"):
-        records = _text_records(path, suffix, max_samples)
+        rows = _text_rows(path, suffix, max_samples)
     else:
         raise PieceError(f"data file '{path}' must be one of {SUFFIXES_SHOWN}, or a `datasets` folder")
-    if not records:
+    if not rows:
         raise PieceError(f"data file '{path}' has no examples")
-    return DataFile(records, file_sha256(path), path.parent)
+    return DataFile(rows, file_sha256(path), path.parent)
+
+
+def folder_digest(folder: Path, files: list[Path]) -> str:
+    """A saved dataset's digest: the sha256 of, for each of its Arrow files in the order it reads
+    them, the file's name (as state.json gives it), a zero byte, the file's sha256 (hex) and a
+    newline (docs/formats.md)."""
+    digest = hashlib.sha256()
+    for file in files:
+        name = file.relative_to(folder).as_posix()
+        digest.update(name.encode() + b"\0" + file_sha256(file).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def read_records(path: Path, max_samples: int | None = None) -> list[tuple[str, str | dict]]:
@@ -94,16 +114,15 @@ def read_records(path: Path, max_samples: int | None = None) -> list[tuple[str, 
     return read_data(path, max_samples).records
 
 
-def _text_records(path: Path, suffix: str, max_samples: int | None) -> list[tuple[str, str | dict]]:
+def _text_rows(path: Path, suffix: str, max_samples: int | None) -> list[tuple[str, object]]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise PieceError(f"data file '{path}' is not UTF-8 text") from exc
     if suffix == ".json" and text.lstrip().startswith("["):
         rows = parse_json(text, f"data file '{path}'")
-        found = [(f"{path}: record {i}", row) for i, row in enumerate(rows, 1)]
-        return [(where, _checked(row, where)) for where, row in found[:max_samples]]
-    records: list[tuple[str, str | dict]] = []
+        return [(f"{path}: record {i}", row) for i, row in enumerate(rows, 1)][:max_samples]
+    records: list[tuple[str, object]] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if max_samples is not None and len(records) >= max_samples:
             break
@@ -113,17 +132,17 @@ def _text_records(path: Path, suffix: str, max_samples: int | None) -> list[tupl
         if suffix == ".txt":
             records.append((where, line))
             continue
-        records.append((where, _checked(parse_json(line, f"{where}:"), where)))
+        records.append((where, parse_json(line, f"{where}:")))
     return records
 
 
-def _table_records(table: Table, name: str) -> list[tuple[str, dict]]:
+def _table_rows(table: Table, name: str) -> list[tuple[str, dict]]:
     if not any(c in SHAPE_FIELDS for c in table.columns):
         columns = ", ".join(f"'{c}'" for c in table.columns) or "none"
         raise PieceError(f"{name}: found the columns {columns}; {EXPECTED}")
     if not table.rows:
         raise PieceError(f"data file '{name}' has no examples")
-    return [(f"{name}: row {i}", _checked(row, f"{name}: row {i}")) for i, row in enumerate(table.rows, 1)]
+    return [(f"{name}: row {i}", row) for i, row in enumerate(table.rows, 1)]
 
 
 def _checked(row, where: str) -> dict:
@@ -132,13 +151,13 @@ def _checked(row, where: str) -> dict:
         record = as_record(row)
     except ShapeError as exc:
         raise PieceError(f"{where}: {exc}") from None
-    problem = _record_problem(record)
+    problem = messages_problem(record)
     if problem:
         raise PieceError(f"{where}: {problem}")
     return record
 
 
-def _record_problem(record: dict) -> str | None:
+def messages_problem(record: dict) -> str | None:
     """What is wrong with a mapped record's messages, or None."""
     if "messages" not in record:
         return None

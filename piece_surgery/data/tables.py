@@ -9,13 +9,12 @@ reading a table runs no code from the file.
 
 from __future__ import annotations
 
-import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from piece_surgery.data.shapes import SHAPE_FIELDS, without_nulls
 from piece_surgery.runtime.errors import PieceError, first_line
-from piece_surgery.runtime.json_files import file_sha256, read_json
 
 EXTRA = "pip install 'piece-surgery[data]'"
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather")
@@ -84,7 +83,7 @@ def saved_dataset_files(folder: Path) -> list[Path] | None:
     (its state.json's `_data_files`); None for a folder that is no such dataset. PieceError for a
     DatasetDict folder (several splits), naming them."""
     if (folder / "dataset_dict.json").is_file():
-        splits = read_json(folder / "dataset_dict.json", f"'{folder / 'dataset_dict.json'}'")
+        splits = _small_json(folder / "dataset_dict.json")
         names = splits.get("splits") if isinstance(splits, dict) else None
         shown = ", ".join(map(str, names)) if isinstance(names, list) and names else "several splits"
         first = names[0] if isinstance(names, list) and names else "train"
@@ -95,7 +94,7 @@ def saved_dataset_files(folder: Path) -> list[Path] | None:
     state = folder / "state.json"
     if not state.is_file():
         return None
-    record = read_json(state, f"'{state}'")
+    record = _small_json(state)
     files = record.get("_data_files") if isinstance(record, dict) else None
     if not isinstance(files, list) or not all(isinstance(f, dict) and "filename" in f for f in files):
         raise PieceError(f"'{state}' does not list the dataset's files (_data_files); save it again")
@@ -125,12 +124,9 @@ def read_saved_dataset(folder: Path, max_rows: int | None) -> Table:
     return Table([without_nulls(row) for row in table.to_pylist()], columns)
 
 
-def folder_digest(folder: Path, files: list[Path]) -> str:
-    """A saved dataset's digest: the sha256 of, for each of its Arrow files in the order it reads
-    them, the file's name (as state.json gives it), a zero byte, the file's sha256 (hex) and a
-    newline (docs/formats.md)."""
-    digest = hashlib.sha256()
-    for file in files:
-        name = file.relative_to(folder).as_posix()
-        digest.update(name.encode() + b"\0" + file_sha256(file).encode() + b"\n")
-    return digest.hexdigest()
+def _small_json(path: Path):
+    """A `datasets` folder's own small JSON file (state.json, dataset_dict.json), parsed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PieceError(f"'{path}' cannot be read as JSON: {first_line(exc)}") from None
