@@ -64,6 +64,7 @@ def workspace(folder: Path, hub) -> None:
     for name in ("domain.jsonl", "d.jsonl"):
         (folder / name).write_text(lines)
     data_formats(folder, code)
+    (folder / "prompts.txt").write_text("Write a function that adds two numbers.\nName three rivers.\n")
     (folder / "general.txt").write_text(
         "The quick brown fox jumps over the lazy dog.\nRivers flow to the sea.\n"
     )
