@@ -133,6 +133,7 @@ def test_evals_table_shows_every_set_and_whole_candidate_names():
     result = {
         "base": "m",
         "data": {"file": "d.jsonl"},
+        "general": [{"file": "g.txt"}, {"file": "general"}],
         "candidates": [row(names[0], 1e-5), row(names[1], 3e-5)],
     }
     console = Console(width=80, record=True)
@@ -140,5 +141,5 @@ def test_evals_table_shows_every_set_and_whole_candidate_names():
     text = console.export_text()
     column = "".join(line.split("│")[1].strip() for line in text.splitlines() if line.count("│") > 2)
     assert names[0] in column and names[1] in column  # folded onto lines, never cut
-    for value in ("1e-05", "2e-05", "3e-05", "6e-05", "1,000", " 23 ", " 26 "):
+    for value in ("1e-05", "2e-05", "3e-05", "6e-05", "1,000", " 23 ", " 26 ", " d.jsonl ", " general "):
         assert value in text, value

@@ -314,12 +314,13 @@ def _eval_table(result: dict):
     from rich.table import Table
     from rich.text import Text
 
+    domain = result["data"]["file"] if result["data"] else None
+    sets = [domain or "", *(g["file"] for g in result["general"])]
     table = Table(title=f"against {result['base']}")
     table.add_column("candidate", overflow="fold", ratio=2)
-    table.add_column("set", overflow="fold", ratio=1)
+    table.add_column("set", overflow="fold", min_width=min(max(map(len, sets)), 24))
     for column in ("gain", "drift (KL)", "top-1 changed", "tokens", "seconds"):
         table.add_column(column, justify="right", no_wrap=True)
-    domain = result["data"]["file"] if result["data"] else None
     for row in result["candidates"]:
         name, seconds = Text(row["candidate"]), f"{row['seconds']:.1f}"
         if not row["changes_outputs"]:
