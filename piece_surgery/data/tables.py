@@ -120,7 +120,7 @@ def read_saved_dataset(folder: Path, max_rows: int | None) -> Table:
     columns = list(dataset.column_names)
     shown = dataset.select_columns(_shape_columns(columns)).with_format("arrow")
     count = len(shown) if max_rows is None else min(max_rows, len(shown))
-    table = shown[:count] if count else shown.data.table.slice(0, 0)
+    table = shown[:count]  # a pyarrow Table of the first rows (the dataset's own row order)
     return Table([without_nulls(row) for row in table.to_pylist()], columns)
 
 
