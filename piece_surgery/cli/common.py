@@ -31,6 +31,7 @@ METAVARS = {
     "output": "PATH",
     "data": "FILE",
     "eval_data": "FILE",
+    "prompts": "FILE",
     "recipe": "FILE",
     "on_conflict": "sum|mean|ties|error",
     "shard_size": "SIZE",
