@@ -54,6 +54,7 @@ def schemas():
         "score",
         "train",
         "eval",
+        "generate",
         "diff",
         "apply",
         "push",
@@ -76,9 +77,9 @@ def test_every_command_matches_its_documented_schema(schemas, tiny, code_data, t
     base = tiny("llama", dtype=torch.bfloat16)
     check(run_json(cli, "tiny-model", tmp_path / "tiny"), schemas["tiny-model"])
     mask = tmp_path / "m.safetensors"
-    check(
-        run_json(cli, "score", base, "--data", code_data, "-o", mask, "--density", "0.01"), schemas["score"]
-    )
+    scored = run_json(cli, "score", base, "--data", code_data, "-o", mask, "--density", "0.01")
+    check(scored, schemas["score"])
+    assert [source["file"] for source in scored["retain"]["sources"]] == ["general"]  # piece-r's default
     result = run_json(cli, "score", base, "-o", tmp_path / "r.safetensors", "--method", "random")
     check(result, schemas["score"])
     assert result["mean_loss"] is None
@@ -95,13 +96,25 @@ def test_every_command_matches_its_documented_schema(schemas, tiny, code_data, t
     measured = run_json(cli, "eval", base, tmp_path / "d", tuned, "--data", code_data, "--self-samples", "2")
     check(measured, schemas["eval"])
     assert [c["kind"] for c in measured["candidates"]] == ["delta", "checkpoint"]
+    answers = run_json(
+        cli, "generate", base, tmp_path / "d", tuned, "--prompt", "hi", "--max-new-tokens", "3"
+    )
+    check(answers, schemas["generate"])
+    assert [a["model"] for a in answers["prompts"][0]["answers"]] == [
+        str(base),
+        str(tmp_path / "d"),
+        str(tuned),
+    ]
     for extra in ([], ["--dry-run"]):
         check(
             run_json(cli, "apply", base, tmp_path / "d", tmp_path / "d2", "-o", tmp_path / "m", *extra),
             schemas["apply"],
         )
     check(run_json(cli, "push", tmp_path / "d", "user/json-schema"), schemas["push"])
-    check(run_json(cli, "inspect", mask), schemas["inspect"], "mask")
+    inspected = run_json(cli, "inspect", mask)
+    check(inspected, schemas["inspect"], "mask")
+    assert inspected["retain"] == scored["retain"]
+    assert "retain: general (128 examples); empirical labels" in cli("inspect", mask)[1]
     check(run_json(cli, "inspect", tmp_path / "d"), schemas["inspect"], "delta")
     check(
         run_json(cli, "export", tmp_path / "d", "--base", base, "-o", tmp_path / "adapter"), schemas["export"]
@@ -128,6 +141,7 @@ def test_every_command_takes_quiet_and_json(cli):
         "score",
         "train",
         "eval",
+        "generate",
         "diff",
         "apply",
         "push",

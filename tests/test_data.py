@@ -71,7 +71,7 @@ def test_collate_pads_without_loss():
     [
         ("", "has no examples"),
         ("not json\n", "not valid JSON"),
-        ('{"title": "x"}\n', "expected an object"),
+        ('{"title": "x"}\n', "found the fields 'title'"),
     ],
 )
 def test_bad_data_files(tmp_path, tok, content, message):

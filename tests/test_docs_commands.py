@@ -4,6 +4,7 @@ in, Hub repo ids are repos of the local test Hub, and every launch line runs on 
 (8 GPUs become 2 ranks). Lines that need what CI does not have (accelerate, Slurm, pip, the
 benchmarks) are skipped, and counted, so the test fails if it stops finding commands."""
 
+import importlib.util
 import os
 import re
 import shlex
@@ -62,6 +63,8 @@ def workspace(folder: Path, hub) -> None:
     lines = "".join('{"text": ' + repr(c).replace("'", '"') + "}\n" for c in code * 3)
     for name in ("domain.jsonl", "d.jsonl"):
         (folder / name).write_text(lines)
+    data_formats(folder, code)
+    (folder / "prompts.txt").write_text("Write a function that adds two numbers.\nName three rivers.\n")
     (folder / "general.txt").write_text(
         "The quick brown fox jumps over the lazy dog.\nRivers flow to the sea.\n"
     )
@@ -89,6 +92,25 @@ def workspace(folder: Path, hub) -> None:
     api.upload_folder(folder_path=str(folder / "lora"), repo_id="user/some-lora-adapter")
 
 
+def data_formats(folder: Path, code: list[str]) -> None:
+    """The same code as Alpaca records (a .json array), a Parquet table of TRL prompt/completion
+    rows, and a `datasets` folder (where the data extra is installed)."""
+    import json
+
+    alpaca = [{"instruction": "Write Python.", "input": "", "output": c} for c in code * 2]
+    (folder / "alpaca.json").write_text(json.dumps(alpaca))
+    if importlib.util.find_spec("pyarrow") is not None:
+        import pyarrow
+        import pyarrow.parquet
+
+        rows = [{"prompt": "# Python\n", "completion": c} for c in code * 2]
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), folder / "train.parquet")
+    if importlib.util.find_spec("datasets") is not None:
+        import datasets
+
+        datasets.Dataset.from_list([{"text": c} for c in code * 2]).save_to_disk(str(folder / "saved"))
+
+
 def lora_adapter(base: Path, out: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -113,12 +135,21 @@ def lora_adapter(base: Path, out: Path) -> None:
     )
 
 
-def extras_installed(argv: list[str]) -> bool:
-    """A line that needs an optional extra (--plot: matplotlib) runs where the extra is installed;
-    without it the command says what to install (tested in test_eval)."""
-    import importlib.util
+# what a line needs of the optional extras, by what it names
+EXTRAS = {
+    "--plot": "matplotlib",
+    "train.parquet": "pyarrow",
+    "saved/": "datasets",
+    "tensorboard": "tensorboard",
+}
 
-    return "--plot" not in argv or importlib.util.find_spec("matplotlib") is not None
+
+def extras_installed(argv: list[str]) -> bool:
+    """A line that needs an optional extra (--plot: matplotlib; a Parquet file: pyarrow) runs where
+    the extra is installed; without it the command says what to install (tested beside each)."""
+    return all(
+        importlib.util.find_spec(module) is not None for word, module in EXTRAS.items() if word in argv
+    )
 
 
 def output_of(argv: list[str]) -> str | None:

@@ -461,4 +461,4 @@ def test_a_hand_edited_record_is_one_line_everywhere(setup, tmp_path, cli, code_
 def test_quiet_keeps_the_table(setup, cli, code_data):
     base, _, delta, general = setup
     code, stdout, _ = cli("eval", base, delta, "--data", code_data, "--general", general, "-q")
-    assert code == 0 and "drift on general.txt" in stdout and "gain" in stdout
+    assert code == 0 and "general.txt" in stdout and "drift (KL)" in stdout and "gain" in stdout

@@ -2,8 +2,8 @@
 
 Every command takes --json (its schema is in docs/cli.md) and -q/--quiet. A user error prints one
 line `error: ...` on stderr (and, under --json, {"error": ...} on stdout) and exits with code 2.
-The commands live in model_commands (score, train) and artifact_commands (diff, apply, inspect,
-push, export, import, tiny-model); this module is the entry point.
+The commands live in model_commands (score, train, eval, generate) and artifact_commands (diff,
+apply, inspect, push, export, import, tiny-model); this module is the entry point.
 """
 
 from __future__ import annotations
@@ -21,7 +21,19 @@ from piece_surgery.cli.common import app, err
 from piece_surgery.runtime.errors import PieceError
 
 # the pipeline's order in `piece-surgery --help`
-ORDER = ("score", "train", "eval", "diff", "apply", "inspect", "push", "export", "import", "tiny-model")
+ORDER = (
+    "score",
+    "train",
+    "eval",
+    "generate",
+    "diff",
+    "apply",
+    "inspect",
+    "push",
+    "export",
+    "import",
+    "tiny-model",
+)
 app.registered_commands.sort(key=lambda command: ORDER.index(command.name))
 
 EXIT_USER_ERROR = 2

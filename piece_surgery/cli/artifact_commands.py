@@ -24,6 +24,7 @@ from piece_surgery.cli.common import (
     delta_format,
     emit,
     out,
+    retain_line,
     summary_table,
     takes_run_options,
 )
@@ -217,14 +218,29 @@ def push_command(
 @app.command("inspect", cls=Command, short_help="Summarise a mask or a delta.")
 def inspect_command(
     path: Annotated[str, typer.Argument(help="A mask file or a delta folder (path or Hub repo id).")],
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Draw a trained delta's loss and drift against its steps to this .png "
+            "(pip install 'piece-surgery[plot]')."
+        ),
+    ] = None,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Summarise a mask or a delta: per layer, per module kind, per part (vision-language), size."""
+    """Summarise a mask or a delta: per layer, per module kind, per part (vision-language), size,
+    what it was made from; --plot draws a trained delta's log."""
     from piece_surgery.formats.artifacts import open_artifact
-    from piece_surgery.recipes.inspect import summarize
+    from piece_surgery.recipes.inspect import plot_log, summarize, training_log
 
-    summary = summarize(open_artifact(path))
+    artifact = open_artifact(path)
+    if plot is not None:
+        training_log(artifact, path)  # before the summary: a mask or an untrained delta has none
+    summary = summarize(artifact)
+    if plot is not None:
+        plot_log(artifact, path, plot, overwrite=overwrite)
+    summary["plot"] = str(plot) if plot is not None else None
     if as_json:
         emit("inspect", {"path": path, **summary}, as_json)
         return
@@ -241,6 +257,8 @@ def inspect_command(
             f"{tensors} tensors touched; norm weights hold {summary['norm_share']:.1%}",
             f"size on disk {summary['file_bytes']:,} bytes",
         ]
+        if summary["retain"]:
+            lines.append(retain_line(summary["retain"]))
     else:
         lines = [
             f"delta {path}: {entries:,} changed entries in {tensors} tensors",
@@ -252,7 +270,22 @@ def inspect_command(
             gain = "-" if e.get("gain") is None else f"{e['gain']:.4f}"
             drift = ", ".join(f"{g['set']} {g['kl']:.4g}" for g in e.get("general") or [])
             lines.append(f"measured: gain {gain} on {data}; drift (KL) {drift}")
+        lines += log_lines(summary["provenance"])
+    if summary["plot"]:
+        lines.append(f"plot: {summary['plot']}")
     emit("inspect", summary, False, lines)
+
+
+def log_lines(provenance: dict | None) -> list[str]:
+    """A trained delta's run in a line: steps, processes, the loss's first and last values."""
+    if not provenance or provenance.get("made_by") != "train":
+        return []
+    log, ranks = provenance.get("log"), provenance.get("ranks")
+    where = "" if ranks is None else (" in one process" if ranks == 1 else f" on {ranks} processes")
+    line = f"trained {provenance['steps']} steps{where}"
+    if log and log["loss"]:
+        line += f"; train loss {log['loss'][0]:.4f} -> {log['loss'][-1]:.4f} (inspect --plot draws it)"
+    return [line]
 
 
 @app.command("export", cls=Command, short_help="Write a delta as a PEFT adapter.")

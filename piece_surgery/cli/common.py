@@ -31,6 +31,7 @@ METAVARS = {
     "output": "PATH",
     "data": "FILE",
     "eval_data": "FILE",
+    "prompts": "FILE",
     "recipe": "FILE",
     "on_conflict": "sum|mean|ties|error",
     "shard_size": "SIZE",
@@ -160,6 +161,21 @@ def summary_table(summary: dict, key: str, title: str) -> Table:
         frac = row["entries"] / row["size"] if row["size"] else 0.0
         table.add_row(name, f"{row['entries']:,}", f"{row['size']:,}", f"{frac:.4%}")
     return table
+
+
+def retain_line(retain: dict) -> str:
+    """The retain sets a piece-r mask kept in mind, in a line: each by name and examples (`self`
+    by its samples and length), the labels and the damping."""
+    shown = []
+    for source in retain.get("sources") or []:
+        if source.get("file") == "self" and retain.get("self_sampling"):
+            sampling = retain["self_sampling"]
+            shown.append(f"self ({sampling.get('samples')} texts of up to {sampling.get('length')} tokens)")
+        else:
+            shown.append(f"{source.get('file')} ({source.get('examples')} examples)")
+    return (
+        f"retain: {', '.join(shown) or '-'}; {retain.get('labels')} labels, damping q{retain.get('damping')}"
+    )
 
 
 OutputFolder = Annotated[Path, typer.Option("-o", "--output", help="Delta folder to write.")]

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from piece_surgery.cli.common import (
+    LOADING_OPTIONS,
     AsJson,
     Command,
     Compact,
@@ -18,9 +19,11 @@ from piece_surgery.cli.common import (
     app,
     delta_format,
     emit,
+    retain_line,
     takes_run_options,
 )
 from piece_surgery.cli.options import takes
+from piece_surgery.evaluation.generation import GenerateOptions
 from piece_surgery.evaluation.options import EvalOptions
 from piece_surgery.runtime.options import RunOptions
 from piece_surgery.scoring.options import ScoreOptions
@@ -41,7 +44,10 @@ def score_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="Mask file to write (.safetensors).")],
     data: Annotated[
         Path | None,
-        typer.Option(help=".txt (one example per line) or .jsonl. [required unless magnitude/random]"),
+        typer.Option(
+            help="Data: .txt, .jsonl, .json, .parquet, .arrow or a datasets folder (README: Data formats). "
+            "[required unless magnitude/random]"
+        ),
     ] = None,
     avoid: Avoid = None,
     overwrite: Overwrite = False,
@@ -70,6 +76,8 @@ def score_command(
             f"mean loss {result['mean_loss']:.4f}"
             + (f"; skipped {skipped} with no loss-bearing token" if skipped else "")
         )
+    if result["retain"]:
+        lines.append(retain_line(result["retain"]))
     emit("score", result, as_json, lines)
 
 
@@ -87,7 +95,10 @@ TRAIN_SCORING = {
 @takes(ScoreOptions, "scoring", given_only=True, **TRAIN_SCORING)
 def train_command(
     model: Model,
-    data: Annotated[Path, typer.Option(help="Training data: .txt (one example per line) or .jsonl.")],
+    data: Annotated[
+        Path,
+        typer.Option(help="Training data: .txt, .jsonl, .json, .parquet, .arrow or a datasets folder."),
+    ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Delta folder to write.")],
     mask: Annotated[
         str | None, typer.Option(help="Mask from `score` (else: score first on --data).", metavar="MASK")
@@ -103,6 +114,18 @@ def train_command(
         ),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the saved state.")] = False,
+    report_to: Annotated[
+        str,
+        typer.Option(
+            help="Log every step to TensorBoard and/or W&B (comma-separated; pip install "
+            "'piece-surgery[tensorboard]' or '[wandb]').",
+            metavar="tensorboard|wandb|none",
+        ),
+    ] = "none",
+    logging_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where --report-to writes. [default: OUT.logs beside the delta]", metavar="FOLDER"),
+    ] = None,
     compact: Compact = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -131,6 +154,8 @@ def train_command(
         resume=resume,
         overwrite=overwrite,
         delta_format=delta_format(compact),
+        report_to=report_to,
+        logging_dir=logging_dir,
     )
     report = trained.to_json(model=model, mask_ref=mask, output=output, seconds=time.perf_counter() - start)
     emit("train", report, as_json, _train_lines(report))
@@ -140,7 +165,8 @@ def _train_lines(report: dict) -> list[str]:
     first = report["first_train_loss"]
     lines = [
         f"wrote {report['output']}: {report['entries']:,} changed entries of a "
-        f"{report['mask_entries']:,}-entry mask, {report['steps']} steps",
+        f"{report['mask_entries']:,}-entry mask, {report['steps']} steps "
+        + (f"on {report['ranks']} processes" if report["ranks"] > 1 else "in one process"),
         f"train loss {first:.4f} -> {report['final_train_loss']:.4f}"
         if first is not None
         else "no steps run",
@@ -235,27 +261,79 @@ def eval_command(
     emit("eval", result, as_json, _eval_lines(result), _eval_table(result))  # -q: progress only
 
 
-def _eval_table(result: dict):
+@app.command("generate", cls=Command, short_help="Ask the base and candidates the same prompts.")
+@takes_run_options(only=LOADING_OPTIONS)
+@takes(GenerateOptions, "options")
+def generate_command(
+    base: Annotated[str, typer.Argument(help="The base: model folder or Hub repo id[@revision].")],
+    candidates: Annotated[
+        list[str] | None, typer.Argument(help="Deltas, PEFT adapters or merged checkpoints to ask too.")
+    ] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="A prompt; repeatable.", metavar="TEXT")] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help="Prompts: a .txt line each, or data records' prompts (README: generate)."),
+    ] = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+    options: GenerateOptions = None,
+    run: RunOptions = None,
+) -> None:
+    """The base and each candidate answer the same prompts, side by side: greedy unless --sample,
+    through the chat template where the model has one."""
+    from piece_surgery.recipes.generate import generate_answers
+
+    generated = generate_answers(
+        base, candidates or [], prompt or [], prompts_file=prompts, options=options, run=run
+    )
+    result = generated.to_json()
+    emit("generate", result, as_json, [], _generate_table(result))
+
+
+def _generate_table(result: dict):
     from rich.table import Table
     from rich.text import Text
 
-    general = result["general"][0]["file"] if result["general"] else "-"
-    table = Table(title=f"against {result['base']}; drift on {general}")
-    for column in ("candidate", "gain", "drift (KL)", "top-1 changed", "tokens", "seconds"):
-        table.add_column(column, justify="left" if column == "candidate" else "right")
+    how = f"sampled, seed {result['seed']}" if result["sample"] else "greedy"
+    template = "through the chat template" if result["chat_template"] else "as given"
+    table = Table(title=f"answers ({how}; prompts {template})", show_lines=True)
+    table.add_column("prompt", overflow="fold")
+    for answer in result["prompts"][0]["answers"]:
+        table.add_column(Text(answer["model"]), overflow="fold")
+    for row in result["prompts"]:
+        prompt = row["prompt"]
+        chat = " / ".join(f"{m['role']}: {m['content']}" for m in prompt) if isinstance(prompt, list) else ""
+        shown = prompt if isinstance(prompt, str) else chat
+        table.add_row(Text(shown), *(Text(a["text"]) for a in row["answers"]))
+    return table
+
+
+def _eval_table(result: dict):
+    """A row per candidate and set: the gain on --data, then the drift on each --general set, each
+    with its own tokens; names whole (folded, never cut) so that candidates stay told apart."""
+    from rich.table import Table
+    from rich.text import Text
+
+    domain = result["data"]["file"] if result["data"] else None
+    sets = [domain or "", *(g["file"] for g in result["general"])]
+    table = Table(title=f"against {result['base']}")
+    table.add_column("candidate", overflow="fold", ratio=2)
+    table.add_column("set", overflow="fold", min_width=min(max(map(len, sets)), 24))
+    for column in ("gain", "drift (KL)", "top-1 changed", "tokens", "seconds"):
+        table.add_column(column, justify="right", no_wrap=True)
     for row in result["candidates"]:
+        name, seconds = Text(row["candidate"]), f"{row['seconds']:.1f}"
         if not row["changes_outputs"]:
-            table.add_row(Text(row["candidate"]), "identical to the base", "", "", f"{row['tokens']:,}", "")
+            table.add_row(name, "", "identical to the base", "", "", f"{row['tokens']:,}", seconds)
             continue
-        gain = "-" if row["gain"] is None else f"{row['gain']:.4f}"
-        table.add_row(
-            Text(row["candidate"]),
-            gain,
-            f"{row['drift']:.4g}",
-            f"{row['top1_changed']:.2%}",
-            f"{row['tokens']:,}",
-            f"{row['seconds']:.1f}",
-        )
+        if domain is not None:
+            domain_tokens = row["tokens"] - sum(g["tokens"] for g in row["general"])
+            table.add_row(name, Text(domain), f"{row['gain']:.4f}", "", "", f"{domain_tokens:,}", seconds)
+            name, seconds = Text(""), ""
+        for g in row["general"]:
+            drift, top1 = f"{g['kl']:.4g}", f"{g['top1_changed']:.2%}"
+            table.add_row(name, Text(g["set"]), "", drift, top1, f"{g['tokens']:,}", seconds)
+            name, seconds = Text(""), ""
     return table
 
 

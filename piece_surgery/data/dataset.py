@@ -1,12 +1,12 @@
-"""Training and scoring data: a data file read (files.py), tokenized (tokenize.py), its examples
+"""Training and scoring data: a data source read (files.py), tokenized (tokenize.py), its examples
 with no loss-bearing token skipped and counted, and its digest (the images' bytes included).
 
-Formats (one example each):
-- `.txt`: every non-empty line is one example (plain text, loss on every token).
-- `.jsonl`: one JSON object per line with `text`; or `prompt` + `response` (loss on the response
-  only); or `messages` (a chat, each content a string or a list of {"type": "text", "text"} parts,
-  rendered with the tokenizer's chat template; loss on assistant turns). For a vision-language model
-  a content list may hold {"type": "image", "path": ...} parts too (images.py).
+Sources: `.txt` (every non-empty line is one example, loss on every token); `.jsonl` (an object a
+line), `.json` (an array of objects), `.parquet`, `.arrow` and `datasets` folders (a row each),
+whose objects map onto three records by their shape (shapes.py): `text`; `prompt` + `response`
+(loss on the response only); `messages` (a chat, each content a string or a list of {"type":
+"text", "text"} parts, rendered with the tokenizer's chat template; loss on assistant turns). For a
+vision-language model a content list may hold {"type": "image", "path": ...} parts too (images.py).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from piece_surgery.data.examples import Dataset
-from piece_surgery.data.files import check_record, read_records
+from piece_surgery.data.files import check_record, read_data
 from piece_surgery.data.images import ImageChats, images_digest
+from piece_surgery.data.shapes import without_nulls
 from piece_surgery.data.tokenize import tokenize_record
 from piece_surgery.runtime.errors import PieceError
-from piece_surgery.runtime.json_files import file_sha256
 
 
 def load_dataset(
@@ -42,17 +42,18 @@ def load_dataset(
         raise PieceError("--max-length must be at least 2")
     if max_samples is not None and max_samples < 1:
         raise PieceError("--max-samples must be at least 1")
-    records = read_records(path, max_samples)
+    read = read_data(path, max_samples)
+    records = read.records
     examples = []
-    for lineno, record in records:
+    for where, record in records:
         try:
             examples.append(
                 tokenize_record(
-                    record, tokenizer, max_length, image_chats=image_chats, data_folder=Path(path).parent
+                    record, tokenizer, max_length, image_chats=image_chats, data_folder=read.folder
                 )
             )
         except PieceError as exc:
-            raise PieceError(f"{path}:{lineno}: {exc}") from exc
+            raise PieceError(f"{where}: {exc}") from exc
         if progress:
             progress(1)
     kept = [e for e in examples if e.loss_tokens > 0]
@@ -63,7 +64,7 @@ def load_dataset(
     return Dataset(
         kept,
         name or Path(path).name,
-        images_digest(file_sha256(Path(path)), records, Path(path).parent),
+        images_digest(read.sha256, records, read.folder),
         len(records),
         len(records) - len(kept),
         max_length,
@@ -83,12 +84,12 @@ def dataset_from_records(
     rows of a `datasets.Dataset`) tokenized as a data file's are; examples with no loss-bearing
     token are skipped and counted. The digest is the sha256 of the records as canonical JSON
     lines (sorted keys, UTF-8), so the same records give the same digest however they arrive.
-    Fields that are None in a row (a dataset's column another shape uses) are left out."""
+    Fields that are None in a row (a dataset's column another shape uses) are left out, at any depth."""
     if max_length < 2:
         raise PieceError("max_length must be at least 2")
     checked, digest = [], hashlib.sha256()
     for i, row in enumerate(records, 1):
-        record = {k: v for k, v in row.items() if v is not None} if isinstance(row, dict) else row
+        record = without_nulls(row)
         checked.append(check_record(record, f"{name}, record {i}"))
         digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode() + b"\n")
     if not checked:

@@ -73,9 +73,10 @@ class ImageChats:
     image_token_ids: frozenset[int]
 
     def encode(
-        self, messages: list[dict], data_folder: Path, max_length: int
+        self, messages: list[dict], data_folder: Path, max_length: int, trained_from: int = 0
     ) -> tuple[list[int], list[int], dict[str, torch.Tensor]]:
-        """The record's input ids, labels (on the assistant turns only; IGNORE elsewhere) and other
+        """The record's input ids, labels (on the assistant turns from message `trained_from` on;
+        IGNORE elsewhere) and other
         model inputs (pixel values, ...), as the processor makes them, cut at `max_length`.
         PieceError for a bad image, a chat the processor refuses, or image tokens past `max_length`."""
         images = [open_image(data_folder / p) for p in image_paths(messages)]
@@ -85,7 +86,7 @@ class ImageChats:
         full.pop("attention_mask", None)
         labels = [IGNORE] * len(ids)
         for i, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or i < trained_from:
                 continue
             start = self._prefix(plain[:i], images, ids, add_generation_prompt=True) if i else 0
             end = self._prefix(plain[: i + 1], images, ids, add_generation_prompt=False)

@@ -12,6 +12,7 @@ from typing import Any
 
 from piece_surgery.data.chats import image_paths
 from piece_surgery.data.examples import IGNORE, Example
+from piece_surgery.data.shapes import COMPLETION_FROM
 from piece_surgery.runtime.errors import PieceError, first_line
 
 
@@ -52,7 +53,9 @@ def tokenize_record(
     if isinstance(record, dict) and "messages" in record and image_paths(record["messages"]):
         if image_chats is None:
             raise PieceError("the record has an image part, but the model is a text-only language model")
-        ids, labels, extras = image_chats().encode(record["messages"], Path(data_folder or "."), max_length)
+        ids, labels, extras = image_chats().encode(
+            record["messages"], Path(data_folder or "."), max_length, record.get(COMPLETION_FROM, 0)
+        )
         return Example(ids, labels, model_inputs=extras or None)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if isinstance(record, str) or "text" in record:
@@ -60,7 +63,8 @@ def tokenize_record(
         ids = _encode(tokenizer, text, max_length, special=True)["input_ids"] + eos
         labels = list(ids)
     elif "messages" in record:
-        ids, labels = _tokenize_chat(record["messages"], tokenizer, max_length)
+        trained_from = record.get(COMPLETION_FROM, 0)
+        ids, labels = _tokenize_chat(record["messages"], tokenizer, max_length, trained_from)
     else:
         prompt = _encode(tokenizer, record["prompt"], max_length, special=True)["input_ids"]
         response = _encode(tokenizer, record["response"], max_length, special=False)["input_ids"] + eos
@@ -69,8 +73,11 @@ def tokenize_record(
     return Example(ids[:max_length], labels[:max_length])
 
 
-def _tokenize_chat(messages: list[dict], tokenizer, max_length: int) -> tuple[list[int], list[int]]:
-    """Render with the chat template; loss on the characters of each assistant turn."""
+def _tokenize_chat(
+    messages: list[dict], tokenizer, max_length: int, trained_from: int = 0
+) -> tuple[list[int], list[int]]:
+    """Render with the chat template; loss on the characters of each assistant turn from message
+    `trained_from` on (a TRL prompt/completion chat: the completion's)."""
     if not getattr(tokenizer, "chat_template", None):
         raise PieceError("data has 'messages' but the tokenizer has no chat template")
     full = _render(tokenizer, messages)
@@ -85,7 +92,7 @@ def _tokenize_chat(messages: list[dict], tokenizer, max_length: int) -> tuple[li
             )
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < trained_from:
             continue
         start = len(_render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
         end = len(_render(tokenizer, messages[: i + 1]))

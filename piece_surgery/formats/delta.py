@@ -38,6 +38,61 @@ class DiffProvenance(JsonRecord):
     made_by: str = "diff"
 
 
+# a step's figures as the log keeps them: float32's precision, in half the characters of a float64
+LOG_DIGITS = 7
+
+
+def _logged(value: float | None) -> float | None:
+    return None if value is None else float(f"{value:.{LOG_DIGITS}g}")
+
+
+@dataclass(frozen=True)
+class TrainLog(JsonRecord):
+    """Every optimizer step of a run, as columns of equal length (one entry per step, in order):
+    the step (1-based), its loss (mean token loss over the step's loss-bearing tokens, nats), the
+    learning rate it took, the L2 norm of the values' gradient (before clipping), and where taken
+    the predicted drift (1/2 sum F d^2), the measured drift (mean token KL from the base on the
+    general text) and the held-out loss; null at the steps that did not take them, and a column of
+    none left out. Numbers keep LOG_DIGITS significant digits."""
+
+    step: list[int]
+    loss: list[float]
+    lr: list[float]
+    grad_norm: list[float]
+    predicted_drift: list[float | None] | None = None
+    measured_drift: list[float | None] | None = None
+    eval_loss: list[float | None] | None = None
+
+    COLUMNS: ClassVar[tuple[str, ...]] = ("loss", "lr", "grad_norm")
+    MEASURES: ClassVar[tuple[str, ...]] = ("predicted_drift", "measured_drift", "eval_loss")
+
+    @classmethod
+    def of(cls, history: list[dict]) -> TrainLog:
+        """The log of a run's history (train_sparse's per-step records)."""
+        columns = {name: [_logged(r[name]) for r in history] for name in cls.COLUMNS}
+        for name in cls.MEASURES:
+            if any(r.get(name) is not None for r in history):
+                columns[name] = [_logged(r.get(name)) for r in history]
+        return cls([int(r["step"]) for r in history], **columns)
+
+    def __post_init__(self) -> None:
+        lengths = {
+            len(getattr(self, n))
+            for n in ("step", *self.COLUMNS, *self.MEASURES)
+            if getattr(self, n) is not None
+        }
+        if len(lengths) > 1:
+            raise ValueError("a training log's columns must be of equal length")
+
+    def rows(self) -> list[dict]:
+        """One record per step (a column's null left out), as the run's history held them."""
+        names = [n for n in (*self.COLUMNS, *self.MEASURES) if getattr(self, n) is not None]
+        return [
+            {"step": step, **{n: getattr(self, n)[i] for n in names if getattr(self, n)[i] is not None}}
+            for i, step in enumerate(self.step)
+        ]
+
+
 @dataclass
 class TrainProvenance(JsonRecord):
     """A delta made by `train`: the mask it trained, the hyperparameters, the data, the losses."""
@@ -57,10 +112,13 @@ class TrainProvenance(JsonRecord):
     measured_drift: float | None = None  # mean token KL(base || tuned) on --eval-general, at the end
     eval_general: DataRecord | None = None  # the general text it was measured on
     drift_budget_passed: dict | None = None  # {"step", "drift", "budget", "on"}: the step past it
+    ranks: int | None = None  # the processes that trained it (None: recorded before 0.2)
+    log: TrainLog | None = None  # every step's figures (None: recorded before 0.2)
 
     # the fields a run's summary fills (training.loop.TrainResult.summary)
     FIGURES: ClassVar[tuple[str, ...]] = (
         "steps",
+        "ranks",
         "final_train_loss",
         "final_eval_loss",
         "predicted_drift",

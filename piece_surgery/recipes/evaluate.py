@@ -19,19 +19,17 @@ from pathlib import Path
 import torch
 
 from piece_surgery.data.examples import Dataset
-from piece_surgery.data.files import referenced_images
 from piece_surgery.evaluation.drift import Comparison, Forward, compare, model_forward
 from piece_surgery.evaluation.options import EvalOptions
-from piece_surgery.formats.artifacts import open_artifact
 from piece_surgery.formats.delta import Delta
 from piece_surgery.formats.delta_folder import record_evaluation
-from piece_surgery.io.hub import resolve
-from piece_surgery.io.outputs import atomic_path, check_output, input_path
-from piece_surgery.io.sniff import ADAPTER, CHECKPOINT, DELTA, sniff
-from piece_surgery.merging.adapters import adapter_as_delta
+from piece_surgery.io.outputs import input_path
+from piece_surgery.io.sniff import DELTA, sniff
 from piece_surgery.merging.switcher import DeltaSwitcher
 from piece_surgery.models.checkpoint import Checkpoint, LoadedModel
-from piece_surgery.recipes.run import Run, load_base
+from piece_surgery.recipes.candidates import adapter_delta, identify, load_beside
+from piece_surgery.recipes.plots import check_plot, pyplot, save
+from piece_surgery.recipes.run import Run
 from piece_surgery.runtime.errors import PieceError, first_line, quote
 from piece_surgery.runtime.options import RunOptions
 from piece_surgery.runtime.progress import Progress, library_logs_silenced
@@ -167,22 +165,12 @@ def evaluate_candidates(
 
 def _candidate(ref: str) -> Candidate:
     """What `ref` holds: a delta folder, a PEFT adapter or a model checkpoint."""
-    source = resolve(
-        ref, what="candidate", patterns=["*.safetensors", "*.json", "*.md", "*.txt", "*.model", "*.jinja"]
-    )
-    path = source.path
-    kinds = [k for k in sniff(path) if k in (DELTA, ADAPTER, CHECKPOINT)]
-    if kinds and kinds[0] == DELTA:
-        return Candidate(ref, "delta", path, delta=open_artifact(ref, want="delta").delta)
-    if kinds:
-        return Candidate(ref, kinds[0], path)
-    raise PieceError(
-        f"candidate '{ref}' is neither a delta folder, a PEFT adapter nor a model checkpoint folder"
-    )
+    kind, path, delta = identify(ref)
+    return Candidate(ref, kind, path, delta=delta)
 
 
 def _adapter_delta(candidate: Candidate, base_ref: str, run: RunOptions) -> Delta:
-    return adapter_as_delta(candidate.ref, base_ref=base_ref, load_base=lambda ref: load_base(ref, run))
+    return adapter_delta(candidate.ref, base_ref, run)
 
 
 def _general_set(
@@ -264,19 +252,7 @@ def _switched(switcher: DeltaSwitcher, name: str, forward: Forward) -> Forward:
 
 
 def _load_candidate(candidate: Candidate, base: Checkpoint, session: Run) -> torch.nn.Module:
-    """A merged checkpoint, checked to be the base's architecture (names and shapes)."""
-    other = session.open(candidate.ref, what="candidate")
-    for name, info in base.layout.items():
-        if name not in other.layout or other.layout[name].shape != info.shape:
-            raise PieceError(
-                f"candidate '{candidate.ref}' is not a checkpoint of the base's model: tensor '{name}' "
-                + (
-                    "is missing"
-                    if name not in other.layout
-                    else f"is {list(other.layout[name].shape)}, not {list(info.shape)}"
-                )
-            )
-    return session.load_model(other).module.eval()
+    return load_beside(candidate.ref, base, session)
 
 
 def evaluation_record(evaluated: Evaluated, candidate: Candidate) -> dict:
@@ -374,7 +350,7 @@ def evaluate_command_recipe(
     if plot is not None:
         if data is None:
             raise PieceError("--plot draws gain on --data against drift: add --data, or leave out --plot")
-        plot = _check_plot(plot, overwrite, [base_ref, *candidates, data, *general])
+        plot = check_plot(plot, overwrite, [base_ref, *candidates, data, *general])
     task_names = _check_tasks(tasks, tasks_path)
     evaluated = evaluate_candidates(
         base_ref,
@@ -397,27 +373,11 @@ def evaluate_command_recipe(
     return evaluated
 
 
-def _check_plot(plot: Path, overwrite: bool, inputs: list) -> Path:
-    if Path(plot).suffix.lower() != ".png":
-        raise PieceError(f"--plot writes a .png image: name it e.g. '{Path(plot).stem}.png'")
-    target = check_output(plot, overwrite=overwrite, inputs=inputs, kind="file", reads=referenced_images)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as exc:
-        raise PieceError("--plot needs matplotlib: pip install 'piece-surgery[plot]'") from exc
-    return target
-
-
 def draw(evaluated: Evaluated, path: Path) -> None:
     """Gain on the domain against drift on the first general set, one point per candidate: the
     learning/forgetting picture docs/evidence.md draws."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [c.to_json() for c in evaluated.candidates]
-    figure, axes = plt.subplots(figsize=(6, 4.5))
+    figure, axes = pyplot().subplots(figsize=(6, 4.5))
     for row in rows:
         if row["gain"] is None or row["drift"] is None:
             continue
@@ -432,9 +392,7 @@ def draw(evaluated: Evaluated, path: Path) -> None:
     )
     axes.set_title(f"against {evaluated.base}")
     figure.tight_layout()
-    with atomic_path(path, is_dir=False) as tmp:
-        figure.savefig(tmp, format="png", dpi=120)
-    plt.close(figure)
+    save(figure, path)
 
 
 def _check_tasks(tasks: str | None, tasks_path: Path | None) -> list[str]:

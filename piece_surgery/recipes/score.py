@@ -46,6 +46,7 @@ class Scored(NamedTuple):
             "skipped_examples": self.dataset.skipped if self.dataset else 0,
             "tokens": self.stats.tokens,
             "mean_loss": self.stats.mean_loss if self.stats.batches else None,
+            "retain": self.mask.info.retain.to_json() if self.mask.info.retain else None,
             "seconds": round(seconds, 3),
         }
 

@@ -10,7 +10,7 @@ from typing import NamedTuple
 from piece_surgery.data.examples import Dataset
 from piece_surgery.data.files import referenced_images
 from piece_surgery.formats.artifacts import open_mask
-from piece_surgery.formats.delta import Delta, DeltaInfo, TrainProvenance
+from piece_surgery.formats.delta import Delta, DeltaInfo, TrainLog, TrainProvenance
 from piece_surgery.formats.delta_folder import DEFAULT_FORMAT, save_delta
 from piece_surgery.formats.mask import Mask
 from piece_surgery.io.outputs import refuse_overlap, remove_stale_temporaries
@@ -28,6 +28,7 @@ from piece_surgery.scoring.selection import score_loaded, self_text
 from piece_surgery.training.config import TrainConfig
 from piece_surgery.training.deltas import trained_delta
 from piece_surgery.training.loop import TrainResult, train_sparse
+from piece_surgery.training.report import Reporters, parse_report_to
 from piece_surgery.training.schedule import budget_period, total_steps
 from piece_surgery.training.state import is_state, remove_state
 
@@ -79,11 +80,15 @@ def train_checkpoint(
     resume: bool = False,
     overwrite: bool = False,
     delta_format: int = DEFAULT_FORMAT,
+    report_to: str | Sequence[str] | None = None,
+    logging_dir: Path | None = None,
 ) -> Trained:
     """Score (unless `mask_ref` names a mask; `score_options`, `retain` and `avoid` as for
     score_checkpoint), train the masked entries, write the delta folder (in format `delta_format`).
     `run` says where and how to load. `eval_general` (a data file, `self` or `general`) is general
     text the drift from the base is measured on, every `config.eval_every` steps and at the end.
+    `report_to` (tensorboard, wandb; "none" or None: nothing) logs every step there while it
+    trains, into `logging_dir` (default: OUT.logs beside the output).
     Under a launcher (torchrun, ...) every rank trains on its share of each step and rank 0 writes."""
     options = _scoring_options(score_options, retain, avoid, mask_ref)
     eval_general = _eval_general(eval_general, config)
@@ -93,6 +98,7 @@ def train_checkpoint(
     inputs = [model_ref, data, mask_ref, eval_data, *files, *avoid]
     output = session.check_output(Path(output), inputs=inputs, overwrite=overwrite)
     state_dir = _state_dir(output, inputs, resume=resume, overwrite=overwrite, session=session)
+    reporting = _reporting(report_to, logging_dir, output, inputs)
     checkpoint = session.open(model_ref)
     mask = _mask_for(mask_ref, checkpoint)
     dataset = session.data(checkpoint, data)
@@ -109,7 +115,8 @@ def train_checkpoint(
     if mask is None:
         mask, _ = score_loaded(checkpoint, model, dataset, options, scoring, **session.where())
     config = _configured(config, mask, dataset, session)
-    result = _train(session, checkpoint, model, mask, dataset, config, eval_set, general, state_dir, resume)
+    sets = (dataset, eval_set, general)
+    result = _train(session, checkpoint, model, mask, sets, config, state_dir, resume, reporting)
     provenance = _provenance(mask, config, session.options, dataset, eval_set, result, general)
     info = DeltaInfo(checkpoint.identity, provenance)
     delta = trained_delta(checkpoint, model, mask.indices, result.values, info)
@@ -187,23 +194,56 @@ def _configured(config: TrainConfig, mask: Mask, dataset: Dataset, session: Run)
     return config
 
 
+class Reporting(NamedTuple):
+    names: tuple[str, ...]  # the reporters asked for (training/report.REPORTERS)
+    folder: Path  # where they write
+    run_name: str  # the run's name there (the delta's)
+
+
+def _reporting(
+    report_to: str | Sequence[str] | None,
+    logging_dir: Path | None,
+    output: Path,
+    inputs: Sequence[str | Path | None],
+) -> Reporting:
+    """(the reporters asked for, each installed; the folder they write into), checked before any
+    work: the folder (default OUT.logs) is an output too, so it may not overlap an input."""
+    text = report_to if report_to is None or isinstance(report_to, str) else ",".join(report_to)
+    names = parse_report_to(text)
+    if logging_dir is not None and not names:
+        raise PieceError("--logging-dir is where --report-to writes: give --report-to too, or leave it out")
+    folder = Path(logging_dir) if logging_dir is not None else output.with_name(output.name + ".logs")
+    if names:
+        refuse_overlap(folder, inputs, reads=referenced_images)
+        if folder.exists() and not folder.is_dir():
+            raise PieceError(f"logging folder '{folder}' is a file; choose another --logging-dir")
+    return Reporting(names, folder, output.name)
+
+
 def _train(
     session: Run,
     checkpoint: Checkpoint,
     model: LoadedModel,
     mask: Mask,
-    dataset: Dataset,
+    sets: tuple[Dataset, Dataset | None, Dataset | None],
     config: TrainConfig,
-    eval_set: Dataset | None,
-    general: Dataset | None,
     state_dir: Path,
     resume: bool,
+    reporting: Reporting | None = None,
 ) -> TrainResult:
-    """train_sparse on the loaded model, with a progress bar; the resume key is what a resumed run
-    must share with the run that saved the state."""
-    resume_key = {"model": checkpoint.identity.fingerprint, "data": dataset.sha256, "mask": mask.digest()}
+    """train_sparse on the loaded model, with a progress bar and the reporters asked for (rank 0).
+    `sets`: the training data, the held-out data and the general text (the last two may be None)."""
     ranks = session.world.size if session.world is not None else 1
-    steps = total_steps(len(dataset.examples), config, ranks)
+    steps = total_steps(len(sets[0].examples), config, ranks)
+    reporting = reporting or Reporting((), Path("."), "")
+    run_config = {
+        **config.to_json(),
+        "method": mask.info.method,
+        "density": mask.info.density,
+        "ranks": ranks,
+    }
+    names = reporting.names if session.is_main else ()
+    reporters = Reporters(names, reporting.folder, reporting.run_name, run_config, quiet=session.quiet)
     with Progress(steps, "training", quiet=session.quiet, unit="step") as bar:
 
         def report(n: int, record: dict) -> None:
@@ -212,24 +252,39 @@ def _train(
                 notes["drift"] = f"{record['predicted_drift']:.3g}"
             bar.note(**notes)
             bar.advance(n)
+            reporters.log(record)
 
-        return train_sparse(
-            model.module,
-            model.parameters(mask.indices),
-            mask.indices,
-            dataset,
-            config,
-            pad_id=checkpoint.pad_id,
-            eval_dataset=eval_set,
-            general_dataset=general,
-            state_dir=state_dir,
-            resume=resume,
-            resume_key=resume_key,
-            progress=report,
-            fisher=mask.fisher,
-            world=session.world,
-            autocast=session.placement(checkpoint).autocast,
-        )
+        try:
+            result = _train_sparse(session, checkpoint, model, mask, sets, config, state_dir, resume, report)
+        except BaseException:
+            reporters.close(failed=True)
+            raise
+        reporters.close(result.history)
+        return result
+
+
+def _train_sparse(session, checkpoint, model, mask, sets, config, state_dir, resume, report) -> TrainResult:
+    """train_sparse with what the recipe has; the resume key is what a resumed run must share with
+    the run that saved the state."""
+    dataset, eval_set, general = sets
+    resume_key = {"model": checkpoint.identity.fingerprint, "data": dataset.sha256, "mask": mask.digest()}
+    return train_sparse(
+        model.module,
+        model.parameters(mask.indices),
+        mask.indices,
+        dataset,
+        config,
+        pad_id=checkpoint.pad_id,
+        eval_dataset=eval_set,
+        general_dataset=general,
+        state_dir=state_dir,
+        resume=resume,
+        resume_key=resume_key,
+        progress=report,
+        fisher=mask.fisher,
+        world=session.world,
+        autocast=session.placement(checkpoint).autocast,
+    )
 
 
 def _general_text(ref: str | Path, checkpoint: Checkpoint, session: Run) -> Dataset | str:
@@ -298,6 +353,7 @@ def _provenance(
         eval_data=eval_set.record() if eval_set else None,
         eval_general=general.record() if general is not None else None,
         **{name: figures[name] for name in TrainProvenance.FIGURES},
+        log=TrainLog.from_json(figures["log"]),
     )
 
 

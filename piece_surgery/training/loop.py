@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from piece_surgery.data.examples import Dataset
+from piece_surgery.formats.delta import TrainLog
 from piece_surgery.models.loading import enable_activation_checkpointing
 from piece_surgery.models.naming import is_norm
 from piece_surgery.runtime.distributed import World
@@ -46,12 +47,14 @@ class TrainResult:
     drift_budget_passed: dict | None = None
     # why no entry changed although the values had gradients (updates below the dtype's resolution)
     unchanged_reason: str | None = None
+    ranks: int = 1  # the processes that trained (1: no launcher, or a launcher that started one)
 
     def summary(self) -> dict:
         """The run's figures, as every report reads them: `train --json`, the delta's provenance and
-        the lines the command prints."""
+        the lines the command prints; `log` is every step's (formats.delta.TrainLog, as JSON)."""
         return {
             "steps": self.steps,
+            "ranks": self.ranks,
             "resumed_from": self.resumed_from,
             "first_train_loss": self.history[0]["loss"] if self.history else None,
             "final_train_loss": self.train_loss,
@@ -61,6 +64,7 @@ class TrainResult:
             "stopped_by_drift_budget": self.stopped_by_drift_budget,
             "drift_budget_passed": self.drift_budget_passed,
             "unchanged_reason": self.unchanged_reason,
+            "log": TrainLog.of(self.history).to_json(),
         }
 
 
@@ -261,6 +265,7 @@ class _Loop:
             stopped_by_drift_budget=passed is not None,
             drift_budget_passed=passed,
             unchanged_reason=unchanged,
+            ranks=self.world.size if self.world is not None else 1,
         )
 
 

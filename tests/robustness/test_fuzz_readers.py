@@ -334,7 +334,7 @@ def test_training_state(work, tmp_path_factory, data):
         ),
         max_size=5,
     ),
-    suffix=st.sampled_from([".jsonl", ".txt"]),
+    suffix=st.sampled_from([".jsonl", ".txt", ".json"]),
     raw=st.none() | st.binary(max_size=80),
 )
 def test_data_files(tmp_path_factory, lines, suffix, raw):

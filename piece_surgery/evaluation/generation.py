@@ -1,0 +1,101 @@
+"""Answers a model writes to prompts (`generate`): how (GenerateOptions: greedy by default, seeded
+sampling on request) and the writing itself, through transformers' `generate`.
+
+A text prompt goes through the tokenizer's chat template as one user turn, with the generation
+prompt added, where the tokenizer has a template (`raw` gives it as it is); a chat prompt needs
+one. Every answer starts from `torch.manual_seed(seed)`, so the base and each candidate draw their
+samples from the same random stream, and a run repeats exactly on the same machine.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from piece_surgery.runtime.errors import PieceError, first_line
+from piece_surgery.runtime.options import check_seed
+from piece_surgery.runtime.progress import library_logs_silenced
+from piece_surgery.runtime.records import JsonRecord
+
+
+@dataclass(frozen=True)
+class GenerateOptions(JsonRecord):
+    """How `generate` writes: greedy (the most likely token each time) unless `sample`."""
+
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens to write per answer, at most."})
+    sample: bool = field(
+        default=False,
+        metadata={"help": "Sample (seeded by --seed) instead of greedy decoding.", "flag": True},
+    )
+    temperature: float | None = field(
+        default=None, metadata={"help": "With --sample: the softmax temperature. [default: 1]"}
+    )
+    top_p: float | None = field(
+        default=None, metadata={"help": "With --sample: nucleus sampling's mass. [default: 1, all tokens]"}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of --sample (every answer starts from it)."})
+    raw: bool = field(
+        default=False,
+        metadata={"help": "Give text prompts as they are, without the chat template.", "flag": True},
+    )
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed)
+        if self.max_new_tokens < 1:
+            raise PieceError("--max-new-tokens must be at least 1")
+        if not self.sample:
+            for name in ("temperature", "top_p"):
+                if getattr(self, name) is not None:
+                    flag = name.replace("_", "-")
+                    raise PieceError(f"--{flag} shapes --sample; give --sample too, or leave --{flag} out")
+        if self.temperature is not None and not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise PieceError(f"--temperature must be a positive, finite number, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise PieceError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def prompt_ids(prompt: str | list[dict], tokenizer, *, raw: bool = False) -> tuple[list[int], bool]:
+    """(the prompt's token ids, whether the chat template rendered it). PieceError for a chat
+    prompt without a template, or a template that fails on it."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(prompt, str) and (raw or not template):
+        return tokenizer(prompt)["input_ids"], False
+    if not template:
+        raise PieceError("a chat prompt needs a chat template, and the tokenizer has none")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # a template is user code
+        raise PieceError(f"the tokenizer's chat template failed on a prompt: {first_line(exc)}") from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"], True
+
+
+def write_answer(
+    model: torch.nn.Module, ids: list[int], options: GenerateOptions, *, pad_id: int, eos_id: int | None
+) -> list[int]:
+    """The tokens `model` writes after `ids` (at most options.max_new_tokens, up to and without its
+    end-of-sequence token): greedy, or sampled from torch.manual_seed(options.seed)."""
+    device = next(model.parameters()).device
+    inputs = torch.tensor([ids], device=device)
+    settings = {"do_sample": options.sample, "max_new_tokens": options.max_new_tokens}
+    if options.sample:
+        settings.update(temperature=options.temperature or 1.0, top_p=options.top_p or 1.0, top_k=0)
+    else:  # the model's own generation_config may ask for sampling settings greedy decoding ignores
+        settings.update(temperature=None, top_p=None, top_k=None)
+    torch.manual_seed(options.seed)
+    with torch.no_grad(), library_logs_silenced(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model.generate(
+            inputs,
+            attention_mask=torch.ones_like(inputs),
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            **settings,
+        )
+    new = out[0, len(ids) :].tolist()
+    if eos_id is not None and eos_id in new:
+        new = new[: new.index(eos_id)]
+    return new

@@ -1,0 +1,145 @@
+"""generate: the base and candidates answer the same prompts; a delta switched into the base answers
+as the merged checkpoint `apply` writes, and greedy answers are those of a plain argmax loop."""
+
+import json
+
+import pytest
+import torch
+from helpers import assert_clean_failure, perturb
+
+
+@pytest.fixture(scope="module")
+def models(tiny, tmp_path_factory):
+    """A base, a tuned copy far from it, their delta (diff) and the delta applied (apply)."""
+    from piece_surgery.recipes.diff import write_diff
+
+    folder = tmp_path_factory.mktemp("generate")
+    base = tiny("llama")
+    tuned = perturb(base, folder / "tuned", fraction=0.5, seed=3, hard=False)
+    write_diff(str(base), str(tuned), folder / "delta")
+    return base, folder / "delta", folder
+
+
+def generate(cli, *args) -> dict:
+    code, stdout, err = cli("generate", *args, "--max-new-tokens", "8", "--json", "-q")
+    assert code == 0, err
+    return json.loads(stdout)
+
+
+def answers(result: dict, prompt: int = 0) -> list[tuple[str, int]]:
+    return [(a["text"], a["tokens"]) for a in result["prompts"][prompt]["answers"]]
+
+
+def greedy_by_hand(folder, prompt: str, new_tokens: int) -> str:
+    """The most likely next token, one at a time, from a plain forward of the checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    written = []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            token = int(model(torch.tensor([ids + written])).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            written.append(token)
+    return tokenizer.decode(written, skip_special_tokens=True)
+
+
+def test_a_delta_answers_as_the_merged_checkpoint_and_as_argmax_by_hand(models, cli):
+    base, delta, folder = models
+    code, _, err = cli("apply", base, delta, "-o", folder / "merged", "-q")
+    assert code == 0, err
+    result = generate(cli, base, delta, folder / "merged", "--prompt", "def add(a, b):", "--prompt", "Hello")
+    assert result["chat_template"] and not result["sample"] and result["seed"] is None
+    assert [c["kind"] for c in result["candidates"]] == ["delta", "checkpoint"]
+    for prompt, text in enumerate(("def add(a, b):", "Hello")):
+        base_answer, delta_answer, merged_answer = answers(result, prompt)
+        assert delta_answer == merged_answer
+        assert base_answer[0] == greedy_by_hand(base, text, 8)
+        assert delta_answer[0] == greedy_by_hand(folder / "merged", text, 8)
+    assert answers(result, 0)[0] != answers(result, 0)[1]  # the delta was switched in
+    # the base, asked after the delta, is the base again
+    assert answers(generate(cli, base, "--prompt", "Hello"), 0)[0] == answers(result, 1)[0]
+
+
+def test_sampling_is_seeded_and_the_same_for_a_delta_and_its_merge(models, cli):
+    base, delta, folder = models
+    if not (folder / "merged").exists():
+        assert cli("apply", base, delta, "-o", folder / "merged", "-q")[0] == 0
+    args = [base, delta, folder / "merged", "--prompt", "Hello", "--sample", "--temperature", "1.5"]
+    first = generate(cli, *args, "--seed", "3")
+    assert first["sample"] and first["seed"] == 3
+    assert answers(first) == answers(generate(cli, *args, "--seed", "3"))
+    assert answers(first)[1] == answers(first)[2]
+    other = generate(cli, *args, "--seed", "4")
+    assert answers(other) != answers(first)
+
+
+def test_prompts_come_from_data_files_in_every_shape(models, cli, tmp_path):
+    base, delta, _ = models
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "an answer"}]
+    rows = [
+        {"prompt": "Square a number.", "completion": " x * x"},
+        {"messages": chat},
+        {"instruction": "Add two numbers.", "output": "a + b"},
+        {"text": "def f("},
+    ]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = generate(cli, base, delta, "--prompts", path, "--prompt", "first")
+    prompts = [p["prompt"] for p in result["prompts"]]
+    assert prompts[:3] == ["first", "Square a number.", chat[:1]]
+    assert prompts[3].startswith("Below is an instruction") and prompts[3].endswith("### Response:\n")
+    assert prompts[4] == "def f(" and all(len(p["answers"]) == 2 for p in result["prompts"])
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n")
+    raw = generate(cli, base, "--prompts", tmp_path / "p.txt", "--raw")
+    assert [p["prompt"] for p in raw["prompts"]] == ["one", "two"] and not raw["chat_template"]
+
+
+def test_generate_mistakes_are_one_line(models, cli, tiny, tmp_path):
+    base, delta, _ = models
+    assert_clean_failure(cli("generate", base, delta), "give a prompt")
+    assert_clean_failure(cli("generate", base, "--prompt", "  "), "--prompt 1 is empty")
+    assert_clean_failure(cli("generate", base, "--prompt", "x", "--temperature", "0.5"), "give --sample too")
+    assert_clean_failure(cli("generate", base, "--prompt", "x", "--sample", "--top-p", "0"), "--top-p")
+    assert_clean_failure(cli("generate", base, delta, delta, "--prompt", "x"), "given twice")
+    assert_clean_failure(cli("generate", base, tiny("gpt2"), "--prompt", "x"), "not a checkpoint of the base")
+    (tmp_path / "bad.jsonl").write_text('{"question": "q"}\n')
+    assert_clean_failure(
+        cli("generate", base, "--prompts", tmp_path / "bad.jsonl"), "found the fields 'question'"
+    )
+
+
+def test_evals_table_shows_every_set_and_whole_candidate_names():
+    from rich.console import Console
+
+    from piece_surgery.cli.model_commands import _eval_table
+
+    names = [f"some/long/folder/path/for/names/delta-{x}" for x in "ab"]
+
+    def row(name, kl):
+        general = [
+            {"set": "g.txt", "tokens": 23, "kl": kl, "top1_changed": 0.1},
+            {"set": "general", "tokens": 1000, "kl": 2 * kl, "top1_changed": 0.2},
+        ]
+        return {"candidate": name, "changes_outputs": True, "gain": 0.07, "tokens": 26 + 1023,
+                "general": general, "seconds": 0.2}  # fmt: skip
+
+    result = {
+        "base": "m",
+        "data": {"file": "d.jsonl"},
+        "general": [{"file": "g.txt"}, {"file": "general"}],
+        "candidates": [row(names[0], 1e-5), row(names[1], 3e-5)],
+    }
+    console = Console(width=80, record=True)
+    console.print(_eval_table(result))
+    text = console.export_text()
+    column = "".join(line.split("│")[1].strip() for line in text.splitlines() if line.count("│") > 2)
+    assert names[0] in column and names[1] in column  # folded onto lines, never cut
+    for value in ("1e-05", "2e-05", "3e-05", "6e-05", "1,000", " 23 ", " 26 ", " d.jsonl ", " general "):
+        assert value in text, value
