@@ -20,6 +20,7 @@ from piece_surgery.formats.delta_folder import DEFAULT_FORMAT, save_delta
 from piece_surgery.formats.mask import Mask
 from piece_surgery.integrations.models import loaded
 from piece_surgery.io.outputs import check_output
+from piece_surgery.io.sniff import DELTA
 from piece_surgery.models.checkpoint import Checkpoint
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.training.budget import DriftEstimate
@@ -113,7 +114,7 @@ class SparseModel:
         for an existing folder without `overwrite`, or one that overlaps the base."""
         ref = base or self.checkpoint
         inputs = [ref.folder] if ref is not None else []
-        output = check_output(folder, overwrite=overwrite, inputs=inputs)
+        output = check_output(folder, overwrite=overwrite, inputs=inputs, kind=DELTA)
         delta = self.to_delta(base=base, provenance=provenance)
         save_delta(delta, output, format_version=format_version)
         return delta

@@ -5,7 +5,10 @@ never writes into, over or around an input, however either is spelled.
 One rule for every command (`check_output`): the output may not be, contain or lie inside any input,
 and may not be or contain a protected folder (a recipe's own folder, whose outputs normally lie
 inside it), with or without --overwrite. Paths are compared as the command opens them: `~`
-expanded, `..` and symlinks resolved.
+expanded, `..` and symlinks resolved. --overwrite replaces a folder only when it holds what the
+command writes (a delta, a checkpoint, an adapter) or nothing: never a home folder, the current
+folder or one above it, a mount point, a git repository, or a folder of other files, since
+replacing a folder removes everything in it.
 
 Temporaries are folders `.NAME.PID.RANDOM.tmp` (and `.old` for an output being replaced) beside the
 output, each holding a marker that names the output it belongs to. A later run for the same output
@@ -27,6 +30,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from piece_surgery.io.sniff import ADAPTER, CHECKPOINT, DELTA, sniff
 from piece_surgery.runtime.errors import PieceError, first_line
 
 _DISK_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -69,16 +73,18 @@ def check_output(
 ) -> Path:
     """Check an output before any work and return the path to write it at (output_path).
 
-    Refused, in one line: an output that overlaps an input or a protected folder (refuse_overlap;
-    `reads` names what reading an input file reads besides it); one that exists (unless
-    `overwrite`); a file where a folder is written or the reverse; a missing or read-only folder.
+    `kind`: "file", or the folder the command writes: DELTA, CHECKPOINT or ADAPTER (io/sniff), or
+    "folder" for any of them. Refused, in one line: an output that overlaps an input or a protected
+    folder (refuse_overlap; `reads` names what reading an input file reads besides it); one that
+    exists (unless `overwrite`); a file where a folder is written or the reverse; an existing folder
+    that holds anything but what `kind` names (refuse_replacing); a missing or read-only folder.
     Removes what killed runs left for this output."""
     target = output_path(path)
     refuse_overlap(path, inputs, protected, reads=reads)
     if target.exists() or target.is_symlink():
         if not overwrite:
             raise PieceError(f"output '{path}' already exists; pass --overwrite to replace it")
-        if kind == "folder" and not target.is_dir():
+        if kind != "file" and not target.is_dir():
             raise PieceError(
                 f"output '{path}' is a file and this command writes a folder; choose another path"
             )
@@ -86,12 +92,52 @@ def check_output(
             raise PieceError(
                 f"output '{path}' is a folder and this command writes a file; choose another path"
             )
+        if kind != "file":
+            refuse_replacing(target, path, kind)
     if not target.parent.is_dir():
         raise PieceError(f"output folder '{target.parent}' does not exist; create it first")
     if not os.access(target.parent, os.W_OK | os.X_OK):
         raise PieceError(f"output folder '{target.parent}' is not writable; choose another output path")
     remove_stale_temporaries(target)
     return target
+
+
+_FOLDER_KINDS = {DELTA: "a delta", CHECKPOINT: "a checkpoint", ADAPTER: "a PEFT adapter"}
+
+
+def refuse_replacing(target: Path, shown: str | Path, kind: str = "folder") -> None:
+    """PieceError unless --overwrite may replace the existing folder `target` (`shown` as the user
+    gave it): it must hold `kind` (DELTA, CHECKPOINT or ADAPTER; "folder": any of them) or nothing,
+    and be no place a user keeps other work in (the home folder, the current folder or a folder
+    above it, a mount point, a git repository). Replacing a folder removes all it holds."""
+    real = target.resolve()
+    cwd = Path.cwd().resolve()
+    places = {p: "a folder above the current one" for p in cwd.parents}
+    places.update({cwd: "the current folder", Path.home().resolve(): "your home folder"})
+    place = places.get(real) or ("a mount point" if os.path.ismount(real) else None)
+    if place is not None:
+        raise PieceError(
+            f"output '{shown}' is {place}, which --overwrite never replaces; "
+            f"name a new folder, e.g. {shown}/out"
+        )
+    entries = sorted(p.name for p in real.iterdir())
+    if not entries:
+        return
+    wanted = list(_FOLDER_KINDS) if kind == "folder" else [kind]
+    found = [k for k in sniff(real) if k in _FOLDER_KINDS]
+    if ".git" in entries:
+        problem = "is a git repository"
+    elif any(k in wanted for k in found):
+        return
+    elif found:
+        problem = f"holds {_FOLDER_KINDS[found[0]]}"
+    else:
+        problem = f"holds other files (such as '{entries[0]}')"
+    wants = " or ".join(_FOLDER_KINDS[k] for k in wanted)
+    raise PieceError(
+        f"output '{shown}' {problem}; --overwrite only replaces {wants} (it removes the whole folder): "
+        "remove it yourself or choose another output"
+    )
 
 
 # What reading an input file also reads, given the path as the command names it (a data file's

@@ -411,6 +411,7 @@ def write_tiny_model(output: Path, arch: str = "llama", *, seed: int = 0, overwr
     """The `tiny-model` recipe: a tiny checkpoint (a causal LM, or a vision-language model) written
     atomically to `output`."""
     from piece_surgery.io.outputs import atomic_path, check_output
+    from piece_surgery.io.sniff import CHECKPOINT
 
     if arch not in TINY_ARCHITECTURES + VISION_LANGUAGE_ARCHITECTURES:
         choices = ", ".join(TINY_ARCHITECTURES + VISION_LANGUAGE_ARCHITECTURES)
@@ -418,7 +419,7 @@ def write_tiny_model(output: Path, arch: str = "llama", *, seed: int = 0, overwr
     from piece_surgery.runtime.options import check_seed
 
     check_seed(seed)
-    output = check_output(output, overwrite=overwrite, kind="folder")
+    output = check_output(output, overwrite=overwrite, kind=CHECKPOINT)
     with atomic_path(output, is_dir=True) as tmp:
         if arch in VISION_LANGUAGE_ARCHITECTURES:
             make_tiny_vision_language_model(tmp, arch, seed=seed)

@@ -10,6 +10,7 @@ from pathlib import Path
 from piece_surgery.formats.artifacts import Artifact, open_artifact
 from piece_surgery.formats.merge_recipe import Recipe, parse_size, scales_for
 from piece_surgery.io.outputs import check_output
+from piece_surgery.io.sniff import CHECKPOINT
 from piece_surgery.merging.combine import ScaledDelta
 from piece_surgery.merging.plan import ApplyResult, check_apply, execute_apply, plan_apply
 from piece_surgery.models.checkpoint import open_checkpoint
@@ -46,6 +47,7 @@ def _plan(recipe: Recipe, *, dry_run: bool, overwrite: bool):
             overwrite=overwrite,
             inputs=(base_ref, *delta_refs, original_base, recipe.source if from_file else None),
             protected=[recipe.folder] if from_file else [],  # a recipe's folder: outputs lie inside it
+            kind=CHECKPOINT,
         )
     base = open_checkpoint(base_ref, what="base")
     artifacts = [open_artifact(ref, want="delta") for ref in delta_refs]

@@ -8,6 +8,7 @@ from pathlib import Path
 from piece_surgery.formats.delta import Delta
 from piece_surgery.formats.delta_folder import DEFAULT_FORMAT, save_delta
 from piece_surgery.io.outputs import check_output
+from piece_surgery.io.sniff import DELTA
 from piece_surgery.merging.diff import diff
 from piece_surgery.runtime.errors import PieceError
 
@@ -49,7 +50,7 @@ def write_diff(
 ) -> Diffed:
     """The `diff` recipe: check the output, diff the two checkpoints, write the delta folder
     (in format `delta_format`: formats/delta_folder.FORMATS)."""
-    output = check_output(output, overwrite=overwrite, inputs=(base_ref, tuned_ref))
+    output = check_output(output, overwrite=overwrite, inputs=(base_ref, tuned_ref), kind=DELTA)
     delta = diff(base_ref, tuned_ref, density=density, top_k=top_k, base_model=base_model, quiet=quiet)
     if delta.count == 0:
         raise PieceError("the two checkpoints are identical: there is no delta to write")

@@ -11,7 +11,7 @@ import torch
 from piece_surgery.formats.artifacts import open_artifact
 from piece_surgery.formats.peft import peft_library, quiet_libraries
 from piece_surgery.io.outputs import atomic_path, check_output, refuse_overlap
-from piece_surgery.io.sniff import ADAPTER_WEIGHTS
+from piece_surgery.io.sniff import ADAPTER, ADAPTER_WEIGHTS
 from piece_surgery.merging.shira import fill_shira, shira_plan
 from piece_surgery.recipes.run import load_base
 from piece_surgery.runtime.errors import PieceError
@@ -53,7 +53,7 @@ def export_peft(
 ) -> Exported:
     """Write the delta as a SHiRA adapter folder that PeftModel.from_pretrained loads onto its base."""
     peft = peft_library()
-    output = check_output(output, overwrite=overwrite, inputs=(delta_ref, base_ref))
+    output = check_output(output, overwrite=overwrite, inputs=(delta_ref, base_ref), kind=ADAPTER)
     delta = open_artifact(delta_ref, want="delta").delta
     base_ref = base_ref or (delta.info.base.repo_id if delta.info.base else None)
     if base_ref is None:

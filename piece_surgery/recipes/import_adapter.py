@@ -9,6 +9,7 @@ from pathlib import Path
 from piece_surgery.formats.delta import Delta
 from piece_surgery.formats.delta_folder import DEFAULT_FORMAT, save_delta
 from piece_surgery.io.outputs import check_output
+from piece_surgery.io.sniff import DELTA
 from piece_surgery.merging.adapters import adapter_as_delta
 from piece_surgery.recipes.run import load_base
 from piece_surgery.runtime.errors import PieceError
@@ -44,7 +45,7 @@ def import_peft(
 ) -> Imported:
     """A delta from a PEFT adapter: its weights merged into the base, compared entry by entry with
     the base's files (adapter_as_delta), written to `output`."""
-    output = check_output(output, overwrite=overwrite, inputs=(adapter_ref, base_ref))
+    output = check_output(output, overwrite=overwrite, inputs=(adapter_ref, base_ref), kind=DELTA)
     delta = adapter_as_delta(
         adapter_ref, base_ref=base_ref, load_base=lambda ref: load_base(ref, run), output=output
     )

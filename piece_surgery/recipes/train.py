@@ -14,6 +14,7 @@ from piece_surgery.formats.delta import Delta, DeltaInfo, TrainLog, TrainProvena
 from piece_surgery.formats.delta_folder import DEFAULT_FORMAT, save_delta
 from piece_surgery.formats.mask import Mask
 from piece_surgery.io.outputs import refuse_overlap, remove_stale_temporaries
+from piece_surgery.io.sniff import DELTA
 from piece_surgery.models.checkpoint import Checkpoint, LoadedModel
 from piece_surgery.recipes.run import Run, open_avoided
 from piece_surgery.runtime.errors import PieceError
@@ -96,7 +97,7 @@ def train_checkpoint(
     session = Run(run)
     files = [r for r in [eval_general, *(options.retain or [])] if r and str(r) not in NAMED_SETS]
     inputs = [model_ref, data, mask_ref, eval_data, *files, *avoid]
-    output = session.check_output(Path(output), inputs=inputs, overwrite=overwrite)
+    output = session.check_output(Path(output), inputs=inputs, overwrite=overwrite, kind=DELTA)
     state_dir = _state_dir(output, inputs, resume=resume, overwrite=overwrite, session=session)
     reporting = _reporting(report_to, logging_dir, output, inputs)
     checkpoint = session.open(model_ref)

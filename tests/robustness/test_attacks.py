@@ -110,7 +110,7 @@ def test_a_base_an_adapter_names_is_an_input(tiny, tmp_path, cli):
     config["base_model_name_or_path"] = str(base)
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
     before = snapshot(base)
-    assert_clean_failure(cli("import", tmp_path / "adapter", "-o", base, "--overwrite"), "overlaps input")
+    assert_clean_failure(cli("import", tmp_path / "adapter", "-o", base / "delta"), "overlaps input")
     assert snapshot(base) == before
 
 
