@@ -5,7 +5,8 @@ Formats (one example each):
 - `.txt`: every non-empty line is one example (plain text, loss on every token).
 - `.jsonl`: one JSON object per line with `text`; or `prompt` + `response` (loss on the response
   only); or `messages` (a chat, each content a string or a list of {"type": "text", "text"} parts,
-  rendered with the tokenizer's chat template; loss on assistant turns). For a vision-language model
+  rendered with the tokenizer's chat template; loss on exactly the assistant turns of the whole chat
+  as the template renders it: tokenize.py, chat_labels.py). For a vision-language model
   a content list may hold {"type": "image", "path": ...} parts too (images.py).
 """
 

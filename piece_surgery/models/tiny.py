@@ -23,8 +23,34 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE tokenizer trained on a built-in paragraph (deterministic, no download)."""
+# The special tokens each family's chat template writes, and its BOS and EOS (None: it has none),
+# as its tokenizer names them: tiny_tokenizer(chat_family=...) adds them, so the family's real template
+# (tests/data/chat_templates/) renders to the tokens the family's model reads.
+CHAT_FAMILIES = {
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>"]),
+    "qwen": (None, "<|im_end|>", ["<|im_start|>", "<|endoftext|>", "<think>", "</think>"]),
+    "gemma": ("<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>", "<start_of_image>"]),
+    "phi3": ("<s>", "<|endoftext|>", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]),
+    "mistral": (
+        "<s>",
+        "</s>",
+        ["[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]"],
+    ),
+    "smollm2": ("<|im_start|>", "<|im_end|>", ["<|endoftext|>"]),
+    "deepseek": (
+        "<\uff5cbegin\u2581of\u2581sentence\uff5c>",
+        "<\uff5cend\u2581of\u2581sentence\uff5c>",
+        ["<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>", "<think>", "</think>"],
+    ),
+}
+
+
+def tiny_tokenizer(
+    vocab_size: int = 384, *, chat_family: str | None = None, chat_template: str | None = None
+):
+    """A byte-level BPE tokenizer trained on a built-in paragraph (deterministic, no download), with
+    CHAT_TEMPLATE, or `chat_template` with the special tokens, BOS and EOS of `chat_family`
+    (CHAT_FAMILIES) added."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,8 +64,24 @@ def tiny_tokenizer(vocab_size: int = 384):
         show_progress=False,
     )
     tok.train_from_iterator([_TOKENIZER_TEXT] * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = CHAT_TEMPLATE
+    if chat_family is None:
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        )
+    else:
+        if chat_family not in CHAT_FAMILIES:
+            raise ValueError(f"unknown chat family {chat_family!r}; use {', '.join(CHAT_FAMILIES)}")
+        bos, eos, extra = CHAT_FAMILIES[chat_family]
+        named = [t for t in (bos, eos) if t is not None]
+        tok.add_special_tokens([t for t in [*named, *extra] if tok.token_to_id(t) is None])
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            bos_token=bos,
+            eos_token=eos,
+            pad_token="<pad>",
+            additional_special_tokens=extra,
+        )
+    fast.chat_template = chat_template or CHAT_TEMPLATE
     return fast
 
 
