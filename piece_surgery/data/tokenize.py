@@ -102,11 +102,10 @@ def _tokenize_chat(messages: list[dict], tokenizer, max_length: int) -> tuple[li
     if isinstance(template, dict):
         template = template.get("default", "")
     render = lambda chat, prompt: _render(tokenizer, chat, prompt)  # noqa: E731
+    _check_shown(messages, render(messages, False))
     if _GENERATION_TAG.search(template):
-        _check_shown(messages, render(messages, False))
         return _marked_chat(messages, tokenizer, max_length)
     full, spans = assistant_spans(messages, render)
-    _check_shown(messages, full)
     enc = _encode(tokenizer, full, max_length, special=False, offsets=True)
     labels = [
         tok if any(s <= a < b <= e for s, e in spans) else IGNORE
