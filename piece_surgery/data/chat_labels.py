@@ -1,9 +1,11 @@
 """Where a chat's assistant turns lie in the text its template renders for the whole conversation.
 
 Templates render a turn differently once later turns exist (Qwen3 drops an earlier answer's
-reasoning and gives the last answer an empty `<think>` block; Mistral-Nemo moves the system message
-into the last user turn; Phi-3.5 ends a chat with end-of-text only when no generation prompt
-follows), so the turns are found in the whole chat's text, never from renders of its first turns:
+reasoning and gives the last answer an empty `<think>` block; DeepSeek-V3's generation prompt opens
+a `<think>` no rendered turn holds; Phi-3.5 ends a chat with end-of-text only when no generation
+prompt follows; Mistral-Nemo writes the system message into a last user turn only, so a chat that
+ends with an answer loses it, which tokenize.py refuses), so the turns are found in the whole
+chat's text, never from renders of its first turns:
 
 - the assistant's own text: the whole chat rendered again with that message's content replaced by
   a sentinel (a private-use character no text or markup holds); where the two renders differ is

@@ -5,7 +5,8 @@ chats rendered with the tokenizer's chat template, whose text holds the special 
 with the loss on exactly the assistant turns of the whole conversation as the template renders it
 (transformers' assistant masks where the template marks them with {% generation %}, chat_labels.py
 otherwise), image chats through the model's processor (images.py). Every example is cut to
---max-length; a text record costs memory in proportion to --max-length, not to its size.
+--max-length; a text or prompt/response record costs memory in proportion to --max-length, not to
+its size (a chat is rendered whole, and tokenized whole where its template marks generation).
 """
 
 from __future__ import annotations
