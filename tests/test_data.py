@@ -79,3 +79,34 @@ def test_bad_data_files(tmp_path, tok, content, message):
     path.write_text(content)
     with pytest.raises(PieceError, match=message):
         load_dataset(path, tok)
+
+
+def _adding(bos: bool, eos: bool):
+    """tiny_tokenizer configured to add BOS, EOS, both or neither itself (as Llama, some Gemma
+    fine-tunes and GPT-2 are), with a chat template that writes BOS and each turn's EOS."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = tiny_tokenizer()
+    single = " ".join([*(["<s>"] if bos else []), "$A", *(["</s>"] if eos else [])])
+    specials = [(t, tokenizer.convert_tokens_to_ids(t)) for t in ("<s>", "</s>")]
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single=single, special_tokens=specials)
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    assert tokenizer("a")["input_ids"].count(tokenizer.eos_token_id) == int(eos)  # configured as meant
+    return tokenizer
+
+
+@pytest.mark.parametrize("bos, eos", [(False, False), (True, False), (False, True), (True, True)])
+def test_special_tokens_appear_once_however_the_tokenizer_adds_them(bos, eos):
+    tokenizer = _adding(bos, eos)
+    b, e = tokenizer.bos_token_id, tokenizer.eos_token_id
+    body = tokenizer("def add(a, b):", add_special_tokens=False)["input_ids"]
+    text = tokenize_record({"text": "def add(a, b):"}, tokenizer, 64)
+    assert text.input_ids == [b] * bos + body + [e] and text.labels == text.input_ids
+    pair = tokenize_record({"prompt": "def add(a, b):", "response": "x * x"}, tokenizer, 64)
+    response = tokenizer("x * x", add_special_tokens=False)["input_ids"]
+    assert pair.input_ids == [b] * bos + body + response + [e]
+    assert pair.labels == [IGNORE] * (bos + len(body)) + response + [e]
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x * x"}]
+    turns = tokenize_record({"messages": chat}, tokenizer, 64)
+    assert turns.input_ids.count(b) == 1 and turns.input_ids[0] == b  # the template's BOS, once
+    assert turns.input_ids.count(e) == 2 and turns.input_ids[-1] == e  # each turn's end, as written

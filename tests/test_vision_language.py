@@ -411,7 +411,32 @@ def test_apply_refuses_an_output_where_the_base_files_point(vlm, tiny, tmp_path,
 def test_vision_tower_alone_on_text_is_one_line(vlm, tmp_path, cli, code_data):
     out = tmp_path / "m.safetensors"
     args = ["score", vlm("llava"), "--data", code_data, "-o", out, "--include", "vision_tower"]
-    assert_clean_failure(cli(*args), "no eligible tensor gets a gradient", output=out)
+    assert_clean_failure(cli(*args), "they are all in the vision tower, which only image records", output=out)
+
+
+@pytest.mark.parametrize("arch, pattern", [("llava", "multi_modal_projector"), ("qwen2_vl", "merger")])
+def test_a_projector_on_text_records_is_refused_with_its_cause(vlm, tmp_path, cli, code_data, arch, pattern):
+    """Projector entries on text data: score and train say, in one line, that only image records
+    reach the projector (train used to say the model detaches it or uses it elsewhere)."""
+    base, mask = vlm(arch), tmp_path / "m.safetensors"
+    out = tmp_path / "s.safetensors"
+    line = assert_clean_failure(
+        cli("score", base, "--data", code_data, "--method", "piece-f", "-o", out, "--include", pattern),
+        "they are all in the projector, which only image records reach",
+        output=out,
+    )
+    assert "vision tower" not in line
+    assert (
+        cli("score", base, "-o", mask, "--method", "magnitude", "--density", "0.05", "--include", pattern)[0]
+        == 0
+    )
+    out = tmp_path / "delta"
+    line = assert_clean_failure(
+        cli("train", base, "--data", code_data, "--mask", mask, "-o", out, "--max-steps", "1"),
+        "gets no gradient: it is in the projector, which only image records reach",
+        output=out,
+    )
+    assert "elsewhere" not in line and "detaches" not in line
 
 
 def test_a_micro_batch_that_reaches_no_trained_entry_trains_on(vlm, tmp_path, cli, image_data):

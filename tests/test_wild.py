@@ -316,6 +316,42 @@ def test_the_conflict_policy_holds_on_another_base_with_force(tiny, tmp_path, cl
     assert report["overlap"]["conflicts"] == conflicts > 0
 
 
+@pytest.mark.parametrize("policy", ["error", "sum"])
+def test_the_conflict_policy_holds_for_deltas_made_from_different_bases(tiny, tmp_path, cli, policy):
+    """A delta from the base and one from another base, applied with --force: the entries both
+    change are conflicts, so --on-conflict error refuses them (it used to count them and write
+    their sum, exit 0) and sum adds both changes to the base."""
+    import json
+
+    from helpers import perturb
+
+    base = tiny("llama")
+    other = perturb(base, tmp_path / "other", fraction=1.0, seed=3, hard=False)
+    t1 = perturb(base, tmp_path / "t1", fraction=0.3, seed=1, hard=False)
+    t2 = perturb(other, tmp_path / "t2", fraction=0.3, seed=2, hard=False)
+    assert cli("diff", base, t1, "-o", tmp_path / "d1", "-q")[0] == 0
+    assert cli("diff", other, t2, "-o", tmp_path / "d2", "-q")[0] == 0
+    out = tmp_path / "merged"
+    args = ["apply", base, tmp_path / "d1", tmp_path / "d2", "-o", out, "--force", "--on-conflict", policy]
+    result = cli(*args, "--json")
+    if policy == "error":
+        assert_clean_failure(result, "that an earlier delta also changes", output=out)
+        return
+    assert result[0] == 0, result[2]
+    b, w1, o, w2, got = (read_all(f) for f in (base, t1, other, t2, out))
+    conflicts = 0
+    for name in b:
+        c1 = (w1[name].double() - b[name].double()).view(-1)
+        c2 = (w2[name].double() - o[name].double()).view(-1)
+        conflicts += int(((c1 != 0) & (c2 != 0)).sum())
+        both = (c1 != 0) & (c2 != 0)
+        expected = torch.where(
+            both, (b[name].double().view(-1) + c1 + c2).to(b[name].dtype), got[name].view(-1)
+        )
+        assert torch.equal(got[name].view(-1), expected), name
+    assert json.loads(result[1])["overlap"]["conflicts"] == conflicts > 0
+
+
 @pytest.mark.parametrize("command, arch", [("score", "llama"), ("train", "gpt2"), ("score", "gemma3")])
 def test_a_tokenizer_larger_than_the_embedding_table_is_one_line(tiny, tmp_path, cli, command, arch):
     """Tokens added to the tokenizer, the model not resized: one line naming the largest id and the

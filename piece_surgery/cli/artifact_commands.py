@@ -356,8 +356,8 @@ def tiny_model_command(
     arch: Annotated[
         str,
         typer.Option(
-            help="llama, gpt2, qwen2, gemma3; vision-language: llava, gemma3_vl, qwen2_vl, qwen2_5_vl, "
-            "qwen3_vl, idefics3, smolvlm."
+            help="llama, gpt2, qwen2, gemma3, mistral, qwen3, gemma2, phi3, olmo2, gpt_neox, falcon; "
+            "vision-language: llava, gemma3_vl, qwen2_vl, qwen2_5_vl, qwen3_vl, idefics3, smolvlm."
         ),
     ] = "llama",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,

@@ -5,7 +5,8 @@ Sources: `.txt` (every non-empty line is one example, loss on every token); `.js
 line), `.json` (an array of objects), `.parquet`, `.arrow` and `datasets` folders (a row each),
 whose objects map onto three records by their shape (shapes.py): `text`; `prompt` + `response`
 (loss on the response only); `messages` (a chat, each content a string or a list of {"type":
-"text", "text"} parts, rendered with the tokenizer's chat template; loss on assistant turns). For a
+"text", "text"} parts, rendered with the tokenizer's chat template; loss on exactly the assistant
+turns of the whole chat as the template renders it: tokenize.py, chat_labels.py). For a
 vision-language model a content list may hold {"type": "image", "path": ...} parts too (images.py).
 """
 

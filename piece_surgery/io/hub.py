@@ -12,7 +12,23 @@ from piece_surgery.runtime.errors import PieceError, first_line
 from piece_surgery.runtime.progress import library_logs_silenced
 
 # What a command needs from a repo: weights, configs, tokenizer files, cards. Never pickles.
-CHECKPOINT_FILES = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.md"]
+CHECKPOINT_FILES = [
+    "*.safetensors",
+    "*.json",
+    "*.txt",
+    "*.model",
+    "*.jinja",
+    "*.md",
+    # the other tokenizer forms and the licence files a merged folder carries (models/layout.py)
+    "*.spm",
+    "*.codes",
+    "*.tokenizer",
+    "*.tiktoken",
+    "tokenizer.model.*",
+    "LICENSE*",
+    "NOTICE*",
+    "USE_POLICY*",
+]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 

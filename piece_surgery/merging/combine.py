@@ -96,11 +96,11 @@ def combine(
         new, on_current = delta.applied_to(current[pos], part.scale)
         recorded = delta.base.to(base_flat.dtype)
         on_base = same_bits(base_u[pos], recorded)
-        chained, side_by_side = stack.place(i, pos, recorded, on_base)
+        chained, conflicting = stack.place(i, pos, recorded)
         mismatch = ~on_current & ~on_base & ~chained
         overlap.chained += int(chained.sum())
         overlap.mismatched += int(mismatch.sum())
-        _refuse(name, part, int(mismatch.sum()), int(side_by_side.sum()), on_conflict, force)
+        _refuse(name, part, int(mismatch.sum()), int(conflicting.sum()), on_conflict, force)
         stack.add(i, pos, part.scale * delta.change(), delta.tuned.to(base_flat.dtype))
         current[pos] = new
     conflicted, change, disagree = stack.resolved(on_conflict)
@@ -116,33 +116,33 @@ class _Branches:
     """Which deltas at each entry of a tensor build on which (combine's bookkeeping).
 
     A delta made on top of another (its recorded base is what that delta left) extends that
-    delta's branch; one made side by side from the same base starts a branch of its own. An entry
+    delta's branch; one made side by side (from the same base, or under --force from any other)
+    starts a branch of its own. An entry
     with one branch takes the values applied in turn (exact); an entry with several is a conflict:
     base + the policy over the branches' total changes, whatever order the deltas came in. What
     the deltas record decides, so the policy holds with --force on another base too."""
 
     def __init__(self, parts: int, base: torch.Tensor):
         n = base.numel()
-        self.recorded_base = base.clone()  # the base the first delta at each entry records
         self.branch_of = torch.full((parts, n), -1, dtype=torch.long)  # part -> its branch per entry
         self.left = torch.zeros((parts, n), dtype=base.dtype)  # what each part left (its tuned values)
         self.totals = torch.zeros((parts, n), dtype=torch.float64)  # per branch (its first part's index)
         self.touched = torch.zeros(n, dtype=torch.int32)
 
-    def place(self, i: int, pos: torch.Tensor, recorded: torch.Tensor, on_base: torch.Tensor):
-        """(chained, side by side): where part `i` extends an earlier part's branch, and where it
-        starts another beside existing ones (a conflict)."""
+    def place(self, i: int, pos: torch.Tensor, recorded: torch.Tensor):
+        """(chained, conflicting): where part `i` extends an earlier part's branch, and where it
+        starts another beside existing ones. Every entry that ends with more than one branch is a
+        conflict (resolved() counts them), whatever base each branch records: deltas made side by
+        side from one base, or (under --force) from different bases."""
         first = self.touched[pos] == 0
-        self.recorded_base[pos] = torch.where(first, recorded, self.recorded_base[pos])
         branch = torch.full((pos.numel(),), i, dtype=torch.long)
         chained = torch.zeros(pos.numel(), dtype=torch.bool)
         for j in reversed(range(i)):  # the latest delta it was made on
             extends = ~chained & (self.branch_of[j, pos] >= 0) & same_bits(self.left[j, pos], recorded)
             branch = torch.where(extends, self.branch_of[j, pos], branch)
             chained |= extends
-        side_by_side = ~first & ~chained & (on_base | same_bits(self.recorded_base[pos], recorded))
         self.branch_of[i, pos] = branch
-        return chained, side_by_side
+        return chained, ~first & ~chained
 
     def add(self, i: int, pos: torch.Tensor, change: torch.Tensor, tuned: torch.Tensor) -> None:
         branch = self.branch_of[i, pos]

@@ -220,8 +220,10 @@ def execute_apply(plan: ApplyPlan, progress=None) -> ApplyResult:
     metadata = shard_metadata(base.folder) or {"format": "pt"}
     changed = set(plan.changed_tensors)
     with atomic_path(plan.output, is_dir=True) as tmp, base.reader() as reader:
-        for item in model_files(base.folder):  # config, tokenizer, card: what belongs to the model
-            shutil.copy2(item, tmp / item.name)
+        for item in model_files(base.folder):  # config, tokenizer, templates, card: the model's own
+            target = tmp / item.relative_to(base.folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(item, target)
         if plan.recipe is not None:
             _record_recipe(plan, tmp)
         weight_map: dict[str, str] = {}

@@ -42,7 +42,8 @@ def shira_plan(model: torch.nn.Module, delta: Delta) -> ShiraPlan:
         tensors[tensor_name], _, _ = merge_one(tensor_name, current, part, force=False)
         held = holders.get(id(param), [])
         module, attr = held[0] if len(held) == 1 else (None, None)
-        if module is not None and type(module) is torch.nn.Linear and attr == "weight":
+        # a torch.nn.Linear or a subclass that computes as one (Falcon's), as PEFT's SHiRA takes it
+        if module is not None and isinstance(module, torch.nn.Linear) and attr == "weight":
             linear[module_names[id(module)]] = (tensor_name, module)
         elif module is not None and is_gain_module(module):
             saved.setdefault(module_names[id(module)], []).append((attr, tensor_name))

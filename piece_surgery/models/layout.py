@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,46 +21,104 @@ from piece_surgery.runtime.dtypes import SAFETENSORS_DTYPES, numel
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.json_files import read_json
 
-# Besides its weights and index, the files that belong to a model: its config, generation config,
-# tokenizer (in any of its forms), chat template, processor (image, video) configs, card and licence,
-# and the code of a model with custom code. A merged folder copies these from its base and nothing
-# else: no stale pickle weights, adapters or optimizer states a loader might pick up instead.
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
+# Besides its weights and index, the files of a model that transformers' loaders read: its config
+# and generation config; every tokenizer file (tokenizer_config.json, tokenizer.json, the legacy
+# special-token and added-token maps, and each vocabulary file a transformers tokenizer class names
+# in its `vocab_files_names`, plus the Mistral and tiktoken files it converts); every chat template
+# form (chat_template.jinja, the processors' legacy chat_template.json, and the templates of the
+# additional_chat_templates/ folder); the processor, image, video and audio-tokenizer configs; and,
+# for people, the card and the licence and notice files. A merged folder copies these from its base
+# and nothing else: no stale pickle weights, adapters or optimizer states a loader might pick up
+# instead. tests/test_layout_files.py checks the list against transformers' own loaders.
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
     "special_tokens_map.json",
     "added_tokens.json",
+    # the vocabulary files of transformers' tokenizer classes (their vocab_files_names)
+    "vocab.json",
+    "vocab.txt",
     "merges.txt",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "video_preprocessor_config.json",
-    "README.md",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.model",
+    "sentencepiece.bpe.model",
+    "spm.model",
+    "spm_char.model",
+    "source.spm",
+    "target.spm",
+    "bpe.codes",
+    "dict.txt",
+    "emoji.json",
+    "entity_vocab.json",
+    "normalizer.json",
+    "prophetnet.tokenizer",
+    "byte_maps.json",
+    "word_pronunciation.json",
+    "word_shape.json",
+    "target_vocab.json",
+    "vocab-src.json",
+    "vocab-tgt.json",
+    # what transformers converts when a repo has no tokenizer.json (Mistral's, tiktoken's)
+    "tekken.json",
+    "tiktoken.model",
 )
-
-
-_MODEL_FILE_PREFIXES = ("tokenizer", "vocab", "spiece", "sentencepiece", "chat_template", "LICENSE", "NOTICE")
-
-
-_MODEL_FILE_SUFFIXES = (".tiktoken", ".jinja")
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+CHAT_TEMPLATE_FOLDER = "additional_chat_templates"  # one `<name>.jinja` per named template
+PROCESSOR_FILES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "audio_tokenizer_config.json",
+)
+CARD_FILES = ("README.md",)
+MODEL_FILES = CONFIG_FILES + TOKENIZER_FILES + CHAT_TEMPLATE_FILES + PROCESSOR_FILES + CARD_FILES
+# by name: versioned sentencepiece files (tokenizer.model.v3, ...), tiktoken vocabularies, and the
+# licence, notice and use-policy files a licence asks to pass on
+_TOKENIZER_PATTERN = re.compile(r"tokenizer\.model\.\w+|.+\.tiktoken")
+_MODEL_FILE_PATTERN = re.compile(rf"{_TOKENIZER_PATTERN.pattern}|(LICENSE|NOTICE|USE_POLICY)([._-].*)?")
 
 
 def model_files(folder: Path) -> list[Path]:
-    """The files of `folder` that belong to the model besides its weights (MODEL_FILES, tokenizer
-    and licence files by name; `.py` files when the config names custom code in `auto_map`)."""
-    custom_code = any(
-        isinstance(document, dict) and "auto_map" in document
-        for document in (_json_or_none(folder / name) for name in ("config.json", "tokenizer_config.json"))
-    )
+    """The files of `folder` that belong to the model besides its weights, in order: MODEL_FILES,
+    the versioned tokenizer files its tokenizer_config.json names (`fast_tokenizer_files`), the
+    `.jinja` templates of its additional_chat_templates/ folder (as paths inside it), the tokenizer
+    files of a processor's second tokenizer (a folder named `*tokenizer*`), the files
+    _MODEL_FILE_PATTERN names, and its `.py` files when its config or tokenizer config names custom
+    code (`auto_map`)."""
+    folder = Path(folder)
+    configs = {name: _json_or_none(folder / name) for name in ("config.json", "tokenizer_config.json")}
+    custom_code = any(isinstance(d, dict) and "auto_map" in d for d in configs.values())
+    tokenizer_config = configs["tokenizer_config.json"]
+    versioned = tokenizer_config.get("fast_tokenizer_files") if isinstance(tokenizer_config, dict) else None
+    named = set(MODEL_FILES) | {f for f in versioned or () if isinstance(f, str) and Path(f).name == f}
     found = []
-    for item in sorted(Path(folder).iterdir()):
+    for item in sorted(folder.iterdir()):
         name = item.name
-        if not item.is_file() or name.startswith("."):
-            continue
-        if (
-            name in MODEL_FILES
-            or name.startswith(_MODEL_FILE_PREFIXES)
-            or name.endswith(_MODEL_FILE_SUFFIXES)
-            or (custom_code and name.endswith(".py"))
+        if name == CHAT_TEMPLATE_FOLDER and item.is_dir():
+            found += [t for t in sorted(item.iterdir()) if t.suffix == ".jinja" and t.is_file()]
+        elif item.is_dir() and "tokenizer" in name and not name.startswith("."):
+            found += _tokenizer_folder_files(item)
+        elif (item.is_file() and not name.startswith(".")) and (
+            name in named or _MODEL_FILE_PATTERN.fullmatch(name) or (custom_code and name.endswith(".py"))
+        ):
+            found.append(item)
+    return found
+
+
+_TOKENIZER_FOLDER_FILES = frozenset(TOKENIZER_FILES + CHAT_TEMPLATE_FILES)
+
+
+def _tokenizer_folder_files(folder: Path) -> list[Path]:
+    """The tokenizer files of a processor's second tokenizer, which transformers saves in a folder
+    named after the processor's attribute (InstructBLIP's `qformer_tokenizer/`, say)."""
+    found = []
+    for item in sorted(folder.iterdir()):
+        if item.name == CHAT_TEMPLATE_FOLDER and item.is_dir():
+            found += [t for t in sorted(item.iterdir()) if t.suffix == ".jinja" and t.is_file()]
+        elif item.is_file() and (
+            item.name in _TOKENIZER_FOLDER_FILES or _TOKENIZER_PATTERN.fullmatch(item.name)
         ):
             found.append(item)
     return found

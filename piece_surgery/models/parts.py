@@ -59,3 +59,14 @@ def entries_by_part(counts: Iterable[tuple[str, int]]) -> dict[str, int]:
         part = part_of(name)
         totals[part] = totals.get(part, 0) + int(n)
     return {part: totals[part] for part in PARTS if part in totals}
+
+
+def image_side(names: Iterable[str]) -> str | None:
+    """What of a vision-language model's image side tensor names all belong to ("the projector",
+    "the vision tower", "the vision tower and the projector"), or None when any of them is the
+    language model's (or there are none). Only image records reach these parts: a text record
+    gives them no gradient."""
+    parts = {part_of(name) for name in names}
+    if not parts or LANGUAGE in parts:
+        return None
+    return " and ".join(f"the {part}" for part in (VISION, PROJECTOR) if part in parts)

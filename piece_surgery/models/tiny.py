@@ -10,7 +10,6 @@ import torch
 
 from piece_surgery.runtime.errors import PieceError
 
-TINY_ARCHITECTURES = ("llama", "gpt2", "qwen2", "gemma3")
 _TOKENIZER_TEXT = """
 The quick brown fox jumps over the lazy dog. Sparse updates keep general ability.
 def add(a, b):\n    return a + b\nimport os\nclass Model:\n    pass\n
@@ -23,8 +22,34 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE tokenizer trained on a built-in paragraph (deterministic, no download)."""
+# The special tokens each family's chat template writes, and its BOS and EOS (None: it has none),
+# as its tokenizer names them: tiny_tokenizer(chat_family=...) adds them, so the family's real template
+# (tests/data/chat_templates/) renders to the tokens the family's model reads.
+CHAT_FAMILIES = {
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>"]),
+    "qwen": (None, "<|im_end|>", ["<|im_start|>", "<|endoftext|>", "<think>", "</think>"]),
+    "gemma": ("<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>", "<start_of_image>"]),
+    "phi3": ("<s>", "<|endoftext|>", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]),
+    "mistral": (
+        "<s>",
+        "</s>",
+        ["[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]"],
+    ),
+    "smollm2": ("<|im_start|>", "<|im_end|>", ["<|endoftext|>"]),
+    "deepseek": (
+        "<\uff5cbegin\u2581of\u2581sentence\uff5c>",
+        "<\uff5cend\u2581of\u2581sentence\uff5c>",
+        ["<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>", "<think>", "</think>"],
+    ),
+}
+
+
+def tiny_tokenizer(
+    vocab_size: int = 384, *, chat_family: str | None = None, chat_template: str | None = None
+):
+    """A byte-level BPE tokenizer trained on a built-in paragraph (deterministic, no download), with
+    CHAT_TEMPLATE, or `chat_template` with the special tokens, BOS and EOS of `chat_family`
+    (CHAT_FAMILIES) added."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,68 +63,80 @@ def tiny_tokenizer(vocab_size: int = 384):
         show_progress=False,
     )
     tok.train_from_iterator([_TOKENIZER_TEXT] * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = CHAT_TEMPLATE
+    if chat_family is None:
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        )
+    else:
+        if chat_family not in CHAT_FAMILIES:
+            raise ValueError(f"unknown chat family {chat_family!r}; use {', '.join(CHAT_FAMILIES)}")
+        bos, eos, extra = CHAT_FAMILIES[chat_family]
+        named = [t for t in (bos, eos) if t is not None]
+        tok.add_special_tokens([t for t in [*named, *extra] if tok.token_to_id(t) is None])
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            bos_token=bos,
+            eos_token=eos,
+            pad_token="<pad>",
+            additional_special_tokens=extra,
+        )
+    fast.chat_template = chat_template or CHAT_TEMPLATE
     return fast
 
 
-def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides):
-    """A config a few hundred KB big for the given family: llama, gpt2, qwen2 or gemma3 (its text
-    model; tied embeddings, as every Gemma 3)."""
-    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config
+# A decoder a few hundred KB big: two layers of width 32, four heads sharing two key/value heads.
+_DECODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+_NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+# family -> (transformers config class, its fields): what each family's tiny model is made of. A row
+# is a family; tests/test_families.py runs the whole pipeline on each.
+TINY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(_DECODER, tie_word_embeddings=False)),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, **_NO_DROPOUT)),
+    "qwen2": ("Qwen2Config", dict(_DECODER, tie_word_embeddings=True)),
+    # Gemma 3's text model; tied embeddings, as every Gemma 3
+    "gemma3": ("Gemma3TextConfig", dict(_DECODER, head_dim=8, sliding_window=16)),
+    "mistral": ("MistralConfig", dict(_DECODER, sliding_window=16, tie_word_embeddings=False)),
+    "qwen3": ("Qwen3Config", dict(_DECODER, head_dim=8, tie_word_embeddings=True)),
+    "gemma2": ("Gemma2Config", dict(_DECODER, head_dim=8, sliding_window=16, query_pre_attn_scalar=8)),
+    # fused projections: qkv_proj, gate_up_proj
+    "phi3": ("Phi3Config", dict(_DECODER, tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0)),
+    "olmo2": ("Olmo2Config", dict(_DECODER, tie_word_embeddings=False)),
+    # fused query_key_value, parallel residual, partial rotary
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        dict(_DECODER, rotary_pct=0.5, tie_word_embeddings=False, hidden_dropout=0.0, attention_dropout=0.0),
+    ),
+    "falcon": (
+        "FalconConfig",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            new_decoder_architecture=True,
+        ),
+    ),
+}
+TINY_ARCHITECTURES = tuple(TINY_CONFIGS)
 
-    special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-    if arch == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            tie_word_embeddings=False,
-            **special,
-        )
-    elif arch == "gpt2":
-        config = GPT2Config(
-            vocab_size=vocab_size,
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=128,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            **special,
-        )
-    elif arch == "qwen2":
-        config = Qwen2Config(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-            **special,
-        )
-    elif arch == "gemma3":
-        config = Gemma3TextConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=128,
-            sliding_window=16,
-            **special,
-        )
-    else:
+
+def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides):
+    """A config a few hundred KB big for a family of TINY_CONFIGS (llama, gpt2, qwen2, gemma3,
+    mistral, qwen3, gemma2, phi3, olmo2, gpt_neox, falcon); `overrides` set fields after."""
+    import transformers
+
+    if arch not in TINY_CONFIGS:
         raise ValueError(f"unknown tiny architecture {arch!r}; use {', '.join(TINY_ARCHITECTURES)}")
+    name, fields = TINY_CONFIGS[arch]
+    special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    config = getattr(transformers, name)(vocab_size=vocab_size, **fields, **special)
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
@@ -112,14 +149,19 @@ def make_tiny_checkpoint(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     max_shard_size: str | None = None,
+    tokenizer=None,
     **config_overrides,
 ) -> Path:
-    """Build, randomly initialise (seeded) and save a tiny causal LM plus tokenizer to `path`."""
+    """Build, randomly initialise (seeded) and save a tiny causal LM plus tokenizer (tiny_tokenizer()
+    unless given; the config takes its size and special tokens) to `path`."""
     import transformers
     from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.disable_progress_bar()
-    tokenizer = tiny_tokenizer()
+    if tokenizer is not None:
+        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+        config_overrides = {**ids, "pad_token_id": tokenizer.pad_token_id, **config_overrides}
+    tokenizer = tokenizer or tiny_tokenizer()
     config = tiny_config(arch, vocab_size=len(tokenizer), **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)

@@ -16,6 +16,7 @@ import torch
 
 from piece_surgery.data.examples import Dataset
 from piece_surgery.evaluation.loss import micro_batch_losses
+from piece_surgery.models.parts import image_side
 from piece_surgery.runtime.distributed import World
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.sharding import is_sharded, local_part
@@ -102,7 +103,7 @@ def accumulate_gradients(
             for loss, tokens, examples in micro_batch_losses(
                 model, dataset, batch_size, pad_id, sample_labels=generator, shard=shard
             ):
-                value = _checked_loss(loss, stats, dataset)
+                value = _checked_loss(loss, stats, dataset, params)
                 (loss * backward_scale if sharded else loss).backward()
                 if sharded:  # FSDP has reduce-scattered each gradient: this rank's shard is here
                     acc.take_shards(params)
@@ -167,9 +168,9 @@ class _Accumulators:
             p.grad = None
 
 
-def _checked_loss(loss: torch.Tensor, stats: PassStats, dataset: Dataset) -> float:
+def _checked_loss(loss: torch.Tensor, stats: PassStats, dataset: Dataset, params: dict) -> float:
     """The micro-batch's loss as a number; PieceError if it is not finite or reaches no eligible
-    tensor."""
+    tensor (naming the image side of a vision-language model when that is all that is eligible)."""
     value = float(loss.detach())
     if not math.isfinite(value):
         raise PieceError(
@@ -177,9 +178,16 @@ def _checked_loss(loss: torch.Tensor, stats: PassStats, dataset: Dataset) -> flo
             "(try --dtype float32)"
         )
     if not loss.requires_grad:  # every eligible tensor is off this data's path
+        side = image_side(params)
+        if side is not None:
+            raise PieceError(
+                f"no eligible tensor gets a gradient from '{dataset.name}': they are all in {side}, "
+                "which only image records reach, and these records reach none of it; include "
+                "language-model tensors (--include) or give image records"
+            )
         raise PieceError(
-            f"no eligible tensor gets a gradient from '{dataset.name}' (e.g. only a vision tower is "
-            "eligible and the data is text): choose other --include patterns"
+            f"no eligible tensor gets a gradient from '{dataset.name}' (the data never reaches "
+            "them): choose other --include patterns"
         )
     return value
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from piece_surgery.models.parts import image_side
 from piece_surgery.models.structure import is_gain_module, is_linear_weight, owners
 from piece_surgery.runtime.distributed import World
 from piece_surgery.runtime.errors import PieceError
@@ -475,10 +476,16 @@ class SparseParameters:
                 "and computes it another way; load the model without it (USE_HUB_KERNELS=NO for hub "
                 "kernels) or leave the tensor out with --exclude"
             )
+        side = image_side([name])
+        if side is not None:
+            return (
+                f"masked tensor '{name}' gets no gradient: it is in {side}, which only image records "
+                f"reach, and this data reaches none of it (module '{site.path}' never runs); train on "
+                "image records, or leave it out with --exclude"
+            )
         return (
-            f"masked tensor '{name}' gets no gradient: module '{site.path}' is not used on this data "
-            "(a vision-language projector on text-only records, say); train on data that uses it, or "
-            "leave it out with --exclude"
+            f"masked tensor '{name}' gets no gradient: module '{site.path}' is not used on this data; "
+            "train on data that uses it, or leave it out with --exclude"
         )
 
     # ------------------------------------------------------------------ values and weights
