@@ -89,7 +89,9 @@ def test_a_git_repository_or_another_artifact_is_not_replaced(work, tmp_path, cl
     assert snapshot(repo) == before
     checkpoint = shutil.copytree(base, tmp_path / "a-model")  # a checkpoint where a delta is written
     before = snapshot(checkpoint)
-    line = assert_clean_failure(cli("diff", base, tuned, "-o", checkpoint, "--overwrite", "-q"), "holds a checkpoint")
+    line = assert_clean_failure(
+        cli("diff", base, tuned, "-o", checkpoint, "--overwrite", "-q"), "holds a checkpoint"
+    )
     assert "only replaces a delta" in line
     assert snapshot(checkpoint) == before
 
