@@ -97,7 +97,6 @@ def test_a_two_turn_chat_is_labelled_on_its_assistant_turns(name):
     assert example.input_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
-
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_a_trl_prompt_completion_chat_trains_only_the_completion(name):
     """TRL's conversational prompt/completion: the prompt's own assistant turn (a few-shot answer)
@@ -108,6 +107,7 @@ def test_a_trl_prompt_completion_chat_trains_only_the_completion(name):
     assert labelled_runs(example, tokenizer) == EXPECTED[name][1:]
     whole = tokenize_record({"messages": TWO_TURNS}, tokenizer, 512)
     assert example.input_ids == whole.input_ids
+
 
 REASONED = [
     {"role": "system", "content": "Be brief."},

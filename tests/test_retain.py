@@ -3,6 +3,7 @@ independent brute-force computations."""
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -144,6 +145,46 @@ def test_self_text_is_seeded_and_recorded(tiny, code_data, tmp_path):
     record = load_mask(out).info.retain
     assert record.self_sampling == {"seed": 3, "samples": 5, "length": 7}
     assert record.sources[0].file == "self" and record.sources[0].sha256 == a.sha256
+
+
+def test_chat_text_is_the_models_answers_seeded_and_recorded(tiny, code_data, tmp_path, cli):
+    """--retain chat: the model's own answers to the shipped instructions, through its chat
+    template, with the loss on the answers; the same for the same seed; recorded in the mask."""
+    from piece_surgery.data.examples import IGNORE
+    from piece_surgery.scoring.retain import instructions, sample_chat
+
+    checkpoint = open_checkpoint(tiny("llama"))
+    model, tokenizer = (
+        checkpoint.load_model(device="cpu", dtype="float32").module,
+        checkpoint.load_tokenizer(),
+    )
+    a, b, c = (sample_chat(model, tokenizer, length=6, seed=seed, max_length=256) for seed in (3, 3, 4))
+    asked = [json.loads(line)["instruction"] for line in instructions().read_text().splitlines()]
+    assert a.read == len(asked) == 64 and a.sha256 == b.sha256 != c.sha256
+    assert len(a.examples) == 64 and a.skipped == 0
+    found = []
+    for example in a.examples:  # each asks one instruction, outside the loss, and answers it
+        text = tokenizer.decode(example.input_ids)
+        found += [instruction for instruction in asked if instruction in text]
+        answer = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE]
+        assert answer and not any(instruction in tokenizer.decode(answer) for instruction in asked)
+    assert sorted(found) == sorted(asked)
+    out = tmp_path / "m.safetensors"
+    args = ["score", tiny("llama"), "--data", code_data, "-o", out, "-q", "--retain", "chat", "--seed", "3"]
+    assert cli(*args, "--self-length", "6", "--max-length", "64")[0] == 0
+    record = load_mask(out).info.retain
+    assert record.chat_sampling == {"seed": 3, "instructions": 64, "length": 6}
+    assert record.sources[0].file == "chat" and record.sources[0].sha256 == a.sha256
+    no_template = shutil.copytree(tiny("llama"), tmp_path / "plain")
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    (tmp_path / "plain.txt").write_text("def f(x):\n    return x + 1\n")  # data that needs no template
+    args[1], args[3], args[5] = no_template, tmp_path / "plain.txt", tmp_path / "n.safetensors"
+    assert_clean_failure(
+        cli(*args), "needs a tokenizer with a chat template", output=tmp_path / "n.safetensors"
+    )
 
 
 def test_the_default_is_piece_r_keeping_the_shipped_general_text(tiny, code_data, tmp_path, cli):
@@ -361,7 +402,11 @@ def test_bad_retain_input(tiny, code_data, general_data, tmp_path, cli):
         assert_clean_failure(cli(*other, *extra), "is for --method piece-r (got piece-s)", output=out)
     for retain in (["--retain", general_data], []):  # a file, or the default (the shipped set)
         result = cli(*base, *retain, "--self-samples", "4")
-        assert_clean_failure(result, "are for --retain self: add --retain self", output=out)
+        assert_clean_failure(result, "--self-samples is for --retain self: add --retain self", output=out)
+        result = cli(*base, *retain, "--self-length", "4")
+        assert_clean_failure(result, "--self-length is for --retain self or --retain chat", output=out)
+    result = cli(*base, "--retain", "chat", "--self-samples", "4")
+    assert_clean_failure(result, "--self-samples is for --retain self", output=out)
     assert cli("score", tiny("gpt2"), "--data", code_data, "-o", tmp_path / "g.safetensors", "-q")[0] == 0
     result = cli(*base, "--retain", general_data, "--avoid", tmp_path / "g.safetensors")
     assert_clean_failure(result, "which this model does not have", output=out)

@@ -118,7 +118,11 @@ class ScoreOptions(JsonRecord):
         default=None, metadata={"help": "--retain self: texts to write. [default: 64]"}
     )
     self_length: int | None = field(
-        default=None, metadata={"help": "--retain self: tokens per text. [default: 128]", "metavar": "TOKENS"}
+        default=None,
+        metadata={
+            "help": "--retain self: tokens per text; --retain chat: most tokens per answer. [default: 128]",
+            "metavar": "TOKENS",
+        },
     )
     # the fields the maker gave (the others took their defaults): kept through dataclasses.replace
     given: frozenset[str] | None = field(default=None, metadata={"transient": True, "cli": False})
@@ -152,13 +156,17 @@ class ScoreOptions(JsonRecord):
 
     def _check_retain(self, uses_retain: bool) -> None:
         """Retain text and its options only for a method that uses them, the self-text options only
-        with self text, and each retain source named once."""
+        with the text the model writes (--self-length with self or chat, --self-samples with self),
+        and each retain source named once."""
         retain_given = [n for n in ("retain", *RETAIN_DEFAULTS, *SELF_DEFAULTS) if n in self.given]
         if retain_given and not uses_retain:
             flag = retain_given[0].replace("_", "-")
             raise PieceError(f"--{flag} is for --method piece-r (got {self.method}); leave it out")
-        if set(SELF_DEFAULTS) & self.given and self.retain is not None and SELF not in self.retain:
-            raise PieceError("--self-samples and --self-length are for --retain self: add --retain self")
+        written = () if self.retain is None else [s for s in self.retain if s in (SELF, CHAT)]
+        if "self_samples" in self.given and self.retain is not None and SELF not in self.retain:
+            raise PieceError("--self-samples is for --retain self: add --retain self")
+        if "self_length" in self.given and self.retain is not None and not written:
+            raise PieceError("--self-length is for --retain self or --retain chat: add one of them")
 
     @classmethod
     def from_json(cls, data):
