@@ -114,10 +114,14 @@ def _check_unpaired_tuned(base: Checkpoint, tuned: Checkpoint, pairs: dict[str, 
 def eligible_sizes(checkpoint: Checkpoint) -> dict[str, int]:
     """Stored tensor name -> entries, of the tensors `score` may select by default (every weight
     but the embedding tables), found on the model's meta-device skeleton."""
+    from piece_surgery.models.fused import fused_slices
     from piece_surgery.models.pairing import parameter_keys
 
     skeleton = checkpoint.skeleton()
-    params = eligible_parameters(skeleton, parameter_keys(skeleton, checkpoint.layout))
+    layout = checkpoint.layout
+    params = eligible_parameters(
+        skeleton, parameter_keys(skeleton, layout), slices=fused_slices(skeleton, layout)
+    )
     return {name: p.numel() for name, p in params.items()}
 
 

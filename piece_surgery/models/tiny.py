@@ -10,7 +10,13 @@ import torch
 
 from piece_surgery.runtime.errors import PieceError
 
-TINY_ARCHITECTURES = ("llama", "gpt2", "qwen2", "gemma3")
+# mixture-of-experts families: 4 experts, 2 per token, in both layers (DeepSeek-V3: its first layer
+# dense, as its first_k_dense_replace keeps the first layers of the real model)
+MOE_ARCHITECTURES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss")
+TINY_ARCHITECTURES = ("llama", "gpt2", "qwen2", "gemma3", *MOE_ARCHITECTURES)
+# how a mixture-of-experts checkpoint stores its experts: one tensor per expert and projection (the
+# Hub layout, what save_pretrained writes), or as the model holds them (one 3-D tensor per kind)
+EXPERT_LAYOUTS = ("per-expert", "fused")
 _TOKENIZER_TEXT = """
 The quick brown fox jumps over the lazy dog. Sparse updates keep general ability.
 def add(a, b):\n    return a + b\nimport os\nclass Model:\n    pass\n
@@ -45,11 +51,13 @@ def tiny_tokenizer(vocab_size: int = 384):
 
 def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides):
     """A config a few hundred KB big for the given family: llama, gpt2, qwen2 or gemma3 (its text
-    model; tied embeddings, as every Gemma 3)."""
+    model; tied embeddings, as every Gemma 3), or a mixture-of-experts family (MOE_ARCHITECTURES)."""
     from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config
 
     special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-    if arch == "llama":
+    if arch in MOE_ARCHITECTURES:
+        config = _moe_config(arch, vocab_size, special)
+    elif arch == "llama":
         config = LlamaConfig(
             vocab_size=vocab_size,
             hidden_size=32,
@@ -105,6 +113,60 @@ def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides):
     return config
 
 
+def _moe_config(arch: str, vocab_size: int, special: dict):
+    """The mixture-of-experts families' tiny configs: 4 experts of 16 hidden units, 2 per token."""
+    import transformers
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        num_experts_per_tok=2,
+        **special,
+    )
+    if arch == "mixtral":
+        return transformers.MixtralConfig(intermediate_size=16, num_local_experts=4, **common)
+    if arch == "gpt_oss":
+        return transformers.GptOssConfig(
+            intermediate_size=16, num_local_experts=4, head_dim=8, sliding_window=16, **common
+        )
+    if arch == "olmoe":
+        return transformers.OlmoeConfig(intermediate_size=16, num_experts=4, **common)
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(
+            intermediate_size=64, moe_intermediate_size=16, num_experts=4, head_dim=8, **common
+        )
+    if arch == "qwen2_moe":  # a shared expert beside the routed ones, behind a sigmoid gate
+        return transformers.Qwen2MoeConfig(
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            num_experts=4,
+            **common,
+        )
+    common["num_key_value_heads"] = 4  # its latent attention has as many key-value heads as heads
+    return transformers.DeepseekV3Config(  # deepseek_v3: a shared expert, grouped routing, MLA attention
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        **common,
+    )
+
+
 def make_tiny_checkpoint(
     path: Path,
     arch: str = "llama",
@@ -112,22 +174,46 @@ def make_tiny_checkpoint(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     max_shard_size: str | None = None,
+    experts: str = "per-expert",
     **config_overrides,
 ) -> Path:
-    """Build, randomly initialise (seeded) and save a tiny causal LM plus tokenizer to `path`."""
+    """Build, randomly initialise (seeded) and save a tiny causal LM plus tokenizer to `path`.
+
+    A mixture-of-experts model's `experts` (EXPERT_LAYOUTS) are saved `per-expert`, one tensor per
+    expert and projection, as save_pretrained writes them (gpt_oss, whose Hub layout is fused, has
+    no other), or `fused`: the tensors the model holds, under its own names (one file)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
+    if experts not in EXPERT_LAYOUTS:
+        raise ValueError(f"unknown expert layout {experts!r}; use {', '.join(EXPERT_LAYOUTS)}")
     transformers.utils.logging.disable_progress_bar()
     tokenizer = tiny_tokenizer()
     config = tiny_config(arch, vocab_size=len(tokenizer), **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
+    if arch in MOE_ARCHITECTURES:
+        with torch.no_grad():  # routers and expert biases may start at zero; exact tests need values
+            for param in model.parameters():
+                if not param.abs().sum():
+                    param.copy_(torch.randn(param.shape) * 0.02)
     path = Path(path)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
+    if arch in MOE_ARCHITECTURES and experts == "fused":
+        _save_as_held(model, path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def _save_as_held(model: torch.nn.Module, path: Path) -> None:
+    """Replace the saved weights with the tensors the model holds, under its own names, in one file."""
+    from safetensors.torch import save_file
+
+    for old in [*path.glob("*.safetensors"), *path.glob("*.safetensors.index.json")]:
+        old.unlink()
+    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
 VISION_LANGUAGE_ARCHITECTURES = (

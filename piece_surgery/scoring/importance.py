@@ -16,6 +16,7 @@ import torch
 
 from piece_surgery.data.examples import Dataset
 from piece_surgery.evaluation.loss import micro_batch_losses
+from piece_surgery.models.fused import ParameterSlice, holder
 from piece_surgery.runtime.distributed import World
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.sharding import is_sharded, local_part
@@ -95,9 +96,7 @@ def accumulate_gradients(
     backward_scale = 0.0 if sharded and world.rank != 0 else 1.0
     error = None
     with _gradients_only_for(model, params), _deterministic_mode(model):
-        handles = (
-            [] if sharded else [p.register_post_accumulate_grad_hook(acc.fold(k)) for k, p in params.items()]
-        )
+        handles = [] if sharded else acc.hook(params)
         try:
             for loss, tokens, examples in micro_batch_losses(
                 model, dataset, batch_size, pad_id, sample_labels=generator, shard=shard
@@ -151,14 +150,25 @@ class _Accumulators:
         if key in self.squares:
             self.squares[key].addcmul_(g, g)
 
-    def fold(self, key: str) -> Callable[[torch.Tensor], None]:
-        """A post-accumulate-grad hook: the gradient joins the sums, then is dropped."""
+    def hook(self, params: dict[str, torch.Tensor]) -> list:
+        """Post-accumulate-grad hooks on the parameters of `params`: each gradient joins the sums of
+        every eligible tensor it holds (a whole parameter, or the experts stored apart that are parts
+        of it: ParameterSlice), then is dropped. Returns the hooks' handles."""
+        by_param: dict[int, tuple[torch.nn.Parameter, list]] = {}
+        for key, p in params.items():
+            param, _ = holder(p)
+            part = p.stored if isinstance(p, ParameterSlice) else None
+            by_param.setdefault(id(param), (param, []))[1].append((key, part))
 
-        def hook(param: torch.Tensor) -> None:
-            self.add(key, param.grad)
-            param.grad = None
+        def fold(parts: list) -> Callable[[torch.Tensor], None]:
+            def hook(param: torch.Tensor) -> None:
+                for key, part in parts:
+                    self.add(key, param.grad if part is None else part.of(param.grad))
+                param.grad = None
 
-        return hook
+            return hook
+
+        return [param.register_post_accumulate_grad_hook(fold(parts)) for param, parts in by_param.values()]
 
     def take_shards(self, params: dict[str, torch.nn.Parameter]) -> None:
         for key, p in params.items():
@@ -198,7 +208,7 @@ def reduce_pass(world: World, accumulators: list[torch.Tensor], stats: PassStats
 def _gradients_only_for(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> Iterator[None]:
     """Only `params` get gradients (frozen weights cost no compute or memory); flags restored after."""
     saved = [(p, p.requires_grad) for p in model.parameters()]
-    eligible = {id(p) for p in params.values()}
+    eligible = {id(holder(p)[0]) for p in params.values()}
     for p, _ in saved:
         p.requires_grad_(id(p) in eligible)
     try:

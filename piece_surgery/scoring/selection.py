@@ -58,7 +58,9 @@ def score_model(
         )
     if method.needs_data and dataset is None:
         raise PieceError(f"method {method.name} needs --data")
-    params = eligible_parameters(model.module, model.keys, include=options.include, exclude=options.exclude)
+    params = eligible_parameters(
+        model.module, model.keys, include=options.include, exclude=options.exclude, slices=model.slices
+    )
     k = k_for_density(options.density, sum(p.numel() for p in params.values()))
     shards = _Shards.of(params, world)
     inputs = ScoreInputs(params, {}, {}, seed=options.seed, world=world, sum_over_ranks=shards.sum_over_ranks)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from piece_surgery.models.fused import holder
 from piece_surgery.models.structure import is_gain_module, is_linear_weight, owners
 from piece_surgery.runtime.distributed import World
 from piece_surgery.runtime.errors import PieceError
@@ -148,21 +149,36 @@ class Entries:
     name: str  # the tensor's name in the model
     attr: str
     values: torch.Tensor  # (k,) fp32, the trainable values
-    indices: torch.Tensor  # (k,) int64, sorted flat indices
+    indices: torch.Tensor  # (k,) int64, sorted flat indices in the parameter (an expert's: past its offset)
 
 
 @contextmanager
 def injected(module: torch.nn.Module, entries: list[Entries], values: list[torch.Tensor]) -> Iterator[None]:
     """Inside, each entry's parameter slot of `module` holds its weight with `values` at its
     indices (on the autograd path to them); the frozen weights are put back on leaving."""
-    frozen = [module._parameters[e.attr] for e in entries]
-    for e, v in zip(entries, values, strict=True):
-        module._parameters[e.attr] = InjectEntries.apply(module._parameters[e.attr], v, e.indices)
+    frozen = inject_into(module, entries, values)
     try:
         yield
     finally:
-        for e, weight in zip(entries, frozen, strict=True):
-            module._parameters[e.attr] = weight
+        module._parameters.update(frozen)
+
+
+def inject_into(
+    module: torch.nn.Module, entries: list[Entries], values: list[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Put into each parameter slot the entries name its weight with their `values` at their
+    indices, in one InjectEntries per slot (several stored experts are parts of one fused weight:
+    their values join, each keeping its own gradient); returns the frozen weights taken out."""
+    by_attr: dict[str, list[tuple[Entries, torch.Tensor]]] = {}
+    for e, v in zip(entries, values, strict=True):
+        by_attr.setdefault(e.attr, []).append((e, v))
+    frozen = {}
+    for attr, pairs in by_attr.items():
+        frozen[attr] = module._parameters[attr]
+        joined = pairs[0][1] if len(pairs) == 1 else torch.cat([v for _, v in pairs])
+        indices = pairs[0][0].indices if len(pairs) == 1 else torch.cat([e.indices for e, _ in pairs])
+        module._parameters[attr] = InjectEntries.apply(frozen[attr], joined, indices)
+    return frozen
 
 
 class GainTap(torch.autograd.Function):
@@ -305,13 +321,14 @@ class SparseParameters:
         holders = owners(model)
         paths = {id(m): path for path, m in model.named_modules(remove_duplicate=False)}
         for name, p in self.params.items():
-            if not holders.get(id(p)):
+            if not holders.get(id(holder(p)[0])):
                 raise PieceError(f"masked tensor '{name}' is not a parameter of this model")
         sites: dict[tuple[int, str], _Site] = {}
         for name, p in self.params.items():
-            shared = len(holders[id(p)]) > 1
-            for module, attr in holders[id(p)]:
-                entries = Entries(name, attr, self.values[name], self.indices[name])
+            param, offset = holder(p)  # an expert stored apart: its part of the fused weight
+            shared = len(holders[id(param)]) > 1
+            for module, attr in holders[id(param)]:
+                entries = Entries(name, attr, self.values[name], self.indices[name] + offset)
                 if sparse_linear and not shared and is_linear_weight(module, p):
                     plan = EntryPlan.for_indices(self.indices[name], module.in_features)
                     sites[(id(module), "linear")] = _Site(
@@ -327,20 +344,15 @@ class SparseParameters:
     def _hook(self, site: _Site) -> None:
         module = site.module
         if site.kind == "inject":
-            frozen: list[list[torch.Tensor]] = []  # a stack: a module may be called inside its own call
+            frozen: list[dict[str, torch.Tensor]] = []  # a stack: a module may be called inside its own call
 
             def inject(mod, args):
                 self._note_call(site)
-                frozen.append([mod._parameters[e.attr] for e in site.entries])
-                for e in site.entries:
-                    mod._parameters[e.attr] = InjectEntries.apply(
-                        mod._parameters[e.attr], e.values, e.indices
-                    )
+                frozen.append(inject_into(mod, site.entries, [e.values for e in site.entries]))
 
             def put_back(mod, args, output):
                 if frozen:
-                    for e, weight in zip(site.entries, frozen.pop(), strict=True):
-                        mod._parameters[e.attr] = weight
+                    mod._parameters.update(frozen.pop())
 
             site.handles += [
                 module.register_forward_pre_hook(inject),
