@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from piece_surgery.models.pairing import stored_names
 from piece_surgery.runtime.errors import PieceError
 
 # the operations whose placement of each stored tensor is read here (transformers' class names)
@@ -214,3 +215,18 @@ def check_fused(
                 f"the checkpoint stores only part of '{param}' (its tensors end at entry {end} of "
                 f"{expected[param].numel()}): some experts are missing; give a complete checkpoint"
             )
+
+
+def stored_places(model: torch.nn.Module, stored: Iterable[str]) -> dict[str, tuple[str, int, int]]:
+    """Stored name -> (the model's name of the parameter it loads into, its first flat entry there,
+    its entries), for every name among `stored` that loading uses: a whole parameter (from entry 0;
+    pairing.stored_names) or an expert's part of a fused one (fused_slices). Two checkpoints of one
+    model stored in other layouts hold the same entries where their places are the same."""
+    stored = list(stored)
+    sizes = {name: t.numel() for name, t in model.state_dict(keep_vars=True).items()}
+    places = {}
+    for name, key in stored_names(model, stored).items():
+        places.setdefault(key, (name, 0, sizes[name]))
+    for key, s in fused_slices(model, stored).items():
+        places[key] = (s.param, s.offset, s.numel)
+    return places
