@@ -220,7 +220,8 @@ def inspect_command(
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Summarise a mask or a delta: per layer, per module kind, per part (vision-language), size."""
+    """Summarise a mask or a delta: per layer, per module kind, per part (vision-language), per
+    expert (mixture-of-experts), size."""
     from piece_surgery.formats.artifacts import open_artifact
     from piece_surgery.recipes.inspect import summarize
 
@@ -233,6 +234,8 @@ def inspect_command(
         out.print(summary_table(summary, "by_layer", "layer"))
         if summary["by_part"] is not None:
             out.print(summary_table(summary, "by_part", "part"))
+        if summary["by_expert"] is not None:
+            out.print(summary_table(summary, "by_expert", "expert"))
     entries, tensors = summary["entries"], summary["tensors"]
     if summary["kind"] == "mask":
         lines = [

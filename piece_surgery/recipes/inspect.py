@@ -1,11 +1,10 @@
-"""The `inspect` recipe: what a mask or a delta holds, per layer, module kind and part."""
+"""The `inspect` recipe: what a mask or a delta holds, per layer, module kind, part and expert."""
 
 from __future__ import annotations
 
 from piece_surgery.formats.artifacts import Artifact
 from piece_surgery.formats.mask import mask_breakdown
-from piece_surgery.models.naming import breakdown
-from piece_surgery.runtime.dtypes import numel
+from piece_surgery.models.naming import selection_breakdown
 
 
 def summarize(artifact: Artifact) -> dict:
@@ -25,11 +24,10 @@ def summarize(artifact: Artifact) -> dict:
             "file_bytes": artifact.path.stat().st_size,
         }
     delta = artifact.delta
-    counts = {n: int(t.indices.numel()) for n, t in delta.tensors.items()}
-    sizes = {n: numel(t.shape) for n, t in delta.tensors.items()}
+    indices = {n: t.indices for n, t in delta.tensors.items()}
     return {
         "kind": "delta",
-        **breakdown(counts, sizes),
+        **selection_breakdown(indices, {n: t.shape for n, t in delta.tensors.items()}),
         "base": delta.info.base.to_json() if delta.info.base else None,
         "provenance": delta.info.provenance.to_json() if delta.info.provenance else None,
         "tensor_bytes": delta.tensor_bytes,
