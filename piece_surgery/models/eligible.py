@@ -11,6 +11,7 @@ import torch
 
 from piece_surgery.models.fused import ParameterSlice, StoredSlice, fused_parameters
 from piece_surgery.models.parts import VISION, is_vision_language, part_of
+from piece_surgery.models.structure import router_parameters
 from piece_surgery.runtime.errors import PieceError
 
 DEFAULT_EXCLUDE = ("embed",)
@@ -23,6 +24,7 @@ def eligible_parameters(
     include: Iterable[str] = (),
     exclude: Iterable[str] = DEFAULT_EXCLUDE,
     slices: dict[str, StoredSlice] | None = None,
+    exclude_routers: bool = True,
 ) -> dict[str, torch.nn.Parameter | ParameterSlice]:
     """Parameters that may be selected, keyed by checkpoint tensor name.
 
@@ -35,6 +37,7 @@ def eligible_parameters(
     include = [re.compile(p) for p in include]
     exclude = [re.compile(p) for p in exclude]
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    routers = router_parameters(model) if exclude_routers else set()
     vision_language = is_vision_language(getattr(model, "config", None))
     # stored name -> what it is in the model, in the model's order: a parameter, or the part of one
     # it holds (an expert stored apart)
@@ -54,7 +57,7 @@ def eligible_parameters(
             continue
         if any(p.search(key) for p in exclude) and not included:
             continue
-        if id(param) in embedding_ids and not included:
+        if (id(param) in embedding_ids or id(param) in routers) and not included:
             continue
         if vision_language and part_of(key) == VISION and not included:
             continue
