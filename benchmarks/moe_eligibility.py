@@ -34,6 +34,13 @@ CHOICES = {
 }
 DENSITY = 0.01
 GROUPS = ("routers", "routed experts", "shared experts", "other")
+# the same number of entries in one group alone: what a router entry buys and costs next to an expert's
+ALONE = {
+    "routers alone": (r"mlp\.gate\.weight",),
+    "routed experts alone": (r"\.mlp\.experts\.",),
+    "shared experts alone": (r"\.mlp\.shared_expert\.",),
+}
+ALONE_ENTRIES = 200
 
 
 def tokenizer_for(texts: list[str], vocab_size: int = 2048):
@@ -119,7 +126,17 @@ def routed_experts(model, batches) -> list:
     return picked
 
 
-def measure_choice(base: Path, name: str, data: dict[str, Path], lr: float, steps: int, work: Path) -> dict:
+def measure_choice(
+    base: Path,
+    name: str,
+    selection: tuple,
+    data: dict[str, Path],
+    lr: float,
+    *,
+    steps: int,
+    work: Path,
+    method: str = "piece-r",
+) -> dict:
     import torch
 
     from piece_surgery.evaluation.drift import compare, model_forward
@@ -132,8 +149,8 @@ def measure_choice(base: Path, name: str, data: dict[str, Path], lr: float, step
     from piece_surgery.scoring.options import ScoreOptions
     from piece_surgery.training.config import TrainConfig
 
-    include, exclude = CHOICES[name]
-    options = ScoreOptions(include=include, exclude=exclude, density=DENSITY)
+    include, exclude, density = selection
+    options = ScoreOptions(include=include, exclude=exclude, density=density, method=method)
     run = RunOptions(device="cpu", quiet=True, max_length=128)
     out = work / f"{len(list(work.iterdir()))}"
     trained = train_checkpoint(
@@ -192,6 +209,7 @@ def measure_choice(base: Path, name: str, data: dict[str, Path], lr: float, step
     k, total_eligible = trained.mask.k, sum(sizes.values())
     return {
         "choice": name,
+        "method": method,
         "lr": lr,
         "mask_entries": k,
         # the mask's share of each group, and (in brackets) the group's share of the eligible entries
@@ -225,15 +243,39 @@ def main() -> None:
         "code_eval": write_jsonl(code[356:400], work / "code_eval.jsonl"),
         "general": write_jsonl(wiki[3000:3064], work / "general.jsonl"),
     }
-    rows = []
     runs = work / "runs"
     runs.mkdir()
+    rows = []
+    for method, lrs in (("piece-r", (1e-3, 3e-3)), ("piece-s", (1e-3,))):
+        for lr in lrs:
+            for name, (include, exclude) in CHOICES.items():
+                selection = (include, exclude, DENSITY)
+                rows.append(
+                    measure_choice(base, name, selection, data, lr, steps=40, work=runs, method=method)
+                )
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    alone = []
     for lr in (1e-3, 3e-3):
-        for name in CHOICES:
-            rows.append(measure_choice(base, name, data, lr, steps=40, work=runs))
-            print(json.dumps(rows[-1]), file=sys.stderr)
-    RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
-    print(table(rows, list(dict.fromkeys(k for row in rows for k in row))))
+        for name, include in ALONE.items():
+            density = ALONE_ENTRIES / _eligible(base, include)
+            alone.append(measure_choice(base, name, (include, (), density), data, lr, steps=40, work=runs))
+            print(json.dumps(alone[-1]), file=sys.stderr)
+    RESULTS.write_text(json.dumps({"choices": rows, "alone": alone}, indent=2) + "\n")
+    for found in (rows, alone):
+        print(table(found, list(dict.fromkeys(k for row in found for k in row))))
+
+
+def _eligible(base: Path, include: tuple) -> int:
+    from piece_surgery.models.checkpoint import open_checkpoint
+    from piece_surgery.models.eligible import eligible_parameters
+    from piece_surgery.models.fused import fused_slices
+    from piece_surgery.models.pairing import parameter_keys
+
+    checkpoint = open_checkpoint(str(base))
+    skeleton = checkpoint.skeleton()
+    keys, slices = parameter_keys(skeleton, checkpoint.layout), fused_slices(skeleton, checkpoint.layout)
+    params = eligible_parameters(skeleton, keys, include=include, slices=slices)
+    return sum(p.numel() for p in params.values())
 
 
 if __name__ == "__main__":

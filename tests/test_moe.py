@@ -128,6 +128,33 @@ def test_layouts_select_train_and_diff_alike(moe, code_data, tmp_path, cli, arch
     assert_clean_failure(cli("diff", per_expert, fused, "-o", tmp_path / "none"), "identical")
 
 
+@pytest.mark.parametrize("normalize", ["none", "tensor"])
+def test_a_mask_does_not_depend_on_how_the_files_store_the_experts(moe, code_data, tmp_path, cli, normalize):
+    """The same weights, the same mask entries (each layout in its own coordinates): with
+    --normalize tensor, experts stored one tensor each share their fused weight's mean."""
+    masks = {}
+    for layout in ("per-expert", "fused"):
+        out = tmp_path / f"{layout}.safetensors"
+        options = ["--method", "piece-s", "--density", "0.05", "--normalize", normalize, "-q"]
+        options += ["--include", r"\.mlp\."]  # routers, experts, shared experts (or attention wins)
+        assert cli("score", moe("qwen2_moe", layout), "--data", code_data, "-o", out, *options)[0] == 0
+        masks[layout] = load_mask(out)
+    per_expert = _indices_in_fused(masks["per-expert"].indices, moe("qwen2_moe", "per-expert"))
+    assert per_expert.keys() == masks["fused"].indices.keys()
+    assert all(torch.equal(per_expert[n], masks["fused"].indices[n]) for n in per_expert)
+    assert any(".experts." in n for n in per_expert)
+
+
+def _indices_in_fused(indices: dict, per_expert_base) -> dict[str, torch.Tensor]:
+    checkpoint = open_checkpoint(per_expert_base)
+    slices = fused_slices(checkpoint.skeleton(), checkpoint.layout)
+    out: dict[str, list] = {}
+    for name, idx in indices.items():
+        s = slices.get(name)
+        out.setdefault(s.param if s else name, []).append(idx + (s.offset if s else 0))
+    return {n: torch.cat(parts).sort().values for n, parts in out.items()}
+
+
 def _as_fused(delta, per_expert_base) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A per-expert delta in the fused parameters' coordinates (each expert's offset: models.fused,
     itself checked by brute force in test_expert_slices_are_where_loading_puts_them)."""

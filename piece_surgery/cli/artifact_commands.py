@@ -326,11 +326,20 @@ def tiny_model_command(
     arch: Annotated[
         str,
         typer.Option(
-            help="llama, gpt2, qwen2, gemma3; vision-language: llava, gemma3_vl, qwen2_vl, qwen2_5_vl, "
-            "qwen3_vl, idefics3, smolvlm."
+            help="llama, gpt2, qwen2, gemma3; mixture-of-experts: mixtral, qwen3_moe, qwen2_moe, olmoe, "
+            "deepseek_v3, gpt_oss; vision-language: llava, gemma3_vl, qwen2_vl, qwen2_5_vl, qwen3_vl, "
+            "idefics3, smolvlm."
         ),
     ] = "llama",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    experts: Annotated[
+        str,
+        typer.Option(
+            help="How a mixture-of-experts model stores its experts: per-expert (one tensor per expert, "
+            "the Hub layout) or fused (as the model holds them).",
+            metavar="per-expert|fused",
+        ),
+    ] = "per-expert",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
@@ -340,7 +349,7 @@ def tiny_model_command(
     from piece_surgery.models.tiny import NEEDS_TORCHVISION, VISION_LANGUAGE_ARCHITECTURES, write_tiny_model
 
     start = time.perf_counter()
-    write_tiny_model(output, arch, seed=seed, overwrite=overwrite)
+    write_tiny_model(output, arch, seed=seed, overwrite=overwrite, experts=experts)
     processor = (Path(output).expanduser() / "processor_config.json").is_file()
     result = {
         "output": str(output),

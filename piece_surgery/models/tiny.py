@@ -131,8 +131,14 @@ def _moe_config(arch: str, vocab_size: int, special: dict):
     if arch == "mixtral":
         return transformers.MixtralConfig(intermediate_size=16, num_local_experts=4, **common)
     if arch == "gpt_oss":
+        rope = {"rope_type": "default", "rope_theta": 10000.0}  # not its YaRN, made for 128k positions
         return transformers.GptOssConfig(
-            intermediate_size=16, num_local_experts=4, head_dim=8, sliding_window=16, **common
+            intermediate_size=16,
+            num_local_experts=4,
+            head_dim=8,
+            sliding_window=16,
+            rope_parameters=rope,
+            **common,
         )
     if arch == "olmoe":
         return transformers.OlmoeConfig(intermediate_size=16, num_experts=4, **common)
@@ -493,14 +499,20 @@ def write_png(path: Path, width: int = 40, height: int = 30, *, seed: int = 0) -
     return Path(path)
 
 
-def write_tiny_model(output: Path, arch: str = "llama", *, seed: int = 0, overwrite: bool = False) -> Path:
+def write_tiny_model(
+    output: Path, arch: str = "llama", *, seed: int = 0, overwrite: bool = False, experts: str = "per-expert"
+) -> Path:
     """The `tiny-model` recipe: a tiny checkpoint (a causal LM, or a vision-language model) written
-    atomically to `output`."""
+    atomically to `output`; a mixture-of-experts model's `experts` stored as EXPERT_LAYOUTS says."""
     from piece_surgery.io.outputs import atomic_path, check_output
 
     if arch not in TINY_ARCHITECTURES + VISION_LANGUAGE_ARCHITECTURES:
         choices = ", ".join(TINY_ARCHITECTURES + VISION_LANGUAGE_ARCHITECTURES)
         raise PieceError(f"unknown --arch '{arch}'; use {choices}")
+    if experts not in EXPERT_LAYOUTS:
+        raise PieceError(f"unknown --experts '{experts}'; use {' or '.join(EXPERT_LAYOUTS)}")
+    if experts != "per-expert" and arch not in MOE_ARCHITECTURES:
+        raise PieceError(f"--experts is for a mixture-of-experts --arch ({', '.join(MOE_ARCHITECTURES)})")
     from piece_surgery.runtime.options import check_seed
 
     check_seed(seed)
@@ -509,7 +521,7 @@ def write_tiny_model(output: Path, arch: str = "llama", *, seed: int = 0, overwr
         if arch in VISION_LANGUAGE_ARCHITECTURES:
             make_tiny_vision_language_model(tmp, arch, seed=seed)
         else:
-            make_tiny_checkpoint(tmp, arch, seed=seed)
+            make_tiny_checkpoint(tmp, arch, seed=seed, experts=experts)
     return Path(output)
 
 

@@ -328,15 +328,24 @@ def normalize_scores(
     *,
     sum_over_ranks: Callable[[float], float] = float,
     sizes: dict[str, int] | None = None,
+    groups: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """`tensor`: divide each tensor's scores by their mean, so tensors compete on relative
     importance rather than on the scale of their gradients (in place); `none`: as they are.
+    `groups` (name -> the weight it is part of) makes several stored tensors one: the experts a
+    checkpoint stores one tensor each share the mean of the fused weight the model holds, so a mask
+    does not depend on how the files store them.
     For shards, `sum_over_ranks` adds up over the ranks and `sizes` are the whole tensors' sizes."""
     check_normalization(how)
     if how == "tensor":
+        totals: dict[str, list[float]] = {}
         for name, s in scores.items():
-            size = sizes[name] if sizes else s.numel()
-            mean = sum_over_ranks(float(s.sum(dtype=torch.float64))) / max(size, 1)
+            group = totals.setdefault((groups or {}).get(name, name), [0.0, 0])
+            group[0] += sum_over_ranks(float(s.sum(dtype=torch.float64)))
+            group[1] += sizes[name] if sizes else s.numel()
+        for name, s in scores.items():
+            total, size = totals[(groups or {}).get(name, name)]
+            mean = total / max(size, 1)
             if mean > 0:
                 s.div_(mean)
     return scores

@@ -12,10 +12,12 @@ or wrap forwards, but they all call a module through `__call__`, which runs its 
 - A norm's gain (a leaf module whose parameters are vectors): the same identity on its output; its
   backward recomputes the module from its input with the gain's values as a leaf, so the normalised
   activation is never kept.
-- Anything else (a bias, a weight two modules share, an embedding, GPT-2's Conv1D): a forward
-  pre-hook puts a tensor carrying the values into the module's parameter slot for the call (as
-  torch.func.functional_call does) and a forward hook puts the frozen weight back; autograd reduces
-  its dense gradient to the k entries at once.
+- Anything else (a bias, a weight two modules share, an embedding, GPT-2's Conv1D, a
+  mixture-of-experts layer's fused expert weight): a forward pre-hook puts a tensor carrying the
+  values into the module's parameter slot for the call (as torch.func.functional_call does) and a
+  forward hook puts the frozen weight back; autograd reduces its dense gradient to the k entries at
+  once. Experts a checkpoint stores one tensor each are parts of one fused weight: their values
+  join in one injection, each at its offset (models.fused), and keep their own gradients.
 
 `probe` proves, before training, that every value is on the autograd path, and names the real
 cause when one is not.
