@@ -364,6 +364,12 @@ def test_broken_per_expert_checkpoints_are_refused_in_one_line(moe, code_data, t
     save_file(tensors, extra / "model.safetensors", metadata={"format": "pt"})
     msg = assert_clean_failure(cli("train", extra, "--data", code_data, "-o", tmp_path / "d"))
     assert "model.layers.0.mlp.experts.4.up_proj.weight" in msg and "holds 4 experts" in msg
+    msg = assert_clean_failure(cli("diff", base, missing, "-o", tmp_path / "d"))
+    assert "'model.layers.1.mlp.experts.2.up_proj.weight' is in the base but not in the tuned" in msg
+    msg = assert_clean_failure(cli("diff", moe("qwen3_moe", "fused"), missing, "-o", tmp_path / "d"))
+    assert "'model.layers.1.mlp.experts.gate_up_proj' is in the base but not in the tuned" in msg
+    msg = assert_clean_failure(cli("diff", base, extra, "-o", tmp_path / "d"))
+    assert "model.layers.0.mlp.experts.4.up_proj.weight" in msg
     wrong = tmp_path / "wrong"
     shutil.copytree(base, wrong)
     tensors = load_file(wrong / "model.safetensors")

@@ -163,7 +163,9 @@ def paired_tensors(base: Checkpoint, tuned: Checkpoint) -> dict[str, str | Regio
                 pairs[name] = tuned_loads[model_name]
             elif name in used_base:
                 raise PieceError(f"tensor '{name}' is in the base but not in the tuned checkpoint")
-        _check_unpaired_tuned(base, tuned, pairs, used_tuned)
+        # an expert only the tuned files store is a tensor loading uses too
+        parts = fused_slices(tuned.skeleton(), tuned.layout)
+        _check_unpaired_tuned(base, tuned, pairs, {**used_tuned, **{n: s.param for n, s in parts.items()}})
     for name, other in sorted(pairs.items()):
         b = base.layout[name]
         if isinstance(other, Region):
@@ -195,8 +197,11 @@ def _paired_by_place(base: Checkpoint, tuned: Checkpoint, names: list[str]) -> d
     """Base tensors whose names the tuned files lack, where those store the same parameter in
     another layout (experts one tensor per expert on one side, fused on the other): base name ->
     the tuned Region with its entries (models.fused.stored_places, on each side's skeleton)."""
+    if not names:
+        return {}
     base_model, tuned_model = base.skeleton(), tuned.skeleton()
-    if not names or not (fused_slices(base_model, base.layout) or fused_slices(tuned_model, tuned.layout)):
+    parts = fused_slices(base_model, base.layout)
+    if not (parts or fused_slices(tuned_model, tuned.layout)):
         return {}  # neither side stores a parameter in parts: names pair as they are (or not at all)
     base_places = stored_places(base_model, base.layout)
     by_param: dict[str, list[tuple[int, int, str]]] = {}
@@ -204,14 +209,15 @@ def _paired_by_place(base: Checkpoint, tuned: Checkpoint, names: list[str]) -> d
         by_param.setdefault(param, []).append((start, size, key))
     pairs = {}
     for name in names:
-        if name not in base_places or base_places[name][0] not in by_param:
-            continue
-        param, start, size = base_places[name]
-        pieces = sorted(by_param[param])
+        param, start, size = base_places.get(name, ("", 0, 0))
+        pieces = sorted(by_param.get(param, []))
         whole = len(pieces) == 1 and size == pieces[0][1]
-        if whole or sum(n for _, n, _ in pieces) != pieces[-1][0] + pieces[-1][1] or pieces[0][0] != 0:
-            continue  # one tensor on both sides, or tied copies: the name pairing below decides
-        pairs[name] = Region(param, start, start + size, tuple((key, first) for first, _, key in pieces))
+        tiled = bool(pieces) and pieces[0][0] == 0 and sum(n for _, n, _ in pieces) == sum(pieces[-1][:2])
+        if pieces and tiled and not whole:
+            pairs[name] = Region(param, start, start + size, tuple((key, first) for first, _, key in pieces))
+        elif name in parts:  # an expert whose entries the tuned files do not hold
+            raise PieceError(f"tensor '{name}' is in the base but not in the tuned checkpoint")
+        # else one tensor on both sides, tied copies or an unused one: the name pairing decides
     return pairs
 
 
