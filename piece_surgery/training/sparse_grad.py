@@ -128,15 +128,18 @@ class LinearEntryTap(torch.autograd.Function):
 
 
 class InjectEntries(torch.autograd.Function):
-    """The weight with `values` at its flat `indices`; backward delivers the gradient at those
-    entries to `values` (the weight itself is frozen)."""
+    """The weight, on the autograd path to `values` (its entries at the flat `indices`); backward
+    delivers the gradient at those entries to `values` (the weight itself is frozen).
+
+    The weight already holds the values (SparseParameters writes them before every forward), so
+    the forward returns a view of it, not a copy with the values written in: a module's ops keep
+    the weight itself for backward, as they would without training, and a large weight (every
+    expert of a layer fused in one tensor, an embedding table) is not copied once per forward."""
 
     @staticmethod
     def forward(ctx, weight, values, indices):
-        out = weight.detach().clone()
-        out.view(-1)[indices] = values.to(weight.dtype)
         ctx.save_for_backward(indices)
-        return out
+        return weight.detach().view_as(weight)
 
     @staticmethod
     def backward(ctx, grad_out):
