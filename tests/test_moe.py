@@ -143,6 +143,12 @@ def test_a_mask_does_not_depend_on_how_the_files_store_the_experts(moe, code_dat
     assert per_expert.keys() == masks["fused"].indices.keys()
     assert all(torch.equal(per_expert[n], masks["fused"].indices[n]) for n in per_expert)
     assert any(".experts." in n for n in per_expert)
+    by_expert = [
+        json.loads(cli("inspect", tmp_path / f"{lay}.safetensors", "--json")[1])["by_expert"] for lay in masks
+    ]
+    assert by_expert[0] == by_expert[1] and set(by_expert[0]) == {"0", "1", "2", "3"}
+    counted = sum(v["entries"] for v in by_expert[0].values())
+    assert counted == sum(int(i.numel()) for n, i in masks["fused"].indices.items() if ".experts." in n)
 
 
 def _indices_in_fused(indices: dict, per_expert_base) -> dict[str, torch.Tensor]:
@@ -402,3 +408,48 @@ def test_a_conversion_piece_surgery_cannot_map_is_refused_naming_the_tensor(
         cli("score", moe("qwen3_moe", "per-expert"), "--data", code_data, "-o", tmp_path / "m.safetensors")
     )
     assert "Transpose" in msg and ".down_proj.weight" in msg
+
+
+def test_tiny_model_writes_either_layout(tmp_path, cli):
+    assert cli("tiny-model", tmp_path / "f", "--arch", "olmoe", "--experts", "fused", "-q")[0] == 0
+    assert cli("tiny-model", tmp_path / "p", "--arch", "olmoe", "-q")[0] == 0
+    fused, per_expert = set(read_all(tmp_path / "f")), set(read_all(tmp_path / "p"))
+    assert "model.layers.1.mlp.experts.gate_up_proj" in fused and not expert_numbers(fused)
+    assert expert_numbers(per_expert) == {0, 1, 2, 3}
+    assert_clean_failure(cli("tiny-model", tmp_path / "x", "--experts", "fused"), "mixture-of-experts")
+    assert_clean_failure(cli("tiny-model", tmp_path / "y", "--arch", "olmoe", "--experts", "x"), "--experts")
+
+
+def expert_numbers(names) -> set[int]:
+    return {
+        int(n.split(".experts.")[1].split(".")[0])
+        for n in names
+        if ".experts." in n and n.split(".experts.")[1][0].isdigit()
+    }
+
+
+def test_a_transformers_that_loads_experts_elsewhere_is_refused(moe, monkeypatch):
+    """If loading put an expert anywhere but where the conversion mapping says (a transformers
+    that changed it), every mask and delta of it would land on the wrong entries: refused."""
+    import piece_surgery.models.checkpoint as checkpoint_module
+    from piece_surgery.models.fused import StoredSlice
+    from piece_surgery.runtime.errors import PieceError
+
+    real = checkpoint_module.fused_slices
+
+    def swapped(model, stored):
+        found = real(model, stored)
+        a, b = (
+            "model.layers.0.mlp.experts.0.down_proj.weight",
+            "model.layers.0.mlp.experts.1.down_proj.weight",
+        )
+        if a in found:
+            found[a], found[b] = (
+                StoredSlice(a, found[a].param, found[b].offset, found[a].shape),
+                StoredSlice(b, found[b].param, found[a].offset, found[b].shape),
+            )
+        return found
+
+    monkeypatch.setattr(checkpoint_module, "fused_slices", swapped)
+    with pytest.raises(PieceError, match="loaded 'model.layers.0.mlp.experts.0.down_proj.weight' elsewhere"):
+        open_checkpoint(moe("qwen3_moe", "per-expert")).load_model(device="cpu")
