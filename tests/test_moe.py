@@ -40,11 +40,11 @@ def moe(tmp_path_factory):
     """moe(arch, layout) -> a tiny MoE checkpoint folder (built once per session)."""
     cache = {}
 
-    def build(arch, layout):
-        if (arch, layout) not in cache:
+    def build(arch, layout, dtype=torch.float32):
+        if (arch, layout, dtype) not in cache:
             folder = tmp_path_factory.mktemp(f"{arch}-{layout}")
-            cache[arch, layout] = make_tiny_checkpoint(folder, arch, experts=layout)
-        return cache[arch, layout]
+            cache[arch, layout, dtype] = make_tiny_checkpoint(folder, arch, experts=layout, dtype=dtype)
+        return cache[arch, layout, dtype]
 
     return build
 
@@ -53,9 +53,16 @@ def expert_tensors(names) -> list[str]:
     return [n for n in names if expert_entries(n, torch.empty(0, dtype=torch.long), (2, 2, 2)) is not None]
 
 
-@pytest.mark.parametrize(("arch", "layout"), CASES, ids=IDS)
-def test_score_train_apply_is_the_model_trained_in_memory(moe, code_data, tmp_path, cli, arch, layout):
-    base = moe(arch, layout)
+BF16 = [("mixtral", "per-expert", torch.bfloat16), ("mixtral", "fused", torch.bfloat16)]
+
+
+@pytest.mark.parametrize(
+    ("arch", "layout", "dtype"),
+    [(a, layout, torch.float32) for a, layout in CASES] + BF16,
+    ids=IDS + [f"{a}-{layout}-bf16" for a, layout, _ in BF16],
+)
+def test_score_train_apply_is_the_model_trained_in_memory(moe, code_data, tmp_path, cli, arch, layout, dtype):
+    base = moe(arch, layout, dtype)
     mask_path = tmp_path / "m.safetensors"
     assert cli("score", base, "--data", code_data, "-o", mask_path, *EXPERTS, "-q")[0] == 0
     mask = load_mask(mask_path)
