@@ -49,7 +49,7 @@ FAMILIES = [
     Family("olmo2"),
     Family("gpt_neox", biases=True),
     Family("falcon", biases=True),
-    # mixture-of-experts rows (Qwen3-MoE, Mixtral, DeepSeek-V3 style) join here with their layouts
+    # mixture-of-experts families run the same pipeline in both expert layouts: tests/test_moe.py
 ]
 CHAT_TEMPLATE_RUNS = ["Few weights.</s>", "Every weight.</s>"]
 TRAIN = ["--lr", "1e-2", "--max-steps", "2", "--batch-size", "2"]

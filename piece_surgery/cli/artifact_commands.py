@@ -229,8 +229,8 @@ def inspect_command(
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Summarise a mask or a delta: per layer, per module kind, per part (vision-language), size,
-    what it was made from; --plot draws a trained delta's log."""
+    """Summarise a mask or a delta: per layer, per module kind, per part (vision-language), per
+    expert (mixture-of-experts), size, what it was made from; --plot draws a trained delta's log."""
     from piece_surgery.formats.artifacts import open_artifact
     from piece_surgery.recipes.inspect import plot_log, summarize, training_log
 
@@ -249,6 +249,8 @@ def inspect_command(
         out.print(summary_table(summary, "by_layer", "layer"))
         if summary["by_part"] is not None:
             out.print(summary_table(summary, "by_part", "part"))
+        if summary["by_expert"] is not None:
+            out.print(summary_table(summary, "by_expert", "expert"))
     entries, tensors = summary["entries"], summary["tensors"]
     if summary["kind"] == "mask":
         lines = [
@@ -357,10 +359,19 @@ def tiny_model_command(
         str,
         typer.Option(
             help="llama, gpt2, qwen2, gemma3, mistral, qwen3, gemma2, phi3, olmo2, gpt_neox, falcon; "
+            "mixture-of-experts: mixtral, qwen3_moe, qwen2_moe, olmoe, deepseek_v3, gpt_oss; "
             "vision-language: llava, gemma3_vl, qwen2_vl, qwen2_5_vl, qwen3_vl, idefics3, smolvlm."
         ),
     ] = "llama",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    experts: Annotated[
+        str,
+        typer.Option(
+            help="How a mixture-of-experts model stores its experts: per-expert (one tensor per expert, "
+            "the Hub layout) or fused (as the model holds them).",
+            metavar="per-expert|fused",
+        ),
+    ] = "per-expert",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
@@ -370,7 +381,7 @@ def tiny_model_command(
     from piece_surgery.models.tiny import NEEDS_TORCHVISION, VISION_LANGUAGE_ARCHITECTURES, write_tiny_model
 
     start = time.perf_counter()
-    write_tiny_model(output, arch, seed=seed, overwrite=overwrite)
+    write_tiny_model(output, arch, seed=seed, overwrite=overwrite, experts=experts)
     processor = (Path(output).expanduser() / "processor_config.json").is_file()
     result = {
         "output": str(output),

@@ -41,7 +41,7 @@ METAVARS = {
     "commit_message": "TEXT",
     "token": "TOKEN",
     "to": "peft",
-    "arch": "llama|gpt2|qwen2|gemma3",
+    "arch": "llama|gpt2|qwen2|gemma3|...",
     "scale": "SCALE",
     "candidates": "CANDIDATE",
     "general": "FILE|self|general",

@@ -18,7 +18,7 @@ from piece_surgery.formats.card import GENERATED_MARK, front_matter
 from piece_surgery.formats.codec import is_shape, validate_indices
 from piece_surgery.io.outputs import atomic_path
 from piece_surgery.models.layout import save_shard
-from piece_surgery.models.naming import breakdown
+from piece_surgery.models.naming import selection_breakdown
 from piece_surgery.runtime.distributed import World
 from piece_surgery.runtime.dtypes import index_dtype, numel
 from piece_surgery.runtime.errors import PieceError
@@ -283,9 +283,9 @@ def _shapes(value, where: str) -> dict[str, tuple[int, ...]]:
 
 
 def mask_breakdown(mask: Mask) -> dict:
-    """Entries, tensors and norm share of a mask, and per layer and module kind (naming.breakdown)."""
-    counts = {n: int(i.numel()) for n, i in mask.indices.items()}
-    return breakdown(counts, {n: numel(s) for n, s in mask.shapes.items()})
+    """Entries, tensors and norm share of a mask, and per layer, module kind and expert
+    (naming.breakdown)."""
+    return selection_breakdown(mask.indices, mask.shapes)
 
 
 def mask_card(mask: Mask, *, base_model: str | None = None, repo_id: str | None = None) -> str:

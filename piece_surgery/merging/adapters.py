@@ -16,6 +16,7 @@ from piece_surgery.io.hub import resolve
 from piece_surgery.io.outputs import refuse_overlap
 from piece_surgery.io.sniff import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from piece_surgery.models.checkpoint import Checkpoint, LoadedModel
+from piece_surgery.models.fused import fused_parameters, fused_slices
 from piece_surgery.models.pairing import stored_names, tied_names
 from piece_surgery.runtime.dtypes import same_bits
 from piece_surgery.runtime.errors import PieceError, first_line
@@ -68,33 +69,16 @@ def _delta_against_files(
     twins: dict[str, list[str]],
 ) -> Delta:
     """Every entry where the merged model's weights differ from the base checkpoint's files, under
-    the names the files store. A parameter the files do not store loads as its tied twin: the merge
+    the names the files store (an expert stored apart: its part of the fused weight the merge
+    changed, models.fused). A parameter the files do not store loads as its tied twin: the merge
     must have left the two equal, or the delta (which changes stored tensors only) would load as
     another model."""
-    names_stored = stored_names(merged, checkpoint.layout)
-    params = dict(merged.named_parameters(remove_duplicate=False))
-    tensors: dict[str, torch.Tensor] = {}
-    for pname, param in params.items():
-        key = names_stored.get(pname)
-        if key is not None:
-            tensors.setdefault(key, param)
-            continue
-        twin = next((t for t in ties.get(pname, []) if t in names_stored), None)
-        if twin is not None and not bool(same_bits(params[twin].detach(), param.detach()).all()):
-            with checkpoint.reader() as reader:  # which of the two did the adapter train?
-                stored = reader.get(names_stored[twin])
-            twin_changed = not bool(same_bits(params[twin].detach().to(stored.dtype), stored).all())
-            changed, kept = (twin, pname) if twin_changed else (pname, twin)
-            raise PieceError(
-                f"the adapter changes '{changed}' apart from '{kept}', which this base ties to it and "
-                "stores once: a delta changes stored tensors only, so it cannot untie them; import onto "
-                "a copy of the base whose files store both (equal, they still load tied)"
-            )
+    tensors = _stored_tensors(checkpoint, merged, ties)
     entries = {}
     with checkpoint.reader() as reader:
-        for key, param in sorted(tensors.items()):
+        for key, held in sorted(tensors.items()):
             base = reader.get(key).reshape(-1)
-            tuned = param.detach().reshape(-1).to(base.dtype)
+            tuned = held.detach().reshape(-1).to(base.dtype)
             idx = torch.nonzero(~same_bits(base, tuned)).flatten()
             if idx.numel():
                 entries[key] = (idx, base[idx].clone(), tuned[idx].clone())
@@ -102,3 +86,45 @@ def _delta_against_files(
     fractions = {k: entries[k][0].numel() / checkpoint.layout[k].numel for k in entries}
     provenance = DiffProvenance(tuned=f"PEFT adapter {name}", changed_fraction=fractions)
     return delta_from_values(entries, shapes, DeltaInfo(checkpoint.identity, provenance), twins)
+
+
+def _stored_tensors(
+    checkpoint: Checkpoint, merged: torch.nn.Module, ties: dict[str, list[str]]
+) -> dict[str, torch.Tensor]:
+    """Stored tensor name -> what the merged model holds for it: a parameter, or the part of a
+    fused parameter an expert stored apart is. PieceError for a tied parameter the merge changed
+    apart from its stored twin, or a parameter with no place in the files at all (whatever the
+    merge did to it would be lost: refused, naming it)."""
+    names_stored = stored_names(merged, checkpoint.layout)
+    parts = fused_parameters(fused_slices(merged, checkpoint.layout))
+    params = dict(merged.named_parameters(remove_duplicate=False))
+    tensors: dict[str, torch.Tensor] = {}
+    for pname, param in params.items():
+        key = names_stored.get(pname)
+        if key is not None:
+            tensors.setdefault(key, param)
+            continue
+        if pname in parts:
+            tensors.update({s.name: s.of(param.detach()) for s in parts[pname]})
+            continue
+        twin = next((t for t in ties.get(pname, []) if t in names_stored), None)
+        if twin is None:
+            raise PieceError(
+                f"the merged model holds '{pname}', which the base's files do not store: a delta of "
+                "those files cannot carry what the adapter changes there"
+            )
+        if not bool(same_bits(params[twin].detach(), param.detach()).all()):
+            _refuse_untied(checkpoint, params, pname, twin, names_stored[twin])
+    return tensors
+
+
+def _refuse_untied(checkpoint: Checkpoint, params: dict, pname: str, twin: str, stored_name: str) -> None:
+    with checkpoint.reader() as reader:  # which of the two did the adapter train?
+        stored = reader.get(stored_name)
+    twin_changed = not bool(same_bits(params[twin].detach().to(stored.dtype), stored).all())
+    changed, kept = (twin, pname) if twin_changed else (pname, twin)
+    raise PieceError(
+        f"the adapter changes '{changed}' apart from '{kept}', which this base ties to it and "
+        "stores once: a delta changes stored tensors only, so it cannot untie them; import onto "
+        "a copy of the base whose files store both (equal, they still load tied)"
+    )

@@ -4,12 +4,15 @@ stored tensors paired as loading pairs them, every changed entry (or the largest
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from piece_surgery.formats.delta import Delta, DeltaInfo, DiffProvenance, delta_from_values
 from piece_surgery.formats.mask import select_top_k
 from piece_surgery.models.checkpoint import Checkpoint, open_checkpoint
 from piece_surgery.models.eligible import eligible_parameters
+from piece_surgery.models.fused import fused_slices, stored_places
 from piece_surgery.runtime.dtypes import same_bits
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.options import check_density
@@ -70,9 +73,11 @@ def _changed_entries(
     the global top)."""
     entries = {}
     with base.reader() as base_reader, tuned.reader() as tuned_reader:
-        for name in sorted(pairs):
+        regions = _RegionReader(tuned_reader)
+        for name in sorted(pairs, key=lambda n: _reading_order(pairs[n], n)):
             b = base_reader.get(name).reshape(-1)
-            t = tuned_reader.get(pairs[name]).reshape(-1)
+            other = pairs[name]
+            t = tuned_reader.get(other).reshape(-1) if isinstance(other, str) else regions.read(other)
             idx = torch.nonzero(~same_bits(b, t)).flatten()
             advance(1)
             if idx.numel() == 0:
@@ -91,11 +96,12 @@ def _loads_as_stored(checkpoint: Checkpoint) -> dict[str, str]:
     return {twin: stored for stored, twins in checkpoint.twins().items() for twin in twins}
 
 
-def _check_unpaired_tuned(base: Checkpoint, tuned: Checkpoint, pairs: dict[str, str], used: dict[str, str]):
+def _check_unpaired_tuned(base: Checkpoint, tuned: Checkpoint, pairs: dict, used: dict[str, str]):
     """A tensor only the tuned files store must be one loading ignores, or a tied copy of one the
     base stores once with the same values as the tuned model's own (a delta cannot untie them)."""
     base_loads = _loads_as_stored(base)
-    for name in sorted(set(tuned.layout) - set(pairs.values())):
+    paired = {n for other in pairs.values() for n in _tuned_names(other)}
+    for name in sorted(set(tuned.layout) - paired):
         if name not in used:
             continue
         twin = base_loads.get(used[name])
@@ -117,7 +123,10 @@ def eligible_sizes(checkpoint: Checkpoint) -> dict[str, int]:
     from piece_surgery.models.pairing import parameter_keys
 
     skeleton = checkpoint.skeleton()
-    params = eligible_parameters(skeleton, parameter_keys(skeleton, checkpoint.layout))
+    layout = checkpoint.layout
+    params = eligible_parameters(
+        skeleton, parameter_keys(skeleton, layout), slices=fused_slices(skeleton, layout)
+    )
     return {name: p.numel() for name, p in params.items()}
 
 
@@ -130,15 +139,18 @@ def _entry_limit(density: float | None, top_k: int | None, eligible: int) -> int
     return top_k
 
 
-def paired_tensors(base: Checkpoint, tuned: Checkpoint) -> dict[str, str]:
+def paired_tensors(base: Checkpoint, tuned: Checkpoint) -> dict[str, str | Region]:
     """Which stored tensor of `tuned` is which of `base`: base name -> tuned name, matched as loading
     matches them. The same name, or the same model weight under another spelling (one file with
     the base-model prefix, one without, as older files are written); a tied weight one side stores
     twice and the other once pairs with what the other loads it as; a tensor only one side stores
-    that the model never uses (a buffer older files keep beside the weights) is left out. Anything
-    else, and a shape or dtype that differs, is a PieceError naming the tensor."""
-    pairs = {name: name for name in base.layout if name in tuned.layout}
+    that the model never uses (a buffer older files keep beside the weights) is left out. Experts
+    one side stores one tensor per expert and the other fused (models.fused) pair by their place
+    in the parameter loading makes: base name -> the Region of the tuned files that holds it.
+    Anything else, and a shape or dtype that differs, is a PieceError naming the tensor."""
+    pairs: dict[str, str | Region] = {name: name for name in base.layout if name in tuned.layout}
     if len(pairs) < max(len(base.layout), len(tuned.layout)):
+        pairs.update(_paired_by_place(base, tuned, [n for n in base.layout if n not in pairs]))
         used_base, used_tuned = base.used_names(), tuned.used_names()
         by_model_name = {model_name: stored for stored, model_name in used_tuned.items()}
         tuned_loads = _loads_as_stored(tuned)
@@ -151,11 +163,84 @@ def paired_tensors(base: Checkpoint, tuned: Checkpoint) -> dict[str, str]:
                 pairs[name] = tuned_loads[model_name]
             elif name in used_base:
                 raise PieceError(f"tensor '{name}' is in the base but not in the tuned checkpoint")
-        _check_unpaired_tuned(base, tuned, pairs, used_tuned)
+        # an expert only the tuned files store is a tensor loading uses too
+        parts = fused_slices(tuned.skeleton(), tuned.layout)
+        _check_unpaired_tuned(base, tuned, pairs, {**used_tuned, **{n: s.param for n, s in parts.items()}})
     for name, other in sorted(pairs.items()):
-        b, t = base.layout[name], tuned.layout[other]
+        b = base.layout[name]
+        if isinstance(other, Region):
+            dtypes = {tuned.layout[n].dtype for n, _ in other.stored}
+            if dtypes != {b.dtype}:
+                raise PieceError(f"tensor '{name}' differs: base {b.dtype}, tuned {sorted(map(str, dtypes))}")
+            continue
+        t = tuned.layout[other]
         if b.shape != t.shape or b.dtype != t.dtype:
             raise PieceError(
                 f"tensor '{name}' differs: base {list(b.shape)} {b.dtype}, tuned {list(t.shape)} {t.dtype}"
             )
     return pairs
+
+
+@dataclass(frozen=True)
+class Region:
+    """Flat entries [start, stop) of the model's parameter `param`, which the tuned files hold in
+    `stored`: (name, first flat entry in the parameter) of each of their tensors that make up the
+    parameter, in order (one, whole, or its experts, one tensor each)."""
+
+    param: str
+    start: int
+    stop: int
+    stored: tuple[tuple[str, int], ...]
+
+
+def _paired_by_place(base: Checkpoint, tuned: Checkpoint, names: list[str]) -> dict[str, Region]:
+    """Base tensors whose names the tuned files lack, where those store the same parameter in
+    another layout (experts one tensor per expert on one side, fused on the other): base name ->
+    the tuned Region with its entries (models.fused.stored_places, on each side's skeleton)."""
+    if not names:
+        return {}
+    base_model, tuned_model = base.skeleton(), tuned.skeleton()
+    parts = fused_slices(base_model, base.layout)
+    if not (parts or fused_slices(tuned_model, tuned.layout)):
+        return {}  # neither side stores a parameter in parts: names pair as they are (or not at all)
+    base_places = stored_places(base_model, base.layout)
+    by_param: dict[str, list[tuple[int, int, str]]] = {}
+    for key, (param, start, size) in stored_places(tuned_model, tuned.layout).items():
+        by_param.setdefault(param, []).append((start, size, key))
+    pairs = {}
+    for name in names:
+        param, start, size = base_places.get(name, ("", 0, 0))
+        pieces = sorted(by_param.get(param, []))
+        whole = len(pieces) == 1 and size == pieces[0][1]
+        tiled = bool(pieces) and pieces[0][0] == 0 and sum(n for _, n, _ in pieces) == sum(pieces[-1][:2])
+        if pieces and tiled and not whole:
+            pairs[name] = Region(param, start, start + size, tuple((key, first) for first, _, key in pieces))
+        elif name in parts:  # an expert whose entries the tuned files do not hold
+            raise PieceError(f"tensor '{name}' is in the base but not in the tuned checkpoint")
+        # else one tensor on both sides, tied copies or an unused one: the name pairing decides
+    return pairs
+
+
+def _tuned_names(other: str | Region) -> list[str]:
+    return [n for n, _ in other.stored] if isinstance(other, Region) else [other]
+
+
+def _reading_order(other: str | Region, name: str) -> tuple:
+    """Pairs read grouped by the tuned parameter they come from (one is assembled at a time)."""
+    return (other.param, other.start, name) if isinstance(other, Region) else ("", 0, name)
+
+
+class _RegionReader:
+    """Reads Regions of the tuned files, keeping the last parameter assembled (flat, its dtype)."""
+
+    def __init__(self, reader):
+        self.reader = reader
+        self._param: str | None = None
+        self._flat: torch.Tensor | None = None
+
+    def read(self, region: Region) -> torch.Tensor:
+        if self._param != region.param:
+            parts = [self.reader.get(key).reshape(-1) for key, _ in region.stored]
+            self._flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+            self._param = region.param
+        return self._flat[region.start : region.stop]

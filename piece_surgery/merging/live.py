@@ -10,6 +10,7 @@ import torch
 
 from piece_surgery.formats.delta import Delta
 from piece_surgery.merging.combine import TensorPart, merge_one
+from piece_surgery.models.fused import fused_slices
 from piece_surgery.models.pairing import stored_names
 from piece_surgery.runtime.dtypes import same_bits
 from piece_surgery.runtime.errors import PieceError
@@ -20,13 +21,30 @@ class AppliedDelta:
     """What apply_to_model changed, to restore it bit for bit with revert()."""
 
     model: torch.nn.Module
-    saved: dict[str, tuple[torch.Tensor, torch.Tensor]]  # param name -> (indices, original values)
+    # delta tensor name -> (parameter name, flat indices in the parameter, original values)
+    saved: dict[str, tuple[str, torch.Tensor, torch.Tensor]]
 
     def revert(self) -> None:
         params = dict(self.model.named_parameters())
         write_entries(
-            self.model, [(pname, params[pname], idx, values) for pname, (idx, values) in self.saved.items()]
+            self.model, [(pname, params[pname], idx, values) for pname, idx, values in self.saved.values()]
         )
+
+
+@dataclass(frozen=True)
+class ModelTensor:
+    """Where one of a delta's tensors lives in a loaded model: the parameter `param` (`pname` in the
+    model), whose flat entries from `offset` on it is, laid out as `shape` (an expert stored apart is
+    part of a fused parameter: models.fused; any other tensor is its whole parameter, offset 0)."""
+
+    pname: str
+    param: torch.nn.Parameter
+    offset: int
+    shape: tuple[int, ...]
+
+    def positions(self, indices: torch.Tensor) -> torch.Tensor:
+        """The tensor's flat `indices` as flat indices of the parameter, on its device."""
+        return indices.to(self.param.device) + self.offset
 
 
 def write_entries(
@@ -61,9 +79,10 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(as_int), b.view(as_int))
 
 
-def model_tensors(model: torch.nn.Module, delta: Delta) -> dict[str, tuple[str, torch.nn.Parameter]]:
-    """The model parameter each of the delta's tensors is (stored names paired with the model's as
-    loading pairs them, checkpoint.stored_names): delta tensor name -> (parameter name, parameter).
+def model_tensors(model: torch.nn.Module, delta: Delta) -> dict[str, ModelTensor]:
+    """Where in the model each of the delta's tensors is (stored names paired with the model's as
+    loading pairs them: checkpoint.stored_names, and experts stored one tensor per expert as parts
+    of the fused parameter loading makes of them: models.fused): delta tensor name -> ModelTensor.
 
     Tied weights are one parameter under several names: a delta that changes several of them (a
     checkpoint that stores both copies) lists each, and here the parameter appears once, under the
@@ -71,9 +90,14 @@ def model_tensors(model: torch.nn.Module, delta: Delta) -> dict[str, tuple[str, 
     changed differently."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loads_into = {stored: name for name, stored in stored_names(model, delta.tensors).items()}
-    found: dict[str, tuple[str, torch.nn.Parameter]] = {}
+    parts = fused_slices(model, [n for n in delta.tensors if n not in loads_into])
+    found: dict[str, ModelTensor] = {}
     first_of: dict[int, str] = {}  # id(parameter) -> the delta tensor that stands for it
     for name in sorted(delta.tensors):
+        if name in parts:
+            s = parts[name]
+            found[name] = ModelTensor(s.param, params[s.param], s.offset, s.shape)
+            continue
         pname = loads_into.get(name)
         if pname not in params:
             raise PieceError(f"the delta changes '{name}', which the model does not have")
@@ -82,10 +106,12 @@ def model_tensors(model: torch.nn.Module, delta: Delta) -> dict[str, tuple[str, 
             _check_same_change(delta, first_of[id(param)], name)
             continue
         first_of[id(param)] = name
-        found[name] = (pname, param)
+        found[name] = ModelTensor(pname, param, 0, tuple(param.shape))
     changed = set(loads_into.values())
-    for name, (pname, param) in found.items():
-        _refuse_untying(delta, name, [n for n, p in params.items() if p is param and n != pname], changed)
+    for name, where in found.items():
+        twins = [n for n, p in params.items() if p is where.param and n != where.pname]
+        if where.offset == 0 and name not in parts:
+            _refuse_untying(delta, name, twins, changed)
     return found
 
 
@@ -125,21 +151,26 @@ def apply_to_model(
     dtype, unless `force`)."""
     planned = []
     with torch.no_grad():
-        for name, (pname, param) in model_tensors(model, delta).items():
+        for name, where in model_tensors(model, delta).items():
             t = delta.tensors[name]
-            if tuple(param.shape) != tuple(t.shape):
-                raise PieceError(
-                    f"tensor '{name}' has shape {list(param.shape)} in the model, "
-                    f"{list(t.shape)} in the delta"
-                )
-            idx = t.indices.to(param.device)
-            original = param.view(-1)[idx].detach().clone()
+            check_shape(name, where, t.shape)
+            idx = where.positions(t.indices)
+            original = where.param.view(-1)[idx].detach().clone()
             part = TensorPart(t, scale, "the delta", "this model", "pass force=True to apply it anyway")
             _, new, _ = merge_one(name, original.cpu(), part, force=force)
-            planned.append((pname, param, idx, original, new))
+            planned.append((name, where, idx, original, new))
     # every tensor checked before any is written: a refused delta leaves the model as it was
-    write_entries(model, [(pname, param, idx, new) for pname, param, idx, _, new in planned])
-    return AppliedDelta(model, {pname: (idx.cpu(), original) for pname, _, idx, original, _ in planned})
+    write_entries(model, [(where.pname, where.param, idx, new) for _, where, idx, _, new in planned])
+    saved = {name: (where.pname, idx.cpu(), original) for name, where, idx, original, _ in planned}
+    return AppliedDelta(model, saved)
+
+
+def check_shape(name: str, where: ModelTensor, shape) -> None:
+    """The delta's tensor has the shape of its place in the model; PieceError otherwise."""
+    if tuple(where.shape) != tuple(shape):
+        raise PieceError(
+            f"tensor '{name}' has shape {list(where.shape)} in the model, {list(shape)} in the delta"
+        )
 
 
 def revert_delta(model: torch.nn.Module, delta: Delta) -> None:
@@ -149,7 +180,7 @@ def revert_delta(model: torch.nn.Module, delta: Delta) -> None:
             "a compact delta does not hold its base values: revert with the handle apply_to_model gave"
         )
     writes = [
-        (pname, param, delta.tensors[name].indices, delta.tensors[name].base)
-        for name, (pname, param) in model_tensors(model, delta).items()
+        (where.pname, where.param, where.positions(delta.tensors[name].indices), delta.tensors[name].base)
+        for name, where in model_tensors(model, delta).items()
     ]
     write_entries(model, writes)

@@ -34,8 +34,14 @@ def shira_plan(model: torch.nn.Module, delta: Delta) -> ShiraPlan:
     module_names = {id(m): name for name, m in model.named_modules()}
     holders = owners(model)
     linear, saved, tensors = {}, {}, {}
-    for tensor_name, (_, param) in model_tensors(model, delta).items():
-        t = delta.tensors[tensor_name]
+    for tensor_name, where in model_tensors(model, delta).items():
+        t, param = delta.tensors[tensor_name], where.param
+        if where.offset or tuple(where.shape) != tuple(param.shape) or param.dim() > 2:
+            raise PieceError(
+                f"tensor '{tensor_name}' is an expert of a mixture-of-experts layer (part of "
+                f"'{where.pname}'), which a SHiRA adapter cannot hold; score without it (--exclude "
+                "experts) to export, or apply the delta with `piece-surgery apply`"
+            )
         current = param.detach().view(-1)[t.indices].cpu()
         # the identity rule of apply: dtype and every entry's base value, or a one-line refusal
         part = TensorPart(t, 1.0, "the delta", force_hint="", refused_as="the base is not the delta's base")

@@ -20,7 +20,7 @@ import torch
 
 from piece_surgery.formats.delta import Delta
 from piece_surgery.merging.combine import TensorPart, merge_one
-from piece_surgery.merging.live import model_tensors, write_entries
+from piece_surgery.merging.live import check_shape, model_tensors, write_entries
 from piece_surgery.runtime.errors import PieceError
 
 
@@ -59,19 +59,16 @@ class DeltaSwitcher:
             raise PieceError(f"'{self.active}' is active: add deltas while the model holds its base")
         resident = _Resident([], [], [], [], [])
         with torch.no_grad():
-            for tensor_name, (pname, param) in model_tensors(self.model, delta).items():
+            for tensor_name, where in model_tensors(self.model, delta).items():
                 t = delta.tensors[tensor_name]
-                if tuple(param.shape) != tuple(t.shape):
-                    raise PieceError(
-                        f"tensor '{tensor_name}' is {list(param.shape)} in the model, "
-                        f"{list(t.shape)} in the delta"
-                    )
-                idx = t.indices.to(param.device)
+                check_shape(tensor_name, where, t.shape)
+                param = where.param
+                idx = where.positions(t.indices)
                 current = param.view(-1)[idx].detach().clone()
                 part = TensorPart(t, scale, f"delta '{name}'", target="this model", force_hint="")
                 _, new, _ = merge_one(tensor_name, current.cpu(), part, force=False)
                 small = param.numel() < 2**31
-                resident.names.append(pname)
+                resident.names.append(where.pname)
                 resident.params.append(param)
                 resident.indices.append(idx.to(torch.int32) if small else idx)
                 resident.new.append(new.to(param.device))

@@ -18,6 +18,7 @@ from piece_surgery.data.examples import Dataset
 from piece_surgery.data.images import ImageChats, load_processor
 from piece_surgery.io.hub import Resolved, resolve
 from piece_surgery.io.sniff import ADAPTER, ADAPTER_CONFIG, sniff
+from piece_surgery.models.fused import ParameterSlice, StoredSlice, fused_slices
 from piece_surgery.models.layout import ShardReader, TensorInfo, fingerprint, read_layout, storage_dtype
 from piece_surgery.models.loading import (
     Placement,
@@ -43,11 +44,19 @@ class LoadedModel:
     aliases: dict[str, list[str]] = field(default_factory=dict)
     # a tied parameter stored under fewer names than it has: stored name -> the others (unstored_twins)
     twins: dict[str, list[str]] = field(default_factory=dict)
+    # a stored tensor loading fuses into part of a parameter (an expert's): stored name -> its place
+    slices: dict[str, StoredSlice] = field(default_factory=dict)
 
-    def parameters(self, names: Iterable[str] | None = None) -> dict[str, torch.nn.Parameter]:
-        """The parameters by stored tensor name (all, or the named ones: KeyError for another)."""
+    def parameters(
+        self, names: Iterable[str] | None = None
+    ) -> dict[str, torch.nn.Parameter | ParameterSlice]:
+        """The parameters by stored tensor name (all, or the named ones: KeyError for another); a
+        stored tensor that is part of a parameter (`slices`) is a ParameterSlice of it."""
         named = dict(self.module.named_parameters())
-        by_key = {key: named[name] for name, key in self.keys.items()}
+        by_key: dict = {key: named[name] for name, key in self.keys.items()}
+        by_key.update(
+            {key: ParameterSlice(named[s.param], s) for key, s in self.slices.items() if s.param in named}
+        )
         return by_key if names is None else {n: by_key[n] for n in names}
 
 
@@ -218,12 +227,31 @@ class Checkpoint:
                 attn_implementation=placement.attn_implementation,
             )
         layout = self.layout
+        slices = fused_slices(module, layout)
+        self._check_slices_loaded(module, slices)
         return LoadedModel(
             module,
             parameter_keys(module, layout),
             stored_aliases(module, layout),
             unstored_twins(module, layout),
+            slices,
         )
+
+    def _check_slices_loaded(self, module: torch.nn.Module, slices: dict[str, StoredSlice]) -> None:
+        """The first and last row of every stored tensor loading fused into a parameter are where
+        fused_slices says (a few KB read): a transformers whose loading placed them elsewhere would
+        put every mask and delta of them on the wrong entries. PieceError naming the tensor if not."""
+        params = dict(module.named_parameters())
+        with self.reader() as reader:
+            for name, s in slices.items():
+                held = s.of(params[s.param].detach())
+                for row, stored in zip((0, -1), reader.edge_rows(name), strict=True):
+                    if not torch.equal(held[row].cpu(), stored.to(held.dtype)):
+                        raise PieceError(
+                            f"this transformers loaded '{name}' elsewhere in '{s.param}' than its conversion "
+                            "mapping says: piece-surgery cannot pair this checkpoint's experts with it; "
+                            "report it, with the transformers version"
+                        )
 
 
 def open_checkpoint(ref: str, *, what: str = "model", trust_remote_code: bool = False) -> Checkpoint:

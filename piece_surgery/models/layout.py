@@ -232,6 +232,18 @@ class ShardReader:
         except (SafetensorError, OSError) as exc:
             raise PieceError(f"cannot read tensor '{name}' from '{file}': corrupt file") from exc
 
+    def edge_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first and the last row of a tensor with at least one dimension (reads those only)."""
+        file = self.layout[name].file
+        try:
+            if file not in self._open:
+                self._open[file] = safe_open(str(self.folder / file), "pt")
+            piece = self._open[file].get_slice(name)
+            rows = self.layout[name].shape[0]
+            return piece[0:1][0], piece[rows - 1 : rows][0]
+        except (SafetensorError, OSError) as exc:
+            raise PieceError(f"cannot read tensor '{name}' from '{file}': corrupt file") from exc
+
     def close(self) -> None:
         self._open.clear()
 

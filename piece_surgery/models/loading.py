@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from piece_surgery.models.fused import check_fused, fused_parameters, fused_slices
 from piece_surgery.models.layout import TensorInfo, read_layout
 from piece_surgery.models.pairing import _tied_groups, parameter_keys
 from piece_surgery.models.parts import is_vision_language
@@ -159,7 +160,8 @@ def model_skeleton(config, *, trust_remote_code: bool = False) -> torch.nn.Modul
 
 
 def _check_shapes(config, layout: dict[str, TensorInfo], trust_remote_code: bool) -> None:
-    """Compare the files' tensor shapes with those the config asks for (on an empty meta model)."""
+    """Compare the files' tensor shapes with those the config asks for (on an empty meta model),
+    experts stored one tensor per expert with their places in the fused parameters (check_fused)."""
     skeleton = model_skeleton(config, trust_remote_code=trust_remote_code)
     expected = dict(skeleton.named_parameters())
     for name, key in parameter_keys(skeleton, layout).items():
@@ -168,13 +170,20 @@ def _check_shapes(config, layout: dict[str, TensorInfo], trust_remote_code: bool
                 f"tensor '{key}' is {list(layout[key].shape)} in the checkpoint but the config expects "
                 f"{list(expected[name].shape)}: the weights and config.json do not match"
             )
+    check_fused(skeleton, fused_slices(skeleton, layout), {n: info.shape for n, info in layout.items()})
 
 
 def check_weights_match(skeleton: torch.nn.Module, layout: dict[str, TensorInfo], folder: Path) -> None:
     """What loading would find, told from the names alone (on the meta-device skeleton, before any
-    weight is read): every weight the model has is stored, under one of its tied names."""
-    missing = [names[0] for names, stored in _tied_groups(skeleton, layout) if not stored]
-    used = set(parameter_keys(skeleton, layout).values())
+    weight is read): every weight the model has is stored, under one of its tied names, or in parts
+    that loading fuses into it (experts stored one tensor per expert: check_fused)."""
+    slices = fused_slices(skeleton, layout)
+    check_fused(skeleton, slices, {n: info.shape for n, info in layout.items()})
+    fused = set(fused_parameters(slices))
+    missing = [
+        names[0] for names, stored in _tied_groups(skeleton, layout) if not stored and names[0] not in fused
+    ]
+    used = set(parameter_keys(skeleton, layout).values()) | set(slices)
     unexpected = [name for name in layout if name not in used] if missing else []
     _check_loading_info(folder, {"missing_keys": missing, "unexpected_keys": unexpected})
 

@@ -10,6 +10,12 @@ import torch
 
 from piece_surgery.runtime.errors import PieceError
 
+# mixture-of-experts families: 4 experts, 2 per token, in both layers (DeepSeek-V3: its first layer
+# dense, as its first_k_dense_replace keeps the first layers of the real model)
+MOE_ARCHITECTURES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss")
+# how a mixture-of-experts checkpoint stores its experts: one tensor per expert and projection (the
+# Hub layout, what save_pretrained writes), or as the model holds them (one 3-D tensor per kind)
+EXPERT_LAYOUTS = ("per-expert", "fused")
 _TOKENIZER_TEXT = """
 The quick brown fox jumps over the lazy dog. Sparse updates keep general ability.
 def add(a, b):\n    return a + b\nimport os\nclass Model:\n    pass\n
@@ -124,22 +130,86 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
         ),
     ),
 }
-TINY_ARCHITECTURES = tuple(TINY_CONFIGS)
+TINY_ARCHITECTURES = (*TINY_CONFIGS, *MOE_ARCHITECTURES)  # MoE configs: _moe_config
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides):
     """A config a few hundred KB big for a family of TINY_CONFIGS (llama, gpt2, qwen2, gemma3,
-    mistral, qwen3, gemma2, phi3, olmo2, gpt_neox, falcon); `overrides` set fields after."""
+    mistral, qwen3, gemma2, phi3, olmo2, gpt_neox, falcon) or a mixture-of-experts family
+    (MOE_ARCHITECTURES); `overrides` set fields after."""
     import transformers
 
-    if arch not in TINY_CONFIGS:
-        raise ValueError(f"unknown tiny architecture {arch!r}; use {', '.join(TINY_ARCHITECTURES)}")
-    name, fields = TINY_CONFIGS[arch]
     special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-    config = getattr(transformers, name)(vocab_size=vocab_size, **fields, **special)
+    if arch in MOE_ARCHITECTURES:
+        config = _moe_config(arch, vocab_size, special)
+    elif arch in TINY_CONFIGS:
+        name, fields = TINY_CONFIGS[arch]
+        config = getattr(transformers, name)(vocab_size=vocab_size, **fields, **special)
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; use {', '.join(TINY_ARCHITECTURES)}")
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
+
+
+def _moe_config(arch: str, vocab_size: int, special: dict):
+    """The mixture-of-experts families' tiny configs: 4 experts of 16 hidden units, 2 per token."""
+    import transformers
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        num_experts_per_tok=2,
+        **special,
+    )
+    if arch == "mixtral":
+        return transformers.MixtralConfig(intermediate_size=16, num_local_experts=4, **common)
+    if arch == "gpt_oss":
+        rope = {"rope_type": "default", "rope_theta": 10000.0}  # not its YaRN, made for 128k positions
+        return transformers.GptOssConfig(
+            intermediate_size=16,
+            num_local_experts=4,
+            head_dim=8,
+            sliding_window=16,
+            rope_parameters=rope,
+            **common,
+        )
+    if arch == "olmoe":
+        return transformers.OlmoeConfig(intermediate_size=16, num_experts=4, **common)
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(
+            intermediate_size=64, moe_intermediate_size=16, num_experts=4, head_dim=8, **common
+        )
+    if arch == "qwen2_moe":  # a shared expert beside the routed ones, behind a sigmoid gate
+        return transformers.Qwen2MoeConfig(
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            num_experts=4,
+            **common,
+        )
+    common["num_key_value_heads"] = 4  # its latent attention has as many key-value heads as heads
+    return transformers.DeepseekV3Config(  # deepseek_v3: a shared expert, grouped routing, MLA attention
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        **common,
+    )
 
 
 def make_tiny_checkpoint(
@@ -150,13 +220,20 @@ def make_tiny_checkpoint(
     seed: int = 0,
     max_shard_size: str | None = None,
     tokenizer=None,
+    experts: str = "per-expert",
     **config_overrides,
 ) -> Path:
     """Build, randomly initialise (seeded) and save a tiny causal LM plus tokenizer (tiny_tokenizer()
-    unless given; the config takes its size and special tokens) to `path`."""
+    unless given; the config takes its size and special tokens) to `path`.
+
+    A mixture-of-experts model's `experts` (EXPERT_LAYOUTS) are saved `per-expert`, one tensor per
+    expert and projection, as save_pretrained writes them (gpt_oss, whose Hub layout is fused, has
+    no other), or `fused`: the tensors the model holds, under its own names (one file)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
+    if experts not in EXPERT_LAYOUTS:
+        raise ValueError(f"unknown expert layout {experts!r}; use {', '.join(EXPERT_LAYOUTS)}")
     transformers.utils.logging.disable_progress_bar()
     if tokenizer is not None:
         ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
@@ -165,11 +242,28 @@ def make_tiny_checkpoint(
     config = tiny_config(arch, vocab_size=len(tokenizer), **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
+    if arch in MOE_ARCHITECTURES:
+        with torch.no_grad():  # routers and expert biases may start at zero; exact tests need values
+            for param in model.parameters():
+                if not param.abs().sum():
+                    param.copy_(torch.randn(param.shape) * 0.02)
     path = Path(path)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
+    if arch in MOE_ARCHITECTURES and experts == "fused":
+        _save_as_held(model, path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def _save_as_held(model: torch.nn.Module, path: Path) -> None:
+    """Replace the saved weights with the tensors the model holds, under its own names, in one file."""
+    from safetensors.torch import save_file
+
+    for old in [*path.glob("*.safetensors"), *path.glob("*.safetensors.index.json")]:
+        old.unlink()
+    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
 VISION_LANGUAGE_ARCHITECTURES = (
@@ -449,15 +543,21 @@ def write_png(path: Path, width: int = 40, height: int = 30, *, seed: int = 0) -
     return Path(path)
 
 
-def write_tiny_model(output: Path, arch: str = "llama", *, seed: int = 0, overwrite: bool = False) -> Path:
+def write_tiny_model(
+    output: Path, arch: str = "llama", *, seed: int = 0, overwrite: bool = False, experts: str = "per-expert"
+) -> Path:
     """The `tiny-model` recipe: a tiny checkpoint (a causal LM, or a vision-language model) written
-    atomically to `output`."""
+    atomically to `output`; a mixture-of-experts model's `experts` stored as EXPERT_LAYOUTS says."""
     from piece_surgery.io.outputs import atomic_path, check_output
     from piece_surgery.io.sniff import CHECKPOINT
 
     if arch not in TINY_ARCHITECTURES + VISION_LANGUAGE_ARCHITECTURES:
         choices = ", ".join(TINY_ARCHITECTURES + VISION_LANGUAGE_ARCHITECTURES)
         raise PieceError(f"unknown --arch '{arch}'; use {choices}")
+    if experts not in EXPERT_LAYOUTS:
+        raise PieceError(f"unknown --experts '{experts}'; use {' or '.join(EXPERT_LAYOUTS)}")
+    if experts != "per-expert" and arch not in MOE_ARCHITECTURES:
+        raise PieceError(f"--experts is for a mixture-of-experts --arch ({', '.join(MOE_ARCHITECTURES)})")
     from piece_surgery.runtime.options import check_seed
 
     check_seed(seed)
@@ -466,7 +566,7 @@ def write_tiny_model(output: Path, arch: str = "llama", *, seed: int = 0, overwr
         if arch in VISION_LANGUAGE_ARCHITECTURES:
             make_tiny_vision_language_model(tmp, arch, seed=seed)
         else:
-            make_tiny_checkpoint(tmp, arch, seed=seed)
+            make_tiny_checkpoint(tmp, arch, seed=seed, experts=experts)
     return Path(output)
 
 

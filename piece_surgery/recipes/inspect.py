@@ -1,5 +1,5 @@
-"""The `inspect` recipe: what a mask or a delta holds, per layer, module kind and part; the retain
-sets a mask kept in mind; a trained delta's log drawn against its steps (--plot)."""
+"""The `inspect` recipe: what a mask or a delta holds, per layer, module kind, part and expert; the
+retain sets a mask kept in mind; a trained delta's log drawn against its steps (--plot)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from pathlib import Path
 from piece_surgery.formats.artifacts import Artifact
 from piece_surgery.formats.delta import TrainLog, TrainProvenance
 from piece_surgery.formats.mask import mask_breakdown
-from piece_surgery.models.naming import breakdown
+from piece_surgery.models.naming import selection_breakdown
 from piece_surgery.recipes.plots import check_plot, pyplot, save
-from piece_surgery.runtime.dtypes import numel
 from piece_surgery.runtime.errors import PieceError
 
 
@@ -32,11 +31,10 @@ def summarize(artifact: Artifact) -> dict:
             "file_bytes": artifact.path.stat().st_size,
         }
     delta = artifact.delta
-    counts = {n: int(t.indices.numel()) for n, t in delta.tensors.items()}
-    sizes = {n: numel(t.shape) for n, t in delta.tensors.items()}
+    indices = {n: t.indices for n, t in delta.tensors.items()}
     return {
         "kind": "delta",
-        **breakdown(counts, sizes),
+        **selection_breakdown(indices, {n: t.shape for n, t in delta.tensors.items()}),
         "base": delta.info.base.to_json() if delta.info.base else None,
         "provenance": delta.info.provenance.to_json() if delta.info.provenance else None,
         "tensor_bytes": delta.tensor_bytes,

@@ -102,6 +102,11 @@ class Run:
     def load_model(self, checkpoint: Checkpoint) -> LoadedModel:
         """The model on this rank's device, or sharded over the ranks with FSDP2 (--fsdp)."""
         loaded = checkpoint.load_model(quiet=self.quiet, placement=self.placement(checkpoint))
+        if self.options.fsdp and loaded.slices:
+            raise PieceError(
+                f"--fsdp does not shard a checkpoint that stores its experts one tensor per expert (as "
+                f"'{next(iter(loaded.slices))}'); run without --fsdp, or store the experts fused"
+            )
         if self.options.fsdp:
             from piece_surgery.runtime.sharding import shard_model
 

@@ -16,6 +16,7 @@ import torch
 
 from piece_surgery.data.examples import Dataset
 from piece_surgery.evaluation.loss import micro_batch_losses
+from piece_surgery.models.fused import ParameterSlice, holder
 from piece_surgery.models.parts import image_side
 from piece_surgery.runtime.distributed import World
 from piece_surgery.runtime.errors import PieceError
@@ -96,9 +97,7 @@ def accumulate_gradients(
     backward_scale = 0.0 if sharded and world.rank != 0 else 1.0
     error = None
     with _gradients_only_for(model, params), _deterministic_mode(model):
-        handles = (
-            [] if sharded else [p.register_post_accumulate_grad_hook(acc.fold(k)) for k, p in params.items()]
-        )
+        handles = [] if sharded else acc.hook(params)
         try:
             for loss, tokens, examples in micro_batch_losses(
                 model, dataset, batch_size, pad_id, sample_labels=generator, shard=shard
@@ -152,14 +151,25 @@ class _Accumulators:
         if key in self.squares:
             self.squares[key].addcmul_(g, g)
 
-    def fold(self, key: str) -> Callable[[torch.Tensor], None]:
-        """A post-accumulate-grad hook: the gradient joins the sums, then is dropped."""
+    def hook(self, params: dict[str, torch.Tensor]) -> list:
+        """Post-accumulate-grad hooks on the parameters of `params`: each gradient joins the sums of
+        every eligible tensor it holds (a whole parameter, or the experts stored apart that are parts
+        of it: ParameterSlice), then is dropped. Returns the hooks' handles."""
+        by_param: dict[int, tuple[torch.nn.Parameter, list]] = {}
+        for key, p in params.items():
+            param, _ = holder(p)
+            part = p.stored if isinstance(p, ParameterSlice) else None
+            by_param.setdefault(id(param), (param, []))[1].append((key, part))
 
-        def hook(param: torch.Tensor) -> None:
-            self.add(key, param.grad)
-            param.grad = None
+        def fold(parts: list) -> Callable[[torch.Tensor], None]:
+            def hook(param: torch.Tensor) -> None:
+                for key, part in parts:
+                    self.add(key, param.grad if part is None else part.of(param.grad))
+                param.grad = None
 
-        return hook
+            return hook
+
+        return [param.register_post_accumulate_grad_hook(fold(parts)) for param, parts in by_param.values()]
 
     def take_shards(self, params: dict[str, torch.nn.Parameter]) -> None:
         for key, p in params.items():
@@ -206,7 +216,7 @@ def reduce_pass(world: World, accumulators: list[torch.Tensor], stats: PassStats
 def _gradients_only_for(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> Iterator[None]:
     """Only `params` get gradients (frozen weights cost no compute or memory); flags restored after."""
     saved = [(p, p.requires_grad) for p in model.parameters()]
-    eligible = {id(p) for p in params.values()}
+    eligible = {id(holder(p)[0]) for p in params.values()}
     for p, _ in saved:
         p.requires_grad_(id(p) in eligible)
     try:
@@ -326,15 +336,24 @@ def normalize_scores(
     *,
     sum_over_ranks: Callable[[float], float] = float,
     sizes: dict[str, int] | None = None,
+    groups: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """`tensor`: divide each tensor's scores by their mean, so tensors compete on relative
     importance rather than on the scale of their gradients (in place); `none`: as they are.
+    `groups` (name -> the weight it is part of) makes several stored tensors one: the experts a
+    checkpoint stores one tensor each share the mean of the fused weight the model holds, so a mask
+    does not depend on how the files store them.
     For shards, `sum_over_ranks` adds up over the ranks and `sizes` are the whole tensors' sizes."""
     check_normalization(how)
     if how == "tensor":
+        totals: dict[str, list[float]] = {}
         for name, s in scores.items():
-            size = sizes[name] if sizes else s.numel()
-            mean = sum_over_ranks(float(s.sum(dtype=torch.float64))) / max(size, 1)
+            group = totals.setdefault((groups or {}).get(name, name), [0.0, 0])
+            group[0] += sum_over_ranks(float(s.sum(dtype=torch.float64)))
+            group[1] += sizes[name] if sizes else s.numel()
+        for name, s in scores.items():
+            total, size = totals[(groups or {}).get(name, name)]
+            mean = total / max(size, 1)
             if mean > 0:
                 s.div_(mean)
     return scores

@@ -16,6 +16,7 @@ from piece_surgery.formats.mask import Mask, k_for_density
 from piece_surgery.merging.naming import as_stored_in
 from piece_surgery.models.checkpoint import Checkpoint
 from piece_surgery.models.eligible import eligible_parameters
+from piece_surgery.models.fused import fused_slices
 from piece_surgery.models.loading import check_weights_match
 from piece_surgery.models.pairing import parameter_keys
 from piece_surgery.runtime.errors import PieceError
@@ -65,7 +66,10 @@ def check_selectable(checkpoint: Checkpoint, options: ScoreOptions, avoid: Avoid
     skeleton = checkpoint.skeleton()
     check_weights_match(skeleton, checkpoint.layout, checkpoint.folder)
     keys = parameter_keys(skeleton, checkpoint.layout)
-    params = eligible_parameters(skeleton, keys, include=options.include, exclude=options.exclude)
+    slices = fused_slices(skeleton, checkpoint.layout)
+    params = eligible_parameters(
+        skeleton, keys, include=options.include, exclude=options.exclude, slices=slices
+    )
     eligible = sum(p.numel() for p in params.values())
     k = k_for_density(options.density, eligible)
     avoided = sum(int(torch.unique(idx).numel()) for name, idx in avoid.entries.items() if name in params)

@@ -82,7 +82,8 @@ class ScoreOptions(JsonRecord):
     normalize: str = field(
         default="none",
         metadata={
-            "help": "none, or tensor: scores divided by each tensor's mean before the top-k.",
+            "help": "none, or tensor: scores divided by each tensor's mean before the top-k (experts "
+            "stored one tensor each: the mean of the fused weight the model holds).",
             "metavar": "none|tensor",
         },
     )

@@ -15,6 +15,7 @@ from piece_surgery.data.examples import Dataset
 from piece_surgery.formats.mask import Mask, MaskInfo, k_for_density, select_top_k
 from piece_surgery.models.checkpoint import Checkpoint, LoadedModel
 from piece_surgery.models.eligible import eligible_parameters
+from piece_surgery.models.fused import ParameterSlice
 from piece_surgery.models.loading import enable_activation_checkpointing
 from piece_surgery.runtime.distributed import World
 from piece_surgery.runtime.dtypes import dtype_name
@@ -58,7 +59,9 @@ def score_model(
         )
     if method.needs_data and dataset is None:
         raise PieceError(f"method {method.name} needs --data")
-    params = eligible_parameters(model.module, model.keys, include=options.include, exclude=options.exclude)
+    params = eligible_parameters(
+        model.module, model.keys, include=options.include, exclude=options.exclude, slices=model.slices
+    )
     k = k_for_density(options.density, sum(p.numel() for p in params.values()))
     shards = _Shards.of(params, world)
     inputs = ScoreInputs(params, {}, {}, seed=options.seed, world=world, sum_over_ranks=shards.sum_over_ranks)
@@ -76,7 +79,10 @@ def score_model(
     scores, damping_value = method.score(inputs)
     if method.uses_retain:
         retain_record = _retain_record(retain, retain_stats, options, damping_value)
-    normalize_scores(scores, options.normalize, sum_over_ranks=shards.sum_over_ranks, sizes=shards.sizes)
+    groups = {n: p.stored.param for n, p in params.items() if isinstance(p, ParameterSlice)}
+    normalize_scores(
+        scores, options.normalize, sum_over_ranks=shards.sum_over_ranks, sizes=shards.sizes, groups=groups
+    )
     indices = select_top_k(
         scores, k, avoid=avoid.entries if avoid else None, world=world, offsets=shards.offsets
     )

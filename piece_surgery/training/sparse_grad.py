@@ -12,10 +12,12 @@ or wrap forwards, but they all call a module through `__call__`, which runs its 
 - A norm's gain (a leaf module whose parameters are vectors): the same identity on its output; its
   backward recomputes the module from its input with the gain's values as a leaf, so the normalised
   activation is never kept.
-- Anything else (a bias, a weight two modules share, an embedding, GPT-2's Conv1D): a forward
-  pre-hook puts a tensor carrying the values into the module's parameter slot for the call (as
-  torch.func.functional_call does) and a forward hook puts the frozen weight back; autograd reduces
-  its dense gradient to the k entries at once.
+- Anything else (a bias, a weight two modules share, an embedding, GPT-2's Conv1D, a
+  mixture-of-experts layer's fused expert weight): a forward pre-hook puts a tensor carrying the
+  values into the module's parameter slot for the call (as torch.func.functional_call does) and a
+  forward hook puts the frozen weight back; autograd reduces its dense gradient to the k entries at
+  once. Experts a checkpoint stores one tensor each are parts of one fused weight: their values
+  join in one injection, each at its offset (models.fused), and keep their own gradients.
 - The output embedding (a language model's head): the same, but for the whole model's call and in
   every slot that holds it (tied to the input embedding, say), because fused losses (TRL's fused LM
   head, Liger's fused linear cross-entropy) read its weight directly, never calling its module.
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from piece_surgery.models.fused import holder
 from piece_surgery.models.parts import image_side
 from piece_surgery.models.structure import is_gain_module, is_linear_weight, owners
 from piece_surgery.runtime.distributed import World
@@ -130,15 +133,18 @@ class LinearEntryTap(torch.autograd.Function):
 
 
 class InjectEntries(torch.autograd.Function):
-    """The weight with `values` at its flat `indices`; backward delivers the gradient at those
-    entries to `values` (the weight itself is frozen)."""
+    """The weight, on the autograd path to `values` (its entries at the flat `indices`); backward
+    delivers the gradient at those entries to `values` (the weight itself is frozen).
+
+    The weight already holds the values (SparseParameters writes them before every forward), so
+    the forward returns a view of it, not a copy with the values written in: a module's ops keep
+    the weight itself for backward, as they would without training, and a large weight (every
+    expert of a layer fused in one tensor, an embedding table) is not copied once per forward."""
 
     @staticmethod
     def forward(ctx, weight, values, indices):
-        out = weight.detach().clone()
-        out.view(-1)[indices] = values.to(weight.dtype)
         ctx.save_for_backward(indices)
-        return out
+        return weight.detach().view_as(weight)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -153,21 +159,36 @@ class Entries:
     name: str  # the tensor's name in the model
     attr: str
     values: torch.Tensor  # (k,) fp32, the trainable values
-    indices: torch.Tensor  # (k,) int64, sorted flat indices
+    indices: torch.Tensor  # (k,) int64, sorted flat indices in the parameter (an expert's: past its offset)
 
 
 @contextmanager
 def injected(module: torch.nn.Module, entries: list[Entries], values: list[torch.Tensor]) -> Iterator[None]:
     """Inside, each entry's parameter slot of `module` holds its weight with `values` at its
     indices (on the autograd path to them); the frozen weights are put back on leaving."""
-    frozen = [module._parameters[e.attr] for e in entries]
-    for e, v in zip(entries, values, strict=True):
-        module._parameters[e.attr] = InjectEntries.apply(module._parameters[e.attr], v, e.indices)
+    frozen = inject_into(module, entries, values)
     try:
         yield
     finally:
-        for e, weight in zip(entries, frozen, strict=True):
-            module._parameters[e.attr] = weight
+        module._parameters.update(frozen)
+
+
+def inject_into(
+    module: torch.nn.Module, entries: list[Entries], values: list[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Put into each parameter slot the entries name its weight with their `values` at their
+    indices, in one InjectEntries per slot (several stored experts are parts of one fused weight:
+    their values join, each keeping its own gradient); returns the frozen weights taken out."""
+    by_attr: dict[str, list[tuple[Entries, torch.Tensor]]] = {}
+    for e, v in zip(entries, values, strict=True):
+        by_attr.setdefault(e.attr, []).append((e, v))
+    frozen = {}
+    for attr, pairs in by_attr.items():
+        frozen[attr] = module._parameters[attr]
+        joined = pairs[0][1] if len(pairs) == 1 else torch.cat([v for _, v in pairs])
+        indices = pairs[0][0].indices if len(pairs) == 1 else torch.cat([e.indices for e, _ in pairs])
+        module._parameters[attr] = InjectEntries.apply(frozen[attr], joined, indices)
+    return frozen
 
 
 class GainTap(torch.autograd.Function):
@@ -313,20 +334,21 @@ class SparseParameters:
         holders = owners(model)
         paths = {id(m): path for path, m in model.named_modules(remove_duplicate=False)}
         for name, p in self.params.items():
-            if not holders.get(id(p)):
+            if not holders.get(id(holder(p)[0])):
                 raise PieceError(f"masked tensor '{name}' is not a parameter of this model")
         sites: dict[tuple[int, str], _Site] = {}
         output = _output_weight(model)
         for name, p in self.params.items():
-            if p is output:
+            param, offset = holder(p)  # an expert stored apart: its part of the fused weight
+            if param is output:
                 # fused losses (TRL's fused LM head, Liger's fused cross-entropy) read the output
                 # embedding's weight directly, never calling its module: inject it for the whole call
                 entries = [Entries(name, "weight", self.values[name], self.indices[name])]
                 sites[(id(model), name)] = _Site(model, "", "root", entries, holders=holders[id(p)])
                 continue
-            shared = len(holders[id(p)]) > 1
-            for module, attr in holders[id(p)]:
-                entries = Entries(name, attr, self.values[name], self.indices[name])
+            shared = len(holders[id(param)]) > 1
+            for module, attr in holders[id(param)]:
+                entries = Entries(name, attr, self.values[name], self.indices[name] + offset)
                 if sparse_linear and not shared and is_linear_weight(module, p):
                     plan = EntryPlan.for_indices(self.indices[name], module.in_features)
                     sites[(id(module), "linear")] = _Site(
@@ -345,20 +367,15 @@ class SparseParameters:
             self._hook_root(site)
             return
         if site.kind == "inject":
-            frozen: list[list[torch.Tensor]] = []  # a stack: a module may be called inside its own call
+            frozen: list[dict[str, torch.Tensor]] = []  # a stack: a module may be called inside its own call
 
             def inject(mod, args):
                 self._note_call(site)
-                frozen.append([mod._parameters[e.attr] for e in site.entries])
-                for e in site.entries:
-                    mod._parameters[e.attr] = InjectEntries.apply(
-                        mod._parameters[e.attr], e.values, e.indices
-                    )
+                frozen.append(inject_into(mod, site.entries, [e.values for e in site.entries]))
 
             def put_back(mod, args, output):
                 if frozen:
-                    for e, weight in zip(site.entries, frozen.pop(), strict=True):
-                        mod._parameters[e.attr] = weight
+                    mod._parameters.update(frozen.pop())
 
             site.handles += [
                 module.register_forward_pre_hook(inject),
