@@ -10,7 +10,10 @@ import re
 import sys
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ImportError:  # Python 3.10: CI runs this on 3.11
+    sys.exit("scripts/dependency_floors.py needs Python 3.11 or newer (tomllib)")
 
 GUARDED = ("torch", "transformers", "safetensors", "huggingface_hub", "peft")
 
