@@ -8,6 +8,7 @@ push, export, import, tiny-model); this module is the entry point.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -92,6 +93,14 @@ def _run(as_json: bool) -> int:
         return _report("interrupted; nothing was written", EXIT_INTERRUPTED, as_json)
     except Terminated:
         return _report("terminated; nothing was written", EXIT_TERMINATED, as_json)
+    except (OSError, RuntimeError) as exc:
+        # a path the system cannot follow, met where no check named it: the user's, not a bug
+        unfollowable = getattr(exc, "errno", None) in (errno.ELOOP, errno.ENAMETOOLONG)
+        if not (unfollowable or str(exc).startswith("Symlink loop from")):
+            raise
+        where = getattr(exc, "filename", None) or str(exc).removeprefix("Symlink loop from ")
+        why = exc.strerror.lower() if unfollowable and exc.strerror else "a symbolic link loop"
+        return _report(f"{where}: {why}; fix the path", EXIT_USER_ERROR, as_json)
 
 
 def main() -> None:

@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from piece_surgery.data.chats import image_paths
-from piece_surgery.runtime.errors import PieceError
+from piece_surgery.runtime.errors import PieceError, quote
 from piece_surgery.runtime.json_files import parse_json
+from piece_surgery.runtime.paths import NOTHING, what_is
 
 
 def referenced_images(data: Path) -> list[Path]:
@@ -35,12 +36,11 @@ def referenced_images(data: Path) -> list[Path]:
 def read_records(path: Path, max_samples: int | None = None) -> list[tuple[int, str | dict]]:
     """Parse the file into (line number, record): strings for .txt, checked objects for .jsonl."""
     path = Path(path)
-    if not path.exists():
+    found = what_is(path)
+    if found == NOTHING:
         raise PieceError(f"data file '{path}' not found")
-    if not path.is_file():
-        raise PieceError(
-            f"data file '{path}' is a folder or a device, not a file; give a .txt or .jsonl file"
-        )
+    if found != "a file":
+        raise PieceError(f"data file '{quote(path)}' is {found}; give a .txt or .jsonl file")
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".jsonl", ".json"):
         raise PieceError(f"data file '{path}' must be .txt or .jsonl")
@@ -103,6 +103,8 @@ def _content_problem(content) -> str | None:
         if kind == "image":
             if not isinstance(part.get("path"), str) or not part["path"]:
                 return 'an image part names its file with "path" (relative to the data file)'
+            if "\0" in part["path"]:
+                return "an image path may not contain a NUL character"
             continue
         if kind in ("image_url", "video", "audio"):
             return f'has a part of type \'{kind}\': give images as {{"type": "image", "path": ...}} parts'

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from piece_surgery.io.hub import looks_like_repo_id
 from piece_surgery.runtime.errors import PieceError, first_line, quote
+from piece_surgery.runtime.paths import not_there, what_is
 
 RECIPE_FILE = "piece-surgery-recipe.yaml"
 CONFLICT_POLICIES = ("sum", "mean", "ties", "error")
@@ -189,8 +190,8 @@ def load_recipe(path: Path) -> Recipe:
     import yaml
 
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise PieceError(f"recipe '{path}' not found")
+    if what_is(path) != "a file":
+        raise PieceError(f"recipe '{path}' {not_there(path)}: give the recipe's YAML file")
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise PieceError(f"recipe '{path}' is over {MAX_RECIPE_BYTES // 1024} KiB: not a recipe")
     where = f"recipe '{path}'"

@@ -8,7 +8,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from piece_surgery.runtime.errors import PieceError, first_line
+from piece_surgery.runtime.errors import PieceError, first_line, quote
+from piece_surgery.runtime.paths import NOTHING, followable, not_there, what_is
 from piece_surgery.runtime.progress import library_logs_silenced
 
 # What a command needs from a repo: weights, configs, tokenizer files, cards. Never pickles.
@@ -30,7 +31,8 @@ class Resolved:
         own name (a file that may be shared never records a local path)."""
         if self.repo_id:
             return self.repo_id if not self.revision else f"{self.repo_id}@{self.revision}"
-        return self.path.resolve().name or str(self.path)
+        followed = followable(self.path)
+        return (followed.name if followed is not None else "") or self.path.name or str(self.path)
 
 
 def split_repo_ref(ref: str) -> tuple[str, str | None]:
@@ -46,9 +48,12 @@ def looks_like_repo_id(ref: str) -> bool:
 def resolve(ref: str, *, what: str = "checkpoint", patterns: list[str] | None = None) -> Resolved:
     """Return a local path for `ref`: an existing path as is, else a Hub repo id downloaded to cache."""
     path = Path(ref).expanduser()
-    if path.exists():
+    found = what_is(path)
+    if found in ("a file", "a folder"):
         return Resolved(path)
-    if not looks_like_repo_id(ref) or Path(ref.split("/")[0]).expanduser().is_dir():
+    if found != NOTHING:  # a link loop, a FIFO, a device: a local path, never a Hub repo
+        raise PieceError(f"{what} '{quote(ref)}' {not_there(path)}: give a folder, a file or a Hub repo id")
+    if not looks_like_repo_id(ref) or what_is(Path(ref.split("/")[0]).expanduser()) == "a folder":
         # `runs/mask.safetensors` beside a folder `runs`: a missing local path, not a Hub repo
         raise PieceError(f"{what} '{ref}' not found: give an existing path or a Hub repo id (user/name)")
     repo_id, revision = split_repo_ref(ref)

@@ -310,7 +310,7 @@ def _refuse_repeats(refs: Sequence[str], what: str) -> None:
     seen: dict[object, str] = {}
     for ref in refs:
         path = input_path(ref)
-        key = path.resolve() if path is not None else ref
+        key = path if path is not None else ref
         if key in seen:
             raise PieceError(f"{what} '{ref}' is '{seen[key]}' again; give each once")
         seen[key] = ref
