@@ -27,6 +27,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from piece_surgery.runtime import leftovers
 from piece_surgery.runtime.errors import PieceError, first_line, quote
 from piece_surgery.runtime.paths import followable, is_present, real_path, what_is
 
@@ -207,8 +208,12 @@ def _temporary_folder(path: Path, kind: str) -> Path:
 def atomic_path(path: Path, *, is_dir: bool) -> Iterator[Path]:
     """Yield a temporary path to write `path` at; on success it replaces `path` (with the
     permissions a plain open() under the umask gives), on any failure or interrupt it is removed.
-    `path` should come from check_output (output_path). A full disk becomes a one-line error."""
+    `path` should come from check_output (output_path). A full disk becomes a one-line error. What
+    killed runs left for `path` is removed first (a file edited in place, delta.json by eval
+    --record, has no check_output to do it), and a replaced output is noted as written
+    (runtime/leftovers: an interrupted command then says so)."""
     path = output_path(path)
+    remove_stale_temporaries(path)
     work = _temporary_folder(path, "tmp")
     tmp = work / "output" if is_dir else work / path.name
     if is_dir:
@@ -230,6 +235,7 @@ def atomic_path(path: Path, *, is_dir: bool) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        leftovers.note(path, f"'{path}' is written")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -24,7 +24,7 @@ from piece_surgery.evaluation.drift import Comparison, Forward, compare, model_f
 from piece_surgery.evaluation.options import EvalOptions
 from piece_surgery.formats.artifacts import open_artifact
 from piece_surgery.formats.delta import Delta
-from piece_surgery.formats.delta_folder import record_evaluation
+from piece_surgery.formats.delta_folder import check_measured, record_evaluation
 from piece_surgery.io.hub import resolve
 from piece_surgery.io.outputs import atomic_path, check_output, input_path
 from piece_surgery.io.sniff import ADAPTER, CHECKPOINT, DELTA, sniff
@@ -296,6 +296,7 @@ def evaluation_record(evaluated: Evaluated, candidate: Candidate) -> dict:
         "loss": row["loss"],
         "base_loss": row["base_loss"],
         "general": [{**g, "sha256": general[g["set"]].sha256} for g in row["general"]],
+        "weights_sha256": candidate.delta.weights_sha256 if candidate.delta is not None else None,
         "tool_version": __version__,
     }
 
@@ -387,10 +388,12 @@ def evaluate_command_recipe(
         tasks_path=tasks_path,
     )
     if record:
-        for candidate in evaluated.candidates:
-            if candidate.kind == "delta" and _local_delta(candidate.ref):
-                record_evaluation(candidate.path, evaluation_record(evaluated, candidate))
-                evaluated.recorded.append(candidate.ref)
+        into = [c for c in evaluated.candidates if c.kind == "delta" and _local_delta(c.ref)]
+        for candidate in into:  # each delta still the one measured, before any record is written
+            check_measured(candidate.path, candidate.delta.weights_sha256)
+        for candidate in into:
+            record_evaluation(candidate.path, evaluation_record(evaluated, candidate))
+            evaluated.recorded.append(candidate.ref)
     if plot is not None:
         draw(evaluated, plot)
         evaluated.plot = str(given_plot)  # as the user gave it
