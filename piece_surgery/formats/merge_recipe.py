@@ -91,6 +91,11 @@ class Recipe:
             original_base=original_base,
         )
 
+    def named(self, key: str) -> str:
+        """How a message names the setting `key`: its flag (`--original-base`), or, for a recipe
+        read from a file (apply --recipe refuses the flags), its key (`original_base`)."""
+        return key if self.source is not None else f"--{key.replace('_', '-')}"
+
     @property
     def output_path(self) -> Path:
         return self.folder / Path(self.output).expanduser()
@@ -309,10 +314,10 @@ _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GI
 MAX_SHARD_BYTES = 2**50  # a petabyte: any larger "size" is a typo
 
 
-def parse_size(text: str | int | None) -> int | None:
+def parse_size(text: str | int | None, name: str = "--shard-size") -> int | None:
     """`2GB`, `500MB`, `1.5GiB`, `123` (bytes) -> bytes; an int is bytes; None stays None.
-    PieceError for anything else, and for a size that is not a positive whole number of bytes
-    under a petabyte (`infGB`, `nanMB`, `-1`, `0.1B`)."""
+    PieceError, naming the setting `name`, for anything else, and for a size that is not a positive
+    whole number of bytes under a petabyte (`infGB`, `nanMB`, `-1`, `0.1B`)."""
     if text is None:
         return None
     if isinstance(text, int) and not isinstance(text, bool):
@@ -326,5 +331,5 @@ def parse_size(text: str | int | None) -> int | None:
         except ValueError:
             size = None
     if size is None or not math.isfinite(size) or not 1 <= size <= MAX_SHARD_BYTES:
-        raise PieceError(f"--shard-size '{quote(text, 40)}' is not a size; write e.g. 2GB or 500MB")
+        raise PieceError(f"{name} '{quote(text, 40)}' is not a size; write e.g. 2GB or 500MB")
     return int(size)

@@ -101,7 +101,10 @@ def upload(
     if quiet:
         disable_progress_bars()
     try:
-        with hub_errors(f"push to {repo_id}"), library_logs_silenced() if quiet else nullcontext():
+        with (
+            hub_errors(f"push to {repo_id}", token_option=True),
+            library_logs_silenced() if quiet else nullcontext(),
+        ):
             url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             if revision and revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -123,10 +126,12 @@ def upload(
 
 
 class hub_errors:  # noqa: N801 - used as a context manager, reads like a statement
-    """Turn huggingface_hub exceptions into one-line PieceErrors that say what to do."""
+    """Turn huggingface_hub exceptions into one-line PieceErrors that say what to do; the advice
+    names --token only for a command that takes it (`token_option`: push)."""
 
-    def __init__(self, subject: str):
+    def __init__(self, subject: str, *, token_option: bool = False):
         self.subject = subject
+        self.token_option = token_option
 
     def __enter__(self):
         return self
@@ -137,12 +142,13 @@ class hub_errors:  # noqa: N801 - used as a context manager, reads like a statem
         from huggingface_hub import errors as hf
 
         s = self.subject
+        login = "`hf auth login`, HF_TOKEN or --token" if self.token_option else "`hf auth login` or HF_TOKEN"
         if isinstance(exc, hf.RevisionNotFoundError):
             msg = f"{s}: revision not found; check the branch, tag or commit after '@'"
         elif _status(exc) in (401, 403):
             msg = (
-                f"{s}: the Hub refused the token ({_status(exc)}); log in (`hf auth login`, HF_TOKEN or "
-                "--token) with a token that has access (write access to push)"
+                f"{s}: the Hub refused the token ({_status(exc)}); log in ({login}) with a token that "
+                "has access (write access to push)"
             )
         elif isinstance(exc, hf.GatedRepoError):
             msg = f"{s}: the repo is gated; accept its terms on the Hub and log in (HF_TOKEN)"
@@ -152,7 +158,7 @@ class hub_errors:  # noqa: N801 - used as a context manager, reads like a statem
                 "check the id, or log in (hf auth login / HF_TOKEN)"
             )
         elif isinstance(exc, hf.LocalTokenNotFoundError):
-            msg = f"{s}: no Hub token found; run `hf auth login` or set HF_TOKEN, or pass --token"
+            msg = f"{s}: no Hub token found; log in ({login})"
         elif isinstance(exc, hf.LocalEntryNotFoundError | hf.OfflineModeIsEnabled):
             msg = (
                 f"{s}: not in the local cache and the Hub cannot be reached "

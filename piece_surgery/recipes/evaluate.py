@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from piece_surgery.io.sniff import ADAPTER, CHECKPOINT, DELTA, sniff
 from piece_surgery.merging.adapters import adapter_as_delta
 from piece_surgery.merging.switcher import DeltaSwitcher
 from piece_surgery.models.checkpoint import Checkpoint, LoadedModel
-from piece_surgery.recipes.run import Run, load_base
+from piece_surgery.recipes.run import Run, check_dtype_choice, load_base
 from piece_surgery.runtime.errors import PieceError, first_line, quote
 from piece_surgery.runtime.options import RunOptions
 from piece_surgery.runtime.progress import Progress, library_logs_silenced
@@ -150,6 +150,7 @@ def evaluate_candidates(
     for c in found:
         if c.kind != "checkpoint":
             c.delta = c.delta or _adapter_delta(c, base_ref, session.options)
+            check_dtype_choice(c.delta, checkpoint, session.options.dtype, f"{c.kind} '{c.ref}'")
             switcher.add(c.ref, c.delta)
     measured = [(domain, "domain")] if domain is not None else []
     measured += [(d, d.name) for d in sets]
@@ -182,7 +183,9 @@ def _candidate(ref: str) -> Candidate:
 
 
 def _adapter_delta(candidate: Candidate, base_ref: str, run: RunOptions) -> Delta:
-    return adapter_as_delta(candidate.ref, base_ref=base_ref, load_base=lambda ref: load_base(ref, run))
+    # eval's --max-length and --max-samples say how its data is read, not how a base is loaded
+    loading = replace(run, max_length=RunOptions().max_length, max_samples=None)
+    return adapter_as_delta(candidate.ref, base_ref=base_ref, load_base=lambda ref: load_base(ref, loading))
 
 
 def _general_set(
