@@ -24,11 +24,15 @@ WAIT_S = 120.0  # a record takes milliseconds; a holder this slow is stuck, not 
 def folder_lock(folder: Path, what: str) -> Iterator[None]:
     """Hold an exclusive lock on `folder` while the block runs (another holder: wait for it).
     PieceError naming `what` if another process holds it for over WAIT_S seconds. On a file
-    system without flock the block runs unlocked."""
-    if fcntl is None:
+    system without flock, or for a folder that cannot be opened for reading, the block runs
+    unlocked."""
+    try:
+        fd = os.open(folder, os.O_RDONLY) if fcntl is not None else None
+    except OSError:
+        fd = None
+    if fd is None:
         yield
         return
-    fd = os.open(folder, os.O_RDONLY)
     try:
         deadline = time.monotonic() + WAIT_S
         while True:
