@@ -8,6 +8,7 @@ apply, inspect, push, export, import, tiny-model); this module is the entry poin
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import typer
 
 from piece_surgery.cli import artifact_commands, model_commands  # noqa: F401 - register the commands
 from piece_surgery.cli.common import app, err
+from piece_surgery.runtime import leftovers
 from piece_surgery.runtime.errors import PieceError
 
 # the pipeline's order in `piece-surgery --help`
@@ -81,13 +83,34 @@ def _warn(message, category, filename, lineno, file=None, line=None) -> None:
 
 def _report(message: str, code: int, as_json: bool) -> int:
     err.print(f"error: {message}", markup=False)  # every rank says it
-    if as_json and os.environ.get("RANK", "0") == "0":  # one JSON object, as on success
+    if as_json and _speaks_for_all():  # one JSON object, as on success
         print(json.dumps({"error": message, "exit_code": code}))
     return code
 
 
+def _speaks_for_all() -> bool:
+    """Whether this process prints the JSON object: rank 0 of a process group, or, before one is
+    joined, of a launcher's ranks (WORLD_SIZE > 1); a process on its own always (a RANK left in the
+    environment is no launch)."""
+    distributed = sys.modules.get("piece_surgery.runtime.distributed")  # --help never imports torch
+    world = distributed.current() if distributed is not None else None
+    if world is not None:
+        return world.is_main
+    try:
+        launched = int(os.environ.get("WORLD_SIZE") or 1) > 1
+        return not launched or int(os.environ.get("RANK") or 0) == 0
+    except ValueError:  # malformed: the launch itself reports it, in one line
+        return True
+
+
+def _stopped(what: str) -> str:
+    """The line an interrupted or terminated command ends with: what it left on disk, if anything."""
+    return f"{what}; {leftovers.described() or 'nothing was written'}"
+
+
 def _run(as_json: bool) -> int:
     """The command, with user errors, interrupts and termination reported as one line."""
+    leftovers.clear()
     try:
         code = app(standalone_mode=False)
         return code if isinstance(code, int) else 0
@@ -101,9 +124,17 @@ def _run(as_json: bool) -> int:
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         return _report(f"{exc.format_message()}{hint}", EXIT_USER_ERROR, as_json)
     except (typer.Abort, KeyboardInterrupt, Interrupted):
-        return _report("interrupted; nothing was written", EXIT_INTERRUPTED, as_json)
+        return _report(_stopped("interrupted"), EXIT_INTERRUPTED, as_json)
     except Terminated:
-        return _report("terminated; nothing was written", EXIT_TERMINATED, as_json)
+        return _report(_stopped("terminated"), EXIT_TERMINATED, as_json)
+    except (OSError, RuntimeError) as exc:
+        # a path the system cannot follow, met where no check named it: the user's, not a bug
+        unfollowable = getattr(exc, "errno", None) in (errno.ELOOP, errno.ENAMETOOLONG)
+        if not (unfollowable or str(exc).startswith("Symlink loop from")):
+            raise
+        where = getattr(exc, "filename", None) or str(exc).removeprefix("Symlink loop from ")
+        why = exc.strerror.lower() if unfollowable and exc.strerror else "a symbolic link loop"
+        return _report(f"{where}: {why}; fix the path", EXIT_USER_ERROR, as_json)
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from piece_surgery.runtime.errors import PieceError
+
 app = typer.Typer(
     help="PIECE importance masks, sparse fine-tuning and exact sparse deltas for HF checkpoints.",
     no_args_is_help=True,
@@ -63,6 +65,39 @@ class Command(typer.core.TyperCommand):
                 param.metavar = METAVARS.get(param.name) or _BY_TYPE.get(annotation, "VALUE")
             if isinstance(param, typer.core.TyperArgument):  # its metavar says it: no `<str>` beside
                 param.display_type_rich = lambda ctx: None
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        """An empty value is refused by name before any conversion: as a path it would read as '.'
+        (the folder the command runs in), and no option of ours means anything by ''."""
+        takes_value = {
+            name: param
+            for param in self.params
+            if isinstance(param, typer.core.TyperOption) and not param.is_flag
+            for name in param.opts
+        }
+        for i, arg in enumerate(args):
+            option, equals, value = arg.partition("=")
+            if equals and option in takes_value and not value.strip():
+                raise PieceError(f"{option} is empty: give a value")
+            if not arg.strip() and i and args[i - 1] in takes_value:
+                raise PieceError(f"{args[i - 1]} is empty: give a value")
+            if not arg.strip() and not (i and args[i - 1] in takes_value):
+                position = _position(args, i, takes_value)
+                raise PieceError(f"argument {position} is empty: give a path or a name")
+        return super().parse_args(ctx, args)
+
+
+def _position(args: list[str], index: int, takes_value: dict) -> int:
+    """Which positional argument args[index] is (1-based), skipping options and their values."""
+    position, i = 0, 0
+    while i <= index:
+        arg = args[i]
+        if arg.startswith("-") and arg.strip() != "-":
+            i += 2 if arg in takes_value else 1
+            continue
+        position += 1
+        i += 1
+    return position
 
 
 out = Console(highlight=False, soft_wrap=True)

@@ -18,8 +18,9 @@ from piece_surgery.data.tables import (
     read_table_file,
     saved_dataset_files,
 )
-from piece_surgery.runtime.errors import PieceError
+from piece_surgery.runtime.errors import PieceError, quote
 from piece_surgery.runtime.json_files import file_sha256, parse_json
+from piece_surgery.runtime.paths import NOTHING, what_is
 
 SUFFIXES_SHOWN = ".txt, .jsonl, .json, .parquet, .arrow"
 
@@ -73,7 +74,8 @@ def read_rows(path: Path, max_samples: int | None = None) -> DataFile:
     """A data source's rows as they are (strings for .txt, objects otherwise; not yet mapped onto
     records): read_data's reading, for readers of other shapes (prompts.py)."""
     path = Path(path)
-    if not path.exists():
+    found = what_is(path)
+    if found == NOTHING:
         raise PieceError(f"data file '{path}' not found")
     if path.is_dir():
         files = saved_dataset_files(path)
@@ -84,8 +86,8 @@ def read_rows(path: Path, max_samples: int | None = None) -> DataFile:
             )
         table = read_saved_dataset(path, max_samples)
         return DataFile(_table_rows(table, str(path)), folder_digest(path, files), path)
-    if not path.is_file():
-        raise PieceError(f"data file '{path}' is a device, not a file; give a data file ({SUFFIXES_SHOWN})")
+    if found != "a file":
+        raise PieceError(f"data file '{quote(path)}' is {found}; give a data file ({SUFFIXES_SHOWN})")
     suffix = path.suffix.lower()
     if suffix in TABLE_SUFFIXES:
         rows = _table_rows(read_table_file(path, max_samples), str(path))
@@ -185,6 +187,8 @@ def _content_problem(content) -> str | None:
         if kind == "image":
             if not isinstance(part.get("path"), str) or not part["path"]:
                 return 'an image part names its file with "path" (relative to the data file)'
+            if "\0" in part["path"]:
+                return "an image path may not contain a NUL character"
             continue
         if kind in ("image_url", "video", "audio"):
             return f'has a part of type \'{kind}\': give images as {{"type": "image", "path": ...}} parts'

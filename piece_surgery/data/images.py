@@ -19,7 +19,8 @@ import torch
 
 from piece_surgery.data.chats import image_paths
 from piece_surgery.data.examples import IGNORE
-from piece_surgery.runtime.errors import PieceError, first_line
+from piece_surgery.runtime.errors import PieceError, first_line, quote
+from piece_surgery.runtime.paths import NOTHING, what_is
 
 
 def open_image(path: Path):
@@ -27,10 +28,11 @@ def open_image(path: Path):
     oversized one (Pillow's decompression-bomb limit, Image.MAX_IMAGE_PIXELS, applies)."""
     from PIL import Image, UnidentifiedImageError
 
-    if path.is_dir():
-        raise PieceError(f"image '{path}' is a folder, not an image file")
-    if not path.is_file():
-        raise PieceError(f"image '{path}' not found (image paths are relative to the data file)")
+    found = what_is(path)
+    if found == NOTHING:
+        raise PieceError(f"image '{quote(path)}' not found (image paths are relative to the data file)")
+    if found != "a file":
+        raise PieceError(f"image '{quote(path)}' is {found}; give an image file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -176,7 +178,6 @@ def images_digest(data_sha256: str, records: list[tuple[int, object]], data_fold
     for path in paths:
         file = data_folder / path
         digest.update(path.encode() + b"\0")
-        digest.update(
-            hashlib.sha256(file.read_bytes()).hexdigest().encode() if file.is_file() else b"missing"
-        )
+        readable = what_is(file) == "a file"
+        digest.update(hashlib.sha256(file.read_bytes()).hexdigest().encode() if readable else b"missing")
     return digest.hexdigest()

@@ -28,10 +28,12 @@ from piece_surgery.formats.delta import (
     provenance_from_json,
 )
 from piece_surgery.formats.schema import load_schema, problem
+from piece_surgery.io.locks import folder_lock
 from piece_surgery.io.outputs import atomic_path
 from piece_surgery.io.sniff import CARD, DELTA_DESCRIPTION, DELTA_WEIGHTS
 from piece_surgery.models.layout import save_shard
 from piece_surgery.models.naming import module_kind
+from piece_surgery.runtime import leftovers
 from piece_surgery.runtime.dtypes import dtype_name, numel
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.json_files import file_sha256, read_json
@@ -96,21 +98,47 @@ def save_delta(
 def record_evaluation(folder: Path, evaluation: dict[str, Any]) -> Delta:
     """Add what `eval` measured to a local delta folder: delta.json's `evaluations` and, if this tool
     wrote it, the card. The weights and their sha256 are untouched, so the delta's identity and
-    exactness checks are as before; each file is replaced atomically."""
+    exactness checks are as before; each file is replaced atomically.
+
+    The record names the weights it measured (`weights_sha256`): PieceError, with nothing written,
+    when the folder's are no longer those (a delta written over it while eval measured). Records
+    into one folder take turns (io/locks.folder_lock), each reading the folder afresh, so records
+    made at once are all kept."""
     folder = Path(folder)
-    delta = load_delta(folder)
-    delta.info.evaluations.append(evaluation)
-    description = read_json(folder / DELTA_DESCRIPTION, f"delta '{folder}': {DELTA_DESCRIPTION}")
-    description["evaluations"] = delta.info.evaluations
-    card = folder / CARD
-    card_text = None  # a card the user wrote is theirs
-    if not card.is_file() or GENERATED_MARK in card.read_text(encoding="utf-8", errors="replace"):
-        card_text = delta_card(delta, tensor_bytes=description.get("tensor_bytes"))
-    # both texts are made before either file is replaced
-    _replace_file(folder / DELTA_DESCRIPTION, json.dumps(description, indent=2, default=str) + "\n")
-    if card_text is not None:
-        _replace_file(card, card_text)
+    with folder_lock(folder, f"delta '{folder}'"):
+        delta = load_delta(folder)
+        check_measured(folder, evaluation.get("weights_sha256"), now=delta.weights_sha256)
+        delta.info.evaluations.append(evaluation)
+        description = read_json(folder / DELTA_DESCRIPTION, f"delta '{folder}': {DELTA_DESCRIPTION}")
+        description["evaluations"] = delta.info.evaluations
+        card = folder / CARD
+        card_text = None  # a card the user wrote is theirs
+        if not card.is_file() or GENERATED_MARK in card.read_text(encoding="utf-8", errors="replace"):
+            card_text = delta_card(delta, tensor_bytes=description.get("tensor_bytes"))
+        # both texts are made before either file is replaced
+        _replace_file(folder / DELTA_DESCRIPTION, json.dumps(description, indent=2, default=str) + "\n")
+        if card_text is not None:
+            written = folder / DELTA_DESCRIPTION
+            leftovers.note(written, f"eval's record is in '{written}' but not yet in its card ({CARD})")
+            _replace_file(card, card_text)
+            leftovers.forget(card)
+        leftovers.note(folder / DELTA_DESCRIPTION, f"eval's record is in '{folder}'")
     return delta
+
+
+def check_measured(folder: Path, weights_sha256: str | None, *, now: str | None = None) -> None:
+    """PieceError when the delta in `folder` has other weights than those measured (their sha256);
+    `now`: its weights' sha256, by default as its delta.json records it."""
+    if weights_sha256 is None:
+        raise PieceError("an evaluation record names the weights it measured (weights_sha256); give it")
+    if now is None:
+        description = read_json(folder / DELTA_DESCRIPTION, f"delta '{folder}': {DELTA_DESCRIPTION}")
+        now = description.get("weights_sha256") if isinstance(description, dict) else None
+    if weights_sha256 != now:
+        raise PieceError(
+            f"delta '{folder}' changed while eval measured it (its weights are not the ones measured); "
+            "nothing was recorded into it: run eval again"
+        )
 
 
 def _replace_file(path: Path, text: str) -> None:

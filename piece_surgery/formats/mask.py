@@ -24,6 +24,7 @@ from piece_surgery.runtime.dtypes import index_dtype, numel
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.json_files import parse_json
 from piece_surgery.runtime.options import check_density
+from piece_surgery.runtime.paths import not_there, what_is
 from piece_surgery.runtime.records import (
     AvoidRecord,
     CheckpointIdentity,
@@ -219,8 +220,8 @@ def load_mask(path: Path) -> Mask:
     integer indices of tensors whose shapes it lists."""
     path = Path(path)
     where = f"mask '{path}'"
-    if not path.is_file():
-        raise PieceError(f"{where} not found")
+    if what_is(path) != "a file":
+        raise PieceError(f"{where} {not_there(path)}: give a mask file (.safetensors)")
     try:
         with safe_open(str(path), "pt") as f:
             meta = dict(f.metadata() or {})

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from piece_surgery.io.hub import looks_like_repo_id
 from piece_surgery.runtime.errors import PieceError, first_line, quote
+from piece_surgery.runtime.paths import not_there, what_is
 
 RECIPE_FILE = "piece-surgery-recipe.yaml"
 CONFLICT_POLICIES = ("sum", "mean", "ties", "error")
@@ -89,6 +90,11 @@ class Recipe:
             shard_size=None if shard_size is None else str(shard_size),
             original_base=original_base,
         )
+
+    def named(self, key: str) -> str:
+        """How a message names the setting `key`: its flag (`--original-base`), or, for a recipe
+        read from a file (apply --recipe refuses the flags), its key (`original_base`)."""
+        return key if self.source is not None else f"--{key.replace('_', '-')}"
 
     @property
     def output_path(self) -> Path:
@@ -189,8 +195,8 @@ def load_recipe(path: Path) -> Recipe:
     import yaml
 
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise PieceError(f"recipe '{path}' not found")
+    if what_is(path) != "a file":
+        raise PieceError(f"recipe '{path}' {not_there(path)}: give the recipe's YAML file")
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise PieceError(f"recipe '{path}' is over {MAX_RECIPE_BYTES // 1024} KiB: not a recipe")
     where = f"recipe '{path}'"
@@ -308,10 +314,10 @@ _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GI
 MAX_SHARD_BYTES = 2**50  # a petabyte: any larger "size" is a typo
 
 
-def parse_size(text: str | int | None) -> int | None:
+def parse_size(text: str | int | None, name: str = "--shard-size") -> int | None:
     """`2GB`, `500MB`, `1.5GiB`, `123` (bytes) -> bytes; an int is bytes; None stays None.
-    PieceError for anything else, and for a size that is not a positive whole number of bytes
-    under a petabyte (`infGB`, `nanMB`, `-1`, `0.1B`)."""
+    PieceError, naming the setting `name`, for anything else, and for a size that is not a positive
+    whole number of bytes under a petabyte (`infGB`, `nanMB`, `-1`, `0.1B`)."""
     if text is None:
         return None
     if isinstance(text, int) and not isinstance(text, bool):
@@ -325,5 +331,5 @@ def parse_size(text: str | int | None) -> int | None:
         except ValueError:
             size = None
     if size is None or not math.isfinite(size) or not 1 <= size <= MAX_SHARD_BYTES:
-        raise PieceError(f"--shard-size '{quote(text, 40)}' is not a size; write e.g. 2GB or 500MB")
+        raise PieceError(f"{name} '{quote(text, 40)}' is not a size; write e.g. 2GB or 500MB")
     return int(size)

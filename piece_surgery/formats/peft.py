@@ -14,7 +14,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from piece_surgery.io.sniff import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from piece_surgery.runtime.errors import PieceError
+from piece_surgery.runtime.errors import PieceError, quote
 from piece_surgery.runtime.json_files import read_json
 
 
@@ -45,6 +45,12 @@ def read_adapter(folder: Path, ref: str) -> tuple[dict, set[str]]:
     config = read_json(folder / ADAPTER_CONFIG, f"adapter '{ref}': {ADAPTER_CONFIG}")
     if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
         raise PieceError(f"adapter '{ref}': {ADAPTER_CONFIG} must be an object with a 'peft_type' string")
+    peft = peft_library()
+    if config["peft_type"] not in {kind.value for kind in peft.PeftType}:
+        raise PieceError(
+            f"adapter '{ref}': {ADAPTER_CONFIG} names peft_type '{quote(config['peft_type'], 40)}', which "
+            f"PEFT {peft.__version__} does not know (its types are names like LORA or SHIRA)"
+        )
     try:
         with safe_open(str(folder / ADAPTER_WEIGHTS), "pt") as f:
             stored = set(f.keys())

@@ -8,7 +8,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from piece_surgery.runtime.errors import PieceError, first_line
+from piece_surgery.runtime.errors import PieceError, first_line, quote
+from piece_surgery.runtime.paths import NOTHING, followable, not_there, what_is
 from piece_surgery.runtime.progress import library_logs_silenced
 
 # What a command needs from a repo: weights, configs, tokenizer files, cards. Never pickles.
@@ -46,7 +47,8 @@ class Resolved:
         own name (a file that may be shared never records a local path)."""
         if self.repo_id:
             return self.repo_id if not self.revision else f"{self.repo_id}@{self.revision}"
-        return self.path.resolve().name or str(self.path)
+        followed = followable(self.path)
+        return (followed.name if followed is not None else "") or self.path.name or str(self.path)
 
 
 def split_repo_ref(ref: str) -> tuple[str, str | None]:
@@ -62,9 +64,12 @@ def looks_like_repo_id(ref: str) -> bool:
 def resolve(ref: str, *, what: str = "checkpoint", patterns: list[str] | None = None) -> Resolved:
     """Return a local path for `ref`: an existing path as is, else a Hub repo id downloaded to cache."""
     path = Path(ref).expanduser()
-    if path.exists():
+    found = what_is(path)
+    if found in ("a file", "a folder"):
         return Resolved(path)
-    if not looks_like_repo_id(ref) or Path(ref.split("/")[0]).expanduser().is_dir():
+    if found != NOTHING:  # a link loop, a FIFO, a device: a local path, never a Hub repo
+        raise PieceError(f"{what} '{quote(ref)}' {not_there(path)}: give a folder, a file or a Hub repo id")
+    if not looks_like_repo_id(ref) or what_is(Path(ref.split("/")[0]).expanduser()) == "a folder":
         # `runs/mask.safetensors` beside a folder `runs`: a missing local path, not a Hub repo
         raise PieceError(f"{what} '{ref}' not found: give an existing path or a Hub repo id (user/name)")
     repo_id, revision = split_repo_ref(ref)
@@ -112,7 +117,10 @@ def upload(
     if quiet:
         disable_progress_bars()
     try:
-        with hub_errors(f"push to {repo_id}"), library_logs_silenced() if quiet else nullcontext():
+        with (
+            hub_errors(f"push to {repo_id}", token_option=True),
+            library_logs_silenced() if quiet else nullcontext(),
+        ):
             url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             if revision and revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -134,10 +142,12 @@ def upload(
 
 
 class hub_errors:  # noqa: N801 - used as a context manager, reads like a statement
-    """Turn huggingface_hub exceptions into one-line PieceErrors that say what to do."""
+    """Turn huggingface_hub exceptions into one-line PieceErrors that say what to do; the advice
+    names --token only for a command that takes it (`token_option`: push)."""
 
-    def __init__(self, subject: str):
+    def __init__(self, subject: str, *, token_option: bool = False):
         self.subject = subject
+        self.token_option = token_option
 
     def __enter__(self):
         return self
@@ -148,12 +158,13 @@ class hub_errors:  # noqa: N801 - used as a context manager, reads like a statem
         from huggingface_hub import errors as hf
 
         s = self.subject
+        login = "`hf auth login`, HF_TOKEN or --token" if self.token_option else "`hf auth login` or HF_TOKEN"
         if isinstance(exc, hf.RevisionNotFoundError):
             msg = f"{s}: revision not found; check the branch, tag or commit after '@'"
         elif _status(exc) in (401, 403):
             msg = (
-                f"{s}: the Hub refused the token ({_status(exc)}); log in (`hf auth login`, HF_TOKEN or "
-                "--token) with a token that has access (write access to push)"
+                f"{s}: the Hub refused the token ({_status(exc)}); log in ({login}) with a token that "
+                "has access (write access to push)"
             )
         elif isinstance(exc, hf.GatedRepoError):
             msg = f"{s}: the repo is gated; accept its terms on the Hub and log in (HF_TOKEN)"
@@ -163,7 +174,7 @@ class hub_errors:  # noqa: N801 - used as a context manager, reads like a statem
                 "check the id, or log in (hf auth login / HF_TOKEN)"
             )
         elif isinstance(exc, hf.LocalTokenNotFoundError):
-            msg = f"{s}: no Hub token found; run `hf auth login` or set HF_TOKEN, or pass --token"
+            msg = f"{s}: no Hub token found; log in ({login})"
         elif isinstance(exc, hf.LocalEntryNotFoundError | hf.OfflineModeIsEnabled):
             msg = (
                 f"{s}: not in the local cache and the Hub cannot be reached "

@@ -31,7 +31,9 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from piece_surgery.io.sniff import ADAPTER, CHECKPOINT, DELTA, sniff
-from piece_surgery.runtime.errors import PieceError, first_line
+from piece_surgery.runtime import leftovers
+from piece_surgery.runtime.errors import PieceError, first_line, quote
+from piece_surgery.runtime.paths import followable, is_present, real_path, what_is
 
 _DISK_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 MARKER = ".piece-surgery-temporary"
@@ -40,18 +42,23 @@ _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]*\.(?P<kind>tmp|old
 
 def input_path(ref: str | Path) -> Path | None:
     """Where a command reads `ref` from, as it opens it (`~` expanded, `..` and symlinks resolved);
-    None for what is not a local path (a Hub repo id, `self`, `general`)."""
+    None for what is not a local path (a Hub repo id, `self`, `general`). PieceError for a path the
+    system cannot follow (a link loop, a name too long)."""
     path = Path(ref).expanduser()
-    return path.resolve() if path.exists() or path.is_symlink() else None
+    return real_path(path, "input") if is_present(path) else None
 
 
 def output_path(ref: str | Path) -> Path:
     """Where a command writes `ref`: its folder resolved (`~`, `..`, symlinks), its own name kept.
-    PieceError for a path that names no file or folder of its own (`.`, `..`, `/`)."""
+    PieceError for a path that names no file or folder of its own (`.`, `..`, `/`), and for one the
+    system cannot follow (a link loop, a NUL character, a name too long)."""
     path = Path(ref).expanduser()
     if path.name in ("", ".", ".."):
         raise PieceError(f"output '{ref}' names no file or folder of its own; give a name, e.g. {ref}/out")
-    return path.parent.resolve() / path.name
+    target = real_path(path.parent, "output folder") / path.name
+    if followable(target) is None:
+        raise PieceError(f"output '{quote(ref)}' is {what_is(target)}; choose another path")
+    return target
 
 
 def overlaps(output: Path, source: Path, *, inside_ok: bool = False) -> bool:
@@ -157,13 +164,15 @@ def refuse_overlap(
     reads through (the files a folder's links point to; what `reads` says a file reads), and may
     not be or contain a protected folder. Called again for inputs a command finds on its own (a
     base named inside an adapter's config) once it knows them."""
-    real = output_path(output).resolve()  # an output that is itself a symlink: where it points
+    real = real_path(output_path(output))  # an output that is itself a symlink: where it points
     for source in inputs:
         resolved = input_path(source) if source is not None else None
         if resolved is None:
             continue
         also = reads(Path(source).expanduser()) if reads is not None and resolved.is_file() else []
-        for read in (resolved, *_read_through(resolved), *(p.resolve() for p in also)):
+        # a path the system cannot follow (a loop, a NUL character) reads nothing: its reader says so
+        followed = [p for p in map(followable, also) if p is not None]
+        for read in (resolved, *_read_through(resolved), *followed):
             if overlaps(real, read):
                 shown = "" if read == resolved else f" (it reads '{read}')"
                 raise PieceError(
@@ -181,7 +190,8 @@ def _read_through(source: Path) -> list[Path]:
     """What reading a folder also reads: where its files that are links point (a Hub cache
     snapshot's files point into its blobs)."""
     if source.is_dir():
-        return [child.resolve() for child in source.iterdir() if child.is_symlink()]
+        links = [followable(child) for child in source.iterdir() if child.is_symlink()]
+        return [link for link in links if link is not None]  # a loop reads nothing
     return []
 
 
@@ -244,8 +254,12 @@ def _temporary_folder(path: Path, kind: str) -> Path:
 def atomic_path(path: Path, *, is_dir: bool) -> Iterator[Path]:
     """Yield a temporary path to write `path` at; on success it replaces `path` (with the
     permissions a plain open() under the umask gives), on any failure or interrupt it is removed.
-    `path` should come from check_output (output_path). A full disk becomes a one-line error."""
+    `path` should come from check_output (output_path). A full disk becomes a one-line error. What
+    killed runs left for `path` is removed first (a file edited in place, delta.json by eval
+    --record, has no check_output to do it), and a replaced output is noted as written
+    (runtime/leftovers: an interrupted command then says so)."""
     path = output_path(path)
+    remove_stale_temporaries(path)
     work = _temporary_folder(path, "tmp")
     tmp = work / "output" if is_dir else work / path.name
     if is_dir:
@@ -267,6 +281,7 @@ def atomic_path(path: Path, *, is_dir: bool) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        leftovers.note(path, f"'{path}' is written")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -52,13 +52,32 @@ def adapter_as_delta(
             needed = set(peft.get_peft_model_state_dict(adapted, save_embedding_layers=False))
             allowed = needed | set(peft.get_peft_model_state_dict(adapted, save_embedding_layers=True))
     except Exception as exc:  # PEFT reading a user's files: any failure is the adapter's
+        found = f"it has no entry {first_line(exc)}" if isinstance(exc, KeyError) else first_line(exc)
+        raise PieceError(f"PEFT cannot load adapter '{adapter_ref}' onto this base: {found}") from exc
+    foreign = _foreign_modules(adapted, stored - allowed)
+    if foreign:
         raise PieceError(
-            f"PEFT cannot load adapter '{adapter_ref}' onto this base: {first_line(exc)}"
-        ) from exc
+            f"adapter '{adapter_ref}' holds tensors for modules this base does not have (first: "
+            f"'{foreign[0]}'): it was made for another model; import it onto the base it was trained on"
+        )
     check_adapter_tensors(adapter_ref, needed, allowed, stored)
     with quiet_libraries():
         merged = adapted.merge_and_unload()
     return _delta_against_files(checkpoint, merged, ties, source.name, loaded.twins)
+
+
+def _foreign_modules(adapted: torch.nn.Module, names: set[str]) -> list[str]:
+    """The modules that adapter tensors `names` ("base_model.model.<module>.<part>.<param>", PEFT's
+    names) are for, where the base has no such module: an adapter of a deeper model, or of another
+    architecture (a name of another shape is left to check_adapter_tensors)."""
+    foreign = []
+    for name in sorted(n for n in names if n.startswith("base_model.model.")):
+        module = name.rsplit(".", 2)[0]  # without the adapter's own part and parameter
+        try:
+            adapted.get_submodule(module)
+        except AttributeError:
+            foreign.append(module.removeprefix("base_model.model."))
+    return foreign
 
 
 def _delta_against_files(

@@ -35,6 +35,7 @@ class TensorPart:
     label: str
     target: str = "this base"
     force_hint: str = "pass --force to apply it anyway (task arithmetic)"
+    compact_hint: str = "to apply a compact delta onto another base, give --original-base"
     refused_as: str | None = None  # the start of a refusal, if not "<label> was not made from <target>"
 
     def refusal(self, what: str) -> PieceError:
@@ -174,9 +175,9 @@ def _matched(name: str, part: TensorPart, *candidates: torch.Tensor) -> TensorDe
     the candidates (the stack so far, the original base) the digest matches."""
     delta = part.entries.matched(*candidates)
     if delta is None:
-        raise dataclasses.replace(
-            part, force_hint="to apply a compact delta onto another base, give --original-base"
-        ).refusal(f"tensor '{name}' differs from the base values its digest records")
+        raise dataclasses.replace(part, force_hint=part.compact_hint).refusal(
+            f"tensor '{name}' differs from the base values its digest records"
+        )
     return delta
 
 

@@ -49,8 +49,14 @@ class ApplyPlan:
     delta_refs: list[str] = field(default_factory=list)  # the deltas as the user named them
 
     def parts(self, name: str) -> list[TensorPart]:
+        hints = {}
+        if self.recipe is not None and self.recipe.source is not None:  # flags are refused with it
+            hints = {
+                "force_hint": "set force: true in the recipe to apply it anyway (task arithmetic)",
+                "compact_hint": "to apply a compact delta onto another base, set original_base in the recipe",
+            }
         return [
-            TensorPart(d.delta.tensors[name], d.scale, d.label)
+            TensorPart(d.delta.tensors[name], d.scale, d.label, **hints)
             for d in self.deltas
             if name in d.delta.tensors
         ]
@@ -132,9 +138,10 @@ def plan_apply(
     if not deltas:
         raise PieceError("give at least one delta to apply")
     if original_base is not None:
+        flag = recipe.named("original_base") if recipe is not None else "--original-base"
         if all(t.base is not None for d in deltas for t in d.delta.tensors.values()):
-            raise PieceError("--original-base is for compact deltas, and none of these is: leave it out")
-        _recover_base_values(deltas, original_base)
+            raise PieceError(f"{flag} is for compact deltas, and none of these is: leave it out")
+        _recover_base_values(deltas, original_base, flag)
     deltas = [replace(d, delta=as_stored_in(d.delta, base.layout, base.skeleton)) for d in deltas]
     for d in deltas:
         for name, t in d.delta.tensors.items():
@@ -161,7 +168,7 @@ def plan_apply(
     )
 
 
-def _recover_base_values(deltas: list[ScaledDelta], original_base: str) -> None:
+def _recover_base_values(deltas: list[ScaledDelta], original_base: str, flag: str) -> None:
     """Compact deltas record a digest of their base values; read the values from the base they
     were made from (checked against the digest), so they apply onto another base too."""
     original = open_checkpoint(original_base, what="original base")
@@ -171,10 +178,10 @@ def _recover_base_values(deltas: list[ScaledDelta], original_base: str) -> None:
                 if t.base is not None:
                     continue
                 if name not in original.layout:
-                    raise PieceError(f"--original-base has no tensor '{name}' that {d.label} changes")
+                    raise PieceError(f"{flag} has no tensor '{name}' that {d.label} changes")
                 values = reader.get(name).reshape(-1)[t.indices].clone()
                 if not t.matches(values):
-                    raise PieceError(f"{d.label} was not made from --original-base: tensor '{name}' differs")
+                    raise PieceError(f"{d.label} was not made from {flag}: tensor '{name}' differs")
                 d.delta.tensors[name] = t.with_base(values)
 
 
@@ -206,7 +213,7 @@ def check_apply(plan: ApplyPlan) -> ApplyResult:
     with plan.base.reader() as reader:
         for name in plan.changed_tensors:
             result.merge(name, reader.get(name).reshape(-1), write=False)
-    _warn_mismatch(result.overlap)
+    _warn_mismatch(result.overlap, dry_run=True)
     return result
 
 
@@ -288,10 +295,14 @@ def _write_shard(
     save_shard(tensors, path, metadata)
 
 
-def _warn_mismatch(overlap: Overlap) -> None:
+def _warn_mismatch(overlap: Overlap, *, dry_run: bool = False) -> None:
     if overlap.mismatched:
+        done = (
+            "--force would apply them anyway (a dry run writes nothing)"
+            if dry_run
+            else "applied with --force"
+        )
         warnings.warn(
-            f"{overlap.mismatched} entries did not match the deltas' recorded base values; "
-            "applied with --force",
+            f"{overlap.mismatched} entries did not match the deltas' recorded base values; {done}",
             stacklevel=3,
         )

@@ -18,16 +18,17 @@ from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.progress import Progress
 
 
-def _refuse_duplicates(artifacts: list[Artifact]) -> None:
+def _refuse_duplicates(artifacts: list[Artifact], recipe: Recipe) -> None:
     """The same delta twice (by path or by content) is almost always a typo, not a doubled scale."""
     seen: dict[tuple, str] = {}
+    if recipe.source is not None:  # apply --recipe refuses the flags
+        advice = "list it once with its scale, or set allow_duplicates: true in the recipe"
+    else:
+        advice = "give it once with a --scale, or pass --allow-duplicates"
     for a in artifacts:
         for key in (("path", a.path.resolve()), ("digest", a.delta.weights_sha256)):
             if key in seen:
-                raise PieceError(
-                    f"delta '{a.ref}' is the same delta as '{seen[key]}'; give it once with a --scale, "
-                    "or pass --allow-duplicates"
-                )
+                raise PieceError(f"delta '{a.ref}' is the same delta as '{seen[key]}'; {advice}")
             seen[key] = a.ref
 
 
@@ -52,11 +53,11 @@ def _plan(recipe: Recipe, *, dry_run: bool, overwrite: bool):
     base = open_checkpoint(base_ref, what="base")
     artifacts = [open_artifact(ref, want="delta") for ref in delta_refs]
     if not recipe.allow_duplicates:
-        _refuse_duplicates(artifacts)
+        _refuse_duplicates(artifacts, recipe)
     deltas = [ScaledDelta(a.delta, s, f"delta '{a.ref}'") for a, s in zip(artifacts, scales, strict=True)]
-    shard_size = parse_size(recipe.shard_size)
+    shard_size = parse_size(recipe.shard_size, recipe.named("shard_size"))
     if shard_size is not None and shard_size < 1:
-        raise PieceError("--shard-size must be positive")
+        raise PieceError(f"{recipe.named('shard_size')} must be positive")
     return plan_apply(
         base,
         deltas,

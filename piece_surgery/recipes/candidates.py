@@ -4,6 +4,7 @@ merged checkpoint loaded beside the base (checked to be the base's architecture)
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,8 +37,10 @@ def identify(ref: str) -> tuple[str, Path, Delta | None]:
 
 
 def adapter_delta(ref: str, base_ref: str, run: RunOptions) -> Delta:
-    """A PEFT adapter as the delta its merge into the base makes."""
-    return adapter_as_delta(ref, base_ref=base_ref, load_base=lambda r: load_base(r, run))
+    """A PEFT adapter as the delta its merge into the base makes. The run's --max-length and
+    --max-samples say how its data is read, not how a base is loaded."""
+    loading = replace(run, max_length=RunOptions().max_length, max_samples=None)
+    return adapter_as_delta(ref, base_ref=base_ref, load_base=lambda r: load_base(r, loading))
 
 
 def load_beside(ref: str, base: Checkpoint, session: Run) -> torch.nn.Module:

@@ -22,14 +22,14 @@ from piece_surgery.data.examples import Dataset
 from piece_surgery.evaluation.drift import Comparison, Forward, compare, model_forward
 from piece_surgery.evaluation.options import EvalOptions
 from piece_surgery.formats.delta import Delta
-from piece_surgery.formats.delta_folder import record_evaluation
+from piece_surgery.formats.delta_folder import check_measured, record_evaluation
 from piece_surgery.io.outputs import input_path
 from piece_surgery.io.sniff import DELTA, sniff
 from piece_surgery.merging.switcher import DeltaSwitcher
 from piece_surgery.models.checkpoint import Checkpoint, LoadedModel
 from piece_surgery.recipes.candidates import adapter_delta, identify, load_beside
 from piece_surgery.recipes.plots import check_plot, pyplot, save
-from piece_surgery.recipes.run import Run
+from piece_surgery.recipes.run import Run, check_dtype_choice
 from piece_surgery.runtime.errors import PieceError, first_line, quote
 from piece_surgery.runtime.options import RunOptions
 from piece_surgery.runtime.progress import Progress, library_logs_silenced
@@ -148,6 +148,7 @@ def evaluate_candidates(
     for c in found:
         if c.kind != "checkpoint":
             c.delta = c.delta or _adapter_delta(c, base_ref, session.options)
+            check_dtype_choice(c.delta, checkpoint, session.options.dtype, f"{c.kind} '{c.ref}'")
             switcher.add(c.ref, c.delta)
     measured = [(domain, "domain")] if domain is not None else []
     measured += [(d, d.name) for d in sets]
@@ -272,6 +273,7 @@ def evaluation_record(evaluated: Evaluated, candidate: Candidate) -> dict:
         "loss": row["loss"],
         "base_loss": row["base_loss"],
         "general": [{**g, "sha256": general[g["set"]].sha256} for g in row["general"]],
+        "weights_sha256": candidate.delta.weights_sha256 if candidate.delta is not None else None,
         "tool_version": __version__,
     }
 
@@ -286,7 +288,7 @@ def _refuse_repeats(refs: Sequence[str], what: str) -> None:
     seen: dict[object, str] = {}
     for ref in refs:
         path = input_path(ref)
-        key = path.resolve() if path is not None else ref
+        key = path if path is not None else ref
         if key in seen:
             raise PieceError(f"{what} '{ref}' is '{seen[key]}' again; give each once")
         seen[key] = ref
@@ -363,10 +365,12 @@ def evaluate_command_recipe(
         tasks_path=tasks_path,
     )
     if record:
-        for candidate in evaluated.candidates:
-            if candidate.kind == "delta" and _local_delta(candidate.ref):
-                record_evaluation(candidate.path, evaluation_record(evaluated, candidate))
-                evaluated.recorded.append(candidate.ref)
+        into = [c for c in evaluated.candidates if c.kind == "delta" and _local_delta(c.ref)]
+        for candidate in into:  # each delta still the one measured, before any record is written
+            check_measured(candidate.path, candidate.delta.weights_sha256)
+        for candidate in into:
+            record_evaluation(candidate.path, evaluation_record(evaluated, candidate))
+            evaluated.recorded.append(candidate.ref)
     if plot is not None:
         draw(evaluated, plot)
         evaluated.plot = str(given_plot)  # as the user gave it

@@ -13,7 +13,7 @@ from piece_surgery.formats.peft import peft_library, quiet_libraries
 from piece_surgery.io.outputs import atomic_path, check_output, refuse_overlap
 from piece_surgery.io.sniff import ADAPTER, ADAPTER_WEIGHTS
 from piece_surgery.merging.shira import fill_shira, shira_plan
-from piece_surgery.recipes.run import load_base
+from piece_surgery.recipes.run import check_dtype_choice, load_base
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.options import RunOptions
 
@@ -60,6 +60,7 @@ def export_peft(
         raise PieceError("the delta's base was a local folder: name it with --base")
     refuse_overlap(output, [base_ref])  # the base a delta names is an input too
     checkpoint, model = load_base(base_ref, run)
+    check_dtype_choice(delta, checkpoint, (run or RunOptions()).dtype, f"delta '{delta_ref}'")
     plan = shira_plan(model.module, delta)
     config = peft.ShiraConfig(
         r=plan.r,

@@ -11,6 +11,7 @@ from piece_surgery.formats.mask import mask_card
 from piece_surgery.io import hub
 from piece_surgery.io.sniff import CARD, DELTA, DELTA_DESCRIPTION, MASK, MASK_FILE, sniff
 from piece_surgery.runtime.errors import PieceError
+from piece_surgery.runtime.paths import not_there, what_is
 
 
 def push(
@@ -34,8 +35,8 @@ def push(
     path = Path(path)
     if base_model is not None and (not hub.looks_like_repo_id(base_model) or Path(base_model).exists()):
         raise PieceError(f"--base-model '{base_model}' must be a Hub repo id (user/name), not a local path")
-    if not path.exists():
-        raise PieceError(f"'{path}' not found: give a delta folder or a mask file")
+    if what_is(path) not in ("a file", "a folder"):
+        raise PieceError(f"'{path}' {not_there(path)}: give a delta folder or a mask file")
     kinds = sniff(path)
     if not (DELTA in kinds or (MASK in kinds and path.is_file())):
         raise PieceError(

@@ -25,11 +25,13 @@ from typing import TypeVar
 from piece_surgery.data.examples import Dataset
 from piece_surgery.data.files import referenced_images
 from piece_surgery.formats.artifacts import open_artifact
+from piece_surgery.formats.delta import Delta
 from piece_surgery.io.outputs import check_output
 from piece_surgery.models.checkpoint import Checkpoint, LoadedModel, open_checkpoint
 from piece_surgery.models.loading import Placement, auto_model_class
 from piece_surgery.runtime import distributed
 from piece_surgery.runtime.distributed import World
+from piece_surgery.runtime.dtypes import dtype_name
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.options import RunOptions
 
@@ -131,6 +133,23 @@ def open_avoided(refs: Sequence[str]) -> list[tuple[str, str, object]]:
     """--avoid's masks and deltas, opened (path or Hub repo id) and checked: (ref, name, artifact)."""
     opened = [open_artifact(ref) for ref in refs]
     return [(a.ref, a.source.name, a.mask if a.mask is not None else a.delta) for a in opened]
+
+
+def check_dtype_choice(delta: Delta, checkpoint: Checkpoint, dtype: str, where: str) -> None:
+    """A delta applies exactly only onto weights of the dtype it was made in: PieceError naming
+    --dtype when the choice loads `checkpoint` in another dtype than the one it stores the delta's
+    tensors in (rather than calling the delta one of another model). `where` names the delta."""
+    if dtype == "auto":
+        return
+    loaded = checkpoint.dtype(dtype)
+    for name, t in sorted(delta.tensors.items()):
+        stored = checkpoint.layout.get(name)
+        if stored is not None and stored.dtype == t.dtype != loaded:
+            raise PieceError(
+                f"{where} holds {dtype_name(t.dtype)} entries, as the base stores them, and --dtype "
+                f"{dtype} loads the base as {dtype_name(loaded)}: a delta applies exactly only in its "
+                "own dtype; leave out --dtype"
+            )
 
 
 def load_base(base_ref: str, run: RunOptions | None) -> tuple[Checkpoint, LoadedModel]:

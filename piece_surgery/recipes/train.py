@@ -17,6 +17,7 @@ from piece_surgery.io.outputs import refuse_overlap, remove_stale_temporaries
 from piece_surgery.io.sniff import DELTA
 from piece_surgery.models.checkpoint import Checkpoint, LoadedModel
 from piece_surgery.recipes.run import Run, open_avoided
+from piece_surgery.runtime.dtypes import dtype_name
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.options import RunOptions
 from piece_surgery.runtime.progress import Progress
@@ -266,9 +267,9 @@ def _train(
 
 def _train_sparse(session, checkpoint, model, mask, sets, config, state_dir, resume, report) -> TrainResult:
     """train_sparse with what the recipe has; the resume key is what a resumed run must share with
-    the run that saved the state."""
+    the run that saved the state (_resume_key)."""
     dataset, eval_set, general = sets
-    resume_key = {"model": checkpoint.identity.fingerprint, "data": dataset.sha256, "mask": mask.digest()}
+    resume_key = _resume_key(session, checkpoint, mask, dataset, eval_set, general)
     return train_sparse(
         model.module,
         model.parameters(mask.indices),
@@ -286,6 +287,37 @@ def _train_sparse(session, checkpoint, model, mask, sets, config, state_dir, res
         world=session.world,
         autocast=session.placement(checkpoint).autocast,
     )
+
+
+# The options a resumed run may change (docs: README, train): where it runs and how fast (device,
+# attention kernel, FSDP, trust), where it stops and how often it measures, saves and checks a
+# budget (TrainConfig.resume_key keeps the rest of the training options). Every other option that
+# changes the trained values or the figures recorded is in the key.
+RESUME_FREE_RUN_OPTIONS = ("device", "attn_implementation", "trust_remote_code", "fsdp", "quiet")
+
+
+def _resume_key(
+    session: Run,
+    checkpoint: Checkpoint,
+    mask: Mask,
+    dataset: Dataset,
+    eval_set: Dataset | None,
+    general: Dataset | None,
+) -> dict:
+    """What a resumed run must share with the run that saved the state, besides the training
+    options (train_sparse adds TrainConfig.resume_key and the number of ranks): the model, the
+    data and how it is read, the mask, the weights' dtype, and the sets the figures are taken on."""
+    options = session.options
+    return {
+        "model": checkpoint.identity.fingerprint,
+        "data": dataset.sha256,
+        "mask": mask.digest(),
+        "max_length": options.max_length,
+        "max_samples": options.max_samples,
+        "dtype": dtype_name(session.placement(checkpoint).dtype),
+        "eval_data": eval_set.sha256 if eval_set is not None else None,
+        "eval_general": general.sha256 if general is not None else None,
+    }
 
 
 def _general_text(ref: str | Path, checkpoint: Checkpoint, session: Run) -> Dataset | str:
@@ -312,12 +344,12 @@ def _state_dir(
             "move it away or choose another -o"
         )
     remove_stale_temporaries(state_dir)  # of a run killed while saving its state
+    if state_dir.exists() and not is_state(state_dir):  # resumed or not: saving replaces the folder
+        raise PieceError(
+            f"'{state_dir}', where train keeps its resumable state, holds something else; "
+            "move it away or choose another -o"
+        )
     if not resume and state_dir.exists():
-        if not is_state(state_dir):
-            raise PieceError(
-                f"'{state_dir}', where train keeps its resumable state, holds something else; "
-                "move it away or choose another -o"
-            )
         if not overwrite:
             raise PieceError(
                 f"a saved training state is in '{state_dir}': add --resume to continue it, "

@@ -28,6 +28,8 @@ class DriftBudget:
     ):
         self.limit = config.drift_budget
         self.key = f"{config.budget_on}_drift"
+        # steps between measurements: the predicted drift is read every step
+        self.period = (config.eval_every or 1) if config.budget_on == "measured" else 1
         self.sparse = sparse
         self.kept: dict[str, torch.Tensor] | None = None
         self.kept_record: dict | None = None
@@ -58,10 +60,11 @@ class DriftBudget:
             return False
         self.passed_at = {"step": record["step"], "drift": value, "budget": self.limit, "on": self.key[:-6]}
         if self.kept is None:
+            more_often = ", or measure more often (--eval-every)" if self.period > 1 else ""
             raise PieceError(
                 f"the {self.key.split('_')[0]} drift at step {record['step']} ({value:.4g}) already passes "
                 f"--drift-budget {self.limit:g}, and no earlier step was measured within it: nothing to "
-                "keep; raise the budget, lower --lr, or measure more often (--eval-every)" + state_note
+                f"keep; raise the budget or lower --lr{more_often}" + state_note
             )
         return True
 

@@ -483,7 +483,7 @@ class SparseParameters:
             return (
                 f"masked tensor '{name}' gets no gradient: module '{site.path}' runs, but its output "
                 "does not reach the loss (the model detaches it or uses the tensor elsewhere); leave "
-                "it out with --exclude"
+                "it out of the mask (--exclude when scoring)"
             )
         replaced = _replaced_forward_above(self._model, site.path)
         if replaced is not None:
@@ -491,7 +491,7 @@ class SparseParameters:
                 f"masked tensor '{name}' gets no gradient: module '{site.path}' is never called, because "
                 f"'{replaced}' runs a forward that a library put in place of its own (hub kernels, say) "
                 "and computes it another way; load the model without it (USE_HUB_KERNELS=NO for hub "
-                "kernels) or leave the tensor out with --exclude"
+                "kernels) or leave the tensor out of the mask (--exclude when scoring)"
             )
         side = image_side([name])
         if side is not None:
@@ -502,7 +502,7 @@ class SparseParameters:
             )
         return (
             f"masked tensor '{name}' gets no gradient: module '{site.path}' is not used on this data; "
-            "train on data that uses it, or leave it out with --exclude"
+            "train on data that uses it, or leave it out of the mask (--exclude when scoring)"
         )
 
     # ------------------------------------------------------------------ values and weights
