@@ -74,6 +74,10 @@ def main() -> None:
         agree = all(torch.equal(gathered[0], g) for g in gathered)
         summary = {"k": mask.k, "steps": trainer.state.global_step, "ranks_agree": agree}
         (output / "summary.json").write_text(json.dumps(summary))
+    # Without an orderly teardown, gloo's threads can abort the process at exit ("terminate called
+    # without an active exception"), failing a run that did everything it was asked.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
