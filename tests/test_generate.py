@@ -104,7 +104,7 @@ def test_prompts_come_from_data_files_in_every_shape(models, cli, tmp_path):
 def test_generate_mistakes_are_one_line(models, cli, tiny, tmp_path):
     base, delta, _ = models
     assert_clean_failure(cli("generate", base, delta), "give a prompt")
-    assert_clean_failure(cli("generate", base, "--prompt", "  "), "--prompt 1 is empty")
+    assert_clean_failure(cli("generate", base, "--prompt", "  "), "--prompt is empty")
     assert_clean_failure(cli("generate", base, "--prompt", "x", "--temperature", "0.5"), "give --sample too")
     assert_clean_failure(cli("generate", base, "--prompt", "x", "--sample", "--top-p", "0"), "--top-p")
     assert_clean_failure(cli("generate", base, delta, delta, "--prompt", "x"), "given twice")

@@ -68,9 +68,14 @@ def test_outputs_are_checked_around_image_paths_that_cannot_be_followed(llava, t
     """The overlap check reads a data file's image paths before the reader does: one it cannot
     follow is left to the reader's message, and the others are still protected."""
     cases = odd_images(tmp_path)
+    # a NUL character is refused with the record, before any path is looked at
+    records_that_read = [p for p in cases if "\0" not in p]
+    # a PNG under a mask's name, so that the output passes the suffix check and meets the overlap check
+    image = tmp_path / "img" / "photo.safetensors"
+    image.write_bytes((tmp_path / "img" / "a.png").read_bytes())
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(image_chat(p)) + "\n" for p in ["img/a.png", *cases]))
-    image = tmp_path / "img" / "a.png"
+    paths = ["img/photo.safetensors", *records_that_read]
+    data.write_text("".join(json.dumps(image_chat(p)) + "\n" for p in paths))
     before = image.read_bytes()
     result = cli("score", llava, "--data", data, "-o", image, "--overwrite", "-q")
     assert_clean_failure(result, "overlaps input")
