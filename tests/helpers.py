@@ -82,3 +82,20 @@ def assert_clean_failure(result, fragment: str = "", *, output: Path | None = No
         before, paths = unchanged
         assert snapshot(*paths) == before, "an input changed"
     return lines[0]
+
+
+def brute_force_top_k(scores, k):
+    """Sort every entry by (-score, tensor name, flat index) and keep the first k."""
+    entries = []
+    for name in sorted(scores):
+        for i, value in enumerate(scores[name].flatten().tolist()):
+            entries.append((-value, name, i))
+    entries.sort()
+    chosen = {}
+    for _, name, i in entries[:k]:
+        chosen.setdefault(name, []).append(i)
+    return {n: sorted(v) for n, v in chosen.items()}
+
+
+def as_lists(indices):
+    return {n: i.tolist() for n, i in indices.items()}

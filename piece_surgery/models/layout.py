@@ -29,7 +29,7 @@ from piece_surgery.runtime.json_files import read_json
 # additional_chat_templates/ folder); the processor, image, video and audio-tokenizer configs; and,
 # for people, the card and the licence and notice files. A merged folder copies these from its base
 # and nothing else: no stale pickle weights, adapters or optimizer states a loader might pick up
-# instead. tests/test_layout_files.py checks the list against transformers' own loaders.
+# instead. tests/models/test_layout_files.py checks the list against transformers' own loaders.
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
     "tokenizer_config.json",

@@ -5,7 +5,7 @@ the language model (everything else: decoder, embeddings, head).
 Told from the tensor's name, stored or loaded, by the module names transformers' vision-language
 classes use (LLaVA and Gemma 3: `vision_tower`, `multi_modal_projector`; Qwen2-VL, Qwen2.5-VL and
 Qwen3-VL: `visual`, whose `merger`s are the projector; Idefics3 and SmolVLM: `vision_model`,
-`connector`). tests/test_vision_language.py checks the rule against each architecture's module tree.
+`connector`). tests/models/test_vision_language.py checks the rule against each architecture's module tree.
 """
 
 from __future__ import annotations

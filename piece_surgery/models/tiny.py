@@ -30,7 +30,7 @@ CHAT_TEMPLATE = (
 
 # The special tokens each family's chat template writes, and its BOS and EOS (None: it has none),
 # as its tokenizer names them: tiny_tokenizer(chat_family=...) adds them, so the family's real template
-# (tests/data/chat_templates/) renders to the tokens the family's model reads.
+# (tests/fixtures/chat_templates/) renders to the tokens the family's model reads.
 CHAT_FAMILIES = {
     "llama3": ("<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>"]),
     "qwen": (None, "<|im_end|>", ["<|im_start|>", "<|endoftext|>", "<think>", "</think>"]),
@@ -101,7 +101,7 @@ _DECODER = dict(
 )
 _NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 # family -> (transformers config class, its fields): what each family's tiny model is made of. A row
-# is a family; tests/test_families.py runs the whole pipeline on each.
+# is a family; tests/models/test_families.py runs the whole pipeline on each.
 TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", dict(_DECODER, tie_word_embeddings=False)),
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, **_NO_DROPOUT)),

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from helpers import as_lists, brute_force_top_k
 from safetensors import safe_open
 
 from piece_surgery.data.dataset import load_dataset, load_tokenizer
@@ -50,23 +51,6 @@ def brute_force_scores(folder, data, method, batch_size):
         mean_g2 = sum(g2[n].double().sum() for n in names) / sum(g2[n].numel() for n in names)
         return {n: g1[n].abs() / torch.sqrt(g2[n] + float(mean_g2)) for n in names}
     return {n: g1[n].abs() / torch.sqrt(g2[n] + 1) for n in names}
-
-
-def brute_force_top_k(scores, k):
-    """Sort every entry by (-score, tensor name, flat index) and keep the first k."""
-    entries = []
-    for name in sorted(scores):
-        for i, value in enumerate(scores[name].flatten().tolist()):
-            entries.append((-value, name, i))
-    entries.sort()
-    chosen = {}
-    for _, name, i in entries[:k]:
-        chosen.setdefault(name, []).append(i)
-    return {n: sorted(v) for n, v in chosen.items()}
-
-
-def as_lists(indices):
-    return {n: i.tolist() for n, i in indices.items()}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -7,10 +7,9 @@ import shutil
 
 import pytest
 import torch
-from helpers import assert_clean_failure
+from helpers import as_lists, assert_clean_failure, brute_force_top_k
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_score import as_lists, brute_force_top_k
 
 from piece_surgery.formats.mask import load_mask, save_mask
 from piece_surgery.models.checkpoint import open_checkpoint

@@ -1,5 +1,5 @@
 """The family matrix (issue 33): one end-to-end run per model family on a tiny config of it, each
-with its own chat template where one is in tests/data/chat_templates: a two-turn chat's labels,
+with its own chat template where one is in tests/fixtures/chat_templates: a two-turn chat's labels,
 score -> train -> apply equal to the same training done in memory bit for bit, diff giving the
 delta back, and export -> import giving it back where PEFT's SHiRA takes the family's modules (a
 family it does not take is refused in one line, naming the tensor).
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from chat_expectations import EXPECTED, TEMPLATES, TWO_TURNS, labelled_runs
 from helpers import assert_clean_failure
-from test_chat_labels import EXPECTED, TEMPLATES, TWO_TURNS, labelled_runs
 
 from piece_surgery.data.tokenize import tokenize_record
 from piece_surgery.formats.artifacts import open_delta
@@ -28,7 +28,7 @@ from piece_surgery.training.loop import train_sparse
 @dataclass(frozen=True)
 class Family:
     arch: str  # a TINY_CONFIGS row
-    template: str | None = None  # its chat template in tests/data/chat_templates (None: CHAT_TEMPLATE)
+    template: str | None = None  # its chat template in tests/fixtures/chat_templates (None: CHAT_TEMPLATE)
     chat_family: str | None = None  # whose special tokens the template writes (CHAT_FAMILIES)
     shira: bool = True  # PEFT's SHiRA takes the family's linear layers
     biases: bool = False  # it has biases, which SHiRA cannot hold: scored without them
@@ -49,7 +49,7 @@ FAMILIES = [
     Family("olmo2"),
     Family("gpt_neox", biases=True),
     Family("falcon", biases=True),
-    # mixture-of-experts families run the same pipeline in both expert layouts: tests/test_moe.py
+    # mixture-of-experts families run the same pipeline in both expert layouts: tests/models/test_moe.py
 ]
 CHAT_TEMPLATE_RUNS = ["Few weights.</s>", "Every weight.</s>"]
 TRAIN = ["--lr", "1e-2", "--max-steps", "2", "--batch-size", "2"]

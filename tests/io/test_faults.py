@@ -2,7 +2,7 @@
 
 After any of them the inputs are unchanged, nothing half-written is at the final path, and a re-run
 writes the same bytes as an uninterrupted run (and removes what a killed run left behind).
-Each run is killed at a chosen call of a function inside the work (tests/robustness/fault_driver.py),
+Each run is killed at a chosen call of a function inside the work (tests/io/fault_driver.py),
 so every interesting point is reachable deterministically. PIECE_FAULT_TRIALS=6 tries every point of
 each command with each signal (default: 2 points each, chosen by a seeded draw).
 """

@@ -11,7 +11,7 @@ import pytest
 from piece_surgery.formats.delta_folder import FORMATS
 from piece_surgery.formats.schema import load_schema, problem
 
-FORMATS_DOC = Path(__file__).parent.parent / "docs" / "formats.md"
+FORMATS_DOC = Path(__file__).parents[2] / "docs" / "formats.md"
 
 
 def _examples() -> list[dict]:

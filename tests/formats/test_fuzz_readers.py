@@ -2,7 +2,8 @@
 delta.json), training state, data files. Each case must end in a correct result or a one-line
 PieceError: never another exception, a hang, a write, or a changed input.
 
-PIECE_FUZZ_EXAMPLES=5000 pytest tests/robustness runs a longer fuzz (default: 60 cases per reader).
+PIECE_FUZZ_EXAMPLES=5000 pytest tests/formats/test_fuzz_readers.py runs a longer fuzz (default: 60
+cases per reader).
 """
 
 import json

@@ -29,7 +29,7 @@ from piece_surgery.models.tiny import (
     tiny_vision_language_tokenizer,
 )
 
-DOCS = Path(__file__).parent.parent / "docs" / "formats.md"
+DOCS = Path(__file__).parents[2] / "docs" / "formats.md"
 
 
 def transformers_vocab_files() -> set[str]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import perturb
 
-DOC = Path(__file__).parent.parent / "docs" / "cli.md"
+DOC = Path(__file__).parents[2] / "docs" / "cli.md"
 TYPES = {
     "string": str,
     "integer": int,
