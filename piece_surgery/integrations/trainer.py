@@ -19,8 +19,12 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from piece_surgery.formats.delta_folder import FORMATS
 from piece_surgery.integrations.sparse_model import HOLDER, SparseModel
+from piece_surgery.io.outputs import check_output, output_path, overlaps, refuse_overlap
+from piece_surgery.io.sniff import DELTA
 from piece_surgery.runtime.errors import PieceError
+from piece_surgery.runtime.options import check_weight
 from piece_surgery.training.config import DEFAULT_RETAIN_WEIGHT
 
 DELTA_FOLDER = "piece-delta"  # in output_dir and in each checkpoint-N folder
@@ -31,7 +35,11 @@ class PieceCallback(TrainerCallback):
     end, into `output_dir` (default: the Trainer's output_dir/piece-delta); applies the retain
     penalty retain_weight/2 sum F d^2 of a piece-r mask (`retain_weight` None: 100 with a mask that
     carries the Fisher, else 0, as `train`); adds `predicted_drift` to the logs. `format_version`:
-    the delta format written."""
+    the delta format written.
+
+    The final output is checked when the callback is made and again when training begins, before
+    any step: PieceError if it overlaps the base checkpoint, is or holds the Trainer's output_dir,
+    or is an existing folder that is not a delta (a delta there, from an earlier run, is replaced)."""
 
     def __init__(
         self,
@@ -42,21 +50,61 @@ class PieceCallback(TrainerCallback):
         retain_weight: float | None = None,
         format_version: int = 1,
     ):
+        if not isinstance(sparse, SparseModel):
+            raise PieceError(
+                f"PieceCallback takes the SparseModel that sparsify(model, mask) returns, got "
+                f"{type(sparse).__name__}"
+            )
         self.sparse = sparse
         self.output_dir = output_dir
         self.every_checkpoint = every_checkpoint
         carries = sparse.mask.fisher is not None
+        if retain_weight is not None:
+            retain_weight = check_weight(retain_weight, "retain_weight")
         self.retain_weight = (
             (DEFAULT_RETAIN_WEIGHT if carries else 0.0) if retain_weight is None else retain_weight
         )
         if self.retain_weight and not carries:
             raise PieceError("retain_weight needs a mask that carries the retain Fisher (piece-r)")
+        if format_version not in FORMATS:
+            raise PieceError(
+                f"unknown delta format {format_version!r}; this version writes {sorted(FORMATS)}"
+            )
         self.format_version = format_version
         self.saved: list[Path] = []  # the delta folders written, in order
+        if output_dir is not None:
+            self._check_output(Path(output_dir), None)
+
+    def _final_output(self, args) -> Path:
+        return Path(self.output_dir if self.output_dir is not None else Path(args.output_dir) / DELTA_FOLDER)
+
+    def _check_output(self, folder: Path, trainer_output: str | None) -> None:
+        """The final delta's folder may be replaced at the end (save_delta's rules: not the base, not
+        a folder that holds anything but a delta), and is not the Trainer's own output folder (its
+        checkpoints) or one around it; checked before training, so nothing trains for a refusal."""
+        base = self.sparse.checkpoint
+        inputs = [base.folder] if base is not None else []
+        if trainer_output is not None and overlaps(
+            output_path(folder), output_path(trainer_output), inside_ok=True
+        ):
+            raise PieceError(
+                f"PieceCallback's output_dir '{folder}' is or holds the Trainer's output_dir "
+                f"'{trainer_output}' (its checkpoints): name a folder of its own, e.g. "
+                f"{Path(trainer_output) / DELTA_FOLDER}"
+            )
+        if output_path(folder).parent.is_dir():
+            check_output(folder, overwrite=True, inputs=inputs, kind=DELTA)
+        else:  # nothing there yet (the Trainer makes its output_dir when it first saves)
+            refuse_overlap(folder, inputs)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        """Refuse a run whose trainable parameters are not the values (another adapter, or a model
-        that was not sparsified): it would train and save what the delta does not hold."""
+        """Refuse, before the first step, a final output that save_delta would refuse or that would
+        replace the Trainer's output folder, and a run whose trainable parameters are not the values
+        (another adapter, or a model that was not sparsified): it would train and save what the
+        delta does not hold."""
+        if not self.sparse.attached:
+            raise PieceError("the model was unsparsified before training: sparsify it again")
+        self._check_output(self._final_output(args), args.output_dir)
         if model is None:
             return
         inner = getattr(model, "module", model)  # under DDP, the model it wraps
@@ -95,7 +143,7 @@ class PieceCallback(TrainerCallback):
             self._save(folder, args, state)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._save(Path(self.output_dir or Path(args.output_dir) / DELTA_FOLDER), args, state)
+        self._save(self._final_output(args), args, state)
 
     def _save(self, folder: Path, args, state) -> None:
         if not state.is_world_process_zero:
