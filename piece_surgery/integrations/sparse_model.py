@@ -19,9 +19,10 @@ from piece_surgery.formats.delta import Delta, DeltaInfo, TrainProvenance, delta
 from piece_surgery.formats.delta_folder import DEFAULT_FORMAT, save_delta
 from piece_surgery.formats.mask import Mask, check_scored_on
 from piece_surgery.integrations.models import HOLDER, check_model, check_weights, checkpoint_of, loaded
+from piece_surgery.integrations.state import StateDictHooks
 from piece_surgery.io.outputs import check_output
 from piece_surgery.io.sniff import DELTA
-from piece_surgery.models.checkpoint import Checkpoint
+from piece_surgery.models.checkpoint import Checkpoint, LoadedModel
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.options import check_weight
 from piece_surgery.training.budget import DriftEstimate
@@ -30,33 +31,11 @@ from piece_surgery.training.sparse_grad import SparseParameters
 
 
 class _Values(torch.nn.Module):
-    """The trainable values as parameters of one module (ParameterDict keys cannot hold dots), and
-    the digest of the mask they belong to (a buffer: saved beside them in a Trainer checkpoint, so a
-    resume with another mask is told apart even where the values' names and sizes agree)."""
+    """The trainable values as parameters of one module (ParameterDict keys cannot hold dots)."""
 
-    def __init__(self, values: dict[str, torch.nn.Parameter], mask: Mask):
+    def __init__(self, values: dict[str, torch.nn.Parameter]):
         super().__init__()
         self.values = torch.nn.ParameterDict({_key(n): v for n, v in values.items()})
-        digest = torch.frombuffer(bytearray(bytes.fromhex(mask.digest())), dtype=torch.uint8)
-        self.register_buffer("mask_digest", digest.clone())
-
-    def check_loaded(self, module, state_dict, prefix, *_) -> None:
-        """A load_state_dict pre-hook of the model (it runs before any weight is copied): a state
-        dict that holds sparse values must hold this mask's, or PieceError says so, in one line."""
-        own = f"{prefix}{HOLDER}."
-        saved = {k[len(own) :]: v for k, v in state_dict.items() if k.startswith(own)}
-        if not saved:
-            return  # nothing of a sparsified model's: strict loading names what is missing
-        digest = saved.get("mask_digest")
-        sizes = {k: tuple(v.shape) for k, v in saved.items() if k != "mask_digest"}
-        ours = {f"values.{k}": tuple(v.shape) for k, v in self.values.items()}
-        # a checkpoint saved before the digest was kept: the values' names and sizes alone
-        same = digest is None or torch.equal(digest.cpu(), self.mask_digest.cpu())
-        if not same or sizes != ours:
-            raise PieceError(
-                "the checkpoint's sparse values were trained with another mask than this model's: "
-                "sparsify with the mask the run was started with (or start a new run)"
-            )
 
 
 def _key(name: str) -> str:
@@ -69,9 +48,10 @@ class SparseModel:
     `save_delta` (the delta of the values now against the base), and `unsparsify`.
 
     While sparsified, the model's weights hold the values before every forward pass and before
-    every `state_dict()` (so `save_pretrained` after `optimizer.step()` saves the trained weights);
-    its state dict also holds the values themselves (`piece_surgery.values.*`, fp32) and the mask's
-    digest (`piece_surgery.mask_digest`), which Trainer's checkpoints need to resume."""
+    every `state_dict()`, and the state dict holds the model's own keys alone (so `save_pretrained`
+    right after `optimizer.step()` writes a plain checkpoint of the trained model); loading a state
+    dict reads the values back from its weights, and refuses, in one line, one trained with another
+    mask (integrations/state.py)."""
 
     def __init__(self, model: torch.nn.Module, mask: Mask, checkpoint: Checkpoint | None):
         check_model(model)
@@ -87,9 +67,8 @@ class SparseModel:
         params = self._loaded.parameters()
         self.sparse = SparseParameters({n: params[n] for n in mask.indices}, mask.indices)
         self.sparse.attach(model)
-        holder = _Values(self.sparse.values, mask)
-        model.add_module(HOLDER, holder)
-        self._load_hook = model.register_load_state_dict_pre_hook(holder.check_loaded)
+        model.add_module(HOLDER, _Values(self.sparse.values))
+        self._state_hooks = StateDictHooks(model, self.sparse, HOLDER)
         self.drift = DriftEstimate(self.sparse, mask.fisher) if mask.fisher is not None else None
         self.attached = True
 
@@ -155,7 +134,7 @@ class SparseModel:
         values = {n: v.detach().cpu() for n, v in self.values.items()}
         info = DeltaInfo(base.identity if base is not None else None, self._provenance(provenance or {}))
         if base is not None:
-            model = self._loaded if base is self.checkpoint else loaded(self.model, base)
+            model = self._loaded if base is self.checkpoint else self._loaded_as(base)
             return trained_delta(base, model, self.mask.indices, values, info)
         entries = {}
         for name, idx in self.mask.indices.items():
@@ -163,6 +142,14 @@ class SparseModel:
             base_values = self.sparse.base_values[name].cpu().to(dtype)
             entries[name] = (idx.cpu(), base_values, values[name].to(dtype))
         return delta_from_values(entries, dict(self.mask.shapes), info)
+
+    def _loaded_as(self, base: Checkpoint) -> LoadedModel:
+        """The model named as `base` names its tensors, checked to be `base` where it is not trained
+        (its weights, the values put back to the base's for the check: check_weights)."""
+        model = loaded(self.model, base)
+        with self.sparse.as_base():
+            check_weights(model, base)
+        return model
 
     def save_delta(
         self,
@@ -196,7 +183,7 @@ class SparseModel:
         else:
             self.sparse.write(self.sparse.base_values)
         self.sparse.detach()
-        self._load_hook.remove()
+        self._state_hooks.remove()
         delattr(self.model, HOLDER)
         self.attached = False
         return self.model

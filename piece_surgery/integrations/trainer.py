@@ -6,10 +6,12 @@ piece-r mask, logs its predicted drift, and checks that the optimizer trains the
     trainer = SFTTrainer(model=model, args=..., train_dataset=..., callbacks=[PieceCallback(sparse)])
     trainer.train()                                   # deltas in output_dir/checkpoint-N/piece-delta
 
-Trainer's own checkpoints resume the run (the values are parameters of the model, their AdamW
-state is in optimizer.pt: O(k)). What stays with the CLI: --drift-budget (it measures and rolls
-back), the probe before the first step, and the order of penalty and clipping (Trainer clips the
-gradient before any callback runs, so here the penalty's gradient is added after clipping).
+Trainer's own checkpoints resume the run: their weights hold the trained values, their optimizer.pt
+the values' AdamW state (O(k)), and `piece-values.safetensors` the fp32 values themselves (the
+weights hold them rounded to their dtype). A resume with another mask is one line. What stays with
+the CLI: --drift-budget (it measures and rolls back), the probe before the first step, and the order
+of penalty and clipping (Trainer clips the gradient before any callback runs, so here the penalty's
+gradient is added after clipping).
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from piece_surgery.formats.delta_folder import FORMATS
 from piece_surgery.integrations.sparse_model import HOLDER, SparseModel
+from piece_surgery.integrations.state import VALUES_FILE, load_values, save_values
 from piece_surgery.io.outputs import check_output, output_path, overlaps, refuse_overlap
 from piece_surgery.io.sniff import DELTA
 from piece_surgery.runtime.errors import PieceError
@@ -105,6 +109,8 @@ class PieceCallback(TrainerCallback):
         if not self.sparse.attached:
             raise PieceError("the model was unsparsified before training: sparsify it again")
         self._check_output(self._final_output(args), args.output_dir)
+        if state.global_step > 0:  # resumed from a checkpoint: Trainer loaded its weights and optimizer
+            self._resume(Path(args.output_dir) / f"checkpoint-{state.global_step}", kwargs.get("optimizer"))
         if model is None:
             return
         inner = getattr(model, "module", model)  # under DDP, the model it wraps
@@ -116,6 +122,21 @@ class PieceCallback(TrainerCallback):
                 f"'{others[0]}' is trainable besides the sparse values: sparsify the model and train "
                 "nothing else"
             )
+
+    def _resume(self, checkpoint: Path, optimizer) -> None:
+        """The optimizer's state is the values' (one line if another mask's values saved it, not
+        torch's shape error at the first step), and the values are the checkpoint's fp32 ones where
+        the Trainer's output_dir holds it (else the loaded weights', rounded to their dtype)."""
+        state = getattr(optimizer, "state", {})
+        for value in self.sparse.values.values():
+            saved = [t for t in state.get(value, {}).values() if isinstance(t, torch.Tensor) and t.dim()]
+            if any(t.shape != value.shape for t in saved):
+                raise PieceError(
+                    "the checkpoint was trained with another mask than this model's: sparsify with the "
+                    "mask the run was started with (or start a new run)"
+                )
+        if (checkpoint / VALUES_FILE).is_file():
+            load_values(self.sparse.sparse, self.sparse.mask.digest(), checkpoint / VALUES_FILE)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if state.global_step == 0:  # the first step's gradients reached every value, or one line why not
@@ -138,9 +159,11 @@ class PieceCallback(TrainerCallback):
             logs["predicted_drift"] = drift
 
     def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():  # the fp32 values, for a resume
+            save_values(self.sparse.sparse, self.sparse.mask.digest(), checkpoint)
         if self.every_checkpoint:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / DELTA_FOLDER
-            self._save(folder, args, state)
+            self._save(checkpoint / DELTA_FOLDER, args, state)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._save(self._final_output(args), args, state)
