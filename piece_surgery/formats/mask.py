@@ -89,6 +89,15 @@ class Mask:
         return digest.hexdigest()
 
 
+def check_scored_on(mask: Mask, identity: CheckpointIdentity | None, where: str) -> None:
+    """The mask was scored on the checkpoint `identity` names (by its weights' fingerprint), where
+    both say; PieceError naming the model it was scored on otherwise. `where` names the mask."""
+    scored_on = mask.info.model
+    known = identity is not None and identity.fingerprint and scored_on and scored_on.fingerprint
+    if known and scored_on.fingerprint != identity.fingerprint:
+        raise PieceError(f"{where} was scored on another model ({scored_on.name}); score this model first")
+
+
 def k_for_density(density: float, eligible: int) -> int:
     check_density(density)
     k = int(density * eligible)

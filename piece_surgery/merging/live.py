@@ -4,10 +4,13 @@ and put back; every write checked to have taken effect.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from piece_surgery.formats.artifacts import open_delta
 from piece_surgery.formats.delta import Delta
 from piece_surgery.merging.combine import TensorPart, merge_one
 from piece_surgery.models.fused import fused_slices
@@ -142,13 +145,31 @@ def _check_same_change(delta: Delta, kept: str, other: str) -> None:
         )
 
 
+def live_delta(model: object, delta: object, scale: object = 1.0) -> Delta:
+    """The arguments of a change to a live model, checked: a torch module, a Delta (or a delta's
+    folder or Hub repo id: opened) and a finite scale. PieceError in one line otherwise."""
+    if not isinstance(model, torch.nn.Module):
+        raise PieceError(f"the model must be a loaded model (a torch.nn.Module), got {type(model).__name__}")
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise PieceError(f"scale must be a finite number, got {scale!r}")
+    if isinstance(delta, str | Path):
+        return open_delta(delta)
+    if not isinstance(delta, Delta):
+        raise PieceError(
+            f"the delta must be a Delta (open_delta, load_delta) or a delta folder's path, got "
+            f"{type(delta).__name__}"
+        )
+    return delta
+
+
 def apply_to_model(
-    model: torch.nn.Module, delta: Delta, *, scale: float = 1.0, force: bool = False
+    model: torch.nn.Module, delta: Delta | str | Path, *, scale: float = 1.0, force: bool = False
 ) -> AppliedDelta:
-    """Apply a delta to a loaded model in place, exactly as `apply` writes a folder (merge_one: the
-    same per-entry base check and exactness rule); returns a handle whose revert() restores the
-    weights bit for bit. PieceError for a delta of another model (names, shapes, base values or
-    dtype, unless `force`)."""
+    """Apply a delta (a Delta, or a delta folder's path or Hub repo id) to a loaded model in place,
+    exactly as `apply` writes a folder (merge_one: the same per-entry base check and exactness
+    rule); returns a handle whose revert() restores the weights bit for bit. PieceError for a delta
+    of another model (names, shapes, base values or dtype, unless `force`)."""
+    delta = live_delta(model, delta, scale)
     planned = []
     with torch.no_grad():
         for name, where in model_tensors(model, delta).items():
@@ -173,8 +194,9 @@ def check_shape(name: str, where: ModelTensor, shape) -> None:
         )
 
 
-def revert_delta(model: torch.nn.Module, delta: Delta) -> None:
+def revert_delta(model: torch.nn.Module, delta: Delta | str | Path) -> None:
     """Put back the delta's recorded base values (for a model that holds the delta at scale 1)."""
+    delta = live_delta(model, delta)
     if any(t.base is None for t in delta.tensors.values()):
         raise PieceError(
             "a compact delta does not hold its base values: revert with the handle apply_to_model gave"

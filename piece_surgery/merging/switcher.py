@@ -15,12 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from piece_surgery.formats.delta import Delta
 from piece_surgery.merging.combine import TensorPart, merge_one
-from piece_surgery.merging.live import check_shape, model_tensors, write_entries
+from piece_surgery.merging.live import check_shape, live_delta, model_tensors, write_entries
 from piece_surgery.runtime.errors import PieceError
 
 
@@ -46,13 +47,21 @@ class DeltaSwitcher:
     values in: O(entries), no other weight is touched."""
 
     def __init__(self, model: torch.nn.Module):
+        if not isinstance(model, torch.nn.Module):
+            raise PieceError(
+                f"DeltaSwitcher takes a loaded model (a torch.nn.Module), got {type(model).__name__}"
+            )
         self.model = model
         self.active: str | None = None
         self._resident: dict[str, _Resident] = {}
 
-    def add(self, name: str, delta: Delta, *, scale: float = 1.0) -> None:
-        """Check the delta against the model's base weights (activate(None) first if another delta
-        is active) and keep its entries on the model's device."""
+    def add(self, name: str, delta: Delta | str | Path, *, scale: float = 1.0) -> None:
+        """Check the delta (a Delta, or a delta folder's path or Hub repo id) against the model's
+        base weights (activate(None) first if another delta is active) and keep its entries on the
+        model's device. PieceError for a name in use, or a delta or scale it cannot take."""
+        if not isinstance(name, str):
+            raise PieceError(f"a resident delta's name is a string, got {type(name).__name__}")
+        delta = live_delta(self.model, delta, scale)
         if name in self._resident:
             raise PieceError(f"a delta named '{name}' is already resident; remove it first")
         if self.active is not None:
@@ -76,14 +85,15 @@ class DeltaSwitcher:
         self._resident[name] = resident
 
     def remove(self, name: str) -> None:
+        self._known(name)
         if self.active == name:
             self.activate(None)
         del self._resident[name]
 
     def activate(self, name: str | None) -> None:
         """Make the model hold delta `name` (None: the base). Exact both ways."""
-        if name is not None and name not in self._resident:
-            raise PieceError(f"no resident delta named '{name}'; add it first")
+        if name is not None:
+            self._known(name)
         if name == self.active:
             return
         if self.active is not None:
@@ -92,6 +102,10 @@ class DeltaSwitcher:
         if name is not None:
             self._write(self._resident[name], "new")
         self.active = name
+
+    def _known(self, name: str) -> None:
+        if not isinstance(name, str) or name not in self._resident:
+            raise PieceError(f"no resident delta named {name!r}; add it first")
 
     def _write(self, resident: _Resident, which: str) -> None:
         """Write the resident entries (checked: write_entries)."""
@@ -115,4 +129,5 @@ class DeltaSwitcher:
 
     def resident_bytes(self, name: str) -> int:
         """Device memory a resident delta takes (indices, its values and the base's)."""
+        self._known(name)
         return self._resident[name].nbytes

@@ -12,7 +12,7 @@ from piece_surgery.data.files import referenced_images
 from piece_surgery.formats.artifacts import open_mask
 from piece_surgery.formats.delta import Delta, DeltaInfo, TrainLog, TrainProvenance
 from piece_surgery.formats.delta_folder import DEFAULT_FORMAT, save_delta
-from piece_surgery.formats.mask import Mask
+from piece_surgery.formats.mask import Mask, check_scored_on
 from piece_surgery.io.outputs import refuse_overlap, remove_stale_temporaries
 from piece_surgery.io.sniff import DELTA
 from piece_surgery.models.checkpoint import Checkpoint, LoadedModel
@@ -400,6 +400,4 @@ def check_mask_fits(mask: Mask, checkpoint: Checkpoint, where: str) -> None:
                 f"{where}: tensor '{name}' is {list(mask.shapes[name])} in the mask but "
                 f"{list(checkpoint.layout[name].shape)} in this model"
             )
-    scored_on = mask.info.model
-    if scored_on and scored_on.fingerprint and scored_on.fingerprint != checkpoint.identity.fingerprint:
-        raise PieceError(f"{where} was scored on another model ({scored_on.name}); score this model first")
+    check_scored_on(mask, checkpoint.identity, where)

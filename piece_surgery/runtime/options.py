@@ -8,6 +8,7 @@ Nothing here imports torch: `piece-surgery --help` stays fast.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from piece_surgery.runtime.errors import PieceError
@@ -30,6 +31,23 @@ def check_device_name(name: str) -> None:
 
 
 MAX_SEED = 2**62  # torch's generators take 64 bits; the data order adds the epoch to the seed
+
+
+def check_weight(value: float, name: str) -> float:
+    """A weight (a penalty's, a loss's): a finite number >= 0, as a float; PieceError naming `name`."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (number and value >= 0 and math.isfinite(value)):  # also refuses nan
+        raise PieceError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_fields(record: JsonRecord) -> None:
+    """PieceError naming the first field of `record` whose value is not of its type (a record made
+    in Python: `density="0.1"`), in one line."""
+    try:
+        record.check_types()
+    except ValueError as exc:
+        raise PieceError(str(exc)) from None
 
 
 def check_seed(seed: int) -> None:
@@ -92,6 +110,7 @@ class RunOptions(JsonRecord):
     quiet: bool = field(default=True, metadata={"transient": True, "cli": False})
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_device_name(self.device)
         check_model_dtype(self.dtype)
         if self.max_length < 2:

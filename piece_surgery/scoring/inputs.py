@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,13 +52,13 @@ def avoided_entries(avoid: Avoid, checkpoint: Checkpoint) -> tuple[dict[str, tor
     return dict(entries), AvoidRecord(name, "mask" if isinstance(artifact, Mask) else "delta", count)
 
 
-def check_data(method: str, data: Path | None) -> None:
-    """Data is given exactly when the method reads some."""
+def check_data(method: str, data: Any, *, flag: str = "--data") -> None:
+    """Data is given exactly when the method reads some (`flag`: how the caller names it)."""
     chosen = method_named(method)
     if chosen.needs_data and data is None:
-        raise PieceError(f"--data is required for method {method}")
+        raise PieceError(f"{flag} is required for method {method}")
     if not chosen.needs_data and data is not None:
-        raise PieceError(f"method {method} reads no data; leave out --data")
+        raise PieceError(f"method {method} reads no data; leave out {flag}")
 
 
 def check_selectable(checkpoint: Checkpoint, options: ScoreOptions, avoid: Avoided) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from piece_surgery.models.eligible import DEFAULT_EXCLUDE
 from piece_surgery.runtime.errors import PieceError
-from piece_surgery.runtime.options import check_density, check_seed
+from piece_surgery.runtime.options import check_density, check_fields, check_seed
 from piece_surgery.runtime.records import JsonRecord
 from piece_surgery.scoring.methods import DEFAULT_METHOD, METHODS, method_named
 
@@ -129,6 +129,7 @@ class ScoreOptions(JsonRecord):
     given: frozenset[str] | None = field(default=None, metadata={"transient": True, "cli": False})
 
     def __post_init__(self) -> None:
+        check_fields(self)  # what the CLI parses, Python callers may give as anything
         if self.given is None:
             defaults = {**RETAIN_DEFAULTS, **SELF_DEFAULTS}
             self.given = frozenset(n for n in defaults if getattr(self, n) is not None)

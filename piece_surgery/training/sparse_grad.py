@@ -281,10 +281,10 @@ class SparseParameters:
     DistributedDataParallel, see), and the module hooks that feed them gradients (module docstring).
     Every model weight stays frozen: no dense weight gradient is ever kept.
 
-    `attach` hooks the model; before each forward pass the model's weights are brought up to date
-    with the values (a root pre-hook writes those whose version changed, so an optimizer step by
-    any training loop is seen); `detach` takes every hook off and gives the parameters back their
-    requires_grad.
+    `attach` hooks the model; before each forward pass and each `state_dict()` of the model, its
+    weights are brought up to date with the values (root pre-hooks write them when a version
+    changed, so an optimizer step by any training loop is seen); `detach` takes every hook off and
+    gives the parameters back their requires_grad.
     """
 
     def __init__(
@@ -305,7 +305,7 @@ class SparseParameters:
         self.base_values = {n: v.detach().clone() for n, v in self.values.items()}
         self.sites: list[_Site] = []
         self._model: torch.nn.Module | None = None
-        self._root_handle = None
+        self._root_handles: list = []  # the write before a forward and before a state dict
         self._flags: list[tuple[torch.nn.Parameter, bool]] = []
         self._written: tuple[int, ...] | None = None
         self._called: set[str] | None = None  # module paths whose hook ran, while probing
@@ -327,7 +327,14 @@ class SparseParameters:
             self._hook(site)
         self._model = model
         self._written = None
-        self._root_handle = model.register_forward_pre_hook(self._write_if_changed, prepend=True)
+        # the write runs outside a torch.compile'd graph: traced, its loop over the values' versions
+        # recompiles once per tensor (dynamo's recompile limit, a dozen warnings) for the same result
+        write = self._write_if_changed
+        self._root_handles = [
+            model.register_forward_pre_hook(write, prepend=True),
+            # a state dict holds the trained weights (save_pretrained right after optimizer.step())
+            model.register_state_dict_pre_hook(lambda module, prefix, keep_vars: write(module, None)),
+        ]
         self.write()
 
     def _plan_sites(self, model: torch.nn.Module, sparse_linear: bool) -> list[_Site]:
@@ -445,9 +452,9 @@ class SparseParameters:
             for handle in site.handles:
                 handle.remove()
         self.sites = []
-        if self._root_handle is not None:
-            self._root_handle.remove()
-            self._root_handle = None
+        for handle in self._root_handles:
+            handle.remove()
+        self._root_handles = []
         for p, flag in self._flags:
             p.requires_grad_(flag)
         self._flags.clear()

@@ -102,3 +102,126 @@ def test_a_mask_of_another_model_is_one_line(tiny):
     sparse = ps.sparsify(model, ps.score(model, RECORDS, method="piece-s", density=0.02))
     with pytest.raises(PieceError, match="sparsified already"):
         ps.sparsify(model, sparse.mask)
+
+
+def _one_line(match: str, call) -> str:
+    """`call()` raises a PieceError of one line that contains `match`; returns the line."""
+    with pytest.raises(PieceError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message and match in message, message
+    return message
+
+
+def test_api_mistakes_are_one_line_errors(tiny, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny("llama"))
+    _one_line("must be a Mask", lambda: ps.sparsify(model, {"a": 1}))
+    _one_line("not found", lambda: ps.sparsify(model, tmp_path / "no-mask.safetensors"))
+    _one_line("must be a loaded model", lambda: ps.sparsify("model", tmp_path / "m.safetensors"))
+    _one_line("'density' must be a number", lambda: ps.score(model, RECORDS, density="0.1"))
+    _one_line("retain must be", lambda: ps.score(model, RECORDS, method="piece-r", retain=5))
+    # a string is a named set, a Path a file, texts go in a list
+    _one_line("is not general, self or chat", lambda: ps.score(model, RECORDS, method="piece-r", retain="hi"))
+    _one_line("one record (a dict)", lambda: ps.score(model, {"text": "x = 1"}, method="piece-s"))
+    _one_line("one string", lambda: ps.score(model, "x = 1", method="piece-s"))
+    _one_line("reads no data", lambda: ps.score(model, RECORDS, method="magnitude"))
+    _one_line("has no option 'colour'", lambda: ps.score(model, RECORDS, colour=1))
+
+    mask = ps.score(model, RECORDS, method="piece-s", density=0.02)
+    sparse = ps.sparsify(model, mask)
+    _one_line("this model is sparsified", lambda: ps.score(model, RECORDS, method="piece-s"))
+    _one_line("must be a folder or Hub repo id", lambda: sparse.to_delta(base=5))
+    _one_line("finite number >= 0", lambda: sparse.add_retain_penalty(-1.0))
+    sparse.unsparsify()
+    _one_line("unsparsify() ran already", sparse.unsparsify)
+    _one_line("unsparsify() ran", lambda: sparse.save_delta(tmp_path / "delta"))
+    assert not (tmp_path / "delta").exists()
+
+    switcher = ps.DeltaSwitcher(model)
+    _one_line("must be a Delta", lambda: switcher.add("x", 5))
+    _one_line("scale must be a finite number", lambda: switcher.add("x", tmp_path, scale="1"))
+    _one_line("no resident delta named 'x'", lambda: switcher.activate("x"))
+
+
+def test_paths_are_taken_where_objects_are(tiny, tmp_path):
+    """A mask file for sparsify, a folder for to_delta's base, a delta folder for DeltaSwitcher.add."""
+    base = tiny("llama")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    mask = ps.score(model, RECORDS, method="piece-s", density=0.02)
+    ps.save_mask(mask, tmp_path / "m.safetensors")
+    sparse = ps.sparsify(model, tmp_path / "m.safetensors")
+    assert all(torch.equal(sparse.mask.indices[n], mask.indices[n]) for n in mask.indices)
+    with torch.no_grad():
+        for value in sparse.values.values():
+            value.add_(0.5)
+    by_path, by_default = sparse.to_delta(base=str(base)), sparse.to_delta()
+    assert by_path.count == by_default.count == mask.k
+    sparse.save_delta(tmp_path / "delta")
+    sparse.write()
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("piece_")}
+    sparse.unsparsify()
+    switcher = ps.DeltaSwitcher(model)
+    switcher.add("code", tmp_path / "delta")
+    switcher.activate("code")
+    assert all(bitwise_equal(trained[n], p.detach()) for n, p in model.named_parameters())
+
+
+def test_named_retain_sets_and_texts(tiny):
+    """'chat' is a named set as on the command line; texts in a list are records of their own."""
+    model = AutoModelForCausalLM.from_pretrained(tiny("llama"))
+    chat = ps.score(model, RECORDS, method="piece-r", retain="chat", density=0.02, self_length=4)
+    assert [s.file for s in chat.info.retain.sources] == ["chat"] and chat.info.retain.chat_sampling
+    texts = ps.score(model, RECORDS, method="piece-r", retain=["general", ["x = 1", "y = 2"]], density=0.02)
+    assert [s.file for s in texts.info.retain.sources][0] == "general"
+    assert len(texts.info.retain.sources) == 2
+
+
+def test_the_model_and_the_mask_must_be_the_checkpoints(tiny, tmp_path):
+    """Same architecture, other weights: a mask of one is refused for the other, and a model is
+    refused as a checkpoint it does not hold (score's and to_delta's)."""
+    base, other = tiny("llama"), tiny("llama", seed=1)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    other_model = AutoModelForCausalLM.from_pretrained(other)
+    other_mask = ps.score(other_model, RECORDS, method="piece-s", density=0.02)
+    _one_line("scored on another model", lambda: ps.sparsify(model, other_mask))
+    _one_line(
+        "not those of checkpoint", lambda: ps.score(other_model, RECORDS, method="piece-s", checkpoint=base)
+    )
+    sparse = ps.sparsify(model, ps.score(model, RECORDS, method="piece-s", density=0.02))
+    _one_line("not those of checkpoint", lambda: sparse.to_delta(base=other))
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)  # a weight the mask does not select, changed after sparsify
+    sparse.unsparsify()
+    _one_line("not those of checkpoint", lambda: ps.score(model, RECORDS, method="piece-s"))
+
+
+def test_the_state_dict_holds_the_trained_weights_and_the_models_keys_alone(tiny, tmp_path):
+    """save_pretrained right after optimizer.step() (no forward since) writes the trained model, a
+    plain checkpoint; loading it into a model sparsified with the same mask brings the values back,
+    and with another mask is one line."""
+    base = tiny("llama")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    keys = set(model.state_dict())
+    mask = ps.score(model, RECORDS, method="piece-s", density=0.02)
+    sparse = ps.sparsify(model, mask)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    trained = {n: v.detach().clone() for n, v in sparse.values.items()}
+    assert set(model.state_dict()) == keys
+    model.save_pretrained(tmp_path / "saved")
+    sparse.save_delta(tmp_path / "delta")
+    saved = read_all(tmp_path / "saved")
+    assert set(saved) <= keys
+    for name, idx in mask.indices.items():  # the trained values, not those before the step
+        assert torch.equal(saved[name].reshape(-1)[idx], trained[name])
+        assert not torch.equal(trained[name], sparse.sparse.base_values[name])
+
+    again = AutoModelForCausalLM.from_pretrained(base)
+    resumed = ps.sparsify(again, mask)
+    again.load_state_dict(saved, strict=False)
+    assert all(torch.equal(resumed.values[n], trained[n]) for n in trained)
+    elsewhere = AutoModelForCausalLM.from_pretrained(base)
+    ps.sparsify(elsewhere, ps.score(elsewhere, method="random", density=0.02, seed=3))
+    _one_line("trained with another mask", lambda: elsewhere.load_state_dict(saved, strict=False))

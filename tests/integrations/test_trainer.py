@@ -190,3 +190,79 @@ def test_two_processes_synchronise_only_the_k_values(tiny, tmp_path):
     assert bucket_bytes and all(b <= 4 * summary["k"] for b in bucket_bytes)
     assert sum(bucket_bytes) == 4 * summary["k"] * summary["steps"]
     assert summary["ranks_agree"] and load_delta(tmp_path / "out" / "piece-delta").count > 0
+
+
+def _trainer(model, sparse, tmp_path, callback=None, **args):
+    tokenizer = sparse.checkpoint.load_tokenizer()
+    examples = dataset_from_records(RECORDS, tokenizer, max_length=128).examples
+    return Trainer(
+        model=model,
+        args=_args(tmp_path, **args),
+        train_dataset=examples,
+        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
+        callbacks=[callback or PieceCallback(sparse)],
+    )
+
+
+def test_piece_callback_mistakes_and_outputs_are_refused_before_training(tiny, tmp_path, monkeypatch):
+    """The output folder is checked as the CLI's outputs are, when the callback is made (and the
+    Trainer's own output folder when training begins, before any step): never home, the working
+    folder, the base, a folder holding other things or the Trainer's checkpoints."""
+    from piece_surgery.runtime.errors import PieceError
+
+    base = tiny("llama")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    sparse = ps.sparsify(model, ps.score(model, RECORDS, method="piece-s", density=0.02))
+    home, work, busy = tmp_path / "home", tmp_path / "work", tmp_path / "busy"
+    for folder in (home, work, busy):
+        folder.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    refusals = [
+        ({"output_dir": home}, "home folder"),
+        ({"output_dir": "."}, "."),
+        ({"output_dir": tmp_path}, "above the current one"),  # holds the working folder (and home)
+        ({"output_dir": busy}, "busy"),
+        ({"output_dir": base}, ""),
+        ({"retain_weight": -1.0}, "finite number >= 0"),
+        ({"format_version": 9}, "unknown delta format"),
+    ]
+    for options, fragment in refusals:
+        with pytest.raises(PieceError, match=None) as caught:
+            PieceCallback(sparse, **options)
+        assert "\n" not in str(caught.value) and fragment in str(caught.value), (options, caught.value)
+    assert (busy / "notes.txt").read_text() == "mine" and (base / "config.json").is_file()
+    with pytest.raises(PieceError, match="takes the SparseModel"):
+        PieceCallback(model)
+
+    callback = PieceCallback(sparse, output_dir=tmp_path / "run")  # the Trainer's own output_dir
+    trainer = _trainer(model, sparse, tmp_path, callback, max_steps=1)
+    with pytest.raises(PieceError, match="Trainer's output_dir"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not callback.saved
+
+
+@pytest.mark.parametrize("other", ["random", "denser"])
+def test_a_resume_with_another_mask_is_one_line(tiny, tmp_path, other):
+    """Trainer resumes a checkpoint of a run with another mask: one line says so, not torch's
+    errors (a random mask trains entries the first did not; a denser one holds the first's entries
+    but more values per tensor: the optimizer state is not its)."""
+    from piece_surgery.runtime.errors import PieceError
+
+    base = tiny("llama")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    sparse = ps.sparsify(model, ps.score(model, RECORDS, method="piece-s", density=0.02))
+    _trainer(model, sparse, tmp_path, max_steps=1, save_strategy="steps", save_steps=1).train()
+    assert (tmp_path / "run" / "checkpoint-1" / "piece-values.safetensors").is_file()
+
+    again = AutoModelForCausalLM.from_pretrained(base)
+    options = dict(method="random", seed=3) if other == "random" else dict(method="piece-s", data=RECORDS)
+    mask = ps.score(again, density=0.02 if other == "random" else 0.05, **options)
+    resumed = ps.sparsify(again, mask)
+    trainer = _trainer(again, resumed, tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    with pytest.raises(PieceError, match="trained with another mask") as caught:
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+    assert "\n" not in str(caught.value)
+    # the random mask is told apart when the weights load, the denser one by the optimizer's state
+    assert ("differs outside the mask's entries" in str(caught.value)) == (other == "random")
