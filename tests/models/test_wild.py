@@ -147,7 +147,7 @@ def test_an_adapter_file_missing_or_adding_tensors_is_refused(tiny, tmp_path, cl
     save_file({**tensors, "base_model.model.stray.lora_A.weight": torch.zeros(2, 2)}, weights)
     assert_clean_failure(
         cli("import", tmp_path / "adapter", "--base", base, "-o", out),
-        "does not use (first: 'base_model.model.stray",
+        "holds tensors for modules this base does not have (first: 'stray')",
         output=out,
     )
     save_file({}, weights)
