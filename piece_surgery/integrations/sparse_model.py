@@ -24,7 +24,7 @@ from piece_surgery.io.sniff import DELTA
 from piece_surgery.models.checkpoint import Checkpoint
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.training.budget import DriftEstimate
-from piece_surgery.training.deltas import trained_delta
+from piece_surgery.training.deltas import moved_values, trained_delta
 from piece_surgery.training.sparse_grad import SparseParameters
 
 HOLDER = "piece_surgery"  # the submodule of the model that holds the trainable values
@@ -85,9 +85,11 @@ class SparseModel:
     def to_delta(self, *, base: Checkpoint | None = None, provenance: dict[str, Any] | None = None) -> Delta:
         """The delta of the values now against the base: the base's values read from `base`'s files
         (default: the checkpoint the model was loaded from), else those the weights held when
-        sparsified; each value rounded once to its weight's dtype, so applying the delta to the
-        base gives this model's weights bit for bit. `provenance`: what trained it (fields of
-        TrainProvenance: hyperparameters, data, steps, final_train_loss, ...)."""
+        sparsified. An entry changes only where training moved it in the dtype the model holds it in
+        (training.deltas.moved_values), to its value rounded once to the base's stored dtype: the
+        base with the delta applied, loaded in the model's dtype, is this model's weights bit for
+        bit, and no entry changes by the rounding into the model's dtype alone. `provenance`: what
+        trained it (fields of TrainProvenance: hyperparameters, data, steps, final_train_loss, ...)."""
         values = {n: v.detach().cpu() for n, v in self.values.items()}
         base = base or self.checkpoint
         info = DeltaInfo(base.identity if base is not None else None, self._provenance(provenance or {}))
@@ -98,7 +100,7 @@ class SparseModel:
         for name, idx in self.mask.indices.items():
             dtype = self.sparse.params[name].dtype
             base_values = self.sparse.base_values[name].cpu().to(dtype)
-            entries[name] = (idx.cpu(), base_values, values[name].to(dtype))
+            entries[name] = (idx.cpu(), base_values, moved_values(base_values, values[name], dtype))
         return delta_from_values(entries, dict(self.mask.shapes), info)
 
     def save_delta(
