@@ -1,5 +1,8 @@
 """CLI helpers and the tiny-model command."""
 
+import json
+import shutil
+
 import pytest
 import torch
 from helpers import assert_clean_failure, read_all
@@ -53,3 +56,32 @@ def test_tiny_model_refuses_an_unknown_architecture_and_an_existing_output(tmp_p
     )
     (tmp_path / "y").mkdir()
     assert_clean_failure(cli("tiny-model", tmp_path / "y"), "--overwrite")
+
+
+def test_tilde_is_the_home_folder_in_every_data_option(tiny, tmp_path, cli, code_data, monkeypatch):
+    """`--data '~/x'` (quoted: the shell left the `~`) reads $HOME/x, as the positional paths do."""
+    base, home, elsewhere = tiny("llama"), tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(code_data, home / "code.jsonl")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)  # no code.jsonl here, nor a `~` folder
+    data = "~/code.jsonl"
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def ok(*args):
+        code, stdout, err = cli(*args, "-q", "--json")
+        assert code == 0, err
+        return json.loads(stdout)
+
+    scored = ok("score", base, "--data", data, "--retain", data, "-o", out / "m.safetensors")
+    assert scored["examples"] == 5 and scored["retain"]["sources"][0]["examples"] == 5
+    mask = ["--mask", out / "m.safetensors"]
+    args = ["--data", data, "--eval-data", data, "--eval-general", data, "--max-steps", "1", *mask]
+    trained = ok("train", base, *args, "-o", out / "d")
+    assert trained["final_eval_loss"] is not None and trained["measured_drift"] is not None
+    evaluated = ok("eval", base, out / "d", "--data", data, "--general", data)
+    assert evaluated["data"]["examples"] == 5 and evaluated["general"][0]["examples"] == 5
+    generated = ok("generate", base, "--prompts", data, "--max-new-tokens", "2")
+    assert len(generated["prompts"]) == 5
