@@ -86,6 +86,7 @@ def score_command(
 TRAIN_SCORING = {
     "skip": ("seed", "offload_accumulators", "gradient_checkpointing"),
     "rename": {"batch_size": "score_batch_size"},
+    "note": "Scoring without --mask",
 }
 
 
