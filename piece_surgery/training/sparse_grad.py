@@ -47,6 +47,29 @@ from piece_surgery.runtime.sharding import full, local_part
 _CHUNK_ELEMENTS = 1 << 22
 
 
+# torch.compile leaves modules' hooks out of its guards by default (skip_nnmodule_hook_guards): a
+# frame compiled for a layer whose modules carry no hook is then reused for a layer whose modules carry
+# ours, and their values silently stop getting gradients (a llama with its norm gains and layer 0's
+# MLP masked: the MLP trained on the first step only). While sparse parameters are attached, compiled
+# frames guard on the hooks too; the setting the process had comes back when the last is detached.
+_HOOK_GUARDS = {"attached": 0, "skip_before": None}
+
+
+def _guard_hooks(attaching: bool) -> None:
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    if attaching:
+        if _HOOK_GUARDS["attached"] == 0:
+            _HOOK_GUARDS["skip_before"] = config.skip_nnmodule_hook_guards
+            config.skip_nnmodule_hook_guards = False
+        _HOOK_GUARDS["attached"] += 1
+        return
+    _HOOK_GUARDS["attached"] -= 1
+    if _HOOK_GUARDS["attached"] == 0:
+        config.skip_nnmodule_hook_guards = _HOOK_GUARDS["skip_before"]
+
+
 # Entries whose rows x columns span at most this many times their count are computed as one small
 # matrix product: importance masks cluster in a few rows and columns (median 4x on SmolLM2), and one
 # BLAS call over the block beats gathering a column pair per entry.
@@ -327,7 +350,11 @@ class SparseParameters:
             self._hook(site)
         self._model = model
         self._written = None
-        self._root_handle = model.register_forward_pre_hook(self._write_if_changed, prepend=True)
+        # run as it is, never traced: under torch.compile the write's loop over the masked tensors
+        # (each its own shape) would be compiled again per tensor, up to dynamo's recompile limit
+        write = torch.compiler.disable(self._write_if_changed)
+        self._root_handle = model.register_forward_pre_hook(write, prepend=True)
+        _guard_hooks(attaching=True)
         self.write()
 
     def _plan_sites(self, model: torch.nn.Module, sparse_linear: bool) -> list[_Site]:
@@ -448,6 +475,7 @@ class SparseParameters:
         if self._root_handle is not None:
             self._root_handle.remove()
             self._root_handle = None
+            _guard_hooks(attaching=False)
         for p, flag in self._flags:
             p.requires_grad_(flag)
         self._flags.clear()
