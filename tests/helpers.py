@@ -49,6 +49,28 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(bits), b.view(bits))
 
 
+def moved_by_brute_force(stored: dict, indices: dict, values: dict, dtype: torch.dtype) -> dict:
+    """(tensor, flat index) -> the tuned value a delta must record, one entry at a time: an entry
+    moved where the trained value and the stored one, each rounded alone to `dtype`, differ."""
+    moved = {}
+    for name, idx in indices.items():
+        flat = stored[name].reshape(-1)
+        for j, i in enumerate(idx.tolist()):
+            trained, base = values[name][j], flat[i]
+            if float(trained.to(dtype)) != float(base.to(dtype)):
+                moved[(name, i)] = float(trained.to(flat.dtype))
+    return moved
+
+
+def delta_entries(delta) -> dict:
+    """(tensor, flat index) -> the tuned value, of every entry a delta changes."""
+    return {
+        (name, int(i)): float(t)
+        for name, td in delta.tensors.items()
+        for i, t in zip(td.indices, td.tuned, strict=True)
+    }
+
+
 def same_checkpoint(a: Path, b: Path) -> bool:
     ta, tb = read_all(a), read_all(b)
     return ta.keys() == tb.keys() and all(bitwise_equal(ta[k], tb[k]) for k in ta)

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from helpers import read_all
+from helpers import assert_clean_failure, read_all
 from safetensors.torch import load_file
 
 DATA = "\n".join(
@@ -124,3 +124,27 @@ def test_the_pipeline_end_to_end_is_exact(tiny, data, tmp_path, cli, arch):
     before, after = read_all(base), read_all(tmp_path / "merged")
     changed = sum(int((before[k] != after[k]).sum()) for k in before)
     assert changed == report["entries"]
+
+
+@pytest.mark.smoke
+def test_mixture_of_experts_under_transformers_4_is_refused_in_one_line(tmp_path, cli, data, monkeypatch):
+    """Experts are transformers 5's fused tensors, placed by its conversion mapping: under 4 (the
+    floor pyproject.toml allows for dense models) an MoE checkpoint is refused before any work, by
+    every command that reads one, and tiny-model writes none; a dense config is never taken for one."""
+    from piece_surgery.models import loading
+    from piece_surgery.models.tiny import MOE_ARCHITECTURES, TINY_CONFIGS, make_tiny_checkpoint, tiny_config
+
+    monkeypatch.setattr(loading, "transformers_major", lambda: 5)  # to write one, whatever is installed
+    moe = make_tiny_checkpoint(tmp_path / "moe", "qwen3_moe")
+    monkeypatch.setattr(loading, "transformers_major", lambda: 4)
+    needs = "mixture-of-experts checkpoints need transformers>=5.0: pip install -U transformers"
+    for args, output in [
+        (["score", moe, "--data", data, "-o", tmp_path / "m.safetensors"], tmp_path / "m.safetensors"),
+        (["train", moe, "--data", data, "-o", tmp_path / "d"], tmp_path / "d"),
+        (["diff", moe, moe, "-o", tmp_path / "d"], tmp_path / "d"),
+        (["tiny-model", tmp_path / "t", "--arch", "mixtral"], tmp_path / "t"),
+    ]:
+        line = assert_clean_failure(cli(*args), needs, output=output)
+        assert line.startswith(("error: qwen3_moe is a mixture-of-experts", "error: mixtral is a mixture"))
+    assert all(loading.is_mixture_of_experts(tiny_config(arch)) for arch in MOE_ARCHITECTURES)
+    assert not any(loading.is_mixture_of_experts(tiny_config(arch)) for arch in TINY_CONFIGS)

@@ -41,7 +41,8 @@ def diff_command(
         float | None,
         typer.Option(
             help="Keep only this fraction of the eligible entries (as score counts them: every weight "
-            "but the embedding tables), largest |change| first."
+            "but the embedding tables), largest |change| first.",
+            metavar="FRACTION",
         ),
     ] = None,
     top_k: Annotated[

@@ -86,6 +86,7 @@ def score_command(
 TRAIN_SCORING = {
     "skip": ("seed", "offload_accumulators", "gradient_checkpointing"),
     "rename": {"batch_size": "score_batch_size"},
+    "note": "Scoring without --mask",
 }
 
 
@@ -321,11 +322,8 @@ def _eval_table(result: dict):
     table.add_column("set", overflow="fold", min_width=min(max(map(len, sets)), 24))
     for column in ("gain", "drift (KL)", "top-1 changed", "tokens", "seconds"):
         table.add_column(column, justify="right", no_wrap=True)
-    for row in result["candidates"]:
+    for row in result["candidates"]:  # one identical to the base too: its zeros on every set
         name, seconds = Text(row["candidate"]), f"{row['seconds']:.1f}"
-        if not row["changes_outputs"]:
-            table.add_row(name, "", "identical to the base", "", "", f"{row['tokens']:,}", seconds)
-            continue
         if domain is not None:
             domain_tokens = row["tokens"] - sum(g["tokens"] for g in row["general"])
             table.add_row(name, Text(domain), f"{row['gain']:.4f}", "", "", f"{domain_tokens:,}", seconds)
@@ -344,7 +342,12 @@ def _eval_lines(result: dict) -> list[str]:
             lines.append(
                 f"{row['candidate']}: identical to the base on every token measured (nothing applied?)"
             )
-    for extra in ("recorded", "plot", "tasks"):
-        if result.get(extra):
-            lines.append(f"{extra}: {result[extra]}")
+    if result["recorded"]:
+        lines.append(f"recorded the figures in delta.json and README.md of {', '.join(result['recorded'])}")
+    if result["plot"]:
+        lines.append(f"plot: {result['plot']}")
+    for candidate, tasks in (result["tasks"] or {}).items():
+        for task, metrics in tasks.items():
+            shown = [f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, int | float)]
+            lines.append(f"{candidate} on {task}: {', '.join(shown) or '-'}")
     return lines

@@ -22,6 +22,9 @@ from typing import Annotated, Any
 import typer
 
 _BY_TYPE = {int: "N", float: "NUMBER", str: "TEXT"}
+# the options every command ends its --help with, after its own and its records' (the parameters'
+# names: --overwrite, -q/--quiet, --json)
+LAST = ("overwrite", "quiet", "as_json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +36,12 @@ class _Flag:
 
 
 def _flags(
-    record: type, only: Iterable[str] | None, skip: Iterable[str], rename: dict[str, str], given_only: bool
+    record: type,
+    only: Iterable[str] | None,
+    skip: Iterable[str],
+    rename: dict[str, str],
+    given_only: bool,
+    note: str | None,
 ) -> list[_Flag]:
     hints = typing.get_type_hints(record)
     chosen = []
@@ -52,17 +60,29 @@ def _flags(
             default = f.default
         else:
             default = None  # a list: typer takes None for "not given"
-        if given_only:
+        help_text = f.metadata.get("help", "")
+        if given_only:  # the flag's default is None ("not given"): the record's, said in the help
+            help_text = _with_default(help_text, default)
             default = None
+        if note:
+            help_text = f"{note}: {help_text[:1].lower() + help_text[1:]}"
         if default is None and not _is_optional(kind):
             kind = kind | None
         option = typer.Option(
             f"--{param.replace('_', '-')}",
-            help=f.metadata.get("help", ""),
+            help=help_text,
             metavar=None if f.metadata.get("flag") else f.metadata.get("metavar") or _metavar(kind),
         )
         chosen.append(_Flag(f, param, Annotated[kind, option], default))
     return chosen
+
+
+def _with_default(help_text: str, default: Any) -> str:
+    """The help with the record's default at its end, as --help shows a flag's own default (a help
+    that says its default already, or a default of nothing, is left as it is)."""
+    if "[default" in help_text or default in (None, False) or default == []:
+        return help_text
+    return f"{help_text}  [default: {','.join(map(str, default)) if isinstance(default, list) else default}]"
 
 
 def _is_optional(kind: Any) -> bool:
@@ -83,19 +103,23 @@ def takes(
     skip: Iterable[str] = (),
     rename: dict[str, str] | None = None,
     given_only: bool = False,
+    note: str | None = None,
     fixed: Callable[[dict, dict], dict] | None = None,
 ):
     """Decorate a Typer command: give it a flag per field of `record` (those in `only`, less those
     in `skip`; `rename` maps a field to another flag name) and pass it the record as `param`.
 
     `given_only`: every flag defaults to None and the command gets None when none was given, else
-    the record made of the given values (the others take the record's defaults).
+    the record made of the given values (the others take the record's defaults); each flag's help
+    says the record's default. `note` begins each flag's help (e.g. "Scoring without --mask").
     `fixed(values, arguments)` adds what the command's own arguments set (e.g. `quiet`): its result
-    is the record's keyword arguments."""
-    flags = _flags(record, only, skip, rename or {}, given_only)
+    is the record's keyword arguments. --overwrite, -q and --json stay last in --help."""
+    flags = _flags(record, only, skip, rename or {}, given_only, note)
 
     def decorate(command):
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != param]
+        last = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name in LAST]
+        own = [p for p in own if p.name not in LAST]
         added = [
             inspect.Parameter(
                 f.param, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.annotation
@@ -113,7 +137,7 @@ def takes(
             made = record(**values) if values or not given_only else None
             return command(**{param: made}, **kwargs)
 
-        with_record.__signature__ = inspect.Signature([*own, *added])
+        with_record.__signature__ = inspect.Signature([*own, *added, *last])
         return with_record
 
     return decorate

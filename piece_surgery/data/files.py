@@ -28,6 +28,7 @@ SUFFIXES_SHOWN = ".txt, .jsonl, .json, .parquet, .arrow"
 def referenced_images(data: Path) -> list[Path]:
     """The image files a data file's records name (paths joined to the data file's folder), for
     the overlap check of outputs; data that cannot be read is left to the data reader."""
+    data = Path(data).expanduser()
     suffix = data.suffix.lower()
     if suffix not in (".jsonl", ".json", *TABLE_SUFFIXES):
         return []
@@ -63,9 +64,11 @@ def read_data(path: Path, max_samples: int | None = None) -> DataFile:
     each checked: .txt, .jsonl, .json (an array of objects, or one object a line), .parquet,
     .arrow/.feather, or a folder saved with `datasets`' save_to_disk. The digest is the file's
     sha256 (for a folder: tables.folder_digest). PieceError, one line, for a missing source, a
-    suffix it does not read, a record of no known shape (naming its fields), or no records."""
+    suffix it does not read, a record of no known shape (naming its fields), or no records. `~`
+    is the user's home folder, as in every path a command takes."""
+    path = Path(path).expanduser()
     rows = read_rows(path, max_samples)
-    if Path(path).suffix.lower() == ".txt" and Path(path).is_file():  # a line is a text record as it is
+    if path.suffix.lower() == ".txt" and path.is_file():  # a line is a text record as it is
         return rows
     return DataFile([(where, _checked(row, where)) for where, row in rows.records], rows.sha256, rows.folder)
 
@@ -73,7 +76,7 @@ def read_data(path: Path, max_samples: int | None = None) -> DataFile:
 def read_rows(path: Path, max_samples: int | None = None) -> DataFile:
     """A data source's rows as they are (strings for .txt, objects otherwise; not yet mapped onto
     records): read_data's reading, for readers of other shapes (prompts.py)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     found = what_is(path)
     if found == NOTHING:
         raise PieceError(f"data file '{path}' not found")

@@ -17,7 +17,9 @@ class EvalOptions(JsonRecord):
     batch_size: int = field(default=4, metadata={"help": "Examples per forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed of the text the base writes (--general self)."})
     self_samples: int = field(default=64, metadata={"help": "--general self: texts the base writes."})
-    self_length: int = field(default=128, metadata={"help": "--general self: tokens per text."})
+    self_length: int = field(
+        default=128, metadata={"help": "--general self: tokens per text.", "metavar": "TOKENS"}
+    )
 
     def __post_init__(self) -> None:
         check_seed(self.seed)

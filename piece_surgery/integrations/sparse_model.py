@@ -26,7 +26,7 @@ from piece_surgery.models.checkpoint import Checkpoint, LoadedModel
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.options import check_weight
 from piece_surgery.training.budget import DriftEstimate
-from piece_surgery.training.deltas import trained_delta
+from piece_surgery.training.deltas import moved_values, trained_delta
 from piece_surgery.training.sparse_grad import SparseParameters
 
 
@@ -125,10 +125,13 @@ class SparseModel:
     ) -> Delta:
         """The delta of the values now against the base: the base's values read from `base`'s files
         (a folder, a Hub repo id or an opened Checkpoint; default: the checkpoint the model was
-        loaded from), else those the weights held when sparsified; each value rounded once to its
-        weight's dtype, so applying the delta to the base gives this model's weights bit for bit.
-        `provenance`: what trained it (fields of TrainProvenance: hyperparameters, data, steps,
-        final_train_loss, ...). PieceError after unsparsify(), or for a base of another model."""
+        loaded from), else those the weights held when sparsified. An entry changes only where
+        training moved it in the dtype the model holds it in (training.deltas.moved_values), to its
+        value rounded once to the base's stored dtype: the base with the delta applied, loaded in the
+        model's dtype, is this model's weights bit for bit, and no entry changes by the rounding into
+        the model's dtype alone. `provenance`: what trained it (fields of TrainProvenance:
+        hyperparameters, data, steps, final_train_loss, ...). PieceError after unsparsify(), or for
+        a base of another model."""
         self._check_attached("make the delta")
         base = self.checkpoint if base is None else checkpoint_of(self.model, base)
         values = {n: v.detach().cpu() for n, v in self.values.items()}
@@ -140,7 +143,7 @@ class SparseModel:
         for name, idx in self.mask.indices.items():
             dtype = self.sparse.params[name].dtype
             base_values = self.sparse.base_values[name].cpu().to(dtype)
-            entries[name] = (idx.cpu(), base_values, values[name].to(dtype))
+            entries[name] = (idx.cpu(), base_values, moved_values(base_values, values[name], dtype))
         return delta_from_values(entries, dict(self.mask.shapes), info)
 
     def _loaded_as(self, base: Checkpoint) -> LoadedModel:

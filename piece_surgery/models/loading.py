@@ -131,13 +131,49 @@ def load_causal_lm(
     return model.to(device)
 
 
+# a config's count of experts, by the name each family gives it (Mixtral and gpt-oss, Qwen-MoE and
+# OLMoE, DeepSeek-V3)
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")
+MOE_NEEDS = "mixture-of-experts checkpoints need transformers>=5.0: pip install -U transformers"
+
+
+def is_mixture_of_experts(config) -> bool:
+    """Whether a transformers config (or its text model's, in a vision-language config) describes
+    a mixture-of-experts model: more than one expert."""
+    configs = [config, getattr(config, "text_config", None)]
+    return any(
+        isinstance(getattr(c, key, None), int) and getattr(c, key) > 1
+        for c in configs
+        if c is not None
+        for key in _EXPERT_COUNTS
+    )
+
+
+def check_experts_supported(model_type: str) -> None:
+    """PieceError for a mixture-of-experts model under transformers 4: its experts are modules of
+    their own there, not transformers 5's fused tensors its conversion mapping places, which the
+    masks, deltas and pairing of experts are built on."""
+    if transformers_major() < 5:
+        raise PieceError(f"{model_type} is a mixture-of-experts model; {MOE_NEEDS}")
+
+
+def transformers_major() -> int:
+    """The major version of the transformers installed (4, 5, ...)."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
 def auto_model_class(config):
     """The transformers Auto class a config's model loads with: AutoModelForImageTextToText for a
     vision-language model (LLaVA, Qwen2-VL, Idefics3, SmolVLM, Gemma 3 with its vision tower),
     AutoModelForCausalLM otherwise. PieceError for a vision-language model under transformers 4:
-    its loader renames stored names by rules piece-surgery cannot read, so no pairing is exact."""
+    its loader renames stored names by rules piece-surgery cannot read, so no pairing is exact;
+    and for a mixture-of-experts model there (check_experts_supported)."""
     from transformers import AutoModelForCausalLM
 
+    if is_mixture_of_experts(config):
+        check_experts_supported(getattr(config, "model_type", "this checkpoint"))
     if not is_vision_language(config):
         return AutoModelForCausalLM
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from piece_surgery.models.loading import check_experts_supported
 from piece_surgery.runtime.errors import PieceError
 
 # mixture-of-experts families: 4 experts, 2 per token, in both layers (DeepSeek-V3: its first layer
@@ -234,6 +235,8 @@ def make_tiny_checkpoint(
 
     if experts not in EXPERT_LAYOUTS:
         raise ValueError(f"unknown expert layout {experts!r}; use {', '.join(EXPERT_LAYOUTS)}")
+    if arch in MOE_ARCHITECTURES:
+        check_experts_supported(arch)
     transformers.utils.logging.disable_progress_bar()
     if tokenizer is not None:
         ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}

@@ -28,6 +28,7 @@ from piece_surgery.training.schedule import lr_factor, total_steps
 from piece_surgery.training.sparse_grad import SparseParameters
 from piece_surgery.training.state import load_state, save_state
 from piece_surgery.training.steps import MicroBatchLoss, probe_batch, step_gradients
+from piece_surgery.training.unchanged import why_unchanged
 
 
 @dataclass
@@ -45,8 +46,10 @@ class TrainResult:
     # the first step whose drift passed --drift-budget: {"step", "drift"}; the values are those of
     # the last step within it (`steps`)
     drift_budget_passed: dict | None = None
-    # why no entry changed although the values had gradients (updates below the dtype's resolution)
+    # why most entries with a gradient ended unchanged in the weights' dtype (their updates below its
+    # resolution, or below float32's), or None (training.unchanged)
     unchanged_reason: str | None = None
+    unchanged_entries: int | None = None  # the entries with a non-zero gradient that ended unchanged
     ranks: int = 1  # the processes that trained (1: no launcher, or a launcher that started one)
 
     def summary(self) -> dict:
@@ -64,6 +67,7 @@ class TrainResult:
             "stopped_by_drift_budget": self.stopped_by_drift_budget,
             "drift_budget_passed": self.drift_budget_passed,
             "unchanged_reason": self.unchanged_reason,
+            "unchanged_entries": self.unchanged_entries,
             "log": TrainLog.of(self.history).to_json(),
         }
 
@@ -155,7 +159,8 @@ def train_sparse(
                 break
         sparse.write()
         loop.measures.finish(loop.history)
-        unchanged = _why_unchanged(sparse, loop.history[start:] if not loop.budget.passed_at else [])
+        records = loop.history[start:] if not loop.budget.passed_at else []
+        unchanged = why_unchanged(sparse, optimizer, config.lr, records)
     finally:
         if loop.forward is not None:
             loop.forward.close()
@@ -250,7 +255,9 @@ class _Loop:
         self.measures.restore(self.history[-1])
         return True
 
-    def result(self, start: int, total: int, *, resumed: bool, unchanged: str | None) -> TrainResult:
+    def result(
+        self, start: int, total: int, *, resumed: bool, unchanged: tuple[str | None, int | None]
+    ) -> TrainResult:
         passed = self.budget.passed_at
         return TrainResult(
             values={n: v.detach().cpu() for n, v in self.sparse.values.items()},
@@ -264,35 +271,10 @@ class _Loop:
             measured_drift=self.measures.drift,
             stopped_by_drift_budget=passed is not None,
             drift_budget_passed=passed,
-            unchanged_reason=unchanged,
+            unchanged_reason=unchanged[0],
+            unchanged_entries=unchanged[1],
             ranks=self.world.size if self.world is not None else 1,
         )
-
-
-def _why_unchanged(sparse: SparseParameters, records: list[dict]) -> str | None:
-    """None if an entry changed (in its weight's dtype) or no step ran. Raises PieceError when the
-    values never received a gradient; else says why the updates left every entry as it was."""
-    if not records or sparse.changed_entries():
-        return None
-    if all(r.get("grad_norm", 1.0) == 0.0 for r in records):
-        raise PieceError(
-            f"the trained values received no gradient in {len(records)} steps, so nothing was learned; "
-            "check that the data has loss-bearing tokens the masked entries influence"
-        )
-    largest, relative, dtype = 0.0, 0.0, None
-    for name, v in sparse.values.items():
-        change = (v.detach() - sparse.base_values[name]).abs()
-        if change.numel() and float(change.max()) >= largest:
-            i = int(change.argmax())
-            largest = float(change[i])
-            relative = largest / max(abs(float(sparse.base_values[name][i])), 1e-30)
-            dtype = sparse.params[name].dtype
-    resolution = torch.finfo(dtype).eps if dtype is not None else float("nan")
-    return (
-        f"no entry changed in the weights' dtype: the largest update was {largest:.3g} ({relative:.3g} "
-        f"of its entry), below {dtype} resolution (about {resolution:.3g} relative); raise --lr or "
-        "train longer"
-    )
 
 
 def _check_inputs(dataset: Dataset, config: TrainConfig, fisher, general: Dataset | None = None) -> None:

@@ -47,6 +47,29 @@ from piece_surgery.runtime.sharding import full, local_part
 _CHUNK_ELEMENTS = 1 << 22
 
 
+# torch.compile leaves modules' hooks out of its guards by default (skip_nnmodule_hook_guards): a
+# frame compiled for a layer whose modules carry no hook is then reused for a layer whose modules carry
+# ours, and their values silently stop getting gradients (a llama with its norm gains and layer 0's
+# MLP masked: the MLP trained on the first step only). While sparse parameters are attached, compiled
+# frames guard on the hooks too; the setting the process had comes back when the last is detached.
+_HOOK_GUARDS = {"attached": 0, "skip_before": None}
+
+
+def _guard_hooks(attaching: bool) -> None:
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    if attaching:
+        if _HOOK_GUARDS["attached"] == 0:
+            _HOOK_GUARDS["skip_before"] = config.skip_nnmodule_hook_guards
+            config.skip_nnmodule_hook_guards = False
+        _HOOK_GUARDS["attached"] += 1
+        return
+    _HOOK_GUARDS["attached"] -= 1
+    if _HOOK_GUARDS["attached"] == 0:
+        config.skip_nnmodule_hook_guards = _HOOK_GUARDS["skip_before"]
+
+
 # Entries whose rows x columns span at most this many times their count are computed as one small
 # matrix product: importance masks cluster in a few rows and columns (median 4x on SmolLM2), and one
 # BLAS call over the block beats gathering a column pair per entry.
@@ -327,14 +350,15 @@ class SparseParameters:
             self._hook(site)
         self._model = model
         self._written = None
-        # the write runs outside a torch.compile'd graph: traced, its loop over the values' versions
-        # recompiles once per tensor (dynamo's recompile limit, a dozen warnings) for the same result
-        write = self._write_if_changed
+        # run as it is, never traced: under torch.compile the write's loop over the masked tensors
+        # (each its own shape) would be compiled again per tensor, up to dynamo's recompile limit
+        write = torch.compiler.disable(self._write_if_changed)
         self._root_handles = [
             model.register_forward_pre_hook(write, prepend=True),
             # a state dict holds the trained weights (save_pretrained right after optimizer.step())
             model.register_state_dict_pre_hook(lambda module, prefix, keep_vars: write(module, None)),
         ]
+        _guard_hooks(attaching=True)
         self.write()
 
     def _plan_sites(self, model: torch.nn.Module, sparse_linear: bool) -> list[_Site]:
@@ -452,9 +476,11 @@ class SparseParameters:
             for handle in site.handles:
                 handle.remove()
         self.sites = []
-        for handle in self._root_handles:
-            handle.remove()
-        self._root_handles = []
+        if self._root_handles:
+            for handle in self._root_handles:
+                handle.remove()
+            self._root_handles = []
+            _guard_hooks(attaching=False)
         for p, flag in self._flags:
             p.requires_grad_(flag)
         self._flags.clear()

@@ -97,6 +97,20 @@ def test_a_candidate_that_changes_nothing_is_said_to(setup, tmp_path, cli):
     assert result["candidates"][0]["changes_outputs"] is False and result["candidates"][0]["drift"] == 0.0
 
 
+def test_the_table_shows_every_general_set_of_every_candidate_and_record_says_where(setup, tmp_path, cli):
+    base, _, delta, general = setup
+    other = tmp_path / "other.txt"
+    other.write_text("Numbers count up: one, two, three, four.\n")
+    copy = shutil.copytree(base, tmp_path / "copy")  # identical to the base: its zeros shown too
+    code, stdout, err = cli("eval", base, copy, delta, "--general", general, "--general", other, "--record")
+    assert code == 0, err
+    lines = stdout.splitlines()
+    for name in (general.name, other.name):
+        assert sum(name in line for line in lines) == 2, stdout  # a row per candidate
+    (recorded,) = [line for line in lines if line.startswith("recorded")]
+    assert recorded.endswith(str(delta)) and "[" not in recorded
+
+
 def test_self_text_is_the_default_general_set(setup, cli):
     base, _, delta, _ = setup
     result = run_eval(cli, base, delta, "--self-samples", "3", "--self-length", "9")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import bitwise_equal, read_all
+from helpers import bitwise_equal, delta_entries, moved_by_brute_force, read_all
 from transformers import AutoModelForCausalLM
 
 import piece_surgery as ps
@@ -225,3 +225,29 @@ def test_the_state_dict_holds_the_trained_weights_and_the_models_keys_alone(tiny
     elsewhere = AutoModelForCausalLM.from_pretrained(base)
     ps.sparsify(elsewhere, ps.score(elsewhere, method="random", density=0.02, seed=3))
     _one_line("trained with another mask", lambda: elsewhere.load_state_dict(saved, strict=False))
+
+
+@pytest.mark.parametrize("lr", [1e-2, 1e-9])
+def test_a_model_trained_in_bf16_from_fp32_files_records_only_what_training_moved(tiny, tmp_path, cli, lr):
+    """to_delta by train's rule: the rounding of the fp32 files into the bf16 model is no change."""
+    base = tiny("llama")
+    model = AutoModelForCausalLM.from_pretrained(base).to(torch.bfloat16)
+    mask = ps.score(model, RECORDS, method="piece-s", density=0.02)
+    sparse = ps.sparsify(model, mask)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    values = {n: v.detach() for n, v in sparse.values.items()}
+    expected = moved_by_brute_force(read_all(base), mask.indices, values, torch.bfloat16)
+    delta = sparse.to_delta()
+    assert delta_entries(delta) == expected and bool(expected) == (lr == 1e-2)
+    if lr == 1e-2:  # the fp32 base with the delta, loaded in bf16, is the model trained
+        sparse.save_delta(tmp_path / "delta")
+        assert cli("apply", base, tmp_path / "delta", "-o", tmp_path / "merged", "-q")[0] == 0
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").to(torch.bfloat16)
+        sparse.write()
+        now = dict(model.named_parameters())
+        assert all(bitwise_equal(p.detach(), now[n].detach()) for n, p in merged.named_parameters())

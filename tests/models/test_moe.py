@@ -20,12 +20,17 @@ from piece_surgery.formats.mask import load_mask
 from piece_surgery.models.checkpoint import open_checkpoint
 from piece_surgery.models.eligible import eligible_parameters
 from piece_surgery.models.fused import ParameterSlice, fused_slices
+from piece_surgery.models.loading import transformers_major
 from piece_surgery.models.naming import expert_entries
 from piece_surgery.models.tiny import MOE_ARCHITECTURES, make_tiny_checkpoint
 from piece_surgery.scoring.importance import accumulate_gradients
 from piece_surgery.training.config import TrainConfig
 from piece_surgery.training.loop import train_sparse
 from piece_surgery.training.sparse_grad import SparseParameters
+
+# experts are transformers 5's fused tensors, placed by its conversion mapping: under 4 an MoE
+# checkpoint is refused in one line (tests/test_upstream.py checks that)
+pytestmark = pytest.mark.skipif(transformers_major() < 5, reason="mixture-of-experts needs transformers>=5")
 
 # every family in both layouts; gpt-oss stores its experts fused on the Hub and has no other layout
 CASES = [(a, layout) for a in MOE_ARCHITECTURES if a != "gpt_oss" for layout in ("per-expert", "fused")]

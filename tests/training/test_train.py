@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from helpers import assert_clean_failure, bitwise_equal, read_all
+from helpers import assert_clean_failure, bitwise_equal, delta_entries, moved_by_brute_force, read_all
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -401,3 +401,72 @@ def test_the_sparse_trainer_matches_plain_adamw_on_dense_weights_with_masked_gra
         torch.testing.assert_close(result.values[name], expected, rtol=1e-5, atol=1e-6)
         outside = masked[name].detach().reshape(-1)[~keep[name]]
         assert torch.equal(outside, params[name].detach().reshape(-1)[~keep[name]])  # untouched either way
+
+
+@pytest.mark.parametrize("lr", [1e-5, 1e-9])
+def test_a_bf16_run_on_an_fp32_checkpoint_records_only_what_training_moved(tiny, code_data, tmp_path, lr):
+    """--dtype bfloat16 on fp32 files: the rounding into bf16 is no change (issue: at lr 1e-9 nearly
+    every entry was written as changed, and applying the delta rounded the base)."""
+    from piece_surgery.formats.delta import DeltaInfo
+    from piece_surgery.formats.delta_folder import save_delta
+    from piece_surgery.training.deltas import trained_delta
+
+    folder = tiny("llama")
+    mask, dataset, model, params = setup(folder, code_data, density=0.02, dtype="bfloat16")
+    checkpoint = open_checkpoint(folder)
+    result = train_sparse(model, params, mask.indices, dataset, TrainConfig(lr=lr, max_steps=3))
+    delta = trained_delta(
+        checkpoint,
+        checkpoint.load_model(device="cpu", dtype="bfloat16"),
+        mask.indices,
+        result.values,
+        DeltaInfo(),
+    )
+    stored = read_all(folder)
+    expected = moved_by_brute_force(stored, mask.indices, result.values, torch.bfloat16)
+    assert delta_entries(delta) == expected
+    assert all(bitwise_equal(td.base, stored[n].reshape(-1)[td.indices]) for n, td in delta.tensors.items())
+    if lr == 1e-9:
+        assert not expected and result.unchanged_entries == mask.k
+        assert "no entry changed in bfloat16" in result.unchanged_reason
+        return
+    assert 0 < len(expected) < mask.k  # some entries moved in bf16, some did not
+    # the base with the delta applied, loaded in bf16, is the trained model bit for bit
+    save_delta(delta, tmp_path / "delta")
+    apply(str(folder), [str(tmp_path / "delta")], tmp_path / "merged")
+    merged = load_causal_lm(tmp_path / "merged", dtype=torch.bfloat16, device=torch.device("cpu"))
+    now = model.state_dict()
+    for name, weight in merged.state_dict().items():
+        assert bitwise_equal(weight, now[name]), name
+
+
+def test_updates_lost_to_rounding_are_a_warning_with_their_numbers(tiny, code_data, tmp_path, cli):
+    """A warning (one line, and in --json) when most entries with a gradient end unchanged, not only
+    when all do; one that names float32 when the update underflowed before any rounding to bf16."""
+    base = tiny("llama", dtype=torch.bfloat16)
+    mask = tmp_path / "m.safetensors"
+    assert cli("score", base, "--data", code_data, "-o", mask, "--density", "0.01", "-q")[0] == 0
+
+    def train(lr, *extra):
+        out = tmp_path / f"d{lr}"
+        args = ["train", base, "--data", code_data, "--mask", mask, "-o", out, "--max-steps", "3", "-q"]
+        code, stdout, err = cli(*args, *([] if lr is None else ["--lr", lr]), *extra)
+        assert code == 0, err
+        return stdout, out
+
+    report = json.loads(train(1e-6, "--json", "--overwrite")[0])
+    changed, lost, k = report["entries"], report["unchanged_entries"], report["mask_entries"]
+    assert changed > 0 and lost > k / 2 and changed + lost == k  # every entry had a gradient here
+    assert load_delta(tmp_path / "d1e-06").count == changed
+    reason = report["unchanged_reason"]
+    assert f"{lost:,} of the {k:,} mask entries with a non-zero gradient" in reason
+    assert "below bfloat16 resolution" in reason and "float32" in reason and "\n" not in reason
+    stdout, _ = train(1e-6, "--overwrite")
+    assert f"warning: {reason}" in stdout.splitlines()
+
+    reason = json.loads(train(1e-14, "--json")[0])["unchanged_reason"]
+    assert "no entry changed in bfloat16" in reason and "underflowed already in float32" in reason
+    assert "--lr 1e-14" in reason and "bfloat16 resolution" not in reason
+
+    report = json.loads(train(None, "--json")[0])  # the default lr: next to nothing lost, no warning
+    assert report["unchanged_reason"] is None and report["unchanged_entries"] < k / 10
