@@ -29,6 +29,7 @@ cause when one is not.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -50,24 +51,33 @@ _CHUNK_ELEMENTS = 1 << 22
 # torch.compile leaves modules' hooks out of its guards by default (skip_nnmodule_hook_guards): a
 # frame compiled for a layer whose modules carry no hook is then reused for a layer whose modules carry
 # ours, and their values silently stop getting gradients (a llama with its norm gains and layer 0's
-# MLP masked: the MLP trained on the first step only). While sparse parameters are attached, compiled
-# frames guard on the hooks too; the setting the process had comes back when the last is detached.
-_HOOK_GUARDS = {"attached": 0, "skip_before": None}
+# MLP masked: the MLP trained on the first step only). While any model has sparse parameters attached
+# (detached, or collected without a detach), compiled frames guard on the hooks too; the setting the
+# process had comes back after the last. A torch without the setting is left as it is.
+_HOOK_GUARDS = {"held": 0, "skip_before": None}
 
 
-def _guard_hooks(attaching: bool) -> None:
+def _hold_hook_guards(model: torch.nn.Module) -> weakref.finalize:
+    """Turn hook guards on while `model` carries our hooks; the returned finalizer (called by
+    detach, or when the model is collected) releases the hold, once."""
     import torch._dynamo
 
     config = torch._dynamo.config
-    if attaching:
-        if _HOOK_GUARDS["attached"] == 0:
+    if hasattr(config, "skip_nnmodule_hook_guards"):
+        if _HOOK_GUARDS["held"] == 0:
             _HOOK_GUARDS["skip_before"] = config.skip_nnmodule_hook_guards
             config.skip_nnmodule_hook_guards = False
-        _HOOK_GUARDS["attached"] += 1
-        return
-    _HOOK_GUARDS["attached"] -= 1
-    if _HOOK_GUARDS["attached"] == 0:
-        config.skip_nnmodule_hook_guards = _HOOK_GUARDS["skip_before"]
+        _HOOK_GUARDS["held"] += 1
+        return weakref.finalize(model, _release_hook_guards)
+    return weakref.finalize(model, lambda: None)
+
+
+def _release_hook_guards() -> None:
+    import torch._dynamo
+
+    _HOOK_GUARDS["held"] -= 1
+    if _HOOK_GUARDS["held"] == 0:
+        torch._dynamo.config.skip_nnmodule_hook_guards = _HOOK_GUARDS["skip_before"]
 
 
 # Entries whose rows x columns span at most this many times their count are computed as one small
@@ -329,6 +339,7 @@ class SparseParameters:
         self.sites: list[_Site] = []
         self._model: torch.nn.Module | None = None
         self._root_handles: list = []  # the write before a forward and before a state dict
+        self._hook_guards: weakref.finalize | None = None  # releases the compile hook guards
         self._flags: list[tuple[torch.nn.Parameter, bool]] = []
         self._written: tuple[int, ...] | None = None
         self._called: set[str] | None = None  # module paths whose hook ran, while probing
@@ -358,7 +369,7 @@ class SparseParameters:
             # a state dict holds the trained weights (save_pretrained right after optimizer.step())
             model.register_state_dict_pre_hook(lambda module, prefix, keep_vars: write(module, None)),
         ]
-        _guard_hooks(attaching=True)
+        self._hook_guards = _hold_hook_guards(model)
         self.write()
 
     def _plan_sites(self, model: torch.nn.Module, sparse_linear: bool) -> list[_Site]:
@@ -480,7 +491,7 @@ class SparseParameters:
             for handle in self._root_handles:
                 handle.remove()
             self._root_handles = []
-            _guard_hooks(attaching=False)
+            self._hook_guards()  # a finalizer runs once: a model collected later releases nothing again
         for p, flag in self._flags:
             p.requires_grad_(flag)
         self._flags.clear()

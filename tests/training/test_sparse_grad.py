@@ -242,6 +242,7 @@ def test_compiled_training_recompiles_nothing_of_ours_and_trains_as_eager(tiny):
     params = {n: p for n, p in model.named_parameters() if n in indices}
     base = {n: p.detach().reshape(-1)[indices[n]].float().clone() for n, p in params.items()}
 
+    setting = torch._dynamo.config.skip_nnmodule_hook_guards  # another test may hold a model still
     messages: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: messages.append(record.getMessage())
@@ -255,7 +256,7 @@ def test_compiled_training_recompiles_nothing_of_ours_and_trains_as_eager(tiny):
         dynamo.removeHandler(handler)
         torch._logging.set_logs()
         torch._dynamo.reset()
-    assert torch._dynamo.config.skip_nnmodule_hook_guards  # torch's default, back once detached
+    assert torch._dynamo.config.skip_nnmodule_hook_guards == setting  # as it was, once detached
     ours = [m.splitlines()[0] for m in messages if "piece_surgery" in m.splitlines()[0]]
     assert not ours, ours
     assert not [m for m in messages if "recompile_limit" in m]
@@ -263,3 +264,25 @@ def test_compiled_training_recompiles_nothing_of_ours_and_trains_as_eager(tiny):
     assert (moved > 1e-3).float().mean() > 0.5  # Adam: about lr a step, where a gradient reaches
     for n in names:
         torch.testing.assert_close(compiled[n], eager[n], rtol=0, atol=1e-4)
+
+
+def test_compile_hook_guards_are_held_while_a_model_carries_our_hooks(tiny):
+    """The process-wide setting comes back when the last model is detached, or collected without."""
+    import gc
+
+    config = torch._dynamo.config
+    setting = config.skip_nnmodule_hook_guards
+    models = [_tiny_llama(tiny) for _ in range(2)]
+    attached = []
+    for model in models:
+        params, indices = _masked(model, NAMES[:2])
+        sparse = SparseParameters(params, indices)
+        sparse.attach(model)
+        attached.append(sparse)
+    assert config.skip_nnmodule_hook_guards is False
+    attached[0].detach()
+    attached[0].detach()  # twice: released once
+    assert config.skip_nnmodule_hook_guards is False  # the second model still carries hooks
+    del models, attached, model, sparse, params
+    gc.collect()
+    assert config.skip_nnmodule_hook_guards == setting
