@@ -1,6 +1,9 @@
 """Helpers for delta tests: make 'tuned' checkpoints by changing a few entries of a base."""
 
+import os
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import torch
@@ -121,3 +124,18 @@ def brute_force_top_k(scores, k):
 
 def as_lists(indices):
     return {n: i.tolist() for n, i in indices.items()}
+
+
+def run_launcher(command: list[str], *, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run for a launcher (torchrun): on a timeout its whole process group is killed,
+    so no rank it started is left running (subprocess.run kills only the launcher itself)."""
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        stderr += f"\n(killed after {timeout} s)"
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -4,12 +4,11 @@ exactly, Trainer's own resume, and under two processes only the k values cross t
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import bitwise_equal, read_all
+from helpers import bitwise_equal, read_all, run_launcher
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -177,12 +176,8 @@ def test_two_processes_synchronise_only_the_k_values(tiny, tmp_path):
     base = tiny("llama")
     driver = Path(__file__).parent / "trainer_driver.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PIECE_TEST_COMM_LOG": str(tmp_path / "comm.jsonl")}
-    run = subprocess.run(
-        [*local_torchrun(2), str(driver), str(base), str(tmp_path / "out")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = run_launcher(
+        [*local_torchrun(2), str(driver), str(base), str(tmp_path / "out")], env=env, timeout=300
     )
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -74,10 +74,14 @@ def main() -> None:
         agree = all(torch.equal(gathered[0], g) for g in gathered)
         summary = {"k": mask.k, "steps": trainer.state.global_step, "ranks_agree": agree}
         (output / "summary.json").write_text(json.dumps(summary))
-    # Without an orderly teardown, gloo's threads can abort the process at exit ("terminate called
-    # without an active exception"), failing a run that did everything it was asked.
+    # Past here the run has done everything it was asked: gloo's threads (with Trainer's process
+    # group) can abort the interpreter's exit ("terminate called without an active exception") or
+    # hang in it, so the rank leaves at once after an orderly teardown.
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,11 @@ process gives, only the k trained values travel, a failing rank ends every rank,
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_clean_failure
+from helpers import assert_clean_failure, run_launcher
 from safetensors.torch import load_file
 
 from piece_surgery.models.tiny import local_torchrun
@@ -20,7 +19,7 @@ def torchrun(*args, ranks=2, env=None, timeout=180):
     """`torchrun --nproc-per-node RANKS piece-surgery ARGS` (through the test driver)."""
     command = [*local_torchrun(ranks), str(DRIVER), *map(str, args)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PIECE_DIST_TIMEOUT": "60", **(env or {})}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
+    return run_launcher(command, env=environment, timeout=timeout)
 
 
 def indices(path):
