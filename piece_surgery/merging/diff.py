@@ -207,18 +207,37 @@ def _paired_by_place(base: Checkpoint, tuned: Checkpoint, names: list[str]) -> d
     by_param: dict[str, list[tuple[int, int, str]]] = {}
     for key, (param, start, size) in stored_places(tuned_model, tuned.layout).items():
         by_param.setdefault(param, []).append((start, size, key))
+    sizes = {n: p.numel() for n, p in tuned_model.named_parameters()}
     pairs = {}
     for name in names:
         param, start, size = base_places.get(name, ("", 0, 0))
         pieces = sorted(by_param.get(param, []))
         whole = len(pieces) == 1 and size == pieces[0][1]
-        tiled = bool(pieces) and pieces[0][0] == 0 and sum(n for _, n, _ in pieces) == sum(pieces[-1][:2])
-        if pieces and tiled and not whole:
+        if pieces and not whole:
+            _check_complete(param, pieces, sizes.get(param, 0), base_places)
             pairs[name] = Region(param, start, start + size, tuple((key, first) for first, _, key in pieces))
         elif name in parts:  # an expert whose entries the tuned files do not hold
             raise PieceError(f"tensor '{name}' is in the base but not in the tuned checkpoint")
         # else one tensor on both sides, tied copies or an unused one: the name pairing decides
     return pairs
+
+
+def _check_complete(param: str, pieces: list[tuple[int, int, str]], total: int, base_places: dict) -> None:
+    """The tuned files' tensors of `param` ((first entry, size, name), sorted) tile all its `total`
+    entries; else a PieceError naming the base's tensor the first gap takes whole (an expert the
+    tuned files lack), or the part of the base's tensor they lack."""
+    expected = 0
+    for first, size, _ in [*pieces, (total, 0, "")]:
+        if first != expected:
+            here = [(n, s, k) for n, (p, s, k) in base_places.items() if p == param and s <= expected < s + k]
+            name, start, size = here[0] if here else (param, 0, total)
+            if expected <= start and start + size <= first:
+                raise PieceError(f"tensor '{name}' is in the base but not in the tuned checkpoint")
+            raise PieceError(
+                f"the tuned checkpoint lacks part of '{name}' (entries {expected - start} to "
+                f"{min(first, start + size) - start} of {size}): it does not store every expert"
+            )
+        expected = first + size
 
 
 def _tuned_names(other: str | Region) -> list[str]:

@@ -385,7 +385,13 @@ def test_broken_per_expert_checkpoints_are_refused_in_one_line(moe, code_data, t
     msg = assert_clean_failure(cli("diff", base, missing, "-o", tmp_path / "d"))
     assert "'model.layers.1.mlp.experts.2.up_proj.weight' is in the base but not in the tuned" in msg
     msg = assert_clean_failure(cli("diff", moe("qwen3_moe", "fused"), missing, "-o", tmp_path / "d"))
-    assert "'model.layers.1.mlp.experts.gate_up_proj' is in the base but not in the tuned" in msg
+    assert "lacks part of 'model.layers.1.mlp.experts.gate_up_proj'" in msg
+    # the last expert's tensor of a fused parameter: the tuned tensors still start at 0 and touch
+    last = _copy_without(base, tmp_path / "last", "layers.1.mlp.experts.3.up_proj")
+    msg = assert_clean_failure(cli("diff", base, last, "-o", tmp_path / "d"))
+    assert "'model.layers.1.mlp.experts.3.up_proj.weight' is in the base but not in the tuned" in msg
+    msg = assert_clean_failure(cli("diff", moe("qwen3_moe", "fused"), last, "-o", tmp_path / "d"))
+    assert "lacks part of 'model.layers.1.mlp.experts.gate_up_proj'" in msg
     msg = assert_clean_failure(cli("diff", base, extra, "-o", tmp_path / "d"))
     assert "model.layers.0.mlp.experts.4.up_proj.weight" in msg
     wrong = tmp_path / "wrong"
