@@ -8,7 +8,9 @@ piece-r mask, logs its predicted drift, and checks that the optimizer trains the
 
 Trainer's own checkpoints resume the run: their weights hold the trained values, their optimizer.pt
 the values' AdamW state (O(k)), and `piece-values.safetensors` the fp32 values themselves (the
-weights hold them rounded to their dtype). A resume with another mask is one line. What stays with
+weights hold them rounded to their dtype). A resume with another mask over the same tensors is one
+line; one over other tensors fails in Trainer's loading of the optimizer state, before any callback
+runs (torch's ValueError on the parameter groups' sizes). What stays with
 the CLI: --drift-budget (it measures and rolls back), the probe before the first step, and the order
 of penalty and clipping (Trainer clips the gradient before any callback runs, so here the penalty's
 gradient is added after clipping).
