@@ -167,9 +167,11 @@ class SparseModel:
         for an existing folder without `overwrite` (with it, for one that is not a delta), one that
         overlaps the base, or after unsparsify()."""
         self._check_attached("save the delta")
+        if not isinstance(folder, str | Path):
+            raise PieceError(f"folder must be a path (str or Path), got {type(folder).__name__}")
         ref = self.checkpoint if base is None else checkpoint_of(self.model, base)
         inputs = [ref.folder] if ref is not None else []
-        output = check_output(folder, overwrite=overwrite, inputs=inputs, kind=DELTA)
+        output = check_output(folder, overwrite=overwrite, inputs=inputs, kind=DELTA, flag="overwrite=True")
         delta = self.to_delta(base=ref, provenance=provenance)
         save_delta(delta, output, format_version=format_version)
         return delta

@@ -99,7 +99,7 @@ class PieceCallback(TrainerCallback):
                 f"{Path(trainer_output) / DELTA_FOLDER}"
             )
         if output_path(folder).parent.is_dir():
-            check_output(folder, overwrite=True, inputs=inputs, kind=DELTA)
+            check_output(folder, overwrite=True, inputs=inputs, kind=DELTA, flag="PieceCallback")
         else:  # nothing there yet (the Trainer makes its output_dir when it first saves)
             refuse_overlap(folder, inputs)
 

@@ -77,6 +77,7 @@ def check_output(
     protected: Iterable[str | Path] = (),
     kind: str = "folder",
     reads: ReadsThrough | None = None,
+    flag: str = "--overwrite",
 ) -> Path:
     """Check an output before any work and return the path to write it at (output_path).
 
@@ -85,12 +86,13 @@ def check_output(
     folder (refuse_overlap; `reads` names what reading an input file reads besides it); one that
     exists (unless `overwrite`); a file where a folder is written or the reverse; an existing folder
     that holds anything but what `kind` names (refuse_replacing); a missing or read-only folder.
+    `flag`: how the caller grants replacing, as messages name it (a library's `overwrite=True`).
     Removes what killed runs left for this output."""
     target = output_path(path)
     refuse_overlap(path, inputs, protected, reads=reads)
     if target.exists() or target.is_symlink():
         if not overwrite:
-            raise PieceError(f"output '{path}' already exists; pass --overwrite to replace it")
+            raise PieceError(f"output '{path}' already exists; pass {flag} to replace it")
         if kind != "file" and not target.is_dir():
             raise PieceError(
                 f"output '{path}' is a file and this command writes a folder; choose another path"
@@ -100,7 +102,7 @@ def check_output(
                 f"output '{path}' is a folder and this command writes a file; choose another path"
             )
         if kind != "file":
-            refuse_replacing(target, path, kind)
+            refuse_replacing(target, path, kind, flag)
     if not target.parent.is_dir():
         raise PieceError(f"output folder '{target.parent}' does not exist; create it first")
     if not os.access(target.parent, os.W_OK | os.X_OK):
@@ -112,11 +114,14 @@ def check_output(
 _FOLDER_KINDS = {DELTA: "a delta", CHECKPOINT: "a checkpoint", ADAPTER: "a PEFT adapter"}
 
 
-def refuse_replacing(target: Path, shown: str | Path, kind: str = "folder") -> None:
+def refuse_replacing(
+    target: Path, shown: str | Path, kind: str = "folder", flag: str = "--overwrite"
+) -> None:
     """PieceError unless --overwrite may replace the existing folder `target` (`shown` as the user
     gave it): it must hold `kind` (DELTA, CHECKPOINT or ADAPTER; "folder": any of them) or nothing,
     and be no place a user keeps other work in (the home folder, the current folder or a folder
-    above it, a mount point, a git repository). Replacing a folder removes all it holds."""
+    above it, a mount point, a git repository). Replacing a folder removes all it holds. `flag`
+    as check_output's."""
     real = target.resolve()
     cwd = Path.cwd().resolve()
     places = {p: "a folder above the current one" for p in cwd.parents}
@@ -124,8 +129,7 @@ def refuse_replacing(target: Path, shown: str | Path, kind: str = "folder") -> N
     place = places.get(real) or ("a mount point" if os.path.ismount(real) else None)
     if place is not None:
         raise PieceError(
-            f"output '{shown}' is {place}, which --overwrite never replaces; "
-            f"name a new folder, e.g. {shown}/out"
+            f"output '{shown}' is {place}, which {flag} never replaces; name a new folder, e.g. {shown}/out"
         )
     entries = sorted(p.name for p in real.iterdir())
     if not entries:
@@ -142,7 +146,7 @@ def refuse_replacing(target: Path, shown: str | Path, kind: str = "folder") -> N
         problem = f"holds other files (such as '{entries[0]}')"
     wants = " or ".join(_FOLDER_KINDS[k] for k in wanted)
     raise PieceError(
-        f"output '{shown}' {problem}; --overwrite only replaces {wants} (it removes the whole folder): "
+        f"output '{shown}' {problem}; {flag} only replaces {wants} (it removes the whole folder): "
         "remove it yourself or choose another output"
     )
 

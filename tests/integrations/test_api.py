@@ -132,6 +132,14 @@ def test_api_mistakes_are_one_line_errors(tiny, tmp_path):
     _one_line("this model is sparsified", lambda: ps.score(model, RECORDS, method="piece-s"))
     _one_line("must be a folder or Hub repo id", lambda: sparse.to_delta(base=5))
     _one_line("finite number >= 0", lambda: sparse.add_retain_penalty(-1.0))
+    _one_line("folder must be a path", lambda: sparse.save_delta(5))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    _one_line("pass overwrite=True to replace it", lambda: sparse.save_delta(tmp_path / "taken"))
+    message = _one_line(
+        "overwrite=True only replaces a delta", lambda: sparse.save_delta(tmp_path / "taken", overwrite=True)
+    )
+    assert "--overwrite" not in message and (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     sparse.unsparsify()
     _one_line("unsparsify() ran already", sparse.unsparsify)
     _one_line("unsparsify() ran", lambda: sparse.save_delta(tmp_path / "delta"))
