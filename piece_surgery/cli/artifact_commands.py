@@ -366,32 +366,41 @@ def tiny_model_command(
     ] = "llama",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     experts: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="How a mixture-of-experts model stores its experts: per-expert (one tensor per expert, "
-            "the Hub layout) or fused (as the model holds them).",
+            help="How a mixture-of-experts model stores its experts: per-expert (one tensor per expert) "
+            "or fused (as the model holds them).  [default: the family's Hub layout: fused for gpt_oss, "
+            "else per-expert]",
             metavar="per-expert|fused",
+            show_default=False,
         ),
-    ] = "per-expert",
+    ] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
     """Write a tiny random causal LM, or vision-language model, with a tokenizer (for trying the
     tool offline)."""
-    from piece_surgery.models.tiny import NEEDS_TORCHVISION, VISION_LANGUAGE_ARCHITECTURES, write_tiny_model
+    from piece_surgery.models.tiny import (
+        NEEDS_TORCHVISION,
+        VISION_LANGUAGE_ARCHITECTURES,
+        expert_layout,
+        write_tiny_model,
+    )
 
     start = time.perf_counter()
     write_tiny_model(output, arch, seed=seed, overwrite=overwrite, experts=experts)
+    layout = expert_layout(arch, experts)
     processor = (Path(output).expanduser() / "processor_config.json").is_file()
     result = {
         "output": str(output),
         "arch": arch,
         "seed": seed,
+        "experts": layout,
         "processor": processor,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    lines = [f"wrote tiny {arch} model to {output}"]
+    lines = [f"wrote tiny {arch} model to {output}" + (f" (experts stored {layout})" if layout else "")]
     if arch in VISION_LANGUAGE_ARCHITECTURES and not processor:
         why = "needs torchvision" if arch in NEEDS_TORCHVISION else "is not built for tests"
         lines.append(f"no processor written (the {arch} processor {why} here): text records only")

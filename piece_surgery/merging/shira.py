@@ -30,18 +30,17 @@ class ShiraPlan:
 
 
 def shira_plan(model: torch.nn.Module, delta: Delta) -> ShiraPlan:
-    """Which tensors go where; checks each against the model's weights (the delta's base)."""
+    """Which tensors go where; checks each against the model's weights (the delta's base). PieceError
+    for a delta with tensors SHiRA cannot hold: all of them named at once, by the --exclude
+    patterns that leave them out."""
     module_names = {id(m): name for name, m in model.named_modules()}
     holders = owners(model)
-    linear, saved, tensors = {}, {}, {}
+    linear, saved, tensors, refused = {}, {}, {}, {}
     for tensor_name, where in model_tensors(model, delta).items():
         t, param = delta.tensors[tensor_name], where.param
         if where.offset or tuple(where.shape) != tuple(param.shape) or param.dim() > 2:
-            raise PieceError(
-                f"tensor '{tensor_name}' is an expert of a mixture-of-experts layer (part of "
-                f"'{where.pname}'), which a SHiRA adapter cannot hold; score without it (--exclude "
-                "experts) to export, or apply the delta with `piece-surgery apply`"
-            )
+            refused.setdefault("experts", (tensor_name, f"an expert (part of '{where.pname}')"))
+            continue
         current = param.detach().view(-1)[t.indices].cpu()
         # the identity rule of apply: dtype and every entry's base value, or a one-line refusal
         part = TensorPart(t, 1.0, "the delta", force_hint="", refused_as="the base is not the delta's base")
@@ -54,10 +53,15 @@ def shira_plan(model: torch.nn.Module, delta: Delta) -> ShiraPlan:
         elif module is not None and is_gain_module(module):
             saved.setdefault(module_names[id(module)], []).append((attr, tensor_name))
         else:
-            raise PieceError(
-                f"tensor '{tensor_name}' is not a linear layer's weight or a norm's gain: a SHiRA adapter "
-                "cannot hold it; score without it (--exclude) to export"
+            refused.setdefault(
+                _pattern(tensor_name), (tensor_name, "not a linear layer's weight or a norm's gain")
             )
+    if refused:
+        (first, why), excludes = next(iter(refused.values())), " ".join(f"--exclude {p}" for p in refused)
+        raise PieceError(
+            f"the delta changes tensors a SHiRA adapter cannot hold (first: '{first}', {why}): score "
+            f"without them ({excludes}) to export, or apply the delta with `piece-surgery apply`"
+        )
     counts = {name: delta.tensors[t].indices.numel() for name, (t, _) in linear.items()}
     r, whole = cheapest_layout({name: m for name, (_, m) in linear.items()}, counts)
     for name in whole:
@@ -75,6 +79,13 @@ def shira_plan(model: torch.nn.Module, delta: Delta) -> ShiraPlan:
             "apply the delta with `piece-surgery apply`"
         )
     return ShiraPlan(r, linear, saved, tensors)
+
+
+def _pattern(tensor_name: str) -> str:
+    """The --exclude pattern for a tensor of its kind: its last name part, or its module's for a
+    weight ('bias', 'sinks', 'embed_tokens')."""
+    parts = tensor_name.split(".")
+    return parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
 
 
 # bytes per SHiRA slot as PEFT saves it: a (row, column) pair of int32 and an fp32 change

@@ -546,21 +546,36 @@ def write_png(path: Path, width: int = 40, height: int = 30, *, seed: int = 0) -
     return Path(path)
 
 
+def expert_layout(arch: str, experts: str | None) -> str | None:
+    """How `tiny-model` stores a mixture-of-experts `arch`'s experts: `experts` (EXPERT_LAYOUTS),
+    else the family's Hub layout (fused for gpt_oss, which has no other; else per-expert); None for
+    a dense `arch`. PieceError for an unknown layout, one a family does not have, or any for a dense
+    model."""
+    if experts is not None and experts not in EXPERT_LAYOUTS:
+        raise PieceError(f"unknown --experts '{experts}'; use {' or '.join(EXPERT_LAYOUTS)}")
+    if arch not in MOE_ARCHITECTURES:
+        if experts is not None:
+            raise PieceError(f"--experts is for a mixture-of-experts --arch ({', '.join(MOE_ARCHITECTURES)})")
+        return None
+    if arch == "gpt_oss":  # its Hub checkpoints store the fused tensors the model holds
+        if experts == "per-expert":
+            raise PieceError("gpt_oss stores its experts fused (it has no per-expert layout): drop --experts")
+        return "fused"
+    return experts or "per-expert"
+
+
 def write_tiny_model(
-    output: Path, arch: str = "llama", *, seed: int = 0, overwrite: bool = False, experts: str = "per-expert"
+    output: Path, arch: str = "llama", *, seed: int = 0, overwrite: bool = False, experts: str | None = None
 ) -> Path:
     """The `tiny-model` recipe: a tiny checkpoint (a causal LM, or a vision-language model) written
-    atomically to `output`; a mixture-of-experts model's `experts` stored as EXPERT_LAYOUTS says."""
+    atomically to `output`; a mixture-of-experts model's experts stored as expert_layout says."""
     from piece_surgery.io.outputs import atomic_path, check_output
     from piece_surgery.io.sniff import CHECKPOINT
 
     if arch not in TINY_ARCHITECTURES + VISION_LANGUAGE_ARCHITECTURES:
         choices = ", ".join(TINY_ARCHITECTURES + VISION_LANGUAGE_ARCHITECTURES)
         raise PieceError(f"unknown --arch '{arch}'; use {choices}")
-    if experts not in EXPERT_LAYOUTS:
-        raise PieceError(f"unknown --experts '{experts}'; use {' or '.join(EXPERT_LAYOUTS)}")
-    if experts != "per-expert" and arch not in MOE_ARCHITECTURES:
-        raise PieceError(f"--experts is for a mixture-of-experts --arch ({', '.join(MOE_ARCHITECTURES)})")
+    experts = expert_layout(arch, experts) or "per-expert"
     from piece_surgery.runtime.options import check_seed
 
     check_seed(seed)

@@ -436,6 +436,15 @@ def test_tiny_model_writes_either_layout(tmp_path, cli):
     assert expert_numbers(per_expert) == {0, 1, 2, 3}
     assert_clean_failure(cli("tiny-model", tmp_path / "x", "--experts", "fused"), "mixture-of-experts")
     assert_clean_failure(cli("tiny-model", tmp_path / "y", "--arch", "olmoe", "--experts", "x"), "--experts")
+    # gpt-oss has one layout, its Hub's: the default, said in --json; per-expert is refused by name
+    code, out, _ = cli("tiny-model", tmp_path / "g", "--arch", "gpt_oss", "--json")
+    stored = load_file(tmp_path / "g" / "model.safetensors")
+    assert code == 0 and json.loads(out)["experts"] == "fused"
+    assert "model.layers.0.mlp.experts.gate_up_proj" in stored
+    per_expert = cli("tiny-model", tmp_path / "z", "--arch", "gpt_oss", "--experts", "per-expert")
+    assert_clean_failure(per_expert, "no per-expert layout")
+    code, out, _ = cli("tiny-model", tmp_path / "o", "--arch", "olmoe", "--json")
+    assert json.loads(out)["experts"] == "per-expert"
 
 
 def expert_numbers(names) -> set[int]:
