@@ -172,6 +172,11 @@ def _train_lines(report: dict) -> list[str]:
         if first is not None
         else "no steps run",
     ]
+    if report["skipped_examples"]:
+        lines.append(
+            f"trained on {report['examples']} examples; skipped {report['skipped_examples']} "
+            "with no loss-bearing token"
+        )
     if report["final_eval_loss"] is not None:
         lines.append(f"eval loss {report['final_eval_loss']:.4f}")
     if report["measured_drift"] is not None:

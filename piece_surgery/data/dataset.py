@@ -34,8 +34,10 @@ def load_dataset(
     progress=None,
     name: str | None = None,
     image_chats: Callable[[], ImageChats] | None = None,
+    context: int | None = None,
 ) -> Dataset:
     """Read and tokenize a data file; examples with no loss-bearing token are skipped and counted.
+    `context`: the model's positions, when `max_length` was cut to them (errors say so).
     `name` is how records name it (default: the file's name). `image_chats` tokenizes records with
     images (a vision-language model's processor; None: they are refused). The digest covers the
     images' bytes too (images.images_digest)."""
@@ -60,7 +62,7 @@ def load_dataset(
     kept = [e for e in examples if e.loss_tokens > 0]
     if not kept:
         raise PieceError(
-            f"no example in '{path}' has a loss-bearing token (after truncation to {max_length} tokens)"
+            nothing_to_learn(f"example in '{path}'", [r for _, r in records], examples, max_length, context)
         )
     return Dataset(
         kept,
@@ -95,14 +97,43 @@ def dataset_from_records(
         digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode() + b"\n")
     if not checked:
         raise PieceError(f"{name} holds no records")
-    examples = [
-        tokenize_record(r, tokenizer, max_length, image_chats=image_chats, data_folder=data_folder)
-        for r in checked
-    ]
+    examples = []
+    for i, r in enumerate(checked, 1):
+        try:
+            examples.append(
+                tokenize_record(r, tokenizer, max_length, image_chats=image_chats, data_folder=data_folder)
+            )
+        except PieceError as exc:  # named as check_record names a record
+            raise PieceError(f"{name}, record {i}: {exc}") from exc
     kept = [e for e in examples if e.loss_tokens > 0]
     if not kept:
-        raise PieceError(f"no record of {name} has a loss-bearing token (after truncation to {max_length})")
+        raise PieceError(nothing_to_learn(f"record of {name}", checked, examples, max_length))
     return Dataset(kept, name, digest.hexdigest(), len(checked), len(checked) - len(kept), max_length)
+
+
+def nothing_to_learn(
+    which: str, records: list, examples: list, max_length: int, context: int | None = None
+) -> str:
+    """Why no example of a source has a loss-bearing token, in one line: truncation, where an
+    example was cut (`context`: max_length is the model's positions); chats with no assistant turn
+    (nothing is labelled, cut or not); else what each shape needs."""
+    if any(len(e.input_ids) >= max_length for e in examples):
+        cut = f"{max_length} tokens, the model's context" if context else f"{max_length} tokens"
+        advice = "shorten the prompts" if context else "raise --max-length or shorten the prompts"
+        return f"no {which} has a loss-bearing token after truncation to {cut}; {advice}"
+    if records and all(_is_chat_without_assistant(r) for r in records):
+        return f"no {which} has an assistant turn, the turns trained on; add the assistant's replies"
+    return (
+        f"no {which} has a loss-bearing token (a text needs two tokens or more, a prompt a non-empty "
+        "response, a chat an assistant turn)"
+    )
+
+
+def _is_chat_without_assistant(record) -> bool:
+    messages = record.get("messages") if isinstance(record, dict) else None
+    return isinstance(messages, list) and not any(
+        isinstance(m, dict) and m.get("role") == "assistant" for m in messages
+    )
 
 
 def load_tokenizer(folder: Path, *, trust_remote_code: bool = False):

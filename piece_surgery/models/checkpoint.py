@@ -107,8 +107,8 @@ class Checkpoint:
     ) -> Dataset:
         tokenizer = self.load_tokenizer()
         context = self.context_length()
-        if context is not None:  # a text longer than the model's context is cut at it
-            max_length = min(max_length, context)
+        cut = context is not None and context < max_length  # a text is cut at the model's context
+        max_length = min(max_length, context) if cut else max_length
         with Progress(None, f"reading {name or Path(path).name}", quiet=quiet) as bar:
             return load_dataset(
                 path,
@@ -118,6 +118,7 @@ class Checkpoint:
                 progress=bar.advance,
                 name=name,
                 image_chats=self.image_chats if is_vision_language(self.config()) else None,
+                context=context if cut else None,
             )
 
     def image_chats(self) -> ImageChats:

@@ -89,7 +89,7 @@ class Evaluated:
 
     def to_json(self) -> dict:
         def data_json(d: Dataset) -> dict:
-            return {"file": d.name, "sha256": d.sha256, "examples": len(d.examples)}
+            return {"file": d.name, "sha256": d.sha256, "examples": len(d.examples), "skipped": d.skipped}
 
         return {
             "base": self.base,

@@ -18,6 +18,7 @@ the CLI adds it to every command that loads a model.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -48,6 +49,7 @@ class Run:
         # --fsdp without a launcher fails here, before anything is read
         self.model_device = distributed.load_device(self.world, self.options.device, self.options.fsdp)
         self._placements: dict[Path, Placement] = {}  # resolved once, when a checkpoint is opened
+        self._length_noted = False  # the note that --max-length is cut to the model's context, once
 
     @property
     def is_main(self) -> bool:
@@ -83,6 +85,7 @@ class Run:
         self, checkpoint: Checkpoint, path: Path, *, every_example: bool = False, name: str | None = None
     ) -> Dataset:
         """A data file tokenized for this run (--max-samples applies unless `every_example`)."""
+        self._note_length(checkpoint)
         dataset = checkpoint.load_data(
             Path(path),
             max_length=self.options.max_length,
@@ -92,6 +95,22 @@ class Run:
         )
         checkpoint.check_token_ids(dataset)
         return dataset
+
+    def _note_length(self, checkpoint: Checkpoint) -> None:
+        """A --max-length the user gave above the model's context is cut to it: said once, on stderr
+        (a note, not an error; the default, 512, is cut silently, as its help says)."""
+        length, context = self.options.max_length, checkpoint.context_length()
+        if self._length_noted or context is None or length <= context or length == RunOptions().max_length:
+            return
+        self._length_noted = True
+        if self.is_main:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")  # once per run, however many runs a process makes
+                warnings.warn(
+                    f"--max-length {length} is more than the model's {context} positions: examples are "
+                    f"cut at {context}",
+                    stacklevel=2,
+                )
 
     def reader(self, checkpoint: Checkpoint) -> Callable[[Path, str | None], Dataset]:
         """read(path, name): a whole data file tokenized for this run (retain and general text)."""

@@ -45,7 +45,8 @@ class Trained(NamedTuple):
         """What `train --json` prints (schema in docs/cli.md): the run's figures as the delta's
         provenance records them (TrainResult.summary), and what was written."""
         delta, mask = self.delta, self.mask
-        general = delta.info.provenance.eval_general
+        provenance = delta.info.provenance
+        general, data = provenance.eval_general, provenance.data
         return {
             "output": str(output),
             "model": model,
@@ -55,6 +56,9 @@ class Trained(NamedTuple):
             "mask_entries": mask.k,
             "entries": delta.count,
             "tensors": len(delta.tensors),
+            # as score --json says them: the examples trained on, and those left out
+            "examples": data.examples if data else None,
+            "skipped_examples": data.skipped if data else 0,
             **self.result.summary(),
             "eval_general": general.file if general else None,
             "seconds": round(seconds, 3),

@@ -31,7 +31,11 @@ def parse_json(text: str, what: str) -> Any:
     except RecursionError as exc:
         raise PieceError(f"{what} is nested too deeply to be a record") from exc
     except ValueError as exc:
-        where = f" (line {exc.lineno}, column {exc.colno})" if hasattr(exc, "lineno") else ""
+        where = ""
+        if hasattr(exc, "lineno"):
+            # a one-line text (a .jsonl line, named by its own line number) says its column only
+            line = f"line {exc.lineno}, " if "\n" in text.strip() else ""
+            where = f" ({line}column {exc.colno})"
         raise PieceError(f"{what} is not valid JSON{where}") from exc
     if json_depth(value) > MAX_JSON_DEPTH:
         raise PieceError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep: not a record")

@@ -85,7 +85,11 @@ class RunOptions(JsonRecord):
         },
     )
     max_length: int = field(
-        default=512, metadata={"help": "Truncate examples to this many tokens.", "metavar": "TOKENS"}
+        default=512,
+        metadata={
+            "help": "Truncate examples to this many tokens (at most the model's context).",
+            "metavar": "TOKENS",
+        },
     )
     max_samples: int | None = field(default=None, metadata={"help": "Use at most this many examples."})
     attn_implementation: str | None = field(

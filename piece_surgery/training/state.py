@@ -186,17 +186,39 @@ def _number(value) -> bool:
 
 
 def _check_resume_key(saved: dict, wanted: dict) -> None:
-    """The resumed run must share every part of the key with the run that saved the state."""
+    """The resumed run must share every part of the key with the run that saved the state; a
+    training option or run option that differs is named with both values."""
     wanted = json.loads(json.dumps(wanted, default=str))
     for key in sorted(set(saved) | set(wanted)):
-        if saved.get(key) != wanted.get(key):
-            what = _KEY_NAMES.get(key, key)
-            values = (saved.get(key), wanted.get(key))
-            shown = f" ({values[0]}, now {values[1]})" if key in _OPTION_KEYS else ""
+        if saved.get(key) == wanted.get(key):
+            continue
+        if key == "config" and isinstance(saved.get(key), dict) and isinstance(wanted.get(key), dict):
             raise PieceError(
-                f"--resume: the saved state was made with another {what}{shown}; "
-                "start afresh without --resume"
+                f"--resume: the saved state was made with other training options "
+                f"({_changed_options(saved[key], wanted[key])}); give the saved values, "
+                "or start afresh without --resume"
             )
+        what = _KEY_NAMES.get(key, key)
+        shown = f" ({saved.get(key)} saved, {wanted.get(key)} now)" if key in _OPTION_KEYS else ""
+        raise PieceError(
+            f"--resume: the saved state was made with another {what}{shown}; start afresh without --resume"
+        )
+
+
+def _changed_options(saved: dict, wanted: dict) -> str:
+    """'--lr: 0.001 saved, 0.005 now; ...': each training option (TrainConfig field, as its flag)
+    whose value differs between the saved key and this run's."""
+    changed = [k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    return "; ".join(
+        f"--{k.replace('_', '-')}: {_shown(saved.get(k))} saved, {_shown(wanted.get(k))} now" for k in changed
+    )
+
+
+def _shown(value) -> str:
+    """An option's value as it is typed (betas as 0.9,0.95; None as 'none')."""
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
 
 
 def _restore_rng(rng: torch.Tensor | None) -> None:

@@ -113,6 +113,20 @@ def test_resume_refuses_an_option_that_changes_what_is_trained_or_recorded(
     assert code == 0, err
 
 
+def test_resume_names_each_option_that_differs_with_both_values(
+    model, mask, code_data, tmp_path, cli, monkeypatch
+):
+    out = tmp_path / "d"
+    args = interrupted_run(model, code_data, out, cli, monkeypatch, "--mask", mask, "--lr", "0.001")
+    result = cli("train", model, *args, "--lr", "0.005", "--warmup-steps", "1", "--resume")
+    line = assert_clean_failure(result, "other training options", output=out)
+    assert "(--lr: 0.001 saved, 0.005 now; --warmup-steps: 0 saved, 1 now)" in line, line
+    line = assert_clean_failure(cli("train", model, *args, "--max-length", "16", "--resume"), "--max-length")
+    assert "(512 saved, 16 now)" in line, line
+    code, _, err = cli("train", model, *args, "--resume")  # as saved: it continues
+    assert code == 0, err
+
+
 def test_every_run_option_is_in_the_resume_key_or_documented_free():
     """A new option of RunOptions (or TrainConfig) must be sorted: in the key, or free, and the
     free ones are the README's."""
