@@ -100,6 +100,13 @@ def _position(args: list[str], index: int, takes_value: dict) -> int:
     return position
 
 
+def printable(text: str) -> str:
+    """`text` safe to print to a terminal: every character that is not printable (control codes
+    such as ESC, which start terminal commands, carriage returns, bidirectional overrides) written
+    as its Python escape (\\x1b, \\u202e); newlines and tabs kept, so that a text stays readable."""
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode() for c in text)
+
+
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
