@@ -144,6 +144,29 @@ def test_the_answers_table_escapes_control_characters_and_json_keeps_them(models
     assert "one\\n" not in text  # a newline stays a line break
 
 
+def test_tables_outside_a_terminal_keep_names_whole_or_take_columns(models, cli, tmp_path, monkeypatch):
+    import shutil
+
+    base, delta, _ = models
+    long = tmp_path / ("a-delta-in-a-folder-whose-name-is-long-" + "x" * 90)
+    shutil.copytree(delta, long)
+    (tmp_path / "g.txt").write_text("some general text to measure the drift on\n")
+    monkeypatch.delenv("COLUMNS", raising=False)
+    commands = (
+        ("generate", base, long, "--prompt", "hi", "--max-new-tokens", "2", "-q"),
+        ("eval", base, long, "--general", tmp_path / "g.txt", "-q"),
+    )
+    for args in commands:
+        code, stdout, err = cli(*args)
+        assert code == 0, err
+        assert str(long) in stdout, args  # on one line, not folded at 80 columns
+    monkeypatch.setenv("COLUMNS", "200")
+    code, stdout, err = cli(*commands[1])
+    assert code == 0, err
+    widths = [len(line) for line in stdout.splitlines()]
+    assert max(widths) == 200 and str(long) not in stdout  # the table fills COLUMNS, folding the name
+
+
 def test_evals_table_shows_every_set_and_whole_candidate_names():
     from rich.console import Console
 
