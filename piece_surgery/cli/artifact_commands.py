@@ -23,8 +23,8 @@ from piece_surgery.cli.common import (
     app,
     delta_format,
     emit,
-    out,
     retain_line,
+    show_table,
     summary_table,
     takes_run_options,
 )
@@ -246,12 +246,12 @@ def inspect_command(
         emit("inspect", {"path": path, **summary}, as_json)
         return
     if not quiet:
-        out.print(summary_table(summary, "by_kind", "module kind"))
-        out.print(summary_table(summary, "by_layer", "layer"))
+        show_table(summary_table(summary, "by_kind", "module kind"))
+        show_table(summary_table(summary, "by_layer", "layer"))
         if summary["by_part"] is not None:
-            out.print(summary_table(summary, "by_part", "part"))
+            show_table(summary_table(summary, "by_part", "part"))
         if summary["by_expert"] is not None:
-            out.print(summary_table(summary, "by_expert", "expert"))
+            show_table(summary_table(summary, "by_expert", "expert"))
     entries, tensors = summary["entries"], summary["tensors"]
     if summary["kind"] == "mask":
         lines = [

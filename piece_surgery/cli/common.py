@@ -100,8 +100,37 @@ def _position(args: list[str], index: int, takes_value: dict) -> int:
     return position
 
 
+def printable(text: str) -> str:
+    """`text` safe to print to a terminal: every character that is not printable (control codes
+    such as ESC, which start terminal commands, carriage returns, bidirectional overrides) written
+    as its Python escape (\\x1b, \\u202e); newlines and tabs kept, so that a text stays readable."""
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode() for c in text)
+
+
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+# Where stdout is no terminal (a log, CI) and COLUMNS is not set, a table is printed as wide as it
+# needs to fold nothing, up to this: rich would fold it at 80 columns and break candidate names.
+WIDEST_TABLE = 1000
+
+
+def show_table(table: Table) -> None:
+    """Print a table to stdout: at the terminal's width on a terminal; elsewhere at COLUMNS where it
+    is set (read now, not at import), else as wide as the table needs (at most WIDEST_TABLE)."""
+    import os
+
+    from rich.measure import Measurement
+
+    if not out.is_terminal:
+        columns = os.environ.get("COLUMNS", "").strip()
+        if columns.isdigit() and int(columns) > 0:
+            out.width = int(columns)
+        else:
+            out.width = WIDEST_TABLE
+            out.width = max(80, min(Measurement.get(out, out.options, table).maximum, WIDEST_TABLE))
+    out.print(table)
 
 
 def _silence_libraries(quiet: bool) -> bool:
@@ -152,7 +181,7 @@ def emit(
         print(json.dumps({"command": command, **result}, indent=2, default=str))
         return
     if table is not None:
-        out.print(table)
+        show_table(table)
     for line in lines:
         say(line)
 

@@ -19,6 +19,7 @@ from piece_surgery.cli.common import (
     app,
     delta_format,
     emit,
+    printable,
     retain_line,
     takes_run_options,
 )
@@ -285,8 +286,8 @@ def generate_command(
     options: GenerateOptions = None,
     run: RunOptions = None,
 ) -> None:
-    """The base and each candidate answer the same prompts, side by side: greedy unless --sample,
-    through the chat template where the model has one."""
+    """The base and each candidate answer the same prompts, side by side: greedy unless --sample;
+    --prompt through the chat template where the model has one, --prompts records as train reads them."""
     from piece_surgery.recipes.generate import generate_answers
 
     generated = generate_answers(
@@ -297,20 +298,25 @@ def generate_command(
 
 
 def _generate_table(result: dict):
+    """A row per prompt, a column per model; every text with its unprintable characters escaped
+    (printable: a prompt or an answer may hold terminal control codes), --json keeps them exact."""
     from rich.table import Table
     from rich.text import Text
 
     how = f"sampled, seed {result['seed']}" if result["sample"] else "greedy"
-    template = "through the chat template" if result["chat_template"] else "as given"
+    templated = {row["chat_template"] for row in result["prompts"]}
+    template = "chats through the chat template, texts as given"
+    if len(templated) == 1:
+        template = "through the chat template" if templated.pop() else "as given"
     table = Table(title=f"answers ({how}; prompts {template})", show_lines=True)
     table.add_column("prompt", overflow="fold")
     for answer in result["prompts"][0]["answers"]:
-        table.add_column(Text(answer["model"]), overflow="fold")
+        table.add_column(Text(printable(answer["model"])), overflow="fold")
     for row in result["prompts"]:
         prompt = row["prompt"]
         chat = " / ".join(f"{m['role']}: {m['content']}" for m in prompt) if isinstance(prompt, list) else ""
         shown = prompt if isinstance(prompt, str) else chat
-        table.add_row(Text(shown), *(Text(a["text"]) for a in row["answers"]))
+        table.add_row(Text(printable(shown)), *(Text(printable(a["text"])) for a in row["answers"]))
     return table
 
 
@@ -322,20 +328,22 @@ def _eval_table(result: dict):
 
     domain = result["data"]["file"] if result["data"] else None
     sets = [domain or "", *(g["file"] for g in result["general"])]
-    table = Table(title=f"against {result['base']}")
+    table = Table(title=Text(printable(f"against {result['base']}")))
     table.add_column("candidate", overflow="fold", ratio=2)
     table.add_column("set", overflow="fold", min_width=min(max(map(len, sets)), 24))
     for column in ("gain", "drift (KL)", "top-1 changed", "tokens", "seconds"):
         table.add_column(column, justify="right", no_wrap=True)
     for row in result["candidates"]:  # one identical to the base too: its zeros on every set
-        name, seconds = Text(row["candidate"]), f"{row['seconds']:.1f}"
+        name, seconds = Text(printable(row["candidate"])), f"{row['seconds']:.1f}"
         if domain is not None:
             domain_tokens = row["tokens"] - sum(g["tokens"] for g in row["general"])
-            table.add_row(name, Text(domain), f"{row['gain']:.4f}", "", "", f"{domain_tokens:,}", seconds)
+            table.add_row(
+                name, Text(printable(domain)), f"{row['gain']:.4f}", "", "", f"{domain_tokens:,}", seconds
+            )
             name, seconds = Text(""), ""
         for g in row["general"]:
             drift, top1 = f"{g['kl']:.4g}", f"{g['top1_changed']:.2%}"
-            table.add_row(name, Text(g["set"]), "", drift, top1, f"{g['tokens']:,}", seconds)
+            table.add_row(name, Text(printable(g["set"])), "", drift, top1, f"{g['tokens']:,}", seconds)
             name, seconds = Text(""), ""
     return table
 

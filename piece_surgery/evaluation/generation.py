@@ -2,9 +2,11 @@
 sampling on request) and the writing itself, through transformers' `generate`.
 
 A text prompt goes through the tokenizer's chat template as one user turn, with the generation
-prompt added, where the tokenizer has a template (`raw` gives it as it is); a chat prompt needs
-one. Every answer starts from `torch.manual_seed(seed)`, so the base and each candidate draw their
-samples from the same random stream, and a run repeats exactly on the same machine.
+prompt added, where the tokenizer has a template (`raw` gives it as it is, as does an `AsIs` prompt:
+one read from a record training reads untemplated); a chat prompt needs one. A text given as it is
+gets the special tokens training puts before a text (a BOS where the tokenizer adds one), none after.
+Every answer starts from `torch.manual_seed(seed)`, so the base and each candidate draw their samples
+from the same random stream, and a run repeats exactly on the same machine.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from piece_surgery.data.prompts import AsIs
+from piece_surgery.data.tokenize import special_tokens
 from piece_surgery.runtime.errors import PieceError, first_line
 from piece_surgery.runtime.options import check_seed
 from piece_surgery.runtime.progress import library_logs_silenced
@@ -61,8 +65,9 @@ def prompt_ids(prompt: str | list[dict], tokenizer, *, raw: bool = False) -> tup
     """(the prompt's token ids, whether the chat template rendered it). PieceError for a chat
     prompt without a template, or a template that fails on it."""
     template = getattr(tokenizer, "chat_template", None)
-    if isinstance(prompt, str) and (raw or not template):
-        return tokenizer(prompt)["input_ids"], False
+    if isinstance(prompt, str) and (raw or not template or isinstance(prompt, AsIs)):
+        before, _ = special_tokens(tokenizer)  # as training reads a text: no EOS to end it at once
+        return before + tokenizer(prompt, add_special_tokens=False)["input_ids"], False
     if not template:
         raise PieceError("a chat prompt needs a chat template, and the tokenizer has none")
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt

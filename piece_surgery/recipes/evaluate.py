@@ -33,6 +33,7 @@ from piece_surgery.recipes.run import Run, check_dtype_choice
 from piece_surgery.runtime.errors import PieceError, first_line, quote
 from piece_surgery.runtime.options import RunOptions
 from piece_surgery.runtime.progress import Progress, library_logs_silenced
+from piece_surgery.scoring.options import check_drift_set
 from piece_surgery.scoring.retain import GENERAL, SELF, general_text, sample_self
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -126,6 +127,8 @@ def evaluate_candidates(
         raise PieceError("give at least one candidate: a delta, a PEFT adapter or a merged checkpoint")
     if not general:
         raise PieceError("give at least one --general set (a data file, self or general)")
+    for g in general:
+        check_drift_set(g, "--general")
     session = Run(run)
     if session.options.fsdp:
         raise PieceError("--fsdp is for score and train; eval loads one model per process")

@@ -32,10 +32,15 @@ class Generated:
     candidates: list[tuple[str, str]]  # (as given, kind: delta, adapter or checkpoint)
     prompts: list[Prompt]
     options: GenerateOptions
-    chat_template: bool  # whether the prompts went through the chat template
+    templated: list[bool]  # per prompt: whether it went through the chat template
     # per model (the base, then each candidate, in order): per prompt {text, tokens}
     answers: list[list[dict]] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def chat_template(self) -> bool:
+        """Whether any prompt went through the chat template."""
+        return any(self.templated)
 
     def to_json(self) -> dict:
         """What `generate --json` prints (schema in docs/cli.md)."""
@@ -49,7 +54,11 @@ class Generated:
             "seed": self.options.seed if self.options.sample else None,
             "max_new_tokens": self.options.max_new_tokens,
             "prompts": [
-                {"prompt": prompt, "answers": [{"model": m, **answers[i]} for m, answers in by_model]}
+                {
+                    "prompt": prompt,
+                    "chat_template": self.templated[i],
+                    "answers": [{"model": m, **answers[i]} for m, answers in by_model],
+                }
                 for i, prompt in enumerate(self.prompts)
             ],
             "seconds": round(self.seconds, 3),
@@ -65,7 +74,8 @@ def generate_answers(
     options: GenerateOptions | None = None,
     run: RunOptions | None = None,
 ) -> Generated:
-    """Each prompt (given, and those of `prompts_file`: data/prompts.py) answered by the base and by
+    """Each prompt (given, and those of `prompts_file`, each in the form training reads its record:
+    data/prompts.py) answered by the base and by
     every candidate (a delta, a PEFT adapter or a merged checkpoint of the base's architecture).
     PieceError, one line, for no prompt, an empty one, a candidate of another base (naming the
     first mismatch), or a launcher (generate runs in one process)."""
@@ -93,7 +103,7 @@ def generate_answers(
         if kind != "checkpoint":
             switcher.add(ref, delta if delta is not None else adapter_delta(ref, base_ref, session.options))
     generated = Generated(
-        base_ref, [(ref, kind) for ref, kind, _, _ in found], asked, options, any(t for _, t in rendered)
+        base_ref, [(ref, kind) for ref, kind, _, _ in found], asked, options, [t for _, t in rendered]
     )
 
     def answer_all(model: torch.nn.Module, bar) -> list[dict]:

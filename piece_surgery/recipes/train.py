@@ -24,7 +24,7 @@ from piece_surgery.runtime.progress import Progress
 from piece_surgery.runtime.sharding import reshard
 from piece_surgery.scoring.inputs import check_selectable, read_scoring_inputs
 from piece_surgery.scoring.methods import method_named
-from piece_surgery.scoring.options import GENERAL, NAMED_SETS, SELF, ScoreOptions
+from piece_surgery.scoring.options import GENERAL, NAMED_SETS, SELF, ScoreOptions, check_drift_set
 from piece_surgery.scoring.retain import general_text
 from piece_surgery.scoring.selection import score_loaded, self_text
 from piece_surgery.training.config import TrainConfig
@@ -151,6 +151,8 @@ def _scoring_options(
 def _eval_general(eval_general: str | Path | None, config: TrainConfig) -> str | Path | None:
     if eval_general is not None and not str(eval_general).strip():
         raise PieceError("--eval-general is empty: give a data file, self or general")
+    if eval_general is not None:
+        check_drift_set(eval_general, "--eval-general")
     if config.drift_budget and config.budget_on == "measured" and eval_general is None:
         return GENERAL  # the budget measures on the shipped general-text set by default
     return eval_general

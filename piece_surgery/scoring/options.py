@@ -7,10 +7,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from piece_surgery.models.eligible import DEFAULT_EXCLUDE
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.options import check_density, check_fields, check_seed
+from piece_surgery.runtime.paths import is_present
 from piece_surgery.runtime.records import JsonRecord
 from piece_surgery.scoring.methods import DEFAULT_METHOD, METHODS, method_named
 
@@ -37,6 +39,22 @@ SELF = "self"  # --retain self: text sampled from the model itself
 GENERAL = "general"  # --retain general: the general-text set shipped with the package
 CHAT = "chat"  # --retain chat: the model's own answers to the shipped instructions, as chats
 NAMED_SETS = (SELF, GENERAL, CHAT)  # retain sources named by a word, not a path
+DRIFT_SETS = (SELF, GENERAL)  # the words eval --general and train --eval-general take (chat: retain only)
+
+
+def check_drift_set(ref: str | Path, flag: str) -> None:
+    """A set the drift is measured on (`eval --general`, `train --eval-general`): a data file, `self`
+    or `general`. PieceError, one line naming the words taken, for a word that is none of these
+    (nothing is at its path), checked before any data is read."""
+    name = str(ref)
+    if name in DRIFT_SETS or is_present(Path(name).expanduser()):
+        return
+    raise PieceError(
+        f"{flag} '{name}': no such data file, and not a word {flag} takes; give a data file, self "
+        "(text the model writes itself) or general (the shipped general text)"
+    )
+
+
 # piece-r without --retain keeps the shipped general-text set: on every domain of
 # benchmarks/multidomain.py it drifted less than the model's own text at equal gain, on Wikipedia and
 # on the model's own chat answers alike (docs/evidence.md, "Seven domains")

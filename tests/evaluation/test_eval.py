@@ -337,6 +337,16 @@ def test_training_measurement_options_are_checked_first(tiny, tmp_path, cli, cod
     )
 
 
+def test_a_drift_set_neither_file_nor_word_names_the_words_before_data_is_read(tiny, tmp_path, cli):
+    base, missing = tiny("llama"), tmp_path / "missing.jsonl"  # read first, were the word not checked
+    words = "give a data file, self (text the model writes itself) or general"
+    failure = cli("eval", base, base, "--data", missing, "--general", "self", "--general", "chat")
+    assert "--general 'chat': no such data file" in assert_clean_failure(failure, words)
+    out = tmp_path / "d"
+    failure = cli("train", base, "--data", missing, "--eval-general", "chat", "-o", out)
+    assert "--eval-general 'chat'" in assert_clean_failure(failure, words, output=out)
+
+
 def test_bad_eval_inputs_are_one_line(setup, tmp_path, cli, tiny, code_data):
     base, _, delta, general = setup
     other = tiny("llama", seed=1)

@@ -30,16 +30,22 @@ def answers(result: dict, prompt: int = 0) -> list[tuple[str, int]]:
     return [(a["text"], a["tokens"]) for a in result["prompts"][prompt]["answers"]]
 
 
-def greedy_by_hand(folder, prompt: str, new_tokens: int) -> str:
-    """The most likely next token, one at a time, from a plain forward of the checkpoint."""
+def greedy_by_hand(folder, prompt: str, new_tokens: int, *, template: bool = True) -> str:
+    """The most likely next token, one at a time, from a plain forward of the checkpoint; the
+    prompt through the chat template as a user turn, or (template=False) as training reads a text:
+    the tokenizer's own special tokens before it (none after: this tokenizer adds none)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+        assert tokenizer.eos_token_id not in ids
     written = []
     with torch.no_grad():
         for _ in range(new_tokens):
@@ -96,6 +102,10 @@ def test_prompts_come_from_data_files_in_every_shape(models, cli, tmp_path):
     assert prompts[:3] == ["first", "Square a number.", chat[:1]]
     assert prompts[3].startswith("Below is an instruction") and prompts[3].endswith("### Response:\n")
     assert prompts[4] == "def f(" and all(len(p["answers"]) == 2 for p in result["prompts"])
+    # each record as training reads it: only chats through the chat template
+    assert [p["chat_template"] for p in result["prompts"]] == [True, False, True, False, False]
+    for i in (1, 3, 4):
+        assert answers(result, i)[0][0] == greedy_by_hand(base, prompts[i], 8, template=False)
     (tmp_path / "p.txt").write_text("one\n\ntwo\n")
     raw = generate(cli, base, "--prompts", tmp_path / "p.txt", "--raw")
     assert [p["prompt"] for p in raw["prompts"]] == ["one", "two"] and not raw["chat_template"]
@@ -113,6 +123,48 @@ def test_generate_mistakes_are_one_line(models, cli, tiny, tmp_path):
     assert_clean_failure(
         cli("generate", base, "--prompts", tmp_path / "bad.jsonl"), "found the fields 'question'"
     )
+
+
+def test_the_answers_table_escapes_control_characters_and_json_keeps_them(models, cli):
+    from rich.console import Console
+
+    from piece_surgery.cli.model_commands import _generate_table
+
+    base, _, _ = models
+    prompt = "title \x1b]0;pwned\x07 sep\x1c\rline one\nline two"
+    result = generate(cli, base, "--prompt", prompt)
+    assert result["prompts"][0]["prompt"] == prompt  # --json: the exact string
+    result["prompts"][0]["answers"][0]["text"] = "answer\x1b[2J\u202eend"
+    console = Console(width=200, record=True)
+    console.print(_generate_table(result))
+    text = console.export_text()
+    assert not any(c in text for c in "\x1b\x07\x1c\r\u202e")
+    for shown in ("title \\x1b]0;pwned\\x07 sep\\x1c\\rline one", "line two", "answer\\x1b[2J\\u202eend"):
+        assert shown in text, shown
+    assert "one\\n" not in text  # a newline stays a line break
+
+
+def test_tables_outside_a_terminal_keep_names_whole_or_take_columns(models, cli, tmp_path, monkeypatch):
+    import shutil
+
+    base, delta, _ = models
+    long = tmp_path / ("a-delta-in-a-folder-whose-name-is-long-" + "x" * 90)
+    shutil.copytree(delta, long)
+    (tmp_path / "g.txt").write_text("some general text to measure the drift on\n")
+    monkeypatch.delenv("COLUMNS", raising=False)
+    commands = (
+        ("generate", base, long, "--prompt", "hi", "--max-new-tokens", "2", "-q"),
+        ("eval", base, long, "--general", tmp_path / "g.txt", "-q"),
+    )
+    for args in commands:
+        code, stdout, err = cli(*args)
+        assert code == 0, err
+        assert str(long) in stdout, args  # on one line, not folded at 80 columns
+    monkeypatch.setenv("COLUMNS", "200")
+    code, stdout, err = cli(*commands[1])
+    assert code == 0, err
+    widths = [len(line) for line in stdout.splitlines()]
+    assert max(widths) == 200 and str(long) not in stdout  # the table fills COLUMNS, folding the name
 
 
 def test_evals_table_shows_every_set_and_whole_candidate_names():
