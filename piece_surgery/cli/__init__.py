@@ -143,6 +143,7 @@ def main() -> None:
     warnings.showwarning = _warn
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _interrupt)
+    left_group = False
     try:
         code = _run("--json" in sys.argv[1:])
     finally:
@@ -151,7 +152,15 @@ def main() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if "piece_surgery.runtime.distributed" in sys.modules:  # (--help never imports torch)
-            sys.modules["piece_surgery.runtime.distributed"].stop()
+            left_group = sys.modules["piece_surgery.runtime.distributed"].stop()
+    if left_group:
+        # A rank's work is written and reported, and the group is left; what remains is the
+        # interpreter's finalization, where gloo's threads can still meet objects being destroyed
+        # and abort the process ("terminate called without an active exception"), failing a run
+        # that finished. So a rank leaves without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

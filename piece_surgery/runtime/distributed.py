@@ -242,15 +242,17 @@ def current() -> World | None:
     return _world
 
 
-def stop() -> None:
-    """Leave the process group (every exit path of the CLI calls this)."""
+def stop() -> bool:
+    """Leave the process group (every exit path of the CLI calls this); True when there was one."""
     global _world
-    if dist.is_available() and dist.is_initialized():
+    joined = dist.is_available() and dist.is_initialized()
+    if joined:
         # objects that hold the group (DDP's reducer, kept alive by reference cycles) must go first:
         # destroyed after it, at exit, their threads end the process with std::terminate
         gc.collect()
         dist.destroy_process_group()
     _world = None
+    return joined
 
 
 def device_name(world: World | None, device: str) -> str:
