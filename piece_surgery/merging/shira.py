@@ -10,6 +10,7 @@ Conv1D, weights two modules share, biases) has no place in SHiRA: refused, namin
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from piece_surgery.formats.delta import Delta, TensorDelta
 from piece_surgery.merging.combine import TensorPart, merge_one
 from piece_surgery.merging.live import model_tensors
+from piece_surgery.models.eligible import DEFAULT_EXCLUDE
 from piece_surgery.models.structure import is_gain_module, owners
 from piece_surgery.runtime.errors import PieceError
 
@@ -57,7 +59,10 @@ def shira_plan(model: torch.nn.Module, delta: Delta) -> ShiraPlan:
                 _pattern(tensor_name), (tensor_name, "not a linear layer's weight or a norm's gain")
             )
     if refused:
-        (first, why), excludes = next(iter(refused.values())), " ".join(f"--exclude {p}" for p in refused)
+        # a user's --exclude replaces the default one, so the advice restates it
+        new = [p for p in refused if not any(re.search(d, p) for d in DEFAULT_EXCLUDE)]
+        patterns = [*DEFAULT_EXCLUDE, *new]
+        (first, why), excludes = next(iter(refused.values())), " ".join(f"--exclude {p}" for p in patterns)
         raise PieceError(
             f"the delta changes tensors a SHiRA adapter cannot hold (first: '{first}', {why}): score "
             f"without them ({excludes}) to export, or apply the delta with `piece-surgery apply`"
