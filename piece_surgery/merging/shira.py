@@ -65,7 +65,8 @@ def shira_plan(model: torch.nn.Module, delta: Delta) -> ShiraPlan:
         (first, why), excludes = next(iter(refused.values())), " ".join(f"--exclude {p}" for p in patterns)
         raise PieceError(
             f"the delta changes tensors a SHiRA adapter cannot hold (first: '{first}', {why}): score "
-            f"without them ({excludes}) to export, or apply the delta with `piece-surgery apply`"
+            f"without them ({excludes}, and no --include naming them) to export, or apply the delta with "
+            "`piece-surgery apply`"
         )
     counts = {name: delta.tensors[t].indices.numel() for name, (t, _) in linear.items()}
     r, whole = cheapest_layout({name: m for name, (_, m) in linear.items()}, counts)

@@ -85,7 +85,8 @@ class ScoreOptions(JsonRecord):
     exclude: list[str] = field(
         default_factory=lambda: list(DEFAULT_EXCLUDE),
         metadata={
-            "help": "Regex: matching tensors are not eligible; repeatable. [default: embed]",
+            "help": "Regex: matching tensors are not eligible unless an --include names them; "
+            "repeatable. [default: embed]",
             "metavar": "REGEX",
         },
     )

@@ -151,7 +151,7 @@ def test_export_refuses_what_shira_cannot_hold(tiny, code_data, tmp_path, cli):
     result = cli("export", tmp_path / "d", "--base", base, "-o", tmp_path / "adapter")
     # every kind it cannot hold named at once, by the patterns that leave them out
     line = assert_clean_failure(result, "a SHiRA adapter cannot hold (first: '", output=tmp_path / "adapter")
-    assert "(--exclude embed --exclude bias)" in line  # the default restated, and what it misses
+    assert "(--exclude embed --exclude bias, and no --include naming them)" in line  # the default restated
 
 
 def test_export_and_import_errors(trained, tmp_path, cli, tiny):

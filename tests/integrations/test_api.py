@@ -259,3 +259,28 @@ def test_a_model_trained_in_bf16_from_fp32_files_records_only_what_training_move
         sparse.write()
         now = dict(model.named_parameters())
         assert all(bitwise_equal(p.detach(), now[n].detach()) for n, p in merged.named_parameters())
+
+
+def test_the_top_level_writers_follow_the_output_rules(tiny, tmp_path):
+    """piece_surgery.save_mask and save_delta refuse what the CLI's outputs refuse: an existing path
+    without overwrite=True, a folder of other files even with it; a non-path is one line."""
+    model = AutoModelForCausalLM.from_pretrained(tiny("llama"))
+    mask = ps.score(model, RECORDS, method="piece-s", density=0.02)
+    delta = ps.sparsify(model, mask).to_delta()
+    precious = tmp_path / "precious.safetensors"
+    precious.write_bytes(b"mine")
+    _one_line("pass overwrite=True to replace it", lambda: ps.save_mask(mask, precious))
+    assert precious.read_bytes() == b"mine"
+    ps.save_mask(mask, precious, overwrite=True)
+    assert ps.load_mask(precious).k == mask.k
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    _one_line("pass overwrite=True to replace it", lambda: ps.save_delta(delta, other))
+    _one_line("only replaces a delta", lambda: ps.save_delta(delta, other, overwrite=True))
+    assert (other / "notes.txt").read_text() == "mine"
+    _one_line("folder must be a path", lambda: ps.save_delta(delta, 5))
+    _one_line("delta must be a Delta", lambda: ps.save_delta(mask, tmp_path / "d"))
+    ps.save_delta(delta, tmp_path / "d")
+    ps.save_delta(delta, tmp_path / "d", overwrite=True)  # a delta may replace a delta
+    assert ps.load_delta(tmp_path / "d").count == delta.count
