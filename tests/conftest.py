@@ -93,3 +93,11 @@ def hub(hub_server, monkeypatch):
     hub_server.state.tokens = {"hf_test_token"}
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     return hub_server
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    """A tiny LLaVA checkpoint with its processor (one per test module)."""
+    from piece_surgery.models.tiny import make_tiny_vision_language_model
+
+    return make_tiny_vision_language_model(tmp_path_factory.mktemp("llava"), "llava")

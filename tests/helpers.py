@@ -139,3 +139,13 @@ def run_launcher(command: list[str], *, env: dict, timeout: float) -> subprocess
         stdout, stderr = process.communicate()
         stderr += f"\n(killed after {timeout} s)"
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def image_chat(path: str) -> dict:
+    """A one-turn chat about the image at `path` (relative to the data file), answered."""
+    return {
+        "messages": [
+            {"role": "user", "content": [{"type": "image", "path": path}, {"type": "text", "text": "What?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A pattern."}]},
+        ]
+    }

@@ -7,24 +7,9 @@ import os
 import shutil
 
 import pytest
-from helpers import assert_clean_failure, perturb, snapshot
+from helpers import assert_clean_failure, image_chat, perturb, snapshot
 
-from piece_surgery.models.tiny import make_tiny_vision_language_model, write_png
-
-
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    return make_tiny_vision_language_model(tmp_path_factory.mktemp("llava"), "llava")
-
-
-def image_chat(path: str) -> dict:
-    return {
-        "messages": [
-            {"role": "user", "content": [{"type": "image", "path": path}, {"type": "text", "text": "What?"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "A pattern."}]},
-        ]
-    }
-
+from piece_surgery.models.tiny import write_png
 
 # ---------------------------------------------------------------- item 1: a data file reached by a link
 
