@@ -276,7 +276,13 @@ def _written(source, checkpoint: Checkpoint, model: LoadedModel, options: ScoreO
         length = min(options.self_length, max_length // 2)
         tokenizer = checkpoint.load_tokenizer()
         return sample_chat(
-            model.module, tokenizer, length=length, seed=options.seed, max_length=max_length, quiet=quiet
+            model.module,
+            tokenizer,
+            length=length,
+            seed=options.seed,
+            max_length=max_length,
+            pad_id=checkpoint.pad_id,
+            quiet=quiet,
         )
     return source
 

@@ -186,6 +186,37 @@ def test_chat_text_is_the_models_answers_seeded_and_recorded(tiny, code_data, tm
     )
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_answers_written_in_a_batch_are_those_written_one_by_one(tiny, family):
+    """--retain chat writes answers a batch at a time, left-padded: greedy, each answer is the one
+    the model writes to its prompt alone (a plain generate per prompt), cut at its first stop token."""
+    from transformers import GenerationConfig
+
+    from piece_surgery.scoring.retain import _prompt_ids, _stop_ids, generate_answers
+
+    checkpoint = open_checkpoint(tiny(family))
+    model = checkpoint.load_model(device="cpu", dtype="float32").module.eval()
+    tokenizer = checkpoint.load_tokenizer()
+    stops = _stop_ids(model, tokenizer)
+    asked = ["Hi.", "Name three rivers of Europe and the seas they flow into.", "Why?"]
+    prompts = [_prompt_ids(tokenizer, text) for text in asked]
+    assert len({len(p) for p in prompts}) == 3  # padding is exercised
+    config = GenerationConfig(do_sample=False, max_new_tokens=12, pad_token_id=checkpoint.pad_id)
+    config.eos_token_id = sorted(stops)
+    with torch.no_grad():
+        batched = generate_answers(model, prompts, config, checkpoint.pad_id, stops)
+        for prompt, answer in zip(prompts, batched, strict=True):
+            ids = torch.tensor([prompt])
+            alone = [
+                int(t)
+                for t in model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)[
+                    0, len(prompt) :
+                ]
+            ]
+            cut = next((j for j, t in enumerate(alone) if t in stops), len(alone))
+            assert answer == alone[:cut] and not stops & set(answer)
+
+
 def test_the_default_is_piece_r_keeping_the_shipped_general_text(tiny, code_data, tmp_path, cli):
     """Without --method or --retain, score and train select with piece-r on the shipped general set
     (every example of it, whatever the model's context); with --retain self, a text is never
