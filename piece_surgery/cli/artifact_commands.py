@@ -23,6 +23,7 @@ from piece_surgery.cli.common import (
     app,
     delta_format,
     emit,
+    printable,
     retain_line,
     show_table,
     summary_table,
@@ -77,7 +78,8 @@ def diff_command(
     table.add_column("changed", justify="right")
     table.add_column("fraction", justify="right")
     for name, t in written.delta.tensors.items():
-        table.add_row(Text(name), f"{t.indices.numel():,}", f"{result['changed_fraction'][name]:.4%}")
+        changed = f"{result['changed_fraction'][name]:.4%}"
+        table.add_row(Text(printable(name)), f"{t.indices.numel():,}", changed)
     lines = [
         f"wrote {output}: {result['entries']:,} entries in {result['tensors']} tensors, "
         f"{result['tensor_bytes']:,} bytes ({result['bytes_per_entry']:.1f} per entry)"

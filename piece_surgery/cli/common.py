@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from piece_surgery.runtime.errors import PieceError
 
@@ -163,8 +164,9 @@ def delta_format(compact: bool) -> int:
 
 
 def say(line: str) -> None:
-    """Print a line as it is: user text (paths, names) may hold `[...]`, which is never markup."""
-    out.print(line, markup=False)
+    """Print a line as it is: user text (paths, names) may hold `[...]`, which is never markup, and
+    control codes from a file's names or fields, which are escaped (`printable`)."""
+    out.print(printable(line), markup=False)
 
 
 def emit(
@@ -223,7 +225,7 @@ def summary_table(summary: dict, key: str, title: str) -> Table:
     table.add_column("fraction", justify="right")
     for name, row in summary[key].items():
         frac = row["entries"] / row["size"] if row["size"] else 0.0
-        table.add_row(name, f"{row['entries']:,}", f"{row['size']:,}", f"{frac:.4%}")
+        table.add_row(Text(printable(name)), f"{row['entries']:,}", f"{row['size']:,}", f"{frac:.4%}")
     return table
 
 

@@ -91,7 +91,14 @@ class RunOptions(JsonRecord):
             "metavar": "TOKENS",
         },
     )
-    max_samples: int | None = field(default=None, metadata={"help": "Use at most this many examples."})
+    max_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Use at most this many examples of --data (retain, eval and general sets are read "
+            "whole, so their figures compare between runs).",
+            "metavar": "N",
+        },
+    )
     attn_implementation: str | None = field(
         default=None,
         metadata={

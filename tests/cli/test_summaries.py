@@ -82,3 +82,25 @@ def test_records_in_memory_name_the_record_a_chat_error_is_in(tiny):
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": parts}]}
     with pytest.raises(PieceError, match=r"^mine, record 2: the tokenizer's chat template drops"):
         dataset_from_records(["hello world", chat], load_tokenizer(tiny("llama")), name="mine")
+
+
+def test_names_from_a_file_are_printed_escaped_never_as_terminal_commands(tiny, code_data, tmp_path, cli):
+    """A tensor name is the file's text: inspect's table and lines print its control codes escaped
+    (ESC would start a terminal command) and its brackets as they are (never rich markup)."""
+    import dataclasses
+
+    from piece_surgery.formats.mask import load_mask, save_mask
+
+    hostile = "model.\x1b[2J\x1b]0;pwned\x07[red]x[/red]\u202e.weight"
+    out = tmp_path / "m.safetensors"
+    assert cli("score", tiny("llama"), "--data", code_data, "-o", out, "-q")[0] == 0
+    mask = load_mask(out)
+    name = next(iter(mask.indices))
+    renamed = lambda d: {hostile if k == name else k: v for k, v in d.items()}  # noqa: E731
+    fisher = renamed(mask.fisher) if mask.fisher is not None else None
+    odd = dataclasses.replace(mask, indices=renamed(mask.indices), shapes=renamed(mask.shapes), fisher=fisher)
+    save_mask(odd, tmp_path / "odd.safetensors")
+    code, shown, err = cli("inspect", tmp_path / "odd.safetensors")
+    assert code == 0, err
+    assert not any(c in shown for c in "\x1b\x07\u202e")
+    assert "\\x1b[2J\\x1b]0;pwned\\x07[red]x[/red]\\u202e" in shown.replace("\n", "")
