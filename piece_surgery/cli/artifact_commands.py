@@ -79,7 +79,7 @@ def diff_command(
     table.add_column("fraction", justify="right")
     for name, t in written.delta.tensors.items():
         changed = f"{result['changed_fraction'][name]:.4%}"
-        table.add_row(Text(printable(name)), f"{t.indices.numel():,}", changed)
+        table.add_row(Text(printable(name, keep_lines=False)), f"{t.indices.numel():,}", changed)
     lines = [
         f"wrote {output}: {result['entries']:,} entries in {result['tensors']} tensors, "
         f"{result['tensor_bytes']:,} bytes ({result['bytes_per_entry']:.1f} per entry)"

@@ -101,11 +101,23 @@ def _position(args: list[str], index: int, takes_value: dict) -> int:
     return position
 
 
-def printable(text: str) -> str:
+# Format characters that join or direct ordinary text (emoji sequences, Indic, Arabic and Hebrew
+# script): printed as they are. The bidirectional overrides and isolates, which can make a line
+# read as something else, are escaped with every other unprintable character.
+_TEXT_FORMAT = {"\u200c", "\u200d", "\u00ad", "\u200e", "\u200f", "\u061c"}
+
+
+def printable(text: str, *, keep_lines: bool = True) -> str:
     """`text` safe to print to a terminal: every character that is not printable (control codes
     such as ESC, which start terminal commands, carriage returns, bidirectional overrides) written
-    as its Python escape (\\x1b, \\u202e); newlines and tabs kept, so that a text stays readable."""
-    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode() for c in text)
+    as its Python escape (\\x1b, \\u202e). Newlines and tabs are kept where `keep_lines` (a model's
+    answer stays readable); a name or field read from a file is one line, so there they are escaped
+    too (a newline in it would print a line of its own, one that could pass for the tool's)."""
+    kept = "\n\t" if keep_lines else ""
+    return "".join(
+        c if c.isprintable() or c in kept or c in _TEXT_FORMAT else c.encode("unicode_escape").decode()
+        for c in text
+    )
 
 
 out = Console(highlight=False, soft_wrap=True)
@@ -166,7 +178,7 @@ def delta_format(compact: bool) -> int:
 def say(line: str) -> None:
     """Print a line as it is: user text (paths, names) may hold `[...]`, which is never markup, and
     control codes from a file's names or fields, which are escaped (`printable`)."""
-    out.print(printable(line), markup=False)
+    out.print(printable(line, keep_lines=False), markup=False)
 
 
 def emit(
@@ -225,7 +237,9 @@ def summary_table(summary: dict, key: str, title: str) -> Table:
     table.add_column("fraction", justify="right")
     for name, row in summary[key].items():
         frac = row["entries"] / row["size"] if row["size"] else 0.0
-        table.add_row(Text(printable(name)), f"{row['entries']:,}", f"{row['size']:,}", f"{frac:.4%}")
+        table.add_row(
+            Text(printable(name, keep_lines=False)), f"{row['entries']:,}", f"{row['size']:,}", f"{frac:.4%}"
+        )
     return table
 
 

@@ -311,7 +311,7 @@ def _generate_table(result: dict):
     table = Table(title=f"answers ({how}; prompts {template})", show_lines=True)
     table.add_column("prompt", overflow="fold")
     for answer in result["prompts"][0]["answers"]:
-        table.add_column(Text(printable(answer["model"])), overflow="fold")
+        table.add_column(Text(printable(answer["model"], keep_lines=False)), overflow="fold")
     for row in result["prompts"]:
         prompt = row["prompt"]
         chat = " / ".join(f"{m['role']}: {m['content']}" for m in prompt) if isinstance(prompt, list) else ""
@@ -328,22 +328,36 @@ def _eval_table(result: dict):
 
     domain = result["data"]["file"] if result["data"] else None
     sets = [domain or "", *(g["file"] for g in result["general"])]
-    table = Table(title=Text(printable(f"against {result['base']}")))
+    table = Table(title=Text(printable(f"against {result['base']}", keep_lines=False)))
     table.add_column("candidate", overflow="fold", ratio=2)
     table.add_column("set", overflow="fold", min_width=min(max(map(len, sets)), 24))
     for column in ("gain", "drift (KL)", "top-1 changed", "tokens", "seconds"):
         table.add_column(column, justify="right", no_wrap=True)
     for row in result["candidates"]:  # one identical to the base too: its zeros on every set
-        name, seconds = Text(printable(row["candidate"])), f"{row['seconds']:.1f}"
+        name, seconds = Text(printable(row["candidate"], keep_lines=False)), f"{row['seconds']:.1f}"
         if domain is not None:
             domain_tokens = row["tokens"] - sum(g["tokens"] for g in row["general"])
             table.add_row(
-                name, Text(printable(domain)), f"{row['gain']:.4f}", "", "", f"{domain_tokens:,}", seconds
+                name,
+                Text(printable(domain, keep_lines=False)),
+                f"{row['gain']:.4f}",
+                "",
+                "",
+                f"{domain_tokens:,}",
+                seconds,
             )
             name, seconds = Text(""), ""
         for g in row["general"]:
             drift, top1 = f"{g['kl']:.4g}", f"{g['top1_changed']:.2%}"
-            table.add_row(name, Text(printable(g["set"])), "", drift, top1, f"{g['tokens']:,}", seconds)
+            table.add_row(
+                name,
+                Text(printable(g["set"], keep_lines=False)),
+                "",
+                drift,
+                top1,
+                f"{g['tokens']:,}",
+                seconds,
+            )
             name, seconds = Text(""), ""
     return table
 

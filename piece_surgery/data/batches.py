@@ -33,9 +33,13 @@ def micro_batches(examples: list[Example], batch_size: int, pad_id: int) -> Iter
         yield collate(examples[start : start + batch_size], pad_id)
 
 
-def pad_id(tokenizer) -> int:
+def pad_id(tokenizer, rows: int | None = None) -> int:
+    """The token id batches are padded with: the tokenizer's pad token, else EOS, else 0; with
+    `rows` (the model's embedding rows), the first of them that is a row. A padded position is
+    masked out and outside the loss, so any id the embedding holds pads alike, but one past it
+    (a pad token added to the tokenizer, the model not resized) would crash the lookup."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
+        if candidate is not None and candidate >= 0 and (rows is None or candidate < rows):
             return candidate
     return 0
 

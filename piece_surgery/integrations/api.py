@@ -84,7 +84,7 @@ def score(
         retain=retain_sets,
         identity=ckpt.identity if ckpt is not None else None,
         run=run,
-        pad_id=pad_id(tokenizer),
+        pad_id=pad_id(tokenizer, _embedding_rows(model)),
     )
     return mask
 
@@ -208,11 +208,24 @@ def _rows(data: Any, what: str) -> Iterable:
     return iter(data)
 
 
+def _embedding_rows(model: torch.nn.Module) -> int | None:
+    """Rows of the model's input embedding table (None where the model does not say)."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return getattr(embedding, "num_embeddings", None)
+
+
 def _retain_sets(sources: list, options: ScoreOptions, model, tokenizer, max_length: int) -> list[Dataset]:
     """The retain sets piece-r reads, as the CLI reads them (text the model writes: written now)."""
     if not method_named(options.method).uses_retain:
         return []
-    sets, pad = [], pad_id(tokenizer)
+    sets, pad = [], pad_id(tokenizer, _embedding_rows(model))
+    named_sets = [s for s in sources or [] if isinstance(s, str) and s in (SELF, CHAT, GENERAL)]
+    twice = next((s for s in named_sets if named_sets.count(s) > 1), None)
+    if twice is not None:  # it would count twice in the retain Fisher
+        raise PieceError(f"retain names '{twice}' twice: give each set once")
     for i, source in enumerate(sources or [GENERAL]):
         named = source if isinstance(source, str) else None
         if named == SELF:

@@ -93,8 +93,9 @@ class Checkpoint:
 
     @property
     def pad_id(self) -> int:
-        """The token id batches are padded with (the tokenizer's pad token, else EOS, else 0)."""
-        return pad_id(self.load_tokenizer())
+        """The token id batches are padded with (the tokenizer's pad token, else EOS, else 0: the
+        first that is a row of the model's embedding table)."""
+        return pad_id(self.load_tokenizer(), self.vocab_size())
 
     def load_data(
         self,

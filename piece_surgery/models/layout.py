@@ -262,7 +262,24 @@ def shard_metadata(folder: Path) -> dict[str, str]:
 
 
 def save_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file of `tensors` and header `metadata`: the same inputs give the same bytes."""
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    if len(metadata or {}) > 1:
+        _sort_header_metadata(Path(path))
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """safetensors writes the header's metadata in a hash map's order, which changes from run to run
+    (0.8): the header is written again with the metadata sorted. Its JSON keeps its length (the same
+    content; safetensors pads a header with spaces), so the tensor data stays where it is."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # never longer for the same content; left as written if it were
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
 
 
 def write_index(out: Path, weight_map: dict[str, str], total_size: int) -> None:

@@ -40,13 +40,13 @@ def avoided_entries(avoid: Avoid, checkpoint: Checkpoint) -> tuple[dict[str, tor
         delta = as_stored_in(artifact, checkpoint.layout, checkpoint.skeleton)
         entries = {n: t.indices for n, t in delta.tensors.items()}
         shapes = {n: t.shape for n, t in delta.tensors.items()}
-    for name in entries:
-        if name not in checkpoint.layout:
-            raise PieceError(f"--avoid '{ref}' names tensor '{name}', which this model does not have")
-        if tuple(checkpoint.layout[name].shape) != tuple(shapes[name]):
+    for tensor in entries:
+        if tensor not in checkpoint.layout:
+            raise PieceError(f"--avoid '{ref}' names tensor '{tensor}', which this model does not have")
+        if tuple(checkpoint.layout[tensor].shape) != tuple(shapes[tensor]):
             raise PieceError(
-                f"--avoid '{ref}': tensor '{name}' is {list(shapes[name])} there but "
-                f"{list(checkpoint.layout[name].shape)} in this model"
+                f"--avoid '{ref}': tensor '{tensor}' is {list(shapes[tensor])} there but "
+                f"{list(checkpoint.layout[tensor].shape)} in this model"
             )
     count = sum(int(i.numel()) for i in entries.values())
     return dict(entries), AvoidRecord(name, "mask" if isinstance(artifact, Mask) else "delta", count)
@@ -90,7 +90,14 @@ def read_scoring_inputs(
     """Read the retain files (`read(path, name)` tokenizes one, as the run says) and the entries to
     avoid (masks and deltas, opened: formats.artifacts.open_artifact)."""
     inputs = ScoringInputs()
-    for ref in retain:
+    seen: dict = {}
+    for ref in retain:  # a set given twice would count twice in the retain Fisher
+        same = str(ref) if str(ref) in (SELF, CHAT, GENERAL) else Path(ref).resolve()
+        if same in seen:
+            raise PieceError(
+                f"--retain '{ref}' is the same set as --retain '{seen[same]}': give each set once"
+            )
+        seen[same] = ref
         if str(ref) in (SELF, CHAT):  # written by the model once it is loaded
             inputs.retain.append(str(ref))
         elif str(ref) == GENERAL:

@@ -111,25 +111,19 @@ def sample_chat(
     batch_size: int = CHAT_BATCH,
     quiet: bool = True,
 ) -> Dataset:
-    """The model's own answers (sampled at temperature 1, seeded, at most `length` new tokens, ended
-    at its end-of-turn token) to the shipped instructions, through its chat template, as chat
-    examples whose loss is on the answer: its behaviour in conversation, for the retain Fisher.
-    Instructions of similar length are answered `batch_size` at a time, left-padded with `pad_id`.
-    PieceError for a tokenizer without a chat template. The same answers for the same seed and
-    batch size; the digest covers them."""
+    """The model's own answers (sampled at temperature 1, seeded, ended at its end-of-turn token) to
+    the shipped instructions, through its chat template, as chat examples whose loss is on the
+    answer: its behaviour in conversation, for the retain Fisher. An answer has at most `length`
+    new tokens, and fewer where its instruction and it would pass `max_length` or the model's
+    positions. Instructions of similar length are answered `batch_size` at a time, left-padded
+    with `pad_id`. The same answers for the same seed and batch size; the digest covers them.
+    PieceError for a tokenizer without a chat template, or where no answer fits `max_length`."""
     if not getattr(tokenizer, "chat_template", None):
         raise PieceError("--retain chat needs a tokenizer with a chat template (this model has none)")
-    from transformers import GenerationConfig
-
-    stops = _stop_ids(model, tokenizer)
-    config = GenerationConfig(
-        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length, pad_token_id=pad_id
-    )
-    config.eos_token_id = sorted(stops) or None
     asked = [json.loads(line)["instruction"] for line in instructions().read_text().splitlines() if line]
     prompts = [_prompt_ids(tokenizer, instruction) for instruction in asked]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding in a batch
-    answers: list[list[int]] = [[] for _ in prompts]
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    room = min(max_length, positions) if isinstance(positions, int) and positions > 1 else max_length
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -140,28 +134,58 @@ def sample_chat(
         torch.no_grad(),
     ):
         torch.manual_seed(seed)
-        for begin in range(0, len(order), batch_size):
-            batch = order[begin : begin + batch_size]
-            written = generate_answers(model, [prompts[i] for i in batch], config, pad_id, stops)
-            for i, tokens in zip(batch, written, strict=True):
-                answers[i] = tokens
+        answers = _answers(model, tokenizer, prompts, pad_id, length, room, batch_size)
     model.train(was_training)
     records = [
-        {
-            "messages": [
-                {"role": "user", "content": instruction},
-                {
-                    "role": "assistant",
-                    "content": tokenizer.decode(tokens, skip_special_tokens=True).strip() or ".",
-                },
-            ]
-        }
-        for instruction, tokens in zip(asked, answers, strict=True)
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": _text(tokenizer, a)}]}
+        for q, a in zip(asked, answers, strict=True)
+        if a is not None
     ]
     digest = hashlib.sha256("".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
     examples = [tokenize_record(r, tokenizer, max_length) for r in records]
     kept = [e for e in examples if e.loss_tokens > 0]
-    return Dataset(kept, CHAT, digest.hexdigest(), len(records), len(records) - len(kept), max_length)
+    if not kept:
+        sizes = sorted(len(p) for p in prompts)
+        raise PieceError(
+            f"--retain chat: no answer fits in {room} tokens beside its instruction (the shipped "
+            f"instructions take {sizes[0]}-{sizes[-1]} tokens in this chat template); raise --max-length"
+        )
+    return Dataset(kept, CHAT, digest.hexdigest(), len(asked), len(asked) - len(kept), max_length)
+
+
+def _answers(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    pad_id: int,
+    length: int,
+    room: int,
+    batch: int,
+) -> list[list[int] | None]:
+    """Each prompt's answer, written `batch` prompts of similar length at a time (less padding),
+    at most `length` tokens and at most what `room` leaves beside the batch's longest prompt; None
+    for a prompt that leaves no room."""
+    from transformers import GenerationConfig
+
+    stops = _stop_ids(model, tokenizer)
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad_id)
+    config.eos_token_id = sorted(stops) or None
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[list[int] | None] = [None] * len(prompts)
+    for begin in range(0, len(order), batch):
+        chosen = [i for i in order[begin : begin + batch] if len(prompts[i]) < room]
+        if not chosen:
+            continue
+        config.max_new_tokens = min(length, room - max(len(prompts[i]) for i in chosen))
+        written = generate_answers(model, [prompts[i] for i in chosen], config, pad_id, stops)
+        for i, tokens in zip(chosen, written, strict=True):
+            answers[i] = tokens
+    return answers
+
+
+def _text(tokenizer, tokens: list[int]) -> str:
+    # an answer the model ended at once is kept as one character: a chat turn needs some text
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip() or "."
 
 
 def generate_answers(
@@ -184,12 +208,34 @@ def _prompt_ids(tokenizer, instruction: str) -> list[int]:
 
 
 def _stop_ids(model: torch.nn.Module, tokenizer) -> set[int]:
-    """The tokens that end a turn: the model's generation config's, else the tokenizer's EOS."""
+    """The tokens that end a turn: the model's generation config's EOS (else the tokenizer's), and
+    the special token the chat template closes an assistant turn with (Llama 3's <|eot_id|>,
+    Gemma's <end_of_turn>, Phi-3's <|end|>), which a base model's config may not name."""
     generation = getattr(model, "generation_config", None)
     found = getattr(generation, "eos_token_id", None)
     if found is None:
         found = tokenizer.eos_token_id
-    return set(found if isinstance(found, list) else [] if found is None else [found])
+    stops = set(found if isinstance(found, list) else [] if found is None else [found])
+    closing = _turn_end_id(tokenizer)
+    return stops | ({closing} if closing is not None else set())
+
+
+def _turn_end_id(tokenizer) -> int | None:
+    """The first token the chat template writes after an assistant's text, if it is a special one."""
+    from jinja2 import TemplateError
+
+    mark = "\u2063piece-surgery-answer\u2063"
+    messages = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": mark}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError):
+        return None  # a template that will not render this turn: the config's EOS alone stops it
+    if not isinstance(text, str) or mark not in text:
+        return None
+    after = tokenizer(text[text.rindex(mark) + len(mark) :], add_special_tokens=False)["input_ids"]
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    return after[0] if after and after[0] in special else None
 
 
 @dataclass

@@ -91,7 +91,7 @@ def test_names_from_a_file_are_printed_escaped_never_as_terminal_commands(tiny, 
 
     from piece_surgery.formats.mask import load_mask, save_mask
 
-    hostile = "model.\x1b[2J\x1b]0;pwned\x07[red]x[/red]\u202e.weight"
+    hostile = "model.\x1b[2J\x1b]0;pwned\x07[red]x[/red]\u202e\nerror: forged.weight"
     out = tmp_path / "m.safetensors"
     assert cli("score", tiny("llama"), "--data", code_data, "-o", out, "-q")[0] == 0
     mask = load_mask(out)
@@ -103,4 +103,11 @@ def test_names_from_a_file_are_printed_escaped_never_as_terminal_commands(tiny, 
     code, shown, err = cli("inspect", tmp_path / "odd.safetensors")
     assert code == 0, err
     assert not any(c in shown for c in "\x1b\x07\u202e")
-    assert "\\x1b[2J\\x1b]0;pwned\\x07[red]x[/red]\\u202e" in shown.replace("\n", "")
+    assert "\\x1b[2J\\x1b]0;pwned\\x07[red]x[/red]\\u202e\\nerror: forged" in shown.replace("\n", "")
+    assert not any(line.startswith("error: forged") for line in shown.splitlines())
+    family = (
+        tmp_path / "fam\U0001f468\u200d\U0001f469\u200d\U0001f467.safetensors"
+    )  # joined emoji: as written
+    code, shown, err = cli("score", tiny("llama"), "--data", code_data, "-o", family)
+    assert code == 0, err
+    assert family.name in shown and "\\u200d" not in shown

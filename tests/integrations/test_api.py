@@ -182,6 +182,7 @@ def test_named_retain_sets_and_texts(tiny):
     texts = ps.score(model, RECORDS, method="piece-r", retain=["general", ["x = 1", "y = 2"]], density=0.02)
     assert [s.file for s in texts.info.retain.sources][0] == "general"
     assert len(texts.info.retain.sources) == 2
+    _one_line("retain names 'general' twice", lambda: ps.score(model, RECORDS, retain=["general", "general"]))
 
 
 def test_the_model_and_the_mask_must_be_the_checkpoints(tiny, tmp_path):

@@ -173,7 +173,9 @@ def test_chat_text_is_the_models_answers_seeded_and_recorded(tiny, code_data, tm
     assert cli(*args, "--self-length", "6", "--max-length", "64")[0] == 0
     record = load_mask(out).info.retain
     assert record.chat_sampling == {"seed": 3, "instructions": 64, "length": 6}
-    assert record.sources[0].file == "chat" and record.sources[0].sha256 == a.sha256
+    at_64 = sample_chat(model, tokenizer, length=6, seed=3, max_length=64)  # as the CLI ran it
+    assert record.sources[0].file == "chat" and record.sources[0].sha256 == at_64.sha256
+    assert record.sources[0].examples == len(at_64.examples) < 64  # the longest instructions leave no room
     no_template = shutil.copytree(tiny("llama"), tmp_path / "plain")
     config = json.loads((no_template / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
@@ -215,6 +217,60 @@ def test_answers_written_in_a_batch_are_those_written_one_by_one(tiny, family):
             ]
             cut = next((j for j, t in enumerate(alone) if t in stops), len(alone))
             assert answer == alone[:cut] and not stops & set(answer)
+
+
+@pytest.mark.parametrize(
+    ("family", "template", "closer"), [("gemma", "gemma3", "<end_of_turn>"), ("phi3", "phi3_5", "<|end|>")]
+)
+def test_an_answer_stops_at_the_templates_end_of_turn(family, template, closer):
+    """A base model's config may name only EOS: the special token the chat template closes an
+    assistant turn with stops an answer too."""
+    from pathlib import Path
+
+    from piece_surgery.models.tiny import tiny_tokenizer
+    from piece_surgery.scoring.retain import _stop_ids
+
+    fixture = Path(__file__).parent.parent / "fixtures" / "chat_templates" / f"{template}.jinja"
+    tokenizer = tiny_tokenizer(chat_family=family, chat_template=fixture.read_text())
+    closing = tokenizer.convert_tokens_to_ids(closer)
+    assert closing != tokenizer.eos_token_id
+    assert _stop_ids(torch.nn.Linear(1, 1), tokenizer) == {tokenizer.eos_token_id, closing}
+
+
+def test_chat_answers_fit_the_context_and_max_length_or_fail_in_one_line(tiny, code_data, tmp_path, cli):
+    """GPT-2's 128 absolute positions: an answer is cut to what its instruction leaves (it used to
+    index past the position table); a --max-length no instruction fits in is one line, not a mask
+    of no retain text that inspect and train then refuse."""
+    out = tmp_path / "m.safetensors"
+    code, _, err = cli("score", tiny("gpt2"), "--data", code_data, "-o", out, "-q", "--retain", "chat")
+    assert code == 0, err
+    record = load_mask(out).info.retain
+    assert record.sources[0].examples > 0 and math.isfinite(record.fisher_scale)
+    for length in ("8", "32"):
+        args = ["score", tiny("llama"), "--data", code_data, "-o", tmp_path / f"m{length}.safetensors"]
+        result = cli(*args, "--retain", "chat", "--max-length", length)
+        assert_clean_failure(result, f"--retain chat: no answer fits in {length} tokens", output=args[-1])
+
+
+def test_a_pad_token_past_the_embedding_table_pads_with_one_inside_it(tiny, code_data, tmp_path, cli):
+    """A pad token added to the tokenizer of a model not resized: padded positions are masked out,
+    so batches pad with EOS instead of indexing past the table (score, train, --retain chat)."""
+    from transformers import AutoTokenizer
+
+    folder = shutil.copytree(tiny("llama"), tmp_path / "padded")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"pad_token": "<newpad>"})
+    tokenizer.save_pretrained(folder)
+    assert tokenizer.pad_token_id >= open_checkpoint(folder).vocab_size()
+    assert open_checkpoint(folder).pad_id == tokenizer.eos_token_id
+    out = tmp_path / "m.safetensors"
+    retain = ["--retain", "chat", "--retain", "general", "--batch-size", "2"]
+    code, _, err = cli("score", folder, "--data", code_data, "-o", out, "-q", *retain)
+    assert code == 0, err
+    code, _, err = cli(
+        "train", folder, "--data", code_data, "--mask", out, "-o", tmp_path / "d", "--max-steps", "1", "-q"
+    )
+    assert code == 0, err
 
 
 def test_the_default_is_piece_r_keeping_the_shipped_general_text(tiny, code_data, tmp_path, cli):
@@ -299,6 +355,7 @@ def test_avoid_excludes_exactly_the_avoided_entries(tiny, code_data, tmp_path, c
     assert mask.info.avoid[0].kind == "mask" and mask.info.avoid[0].entries == sum(
         i.numel() for i in avoided.values()
     )
+    assert mask.info.avoid[0].name == "first.safetensors"  # the file, not one of its tensors
 
 
 def piece_r_mask(folder, code_data, general_data, path):
@@ -440,6 +497,11 @@ def test_bad_retain_input(tiny, code_data, general_data, tmp_path, cli):
     assert cli("score", tiny("gpt2"), "--data", code_data, "-o", tmp_path / "g.safetensors", "-q")[0] == 0
     result = cli(*base, "--retain", general_data, "--avoid", tmp_path / "g.safetensors")
     assert_clean_failure(result, "which this model does not have", output=out)
+    (general_data.parent / "sub").mkdir()
+    spelled = general_data.parent / "sub" / ".." / general_data.name  # the same file, spelled otherwise
+    for twice in (["chat", "chat"], ["general", "general"], [general_data, spelled]):
+        result = cli(*base, "--retain", twice[0], "--retain", twice[1])
+        assert_clean_failure(result, "is the same set as --retain", output=out)
 
 
 def test_defaults_fill_only_what_was_not_given():
