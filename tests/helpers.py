@@ -149,3 +149,75 @@ def image_chat(path: str) -> dict:
             {"role": "assistant", "content": [{"type": "text", "text": "A pattern."}]},
         ]
     }
+
+
+# token ids a tiny model reads: the probe of logits in the PEFT comparisons
+IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 200, 7, 3]])
+
+
+def peft_adapter(base, out, *, modules_to_save, targets=("q_proj", "v_proj"), arch="qwen2"):
+    """A LoRA adapter (with trained modules_to_save) as PEFT saves it, and the logits of its merge."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(base)
+        targets = ["c_attn"] if arch == "gpt2" else list(targets)
+        adapted = get_peft_model(
+            model, LoraConfig(r=2, target_modules=targets, modules_to_save=modules_to_save)
+        )
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for _, p in adapted.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+        adapted.save_pretrained(out)
+        merged = adapted.merge_and_unload().eval()
+        with torch.no_grad():
+            return merged(input_ids=IDS).logits
+
+
+def brute_force_scores(folder, data, method, batch_size):
+    """Per-micro-batch gradients with torch.autograd.grad and explicit padding/masking."""
+    from piece_surgery.data.dataset import load_dataset, load_tokenizer
+    from piece_surgery.models.eligible import eligible_parameters
+    from piece_surgery.models.layout import read_layout
+    from piece_surgery.models.loading import load_causal_lm
+    from piece_surgery.models.pairing import parameter_keys
+
+    tokenizer = load_tokenizer(folder)
+    dataset = load_dataset(data, tokenizer, max_length=512)
+    model = load_causal_lm(folder, dtype=torch.float32, device=torch.device("cpu")).eval()
+    keys = parameter_keys(model, read_layout(folder))
+    params = eligible_parameters(model, keys)
+    names = list(params)
+    g1 = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+    g2 = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+    examples = dataset.examples
+    for start in range(0, len(examples), batch_size):
+        group = examples[start : start + batch_size]
+        total_loss, total_tokens = 0.0, 0
+        for e in group:  # the micro-batch loss is the mean over all its loss-bearing tokens
+            ids = torch.tensor([e.input_ids])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            targets = torch.tensor(e.labels[1:])
+            keep = targets != -100
+            total_loss = total_loss + torch.nn.functional.cross_entropy(
+                logits[keep], targets[keep], reduction="sum"
+            )
+            total_tokens += int(keep.sum())
+        grads = torch.autograd.grad(total_loss / total_tokens, [params[n] for n in names])
+        for n, g in zip(names, grads, strict=True):
+            g1[n] += g.float()
+            g2[n] += g.float() ** 2
+    if method == "piece-f":
+        return g2
+    if method == "gradient":
+        return {n: g1[n].abs() for n in names}
+    if method == "piece-s-rel":
+        mean_g2 = sum(g2[n].double().sum() for n in names) / sum(g2[n].numel() for n in names)
+        return {n: g1[n].abs() / torch.sqrt(g2[n] + float(mean_g2)) for n in names}
+    return {n: g1[n].abs() / torch.sqrt(g2[n] + 1) for n in names}

@@ -21,6 +21,7 @@ from piece_surgery.cli.common import (
     Overwrite,
     Quiet,
     app,
+    avoid_line,
     delta_format,
     emit,
     printable,
@@ -264,6 +265,8 @@ def inspect_command(
         ]
         if summary["retain"]:
             lines.append(retain_line(summary["retain"]))
+        if summary.get("avoid"):
+            lines.append(avoid_line(summary["avoid"]))
     else:
         lines = [
             f"delta {path}: {entries:,} changed entries in {tensors} tensors",

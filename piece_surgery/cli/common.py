@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from piece_surgery.runtime.errors import PieceError
+from piece_surgery.runtime.text import printable
 
 app = typer.Typer(
     help="PIECE importance masks, sparse fine-tuning and exact sparse deltas for HF checkpoints.",
@@ -99,25 +100,6 @@ def _position(args: list[str], index: int, takes_value: dict) -> int:
         position += 1
         i += 1
     return position
-
-
-# Format characters that join or direct ordinary text (emoji sequences, Indic, Arabic and Hebrew
-# script): printed as they are. The bidirectional overrides and isolates, which can make a line
-# read as something else, are escaped with every other unprintable character.
-_TEXT_FORMAT = {"\u200c", "\u200d", "\u00ad", "\u200e", "\u200f", "\u061c"}
-
-
-def printable(text: str, *, keep_lines: bool = True) -> str:
-    """`text` safe to print to a terminal: every character that is not printable (control codes
-    such as ESC, which start terminal commands, carriage returns, bidirectional overrides) written
-    as its Python escape (\\x1b, \\u202e). Newlines and tabs are kept where `keep_lines` (a model's
-    answer stays readable); a name or field read from a file is one line, so there they are escaped
-    too (a newline in it would print a line of its own, one that could pass for the tool's)."""
-    kept = "\n\t" if keep_lines else ""
-    return "".join(
-        c if c.isprintable() or c in kept or c in _TEXT_FORMAT else c.encode("unicode_escape").decode()
-        for c in text
-    )
 
 
 out = Console(highlight=False, soft_wrap=True)
@@ -241,6 +223,12 @@ def summary_table(summary: dict, key: str, title: str) -> Table:
             Text(printable(name, keep_lines=False)), f"{row['entries']:,}", f"{row['size']:,}", f"{frac:.4%}"
         )
     return table
+
+
+def avoid_line(avoid: list[dict]) -> str:
+    """The earlier tasks' masks and deltas whose entries a mask left alone, in a line."""
+    shown = ", ".join(f"{a['name']} ({a['kind']}, {a['entries']:,} entries)" for a in avoid)
+    return f"avoided: {shown}"
 
 
 def retain_line(retain: dict) -> str:

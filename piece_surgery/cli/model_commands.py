@@ -17,6 +17,7 @@ from piece_surgery.cli.common import (
     Overwrite,
     Quiet,
     app,
+    avoid_line,
     delta_format,
     emit,
     printable,
@@ -79,6 +80,8 @@ def score_command(
         )
     if result["retain"]:
         lines.append(retain_line(result["retain"]))
+    if result.get("avoid"):
+        lines.append(avoid_line(result["avoid"]))
     emit("score", result, as_json, lines)
 
 

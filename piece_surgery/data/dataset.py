@@ -145,3 +145,16 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool = False):
         raise PieceError(
             f"cannot load the tokenizer from '{folder}'; the checkpoint needs tokenizer files"
         ) from exc
+
+
+def check_token_ids(dataset: Dataset, rows: int | None) -> None:
+    """Every token id of `dataset` is a row of the model's embedding table (`rows`; None: not
+    known). A tokenizer with added tokens and a model not resized would index past it: a crash, or
+    on a GPU a device assert, in the middle of a run."""
+    largest = max((max(e.input_ids) for e in dataset.examples if e.input_ids), default=-1)
+    if rows is not None and largest >= rows:
+        raise PieceError(
+            f"'{dataset.name}' has token id {largest}, but the model's embedding table has {rows} "
+            "rows: the tokenizer has tokens the model lacks; resize the model's embeddings "
+            "(and save it), or use the tokenizer the model was trained with"
+        )

@@ -19,6 +19,7 @@ import torch
 
 from piece_surgery.data.prompts import AsIs
 from piece_surgery.data.tokenize import special_tokens
+from piece_surgery.models.loading import context_length
 from piece_surgery.runtime.errors import PieceError, first_line
 from piece_surgery.runtime.options import check_seed
 from piece_surgery.runtime.progress import library_logs_silenced
@@ -78,14 +79,49 @@ def prompt_ids(prompt: str | list[dict], tokenizer, *, raw: bool = False) -> tup
     return tokenizer(text, add_special_tokens=False)["input_ids"], True
 
 
+def check_prompt_ids(ids: list[int], *, rows: int | None, context: int | None, what: str) -> None:
+    """A prompt the model can read: every token id a row of its embedding table (`rows`), and
+    room for at least one new token within its `context` positions. PieceError otherwise: past
+    either, the model indexes past a table (a crash, or on a GPU a device assert)."""
+    if rows is not None and ids and max(ids) >= rows:
+        raise PieceError(
+            f"{what} has token id {max(ids)}, but the model's embedding table has {rows} rows: the "
+            "tokenizer has tokens the model lacks; resize the model's embeddings (and save it), or use "
+            "the tokenizer the model was trained with"
+        )
+    if context is not None and len(ids) >= context:
+        raise PieceError(f"{what} takes {len(ids)} tokens, and the model reads at most {context}: shorten it")
+
+
+def embedding_rows(model: torch.nn.Module) -> int | None:
+    """Rows of the model's input embedding table (None where the model does not say)."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return getattr(embedding, "num_embeddings", None)
+
+
+def room_for_answer(model: torch.nn.Module, prompt_tokens: int, wanted: int) -> int:
+    """At most `wanted` new tokens, and no more than the model's positions leave after a prompt of
+    `prompt_tokens` (a learned position table, GPT-2's, has no row past them)."""
+    config = getattr(model, "config", None)
+    context = context_length(config) if config is not None else None
+    return wanted if context is None else max(1, min(wanted, context - prompt_tokens))
+
+
 def write_answer(
     model: torch.nn.Module, ids: list[int], options: GenerateOptions, *, pad_id: int, eos_id: int | None
 ) -> list[int]:
-    """The tokens `model` writes after `ids` (at most options.max_new_tokens, up to and without its
-    end-of-sequence token): greedy, or sampled from torch.manual_seed(options.seed)."""
+    """The tokens `model` writes after `ids` (at most options.max_new_tokens, and at most what the
+    model's positions leave after the prompt; up to and without its end-of-sequence token): greedy,
+    or sampled from torch.manual_seed(options.seed)."""
     device = next(model.parameters()).device
     inputs = torch.tensor([ids], device=device)
-    settings = {"do_sample": options.sample, "max_new_tokens": options.max_new_tokens}
+    settings = {
+        "do_sample": options.sample,
+        "max_new_tokens": room_for_answer(model, len(ids), options.max_new_tokens),
+    }
     if options.sample:
         settings.update(temperature=options.temperature or 1.0, top_p=options.top_p or 1.0, top_k=0)
     else:  # the model's own generation_config may ask for sampling settings greedy decoding ignores

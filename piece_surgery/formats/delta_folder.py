@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from piece_surgery.formats import delta_v1, delta_v2
-from piece_surgery.formats.card import GENERATED_MARK, evaluation_lines, front_matter
+from piece_surgery.formats.card import GENERATED_MARK, evaluation_lines, front_matter, table_cell
 from piece_surgery.formats.codec import validate_indices
 from piece_surgery.formats.delta import (
     FORMAT,
@@ -267,7 +267,7 @@ def delta_card(
         "",
         "| module kind | entries |",
         "|---|---|",
-        *[f"| `{k}` | {v:,} |" for k, v in sorted(per_kind.items())],
+        *[f"| `{table_cell(k)}` | {v:,} |" for k, v in sorted(per_kind.items())],
         "",
         *evaluation_lines(info.evaluations),
         "## How it was made",

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from piece_surgery.data.batches import pad_id
-from piece_surgery.data.dataset import dataset_from_records, load_dataset
+from piece_surgery.data.dataset import check_token_ids, dataset_from_records, load_dataset
 from piece_surgery.data.examples import Dataset
+from piece_surgery.evaluation.generation import embedding_rows
 from piece_surgery.formats.artifacts import open_mask
 from piece_surgery.formats.mask import Mask
 from piece_surgery.integrations.models import check_model, check_weights, checkpoint_of, loaded
@@ -22,7 +23,7 @@ from piece_surgery.models.eligible import DEFAULT_EXCLUDE
 from piece_surgery.models.loading import context_length
 from piece_surgery.runtime.errors import PieceError, quote
 from piece_surgery.runtime.options import RunOptions
-from piece_surgery.scoring.inputs import check_data
+from piece_surgery.scoring.inputs import check_data, check_each_set_once
 from piece_surgery.scoring.methods import method_named
 from piece_surgery.scoring.options import CHAT, GENERAL, NAMED_SETS, SELF, ScoreOptions
 from piece_surgery.scoring.retain import general_text, sample_chat, sample_self
@@ -77,6 +78,9 @@ def score(
     needs_data = method_named(method).needs_data
     dataset = _dataset(data, tokenizer, max_length, "data") if needs_data else None
     retain_sets = _retain_sets(sources, score_options, model, tokenizer, max_length)
+    for read in [dataset, *retain_sets]:
+        if read is not None:
+            check_token_ids(read, embedding_rows(model))
     mask, _ = score_model(
         held,
         dataset,
@@ -84,7 +88,7 @@ def score(
         retain=retain_sets,
         identity=ckpt.identity if ckpt is not None else None,
         run=run,
-        pad_id=pad_id(tokenizer, _embedding_rows(model)),
+        pad_id=pad_id(tokenizer, embedding_rows(model)),
     )
     return mask
 
@@ -208,24 +212,12 @@ def _rows(data: Any, what: str) -> Iterable:
     return iter(data)
 
 
-def _embedding_rows(model: torch.nn.Module) -> int | None:
-    """Rows of the model's input embedding table (None where the model does not say)."""
-    try:
-        embedding = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    return getattr(embedding, "num_embeddings", None)
-
-
 def _retain_sets(sources: list, options: ScoreOptions, model, tokenizer, max_length: int) -> list[Dataset]:
     """The retain sets piece-r reads, as the CLI reads them (text the model writes: written now)."""
     if not method_named(options.method).uses_retain:
         return []
-    sets, pad = [], pad_id(tokenizer, _embedding_rows(model))
-    named_sets = [s for s in sources or [] if isinstance(s, str) and s in (SELF, CHAT, GENERAL)]
-    twice = next((s for s in named_sets if named_sets.count(s) > 1), None)
-    if twice is not None:  # it would count twice in the retain Fisher
-        raise PieceError(f"retain names '{twice}' twice: give each set once")
+    sets, pad = [], pad_id(tokenizer, embedding_rows(model))
+    check_each_set_once(sources or [], flag="retain")
     for i, source in enumerate(sources or [GENERAL]):
         named = source if isinstance(source, str) else None
         if named == SELF:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from piece_surgery.data.batches import pad_id
-from piece_surgery.data.dataset import load_dataset, load_tokenizer
+from piece_surgery.data.dataset import check_token_ids, load_dataset, load_tokenizer
 from piece_surgery.data.examples import Dataset
 from piece_surgery.data.images import ImageChats, load_processor
 from piece_surgery.io.hub import Resolved, resolve
@@ -180,14 +180,7 @@ class Checkpoint:
         """Every token id of `dataset` is a row of the model's embedding table (a tokenizer with
         added tokens and a model not resized would index past it: a crash, or on a GPU a device
         assert, in the middle of a run)."""
-        rows = self.vocab_size()
-        largest = max((max(e.input_ids) for e in dataset.examples if e.input_ids), default=-1)
-        if rows is not None and largest >= rows:
-            raise PieceError(
-                f"'{dataset.name}' has token id {largest}, but the model's embedding table has {rows} "
-                "rows: the tokenizer has tokens the model lacks; resize the model's embeddings "
-                "(and save it), or use the tokenizer the model was trained with"
-            )
+        check_token_ids(dataset, self.vocab_size())
 
     def twins(self) -> dict[str, list[str]]:
         """unstored_twins of this checkpoint's model, from its meta-device skeleton."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from piece_surgery.data.prompts import Prompt, check_prompt, read_prompts
-from piece_surgery.evaluation.generation import GenerateOptions, prompt_ids, write_answer
+from piece_surgery.evaluation.generation import GenerateOptions, check_prompt_ids, prompt_ids, write_answer
 from piece_surgery.merging.switcher import DeltaSwitcher
 from piece_surgery.recipes.candidates import adapter_delta, identify, load_beside
 from piece_surgery.recipes.run import Run
@@ -96,6 +96,9 @@ def generate_answers(
     found = [(ref, *identify(ref)) for ref in candidates]
     tokenizer = checkpoint.load_tokenizer()
     rendered = [prompt_ids(p, tokenizer, raw=options.raw) for p in asked]
+    rows, context = checkpoint.vocab_size(), checkpoint.context_length()
+    for i, (ids, _) in enumerate(rendered):
+        check_prompt_ids(ids, rows=rows, context=context, what=f"prompt {i + 1}")
     base = session.load_model(checkpoint)
     module = base.module.eval()
     switcher = DeltaSwitcher(module)

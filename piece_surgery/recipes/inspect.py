@@ -28,6 +28,7 @@ def summarize(artifact: Artifact) -> dict:
             "model": info.model.to_json() if info.model else None,
             "data": info.data.to_json() if info.data else None,
             "retain": info.retain.to_json() if info.retain else None,
+            "avoid": [a.to_json() for a in info.avoid],
             "file_bytes": artifact.path.stat().st_size,
         }
     delta = artifact.delta

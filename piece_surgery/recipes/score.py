@@ -47,6 +47,7 @@ class Scored(NamedTuple):
             "tokens": self.stats.tokens,
             "mean_loss": self.stats.mean_loss if self.stats.batches else None,
             "retain": self.mask.info.retain.to_json() if self.mask.info.retain else None,
+            "avoid": [a.to_json() for a in self.mask.info.avoid],
             "seconds": round(seconds, 3),
         }
 

@@ -8,9 +8,12 @@ from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
+from piece_surgery.runtime.text import printable
+
 
 class Progress:
     def __init__(self, total: int | None, desc: str, *, quiet: bool = False, unit: str = "ex"):
+        desc = printable(desc, keep_lines=False)  # it may name a file: its control codes escaped
         self._bar = None if quiet else tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
 
     def advance(self, n: int = 1) -> None:
@@ -36,8 +39,9 @@ def working(message: str, *, quiet: bool = False) -> Iterator[None]:
         yield
         return
     from rich.console import Console
+    from rich.text import Text
 
-    with Console(stderr=True).status(message):
+    with Console(stderr=True).status(Text(printable(message, keep_lines=False))):
         yield
 
 

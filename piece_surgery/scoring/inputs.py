@@ -20,7 +20,7 @@ from piece_surgery.models.eligible import eligible_parameters
 from piece_surgery.models.fused import fused_slices
 from piece_surgery.models.loading import check_weights_match
 from piece_surgery.models.pairing import parameter_keys
-from piece_surgery.runtime.errors import PieceError
+from piece_surgery.runtime.errors import PieceError, quote
 from piece_surgery.runtime.records import AvoidRecord
 from piece_surgery.scoring.methods import method_named
 from piece_surgery.scoring.options import CHAT, GENERAL, SELF, ScoreOptions
@@ -81,6 +81,24 @@ def check_selectable(checkpoint: Checkpoint, options: ScoreOptions, avoid: Avoid
         )
 
 
+def check_each_set_once(retain: Sequence[Any], *, flag: str) -> None:
+    """PieceError for a retain set given twice (it would count twice in the retain Fisher): a named
+    set, the same file however spelled (the shipped set by name or by path), the same object."""
+    seen: dict = {}
+    for ref in retain:
+        if isinstance(ref, str) and ref in (SELF, CHAT):
+            same = ref
+        elif isinstance(ref, str | Path):
+            same = general_text().resolve() if str(ref) == GENERAL else Path(ref).resolve()
+        else:  # records in memory
+            same = id(ref)
+        if same in seen:
+            raise PieceError(
+                f"{flag} '{quote(ref)}' is the same set as {flag} '{quote(seen[same])}': give each set once"
+            )
+        seen[same] = ref
+
+
 def read_scoring_inputs(
     checkpoint: Checkpoint,
     retain: Sequence[str | Path],
@@ -90,14 +108,8 @@ def read_scoring_inputs(
     """Read the retain files (`read(path, name)` tokenizes one, as the run says) and the entries to
     avoid (masks and deltas, opened: formats.artifacts.open_artifact)."""
     inputs = ScoringInputs()
-    seen: dict = {}
-    for ref in retain:  # a set given twice would count twice in the retain Fisher
-        same = str(ref) if str(ref) in (SELF, CHAT, GENERAL) else Path(ref).resolve()
-        if same in seen:
-            raise PieceError(
-                f"--retain '{ref}' is the same set as --retain '{seen[same]}': give each set once"
-            )
-        seen[same] = ref
+    check_each_set_once(retain, flag="--retain")
+    for ref in retain:
         if str(ref) in (SELF, CHAT):  # written by the model once it is loaded
             inputs.retain.append(str(ref))
         elif str(ref) == GENERAL:

@@ -12,6 +12,7 @@ import torch
 
 from piece_surgery.data.examples import Dataset, Example
 from piece_surgery.data.tokenize import tokenize_record
+from piece_surgery.evaluation.generation import check_prompt_ids, embedding_rows
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.progress import library_logs_silenced, working
 from piece_surgery.runtime.records import AvoidRecord
@@ -167,6 +168,11 @@ def _answers(
     for a prompt that leaves no room."""
     from transformers import GenerationConfig
 
+    rows = embedding_rows(model)
+    for instruction in prompts:
+        check_prompt_ids(
+            instruction, rows=rows, context=None, what="--retain chat: an instruction in the chat template"
+        )
     stops = _stop_ids(model, tokenizer)
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad_id)
     config.eos_token_id = sorted(stops) or None

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import assert_clean_failure, perturb, snapshot
+from helpers import assert_clean_failure, peft_adapter, perturb, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -102,7 +102,6 @@ def test_the_original_base_is_an_input(model, deltas, tmp_path, cli):
 
 def test_a_base_an_adapter_names_is_an_input(tiny, tmp_path, cli):
     pytest.importorskip("peft")
-    from test_wild import peft_adapter
 
     base = shutil.copytree(tiny("qwen2"), tmp_path / "base")
     peft_adapter(base, tmp_path / "adapter", modules_to_save=None)
@@ -410,7 +409,6 @@ def test_the_launch_environment_is_read_or_refused_in_one_line(monkeypatch, valu
 @pytest.mark.parametrize("content", [b"", b"garbage", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "])
 def test_a_corrupt_adapter_file_is_one_line(tiny, tmp_path, cli, content):
     pytest.importorskip("peft")
-    from test_wild import peft_adapter
 
     base = tiny("qwen2")
     peft_adapter(base, tmp_path / "ad", modules_to_save=None)
@@ -423,7 +421,6 @@ def test_a_corrupt_adapter_file_is_one_line(tiny, tmp_path, cli, content):
 def test_an_adapter_with_tensors_of_the_wrong_type_is_one_line(tiny, tmp_path, cli):
     pytest.importorskip("peft")
     from safetensors.torch import load_file, save_file
-    from test_wild import peft_adapter
 
     base = tiny("qwen2")
     peft_adapter(base, tmp_path / "ad", modules_to_save=None)

@@ -125,6 +125,32 @@ def test_generate_mistakes_are_one_line(models, cli, tiny, tmp_path):
     )
 
 
+def test_answers_stay_within_the_models_positions_and_its_embedding_table(cli, tiny, tmp_path):
+    """GPT-2's 128 learned positions: an answer stops where they end (it indexed past the table); a
+    prompt that fills them, or holds a token the model has no row for, is one line."""
+    from transformers import AutoTokenizer
+
+    gpt2 = tiny("gpt2")
+    code, out, err = cli(
+        "generate", gpt2, "--prompt", "hello there", "--max-new-tokens", "400", "--raw", "--json"
+    )
+    assert code == 0, err
+    prompt_tokens = len(AutoTokenizer.from_pretrained(gpt2)("hello there")["input_ids"])
+    assert 0 < json.loads(out)["prompts"][0]["answers"][0]["tokens"] <= 128 - prompt_tokens
+    result = cli("generate", gpt2, "--prompt", "hello there " * 100, "--raw")
+    assert_clean_failure(result, "prompt 1 takes")
+    assert "and the model reads at most 128: shorten it" in result[2]
+    folder = tmp_path / "added"
+    tokenizer = AutoTokenizer.from_pretrained(tiny("llama"))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<new>"]})
+    tokenizer.save_pretrained(folder)
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        if (tiny("llama") / name).exists():
+            (folder / name).write_bytes((tiny("llama") / name).read_bytes())
+    result = cli("generate", folder, "--prompt", "x <new> y", "--raw")
+    assert_clean_failure(result, "prompt 1 has token id 384, but the model's embedding table has 384 rows")
+
+
 def test_the_answers_table_escapes_control_characters_and_json_keeps_them(models, cli):
     from rich.console import Console
 

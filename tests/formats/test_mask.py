@@ -1,4 +1,4 @@
-"""The mask file: the same mask makes the same bytes."""
+"""The mask file (the same mask makes the same bytes) and the cards written beside artifacts."""
 
 import json
 
@@ -22,3 +22,18 @@ def test_the_same_mask_writes_the_same_bytes(tiny, code_data, tmp_path, cli):
     assert len(keys) > 2 and keys == sorted(keys)
     again = load_mask(copies[-1])
     assert again.info == mask.info and all(again.indices[k].equal(v) for k, v in mask.indices.items())
+
+
+def test_a_cards_cells_escape_the_names_read_from_files():
+    """eval --record's table in a delta's card (what push uploads): a newline or `|` in a file's name
+    would end the row or add a cell, an ESC would go to whoever cats the card."""
+    from piece_surgery.formats.card import evaluation_lines
+
+    measured = {
+        "data": {"file": "a|b\nerror: x.jsonl", "tokens": 3},
+        "gain": 0.1,
+        "general": [{"set": "g\x1b[2J", "tokens": 2, "kl": 0.01, "top1_changed": 0.0}],
+    }
+    row = evaluation_lines([measured])[-2]
+    assert row.startswith("| a\\|b\\nerror: x.jsonl (3 tokens) | 0.1000 | g\\x1b[2J (2 tokens) |")
+    assert "\n" not in row and "\x1b" not in row and row.count(" | ") == 4

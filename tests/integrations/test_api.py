@@ -182,7 +182,38 @@ def test_named_retain_sets_and_texts(tiny):
     texts = ps.score(model, RECORDS, method="piece-r", retain=["general", ["x = 1", "y = 2"]], density=0.02)
     assert [s.file for s in texts.info.retain.sources][0] == "general"
     assert len(texts.info.retain.sources) == 2
-    _one_line("retain names 'general' twice", lambda: ps.score(model, RECORDS, retain=["general", "general"]))
+    _one_line(
+        "retain 'general' is the same set as retain 'general'",
+        lambda: ps.score(model, RECORDS, retain=["general", "general"]),
+    )
+
+
+def test_a_set_given_twice_and_a_token_past_the_table_are_one_line(tiny, tmp_path):
+    """As on the command line: the same retain file however spelled, or the same records, counted
+    twice, is refused; a token id the model's embedding table has no row for is refused before any
+    pass indexes past it."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from piece_surgery.scoring.retain import general_text
+
+    model = AutoModelForCausalLM.from_pretrained(tiny("llama"))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "keep.txt").write_text("a text to keep\n")
+    twice = [
+        [tmp_path / "keep.txt", tmp_path / "sub" / ".." / "keep.txt"],
+        ["general", general_text()],
+        [RECORDS, RECORDS],
+    ]
+    for sources in twice:
+        _one_line("is the same set as retain", lambda s=sources: ps.score(model, RECORDS, retain=s))
+    tokenizer = AutoTokenizer.from_pretrained(tiny("llama"))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<new>"]})
+    for data, retain in (([{"text": "x <new> y"}], None), (RECORDS, [[{"text": "x <new> y"}]])):
+        call = lambda d=data, r=retain: ps.score(model, d, tokenizer=tokenizer, retain=r)  # noqa: E731
+        _one_line("has token id 384, but the model's embedding table has 384 rows", call)
+    assert Path(general_text()).is_file()
 
 
 def test_the_model_and_the_mask_must_be_the_checkpoints(tiny, tmp_path):

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_clean_failure, read_all
+from helpers import IDS, assert_clean_failure, peft_adapter, read_all
 from safetensors.torch import load_file, save_file
 
 from piece_surgery.formats.artifacts import open_delta
@@ -23,7 +23,6 @@ TIED = {
     "gemma3": ("model.embed_tokens.weight", "lm_head.weight"),
     "llama": ("model.embed_tokens.weight", "lm_head.weight"),  # built tied for these tests
 }
-IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 200, 7, 3]])
 
 
 def tied_model(tiny, tmp_path, arch, *, both: bool):
@@ -88,29 +87,6 @@ def test_a_trained_tied_embedding_is_the_same_model_in_memory_and_merged(tiny, t
     switcher.add("d", delta)
     with switcher.using("d"), torch.no_grad():
         assert torch.equal(model(input_ids=IDS).logits, merged)
-
-
-def peft_adapter(base, out, *, modules_to_save, targets=("q_proj", "v_proj"), arch="qwen2"):
-    """A LoRA adapter (with trained modules_to_save) as PEFT saves it, and the logits of its merge."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(base)
-        targets = ["c_attn"] if arch == "gpt2" else list(targets)
-        adapted = get_peft_model(
-            model, LoraConfig(r=2, target_modules=targets, modules_to_save=modules_to_save)
-        )
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for _, p in adapted.named_parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=generator) * 0.05)
-        adapted.save_pretrained(out)
-        merged = adapted.merge_and_unload().eval()
-        with torch.no_grad():
-            return merged(input_ids=IDS).logits
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3", "gpt2"])

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import as_lists, assert_clean_failure, brute_force_top_k
+from helpers import as_lists, assert_clean_failure, brute_force_scores, brute_force_top_k
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -336,8 +336,6 @@ def test_the_default_is_piece_r_keeping_the_shipped_general_text(tiny, code_data
 
 
 def test_avoid_excludes_exactly_the_avoided_entries(tiny, code_data, tmp_path, cli):
-    from test_score import brute_force_scores
-
     folder = tiny("llama")
     first = tmp_path / "first.safetensors"
     assert cli("score", folder, "--data", code_data, "-o", first, "--density", "0.01", "-q")[0] == 0
@@ -356,6 +354,13 @@ def test_avoid_excludes_exactly_the_avoided_entries(tiny, code_data, tmp_path, c
         i.numel() for i in avoided.values()
     )
     assert mask.info.avoid[0].name == "first.safetensors"  # the file, not one of its tensors
+    second = tmp_path / "second.safetensors"
+    assert cli("score", folder, "--data", code_data, "-o", second, "-q", "--avoid", first)[0] == 0
+    code, shown, err = cli("inspect", second)
+    assert code == 0, err
+    assert f"avoided: first.safetensors (mask, {mask.info.avoid[0].entries:,} entries)" in shown
+    code, shown, _ = cli("inspect", second, "--json")
+    assert json.loads(shown)["avoid"] == [mask.info.avoid[0].to_json()]
 
 
 def piece_r_mask(folder, code_data, general_data, path):
@@ -499,7 +504,10 @@ def test_bad_retain_input(tiny, code_data, general_data, tmp_path, cli):
     assert_clean_failure(result, "which this model does not have", output=out)
     (general_data.parent / "sub").mkdir()
     spelled = general_data.parent / "sub" / ".." / general_data.name  # the same file, spelled otherwise
-    for twice in (["chat", "chat"], ["general", "general"], [general_data, spelled]):
+    from piece_surgery.scoring.retain import general_text
+
+    shipped = ["general", general_text()]  # the shipped set by name and by path
+    for twice in (["chat", "chat"], ["general", "general"], [general_data, spelled], shipped):
         result = cli(*base, "--retain", twice[0], "--retain", twice[1])
         assert_clean_failure(result, "is the same set as --retain", output=out)
 

@@ -2,55 +2,13 @@ import json
 
 import pytest
 import torch
-from helpers import as_lists, brute_force_top_k
+from helpers import as_lists, brute_force_scores, brute_force_top_k
 from safetensors import safe_open
 
-from piece_surgery.data.dataset import load_dataset, load_tokenizer
 from piece_surgery.formats.mask import load_mask, select_top_k
-from piece_surgery.models.eligible import eligible_parameters
-from piece_surgery.models.layout import read_layout
-from piece_surgery.models.loading import load_causal_lm
-from piece_surgery.models.pairing import parameter_keys
 from piece_surgery.recipes.score import score_checkpoint
 from piece_surgery.runtime.options import RunOptions
 from piece_surgery.scoring.options import ScoreOptions
-
-
-def brute_force_scores(folder, data, method, batch_size):
-    """Per-micro-batch gradients with torch.autograd.grad and explicit padding/masking."""
-    tokenizer = load_tokenizer(folder)
-    dataset = load_dataset(data, tokenizer, max_length=512)
-    model = load_causal_lm(folder, dtype=torch.float32, device=torch.device("cpu")).eval()
-    keys = parameter_keys(model, read_layout(folder))
-    params = eligible_parameters(model, keys)
-    names = list(params)
-    g1 = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
-    g2 = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
-    examples = dataset.examples
-    for start in range(0, len(examples), batch_size):
-        group = examples[start : start + batch_size]
-        total_loss, total_tokens = 0.0, 0
-        for e in group:  # the micro-batch loss is the mean over all its loss-bearing tokens
-            ids = torch.tensor([e.input_ids])
-            logits = model(input_ids=ids).logits[0, :-1].float()
-            targets = torch.tensor(e.labels[1:])
-            keep = targets != -100
-            total_loss = total_loss + torch.nn.functional.cross_entropy(
-                logits[keep], targets[keep], reduction="sum"
-            )
-            total_tokens += int(keep.sum())
-        grads = torch.autograd.grad(total_loss / total_tokens, [params[n] for n in names])
-        for n, g in zip(names, grads, strict=True):
-            g1[n] += g.float()
-            g2[n] += g.float() ** 2
-    if method == "piece-f":
-        return g2
-    if method == "gradient":
-        return {n: g1[n].abs() for n in names}
-    if method == "piece-s-rel":
-        mean_g2 = sum(g2[n].double().sum() for n in names) / sum(g2[n].numel() for n in names)
-        return {n: g1[n].abs() / torch.sqrt(g2[n] + float(mean_g2)) for n in names}
-    return {n: g1[n].abs() / torch.sqrt(g2[n] + 1) for n in names}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
