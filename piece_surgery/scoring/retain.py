@@ -13,6 +13,7 @@ import torch
 from piece_surgery.data.examples import Dataset, Example
 from piece_surgery.data.tokenize import tokenize_record
 from piece_surgery.evaluation.generation import check_prompt_ids, embedding_rows
+from piece_surgery.models.loading import context_length
 from piece_surgery.runtime.errors import PieceError
 from piece_surgery.runtime.progress import library_logs_silenced, working
 from piece_surgery.runtime.records import AvoidRecord
@@ -123,8 +124,9 @@ def sample_chat(
         raise PieceError("--retain chat needs a tokenizer with a chat template (this model has none)")
     asked = [json.loads(line)["instruction"] for line in instructions().read_text().splitlines() if line]
     prompts = [_prompt_ids(tokenizer, instruction) for instruction in asked]
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    room = min(max_length, positions) if isinstance(positions, int) and positions > 1 else max_length
+    config = getattr(model, "config", None)
+    positions = context_length(config) if config is not None else None
+    room = min(max_length, positions) if positions is not None else max_length
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
