@@ -286,7 +286,9 @@ def atomic_path(path: Path, *, is_dir: bool) -> Iterator[Path]:
                 ) from exc
             raise
         _refuse_newcomer(path)
-        if path.is_dir() and not path.is_symlink():
+        # a link is replaced, never followed (the output keeps its own name); os.replace puts a file
+        # over a link, but no folder over anything
+        if (path.is_dir() and not path.is_symlink()) or (is_dir and path.is_symlink()):
             old = _temporary_folder(path, "old")
             path.rename(old / path.name)  # out of the way in one rename, then deleted
             tmp.rename(path)

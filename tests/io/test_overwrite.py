@@ -152,3 +152,19 @@ def test_an_output_another_command_wrote_meanwhile_is_not_replaced(tmp_path):
     with atomic_path(out, is_dir=False) as tmp:
         tmp.write_text("second")
     assert out.read_text() == "second"
+
+
+def test_a_link_to_a_folder_given_as_the_output_is_replaced_by_the_output(work, tmp_path, cli):
+    """`-o LINK --overwrite`, LINK a symbolic link to an empty folder: the output keeps its own name
+    (output_path), so the link is replaced and the folder it named is left alone; it was a traceback
+    (os.replace cannot put a folder over a link)."""
+    base, _, delta = work
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    code, _, stderr = cli("apply", base, delta, "-o", link, "--overwrite", "-q")
+    assert code == 0, stderr
+    assert not link.is_symlink() and (link / "config.json").is_file()
+    assert list(target.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "link", "target"]  # no temporary left
