@@ -189,10 +189,17 @@ def auto_model_class(config):
 
 def model_skeleton(config, *, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model a config describes (auto_model_class), on the meta device: its names, shapes and
-    ties, no weights."""
+    ties, no weights. PieceError for sizes torch cannot make (transformers' own errors pass)."""
     model_class = auto_model_class(config)
-    with torch.device("meta"):
-        return model_class.from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"):
+            return model_class.from_config(config, trust_remote_code=trust_remote_code)
+    except RuntimeError as exc:  # torch's, for sizes no tensor can have (a negative vocab_size, say)
+        where = getattr(config, "name_or_path", "") or "the checkpoint"
+        raise PieceError(
+            f"the model config of '{where}' describes no model ({first_line(exc)}); check the sizes in "
+            "its config.json"
+        ) from exc
 
 
 def _check_shapes(config, layout: dict[str, TensorInfo], trust_remote_code: bool) -> None:

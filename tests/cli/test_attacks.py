@@ -512,6 +512,21 @@ def test_absurd_numbers_are_one_line(model, deltas, tmp_path, cli, args, fragmen
     )
 
 
+@pytest.mark.parametrize("command", ["score", "train", "eval"])
+def test_a_config_of_sizes_no_model_can_have_is_one_line(model, tmp_path, cli, command, code_data):
+    """A hand-edited config.json with a negative size: torch's RuntimeError building the model was a
+    traceback (transformers' own ValueErrors and TypeErrors were already one line)."""
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "vocab_size": -5}))
+    out = tmp_path / ("m.safetensors" if command == "score" else "o")
+    args = {
+        "score": ("score", model, "--method", "magnitude", "-o", out),
+        "train": ("train", model, "--data", code_data, "-o", out, "--max-steps", "1"),
+        "eval": ("eval", model, model, "--data", code_data),
+    }[command]
+    assert_clean_failure(cli(*args), "negative dimension", output=out)
+
+
 @pytest.mark.parametrize("command", ["score", "train", "tiny-model"])
 def test_a_seed_past_64_bits_is_one_line(model, tmp_path, cli, command, code_data):
     seed = str(2**64)
