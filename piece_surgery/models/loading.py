@@ -123,7 +123,7 @@ def load_causal_lm(
         )
     except PieceError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+    except config_errors() as exc:
         raise PieceError(f"cannot load a language model from '{folder}': {first_line(exc)}") from exc
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
@@ -185,6 +185,19 @@ def auto_model_class(config):
             "piece-surgery reads those with transformers 5 or later: pip install -U transformers"
         ) from None
     return AutoModelForImageTextToText
+
+
+def config_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a config.json it cannot read or build a model from: its own
+    errors, the validation of transformers 5's strict configs (a field of the wrong type:
+    huggingface_hub's StrictDataclassError, no ValueError) and arithmetic on a size of 0."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub, whose configs were not strict
+        strict: tuple[type[BaseException], ...] = ()
+    else:
+        strict = (StrictDataclassError,)
+    return (OSError, ValueError, KeyError, TypeError, ImportError, ArithmeticError, *strict)
 
 
 def model_skeleton(config, *, trust_remote_code: bool = False) -> torch.nn.Module:
