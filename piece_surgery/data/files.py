@@ -121,7 +121,8 @@ def read_records(path: Path, max_samples: int | None = None) -> list[tuple[str, 
 
 def _text_rows(path: Path, suffix: str, max_samples: int | None) -> list[tuple[str, object]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors write one) is no character of the first record
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise PieceError(f"data file '{path}' is not UTF-8 text") from exc
     if suffix == ".json" and text.lstrip().startswith("["):

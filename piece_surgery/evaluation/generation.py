@@ -82,7 +82,10 @@ def prompt_ids(prompt: str | list[dict], tokenizer, *, raw: bool = False) -> tup
 def check_prompt_ids(ids: list[int], *, rows: int | None, context: int | None, what: str) -> None:
     """A prompt the model can read: every token id a row of its embedding table (`rows`), and
     room for at least one new token within its `context` positions. PieceError otherwise: past
-    either, the model indexes past a table (a crash, or on a GPU a device assert)."""
+    either, the model indexes past a table (a crash, or on a GPU a device assert); and a prompt of
+    no token (an empty text, to a tokenizer that adds no BOS): nothing to start an answer from."""
+    if not ids:
+        raise PieceError(f"{what} has no token to start from (an empty text?): give it some text")
     if rows is not None and ids and max(ids) >= rows:
         raise PieceError(
             f"{what} has token id {max(ids)}, but the model's embedding table has {rows} rows: the "

@@ -200,6 +200,12 @@ def _read_tensors(path: Path, described: dict, where: str, version: ModuleType) 
     try:
         with safe_open(str(path), "pt") as f:
             keys = set(f.keys())
+            unlisted = sorted(keys - {p for name in described for p in version.arrays(name)})
+            if unlisted:  # applying the rest would leave these out, silently
+                raise PieceError(
+                    f"{where}: {DELTA_DESCRIPTION} does not list tensor '{unlisted[0].split('::')[0]}', "
+                    f"which {DELTA_WEIGHTS} holds (corrupt or hand-edited)"
+                )
             for name, meta in described.items():
                 parts = version.arrays(name)
                 if not all(p in keys for p in parts):

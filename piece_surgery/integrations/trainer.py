@@ -61,6 +61,8 @@ class PieceCallback(TrainerCallback):
                 f"PieceCallback takes the SparseModel that sparsify(model, mask) returns, got "
                 f"{type(sparse).__name__}"
             )
+        if output_dir is not None and not isinstance(output_dir, str | Path):
+            raise PieceError(f"output_dir must be a path (str or Path), got {type(output_dir).__name__}")
         self.sparse = sparse
         self.output_dir = output_dir
         self.every_checkpoint = every_checkpoint

@@ -81,7 +81,8 @@ def download(repo_id: str, revision: str | None, patterns: list[str], *, what: s
     """Download (or reuse from the cache) the files of a repo matching `patterns`."""
     from huggingface_hub import snapshot_download
 
-    with hub_errors(f"{what} {repo_id}" + (f"@{revision}" if revision else "")):
+    # its log lines ("Ignored error while writing tree cache file ...") would precede our one line
+    with hub_errors(f"{what} {repo_id}" + (f"@{revision}" if revision else "")), library_logs_silenced():
         return snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
 
 
@@ -182,6 +183,13 @@ class hub_errors:  # noqa: N801 - used as a context manager, reads like a statem
             )
         elif isinstance(exc, hf.HfHubHTTPError):
             msg = f"{s}: Hub request failed: {first_line(exc)}"
+        elif isinstance(exc, OSError) and exc.filename and not isinstance(exc, ConnectionError):
+            # a file of the local cache, not the network: HF_HOME or HF_HUB_CACHE naming a file, say
+            reason = (exc.strerror or type(exc).__name__).lower()
+            msg = (
+                f"{s}: cannot use the Hub's local cache ({reason}: '{quote(exc.filename)}'); "
+                "check HF_HOME and HF_HUB_CACHE"
+            )
         elif isinstance(exc, OSError | ConnectionError) or "Connect" in type(exc).__name__:
             msg = f"{s}: cannot reach the Hub ({type(exc).__name__}); check the network or HF_ENDPOINT"
         else:

@@ -38,6 +38,9 @@ from piece_surgery.runtime.paths import followable, is_present, real_path, what_
 _DISK_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 MARKER = ".piece-surgery-temporary"
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]*\.(?P<kind>tmp|old)$")
+# Outputs check_output found absent with no leave to replace (as given, and the flag that would give
+# it): one there by the rename was written by another command meanwhile, not this one's to replace.
+_ABSENT_WHEN_CHECKED: dict[Path, tuple[str, str]] = {}
 
 
 def input_path(ref: str | Path) -> Path | None:
@@ -90,6 +93,9 @@ def check_output(
     Removes what killed runs left for this output."""
     target = output_path(path)
     refuse_overlap(path, inputs, protected, reads=reads)
+    _ABSENT_WHEN_CHECKED.pop(target, None)
+    if not overwrite and not (target.exists() or target.is_symlink()):
+        _ABSENT_WHEN_CHECKED[target] = (str(path), flag)
     if target.exists() or target.is_symlink():
         if not overwrite:
             raise PieceError(f"output '{path}' already exists; pass {flag} to replace it")
@@ -261,7 +267,8 @@ def atomic_path(path: Path, *, is_dir: bool) -> Iterator[Path]:
     `path` should come from check_output (output_path). A full disk becomes a one-line error. What
     killed runs left for `path` is removed first (a file edited in place, delta.json by eval
     --record, has no check_output to do it), and a replaced output is noted as written
-    (runtime/leftovers: an interrupted command then says so)."""
+    (runtime/leftovers: an interrupted command then says so). An output check_output found absent,
+    without leave to replace it, that another command wrote meanwhile is refused, not replaced."""
     path = output_path(path)
     remove_stale_temporaries(path)
     work = _temporary_folder(path, "tmp")
@@ -278,7 +285,10 @@ def atomic_path(path: Path, *, is_dir: bool) -> Iterator[Path]:
                     f"cannot write '{path}': {_reason(exc)}; free some space or choose another path"
                 ) from exc
             raise
-        if path.is_dir() and not path.is_symlink():
+        _refuse_newcomer(path)
+        # a link is replaced, never followed (the output keeps its own name); os.replace puts a file
+        # over a link, but no folder over anything
+        if (path.is_dir() and not path.is_symlink()) or (is_dir and path.is_symlink()):
             old = _temporary_folder(path, "old")
             path.rename(old / path.name)  # out of the way in one rename, then deleted
             tmp.rename(path)
@@ -287,7 +297,20 @@ def atomic_path(path: Path, *, is_dir: bool) -> Iterator[Path]:
             os.replace(tmp, path)
         leftovers.note(path, f"'{path}' is written")
     finally:
+        _ABSENT_WHEN_CHECKED.pop(path, None)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _refuse_newcomer(path: Path) -> None:
+    """PieceError if `path`, absent when check_output saw it and not to be replaced, is there now:
+    another command (the same one run twice at once) wrote it while this one worked."""
+    checked = _ABSENT_WHEN_CHECKED.get(path)
+    if checked is not None and (path.exists() or path.is_symlink()):
+        shown, flag = checked
+        raise PieceError(
+            f"output '{quote(shown)}' was written by another command while this one ran; nothing was "
+            f"written: pass {flag} to replace it, or choose another output"
+        )
 
 
 def _reason(exc: BaseException) -> str:

@@ -22,6 +22,7 @@ from piece_surgery.models.fused import ParameterSlice, StoredSlice, fused_slices
 from piece_surgery.models.layout import ShardReader, TensorInfo, fingerprint, read_layout, storage_dtype
 from piece_surgery.models.loading import (
     Placement,
+    config_errors,
     context_length,
     load_causal_lm,
     model_dtype,
@@ -142,7 +143,7 @@ class Checkpoint:
         try:
             config = AutoConfig.from_pretrained(self.folder, trust_remote_code=self.trust_remote_code)
             return model_skeleton(config, trust_remote_code=self.trust_remote_code)
-        except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        except config_errors() as exc:
             raise PieceError(
                 f"cannot read the model config of '{self.identity.name}': {first_line(exc)}"
             ) from exc
@@ -158,7 +159,7 @@ class Checkpoint:
                 self._config = AutoConfig.from_pretrained(
                     self.folder, trust_remote_code=self.trust_remote_code
                 )
-            except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+            except config_errors() as exc:
                 raise PieceError(
                     f"cannot read the model config of '{self.identity.name}': {first_line(exc)}"
                 ) from exc

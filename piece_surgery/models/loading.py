@@ -123,7 +123,7 @@ def load_causal_lm(
         )
     except PieceError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+    except config_errors() as exc:
         raise PieceError(f"cannot load a language model from '{folder}': {first_line(exc)}") from exc
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
@@ -187,12 +187,32 @@ def auto_model_class(config):
     return AutoModelForImageTextToText
 
 
+def config_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a config.json it cannot read or build a model from: its own
+    errors, the validation of transformers 5's strict configs (a field of the wrong type:
+    huggingface_hub's StrictDataclassError, no ValueError) and arithmetic on a size of 0."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub, whose configs were not strict
+        strict: tuple[type[BaseException], ...] = ()
+    else:
+        strict = (StrictDataclassError,)
+    return (OSError, ValueError, KeyError, TypeError, ImportError, ArithmeticError, *strict)
+
+
 def model_skeleton(config, *, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model a config describes (auto_model_class), on the meta device: its names, shapes and
-    ties, no weights."""
+    ties, no weights. PieceError for sizes torch cannot make (transformers' own errors pass)."""
     model_class = auto_model_class(config)
-    with torch.device("meta"):
-        return model_class.from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"):
+            return model_class.from_config(config, trust_remote_code=trust_remote_code)
+    except RuntimeError as exc:  # torch's, for sizes no tensor can have (a negative vocab_size, say)
+        where = getattr(config, "name_or_path", "") or "the checkpoint"
+        raise PieceError(
+            f"the model config of '{where}' describes no model ({first_line(exc)}); check the sizes in "
+            "its config.json"
+        ) from exc
 
 
 def _check_shapes(config, layout: dict[str, TensorInfo], trust_remote_code: bool) -> None:

@@ -13,7 +13,7 @@ from piece_surgery.formats.artifacts import open_mask
 from piece_surgery.formats.delta import Delta, DeltaInfo, TrainLog, TrainProvenance
 from piece_surgery.formats.delta_folder import DEFAULT_FORMAT, save_delta
 from piece_surgery.formats.mask import Mask, check_scored_on
-from piece_surgery.io.outputs import refuse_overlap, remove_stale_temporaries
+from piece_surgery.io.outputs import output_path, refuse_overlap, remove_stale_temporaries
 from piece_surgery.io.sniff import DELTA
 from piece_surgery.models.checkpoint import Checkpoint, LoadedModel
 from piece_surgery.recipes.run import Run, open_avoided
@@ -104,7 +104,7 @@ def train_checkpoint(
     inputs = [model_ref, data, mask_ref, eval_data, *files, *avoid]
     output = session.check_output(Path(output), inputs=inputs, overwrite=overwrite, kind=DELTA)
     state_dir = _state_dir(output, inputs, resume=resume, overwrite=overwrite, session=session)
-    reporting = _reporting(report_to, logging_dir, output, inputs)
+    reporting = _reporting(report_to, logging_dir, (output, state_dir), inputs)
     checkpoint = session.open(model_ref)
     mask = _mask_for(mask_ref, checkpoint)
     dataset = session.data(checkpoint, data)
@@ -211,11 +211,13 @@ class Reporting(NamedTuple):
 def _reporting(
     report_to: str | Sequence[str] | None,
     logging_dir: Path | None,
-    output: Path,
+    outputs: tuple[Path, Path],
     inputs: Sequence[str | Path | None],
 ) -> Reporting:
     """(the reporters asked for, each installed; the folder they write into), checked before any
-    work: the folder (default OUT.logs) is an output too, so it may not overlap an input."""
+    work: the folder (default OUT.logs) is an output too, so it may not overlap an input, nor lie
+    in the `outputs` (the delta folder and its state folder), which replace what is in them."""
+    output = outputs[0]
     text = report_to if report_to is None or isinstance(report_to, str) else ",".join(report_to)
     names = parse_report_to(text)
     if logging_dir is not None and not names:
@@ -223,6 +225,12 @@ def _reporting(
     folder = Path(logging_dir) if logging_dir is not None else output.with_name(output.name + ".logs")
     if names:
         refuse_overlap(folder, inputs, reads=referenced_images)
+        for other in outputs:  # a folder around them is fine: replacing them leaves the rest
+            if output_path(folder).resolve().is_relative_to(other):
+                raise PieceError(
+                    f"--logging-dir '{folder}' lies in '{other.name}', which this run replaces with what it "
+                    f"writes; choose a folder apart (the default is {output.name}.logs beside the delta)"
+                )
         if folder.exists() and not folder.is_dir():
             raise PieceError(f"logging folder '{folder}' is a file; choose another --logging-dir")
     return Reporting(names, folder, output.name)

@@ -18,7 +18,7 @@ def read_json(path: Path, what: str) -> Any:
     """A JSON file a user gave (a record, a config, an index), parsed; `what` names it in errors.
     PieceError, one line, for text that is not UTF-8, not JSON, or nested past MAX_JSON_DEPTH."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is not JSON's to refuse
     except UnicodeDecodeError as exc:
         raise PieceError(f"{what} is not UTF-8 text") from exc
     return parse_json(text, what)

@@ -512,6 +512,31 @@ def test_absurd_numbers_are_one_line(model, deltas, tmp_path, cli, args, fragmen
     )
 
 
+@pytest.mark.parametrize("command", ["score", "train", "eval"])
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        ({"vocab_size": -5}, "negative dimension"),  # torch's RuntimeError building the model
+        ({"num_attention_heads": 0}, "modulo by zero"),  # a ZeroDivisionError in the config's checks
+        ({"hidden_size": "a"}, "hidden_size"),  # transformers 5's strict config: no ValueError
+    ],
+)
+def test_a_config_no_model_can_be_built_from_is_one_line(
+    model, tmp_path, cli, command, code_data, edit, fragment
+):
+    """A hand-edited config.json of sizes no model can have, or of the wrong type: each was a
+    traceback (the errors transformers raises as ValueError, KeyError or TypeError were one line)."""
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **edit}))
+    out = tmp_path / ("m.safetensors" if command == "score" else "o")
+    args = {
+        "score": ("score", model, "--method", "magnitude", "-o", out),
+        "train": ("train", model, "--data", code_data, "-o", out, "--max-steps", "1"),
+        "eval": ("eval", model, model, "--data", code_data),
+    }[command]
+    assert_clean_failure(cli(*args), fragment, output=out)
+
+
 @pytest.mark.parametrize("command", ["score", "train", "tiny-model"])
 def test_a_seed_past_64_bits_is_one_line(model, tmp_path, cli, command, code_data):
     seed = str(2**64)

@@ -57,6 +57,26 @@ def test_txt_is_one_example_per_nonempty_line(tmp_path, tok):
     assert len(load_dataset(path, tok, max_samples=1).examples) == 1
 
 
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("d.txt", "first line\r\nsecond line\r\n"),
+        ("d.jsonl", '{"text": "first line"}\r\n{"text": "second line"}\r\n'),
+        ("d.json", '[{"text": "first line"}, {"text": "second line"}]'),
+    ],
+)
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path, name, content):
+    # Windows editors and PowerShell write UTF-8 with a BOM: it is no character of the first record
+    # (a .txt line kept it and trained on it; a .jsonl or .json file was refused as invalid JSON)
+    from piece_surgery.data.files import read_records
+
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + content.encode())
+    records = [record for _, record in read_records(path)]
+    expected = ["first line", "second line"]
+    assert records == (expected if name.endswith(".txt") else [{"text": t} for t in expected])
+
+
 def test_collate_pads_without_loss():
     from piece_surgery.data.examples import Example
 

@@ -123,6 +123,13 @@ def test_generate_mistakes_are_one_line(models, cli, tiny, tmp_path):
     assert_clean_failure(
         cli("generate", base, "--prompts", tmp_path / "bad.jsonl"), "found the fields 'question'"
     )
+    # an empty text prompt in a file, to a tokenizer that adds no BOS: no token to start from (it
+    # was torch's RuntimeError on an empty float tensor of ids)
+    for record in ('{"text": ""}', '{"prompt": "", "completion": "x"}'):
+        (tmp_path / "empty.jsonl").write_text(record + "\n")
+        assert_clean_failure(
+            cli("generate", base, "--prompts", tmp_path / "empty.jsonl"), "prompt 1 has no token"
+        )
 
 
 def test_answers_stay_within_the_models_positions_and_its_embedding_table(cli, tiny, tmp_path):

@@ -170,6 +170,18 @@ def test_export_and_import_errors(trained, tmp_path, cli, tiny):
     assert_clean_failure(
         cli("import", tmp_path / "fake", "--base", base, "-o", tmp_path / "d"), "not read for safety"
     )
+    # an adapter (or a checkpoint) where a delta is wanted: the message says how to make one of it
+    assert cli("export", delta, "--base", base, "-o", tmp_path / "adapter", "-q")[0] == 0
+    for command in (
+        ("apply", base, tmp_path / "adapter", "-o", tmp_path / "m"),
+        ("inspect", tmp_path / "adapter"),
+    ):
+        assert_clean_failure(
+            cli(*command), f"make a delta of it with `piece-surgery import {tmp_path / 'adapter'}"
+        )
+    assert_clean_failure(
+        cli("apply", base, base, "-o", tmp_path / "m"), "model checkpoint: `piece-surgery diff BASE"
+    )
 
 
 def test_a_busy_layer_is_saved_whole_rather_than_padding_every_other(tiny, tmp_path, cli):

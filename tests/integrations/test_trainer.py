@@ -222,6 +222,7 @@ def test_piece_callback_mistakes_and_outputs_are_refused_before_training(tiny, t
         ({"output_dir": base}, ""),
         ({"retain_weight": -1.0}, "finite number >= 0"),
         ({"format_version": 9}, "unknown delta format"),
+        ({"output_dir": 5}, "output_dir must be a path (str or Path), got int"),  # was pathlib's TypeError
     ]
     for options, fragment in refusals:
         with pytest.raises(PieceError, match=None) as caught:

@@ -142,3 +142,18 @@ def test_download_errors(hub, delta_dir, tmp_path, cli, monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     one_line_error(cli("apply", base, "user/never-downloaded", "-o", out), "cannot be reached")
     assert not out.exists()
+
+
+def test_a_hub_cache_that_cannot_be_used_is_named_not_the_network(hub, delta_dir, tmp_path, cli, monkeypatch):
+    """HF_HOME or HF_HUB_CACHE naming a file (or a folder it may not write) is a local problem; it
+    read as 'cannot reach the Hub (NotADirectoryError); check the network'."""
+    import huggingface_hub.constants as constants
+
+    base, delta = delta_dir
+    assert cli("push", delta, "user/delta-cache")[0] == 0
+    not_a_folder = tmp_path / "cache-file"
+    not_a_folder.write_text("")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(not_a_folder / "hub"))
+    out = tmp_path / "out"
+    line = assert_clean_failure(cli("apply", base, "user/delta-cache", "-o", out), "HF_HOME", output=out)
+    assert "cache-file" in line and "network" not in line

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_clean_failure, perturb, snapshot
 
-from piece_surgery.io.outputs import check_output
+from piece_surgery.io.outputs import atomic_path, check_output
 from piece_surgery.io.sniff import CHECKPOINT, DELTA
 from piece_surgery.runtime.errors import PieceError
 
@@ -124,3 +124,47 @@ def test_check_output_decides_on_the_folder_itself(tmp_path, monkeypatch):
         check_output(linked, overwrite=True, kind=DELTA)
     with pytest.raises(PieceError, match="mount point"):
         check_output(Path("/proc"), overwrite=True, kind=DELTA)
+
+
+def test_an_output_another_command_wrote_meanwhile_is_not_replaced(tmp_path):
+    """Two commands writing one output at once, neither with --overwrite: each found it absent, and
+    the one that finished second replaced the first one's output, both saying 'wrote'."""
+    out = tmp_path / "out"
+    for is_dir in (True, False):
+        shutil.rmtree(out, ignore_errors=True)
+        check_output(out, overwrite=False, kind=DELTA if is_dir else "file")
+        theirs = user_folder(out) / "notes.txt" if is_dir else out  # the other command's output
+        theirs.write_text("theirs")
+        refused = pytest.raises(PieceError, match="another command while this one ran.*--overwrite")
+        with refused, atomic_path(out, is_dir=is_dir) as tmp:
+            (tmp / "delta.json" if is_dir else tmp).write_text("ours")
+        assert theirs.read_text() == "theirs"
+        assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary left
+    check_output(out, overwrite=True, kind="file")  # with leave to replace it, it is replaced
+    with atomic_path(out, is_dir=False) as tmp:
+        tmp.write_text("ours")
+    assert out.read_text() == "ours"
+    out.unlink()
+    check_output(out, overwrite=False, kind="file")
+    with atomic_path(out, is_dir=False) as tmp:
+        tmp.write_text("first")
+    check_output(out, overwrite=True, kind="file")  # the same output written again, as asked
+    with atomic_path(out, is_dir=False) as tmp:
+        tmp.write_text("second")
+    assert out.read_text() == "second"
+
+
+def test_a_link_to_a_folder_given_as_the_output_is_replaced_by_the_output(work, tmp_path, cli):
+    """`-o LINK --overwrite`, LINK a symbolic link to an empty folder: the output keeps its own name
+    (output_path), so the link is replaced and the folder it named is left alone; it was a traceback
+    (os.replace cannot put a folder over a link)."""
+    base, _, delta = work
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    code, _, stderr = cli("apply", base, delta, "-o", link, "--overwrite", "-q")
+    assert code == 0, stderr
+    assert not link.is_symlink() and (link / "config.json").is_file()
+    assert list(target.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "link", "target"]  # no temporary left

@@ -111,6 +111,25 @@ def test_truncated_and_corrupt_files(cli, made, tmp_path):
     )
 
 
+@pytest.mark.parametrize("dropped", ["one", "all"])
+def test_a_description_that_leaves_out_stored_tensors_is_refused(cli, made, tmp_path, dropped):
+    """delta.json hand-edited to list fewer tensors than delta.safetensors holds (its digest still
+    matches the file): apply left the unlisted tensors out, silently (all of them: a merge that
+    changed nothing), and inspect counted what was left."""
+    base, delta = made
+    info = json.loads((delta / "delta.json").read_text())
+    names = sorted(info["tensors"])
+    assert len(names) > 1
+    info["tensors"] = {} if dropped == "all" else {n: info["tensors"][n] for n in names[1:]}
+    (delta / "delta.json").write_text(json.dumps(info))
+    before = snapshot(base, delta)
+    out = tmp_path / "out"
+    line = assert_clean_failure(cli("apply", base, delta, "-o", out), "delta.json does not list", output=out)
+    assert names[0] in line
+    assert_clean_failure(cli("inspect", delta), "delta.json does not list")
+    assert snapshot(base, delta) == before
+
+
 def test_output_equal_to_base(cli, made, tmp_path):
     base, delta = made
     before = snapshot(base)

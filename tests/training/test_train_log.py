@@ -157,6 +157,14 @@ def test_report_to_mistakes_are_one_line(setup, tmp_path, cli, monkeypatch):
         "overlaps input",
         output=out,
     )
+    # the delta folder (or its state folder) replaces whatever is there: the logs would be lost, and
+    # the delta was refused at the end as "written by another command"
+    for logs in (out, out / "logs", tmp_path / "d.state"):
+        assert_clean_failure(
+            cli(*args, "-o", out, "--report-to", "tensorboard", "--logging-dir", logs),
+            "--logging-dir",
+            output=out,
+        )
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     assert_clean_failure(
         cli(*args, "-o", out, "--report-to", "tensorboard"),
