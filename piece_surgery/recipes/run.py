@@ -33,7 +33,7 @@ from piece_surgery.models.loading import Placement, auto_model_class
 from piece_surgery.runtime import distributed
 from piece_surgery.runtime.distributed import World
 from piece_surgery.runtime.dtypes import dtype_name
-from piece_surgery.runtime.errors import PieceError
+from piece_surgery.runtime.errors import PieceError, quote
 from piece_surgery.runtime.options import RunOptions
 
 T = TypeVar("T")
@@ -151,6 +151,15 @@ class Run:
 def open_avoided(refs: Sequence[str]) -> list[tuple[str, str, object]]:
     """--avoid's masks and deltas, opened (path or Hub repo id) and checked: (ref, name, artifact)."""
     opened = [open_artifact(ref) for ref in refs]
+    seen: dict[Path, str] = {}
+    for artifact in opened:  # however spelled: a path, the same path otherwise, a repo id
+        same = artifact.path.resolve()
+        if same in seen:
+            raise PieceError(
+                f"--avoid '{quote(artifact.ref)}' is the same file as --avoid '{quote(seen[same])}': "
+                "give each once"
+            )
+        seen[same] = artifact.ref
     return [(a.ref, a.source.name, a.mask if a.mask is not None else a.delta) for a in opened]
 
 

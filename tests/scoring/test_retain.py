@@ -361,6 +361,21 @@ def test_avoid_excludes_exactly_the_avoided_entries(tiny, code_data, tmp_path, c
     assert f"avoided: first.safetensors (mask, {mask.info.avoid[0].entries:,} entries)" in shown
     code, shown, _ = cli("inspect", second, "--json")
     assert json.loads(shown)["avoid"] == [mask.info.avoid[0].to_json()]
+    (tmp_path / "sub").mkdir()
+    for again in (first, f"{tmp_path}/sub/../first.safetensors"):  # the same file, however spelled
+        result = cli(
+            "score",
+            folder,
+            "--data",
+            code_data,
+            "-o",
+            tmp_path / "third.safetensors",
+            "--avoid",
+            first,
+            "--avoid",
+            again,
+        )
+        assert_clean_failure(result, "is the same file as --avoid", output=tmp_path / "third.safetensors")
 
 
 def piece_r_mask(folder, code_data, general_data, path):
